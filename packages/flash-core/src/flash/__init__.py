@@ -1,0 +1,61 @@
+"""flash: exact FlashAttention with one API and interchangeable backends.
+
+>>> import torch, flash
+>>> q = k = v = torch.randn(1, 8, 2, 16)          # (batch, seqlen, heads, head_dim)
+>>> flash.attention(q, k, v, causal=True).shape
+torch.Size([1, 8, 2, 16])
+
+Importing flash imports no backend: they load on first use, through the
+``flash.backends`` entry points.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from flash._version import __version__
+from flash.api import (
+    attention,
+    attention_qkvpacked,
+    backends,
+    explain,
+    scaled_dot_product_attention,
+    set_backend_priority,
+)
+from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
+from flash.dispatch import use_backend
+from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
+from flash.spec import AttentionSpec, build_spec
+
+if TYPE_CHECKING:
+    from flash import nn
+
+__all__ = [
+    "PLUGIN_API_VERSION",
+    "AttentionSpec",
+    "Backend",
+    "BackendError",
+    "BackwardArgs",
+    "FlashError",
+    "ForwardArgs",
+    "InvalidInputError",
+    "NoBackendError",
+    "__version__",
+    "attention",
+    "attention_qkvpacked",
+    "backends",
+    "build_spec",
+    "explain",
+    "nn",
+    "scaled_dot_product_attention",
+    "set_backend_priority",
+    "use_backend",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "nn":  # torch.nn modules load only for users who want them
+        import importlib
+
+        return importlib.import_module("flash.nn")
+    raise AttributeError(f"module 'flash' has no attribute {name!r}")

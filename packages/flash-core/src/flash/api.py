@@ -1,0 +1,204 @@
+"""The public attention functions."""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from flash import dispatch, ops
+from flash.errors import InvalidInputError
+from flash.registry import REGISTRY, BackendInfo
+from flash.spec import build_spec, check_window
+
+
+def _max_seqlen(name: str, given: int | None, cu: Tensor | None) -> int | None:
+    """The longest sequence of a varlen batch, read from ``cu`` when the caller did not say."""
+    if cu is None or given is not None:
+        return given
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        return None  # let the spec name the problem
+    if cu.numel() == 1:
+        return 0
+    return int((cu[1:] - cu[:-1]).max().item())
+
+
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[False] = ..., **options) -> Tensor: ...
+@overload
+def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[True], **options) -> tuple[Tensor, Tensor]: ...
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    layout: Literal["bshd", "bhsd"] = "bshd",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention ``softmax(scale * q k^T) v``, computed the FlashAttention way.
+
+    Args:
+        q: queries, (batch, seqlen_q, heads_q, head_dim); (batch, heads_q, seqlen_q, head_dim) with
+            ``layout="bhsd"``; (total_q, heads_q, head_dim) for a variable-length batch.
+        k, v: keys and values, shaped like ``q`` with seqlen_k and heads_kv; heads_q must be a multiple
+            of heads_kv (GQA/MQA, K/V are never repeated in memory).
+        causal: causal mask, aligned to the bottom-right corner when seqlen_q != seqlen_k: query ``i``
+            sees keys ``j <= i + seqlen_k - seqlen_q``.
+        window: ``(left, right)`` sliding window: query ``i`` sees keys
+            ``i + off - left <= j <= i + off + right`` (``off = seqlen_k - seqlen_q``); -1 is unbounded.
+        softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        scale: multiplier of ``q k^T``; default ``1 / sqrt(head_dim)``.
+        layout: ``"bshd"`` (default) or ``"bhsd"`` (PyTorch's SDPA layout).
+        cu_seqlens_q, cu_seqlens_k: int32 offsets (batch + 1) of the sequences of a packed batch.
+        max_seqlen_q, max_seqlen_k: longest sequences of a packed batch; read from the offsets if
+            omitted (a device-to-host copy: pass them under ``torch.compile`` or CUDA graphs).
+        dropout_p: probability of dropping an attention weight (training).
+        dropout_seed: required when ``dropout_p > 0``; the mask is a pure function of
+            (seed, sequence, head, query, key), see :mod:`flash.dropout`.
+        q_descale, k_descale, v_descale: float32 dequantisation factors of fp8 inputs, shape ``()``
+            per tensor or (batch, heads) per head. The output of fp8 attention is bf16.
+        return_lse: also return the log-sum-exp of each row, float32 (batch, heads_q, seqlen_q)
+            ((heads_q, total_q) for varlen); -inf for a row that sees no key (whose output is 0).
+        deterministic: ask for bit-identical gradients run to run.
+        backend: ``"auto"`` or the name of a backend to force.
+
+    Returns:
+        The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v.
+    """
+    left, right = check_window(window)
+    out, lse = ops.attention_forward(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q),
+        _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k),
+        q_descale,
+        k_descale,
+        v_descale,
+        layout,
+        causal,
+        left,
+        right,
+        softcap,
+        scale,
+        dropout_p,
+        dropout_seed,
+        deterministic,
+        backend,
+    )
+    return (out, lse) if return_lse else out
+
+
+def attention_qkvpacked(qkv: Tensor, **options) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention of a packed projection: ``qkv`` is (batch, seqlen, 3, heads, head_dim), or
+    (total, 3, heads, head_dim) with ``cu_seqlens_q``/``cu_seqlens_k``. Options as :func:`attention`.
+
+    The three slices are views of ``qkv``: nothing is copied.
+    """
+    if not isinstance(qkv, Tensor):
+        raise InvalidInputError("qkv", "a torch.Tensor", type(qkv).__name__)
+    axis = qkv.dim() - 3
+    if qkv.dim() not in (4, 5) or qkv.shape[axis] != 3:
+        raise InvalidInputError(
+            "qkv", "shape (batch, seqlen, 3, heads, head_dim) or (total, 3, heads, head_dim)", f"{tuple(qkv.shape)}"
+        )
+    if options.get("layout", "bshd") != "bshd":
+        raise InvalidInputError("layout", "'bshd' for a packed qkv", repr(options["layout"]))
+    q, k, v = qkv.unbind(dim=axis)
+    return attention(q, k, v, **options)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """A drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Same signature, layout (..., heads, seqlen, head_dim) and semantics, including PyTorch's
+    *top-left* causal mask (query ``i`` sees keys ``j <= i``). Calls that the FlashAttention spec
+    expresses run through :func:`attention`: no mask, or ``is_causal`` with seqlen_q >= seqlen_k
+    (top-left causal is the spec's causal when the lengths are equal, and the window
+    ``(-1, seqlen_q - seqlen_k)`` when there are more queries). An explicit ``attn_mask``, top-left
+    causal with fewer queries than keys, and differing value/query head dims fall back to
+    PyTorch's own implementation, so the result always has PyTorch's semantics.
+
+    Dropout draws its seed from PyTorch's default generator; its mask differs from PyTorch's
+    (each is a valid Bernoulli mask).
+    """
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    expressible = attn_mask is None and (not is_causal or q_len >= k_len)
+    expressible = expressible and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
+    expressible = expressible and value.shape[-1] == query.shape[-1] <= 256
+    if not expressible:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=enable_gqa,
+        )  # fmt: skip
+    if not enable_gqa and query.shape[-3] != key.shape[-3]:
+        raise InvalidInputError(
+            "key", f"{query.shape[-3]} heads like query (or enable_gqa=True)", f"{key.shape[-3]} heads"
+        )
+    if query.dim() == 3:  # (batch, seqlen, dim) is one head
+        q4, k4, v4 = (t.unsqueeze(1) for t in (query, key, value))
+    else:  # fold any leading dims into the batch
+        q4, k4, v4 = (t.reshape((-1,) + tuple(t.shape[-3:])) for t in (query, key, value))
+    window = (-1, q_len - k_len) if is_causal and q_len > k_len else None
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p else None
+    out = attention(
+        q4, k4, v4,
+        layout="bhsd", causal=is_causal and window is None, window=window, scale=scale,
+        dropout_p=dropout_p, dropout_seed=seed,
+    )  # fmt: skip
+    assert isinstance(out, Tensor)
+    return out.squeeze(1) if query.dim() == 3 else out.reshape(query.shape[:-1] + out.shape[-1:])
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **options) -> dispatch.Explanation:
+    """Which backend would run the forward and the backward of this call, and why each other
+    backend would not. Takes the same arguments as :func:`attention`; runs nothing.
+    ``print(flash.explain(...))`` shows it."""
+    options.pop("return_lse", None)
+    spec = build_spec(q, k, v, **options)
+    return dispatch.explain(spec, backend)
+
+
+def backends() -> list[BackendInfo]:
+    """Every installed backend: version, package, priority, and whether it is usable here (and why not)."""
+    return [REGISTRY.info(name) for name in REGISTRY.by_priority() + _unloadable()]
+
+
+def _unloadable() -> list[str]:
+    ordered = set(REGISTRY.by_priority())
+    return [name for name in REGISTRY.names() if name not in ordered]
+
+
+def set_backend_priority(name: str, priority: int | None) -> None:
+    """Override backend ``name``'s dispatch priority for this process; ``None`` restores its own."""
+    REGISTRY.get(name)  # fail now, with the reason, if there is no such backend
+    REGISTRY.set_priority(name, priority)

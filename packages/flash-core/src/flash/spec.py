@@ -1,0 +1,442 @@
+"""The attention spec: what an attention problem is and what is valid.
+
+:func:`build_spec` turns the tensors and options of one call into an immutable,
+hashable :class:`AttentionSpec`, rejecting anything out of the spec with an
+:class:`~flash.errors.InvalidInputError` before any kernel runs. Every backend
+receives the same spec and the tensors as *canonical views*: (batch, seqlen,
+heads, head_dim) index order whatever the caller's layout, with the caller's
+strides (no copies). A variable-length batch is viewed as batch 1 of
+``total`` tokens; ``cu_seqlens`` say where each sequence starts.
+
+Masking semantics (shared by every backend; see :mod:`flash.masking`):
+query row ``i`` of a sequence with ``len_q`` queries and ``len_k`` keys sees
+key ``j`` iff ``i + off - left <= j <= i + off + right`` with
+``off = len_k - len_q`` (bottom-right alignment, as flash-attn 2.1+), where an
+unbounded side is ``-1``. ``causal=True`` is ``right = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from flash.errors import InvalidInputError
+
+Layout = Literal["bshd", "bhsd"]
+LAYOUTS: tuple[str, ...] = ("bshd", "bhsd")
+UNBOUNDED = -1
+MAX_HEAD_DIM = 256
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = (torch.float32, torch.float64)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+SUPPORTED_DTYPES = KERNEL_DTYPES + REFERENCE_DTYPES + FP8_DTYPES
+
+Descale = Literal["none", "tensor", "head"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One validated attention problem. Immutable and hashable (usable as a cache key)."""
+
+    batch: int
+    seqlen_q: int  # for varlen: max_seqlen_q
+    seqlen_k: int  # for varlen: max_seqlen_k
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    layout: Layout
+    varlen: bool
+    total_q: int  # tokens in q: batch * seqlen_q, or cu_seqlens_q[-1]
+    total_k: int
+    causal: bool
+    window: tuple[int, int]  # (left, right) as given; (-1, -1) when no window
+    softcap: float  # 0.0 = off
+    scale: float
+    dropout_p: float
+    dropout_seed: int
+    deterministic: bool
+    descale: Descale
+    # Canonical (batch, seqlen, heads, head_dim) strides in elements; batch stride 0 for varlen.
+    q_strides: tuple[int, int, int, int]
+    k_strides: tuple[int, int, int, int]
+    v_strides: tuple[int, int, int, int]
+    # Base pointers and non-unit strides are multiples of 16 bytes (what TMA and 16-byte loads need).
+    aligned16: bool
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 = MHA, heads_q = MQA)."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in FP8_DTYPES
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.is_fp8 else self.dtype
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        """float32, or float64 for float64 inputs (so a float64 backward stays exact)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def mask_bounds(self) -> tuple[int, int]:
+        """Effective (left, right) reach of each query, ``-1`` for unbounded; causal makes right 0."""
+        left, right = self.window
+        return left, (0 if self.causal else right)
+
+    @property
+    def masked(self) -> bool:
+        """True when some query may not see some key (causal or a bounded window)."""
+        return self.mask_bounds != (UNBOUNDED, UNBOUNDED)
+
+    @property
+    def empty(self) -> bool:
+        """No work for a kernel: no queries, or no keys (output 0, LSE -inf)."""
+        return self.total_q == 0 or self.total_k == 0 or self.batch == 0
+
+    def lse_shape(self) -> tuple[int, ...]:
+        """Shape of the LSE the caller receives: (batch, heads, seqlen_q), or (heads, total_q) for varlen."""
+        if self.varlen:
+            return (self.heads_q, self.total_q)
+        return (self.batch, self.heads_q, self.seqlen_q)
+
+    def features(self) -> frozenset[str]:
+        """Names of the non-default options this problem uses (for support declarations)."""
+        used = set()
+        if self.causal:
+            used.add("causal")
+        if self.window != (UNBOUNDED, UNBOUNDED):
+            used.add("window")
+        if self.softcap:
+            used.add("softcap")
+        if self.varlen:
+            used.add("varlen")
+        if self.heads_q != self.heads_kv:
+            used.add("gqa")
+        if self.dropout_p:
+            used.add("dropout")
+        if self.is_fp8:
+            used.add("fp8")
+        if self.deterministic:
+            used.add("deterministic")
+        return frozenset(used)
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _require_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
+    return t
+
+
+def _check_unit_last_stride(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise InvalidInputError(
+            name,
+            "unit stride in the last (head_dim) dimension (call .contiguous())",
+            f"strides {tuple(t.stride())}",
+        )
+
+
+def _canonical_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, int, int]:
+    s = t.stride()
+    if varlen:  # (tokens, heads, d) or (heads, tokens, d)
+        tok, head = (s[0], s[1]) if layout == "bshd" else (s[1], s[0])
+        return (0, tok, head, s[2])
+    if layout == "bshd":
+        return (s[0], s[1], s[2], s[3])
+    return (s[0], s[2], s[1], s[3])
+
+
+def _is_aligned16(tensors: list[torch.Tensor]) -> bool:
+    for t in tensors:
+        item = t.element_size()
+        try:
+            address = t.data_ptr()
+        except RuntimeError:  # a fake tensor while tracing has no storage; nothing reads this spec's memory
+            return False
+        if address % 16:
+            return False
+        if any((st * item) % 16 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return False
+    return True
+
+
+def _dims(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int, int, int, int]:
+    """(batch, seqlen, heads, head_dim) of a q/k/v tensor; batch 1 and seqlen = tokens for varlen."""
+    if varlen:
+        tokens, heads = (t.shape[0], t.shape[1]) if layout == "bshd" else (t.shape[1], t.shape[0])
+        return 1, tokens, heads, t.shape[2]
+    if layout == "bshd":
+        return t.shape[0], t.shape[1], t.shape[2], t.shape[3]
+    return t.shape[0], t.shape[2], t.shape[1], t.shape[3]
+
+
+def _layout_words(layout: str, varlen: bool) -> str:
+    if varlen:
+        return "(total_tokens, heads, head_dim)" if layout == "bshd" else "(heads, total_tokens, head_dim)"
+    return "(batch, seqlen, heads, head_dim)" if layout == "bshd" else "(batch, heads, seqlen, head_dim)"
+
+
+def _check_cu_seqlens(
+    name: str, cu: torch.Tensor, batch: int | None, total: int, device: torch.device, check_values: bool
+) -> tuple[int, int | None]:
+    """Validate one cu_seqlens tensor; return (batch, longest sequence or None if values unchecked)."""
+    if cu.dtype != torch.int32:
+        raise InvalidInputError(name, "dtype torch.int32", str(cu.dtype))
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise InvalidInputError(name, "a 1-D tensor of batch + 1 offsets", f"shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise InvalidInputError(name, f"device {device} (same as q)", str(cu.device))
+    n = cu.shape[0] - 1
+    if batch is not None and n != batch:
+        raise InvalidInputError(name, f"{batch + 1} offsets (same batch as cu_seqlens_q)", f"{n + 1}")
+    if not check_values:
+        return n, None
+    values = cu.tolist()  # one small device-to-host copy; skipped while capturing a CUDA graph
+    if values[0] != 0:
+        raise InvalidInputError(name, "first offset 0", str(values[0]))
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(length < 0 for length in lengths):
+        bad = next(i for i, length in enumerate(lengths) if length < 0)
+        raise InvalidInputError(name, "non-decreasing offsets", f"{values[bad]} then {values[bad + 1]} at index {bad}")
+    if values[-1] != total:
+        raise InvalidInputError(name, f"last offset equal to the token count {total}", str(values[-1]))
+    return n, max(lengths, default=0)
+
+
+def _check_max_seqlen(name: str, given: int | None, longest: int | None) -> int:
+    if given is None:
+        if longest is None:
+            raise InvalidInputError(name, "an int (required while capturing a CUDA graph)", "None")
+        return longest
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise InvalidInputError(name, "a non-negative int", repr(given))
+    if longest is not None and given < longest:
+        raise InvalidInputError(name, f"at least the longest sequence ({longest})", str(given))
+    return given
+
+
+def _check_descale(
+    name: str, d: torch.Tensor | None, batch: int, heads: int, device: torch.device
+) -> Descale:
+    if d is None:
+        return "none"
+    d = _require_tensor(name, d)
+    if d.dtype != torch.float32:
+        raise InvalidInputError(name, "dtype torch.float32", str(d.dtype))
+    if d.device != device:
+        raise InvalidInputError(name, f"device {device}", str(d.device))
+    if d.numel() == 1 and d.dim() <= 1:
+        return "tensor"
+    if tuple(d.shape) == (batch, heads):
+        return "head"
+    raise InvalidInputError(
+        name, f"shape () or (1,) per tensor, or ({batch}, {heads}) per (batch, head)", f"shape {tuple(d.shape)}"
+    )
+
+
+def check_window(value: object, name: str = "window") -> tuple[int, int]:
+    """Validate a ``(left, right)`` window; ``None`` means unbounded on both sides."""
+    if value is None:
+        return (UNBOUNDED, UNBOUNDED)
+    ok = isinstance(value, (tuple, list)) and len(value) == 2
+    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+    if not ok:
+        raise InvalidInputError(name, "a pair (left, right) of ints, -1 for unbounded", repr(value))
+    left, right = value
+    if left < UNBOUNDED or right < UNBOUNDED:
+        raise InvalidInputError(name, "left and right >= 0, or -1 for unbounded", repr(tuple(value)))
+    return (left, right)
+
+
+def _check_float(name: str, value: object, *, low: float, low_inclusive: bool, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInputError(name, "a float", type(value).__name__)
+    v = float(value)
+    below = v < low if low_inclusive else v <= low
+    if not math.isfinite(v) or below or v >= high:
+        lo = f">= {low}" if low_inclusive else f"> {low}"
+        hi = f" and < {high}" if math.isfinite(high) else ""
+        raise InvalidInputError(name, f"a finite float {lo}{hi}", repr(value))
+    return v
+
+
+# --------------------------------------------------------------------------- build_spec
+
+
+def build_spec(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str = "bshd",
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
+    deterministic: bool = False,
+    check_values: bool = True,
+) -> AttentionSpec:
+    """Validate one attention call and describe it.
+
+    ``check_values=False`` skips the checks that read tensor *values* (the
+    offsets in ``cu_seqlens``), which need a device-to-host copy; it is used
+    while tracing, in the backward (the forward checked them) and while
+    capturing a CUDA graph. Kernels never rely on those
+    checks for memory safety: they clamp every offset they read.
+    """
+    q = _require_tensor("q", q)
+    k = _require_tensor("k", k)
+    v = _require_tensor("v", v)
+    if layout not in LAYOUTS:
+        raise InvalidInputError("layout", f"one of {LAYOUTS}", repr(layout))
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        given = "cu_seqlens_q" if cu_seqlens_k is None else "cu_seqlens_k"
+        missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+        raise InvalidInputError(missing, f"a tensor, since {given} was given (varlen needs both)", "None")
+    varlen = cu_seqlens_q is not None
+    if not varlen and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise InvalidInputError("max_seqlen_q", "None unless cu_seqlens_q/cu_seqlens_k are given", "an int")
+
+    want_dim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want_dim:
+            raise InvalidInputError(name, f"a {want_dim}-D tensor {_layout_words(layout, varlen)}", _describe(t))
+        if t.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise InvalidInputError(name, f"one of the dtypes {names}", str(t.dtype))
+        _check_unit_last_stride(name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise InvalidInputError(name, f"dtype {q.dtype} (same as q)", str(t.dtype))
+        if t.device != q.device:
+            raise InvalidInputError(name, f"device {q.device} (same as q)", str(t.device))
+    if k.shape != v.shape:
+        raise InvalidInputError("v", f"shape {tuple(k.shape)} (same as k)", f"shape {tuple(v.shape)}")
+
+    batch, seqlen_q, heads_q, head_dim = _dims(q, layout, varlen)
+    batch_k, seqlen_k, heads_kv, head_dim_k = _dims(k, layout, varlen)
+    if head_dim_k != head_dim:
+        raise InvalidInputError("k", f"head_dim {head_dim} (same as q)", f"head_dim {head_dim_k}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise InvalidInputError("q", f"head_dim between 1 and {MAX_HEAD_DIM}", f"head_dim {head_dim}")
+    if heads_kv < 1 or heads_q % heads_kv:
+        raise InvalidInputError(
+            "k", f"a number of heads that divides q's {heads_q} heads (GQA/MQA)", f"{heads_kv} heads"
+        )
+    if batch_k != batch:
+        raise InvalidInputError("k", f"batch {batch} (same as q)", f"batch {batch_k}")
+
+    total_q, total_k = batch * seqlen_q, batch * seqlen_k
+    if varlen:
+        total_q, total_k = seqlen_q, seqlen_k
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        check = check_values and not capturing
+        cu_q = _require_tensor("cu_seqlens_q", cu_seqlens_q)
+        cu_k = _require_tensor("cu_seqlens_k", cu_seqlens_k)
+        batch, longest_q = _check_cu_seqlens("cu_seqlens_q", cu_q, None, total_q, q.device, check)
+        _, longest_k = _check_cu_seqlens("cu_seqlens_k", cu_k, batch, total_k, q.device, check)
+        seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q)
+        seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k)
+
+    if not isinstance(causal, bool):
+        raise InvalidInputError("causal", "a bool", repr(causal))
+    window_pair = check_window(window)
+    if causal and window_pair[1] not in (0, UNBOUNDED):
+        raise InvalidInputError("window", "right reach 0 or -1 when causal=True", repr(window))
+    softcap_v = _check_float("softcap", softcap, low=0.0, low_inclusive=True)
+    scale_v = 1.0 / math.sqrt(head_dim) if scale is None else _check_float("scale", scale, low=0.0, low_inclusive=False)
+    dropout_v = _check_float("dropout_p", dropout_p, low=0.0, low_inclusive=True, high=1.0)
+    if dropout_v > 0.0:
+        seed_ok = isinstance(dropout_seed, int) and not isinstance(dropout_seed, bool)
+        if not seed_ok or not 0 <= dropout_seed < 2**63:
+            raise InvalidInputError(
+                "dropout_seed",
+                "an int in [0, 2**63) when dropout_p > 0 (the mask is a pure function of the seed)",
+                repr(dropout_seed),
+            )
+    seed = int(dropout_seed or 0)
+    if not isinstance(deterministic, bool):
+        raise InvalidInputError("deterministic", "a bool", repr(deterministic))
+
+    is_fp8 = q.dtype in FP8_DTYPES
+    descales = (("q_descale", q_descale, heads_q), ("k_descale", k_descale, heads_kv), ("v_descale", v_descale, heads_kv))
+    if not is_fp8:
+        for name, d, _ in descales:
+            if d is not None:
+                raise InvalidInputError(name, "None unless q, k, v are fp8", "a tensor")
+        descale: Descale = "none"
+    else:
+        kinds = {_check_descale(name, d, batch, heads, q.device) for name, d, heads in descales}
+        kinds.discard("none")
+        if len(kinds) > 1:
+            raise InvalidInputError("q_descale", "all descale factors per tensor, or all per head", "a mix")
+        descale = kinds.pop() if kinds else "none"
+
+    return AttentionSpec(
+        batch=batch,
+        seqlen_q=seqlen_q,
+        seqlen_k=seqlen_k,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        head_dim=head_dim,
+        dtype=q.dtype,
+        device=q.device,
+        layout=layout,  # type: ignore[arg-type]
+        varlen=varlen,
+        total_q=total_q,
+        total_k=total_k,
+        causal=causal,
+        window=window_pair,
+        softcap=softcap_v,
+        scale=scale_v,
+        dropout_p=dropout_v,
+        dropout_seed=seed,
+        deterministic=deterministic,
+        descale=descale,
+        q_strides=_canonical_strides(q, layout, varlen),
+        k_strides=_canonical_strides(k, layout, varlen),
+        v_strides=_canonical_strides(v, layout, varlen),
+        aligned16=_is_aligned16([q, k, v]),
+    )
+
+
+def canonical(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """View a caller's q/k/v/out/grad tensor in (batch, seqlen, heads, head_dim) order. Never copies.
+
+    A varlen tensor becomes batch 1 of all tokens.
+    """
+    if spec.varlen:
+        t = t if spec.layout == "bshd" else t.transpose(0, 1)
+        return t.unsqueeze(0)
+    return t if spec.layout == "bshd" else t.transpose(1, 2)
+
+
+def canonical_lse(lse: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """View an LSE tensor as (batch, heads, seqlen_q); varlen (heads, total) becomes (1, heads, total)."""
+    return lse.unsqueeze(0) if spec.varlen else lse
