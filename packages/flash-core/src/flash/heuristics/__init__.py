@@ -1,7 +1,7 @@
 """Kernel configurations per GPU: block sizes, warps and pipeline stages.
 
-Backends read their tile shapes from one table (``table.json`` beside this
-file) keyed by backend, GPU architecture, dtype, head-dim bucket, causal and
+Backends read their tile shapes from one table (``tables/<backend>.json``
+beside this file) keyed by backend, GPU architecture, dtype, head-dim bucket, causal and
 pass. Every entry records where it came from: measured (GPU, date, versions) or
 published/unmeasured. :mod:`flash.heuristics.smem` rejects entries that cannot
 fit in the shared memory of their GPU, and :mod:`flash.heuristics.autotune`
@@ -156,9 +156,12 @@ def parse_table(rows: list[dict[str, Any]]) -> dict[ConfigKey, Entry]:
 
 @functools.lru_cache(maxsize=1)
 def table() -> dict[ConfigKey, Entry]:
-    """The shipped configuration table."""
-    text = resources.files("flash.heuristics").joinpath("table.json").read_text()
-    return parse_table(json.loads(text)["entries"])
+    """The shipped configuration table: every ``tables/*.json`` file beside this module (one per backend)."""
+    rows: list[dict[str, Any]] = []
+    for item in sorted(resources.files("flash.heuristics").joinpath("tables").iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".json"):
+            rows += json.loads(item.read_text())["entries"]
+    return parse_table(rows)
 
 
 def lookup(backend: str, arch: str, dtype: str, head_dim: int, causal: bool, pass_: Pass) -> Entry:

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU check in one device call: install the packages, run the GPU test tier, run the benchmark.
+# Full logs go under $OUT; the short summaries are printed last.
+#
+# Run from the repository root on the device machine (the `device` tool's `run`):
+#   bash tests/gpu/device_check.sh
+#   TESTS="tests -m gpu -k triton" BENCH="--backends triton --seqlens 8192 --head-dims 128" bash tests/gpu/device_check.sh
+#   TESTS=skip  BENCH=skip  EXTRA="compute-sanitizer ..." bash tests/gpu/device_check.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$(mktemp -d)}
+TESTS=${TESTS:-"tests -m gpu"}
+BENCH=${BENCH:-""}
+EXTRA=${EXTRA:-""}
+section() { printf '\n==== %s\n' "$*"; }
+
+section "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
+python3 -c 'import cupy; print("cupy", cupy.__version__)' 2>/dev/null || echo "cupy: not importable"
+
+section "install"
+for pkg in packages/flash-core packages/flash-triton packages/flash-cuda; do
+  [ -f "$pkg/pyproject.toml" ] || continue
+  if ! python3 -m pip install -q --no-deps --no-build-isolation -e "$pkg" >>"$OUT/install.log" 2>&1; then
+    echo "install of $pkg FAILED"; tail -20 "$OUT/install.log"
+  fi
+done
+python3 -c 'import flash; [print(" ", b) for b in flash.backends()]'
+
+status=0
+if [ "$TESTS" != skip ]; then
+  section "tests: pytest $TESTS"
+  # shellcheck disable=SC2086
+  python3 -m pytest $TESTS -q -rfEs --tb=short -p no:cacheprovider >"$OUT/pytest.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
+  tail -3 "$OUT/pytest.log"
+fi
+if [ -n "$EXTRA" ]; then
+  section "extra: $EXTRA"
+  bash -c "$EXTRA" >"$OUT/extra.log" 2>&1 || status=1
+  tail -40 "$OUT/extra.log"
+fi
+if [ "$BENCH" != skip ]; then
+  section "benchmark: python -m flash bench $BENCH"
+  # shellcheck disable=SC2086
+  python3 -m flash bench $BENCH --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
+  sed -n '/^results:/,$p' "$OUT/bench.log"
+  grep -iE "error|failed" "$OUT/bench.log" | head -10
+fi
+exit $status
