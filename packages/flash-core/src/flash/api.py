@@ -157,9 +157,15 @@ def scaled_dot_product_attention(
     expressible = expressible and value.shape[-1] == query.shape[-1] <= 256
     if not expressible:
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
             enable_gqa=enable_gqa,
-        )  # fmt: skip
+        )
     if not enable_gqa and query.shape[-3] != key.shape[-3]:
         raise InvalidInputError(
             "key", f"{query.shape[-3]} heads like query (or enable_gqa=True)", f"{key.shape[-3]} heads"
@@ -167,14 +173,20 @@ def scaled_dot_product_attention(
     if query.dim() == 3:  # (batch, seqlen, dim) is one head
         q4, k4, v4 = (t.unsqueeze(1) for t in (query, key, value))
     else:  # fold any leading dims into the batch
-        q4, k4, v4 = (t.reshape((-1,) + tuple(t.shape[-3:])) for t in (query, key, value))
+        q4, k4, v4 = (t.reshape((-1, *tuple(t.shape[-3:]))) for t in (query, key, value))
     window = (-1, q_len - k_len) if is_causal and q_len > k_len else None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p else None
     out = attention(
-        q4, k4, v4,
-        layout="bhsd", causal=is_causal and window is None, window=window, scale=scale,
-        dropout_p=dropout_p, dropout_seed=seed,
-    )  # fmt: skip
+        q4,
+        k4,
+        v4,
+        layout="bhsd",
+        causal=is_causal and window is None,
+        window=window,
+        scale=scale,
+        dropout_p=dropout_p,
+        dropout_seed=seed,
+    )
     assert isinstance(out, Tensor)
     return out.squeeze(1) if query.dim() == 3 else out.reshape(query.shape[:-1] + out.shape[-1:])
 

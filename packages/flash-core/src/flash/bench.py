@@ -15,15 +15,18 @@ Results are JSON (with GPU, date and versions) plus a printed table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Callable
 
 import torch
 
@@ -65,12 +68,11 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = str(torch.version.cuda)
-        info["driver_capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+        major, minor = torch.cuda.get_device_capability()
+        info["capability"] = f"sm_{major}{minor}"
     for dist in ("flash-core", "flash-triton", "flash-cuda", "triton", "cupy-cuda13x", "cupy-cuda12x"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return info
 
 
@@ -231,17 +233,38 @@ def gpu_memory(providers: list[str], seqlens: list[int], heads: int = 16, head_d
 # ----------------------------------------------------------------------------- CPU
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Hide the profiler's native start/stop log lines (written by C++ straight to file descriptor 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cpu_peak_mib(fn: Callable[[], object]) -> float:
-    """Peak extra host memory of ``fn`` in MiB, from the profiler's allocation records."""
+    """Peak extra host memory of ``fn`` in MiB, from the profiler's allocation records.
+
+    Every CPU allocation and free is a timestamped ``[memory]`` record; their running sum in time
+    order is the live-memory curve, whose maximum is the peak.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each op's self allocations and frees, in time order, trace the live-memory curve.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    records = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     level = peak = 0
-    for event in events:
-        level += event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        level += record.nbytes()
         peak = max(peak, level)
     return peak / 2**20
 
@@ -287,7 +310,8 @@ def cpu_benchmark(seqlens: list[int], heads: int = 8, head_dim: int = 64, causal
 
 
 def _format_row(row: Row) -> str:
-    what = f"{row.provider:<11} {row.mode:<7} {'causal' if row.causal else 'full':<6} d={row.head_dim:<3} s={row.seqlen:<6}"
+    mask = "causal" if row.causal else "full"
+    what = f"{row.provider:<11} {row.mode:<7} {mask:<6} d={row.head_dim:<3} s={row.seqlen:<6}"
     if row.ms is None:
         return f"{what} failed: {row.note}"
     return f"{what} {row.ms:8.3f} ms {row.tflops:7.1f} TFLOP/s" + (
@@ -336,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, object] = {"environment": environment()}
     if torch.cuda.is_available() and not args.cpu:
-        names = args.backends.split(",") if args.backends else [
-            b.name for b in flash.backends() if b.usable and b.name != "reference"
-        ]
+        names = (
+            args.backends.split(",")
+            if args.backends
+            else [b.name for b in flash.backends() if b.usable and b.name != "reference"]
+        )
         providers = names + [p for p in args.peers.split(",") if p]
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
         rows = gpu_benchmark(providers, _ints(args.seqlens), _ints(args.head_dims), causals, args.modes.split(","))
@@ -347,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         result["memory"] = gpu_memory(providers, _ints(args.memory_seqlens))
         table = ratio_table(rows)
     else:
-        cpu_rows = cpu_benchmark(_ints(args.seqlens) if args.seqlens != parser.get_default("seqlens") else [1024, 2048, 4096])
+        cpu_rows = cpu_benchmark(
+            _ints(args.seqlens) if args.seqlens != parser.get_default("seqlens") else [1024, 2048, 4096]
+        )
         result["cpu"] = cpu_rows
         table = "\n".join(
             f"seqlen {r['seqlen']}: reference/sdpa time ratio {r['time_ratio']:.2f}, "

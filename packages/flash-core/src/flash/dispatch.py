@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 from flash.backend import Backend
 from flash.errors import BackendError, InvalidInputError, NoBackendError
@@ -24,8 +25,23 @@ from flash.spec import AttentionSpec
 Pass = Literal["forward", "backward"]
 ENV_BACKEND = "FLASH_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("flash_forced_backend", default=None)
-_decisions: dict[tuple, str] = {}
-_decisions_generation = -1
+
+
+class _DecisionCache:
+    """Dispatch decisions by problem; forgotten whenever the registry changes."""
+
+    def __init__(self) -> None:
+        self.generation = -1
+        self.names: dict[tuple, str] = {}
+
+    def get(self, key: tuple) -> str | None:
+        if self.generation != REGISTRY.generation:
+            self.names.clear()
+            self.generation = REGISTRY.generation
+        return self.names.get(key)
+
+
+_decisions = _DecisionCache()
 
 
 @contextlib.contextmanager
@@ -135,17 +151,13 @@ def _describe(spec: AttentionSpec) -> str:
 
 def select(spec: AttentionSpec, pass_: Pass, requested: str = "auto") -> Backend:
     """The backend that runs ``pass_`` of ``spec``; raises :class:`NoBackendError` listing every reason."""
-    global _decisions_generation
     key = (spec, pass_, requested, _forced.get(), os.environ.get(ENV_BACKEND))
-    if _decisions_generation != REGISTRY.generation:
-        _decisions.clear()
-        _decisions_generation = REGISTRY.generation
     name = _decisions.get(key)
     if name is None:
         decision = decide(spec, pass_, requested)
         if decision.chosen is None:
             raise NoBackendError(f"no backend can run the {pass_} of this problem ({_describe(spec)}):\n{decision}")
-        name = _decisions[key] = decision.chosen
+        name = _decisions.names[key] = decision.chosen
     return REGISTRY.get(name)
 
 

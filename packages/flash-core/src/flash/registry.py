@@ -32,7 +32,9 @@ class BackendInfo:
     def __str__(self) -> str:
         where = f"{self.distribution} {self.version}" if self.distribution else f"in-process {self.version or ''}"
         status = "usable" if self.usable else "unusable: " + "; ".join(self.reasons)
-        return f"{self.name:<10} priority {self.priority if self.priority is not None else '-':>4}  {where:<24} {status}"
+        return (
+            f"{self.name:<10} priority {self.priority if self.priority is not None else '-':>4}  {where:<24} {status}"
+        )
 
 
 class Registry:

@@ -17,6 +17,7 @@ unbounded side is ``-1``. ``causal=True`` is ``right = 0``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -211,7 +212,7 @@ def _check_cu_seqlens(
     values = cu.tolist()  # one small device-to-host copy; skipped while capturing a CUDA graph
     if values[0] != 0:
         raise InvalidInputError(name, "first offset 0", str(values[0]))
-    lengths = [b - a for a, b in zip(values, values[1:])]
+    lengths = [b - a for a, b in itertools.pairwise(values)]
     if any(length < 0 for length in lengths):
         bad = next(i for i, length in enumerate(lengths) if length < 0)
         raise InvalidInputError(name, "non-decreasing offsets", f"{values[bad]} then {values[bad + 1]} at index {bad}")
@@ -232,9 +233,7 @@ def _check_max_seqlen(name: str, given: int | None, longest: int | None) -> int:
     return given
 
 
-def _check_descale(
-    name: str, d: torch.Tensor | None, batch: int, heads: int, device: torch.device
-) -> Descale:
+def _check_descale(name: str, d: torch.Tensor | None, batch: int, heads: int, device: torch.device) -> Descale:
     if d is None:
         return "none"
     d = _require_tensor(name, d)
@@ -385,7 +384,11 @@ def build_spec(
         raise InvalidInputError("deterministic", "a bool", repr(deterministic))
 
     is_fp8 = q.dtype in FP8_DTYPES
-    descales = (("q_descale", q_descale, heads_q), ("k_descale", k_descale, heads_kv), ("v_descale", v_descale, heads_kv))
+    descales = (
+        ("q_descale", q_descale, heads_q),
+        ("k_descale", k_descale, heads_kv),
+        ("v_descale", v_descale, heads_kv),
+    )
     if not is_fp8:
         for name, d, _ in descales:
             if d is not None:

@@ -125,7 +125,7 @@ def head_dim_bucket(head_dim: int) -> int:
     raise ValueError(f"head_dim {head_dim} is above the largest bucket {HEAD_DIM_BUCKETS[-1]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def arch_of(device: torch.device) -> str:
     """``"sm_90"`` for an H100, ``"cpu"`` for the CPU."""
     if device.type != "cuda":
@@ -168,8 +168,8 @@ def lookup(backend: str, arch: str, dtype: str, head_dim: int, causal: bool, pas
     """The best table entry for a problem class, falling back to similar architectures and dtypes."""
     entries = table()
     bucket = head_dim_bucket(head_dim)
-    for a in (arch,) + ARCH_FALLBACKS.get(arch, ("sm_90", "sm_80")) + ("any",):
-        for d in (dtype,) + _DTYPE_FALLBACKS.get(dtype, ()):
+    for a in (arch, *ARCH_FALLBACKS.get(arch, ("sm_90", "sm_80")), "any"):
+        for d in (dtype, *_DTYPE_FALLBACKS.get(dtype, ())):
             for c in (causal, not causal):
                 entry = entries.get(ConfigKey(backend, a, d, bucket, c, pass_))
                 if entry is not None:

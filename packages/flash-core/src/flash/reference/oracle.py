@@ -28,7 +28,9 @@ def descaled(t: torch.Tensor, descale: torch.Tensor | None, batch: int | None, d
     return t * d.reshape(())
 
 
-def _sequence_bounds(spec: AttentionSpec, cu_q: list[int] | None, cu_k: list[int] | None) -> list[tuple[int, int, int, int]]:
+def _sequence_bounds(
+    spec: AttentionSpec, cu_q: list[int] | None, cu_k: list[int] | None
+) -> list[tuple[int, int, int, int]]:
     """(q_start, q_len, k_start, k_len) per sequence; one entry for the whole padded batch."""
     if cu_q is None or cu_k is None:
         return [(0, spec.seqlen_q, 0, spec.seqlen_k)]
@@ -70,7 +72,7 @@ def dense_attention(
         if spec.masked:
             seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device)
             s = s.masked_fill(~seen, float("-inf"))
-        row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_zeros(s.shape[:-1] + (1,))
+        row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_zeros((*s.shape[:-1], 1))
         row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
         p = torch.exp(s - row_max)
         denom = p.sum(dim=-1, keepdim=True)

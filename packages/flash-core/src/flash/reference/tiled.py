@@ -23,8 +23,8 @@ are stacked along the row axis of a tile, so K/V are never repeated.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -69,9 +69,7 @@ def _segments(spec: AttentionSpec, cu_q: torch.Tensor | None, cu_k: torch.Tensor
         return
     offs_q, offs_k = cu_q.tolist(), cu_k.tolist()
     for b in range(spec.batch):
-        yield _Segment(
-            slice(0, 1), [b], b, offs_q[b], offs_q[b + 1] - offs_q[b], offs_k[b], offs_k[b + 1] - offs_k[b]
-        )
+        yield _Segment(slice(0, 1), [b], b, offs_q[b], offs_q[b + 1] - offs_q[b], offs_k[b], offs_k[b + 1] - offs_k[b])
 
 
 def _compute_dtype(spec: AttentionSpec) -> torch.dtype:
@@ -168,7 +166,7 @@ def forward(
             shape = q_rows.shape[:-1]
             row_max = q_rows.new_full(shape, float("-inf"))
             row_sum = q_rows.new_zeros(shape)
-            acc = q_rows.new_zeros(shape + (v.shape[-1],))
+            acc = q_rows.new_zeros((*shape, v.shape[-1]))
             for kj, j0, j1 in tiles.key_blocks():
                 kind = tiles.kind((i0, i1), (j0, j1))
                 if kind is Tile.HIDDEN:
@@ -188,11 +186,11 @@ def forward(
                 acc = acc * correction[..., None] + torch.matmul(p, v[:, :, j0:j1].to(cd))
                 row_max = new_max
                 if observer is not None:
-                    out_now = acc / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))[..., None]
+                    out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
-            seen_any = row_sum > 0
-            out = acc / torch.where(seen_any, row_sum, torch.ones_like(row_sum))[..., None]
-            lse = torch.where(seen_any, row_max + torch.log(row_sum), torch.full_like(row_sum, float("-inf")))
+            unseen = row_sum == 0  # (a NaN sum is not "unseen": NaN inputs must propagate)
+            out = acc / torch.where(unseen, torch.ones_like(row_sum), row_sum)[..., None]
+            lse = torch.where(unseen, torch.full_like(row_sum, float("-inf")), row_max + torch.log(row_sum))
             rows = slice(seg.q0 + i0, seg.q0 + i1)
             args.out[seg.batch, rows].copy_(_unstack_rows(out, spec))
             args.lse[seg.batch, :, rows].copy_(lse.unflatten(2, (spec.group_size, -1)).flatten(1, 2))

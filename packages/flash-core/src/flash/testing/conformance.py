@@ -1,0 +1,105 @@
+"""Conformance checks: run a backend on a case and hold it to the tolerance rule.
+
+These are what ``tests/test_conformance.py`` calls for every registered backend;
+a third-party backend can call them from its own tests too::
+
+    from flash.testing import cpu_cases, check_forward, check_backward
+    for case in cpu_cases():
+        if not declared_reasons("mybackend", case, "cuda", "forward"):
+            check_forward("mybackend", case, "cuda", seed=1234)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+import flash
+from flash import dispatch, ops
+from flash.dispatch import Pass
+from flash.reference.oracle import dense_attention
+from flash.spec import FP8_DTYPES, AttentionSpec, build_spec
+from flash.testing.cases import Case, Inputs, make_inputs
+from flash.testing.tolerance import assert_within_rule
+
+_TENSOR_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale")
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Fill every output with NaN before the backend runs, so an element it never writes fails the check
+    (a recycled allocation could otherwise still hold a previous, correct result)."""
+    previous, ops.POISON_OUTPUTS = ops.POISON_OUTPUTS, True
+    try:
+        yield
+    finally:
+        ops.POISON_OUTPUTS = previous
+
+
+def spec_of(inputs: Inputs) -> AttentionSpec:
+    return build_spec(inputs.q, inputs.k, inputs.v, **inputs.options)
+
+
+def declared_reasons(backend: str, case: Case, device: torch.device | str, pass_: Pass) -> list[str]:
+    """Why ``backend`` declares it cannot run ``pass_`` of ``case`` on ``device`` (empty: it must pass)."""
+    spec = spec_of(make_inputs(case, device, seed=0))
+    return dispatch.rejection_reasons(backend, spec, pass_)
+
+
+def naive_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision of the naive computation a kernel is compared with."""
+    return torch.bfloat16 if dtype in FP8_DTYPES else dtype
+
+
+def _dense(inputs: Inputs, q, k, v, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    tensors = {name: inputs.options[name] for name in _TENSOR_OPTIONS if name in inputs.options}
+    return dense_attention(spec_of(inputs), q, k, v, compute_dtype=dtype, **tensors)
+
+
+def check_forward(backend: str, case: Case, device: torch.device | str, seed: int) -> None:
+    """Output and LSE of ``backend`` against the float64 oracle, within the rule."""
+    inputs = make_inputs(case, device, seed)
+    with poisoned_outputs():
+        out, lse = flash.attention(inputs.q, inputs.k, inputs.v, backend=backend, return_lse=True, **inputs.options)
+    spec = spec_of(inputs)
+    if out.shape != inputs.q.shape or out.dtype != spec.out_dtype:
+        raise AssertionError(
+            f"out: shape {tuple(out.shape)} {out.dtype}, expected {tuple(inputs.q.shape)} {spec.out_dtype}"
+        )
+    if lse.shape != spec.lse_shape() or lse.dtype != spec.lse_dtype:
+        raise AssertionError(f"lse: shape {tuple(lse.shape)} {lse.dtype}, expected {spec.lse_shape()} {spec.lse_dtype}")
+    oracle_out, oracle_lse = _dense(inputs, inputs.q, inputs.k, inputs.v, torch.float64)
+    naive_out, naive_lse = _dense(inputs, inputs.q, inputs.k, inputs.v, naive_dtype(case.dtype))
+    where = f"{backend}/{case.name} (seed {seed})"
+    assert_within_rule(f"{where} out", out, oracle_out, naive_out, case.dtype)
+    assert_within_rule(f"{where} lse", lse, oracle_lse, naive_lse, case.dtype)
+
+
+def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def check_backward(backend: str, case: Case, device: torch.device | str, seed: int) -> None:
+    """dq, dk, dv through ``backend``'s forward (and whichever backward dispatch pairs with it)."""
+    inputs = make_inputs(case, device, seed, requires_grad=True)
+    qkv = (inputs.q, inputs.k, inputs.v)
+    with poisoned_outputs():
+        out = flash.attention(*qkv, backend=backend, **inputs.options)
+        grads = _grads(out, qkv, inputs.dout)
+        if case.deterministic:
+            again = _grads(flash.attention(*qkv, backend=backend, **inputs.options), qkv, inputs.dout)
+            for name, first, second in zip("qkv", grads, again):
+                if not torch.equal(first, second):
+                    raise AssertionError(f"{backend}/{case.name}: d{name} differs between two deterministic runs")
+    oracle_inputs = tuple(t.detach().to(torch.float64).requires_grad_() for t in qkv)
+    oracle = _grads(_dense(inputs, *oracle_inputs, torch.float64)[0], oracle_inputs, inputs.dout.to(torch.float64))
+    naive_inputs = tuple(t.detach().clone().requires_grad_() for t in qkv)
+    naive_dt = naive_dtype(case.dtype)
+    naive = _grads(_dense(inputs, *naive_inputs, naive_dt)[0], naive_inputs, inputs.dout.to(naive_dt))
+    where = f"{backend}/{case.name} (seed {seed})"
+    for name, got, exact, rough in zip("qkv", grads, oracle, naive):
+        if got.shape != exact.shape or got.dtype != case.dtype:
+            raise AssertionError(f"{where} d{name}: shape {tuple(got.shape)} {got.dtype}")
+        assert_within_rule(f"{where} d{name}", got, exact, rough, case.dtype)

@@ -1,0 +1,60 @@
+"""The cross-backend conformance suite: every registered backend, every spec option, forward and backward.
+
+Each backend runs every case it declares support for and is held to the rule
+"max error against the float64 oracle <= 2x the naive same-precision error + eps".
+A case a backend declares unsupported is skipped with the backend's own reason,
+except for the reference backend, which must support everything.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flash.testing import Case, check_backward, check_forward, cpu_cases, declared_reasons, gpu_cases
+
+from tests.conftest import require_usable
+
+CPU_CASES = cpu_cases()
+GPU_CASES = gpu_cases()
+
+
+def _run(backend: str, case: Case, device: str, seed: int, pass_: str) -> None:
+    require_usable(backend)
+    if pass_ == "backward" and not case.backward:
+        pytest.skip(f"{case.name} has no backward (fp8 is inference-only; NaN inputs poison every gradient)")
+    reasons = declared_reasons(backend, case, device, "forward")
+    if pass_ == "backward" and not reasons:
+        # The backward may come from another backend; what matters is that this forward pairs with one.
+        reasons = declared_reasons("reference", case, device, "backward") and declared_reasons(
+            backend, case, device, "backward"
+        )
+    if reasons:
+        if backend == "reference":
+            pytest.fail(f"the reference backend must support every case; it says: {'; '.join(reasons)}")
+        pytest.skip(f"{backend} declares: {'; '.join(reasons)}")
+    check = check_forward if pass_ == "forward" else check_backward
+    check(backend, case, device, seed)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.name)
+def test_forward(backend: str, case: Case, seed: int) -> None:
+    _run(backend, case, "cpu", seed, "forward")
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.name)
+def test_backward(backend: str, case: Case, seed: int) -> None:
+    _run(backend, case, "cpu", seed, "backward")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_forward_gpu(backend: str, case: Case, seed: int) -> None:
+    _run(backend, case, "cuda", seed, "forward")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.name)
+def test_backward_gpu(backend: str, case: Case, seed: int) -> None:
+    _run(backend, case, "cuda", seed, "backward")
+    torch.cuda.synchronize()
