@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from flash.registry import REGISTRY
 
 _SEED = int(os.environ.get("FLASH_TEST_SEED", random.SystemRandom().randrange(2**31)))
@@ -23,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the GPU tier); skipped without one")
+    # torch.nn.MultiheadAttention's own internals warn about torch.jit; not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flash.testing import Case, check_backward, check_forward, cpu_cases, declared_reasons, gpu_cases
 
+from flash.testing import Case, check_backward, check_forward, cpu_cases, declared_reasons, gpu_cases
 from tests.conftest import require_usable
 
 CPU_CASES = cpu_cases()

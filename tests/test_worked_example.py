@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 
-import flash
 import pytest
 import torch
+
+import flash
 from flash.backend import ForwardArgs
 from flash.reference import dense_attention
 from flash.reference.tiled import TileStep, forward

@@ -10,7 +10,7 @@ from torch import Tensor
 from flash import dispatch, ops
 from flash.errors import InvalidInputError
 from flash.registry import REGISTRY, BackendInfo
-from flash.spec import build_spec, check_window
+from flash.spec import build_spec, check_argument_types, check_window
 
 
 def _max_seqlen(name: str, given: int | None, cu: Tensor | None) -> int | None:
@@ -83,6 +83,12 @@ def attention(
     Returns:
         The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v.
     """
+    check_argument_types(
+        q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        return_lse=return_lse, deterministic=deterministic, backend=backend,
+    )  # fmt: skip
     left, right = check_window(window)
     out, lse = ops.attention_forward(
         q,
