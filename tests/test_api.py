@@ -168,7 +168,7 @@ class TestTorchCompile:
 
 def test_lse_is_returned_and_not_differentiable():
     q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out, lse = flash.attention(q, k, v, return_lse=True)
+    _, lse = flash.attention(q, k, v, return_lse=True)
     assert lse.dtype == torch.float64 and lse.shape == (1, 2, 6) and not lse.requires_grad
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5
     torch.testing.assert_close(lse, s.logsumexp(-1))

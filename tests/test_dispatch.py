@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from importlib import metadata
+from typing import ClassVar
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ class FastHalf(Backend):
     name = "fasthalf"
     version = "9.9"
     priority = 50
-    runs: list[str] = []
+    runs: ClassVar[list[str]] = []
 
     def forward_reasons(self, spec):
         return reasons_for_unsupported(spec, dtypes=(torch.float16,), features={"gqa"}, device_types=("cpu",))
