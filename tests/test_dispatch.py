@@ -22,7 +22,7 @@ class FastHalf(Backend):
 
     name = "fasthalf"
     version = "9.9"
-    priority = 50
+    priority = 10_000  # above every real backend, so the tests do not depend on what else is installed
     runs: ClassVar[list[str]] = []
 
     def forward_reasons(self, spec):
@@ -40,7 +40,7 @@ class OldApi(FastHalf):
 
 class Unavailable(FastHalf):
     name = "unavailable"
-    priority = 99
+    priority = 20_000
 
     def unavailable_reasons(self):
         return ["needs a quantum accelerator"]
@@ -128,12 +128,13 @@ def test_backward_falls_back_through_the_lse_contract(fasthalf):
 
 def test_explain_shows_the_decision_and_every_rejection(fasthalf):
     q, k, v = half()
-    text = str(flash.explain(q, k, v, causal=True))
-    assert "forward: reference" in text
-    assert "fasthalf" in text and "causal not supported" in text
-    assert "backward: reference" in text and "no backward pass" in text
-    decision = flash.explain(q, k, v).forward
-    assert decision.chosen == "fasthalf"
+    explanation = flash.explain(q, k, v, causal=True)
+    assert explanation.forward.chosen not in (None, "fasthalf")
+    assert explanation.backward.chosen not in (None, "fasthalf")
+    text = str(explanation)
+    assert f"forward: {explanation.forward.chosen}" in text
+    assert "fasthalf" in text and "causal not supported" in text and "no backward pass" in text
+    assert flash.explain(q, k, v).forward.chosen == "fasthalf"
 
 
 def test_unavailable_backend_is_skipped_with_its_reason():
