@@ -1,0 +1,283 @@
+"""Plots of the committed benchmark results (``python -m flash bench`` JSON), drawn at build time.
+
+Each result file is one run on one machine: its ``environment`` (GPU, date, versions) is printed
+under every plot drawn from it. GPU files carry ``rows`` (TFLOP/s per provider and case) and
+``memory``; CPU files carry ``cpu`` rows. Nothing is plotted that is not in a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from docutils import nodes
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+
+from flash_docs.rst import admonition, code, esc, figure, list_table, write_if_changed
+
+logger = logging.getLogger(__name__)
+
+PEERS = ("sdpa-flash", "sdpa-cudnn", "flex", "sdpa-mem-efficient", "naive")
+PEER_LABELS = {
+    "sdpa-flash": "torch SDPA flash (FA2)",
+    "sdpa-cudnn": "torch SDPA cuDNN",
+    "flex": "FlexAttention (compiled)",
+    "naive": "naive attention",
+}
+ENV_KEYS = (
+    "gpu",
+    "date",
+    "torch",
+    "triton",
+    "cuda",
+    "flash-core",
+    "flash-triton",
+    "flash-cuda",
+    "cupy-cuda13x",
+    "cupy-cuda12x",
+    "python",
+    "cpu",
+)
+
+
+def environment_line(env: dict) -> str:
+    parts = [f"{k} {env[k]}" for k in ENV_KEYS if env.get(k)]
+    return "; ".join(parts)
+
+
+def _style(provider: str, index: int) -> dict:
+    colours = ["#b4451f", "#4c78a8", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
+    peer = provider in PEERS
+    return {
+        "color": "#7f7f7f" if provider == "naive" else colours[index % len(colours)],
+        "linestyle": "--" if peer else "-",
+        "marker": "o" if not peer else "s",
+        "linewidth": 1.4 if peer else 2.2,
+        "markersize": 4 if peer else 5,
+    }
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    write_if_changed(path, buffer.getvalue())
+
+
+def _providers(rows: list[dict]) -> list[str]:
+    names = sorted({r["provider"] for r in rows}, key=lambda p: (p in PEERS, PEERS.index(p) if p in PEERS else 0, p))
+    return names
+
+
+def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for index, name in enumerate(_providers(rows)):
+        points = sorted((r["seqlen"], r["tflops"]) for r in rows if r["provider"] == name and r.get("tflops"))
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=PEER_LABELS.get(name, f"flash: {name}"), **_style(name, index))
+    ax.set_xscale("log", base=2)
+    seqlens = sorted({r["seqlen"] for r in rows})
+    ax.set_xticks(seqlens, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
+    ax.set_xlabel("sequence length (batch × seqlen = 16k tokens)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_memory(memory: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for index, name in enumerate(_providers(memory)):
+        points = sorted((m["seqlen"], m["extra_mib"]) for m in memory if m["provider"] == name and m.get("extra_mib"))
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, label=PEER_LABELS.get(name, f"flash: {name}"), **_style(name, index))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    seqlens = sorted({m["seqlen"] for m in memory})
+    ax.set_xticks(seqlens, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
+    ax.set_xlabel("sequence length (batch 1)")
+    ax.set_ylabel("extra device memory of one forward (MiB)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_cpu(cpu: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cpu = sorted(cpu, key=lambda r: r["seqlen"])
+    xs = [r["seqlen"] for r in cpu]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    left.plot(xs, [r["reference_ms"] for r in cpu], label="flash reference backend", **_style("reference", 0))
+    left.plot(xs, [r["sdpa_ms"] for r in cpu], label="torch CPU SDPA", **_style("sdpa-flash", 1))
+    left.set_ylabel("milliseconds (median)")
+    right.plot(xs, [r["reference_peak_mib"] for r in cpu], label="flash reference backend", **_style("reference", 0))
+    right.plot(xs, [r["naive_peak_mib"] for r in cpu], label="naive attention", **_style("naive", 1))
+    right.set_ylabel("peak extra host memory (MiB)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("sequence length")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _ratio_table(rows: list[dict]) -> str:
+    """TFLOP/s at the longest sequence of each case, and the ratio to torch SDPA flash."""
+    cases: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        cases[(r["mode"], r["causal"], r["head_dim"])].setdefault(r["provider"], {})[r["seqlen"]] = r
+    providers = _providers(rows)
+    lines = []
+    for (mode, causal, head_dim), by in sorted(cases.items()):
+        longest = max(s for runs in by.values() for s in runs)
+        base = by.get("sdpa-flash", {}).get(longest, {}).get("tflops")
+        cells = []
+        for p in providers:
+            r = by.get(p, {}).get(longest)
+            if not r or not r.get("tflops"):
+                cells.append("—")
+                continue
+            ratio = f" ({r['tflops'] / base:.2f}×)" if base else ""
+            cells.append(f"{r['tflops']:.0f}{ratio}")
+        lines.append([esc(mode), "causal" if causal else "full", str(head_dim), str(longest), *cells])
+    return list_table(
+        ["mode", "mask", "d", "seqlen"] + [code(p) for p in providers],
+        lines,
+        title="TFLOP/s at the longest sequence (ratio to torch SDPA flash)",
+        classes="flash-numbers",
+    )
+
+
+def render_file(path: Path, outdir: Path, docname_prefix: str) -> str:
+    data = json.loads(path.read_text())
+    env = data.get("environment", {})
+    where = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
+    env_line = esc(environment_line(env))
+    text = [f".. rubric:: {esc(where)}, {esc(env.get('date', 'undated'))} ({code(path.name)})", ""]
+    stem = f"{docname_prefix}{path.stem}"
+    rows = data.get("rows") or []
+    if rows:
+        if data.get("convention"):
+            c = data["convention"]
+            text += [
+                f"Convention: {esc(c.get('tokens'))} tokens per batch, model dimension {esc(c.get('model_dim'))}, "
+                f"{esc(c.get('dtype'))}, forward+backward FLOPs = {esc(c.get('fwd_bwd_factor'))} × forward.",
+                "",
+            ]
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            groups[(r["mode"], bool(r["causal"]), int(r["head_dim"]))].append(r)
+        for (mode, causal, head_dim), group in sorted(groups.items()):
+            what = "forward" if mode == "fwd" else "forward + backward"
+            label = f"{what}, {'causal' if causal else 'non-causal'}, head_dim {head_dim}"
+            name = f"{stem}-{mode}-{'causal' if causal else 'full'}-d{head_dim}.png"
+            plot_throughput(group, label, outdir / name)
+            text.append(figure(f"/_generated/bench/{name}", f"{esc(label)}. {env_line}.", alt=f"TFLOP/s, {label}"))
+        text.append(_ratio_table(rows))
+        failed = [r for r in rows if r.get("ms") is None]
+        if failed:
+            items = [
+                f"* {code(r['provider'])} {esc(r['mode'])} {'causal' if r['causal'] else 'full'} "
+                f"d={r['head_dim']} s={r['seqlen']}: {esc(r.get('note') or 'no time')}"
+                for r in failed
+            ]
+            text += ["Cases that did not run:", "", *items, ""]
+    memory = data.get("memory") or []
+    if memory:
+        name = f"{stem}-memory.png"
+        plot_memory(memory, outdir / name)
+        oom = sorted({f"{m['provider']} at {m['seqlen']}" for m in memory if m.get("extra_mib") is None})
+        note = f" Out of memory: {esc(', '.join(oom))}." if oom else ""
+        text.append(
+            figure(
+                f"/_generated/bench/{name}",
+                f"Extra memory of one forward (bf16, batch 1, 16 heads, head_dim 128) next to naive "
+                f"attention, which forms the seqlen × seqlen matrix.{note} {env_line}.",
+                alt="memory against sequence length",
+            )
+        )
+    cpu = data.get("cpu") or []
+    if cpu:
+        name = f"{stem}-cpu.png"
+        plot_cpu(cpu, outdir / name)
+        first = cpu[0]
+        text.append(
+            figure(
+                f"/_generated/bench/{name}",
+                f"CPU, float32, batch 1, {first.get('heads')} heads, head_dim {first.get('head_dim')}: "
+                f"time of the reference backend next to torch's CPU SDPA, and peak memory next to naive "
+                f"attention. {env_line}.",
+                alt="CPU time and memory against sequence length",
+            )
+        )
+    if not (rows or memory or cpu):
+        text.append(f"{code(path.name)} holds no ``rows``, ``memory`` or ``cpu`` results.\n")
+    return "\n".join(text)
+
+
+class Benchmarks(SphinxDirective):
+    """Every results file, newest first; or a plain statement that none is committed."""
+
+    def run(self) -> list[nodes.Node]:
+        self.env.note_reread()
+        results = Path(self.env.srcdir, self.config.flash_bench_results)
+        files = sorted(results.glob("*.json")) if results.is_dir() else []
+        parsed = []
+        for path in files:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                logger.warning("benchmark results %s cannot be read: %s", path, error, location=self.get_location())
+                continue
+            self.env.note_dependency(str(path))
+            parsed.append((data.get("environment", {}).get("date", ""), path, data))
+        has_gpu = any(d.get("rows") or d.get("memory") for _, _, d in parsed)
+        text = []
+        if not has_gpu:
+            text.append(
+                admonition(
+                    "important",
+                    (
+                        "**No GPU results are committed yet.** The plots on this page are drawn only from result files "
+                        "in ``docs/benchmarks/results/``, written by ``python -m flash bench`` on a GPU; until one is "
+                        "committed there is nothing to plot, and no number is shown in its place."
+                    ),
+                )
+            )
+        outdir = Path(self.env.srcdir) / "_generated" / "bench"
+        for _, path, _ in sorted(parsed, key=lambda t: (t[0], t[1].name), reverse=True):
+            try:
+                text.append(render_file(path, outdir, "bench-"))
+            except (KeyError, TypeError, ValueError) as error:
+                logger.warning("benchmark results %s are malformed: %r", path, error, location=self.get_location())
+        return self.parse_text_to_nodes("\n".join(text))
