@@ -1,0 +1,159 @@
+"""Time candidate tile configurations against torch SDPA's flash backend in one process.
+
+    python -m flash_cuda.tune --head-dims 64,128 --seqlen 8192 --out tune.json
+
+Uses the benchmark convention of ``flash.bench`` (batch * seqlen = 16384, heads * head_dim =
+2048, bf16, forward FLOPs 4 b h s^2 d, halved when causal) and ``triton.testing.do_bench``
+medians. Each candidate is also checked against SDPA's output, so a fast wrong variant shows.
+The winners go into ``flash/heuristics/tables/cuda.json`` by hand, with their provenance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import torch
+
+from flash.backend import ForwardArgs
+from flash.heuristics import KernelConfig
+from flash.spec import build_spec, canonical, canonical_lse
+from flash_cuda import compile as compiler
+from flash_cuda import launch
+from flash_cuda.variants import Variant, make_variant, nvrtc_arch
+
+TOKENS = 16384
+MODEL_DIM = 2048
+
+
+def _config(bm: int, bn: int, nw: int, st: int, qreg: bool, mb: int, pipe: bool = False) -> KernelConfig:
+    return KernelConfig(bm, bn, nw, st, (("min_blocks", mb), ("pipelined", pipe), ("q_in_regs", qreg)))
+
+
+#: (block_m, block_n, num_warps, num_stages, q_in_regs, min_blocks, pipelined) per head-dim bucket.
+CANDIDATES: dict[int, list[KernelConfig]] = {
+    64: [
+        _config(128, 64, 4, 2, True, 2),
+        _config(128, 64, 8, 3, True, 1, pipe=True),
+        _config(128, 128, 8, 3, True, 1, pipe=True),
+        _config(128, 128, 8, 2, True, 1),
+        _config(64, 64, 4, 3, True, 2, pipe=True),
+        _config(128, 64, 8, 2, True, 1),
+    ],
+    128: [
+        _config(128, 64, 8, 2, True, 1),
+        _config(128, 64, 8, 3, True, 1, pipe=True),
+        _config(128, 32, 4, 2, False, 2),
+        _config(64, 64, 4, 2, True, 2),
+        _config(64, 64, 4, 3, True, 2, pipe=True),
+        _config(128, 128, 8, 2, True, 1),
+    ],
+}
+
+
+def _time(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
+    return out.transpose(1, 2)
+
+
+def _label(d: int, causal: bool) -> str:
+    return f"d={d:<3} {'causal' if causal else 'full  '}"
+
+
+def _case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, arch: str) -> list[dict]:
+    batch, seqlen, heads, d = q.shape
+    flops = 4.0 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
+    ref = _sdpa_flash(q, k, v, causal).float()
+    sdpa_ms = _time(lambda: _sdpa_flash(q, k, v, causal))
+    rows = [{"provider": "sdpa-flash", "head_dim": d, "causal": causal, "ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9}]
+    print(f"{_label(d, causal)} sdpa-flash {sdpa_ms:8.3f} ms {rows[0]['tflops']:7.1f} TFLOP/s", flush=True)
+    spec = build_spec(q, k, v, causal=causal)
+    out = torch.empty_like(q)
+    lse = torch.empty(spec.lse_shape(), device=q.device, dtype=torch.float32)
+    args = ForwardArgs(
+        canonical(q, spec), canonical(k, spec), canonical(v, spec), canonical(out, spec), canonical_lse(lse, spec)
+    )
+    for config in CANDIDATES.get(d, CANDIDATES[128]):
+        row: dict = {"provider": "cuda", "head_dim": d, "causal": causal, "config": config.to_json()}
+        try:
+            variant: Variant = make_variant(config, d, q.dtype == torch.bfloat16, causal, arch)
+            row["variant"] = asdict(variant)
+            out.fill_(float("nan"))
+            launch.forward(spec, args, variant)
+            kern = compiler.kernel(variant, q.device.index or 0)
+            row["registers"], row["local_bytes"] = int(kern.num_regs), int(kern.local_size_bytes)
+            row["max_error_vs_sdpa"] = (out.float() - ref).abs().max().item()
+            row["ms"] = _time(lambda: launch.forward(spec, args, variant))
+            row["tflops"] = flops / row["ms"] / 1e9
+            row["ratio_vs_sdpa"] = sdpa_ms / row["ms"]
+            print(
+                f"{_label(d, causal)} {variant.label():58s} {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
+                f"{row['ratio_vs_sdpa']:.3f}x  err {row['max_error_vs_sdpa']:.2e}  "
+                f"regs {row['registers']} local {row['local_bytes']}",
+                flush=True,
+            )
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {error}"
+            print(f"{_label(d, causal)} {config.to_json()} FAILED {row['error'][:300]}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def run(head_dims: list[int], seqlen: int, causals: list[bool], dtype: torch.dtype) -> list[dict]:
+    device = torch.device("cuda")
+    arch = nvrtc_arch(torch.cuda.get_device_capability(device))
+    rows = []
+    for d in head_dims:
+        heads, batch = MODEL_DIM // d, max(1, TOKENS // seqlen)
+        gen = torch.Generator(device=device).manual_seed(d)
+        qkv = [torch.randn(batch, seqlen, heads, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+        for causal in causals:
+            rows += _case(*qkv, causal, arch)
+        qkv.clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flash_cuda.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--seqlen", type=int, default=8192)
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    rows = run([int(x) for x in args.head_dims.split(",")], args.seqlen, causals, dtype)
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        if row["provider"] == "cuda" and "ms" in row:
+            key = (row["head_dim"], row["causal"])
+            if key not in best or row["ms"] < best[key]["ms"]:
+                best[key] = row
+    print("\nbest per case:")
+    for (d, causal), row in sorted(best.items()):
+        print(f"  d={d} {'causal' if causal else 'full'}: {row['config']} {row['tflops']:.1f} TFLOP/s "
+              f"({row['ratio_vs_sdpa']:.3f}x sdpa-flash)")  # fmt: skip
+    if args.out:
+        env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+        with open(args.out, "w") as fh:
+            json.dump({"environment": env, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""CUDA backend, CPU tier: every shipped kernel variant compiles with NVRTC and does not spill.
+
+Needs only libnvrtc (``pip install flash-cuda[nvrtc]``); skipped with the reason when it is missing.
+Also checks, without a GPU, what the backend declares, how it picks variants, and that the kernel's
+parameter list and the launcher's argument list agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+flash_cuda = pytest.importorskip("flash_cuda")
+
+import flash  # noqa: E402
+from flash import heuristics  # noqa: E402
+from flash.backend import ForwardArgs  # noqa: E402
+from flash.heuristics import smem  # noqa: E402
+from flash.spec import canonical, canonical_lse  # noqa: E402
+from flash_cuda import backend as cuda_backend  # noqa: E402
+from flash_cuda import launch, nvrtc, tune, variants  # noqa: E402
+
+#: Where to write the register report as JSON (the GPU check sets it to collect the report).
+REPORT_ENV = "FLASH_CUDA_REPORT"
+TABLE_ARCHS = {"sm_90": "sm_90a", "sm_80": "sm_80"}
+BUCKET_DIMS = {32: (32,), 64: (64,), 128: (96, 128), 256: (256,)}
+
+
+def shipped_variants() -> list[variants.Variant]:
+    """One variant per table entry of the CUDA backend and head dim that entry serves."""
+    found = []
+    for key, entry in heuristics.table().items():
+        if key.backend != "cuda" or key.pass_ != "forward" or key.arch not in TABLE_ARCHS:
+            continue
+        for d in BUCKET_DIMS[key.head_dim]:
+            found.append(variants.make_variant(entry.config, d, key.dtype == "bf16", key.causal, TABLE_ARCHS[key.arch]))
+    return sorted(set(found), key=lambda v: v.label())
+
+
+def _compile(variant: variants.Variant) -> nvrtc.Resources:
+    compiled = nvrtc.compile_cubin(variants.source(), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
+    assert compiled.cubin[:4] == b"\x7fELF", "NVRTC did not return a cubin"
+    return nvrtc.parse_ptxas(compiled.log)[variants.KERNEL_NAME]
+
+
+@pytest.fixture(scope="module")
+def compiled_shipped() -> dict[variants.Variant, nvrtc.Resources]:
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    shipped = shipped_variants()
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:  # NVRTC releases the GIL
+        results = dict(zip(shipped, pool.map(_compile, shipped)))
+    report = [
+        {"variant": v.label(), "registers": r.registers, "stack": r.stack_frame, "spill_stores": r.spill_stores,
+         "spill_loads": r.spill_loads, "smem": v.smem_bytes}
+        for v, r in results.items()
+    ]  # fmt: skip
+    print(f"\nNVRTC {nvrtc.version()} ({nvrtc.library()._flash_path}):")
+    for row in report:
+        print(
+            f"  {row['variant']:64s} {row['registers']:3d} regs, stack {row['stack']}, "
+            f"spill {row['spill_stores']}/{row['spill_loads']}, smem {row['smem']} B"
+        )
+    if os.environ.get(REPORT_ENV):
+        with open(os.environ[REPORT_ENV], "w") as fh:
+            json.dump({"nvrtc": list(nvrtc.version()), "variants": report}, fh, indent=1)
+    return results
+
+
+def test_table_ships_variants_for_both_archs_and_every_bucket():
+    shipped = shipped_variants()
+    assert {v.arch for v in shipped} == {"sm_90a", "sm_80"}
+    assert {v.head_dim for v in shipped} == {32, 64, 96, 128, 256}
+    assert {(v.bf16, v.masked) for v in shipped} == {(a, b) for a in (False, True) for b in (False, True)}
+
+
+def test_every_shipped_variant_compiles_without_spilling(compiled_shipped):
+    bad = {v.label(): r for v, r in compiled_shipped.items() if r.spills or r.stack_frame}
+    assert not bad, f"variants that spill or use a stack frame: {bad}"
+    for variant, res in compiled_shipped.items():
+        assert res.registers <= 65536 // (variant.threads * variant.min_blocks), variant.label()
+        assert res.arch == variant.arch
+
+
+def test_tuning_candidates_compile():
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    candidates = [
+        variants.make_variant(config, d, True, True, "sm_90a")
+        for d, configs in tune.CANDIDATES.items()
+        for config in configs
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_compile, candidates))
+    for variant, res in zip(candidates, results):
+        print(f"  {variant.label():64s} {res.registers:3d} regs, spill {res.spill_stores}/{res.spill_loads}")
+        assert not res.spills, variant.label()
+
+
+def test_every_table_entry_fits_its_gpu_exactly():
+    for key, entry in heuristics.table().items():
+        if key.backend != "cuda":
+            continue
+        for d in BUCKET_DIMS[key.head_dim]:
+            arch = TABLE_ARCHS[key.arch]
+            variant = variants.make_variant(entry.config, d, True, key.causal, arch)
+            assert variant.smem_bytes <= variants.max_smem(arch), (key, variant)
+            assert (variant.block_m, variant.block_n, variant.num_stages) == (
+                entry.config.block_m,
+                entry.config.block_n,
+                entry.config.num_stages,
+            ), f"{key}: shrunk to fit, the table entry is too large"
+            assert smem.budget(entry.config, key.arch, key.head_dim, 2, "forward").fits
+
+
+def test_source_is_self_contained_and_header_free():
+    text = variants.source()
+    assert "#include" not in text  # no CUDA headers (cuda_fp16.h, ...): NVRTC needs nothing but itself
+    assert 'extern "C" __global__' in text and variants.KERNEL_NAME in text
+
+
+def test_variant_rendering_and_shrinking():
+    config = heuristics.KernelConfig(128, 64, 8, 3, (("min_blocks", 1), ("pipelined", True), ("q_in_regs", True)))
+    v = variants.make_variant(config, 40, True, True, "sm_90a")
+    assert v.head_dim == 48 and v.pipelined and v.num_stages == 3
+    assert "-DFLASH_D=48" in v.options() and "-arch=sm_90a" in v.options()
+    assert "-arch=sm_90a" not in v.options(arch=False)
+    small = variants.make_variant(config, 256, True, True, "sm_86", smem_limit=99 * 1024)
+    assert small.smem_bytes <= 99 * 1024
+    with pytest.raises(ValueError):
+        variants.Variant(48, 128, 64, 8, 2, True, True, 1, True, False, "sm_90a")  # pipelined needs 3 stages
+    assert variants.nvrtc_arch((9, 0)) == "sm_90a" and variants.nvrtc_arch((8, 6)) == "sm_86"
+
+
+def _kernel_parameter_types() -> list[str]:
+    text = variants._read(variants.ENTRY_FILE)
+    signature = re.search(r"flash_fwd_kernel\((.*?)\)\s*\{", text, re.S).group(1)
+    types = []
+    for raw in signature.split(","):
+        param = raw.replace("__restrict__", "").strip()
+        types.append("ptr" if "*" in param else param.rsplit(" ", 1)[0].strip())
+    return types
+
+
+def test_launch_arguments_match_the_kernel_signature():
+    q = torch.randn(2, 37, 4, 64, dtype=torch.bfloat16)
+    k = v = torch.randn(2, 29, 2, 64, dtype=torch.bfloat16)
+    spec = flash.build_spec(q, k, v, causal=True)
+    out, lse = torch.empty_like(q), torch.empty(spec.lse_shape())
+    args = ForwardArgs(canonical(q, spec), canonical(k, spec), canonical(v, spec), canonical(out, spec),
+                       canonical_lse(lse, spec))  # fmt: skip
+    variant = variants.make_variant(heuristics.KernelConfig(128, 64, 8, 2), 64, True, True, "sm_90a")
+    params = launch.kernel_arguments(spec, args, variant)
+    expected = {"ptr": "uint64", "i64": "int64", "int": "int32", "float": "float32"}
+    assert [expected[t] for t in _kernel_parameter_types()] == [type(p).__name__ for p in params]
+    assert int(params[-3]) == launch.UNBOUNDED_REACH and int(params[-2]) == 0  # causal: left open, right 0
+
+
+def test_parse_ptxas_report():
+    log = (
+        "ptxas info    : 0 bytes gmem\n"
+        "ptxas info    : Compiling entry function 'flash_fwd_kernel' for 'sm_90a'\n"
+        "ptxas info    : Function properties for flash_fwd_kernel\n"
+        "ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 400 bytes cmem[0]\n"
+    )
+    res = nvrtc.parse_ptxas(log)["flash_fwd_kernel"]
+    assert (res.registers, res.stack_frame, res.spill_stores, res.spill_loads, res.barriers) == (255, 8, 4, 12, 1)
+    assert res.spills and res.arch == "sm_90a"
+
+
+def test_registered_through_the_entry_point():
+    found = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="flash.backends")}
+    assert found.get("cuda") == "flash_cuda.backend:CudaBackend"
+
+
+def test_importing_flash_and_the_backend_does_not_import_cupy():
+    code = "import sys, flash, flash_cuda.backend; print('cupy' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """Specs on a CUDA device of compute capability 9.0, without a GPU."""
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(cuda_backend, "_index", lambda device: 0)
+
+    def on_gpu(spec):
+        return dataclasses.replace(spec, device=torch.device("cuda", 0))
+
+    return on_gpu
+
+
+def _spec(dtype=torch.bfloat16, d=64, **options):
+    q = torch.randn(2, 33, 4, d, dtype=dtype)
+    k = v = torch.randn(2, 31, 2, d, dtype=dtype)
+    return flash.build_spec(q, k, v, **options)
+
+
+def test_declares_what_it_does_not_support(pretend_gpu):
+    be = cuda_backend.CudaBackend()
+    assert be.forward_reasons(pretend_gpu(_spec(causal=True))) == []
+    assert be.forward_reasons(pretend_gpu(_spec(window=(5, 2)))) == []
+    assert be.forward_reasons(pretend_gpu(_spec(d=40, dtype=torch.float16, deterministic=True))) == []
+    assert any("softcap" in r for r in be.forward_reasons(pretend_gpu(_spec(softcap=3.0))))
+    assert any("dropout" in r for r in be.forward_reasons(pretend_gpu(_spec(dropout_p=0.1, dropout_seed=1))))
+    assert any("dtype" in r for r in be.forward_reasons(pretend_gpu(_spec(dtype=torch.float32))))
+    assert any("multiple of 8" in r for r in be.forward_reasons(pretend_gpu(_spec(d=20))))
+    unaligned = dataclasses.replace(pretend_gpu(_spec()), aligned16=False)
+    assert any("16 bytes" in r for r in be.forward_reasons(unaligned))
+    assert any("tensors on cpu" in r for r in be.forward_reasons(_spec()))
+    assert be.backward_reasons(pretend_gpu(_spec())) != []
+
+
+def test_old_gpus_are_declined(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(cuda_backend, "_index", lambda device: 0)
+    spec = dataclasses.replace(_spec(), device=torch.device("cuda", 0))
+    assert any("sm_80" in r for r in cuda_backend.CudaBackend().forward_reasons(spec))
+
+
+def test_backend_picks_the_table_variant(pretend_gpu, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_smem_optin", lambda index: 227 * 1024)
+    monkeypatch.setattr(heuristics, "arch_of", lambda device: "sm_90")
+    cuda_backend._variant.cache_clear()
+    heuristics._config_for_class.cache_clear()
+    be = cuda_backend.CudaBackend()
+    for d, causal in ((64, False), (128, True), (40, False), (256, True)):
+        spec = pretend_gpu(_spec(d=d, causal=causal))
+        variant = be.variant(spec)
+        entry = heuristics.lookup("cuda", "sm_90", "bf16", d, causal, "forward")
+        assert variant.arch == "sm_90a" and variant.masked == causal and variant.bf16
+        assert variant.head_dim == variants.compiled_head_dim(d)
+        assert (variant.block_m, variant.block_n, variant.num_warps) == (
+            entry.config.block_m,
+            entry.config.block_n,
+            entry.config.num_warps,
+        )
+    cuda_backend._variant.cache_clear()
+    heuristics._config_for_class.cache_clear()

@@ -1,0 +1,103 @@
+"""CUDA backend under compute-sanitizer: memcheck (out-of-bounds, misaligned) and racecheck (shared memory).
+
+The tests run this file as a script under ``compute-sanitizer --tool memcheck|racecheck``; the
+script launches the kernel on a representative set of small shapes (odd lengths, causal, windows,
+GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick).
+Skipped without a GPU or without compute-sanitizer on the PATH (or under $CUDA_HOME/bin).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+
+def _sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.path.exists(os.path.join(root, "bin", "compute-sanitizer")):
+            return os.path.join(root, "bin", "compute-sanitizer")
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+def test_sanitizer_is_clean(tool):
+    pytest.importorskip("flash_cuda")
+    from flash.registry import REGISTRY
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    reasons = REGISTRY.unavailable_reasons("cuda")
+    if reasons:
+        pytest.skip(f"cuda backend unusable: {'; '.join(reasons)}")
+    sanitizer = _sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    command = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, __file__]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    output = done.stdout + done.stderr
+    print(output[-4000:])
+    assert "SANITIZER CASES DONE" in output, output[-4000:]
+    assert done.returncode == 0 and "ERROR SUMMARY: 0 errors" in output, output[-4000:]
+
+
+def _cases():
+    from flash.testing import Case
+
+    base = Case("san", batch=2, heads_q=4, heads_kv=2, head_dim=64, dtype=torch.bfloat16)
+    return [
+        replace(base, name="odd_full", seqlen_q=77, seqlen_k=131),
+        replace(base, name="odd_causal", causal=True, seqlen_q=131, seqlen_k=77),
+        replace(base, name="causal_d128_mqa", head_dim=128, heads_kv=1, causal=True, seqlen_q=200, seqlen_k=200),
+        replace(base, name="fp16_d32", dtype=torch.float16, head_dim=32, seqlen_q=65, seqlen_k=63),
+        replace(base, name="d96_window", head_dim=96, window=(20, 5), seqlen_q=150, seqlen_k=160),
+        replace(base, name="d256_causal", head_dim=256, causal=True, seqlen_q=70, seqlen_k=90, heads_q=2, heads_kv=2),
+        replace(base, name="d40_strided_bhsd", head_dim=40, strided=True, layout="bhsd", seqlen_q=50, seqlen_k=61),
+        replace(base, name="varlen", seqlens=((1, 1), (130, 70), (0, 9), (65, 0), (33, 200))),
+        replace(base, name="one_query", seqlen_q=1, seqlen_k=300, causal=True),
+    ]
+
+
+def main() -> None:
+    import flash
+    from flash.backend import ForwardArgs
+    from flash.spec import canonical, canonical_lse
+    from flash.testing import make_inputs
+    from flash.testing.conformance import spec_of
+    from flash_cuda import launch, tune, variants
+
+    for case in _cases():
+        inputs = make_inputs(case, "cuda", seed=7)
+        out = flash.attention(inputs.q, inputs.k, inputs.v, backend="cuda", **inputs.options)
+        torch.cuda.synchronize()
+        print(f"{case.name}: finite {bool(torch.isfinite(out).all())}", flush=True)
+    # Every tuning candidate, masked, with a partial last block on both axes.
+    arch = variants.nvrtc_arch(torch.cuda.get_device_capability())
+    for d, configs in tune.CANDIDATES.items():
+        for config in configs:
+            case = _cases()[1]
+            case = replace(case, head_dim=d)
+            inputs = make_inputs(case, "cuda", seed=3)
+            spec = spec_of(inputs)
+            out = torch.empty_like(inputs.q)
+            lse = torch.empty(spec.lse_shape(), device="cuda")
+            args = ForwardArgs(canonical(inputs.q, spec), canonical(inputs.k, spec), canonical(inputs.v, spec),
+                               canonical(out, spec), canonical_lse(lse, spec))  # fmt: skip
+            variant = variants.make_variant(config, d, True, True, arch)
+            launch.forward(spec, args, variant)
+            torch.cuda.synchronize()
+            print(f"{variant.label()}: finite {bool(torch.isfinite(out).all())}", flush=True)
+    print("SANITIZER CASES DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()
