@@ -48,14 +48,24 @@ def environment_line(env: dict) -> str:
     return "; ".join(parts)
 
 
+#: Peers keep one muted colour each across every plot; flash's backends take the strong ones.
+PEER_COLOURS = {
+    "sdpa-flash": "#555555",
+    "sdpa-cudnn": "#59a14f",
+    "flex": "#76b7b2",
+    "sdpa-mem-efficient": "#b07aa1",
+    "naive": "#9c9c9c",
+}
+FLASH_COLOURS = ["#d1495b", "#2e6fba", "#edae49", "#8e44ad", "#00798c"]
+
+
 def _style(provider: str, index: int) -> dict:
-    colours = ["#b4451f", "#4c78a8", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
     peer = provider in PEERS
     return {
-        "color": "#7f7f7f" if provider == "naive" else colours[index % len(colours)],
+        "color": PEER_COLOURS.get(provider, "#555555") if peer else FLASH_COLOURS[index % len(FLASH_COLOURS)],
         "linestyle": "--" if peer else "-",
-        "marker": "o" if not peer else "s",
-        "linewidth": 1.4 if peer else 2.2,
+        "marker": "s" if peer else "o",
+        "linewidth": 1.4 if peer else 2.4,
         "markersize": 4 if peer else 5,
     }
 
@@ -80,7 +90,7 @@ def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
     for index, name in enumerate(_providers(rows)):
         points = sorted((r["seqlen"], r["tflops"]) for r in rows if r["provider"] == name and r.get("tflops"))
         if not points:
@@ -94,8 +104,11 @@ def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
     ax.set_ylabel("TFLOP/s")
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title, fontsize=12)
+    ax.xaxis.label.set_size(11)
+    ax.yaxis.label.set_size(11)
+    ax.tick_params(labelsize=10)
+    ax.legend(fontsize=9.5, loc="lower right")
     fig.tight_layout()
     _save(fig, path)
 
@@ -178,7 +191,7 @@ def _ratio_table(rows: list[dict]) -> str:
     )
 
 
-def render_file(path: Path, outdir: Path, docname_prefix: str) -> str:
+def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str]) -> str:
     data = json.loads(path.read_text())
     env = data.get("environment", {})
     where = env.get("gpu") or f"CPU ({env.get('cpu', '?')})"
@@ -197,25 +210,34 @@ def render_file(path: Path, outdir: Path, docname_prefix: str) -> str:
         groups: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             groups[(r["mode"], bool(r["causal"]), int(r["head_dim"]))].append(r)
+        text += [".. container:: flash-figure-grid", ""]
         for (mode, causal, head_dim), group in sorted(groups.items()):
             what = "forward" if mode == "fwd" else "forward + backward"
             label = f"{what}, {'causal' if causal else 'non-causal'}, head_dim {head_dim}"
             name = f"{stem}-{mode}-{'causal' if causal else 'full'}-d{head_dim}.png"
             plot_throughput(group, label, outdir / name)
-            text.append(figure(f"/_generated/bench/{name}", f"{esc(label)}. {env_line}.", alt=f"TFLOP/s, {label}"))
+            produced.add(name)
+            fig = figure(f"/_generated/bench/{name}", f"{esc(label)}. {env_line}.", alt=f"TFLOP/s, {label}")
+            text.append("\n".join("   " + line if line else "" for line in fig.split("\n")))
         text.append(_ratio_table(rows))
-        failed = [r for r in rows if r.get("ms") is None]
+        failed: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r.get("ms") is None:
+                failed[(r["provider"], r["mode"], r.get("note") or "no time")].append(r)
         if failed:
-            items = [
-                f"* {code(r['provider'])} {esc(r['mode'])} {'causal' if r['causal'] else 'full'} "
-                f"d={r['head_dim']} s={r['seqlen']}: {esc(r.get('note') or 'no time')}"
-                for r in failed
-            ]
+            items = []
+            for (provider, mode, note), cases in sorted(failed.items()):
+                where = ", ".join(sorted({f"{'causal' if r['causal'] else 'full'} d={r['head_dim']}" for r in cases}))
+                seqlens = ", ".join(str(x) for x in sorted({r["seqlen"] for r in cases}))
+                items.append(
+                    f"* {code(provider)} {esc(mode)}, {len(cases)} cases ({esc(where)}; seqlen {seqlens}): {esc(note)}"
+                )
             text += ["Cases that did not run:", "", *items, ""]
     memory = data.get("memory") or []
     if memory:
         name = f"{stem}-memory.png"
         plot_memory(memory, outdir / name)
+        produced.add(name)
         oom = sorted({f"{m['provider']} at {m['seqlen']}" for m in memory if m.get("extra_mib") is None})
         note = f" Out of memory: {esc(', '.join(oom))}." if oom else ""
         text.append(
@@ -230,6 +252,7 @@ def render_file(path: Path, outdir: Path, docname_prefix: str) -> str:
     if cpu:
         name = f"{stem}-cpu.png"
         plot_cpu(cpu, outdir / name)
+        produced.add(name)
         first = cpu[0]
         text.append(
             figure(
@@ -275,9 +298,13 @@ class Benchmarks(SphinxDirective):
                 )
             )
         outdir = Path(self.env.srcdir) / "_generated" / "bench"
+        produced: set[str] = set()
         for _, path, _ in sorted(parsed, key=lambda t: (t[0], t[1].name), reverse=True):
             try:
-                text.append(render_file(path, outdir, "bench-"))
+                text.append(render_file(path, outdir, "bench-", produced))
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("benchmark results %s are malformed: %r", path, error, location=self.get_location())
+        for stale in outdir.glob("*.png") if outdir.is_dir() else []:  # plots of files no longer there
+            if stale.name not in produced:
+                stale.unlink()
         return self.parse_text_to_nodes("\n".join(text))

@@ -55,19 +55,21 @@ class HeuristicsTable(SphinxDirective):
         self.env.note_reread()
         by_backend: dict[str, list] = defaultdict(list)
         for (backend, arch, pass_, config, provenance), values in grouped_entries():
-            causal = {True: "causal", False: "non-causal"}
-            extra = ", ".join(f"{k}={v}" for k, v in config.extra) or "—"
+            masks = {(False,): "non-causal", (True,): "causal", (False, True): "any mask"}[
+                tuple(sorted(values["causal"]))
+            ]
+            applies = (
+                f"{esc(_join(sorted(values['dtype'])))}; head_dim ≤ {esc(_join(sorted(values['head_dim'])))}; {masks}"
+            )
+            tile = f"**{config.block_m} × {config.block_n}**, {config.num_warps} warps, {config.num_stages} stages"
+            extra = ", ".join(f"{k}={v}" for k, v in config.extra)
+            if extra:
+                tile += f"; {esc(extra)}"
             by_backend[backend].append(
                 [
-                    code(arch),
-                    esc(pass_),
-                    esc(_join(sorted(values["dtype"]))),
-                    esc(_join(sorted(values["head_dim"]))),
-                    esc(" & ".join(causal[c] for c in sorted(values["causal"]))),
-                    f"{config.block_m} × {config.block_n}",
-                    str(config.num_warps),
-                    str(config.num_stages),
-                    esc(extra),
+                    f"{code(arch)} {esc(pass_)}",
+                    applies,
+                    tile,
                     esc(_smem_cell(config, arch, values["dtype"], values["head_dim"], pass_)),
                     f"**{esc(provenance.kind)}**: {esc(_provenance_text(provenance))}",
                 ]
@@ -78,20 +80,9 @@ class HeuristicsTable(SphinxDirective):
                 f".. rubric:: Backend ``{backend}``",
                 "",
                 list_table(
-                    [
-                        "arch",
-                        "pass",
-                        "dtypes",
-                        "head_dim ≤",
-                        "mask",
-                        "B_r × B_c",
-                        "warps",
-                        "stages",
-                        "other",
-                        "shared memory",
-                        "provenance",
-                    ],
+                    ["GPU, pass", "applies to", "B_r × B_c, warps, stages; other knobs", "shared memory", "provenance"],
                     rows,
+                    widths=[12, 18, 26, 12, 32],
                     classes="flash-reasons",
                 ),
             ]
