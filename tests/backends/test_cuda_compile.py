@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
@@ -36,20 +36,34 @@ BUCKET_DIMS = {32: (32,), 64: (64,), 128: (96, 128), 256: (256,)}
 
 
 def shipped_variants() -> list[variants.Variant]:
-    """One variant per table entry of the CUDA backend and head dim that entry serves."""
+    """One variant per table entry of the CUDA backend, head dim that entry serves and mask it can meet.
+
+    Non-causal entries also serve windows (both mask edges); causal ones causal windows.
+    """
     found = []
     for key, entry in heuristics.table().items():
         if key.backend != "cuda" or key.pass_ != "forward" or key.arch not in TABLE_ARCHS:
             continue
+        masks = (variants.MASK_RIGHT, variants.MASK_BOTH) if key.causal else (variants.MASK_NONE, variants.MASK_BOTH)
         for d in BUCKET_DIMS[key.head_dim]:
-            found.append(variants.make_variant(entry.config, d, key.dtype == "bf16", key.causal, TABLE_ARCHS[key.arch]))
+            for mask in masks:
+                found.append(variants.make_variant(entry.config, d, key.dtype == "bf16", mask, TABLE_ARCHS[key.arch]))
     return sorted(set(found), key=lambda v: v.label())
 
 
 def _compile(variant: variants.Variant) -> nvrtc.Resources:
     compiled = nvrtc.compile_cubin(variants.source(), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
     assert compiled.cubin[:4] == b"\x7fELF", "NVRTC did not return a cubin"
-    return nvrtc.parse_ptxas(compiled.log)[variants.KERNEL_NAME]
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert variants.KERNEL_NAME in report, f"no ptxas report for {variant.label()} in:\n{compiled.log}"
+    return report[variants.KERNEL_NAME]
+
+
+def _compile_all(found: list[variants.Variant]) -> list[nvrtc.Resources]:
+    # Processes, not threads: ptxas's -v report reaches NVRTC's program log through process-wide
+    # state, and concurrent compiles in one process were seen to lose a report (NVRTC 13.0).
+    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(pool.map(_compile, found))
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +72,7 @@ def compiled_shipped() -> dict[variants.Variant, nvrtc.Resources]:
     if reason:
         pytest.skip(reason)
     shipped = shipped_variants()
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:  # NVRTC releases the GIL
-        results = dict(zip(shipped, pool.map(_compile, shipped)))
+    results = dict(zip(shipped, _compile_all(shipped)))
     report = [
         {"variant": v.label(), "registers": r.registers, "stack": r.stack_frame, "spill_stores": r.spill_stores,
          "spill_loads": r.spill_loads, "smem": v.smem_bytes}
@@ -81,7 +94,7 @@ def test_table_ships_variants_for_both_archs_and_every_bucket():
     shipped = shipped_variants()
     assert {v.arch for v in shipped} == {"sm_90a", "sm_80"}
     assert {v.head_dim for v in shipped} == {32, 64, 96, 128, 256}
-    assert {(v.bf16, v.masked) for v in shipped} == {(a, b) for a in (False, True) for b in (False, True)}
+    assert {(v.bf16, v.mask) for v in shipped} == {(a, b) for a in (False, True) for b in (0, 1, 2)}
 
 
 def test_every_shipped_variant_compiles_without_spilling(compiled_shipped):
@@ -97,12 +110,12 @@ def test_tuning_candidates_compile():
     if reason:
         pytest.skip(reason)
     candidates = [
-        variants.make_variant(config, d, True, True, "sm_90a")
+        variants.make_variant(config, d, True, mask, "sm_90a")
         for d, configs in tune.CANDIDATES.items()
+        for mask in (variants.MASK_NONE, variants.MASK_RIGHT)
         for config in configs
     ]
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(_compile, candidates))
+    results = _compile_all(candidates)
     for variant, res in zip(candidates, results):
         print(f"  {variant.label():64s} {res.registers:3d} regs, spill {res.spill_stores}/{res.spill_loads}")
         assert not res.spills, variant.label()
@@ -114,7 +127,7 @@ def test_every_table_entry_fits_its_gpu_exactly():
             continue
         for d in BUCKET_DIMS[key.head_dim]:
             arch = TABLE_ARCHS[key.arch]
-            variant = variants.make_variant(entry.config, d, True, key.causal, arch)
+            variant = variants.make_variant(entry.config, d, True, int(key.causal), arch)
             assert variant.smem_bytes <= variants.max_smem(arch), (key, variant)
             assert (variant.block_m, variant.block_n, variant.num_stages) == (
                 entry.config.block_m,
@@ -132,14 +145,19 @@ def test_source_is_self_contained_and_header_free():
 
 def test_variant_rendering_and_shrinking():
     config = heuristics.KernelConfig(128, 64, 8, 3, (("min_blocks", 1), ("pipelined", True), ("q_in_regs", True)))
-    v = variants.make_variant(config, 40, True, True, "sm_90a")
+    v = variants.make_variant(config, 40, True, variants.MASK_BOTH, "sm_90a")
     assert v.head_dim == 48 and v.pipelined and v.num_stages == 3
-    assert "-DFLASH_D=48" in v.options() and "-arch=sm_90a" in v.options()
+    assert "-DFLASH_D=48" in v.options() and "-arch=sm_90a" in v.options() and "-DFLASH_MASK=2" in v.options()
     assert "-arch=sm_90a" not in v.options(arch=False)
-    small = variants.make_variant(config, 256, True, True, "sm_86", smem_limit=99 * 1024)
+    small = variants.make_variant(config, 256, True, variants.MASK_RIGHT, "sm_86", smem_limit=99 * 1024)
     assert small.smem_bytes <= 99 * 1024
     with pytest.raises(ValueError):
-        variants.Variant(48, 128, 64, 8, 2, True, True, 1, True, False, "sm_90a")  # pipelined needs 3 stages
+        variants.Variant(48, 128, 64, 8, 2, True, True, 1, True, 0, "sm_90a")  # pipelined needs 3 stages
+    assert variants.mask_kind((-1, -1), False) == variants.MASK_NONE
+    assert variants.mask_kind((-1, 0), True) == variants.MASK_RIGHT
+    assert variants.mask_kind((-1, 7), True) == variants.MASK_RIGHT
+    assert variants.mask_kind((5, 0), True) == variants.MASK_BOTH
+    assert variants.mask_kind((5, -1), True) == variants.MASK_BOTH
     assert variants.nvrtc_arch((9, 0)) == "sm_90a" and variants.nvrtc_arch((8, 6)) == "sm_86"
 
 
@@ -160,7 +178,7 @@ def test_launch_arguments_match_the_kernel_signature():
     out, lse = torch.empty_like(q), torch.empty(spec.lse_shape())
     args = ForwardArgs(canonical(q, spec), canonical(k, spec), canonical(v, spec), canonical(out, spec),
                        canonical_lse(lse, spec))  # fmt: skip
-    variant = variants.make_variant(heuristics.KernelConfig(128, 64, 8, 2), 64, True, True, "sm_90a")
+    variant = variants.make_variant(heuristics.KernelConfig(128, 64, 8, 2), 64, True, variants.MASK_RIGHT, "sm_90a")
     params = launch.kernel_arguments(spec, args, variant)
     expected = {"ptr": "uint64", "i64": "int64", "int": "int32", "float": "float32"}
     assert [expected[t] for t in _kernel_parameter_types()] == [type(p).__name__ for p in params]
@@ -241,7 +259,7 @@ def test_backend_picks_the_table_variant(pretend_gpu, monkeypatch):
         spec = pretend_gpu(_spec(d=d, causal=causal))
         variant = be.variant(spec)
         entry = heuristics.lookup("cuda", "sm_90", "bf16", d, causal, "forward")
-        assert variant.arch == "sm_90a" and variant.masked == causal and variant.bf16
+        assert variant.arch == "sm_90a" and variant.mask == int(causal) and variant.bf16
         assert variant.head_dim == variants.compiled_head_dim(d)
         assert (variant.block_m, variant.block_n, variant.num_warps) == (
             entry.config.block_m,

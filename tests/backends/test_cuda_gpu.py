@@ -164,8 +164,9 @@ def test_every_tuning_candidate(d_config, seed):
     arch = variants.nvrtc_arch(torch.cuda.get_device_capability())
     for base in CANDIDATE_CASES:
         case = replace(base, head_dim=d)
-        variant = variants.make_variant(config, d, True, case.causal or case.window is not None, arch)
-        _check(case, seed, variant)
+        spec = spec_of(make_inputs(case, "cuda", 0))
+        mask = variants.mask_kind(spec.mask_bounds, spec.masked)
+        _check(case, seed, variants.make_variant(config, d, True, mask, arch))
 
 
 # ----------------------------------------------------------------------------- contracts

@@ -92,7 +92,7 @@ def main() -> None:
             lse = torch.empty(spec.lse_shape(), device="cuda")
             args = ForwardArgs(canonical(inputs.q, spec), canonical(inputs.k, spec), canonical(inputs.v, spec),
                                canonical(out, spec), canonical_lse(lse, spec))  # fmt: skip
-            variant = variants.make_variant(config, d, True, True, arch)
+            variant = variants.make_variant(config, d, True, variants.MASK_RIGHT, arch)  # a causal case
             launch.forward(spec, args, variant)
             torch.cuda.synchronize()
             print(f"{variant.label()}: finite {bool(torch.isfinite(out).all())}", flush=True)

@@ -16,7 +16,7 @@ from flash.backend import Backend, ForwardArgs, reasons_for_unsupported
 from flash.spec import AttentionSpec
 from flash_cuda import launch
 from flash_cuda._version import __version__
-from flash_cuda.variants import Variant, make_variant, nvrtc_arch
+from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch
 
 DTYPES = (torch.float16, torch.bfloat16)
 #: Options of the spec this forward handles (dropout, softcap and fp8 are declared unsupported).
@@ -93,13 +93,14 @@ class CudaBackend(Backend):
         """The kernel variant that runs ``spec``: the heuristics table's tiles for this GPU, fitted to it."""
         index = _index(spec.device)
         config = heuristics.config_for(self, spec, "forward")
-        return _variant(config, spec.head_dim, spec.dtype == torch.bfloat16, spec.masked, index)
+        mask = mask_kind(spec.mask_bounds, spec.masked)
+        return _variant(config, spec.head_dim, spec.dtype == torch.bfloat16, mask, index)
 
     def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
         launch.forward(spec, args, self.variant(spec))
 
 
 @functools.lru_cache(maxsize=1024)
-def _variant(config: heuristics.KernelConfig, head_dim: int, bf16: bool, masked: bool, index: int) -> Variant:
+def _variant(config: heuristics.KernelConfig, head_dim: int, bf16: bool, mask: int, index: int) -> Variant:
     arch = nvrtc_arch(_capability(index))
-    return make_variant(config, head_dim, bf16, masked, arch, smem_limit=_smem_optin(index))
+    return make_variant(config, head_dim, bf16, mask, arch, smem_limit=_smem_optin(index))

@@ -7,6 +7,8 @@ a CUDA graph.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -76,6 +78,25 @@ def kernel_arguments(spec: AttentionSpec, args: ForwardArgs, variant: Variant) -
     )
 
 
+_streams: dict[tuple[int, int], object] = {}
+
+
+def cupy_stream(handle: int, device_index: int) -> object:
+    """A CuPy view of the CUDA stream ``handle`` (torch's current stream), cached per handle."""
+    key = (handle, device_index)
+    found = _streams.get(key)
+    if found is None:
+        import cupy
+
+        if len(_streams) > 64:  # streams come and go; the wrappers own nothing
+            _streams.clear()
+        with warnings.catch_warnings():
+            # CuPy 14 prefers Stream.from_external(obj with __cuda_stream__); ExternalStream still works.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            found = _streams[key] = cupy.cuda.ExternalStream(handle, device_index)
+    return found
+
+
 def forward(spec: AttentionSpec, args: ForwardArgs, variant: Variant) -> None:
     """Fill ``args.out`` and ``args.lse`` with one kernel launch on the current torch stream."""
     import cupy
@@ -89,6 +110,6 @@ def forward(spec: AttentionSpec, args: ForwardArgs, variant: Variant) -> None:
     index = device.index if device.index is not None else torch.cuda.current_device()
     kern = compiler.kernel(variant, index)
     params = kernel_arguments(spec, args, variant)
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream):
+    stream = cupy_stream(torch.cuda.current_stream(device).cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
         kern((grid, 1, 1), (variant.threads, 1, 1), params, shared_mem=variant.smem_bytes)

@@ -1,7 +1,7 @@
 """Kernel variants: template parameters, NVRTC options and the rendered source.
 
 A :class:`Variant` is everything that changes the compiled kernel: head dim as compiled, block
-shape, warps, pipeline depth, Q in registers or not, dtype, masked or not, and the target
+shape, warps, pipeline depth, Q in registers or not, dtype, the kind of mask, and the target
 architecture. It renders itself into NVRTC options (``-D`` defines plus ``-arch``); the source
 is the same text for every variant (``kernels/flash_fwd.cu`` with its includes inlined), so
 the pair (source, options) is a complete cache key, which is what CuPy's disk cache hashes.
@@ -22,6 +22,9 @@ ENTRY_FILE = "flash_fwd.cu"
 BASE_OPTIONS = ("-std=c++17",)
 #: Head dims the compiled kernel is instantiated for; others round up to the next multiple of 16.
 SHIPPED_HEAD_DIMS = (32, 64, 96, 128, 256)
+#: Kinds of mask a variant is compiled for.
+MASK_NONE, MASK_RIGHT, MASK_BOTH = 0, 1, 2
+MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
 #: Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide).
 MAX_SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
 
@@ -39,7 +42,7 @@ class Variant:
     pipelined: bool  # S of the next key block overlaps the softmax of this one (needs num_stages >= 3)
     min_blocks: int
     bf16: bool
-    masked: bool
+    mask: int  # MASK_NONE, MASK_RIGHT (causal, or a window open to the left) or MASK_BOTH
     arch: str  # NVRTC target, e.g. "sm_90a" or "sm_80"
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class Variant:
             problems.append(f"block_n {self.block_n} is not a positive multiple of 16")
         if self.num_stages < 2:
             problems.append(f"num_stages {self.num_stages} < 2")
+        if self.mask not in MASK_NAMES:
+            problems.append(f"mask {self.mask} is not one of {sorted(MASK_NAMES)}")
         if self.pipelined and self.num_stages < 3:
             problems.append("a pipelined variant needs num_stages >= 3")
         if problems:
@@ -78,7 +83,7 @@ class Variant:
             "FLASH_PIPE": int(self.pipelined),
             "FLASH_MIN_BLOCKS": self.min_blocks,
             "FLASH_BF16": int(self.bf16),
-            "FLASH_MASKED": int(self.masked),
+            "FLASH_MASK": self.mask,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
 
@@ -89,10 +94,17 @@ class Variant:
     def label(self) -> str:
         q_where = "qreg" if self.q_in_regs else "qsmem"
         return (
-            f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {'masked' if self.masked else 'full'} "
+            f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} "
             f"{q_where}{' pipe' if self.pipelined else ''} mb{self.min_blocks} {self.arch}"
         )
+
+
+def mask_kind(bounds: tuple[int, int], masked: bool) -> int:
+    """The mask a problem needs, from its ``(left, right)`` reach (``spec.mask_bounds``; -1 unbounded)."""
+    if not masked:
+        return MASK_NONE
+    return MASK_RIGHT if bounds[0] < 0 else MASK_BOTH
 
 
 def compiled_head_dim(head_dim: int) -> int:
@@ -116,25 +128,27 @@ def max_smem(arch: str) -> int:
 
 
 def make_variant(
-    config: KernelConfig, head_dim: int, bf16: bool, masked: bool, arch: str, smem_limit: int | None = None
+    config: KernelConfig, head_dim: int, bf16: bool, mask: int, arch: str, smem_limit: int | None = None
 ) -> Variant:
     """The variant for a table configuration and problem, shrunk if it would not fit in ``smem_limit``.
 
-    Extra config keys: ``q_in_regs`` (default: head dim <= 128), ``pipelined`` (default false) and
-    ``min_blocks`` (default 1).
+    Extra config keys: ``q_in_regs`` (default: head dim <= 128), ``pipelined`` (default false),
+    ``min_blocks`` (default 1) and ``block_n_window`` (block_n of windowed problems, whose two-sided
+    mask needs more registers; default block_n).
     """
     d = compiled_head_dim(head_dim)
+    block_n = int(config.option("block_n_window", config.block_n)) if mask == MASK_BOTH else config.block_n
     variant = Variant(
         head_dim=d,
         block_m=config.block_m,
-        block_n=config.block_n,
+        block_n=block_n,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         q_in_regs=bool(config.option("q_in_regs", d <= 128)),
         pipelined=bool(config.option("pipelined", False)),
         min_blocks=int(config.option("min_blocks", 1)),
         bf16=bf16,
-        masked=masked,
+        mask=mask,
         arch=arch,
     )
     limit = max_smem(arch) if smem_limit is None else smem_limit

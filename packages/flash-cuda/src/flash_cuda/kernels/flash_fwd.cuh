@@ -11,6 +11,11 @@
 //    of two neighbouring n8 tiles is exactly the A-operand layout of one k16 step of P V).
 //  * Online softmax in base 2 with the softmax scale folded into one FFMA per score; row maxima
 //    reduced across the 4 lanes of a quad; row sums kept per lane and reduced once at the end.
+//  * Lazy rescaling: a row's reference max moves only when a key block's max exceeds it by more
+//    than RESCALE_LOG2 (so every P stays <= 2^RESCALE_LOG2, harmless in fp32 and in bf16/fp16),
+//    and the O rescale is skipped when no row of the warp moved (a warp vote). Exact: O, the row
+//    sum and the LSE all use the same reference.
+//  * Key blocks strictly inside the visible band branch around the mask code.
 //  * Warp w owns rows [16*MT*w, 16*MT*(w+1)) of the block: softmax needs no cross-warp traffic.
 //  * Shared rows are padded by 16 bytes (LD = D + 8 elements): the 8 row addresses of every ldmatrix
 //    phase and the cp.async stores fall into distinct banks (needs D % 16 == 0).
@@ -23,6 +28,9 @@
 #include "primitives.cuh"
 
 namespace flash_cuda {
+
+// A row's reference max (base 2) moves only when a block's max exceeds it by more than this.
+constexpr float RESCALE_LOG2 = 8.f;
 
 template <int D_, int BM_, int BN_, int NW_, int STAGES_>
 struct FwdShape {
@@ -104,7 +112,8 @@ struct TileCopy {
   }
 };
 
-template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool PIPE, bool BF16, bool MASKED>
+// MASK: 0 no mask, 1 right edge only (causal, or a window open to the left), 2 both edges.
+template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool PIPE, bool BF16, int MASK>
 __device__ __forceinline__ void flash_fwd_block(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
     float* __restrict__ lse, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
@@ -150,19 +159,19 @@ __device__ __forceinline__ void flash_fwd_block(
   const u16* q_ptr = q + b * q_sb + (q_start + m0) * q_ss + h * q_sh;
   const u16* k_ptr = k + b * k_sb + k_start * k_ss + hk * k_sh;
   const u16* v_ptr = v + b * v_sb + k_start * v_ss + hk * v_sh;
-  u16* o_ptr = o + b * o_sb + (q_start + m0) * o_ss + h * o_sh;
-  float* l_ptr = lse + b * l_sb + h * l_sh + (q_start + m0) * l_ss;
   const int rows_valid = min(BM, len_q - m0);
   const int chunks_valid = head_dim >> 3;
 
   // Visible key range of the whole block: [key_lo, key_hi).
   const int off = len_k - len_q;
   int key_lo = 0, key_hi = len_k;
-  if constexpr (MASKED) {
-    const i64 lo = (i64)m0 + off - win_left;
+  if constexpr (MASK >= 1) {
     const i64 hi = (i64)(m0 + rows_valid - 1) + off + win_right + 1;
-    key_lo = (int)max((i64)0, min(lo, (i64)len_k));
     key_hi = (int)max((i64)0, min(hi, (i64)len_k));
+  }
+  if constexpr (MASK == 2) {
+    const i64 lo = (i64)m0 + off - win_left;
+    key_lo = (int)max((i64)0, min(lo, (i64)len_k));
   }
   const int nb_lo = key_lo / BN;
   const int n_iters = key_hi > key_lo ? (key_hi + BN - 1) / BN - nb_lo : 0;
@@ -182,7 +191,7 @@ __device__ __forceinline__ void flash_fwd_block(
   const u32 q_warp = s_q + warp_row * S::ROW_BYTES;
 
   float acc_o[MT][DT][4];
-  float row_max[MT][2];
+  float row_ref[MT][2];  // reference max of the row, base-2 scaled units (-inf: no key seen yet)
   float row_sum[MT][2];  // per-lane partial sums: reduced across the quad once, at the end
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -193,7 +202,7 @@ __device__ __forceinline__ void flash_fwd_block(
     }
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      row_max[mt][hh] = neg_inf();
+      row_ref[mt][hh] = neg_inf();
       row_sum[mt][hh] = 0.f;
     }
   }
@@ -266,27 +275,41 @@ __device__ __forceinline__ void flash_fwd_block(
       }
     };
 
-    // -inf where the key block starting at n0 is out of bounds or hidden by the mask. Only blocks
-    // that cross the sequence end or the band's edges pay for the per-element test.
-    auto mask_s = [&](float (&acc)[MT][NT][4], int n0) {
-      bool needed = n0 + BN > len_k;
-      if constexpr (MASKED) {
-        needed = needed || (n0 + BN - 1 - m0 - off > win_right) || (n0 - (m0 + BM - 1) - off < -win_left);
+    // Which key blocks need the per-element mask: those that cross the band's left edge (a prefix,
+    // windows only) and those that cross its right edge or the sequence end (a suffix). Blocks
+    // [mask_lo, mask_hi) are fully visible to every row of the query block.
+    int mask_lo = 0, mask_hi;
+    {
+      const i64 base = (i64)nb_lo * BN;
+      // right: block n0 needs the mask iff n0 > last_free
+      i64 last_free = (i64)len_k - BN;
+      if constexpr (MASK >= 1) last_free = min(last_free, (i64)m0 + off + win_right + 1 - BN);
+      if constexpr (MASK == 2) {
+        // left: block n0 needs the mask iff n0 < first_free
+        const i64 first_free = (i64)m0 + BM - 1 + off - win_left;
+        mask_lo = (int)min(max(first_free - base + BN - 1, (i64)0) / BN, (i64)n_iters);
       }
-      if (!needed) return;
+      mask_hi = last_free < base ? 0 : (int)min((last_free - base) / BN + 1, (i64)n_iters);
+    }
+    auto block_masked = [&](int it) { return it < mask_lo || it >= mask_hi; };
+
+    // -inf where the key block starting at n0 is out of bounds or hidden by the mask.
+    // Per element: key col = n0 + nt*8 + 2t + (e&1) of row m0 + warp_row + mt*16 + g + 8(e>>1);
+    // visible iff col < len_k and -win_left <= col - row - off <= win_right.
+    auto mask_s = [&](float (&acc)[MT][NT][4], int n0) {
+      const int col0 = n0 + 2 * t;
+      const int delta0 = col0 - (m0 + warp_row + g) - off;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int col = n0 + nt * 8 + 2 * t + (e & 1);
-            const int row = m0 + warp_row + mt * 16 + g + (e >> 1) * 8;
-            bool visible = col < len_k;
-            if constexpr (MASKED) {
-              const int delta = col - row - off;
-              visible = visible && delta >= -win_left && delta <= win_right;
-            }
+            const int dcol = nt * 8 + (e & 1);
+            const int delta = delta0 + dcol - mt * 16 - (e >> 1) * 8;
+            bool visible = col0 + dcol < len_k;
+            if constexpr (MASK >= 1) visible = visible && delta <= win_right;
+            if constexpr (MASK == 2) visible = visible && delta >= -win_left;
             if (!visible) acc[mt][nt][e] = neg_inf();
           }
         }
@@ -299,14 +322,26 @@ __device__ __forceinline__ void flash_fwd_block(
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          float mx = row_max[mt][hh];
+          float mx = neg_inf();
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]));
-          mx = quad_max(mx);
-          // A row that has seen no key yet keeps max -inf: subtract 0 so that exp2 gives 0, not NaN.
-          const float shift = mx == neg_inf() ? 0.f : mx * scale_log2;
-          const float correction = exp2_approx(row_max[mt][hh] * scale_log2 - shift);
-          row_max[mt][hh] = mx;
+          const float block_max = quad_max(mx) * scale_log2;  // -inf stays -inf (scale > 0)
+          float ref = row_ref[mt][hh];
+          // Move the reference (also when it is -inf and the block sees a key) only past the margin.
+          const bool moved = block_max > ref + RESCALE_LOG2;
+          if (__any_sync(0xffffffffu, moved)) {  // warp-uniform: rows that did not move scale by 1
+            const float correction = moved ? exp2_approx(ref - block_max) : 1.f;  // 0 when ref is -inf
+            ref = moved ? block_max : ref;
+            row_ref[mt][hh] = ref;
+            row_sum[mt][hh] *= correction;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+              acc_o[mt][dt][2 * hh] *= correction;
+              acc_o[mt][dt][2 * hh + 1] *= correction;
+            }
+          }
+          // A row that has seen no key yet keeps -inf: subtract 0 so that exp2 gives 0, not NaN.
+          const float shift = ref == neg_inf() ? 0.f : ref;
           float sum = 0.f;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
@@ -317,12 +352,7 @@ __device__ __forceinline__ void flash_fwd_block(
               sum += p;
             }
           }
-          row_sum[mt][hh] = row_sum[mt][hh] * correction + sum;
-#pragma unroll
-          for (int dt = 0; dt < DT; ++dt) {
-            acc_o[mt][dt][2 * hh] *= correction;
-            acc_o[mt][dt][2 * hh + 1] *= correction;
-          }
+          row_sum[mt][hh] += sum;
         }
       }
       // The S accumulators of n8 tiles 2kk and 2kk+1 are exactly the A fragment of k16 step kk.
@@ -370,7 +400,7 @@ __device__ __forceinline__ void flash_fwd_block(
         const u32 s_k = stage_of(it);
         float acc_s[MT][NT][4];
         compute_s(acc_s, s_k);
-        mask_s(acc_s, (nb_lo + it) * BN);
+        if (block_masked(it)) mask_s(acc_s, (nb_lo + it) * BN);  // a uniform branch, skipped inside the band
         softmax_pv(acc_s, s_k + S::TILE_BYTES);
       }
     } else {
@@ -382,7 +412,7 @@ __device__ __forceinline__ void flash_fwd_block(
       load_q();
       float acc_cur[MT][NT][4];
       compute_s(acc_cur, stage_of(0));
-      mask_s(acc_cur, nb_lo * BN);
+      if (block_masked(0)) mask_s(acc_cur, nb_lo * BN);
       for (int it = 0; it < n_iters; ++it) {
         // Block it+1 has landed; every warp is done with blocks <= it - 1.
         cp_async_wait<STAGES - 3>();
@@ -392,7 +422,7 @@ __device__ __forceinline__ void flash_fwd_block(
         float acc_next[MT][NT][4];
         compute_s(acc_next, stage_of(it + 1));
         softmax_pv(acc_cur, stage_of(it) + S::TILE_BYTES);
-        mask_s(acc_next, (nb_lo + it + 1) * BN);
+        if (block_masked(it + 1)) mask_s(acc_next, (nb_lo + it + 1) * BN);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -407,6 +437,21 @@ __device__ __forceinline__ void flash_fwd_block(
   }
 
   // ---- epilogue: normalise, write the LSE, stage O through this warp's own Q rows, store 16 B/lane
+  // (output pointers formed only now: kernel parameters live in constant memory, not in registers
+  // across the main loop)
+  i64 out_row;  // (batch, first row) offset, recomputed here rather than kept live across the loop
+  {
+    const int mb = blockIdx.x % m_blocks;  // (the blockIdx arithmetic of the prologue, once more)
+    const int bh = blockIdx.x / m_blocks;
+    const int bb = bh / heads_q;
+    int qs = 0;
+    if (cu_q != nullptr) qs = min(max(load_once(cu_q + bb), 0), total_q);
+    out_row = (i64)qs + (m_blocks - 1 - mb) * BM;
+    o = o + bb * o_sb + (bh - bb * heads_q) * o_sh;
+    lse = lse + bb * l_sb + (bh - bb * heads_q) * l_sh;
+  }
+  u16* o_ptr = o + out_row * o_ss;
+  float* l_ptr = lse + out_row * l_ss;
   __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -417,7 +462,7 @@ __device__ __forceinline__ void flash_fwd_block(
       const float inv = total == 0.f ? 0.f : 1.f / total;
       const int row = warp_row + mt * 16 + g + hh * 8;
       if (t == 0 && row < rows_valid) {
-        const float lse_row = total == 0.f ? neg_inf() : (row_max[mt][hh] * scale_log2 + log2_approx(total)) * LN2;
+        const float lse_row = total == 0.f ? neg_inf() : (row_ref[mt][hh] + log2_approx(total)) * LN2;
         l_ptr[row * l_ss] = lse_row;
       }
 #pragma unroll
