@@ -19,6 +19,7 @@ from flash.api import (
     attention_qkvpacked,
     backends,
     explain,
+    register_backend,
     scaled_dot_product_attention,
     set_backend_priority,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "build_spec",
     "explain",
     "nn",
+    "register_backend",
     "scaled_dot_product_attention",
     "set_backend_priority",
     "use_backend",

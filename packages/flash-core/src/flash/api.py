@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from flash import dispatch, ops
+from flash.backend import Backend
 from flash.errors import InvalidInputError
 from flash.registry import REGISTRY, BackendInfo
 from flash.spec import build_spec, check_argument_types, check_window
@@ -134,6 +135,10 @@ def attention_qkvpacked(qkv: Tensor, **options) -> Tensor | tuple[Tensor, Tensor
     return attention(q, k, v, **options)
 
 
+# Captured at import: a caller may install this module's function in its place.
+_torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -162,7 +167,7 @@ def scaled_dot_product_attention(
     expressible = expressible and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
     expressible = expressible and value.shape[-1] == query.shape[-1] <= 256
     if not expressible:
-        return torch.nn.functional.scaled_dot_product_attention(
+        return _torch_sdpa(
             query,
             key,
             value,
@@ -214,6 +219,13 @@ def backends() -> list[BackendInfo]:
 def _unloadable() -> list[str]:
     ordered = set(REGISTRY.by_priority())
     return [name for name in REGISTRY.names() if name not in ordered]
+
+
+def register_backend(backend: Backend) -> None:
+    """Register a backend object in this process, as if an installed package had declared it in the
+    ``flash.backends`` entry-point group. Raises :class:`flash.errors.BackendError` if it speaks
+    another plugin API."""
+    REGISTRY.register(backend)
 
 
 def set_backend_priority(name: str, priority: int | None) -> None:

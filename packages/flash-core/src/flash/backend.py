@@ -116,7 +116,7 @@ def reasons_for_unsupported(
 ) -> list[str]:
     """Common support checks a backend can build its ``*_reasons`` on.
 
-    ``features`` are the :meth:`AttentionSpec.features` names the backend handles.
+    ``features`` are the :meth:`flash.spec.AttentionSpec.features` names the backend handles.
     """
     reasons = []
     if spec.device.type not in device_types:

@@ -53,6 +53,7 @@ class Row:
 
 
 def flops(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool, mode: str) -> float:
+    """Floating-point operations of one case, by the FlashAttention convention."""
     forward = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
     return forward * (3.5 if mode == "fwd_bwd" else 1.0)
 
@@ -124,6 +125,7 @@ def _flash(backend: str) -> Callable:
 
 
 def provider(name: str) -> Callable:
+    """A callable ``(q, k, v, causal) -> out`` for a flash backend or a peer."""
     if name in ("sdpa-flash", "sdpa-cudnn"):
         return _sdpa(name)
     if name == "flex":
@@ -168,6 +170,7 @@ def gpu_benchmark(
     modes: list[str],
     dtype: torch.dtype = torch.bfloat16,
 ) -> list[Row]:
+    """Time every provider on every case of the convention; one :class:`Row` each."""
     device = torch.device("cuda")
     rows = []
     runs = {name: provider(name) for name in providers}
@@ -346,6 +349,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m flash bench``."""
     parser = argparse.ArgumentParser(prog="python -m flash bench", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=None, help="flash backends to time (default: every usable kernel one)")
     parser.add_argument("--peers", default=",".join(PEERS), help="peers to time in the same run")

@@ -150,7 +150,7 @@ def _describe(spec: AttentionSpec) -> str:
 
 
 def select(spec: AttentionSpec, pass_: Pass, requested: str = "auto") -> Backend:
-    """The backend that runs ``pass_`` of ``spec``; raises :class:`NoBackendError` listing every reason."""
+    """The backend that runs ``pass_`` of ``spec``; raises :class:`flash.errors.NoBackendError` listing every reason."""
     key = (spec, pass_, requested, _forced.get(), os.environ.get(ENV_BACKEND))
     name = _decisions.get(key)
     if name is None:
@@ -174,4 +174,5 @@ class Explanation:
 
 
 def explain(spec: AttentionSpec, requested: str = "auto") -> Explanation:
+    """The dispatch decisions for the forward and the backward of ``spec`` (see :func:`flash.explain`)."""
     return Explanation(spec, decide(spec, "forward", requested), decide(spec, "backward", requested))

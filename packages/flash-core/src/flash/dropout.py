@@ -38,6 +38,7 @@ def threshold(p: float) -> int:
 
 
 def sequence_key(seed: int, batch: int) -> int:
+    """The per-sequence hash every element of sequence ``batch`` starts from."""
     seed_lo, seed_hi = seed & _MASK32, (seed >> 32) & _MASK32
     return int(fmix32(seed_lo ^ int(fmix32(seed_hi ^ int(fmix32(batch))))))
 

@@ -1,6 +1,6 @@
 """Exceptions raised by flash.
 
-Every error about user input is an :class:`InvalidInputError` (a ``ValueError``)
+Every error about user input is an :class:`flash.errors.InvalidInputError` (a ``ValueError``)
 whose message names the argument, what was expected and what came.
 """
 

@@ -92,7 +92,9 @@ class Registry:
         return backend
 
     def get(self, name: str) -> Backend:
-        """The backend called ``name``, loading it if needed. Raises :class:`BackendError` with the reason."""
+        """The backend called ``name``, loading it if needed.
+
+        Raises :class:`flash.errors.BackendError` with the reason when it cannot be loaded."""
         backend = self._backends.get(name)
         if backend is not None:
             return backend
@@ -119,6 +121,7 @@ class Registry:
             self.generation += 1
 
     def unregister(self, name: str) -> None:
+        """Forget backend ``name`` in this process (entry point included)."""
         with self._lock:
             self._backends.pop(name, None)
             self._unavailable.pop(name, None)
@@ -144,6 +147,7 @@ class Registry:
         return reasons
 
     def priority(self, name: str) -> int:
+        """Backend ``name``'s dispatch priority: the user's override, else its own."""
         if name in self._priorities:
             return self._priorities[name]
         return self.get(name).priority
@@ -168,6 +172,7 @@ class Registry:
         return [name for _, name in sorted(loadable)]
 
     def info(self, name: str) -> BackendInfo:
+        """What :func:`flash.backends` reports about backend ``name``."""
         ep = self._discovered().get(name)
         dist = ep.dist.name if ep is not None and ep.dist is not None else None
         reasons = self.unavailable_reasons(name)

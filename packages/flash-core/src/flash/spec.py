@@ -77,10 +77,12 @@ class AttentionSpec:
 
     @property
     def is_fp8(self) -> bool:
+        """True for float8 inputs (e4m3 or e5m2)."""
         return self.dtype in FP8_DTYPES
 
     @property
     def out_dtype(self) -> torch.dtype:
+        """The output's dtype: the inputs' own, bf16 for fp8 inputs."""
         return torch.bfloat16 if self.is_fp8 else self.dtype
 
     @property
@@ -101,7 +103,7 @@ class AttentionSpec:
 
     @property
     def empty(self) -> bool:
-        """No work for a kernel: no queries, or no keys (output 0, LSE -inf)."""
+        """True when there is nothing for a kernel to do (no queries, or no keys: output 0, LSE -inf)."""
         return self.total_q == 0 or self.total_k == 0 or self.batch == 0
 
     def lse_shape(self) -> tuple[int, ...]:

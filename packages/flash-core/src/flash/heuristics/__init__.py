@@ -56,9 +56,11 @@ class KernelConfig:
     extra: tuple[tuple[str, Any], ...] = ()
 
     def option(self, name: str, default: Any = None) -> Any:
+        """A backend-specific knob of this configuration."""
         return dict(self.extra).get(name, default)
 
     def to_json(self) -> dict[str, Any]:
+        """The configuration as the table and the autotune cache store it."""
         data: dict[str, Any] = {
             "block_m": self.block_m,
             "block_n": self.block_n,
@@ -115,10 +117,12 @@ class Entry:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """The table's name for ``dtype``: fp16, bf16, fp8, fp32 or fp64."""
     return _DTYPE_NAMES[dtype]
 
 
 def head_dim_bucket(head_dim: int) -> int:
+    """The table's head-dim key: the smallest of 32, 64, 128, 256 that holds ``head_dim``."""
     for bucket in HEAD_DIM_BUCKETS:
         if head_dim <= bucket:
             return bucket
@@ -154,14 +158,26 @@ def parse_table(rows: list[dict[str, Any]]) -> dict[ConfigKey, Entry]:
     return table
 
 
+_extra_rows: list[dict[str, Any]] = []
+
+
 @functools.lru_cache(maxsize=1)
 def table() -> dict[ConfigKey, Entry]:
-    """The shipped configuration table: every ``tables/*.json`` file beside this module (one per backend)."""
+    """The configuration table: every ``tables/*.json`` file beside this module (one per backend),
+    plus the rows third-party backends added with :func:`add_rows`."""
     rows: list[dict[str, Any]] = []
     for item in sorted(resources.files("flash.heuristics").joinpath("tables").iterdir(), key=lambda p: p.name):
         if item.name.endswith(".json"):
             rows += json.loads(item.read_text())["entries"]
-    return parse_table(rows)
+    return parse_table(rows + _extra_rows)
+
+
+def add_rows(rows: list[dict[str, Any]]) -> None:
+    """Add table rows (same format as ``tables/*.json``) for a backend that ships outside flash-core."""
+    parse_table(rows)  # reject malformed rows before they reach the shared table
+    _extra_rows.extend(rows)
+    table.cache_clear()
+    _config_for_class.cache_clear()
 
 
 def lookup(backend: str, arch: str, dtype: str, head_dim: int, causal: bool, pass_: Pass) -> Entry:

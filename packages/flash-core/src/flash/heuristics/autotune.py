@@ -35,10 +35,12 @@ _loaded: dict[Path, dict[str, Any]] = {}
 
 
 def enabled() -> bool:
+    """Whether autotuning is on (``FLASH_AUTOTUNE=1``)."""
     return os.environ.get("FLASH_AUTOTUNE", "") == "1"
 
 
 def cache_path() -> Path:
+    """Where the winners are stored."""
     root = os.environ.get("FLASH_CACHE_DIR")
     if root:
         return Path(root) / "autotune.json"
@@ -55,6 +57,7 @@ def _pow2_bucket(n: int) -> int:
 
 
 def problem_class(spec: AttentionSpec, pass_: Pass) -> str:
+    """The problem class a winner is valid for."""
     return "/".join(
         [
             dtype_name(spec.dtype),
@@ -68,10 +71,12 @@ def problem_class(spec: AttentionSpec, pass_: Pass) -> str:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name (``cpu`` for the CPU), part of every key."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def versions(backend: Backend) -> str:
+    """The library versions a winner was measured with, part of every key."""
     return f"torch {torch.__version__}; flash-core {__version__}; {backend.name} {backend.version}"
 
 
@@ -101,6 +106,7 @@ def _save(path: Path, data: dict[str, Any]) -> None:
 
 
 def cached_winner(backend: Backend, spec: AttentionSpec, pass_: Pass) -> KernelConfig | None:
+    """The cached winner for ``spec``, or None (also when autotuning is off)."""
     if not enabled():
         return None
     row = _load(cache_path())["winners"].get(_key(backend, spec, pass_))

@@ -31,6 +31,7 @@ class Budget:
 
     @property
     def fits(self) -> bool:
+        """True when the tiles fit in what the GPU offers one block."""
         return self.needed <= self.available
 
 
@@ -43,6 +44,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def shared_memory_bytes(config: KernelConfig, head_dim: int, elem_bytes: int, pass_: Pass) -> int:
+    """Bytes of shared memory the tiles of ``config`` occupy (see the module docstring)."""
     d = padded_head_dim(head_dim)
     if pass_ == "forward":
         elements = config.block_m * d + config.num_stages * 2 * config.block_n * d

@@ -30,15 +30,15 @@ class Case:
     window: tuple[int, int] | None = None
     softcap: float = 0.0
     scale: float | None = None
-    #: Variable-length batch: (len_q, len_k) of each sequence. Overrides batch/seqlen_*.
+    #: The (len_q, len_k) of each sequence of a variable-length batch; overrides batch and seqlen_*.
     seqlens: tuple[tuple[int, int], ...] | None = None
     dropout_p: float = 0.0
     #: q/k/v as non-contiguous views (padded head_dim, heads and sequence axes swapped in memory).
     strided: bool = False
-    #: fp8 descale factors: None, "tensor" or "head".
+    #: The kind of fp8 descale factors, None, "tensor" or "head".
     descale: str | None = None
     deterministic: bool = False
-    #: Plant a NaN in q: outputs of that row must be NaN, others exact.
+    #: Whether to plant a NaN in q (the outputs of that row must be NaN, the others exact).
     nan_in_q: bool = False
     #: Differentiate this case (off for fp8 and NaN cases).
     backward: bool = True

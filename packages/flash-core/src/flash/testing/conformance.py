@@ -39,6 +39,7 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def spec_of(inputs: Inputs) -> AttentionSpec:
+    """The spec of a case's inputs."""
     return build_spec(inputs.q, inputs.k, inputs.v, **inputs.options)
 
 

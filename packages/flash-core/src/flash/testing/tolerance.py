@@ -26,7 +26,7 @@ FACTOR = 2.0
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Max |actual - expected| over finite entries; inf if the pattern of -inf/+inf/NaN differs."""
+    """Max ``|actual - expected|`` over finite entries; inf if the pattern of -inf/+inf/NaN differs."""
     actual = actual.detach().to(torch.float64).cpu()
     expected = expected.detach().to(torch.float64).cpu()
     if actual.shape != expected.shape:
@@ -43,6 +43,7 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def bound(naive_error: float, dtype: torch.dtype, factor: float = FACTOR) -> float:
+    """The largest error the rule allows, given the naive computation's error."""
     return factor * naive_error + EPSILON[dtype]
 
 
