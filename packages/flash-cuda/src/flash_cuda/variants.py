@@ -44,8 +44,11 @@ class Variant:
     bf16: bool
     mask: int  # MASK_NONE, MASK_RIGHT (causal, or a window open to the left) or MASK_BOTH
     arch: str  # NVRTC target, e.g. "sm_90a" or "sm_80"
+    lazy_rescale: bool = True  # rescale O only when a row max grows by more than 2^8 (else every block)
 
     def __post_init__(self) -> None:
+        if isinstance(self.mask, bool) or not isinstance(self.mask, int):
+            raise ValueError(f"invalid CUDA kernel variant: mask {self.mask!r} is not an int {sorted(MASK_NAMES)}")
         problems = []
         if self.head_dim % 16 or not 16 <= self.head_dim <= 256:
             problems.append(f"head_dim {self.head_dim} is not a multiple of 16 in [16, 256]")
@@ -81,6 +84,7 @@ class Variant:
             "FLASH_STAGES": self.num_stages,
             "FLASH_QREG": int(self.q_in_regs),
             "FLASH_PIPE": int(self.pipelined),
+            "FLASH_LAZY": int(self.lazy_rescale),
             "FLASH_MIN_BLOCKS": self.min_blocks,
             "FLASH_BF16": int(self.bf16),
             "FLASH_MASK": self.mask,
@@ -96,7 +100,8 @@ class Variant:
         return (
             f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} "
-            f"{q_where}{' pipe' if self.pipelined else ''} mb{self.min_blocks} {self.arch}"
+            f"{q_where}{' pipe' if self.pipelined else ''}{'' if self.lazy_rescale else ' eager'} "
+            f"mb{self.min_blocks} {self.arch}"
         )
 
 
@@ -133,8 +138,8 @@ def make_variant(
     """The variant for a table configuration and problem, shrunk if it would not fit in ``smem_limit``.
 
     Extra config keys: ``q_in_regs`` (default: head dim <= 128), ``pipelined`` (default false),
-    ``min_blocks`` (default 1) and ``block_n_window`` (block_n of windowed problems, whose two-sided
-    mask needs more registers; default block_n).
+    ``lazy_rescale`` (default true), ``min_blocks`` (default 1) and ``block_n_window`` (block_n of
+    windowed problems, whose two-sided mask needs more registers; default block_n).
     """
     d = compiled_head_dim(head_dim)
     block_n = int(config.option("block_n_window", config.block_n)) if mask == MASK_BOTH else config.block_n
@@ -150,6 +155,7 @@ def make_variant(
         bf16=bf16,
         mask=mask,
         arch=arch,
+        lazy_rescale=bool(config.option("lazy_rescale", True)),
     )
     limit = max_smem(arch) if smem_limit is None else smem_limit
     return shrink_to_fit(variant, limit)

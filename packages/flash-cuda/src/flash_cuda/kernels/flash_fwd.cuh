@@ -11,10 +11,10 @@
 //    of two neighbouring n8 tiles is exactly the A-operand layout of one k16 step of P V).
 //  * Online softmax in base 2 with the softmax scale folded into one FFMA per score; row maxima
 //    reduced across the 4 lanes of a quad; row sums kept per lane and reduced once at the end.
-//  * Lazy rescaling: a row's reference max moves only when a key block's max exceeds it by more
-//    than RESCALE_LOG2 (so every P stays <= 2^RESCALE_LOG2, harmless in fp32 and in bf16/fp16),
-//    and the O rescale is skipped when no row of the warp moved (a warp vote). Exact: O, the row
-//    sum and the LSE all use the same reference.
+//  * Lazy rescaling (LAZY): a row's reference max moves only when a key block's max exceeds it by
+//    more than RESCALE_LOG2 (so every P stays <= 2^RESCALE_LOG2, harmless in fp32 and in bf16/fp16),
+//    and the O rescale is skipped when no row of the warp moved (one warp vote per block). Exact:
+//    O, the row sum and the LSE all use the same reference. Otherwise every block rescales.
 //  * Key blocks strictly inside the visible band branch around the mask code.
 //  * Warp w owns rows [16*MT*w, 16*MT*(w+1)) of the block: softmax needs no cross-warp traffic.
 //  * Shared rows are padded by 16 bytes (LD = D + 8 elements): the 8 row addresses of every ldmatrix
@@ -62,58 +62,47 @@ struct FwdShape {
 // Copies (ROWS, D) tiles global -> shared with cp.async, 16 bytes per thread and step. Rows >=
 // rows_valid and chunks >= chunks_valid are zero-filled without reading global memory.
 //
-// When the threads tile the rows evenly (THREADS % CHUNKS == 0) each thread always copies the same
-// column chunk of rows row0, row0 + RSTEP, ...: its shared and global offsets are set up once and a
-// tile costs one 64-bit add per chunk. Other head dims take the general path.
+// Each thread always copies the same column chunk, of rows row0, row0 + RSTEP, ...: its shared and
+// global offsets are set up once and a chunk costs one 64-bit add. RSTEP * CHUNKS threads take part
+// (all of them when CHUNKS divides THREADS; e.g. 120 of 128 for head dim 96).
 template <int ROWS, class S>
 struct TileCopy {
-  static constexpr bool EVEN = S::THREADS % S::CHUNKS == 0 && (ROWS * S::CHUNKS) % S::THREADS == 0;
-  static constexpr int RSTEP = S::THREADS / S::CHUNKS;  // rows per step (EVEN only)
-  static constexpr int TOTAL = ROWS * S::CHUNKS;
-  static constexpr int STEPS = (TOTAL + S::THREADS - 1) / S::THREADS;
+  static constexpr int RSTEP = S::THREADS / S::CHUNKS;  // rows per step
+  static constexpr int ACTIVE = RSTEP * S::CHUNKS;      // threads that copy
+  static constexpr int STEPS = (ROWS + RSTEP - 1) / RSTEP;
+  static_assert(RSTEP >= 1, "a block must cover one row per step");
 
-  int tid, row0, chunks_valid;
+  int row0;
   u32 smem_offset;
-  i64 stride, global_offset, global_step;
+  i64 global_offset, global_step;
   bool col_ok;
 
-  __device__ __forceinline__ TileCopy(int tid_, i64 stride_, int chunks_valid_)
-      : tid(tid_), chunks_valid(chunks_valid_), stride(stride_) {
+  __device__ __forceinline__ TileCopy(int tid, i64 stride, int chunks_valid) {
     row0 = tid / S::CHUNKS;
     const int col = tid - row0 * S::CHUNKS;
     smem_offset = (u32)(row0 * S::ROW_BYTES + col * 16);
     global_offset = row0 * stride + col * 8;
     global_step = RSTEP * stride;
-    col_ok = col < chunks_valid;
+    col_ok = col < chunks_valid && (ACTIVE == S::THREADS || tid < ACTIVE);
   }
 
   // `src`: the tile's first row (always a mapped address); `dst`: shared address of the tile.
   __device__ __forceinline__ void operator()(u32 dst, const u16* __restrict__ src, int rows_valid) const {
-    if constexpr (EVEN) {
-      const u16* p = src + global_offset;
+    const u16* p = src + global_offset;
 #pragma unroll
-      for (int it = 0; it < STEPS; ++it) {
-        const bool valid = col_ok && row0 + it * RSTEP < rows_valid;
+    for (int it = 0; it < STEPS; ++it) {
+      const int r = row0 + it * RSTEP;
+      if ((ACTIVE == S::THREADS && ROWS % RSTEP == 0) || (r < ROWS && (ACTIVE == S::THREADS || row0 < RSTEP))) {
+        const bool valid = col_ok && r < rows_valid;
         cp_async_16(dst + smem_offset + it * RSTEP * S::ROW_BYTES, valid ? p : src, valid);
-        p += global_step;
       }
-    } else {
-#pragma unroll
-      for (int it = 0; it < STEPS; ++it) {
-        const int idx = tid + it * S::THREADS;
-        if (TOTAL % S::THREADS == 0 || idx < TOTAL) {
-          const int r = idx / S::CHUNKS;
-          const int c = idx - r * S::CHUNKS;
-          const bool valid = r < rows_valid && c < chunks_valid;
-          cp_async_16(dst + r * S::ROW_BYTES + c * 16, valid ? src + r * stride + c * 8 : src, valid);
-        }
-      }
+      p += global_step;
     }
   }
 };
 
 // MASK: 0 no mask, 1 right edge only (causal, or a window open to the left), 2 both edges.
-template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool PIPE, bool BF16, int MASK>
+template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool PIPE, bool LAZY, bool BF16, int MASK>
 __device__ __forceinline__ void flash_fwd_block(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
     float* __restrict__ lse, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
@@ -318,6 +307,7 @@ __device__ __forceinline__ void flash_fwd_block(
 
     // Online softmax (base 2) of one masked score tile, then O += P V with V at shared address s_v.
     auto softmax_pv = [&](float (&acc)[MT][NT][4], u32 s_v) {
+      float block_max[MT][2];  // row maxima of this block, base-2 scaled (-inf stays -inf: scale > 0)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -325,14 +315,46 @@ __device__ __forceinline__ void flash_fwd_block(
           float mx = neg_inf();
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1]));
-          const float block_max = quad_max(mx) * scale_log2;  // -inf stays -inf (scale > 0)
-          float ref = row_ref[mt][hh];
-          // Move the reference (also when it is -inf and the block sees a key) only past the margin.
-          const bool moved = block_max > ref + RESCALE_LOG2;
-          if (__any_sync(0xffffffffu, moved)) {  // warp-uniform: rows that did not move scale by 1
-            const float correction = moved ? exp2_approx(ref - block_max) : 1.f;  // 0 when ref is -inf
-            ref = moved ? block_max : ref;
-            row_ref[mt][hh] = ref;
+          block_max[mt][hh] = quad_max(mx) * scale_log2;
+        }
+      }
+      if constexpr (LAZY) {
+        // Move a reference (also from -inf, once the row sees a key) only past the margin; one warp
+        // vote decides whether anything needs rescaling at all.
+        bool moved = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) moved = moved || block_max[mt][hh] > row_ref[mt][hh] + RESCALE_LOG2;
+        }
+        if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              const float ref = row_ref[mt][hh];
+              const bool move = block_max[mt][hh] > ref + RESCALE_LOG2;
+              const float correction = move ? exp2_approx(ref - block_max[mt][hh]) : 1.f;  // 0 from -inf
+              row_ref[mt][hh] = move ? block_max[mt][hh] : ref;
+              row_sum[mt][hh] *= correction;
+#pragma unroll
+              for (int dt = 0; dt < DT; ++dt) {
+                acc_o[mt][dt][2 * hh] *= correction;
+                acc_o[mt][dt][2 * hh + 1] *= correction;
+              }
+            }
+          }
+        }
+      } else {
+        // Exact running max: rescale every row every block (no branches).
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const float ref = row_ref[mt][hh];
+            const float next = fmaxf(ref, block_max[mt][hh]);
+            const float correction = next == neg_inf() ? 1.f : exp2_approx(ref - next);  // 0 from -inf
+            row_ref[mt][hh] = next;
             row_sum[mt][hh] *= correction;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
@@ -340,8 +362,14 @@ __device__ __forceinline__ void flash_fwd_block(
               acc_o[mt][dt][2 * hh + 1] *= correction;
             }
           }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
           // A row that has seen no key yet keeps -inf: subtract 0 so that exp2 gives 0, not NaN.
-          const float shift = ref == neg_inf() ? 0.f : ref;
+          const float shift = row_ref[mt][hh] == neg_inf() ? 0.f : row_ref[mt][hh];
           float sum = 0.f;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
