@@ -1,0 +1,271 @@
+"""Compile flash-triton's kernels for a GPU architecture without a GPU, and report their resources.
+
+Triton ships ptxas, cuobjdump and nvdisasm, so the kernels can be compiled ahead of time on any
+machine: this runs the real launch code (:mod:`flash_triton.launch`) on CPU tensors of the right
+shapes and strides, but compiles each launch for ``--arch`` instead of running it. Per kernel it
+prints the registers per thread, spilled bytes, shared memory, the count of Hopper warpgroup MMA
+instructions (HGMMA) and warp-synchronous MMAs (HMMA) in the SASS, and the compile time: the
+facts that decide occupancy and whether the tensor-core path is the fast one.
+
+    python packages/flash-triton/scripts/compile_report.py --head-dims 64,128 --causal both
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from flash.backend import BackwardArgs, ForwardArgs
+from flash.heuristics import KernelConfig
+from flash.spec import build_spec, canonical, canonical_lse
+from flash_triton import launch, runtime
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+RESULTS: list[dict] = []
+
+
+def resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(cubin)
+        path = fh.name
+    try:
+        usage = subprocess.run(
+            [f"{BIN}/cuobjdump", "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        )
+        sass = subprocess.run(
+            [f"{BIN}/cuobjdump", "--dump-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(path)
+    reg = re.search(r"REG:(\d+)", usage.stdout)
+    stack = re.search(r"STACK:(\d+)", usage.stdout)
+    local = re.search(r"LOCAL:(\d+)", usage.stdout)
+    return {
+        "regs": int(reg.group(1)) if reg else -1,
+        "stack": int(stack.group(1)) if stack else -1,
+        "local": int(local.group(1)) if local else -1,
+        "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "hmma": len(re.findall(r"\bHMMA\b", sass)),
+        "ldl_stl": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "tma": len(re.findall(r"\bUTMALDG\b", sass)),
+    }
+
+
+class _Compiler:
+    """Stands in for a ``@triton.jit`` function's ``[grid]`` launch: compiles instead of running."""
+
+    def __init__(self, fn, arch: int, label: str):
+        self.fn, self.arch, self.label = fn, arch, label
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            target = GPUTarget("cuda", self.arch, 32)
+            backend = make_backend(target)
+            kwargs = dict(kwargs, debug=False)
+            binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = self.fn._pack_args(backend, kwargs, bound, specialization, options)
+            t0 = time.perf_counter()
+            kernel = compile(ASTSource(self.fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+            seconds = time.perf_counter() - t0
+            row = {
+                "kernel": self.fn.__name__,
+                "case": self.label,
+                "grid": grid,
+                "shared": kernel.metadata.shared,
+                "seconds": round(seconds, 1),
+                "warps": options.num_warps,
+                "stages": options.num_stages,
+                **{k: v for k, v in kwargs.items() if k.isupper()},
+            }
+            row.update(resources(kernel.asm["cubin"]))
+            RESULTS.append(row)
+            print(_format(row), flush=True)
+
+        return run
+
+
+def _format(row: dict) -> str:
+    flags = ",".join(
+        k.lower() for k in ("TMA", "ATOMIC_DQ", "WARP_SPECIALIZE", "SOFTCAP", "DROPOUT", "VARLEN") if row.get(k)
+    )
+    return (
+        f"{row['kernel']:<38} {row['case']:<28} M{row.get('BLOCK_M', '-'):>4} N{row.get('BLOCK_N', '-'):>4} "
+        f"w{row['warps']} s{row['stages']} regs {row['regs']:>3} stack {row['stack']:>4} "
+        f"ldl/stl {row['ldl_stl']:>3} "
+        f"smem {row['shared'] // 1024:>3}KB hgmma {row['hgmma']:>3} hmma {row['hmma']:>3} utma {row['tma']:>2} "
+        f"{row['seconds']:>5}s {flags}"
+    )
+
+
+def _shim(arch: int, label: str):
+    fwd = runtime.kernels().forward
+    bwd = runtime.kernels().backward
+    fwd_mod = types.SimpleNamespace(attention_forward_kernel=_Compiler(fwd.attention_forward_kernel, arch, label))
+    bwd_mod = types.SimpleNamespace(
+        attention_backward_preprocess_kernel=_Compiler(bwd.attention_backward_preprocess_kernel, arch, label),
+        attention_backward_dkdv_kernel=_Compiler(bwd.attention_backward_dkdv_kernel, arch, label),
+        attention_backward_dq_kernel=_Compiler(bwd.attention_backward_dq_kernel, arch, label),
+    )
+    kernels = runtime.Kernels(fwd_mod, bwd_mod)
+    return types.SimpleNamespace(kernels=lambda: kernels, interpreting=lambda: True)
+
+
+def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt):
+    heads = max(1, 2048 // head_dim)
+    shape = (2, seqlen, heads, head_dim)
+    q, k, v = (torch.empty(shape, dtype=dtype) for _ in range(3))
+    spec = build_spec(q, k, v, causal=causal, **opt)
+    real = launch.runtime
+    launch.runtime = _shim(arch, label)
+    try:
+        if pass_ == "forward":
+            out = torch.empty_like(q)
+            lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
+            args = ForwardArgs(
+                canonical(q, spec),
+                canonical(k, spec),
+                canonical(v, spec),
+                canonical(out, spec),
+                canonical_lse(lse, spec),
+            )
+            launch.forward(spec, args, config)
+        else:
+            out, dout = torch.empty_like(q), torch.empty_like(q)
+            lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
+            grads = [torch.empty_like(t) for t in (q, k, v)]
+            c = [canonical(t, spec) for t in (q, k, v, out)]
+            args = BackwardArgs(
+                *c, canonical_lse(lse, spec), canonical(dout, spec), *[canonical(g, spec) for g in grads]
+            )
+            launch.backward(spec, args, config)
+    except Exception as error:  # report and go on: the point is to see every case
+        print(f"FAILED {label}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+    finally:
+        launch.runtime = real
+
+
+def run_varlen(arch, dtype, head_dim, pass_, config, label, **opt):
+    lens = [100, 3, 1000]
+    cu = torch.tensor([0, 100, 103, 1103], dtype=torch.int32)
+    heads = 4
+    q, k, v = (torch.empty(1103, heads, head_dim, dtype=dtype) for _ in range(3))
+    spec = build_spec(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens), max_seqlen_k=max(lens), **opt)
+    real = launch.runtime
+    launch.runtime = _shim(arch, label)
+    try:
+        lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
+        out = torch.empty_like(q)
+        if pass_ == "forward":
+            launch.forward(
+                spec,
+                ForwardArgs(*(canonical(t, spec) for t in (q, k, v, out)), canonical_lse(lse, spec), cu, cu),
+                config,
+            )
+        else:
+            grads = [canonical(torch.empty_like(t), spec) for t in (q, k, v)]
+            launch.backward(
+                spec,
+                BackwardArgs(
+                    *(canonical(t, spec) for t in (q, k, v, out)),
+                    canonical_lse(lse, spec),
+                    canonical(torch.empty_like(q), spec),
+                    *grads,
+                    cu,
+                    cu,
+                ),
+                config,
+            )
+    except Exception as error:
+        print(f"FAILED {label}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+    finally:
+        launch.runtime = real
+
+
+def matrix(arch: int) -> int:
+    """Every option once (or a few times), each with the table's configuration for its class."""
+    from flash import heuristics
+
+    def cfg(dtype, head_dim, causal, pass_):
+        name = "bf16" if dtype == torch.bfloat16 else "fp16"
+        return heuristics.lookup("triton", f"sm_{arch}", name, head_dim, causal, pass_).config
+
+    cases = []
+    for head_dim in (16, 40, 64, 80, 96, 128, 160, 192, 256):
+        cases.append((torch.bfloat16, head_dim, True, {}))
+    cases += [
+        (torch.float16, 128, False, {}),
+        (torch.bfloat16, 128, False, {"window": (256, 0)}),
+        (torch.bfloat16, 64, False, {"window": (100, 50)}),
+        (torch.bfloat16, 128, True, {"softcap": 30.0}),
+        (torch.bfloat16, 128, False, {"dropout_p": 0.1, "dropout_seed": 3}),
+        (torch.bfloat16, 128, True, {"deterministic": True}),
+    ]
+    for dtype, head_dim, causal, opt in cases:
+        for pass_ in ("forward", "backward"):
+            label = f"{str(dtype)[6:]} d{head_dim} {'causal ' if causal else ''}{' '.join(opt)}"
+            run_case(arch, dtype, head_dim, causal, 1024, pass_, cfg(dtype, head_dim, causal, pass_), label, **opt)
+    for pass_ in ("forward", "backward"):
+        run_varlen(
+            arch, torch.bfloat16, 128, pass_, cfg(torch.bfloat16, 128, True, pass_), "varlen d128 causal", causal=True
+        )
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--passes", default="forward,backward")
+    parser.add_argument(
+        "--config", action="append", default=[], help="pass:json config to compile instead of the table's (repeatable)"
+    )
+    parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="compile every feature (dtypes, odd head dims, masks, softcap, dropout, varlen, "
+        "GQA, layouts, deterministic) with the table's configurations",
+    )
+    args = parser.parse_args(argv)
+    import json
+
+    if args.matrix:
+        return matrix(args.arch)
+
+    from flash import heuristics
+
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    for head_dim in [int(x) for x in args.head_dims.split(",")]:
+        for causal in causals:
+            for pass_ in args.passes.split(","):
+                configs = [
+                    KernelConfig.from_json(json.loads(c.split(":", 1)[1]))
+                    for c in args.config
+                    if c.split(":", 1)[0] == pass_
+                ]
+                if not configs:
+                    key = heuristics.lookup("triton", f"sm_{args.arch}", "bf16", head_dim, causal, pass_)
+                    configs = [key.config]
+                for config in configs:
+                    label = f"bf16 d{head_dim} {'causal' if causal else 'full'}"
+                    run_case(args.arch, torch.bfloat16, head_dim, causal, 1024, pass_, config, label)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""In-kernel logic shared by the forward and backward kernels: sequence bounds, which tiles a mask
+hides, the mask of a partial tile, softcap and the dropout hash.
+
+The mask is :mod:`flash.masking`'s: query row ``i`` of a sequence with ``len_q`` queries and ``len_k``
+keys sees key ``j`` iff ``i + off - left <= j <= i + off + right`` with ``off = len_k - len_q``; a side
+is present only when its ``HAS_LEFT``/``HAS_RIGHT`` flag is set (causal is ``right = 0``).
+
+A kernel that holds a block of rows fixed and walks the blocks of the other axis asks
+:func:`block_range` which blocks to visit. The answer splits them in three runs::
+
+    [start, min(full_lo, end))            partial: compute, then mask
+    [full_lo, full_hi)                    fully visible: no mask at all
+    [max(full_lo, full_hi), end)          partial
+
+and every block outside ``[start, end)`` is hidden for every row of the fixed block, so it is
+never loaded or computed. The same function serves the transposed walk of the dK/dV kernel
+(keys fixed, query blocks walked): a key ``j`` is seen by queries ``i`` with
+``j - off - right <= i <= j - off + left``, the same form with ``off -> -off`` and the two
+reaches swapped.
+
+Imported only by the kernel modules, after ``TRITON_INTERPRET`` is settled (see :mod:`flash_triton.runtime`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from flash_triton.runtime import interpreting
+
+#: The mode the functions below were decorated in (see :func:`flash_triton.runtime.kernels`).
+INTERPRETED = interpreting()
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def sequence_bounds(b, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, VARLEN: tl.constexpr):
+    """(q_start, len_q, k_start, len_k) of sequence ``b``.
+
+    Varlen offsets are clamped into ``[0, total]`` and made non-decreasing, so nothing outside
+    the packed tensors is ever addressed whatever ``cu_seqlens`` hold.
+    """
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        q1 = tl.load(CuQ + b + 1)
+        k0 = tl.load(CuK + b)
+        k1 = tl.load(CuK + b + 1)
+        q0 = tl.minimum(tl.maximum(q0, 0), total_q)
+        q1 = tl.minimum(tl.maximum(q1, q0), total_q)
+        k0 = tl.minimum(tl.maximum(k0, 0), total_k)
+        k1 = tl.minimum(tl.maximum(k1, k0), total_k)
+        return q0, q1 - q0, k0, k1 - k0
+    else:
+        return 0, seqlen_q, 0, seqlen_k
+
+
+@triton.jit
+def block_range(
+    first, last, length, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Blocks of the walked axis (``[0, length)``) seen by fixed rows ``first..last`` (inclusive, valid).
+
+    Returns ``(start, full_lo, full_hi, end)``; see the module docstring for the three runs.
+    Every value is non-negative, so integer division rounds the same way on the GPU and in the
+    interpreter.
+    """
+    if HAS_LEFT:
+        lo_first = tl.minimum(tl.maximum(first + offset - left, 0), length)
+        lo_last = tl.minimum(tl.maximum(last + offset - left, 0), length)
+    else:  # tensors, not constants: the loop bounds stay scalars of one kind (the interpreter needs it)
+        lo_first = first * 0
+        lo_last = first * 0
+    if HAS_RIGHT:
+        hi_first = tl.minimum(tl.maximum(first + offset + right + 1, 0), length)
+        hi_last = tl.minimum(tl.maximum(last + offset + right + 1, 0), length)
+    else:
+        hi_first = first * 0 + length
+        hi_last = first * 0 + length
+    start = (lo_first // BLOCK) * BLOCK
+    full_lo = ((lo_last + BLOCK - 1) // BLOCK) * BLOCK
+    full_hi = (hi_first // BLOCK) * BLOCK
+    return start, full_lo, full_hi, hi_last
+
+
+@triton.jit
+def visible(rows, cols, len_q, len_k, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """True where query ``rows`` sees key ``cols`` (broadcast shapes); padding rows/cols are hidden."""
+    seen = (rows < len_q) & (cols < len_k)
+    if HAS_LEFT:
+        seen = seen & (cols >= rows + offset - left)
+    if HAS_RIGHT:
+        seen = seen & (cols <= rows + offset + right)
+    return seen
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (fast path, saturates cleanly to +-1 for large |x|, no NaN)."""
+    e = tl.math.exp2(x * (2.0 * LOG2E))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def fmix32(x):
+    """MurmurHash3's 32-bit finaliser on uint32 values (products wrap modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_row_hash(seed_lo, seed_hi, batch, head):
+    """``fmix32(sequence ^ head)`` of :mod:`flash.dropout` for sequence ``batch`` and query ``head``."""
+    lo = seed_lo.to(tl.uint32, bitcast=True)
+    hi = seed_hi.to(tl.uint32, bitcast=True)
+    sequence = fmix32(lo ^ fmix32(hi ^ fmix32(batch.to(tl.uint32))))
+    return fmix32(sequence ^ head.to(tl.uint32))
+
+
+@triton.jit
+def dropout_keep(head_hash, rows, cols, threshold):
+    """True where the element (query ``rows``, key ``cols``, positions inside the sequence) is kept."""
+    row_hash = fmix32(head_hash ^ rows.to(tl.uint32))
+    key_hash = cols.to(tl.uint32) * 0x9E3779B1
+    bits = fmix32(row_hash ^ key_hash)
+    return (bits >> 8) >= threshold.to(tl.uint32)

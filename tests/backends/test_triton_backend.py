@@ -1,0 +1,195 @@
+"""flash-triton's backend object: registration, lazy imports, support declarations, configurations, TMA planning.
+
+None of these run a kernel; they are fast on any machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+
+import flash
+from flash import heuristics
+from flash.backend import PLUGIN_API_VERSION
+from flash.heuristics.smem import budget
+from flash.spec import build_spec
+
+pytest.importorskip("flash_triton")
+
+from flash_triton import launch, runtime, tma
+from flash_triton.backend import TritonBackend
+
+
+def _spec(dtype=torch.float16, shape=(2, 33, 4, 40), device="cpu", **options):
+    q = torch.randn(shape).to(dtype)
+    return build_spec(q.to(device), q.to(device), q.to(device), **options)
+
+
+def test_entry_point_and_identity() -> None:
+    eps = {ep.name: ep.value for ep in metadata.entry_points(group="flash.backends")}
+    assert eps["triton"] == "flash_triton.backend:TritonBackend"
+    backend = TritonBackend()
+    assert (backend.name, backend.priority, backend.plugin_api) == ("triton", 100, PLUGIN_API_VERSION)
+    assert backend.version == metadata.version("flash-triton")
+
+
+def test_loading_flash_and_the_backend_imports_no_triton() -> None:
+    code = (
+        "import sys, flash; from flash.registry import REGISTRY; REGISTRY.get('triton'); flash.backends(); "
+        "assert 'triton' not in sys.modules, 'triton imported'; assert 'cupy' not in sys.modules; "
+        "assert 'flash_triton.forward_kernel' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unavailable_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = TritonBackend()
+    monkeypatch.setattr(runtime, "mode_mismatch", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.unavailable_reasons() == []
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reasons = backend.unavailable_reasons()
+    if not torch.cuda.is_available():
+        assert reasons and "TRITON_INTERPRET=1" in reasons[0]
+    monkeypatch.setattr(runtime, "triton_installed", lambda: False)
+    assert "triton is not installed" in backend.unavailable_reasons()[0]
+
+
+def test_interpreter_mode_must_be_set_before_triton_is_imported() -> None:
+    """Triton decorates its own library functions at import: flipping TRITON_INTERPRET later cannot work."""
+    late = (
+        "import os, triton, flash; os.environ['TRITON_INTERPRET'] = '1'; "
+        "from flash_triton.backend import TritonBackend; print(TritonBackend().unavailable_reasons())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", late], check=True, capture_output=True, text=True, env=env).stdout
+    assert "set after triton was imported" in out
+    early = (
+        "import os; os.environ['TRITON_INTERPRET'] = '1'; import triton, flash; "
+        "from flash_triton.backend import TritonBackend; print(TritonBackend().unavailable_reasons())"
+    )
+    out = subprocess.run([sys.executable, "-c", early], check=True, capture_output=True, text=True, env=env).stdout
+    assert out.strip() == "[]"
+
+
+def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = TritonBackend()
+    full = _spec(causal=True, window=(5, 0), softcap=3.0, dropout_p=0.1, dropout_seed=1, deterministic=True)
+    assert backend.forward_reasons(full) == [] and backend.backward_reasons(full) == []
+    assert backend.forward_reasons(_spec(dtype=torch.bfloat16, shape=(1, 5, 6, 256))) == []
+    fp32 = backend.forward_reasons(_spec(dtype=torch.float32))
+    assert any("float32" in r for r in fp32)
+    fp8 = backend.forward_reasons(_spec(dtype=torch.float8_e4m3fn))
+    assert any("fp8" in r for r in fp8) and backend.backward_reasons(_spec(dtype=torch.float8_e4m3fn))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert any("tensors on cpu" in r for r in backend.forward_reasons(_spec()))
+
+
+def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flash.registry import REGISTRY
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(runtime, "mode_mismatch", lambda: None)
+    REGISTRY.refresh()
+    try:
+        q = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+        decision = flash.explain(q, q, q, causal=True)
+        assert decision.forward.chosen == "triton" and decision.backward.chosen == "triton"
+    finally:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        REGISTRY.refresh()
+
+
+# ----------------------------------------------------------------------------- configuration table
+
+
+def _triton_entries():
+    return [e for key, e in heuristics.table().items() if key.backend == "triton"]
+
+
+def test_table_entries_fit_shared_memory_and_say_where_they_come_from() -> None:
+    entries = _triton_entries()
+    assert entries
+    for entry in entries:
+        arch = "sm_80" if entry.key.arch == "cpu" else entry.key.arch
+        assert budget(entry.config, arch, entry.key.head_dim, 2, entry.key.pass_).fits, entry
+        assert entry.provenance.kind in ("measured", "published", "unmeasured")
+        if entry.provenance.kind == "measured":
+            assert entry.provenance.gpu and entry.provenance.date and entry.provenance.versions
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80", "cpu"])
+def test_table_covers_every_class(arch: str) -> None:
+    for dtype in ("fp16", "bf16"):
+        for head_dim in (16, 40, 64, 96, 128, 160, 256):
+            for causal in (False, True):
+                for pass_ in ("forward", "backward"):
+                    entry = heuristics.lookup("triton", arch, dtype, head_dim, causal, pass_)
+                    assert entry.key.arch == arch
+
+
+def test_backward_configs_name_both_kernels() -> None:
+    for entry in _triton_entries():
+        if entry.key.pass_ == "backward":
+            dkdv, dq = launch.backward_tilings(entry.config)
+            assert min(dkdv.block_m, dkdv.block_n, dq.block_m, dq.block_n) >= 16
+
+
+def test_fallback_ladder_only_simplifies() -> None:
+    first = launch.Tiling(128, 128, 8, 3, tma=True, warp_specialize=True, overlap=True)
+    steps = launch.ladder(first)
+    assert steps[0] == first and len(set(steps)) == len(steps)
+    assert steps[-1] == launch.Tiling(16, 16, 4, 2)
+    for a, b in itertools.pairwise(steps):
+        assert b.block_m <= a.block_m and b.block_n <= a.block_n and b.num_warps <= a.num_warps
+        assert (b.tma, b.warp_specialize, b.overlap) <= (a.tma, a.warp_specialize, a.overlap)
+
+
+@pytest.mark.parametrize(("head_dim", "padded"), [(1, 16), (16, 16), (40, 64), (64, 64), (96, 128), (160, 256)])
+def test_padded_head_dim(head_dim: int, padded: int) -> None:
+    assert launch.padded_head_dim(head_dim) == padded
+
+
+# ----------------------------------------------------------------------------- TMA planning
+
+
+def _canonical(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t if layout == "bshd" else t.transpose(1, 2)
+
+
+def test_row_map_bshd_uses_head_columns() -> None:
+    t = torch.empty(2, 100, 4, 64, dtype=torch.bfloat16)
+    m = tma.row_map(t, 64, 64, batch=2, varlen=False)
+    assert m == tma.RowMap(rb=100, rh=0, ch=64, rows=200, cols=256, row_stride=256)
+
+
+def test_row_map_bhsd_uses_rows() -> None:
+    t = _canonical(torch.empty(2, 4, 100, 128, dtype=torch.bfloat16), "bhsd")
+    m = tma.row_map(t, 128, 128, batch=2, varlen=False)
+    assert m == tma.RowMap(rb=400, rh=100, ch=0, rows=800, cols=128, row_stride=128)
+
+
+def test_row_map_packed_qkv_and_varlen() -> None:
+    qkv = torch.empty(2, 50, 3, 4, 64, dtype=torch.float16)
+    q = qkv[:, :, 0]
+    m = tma.row_map(q, 64, 64, batch=2, varlen=False)
+    assert (m.rb, m.ch, m.row_stride, m.rows, m.cols) == (50, 64, 3 * 4 * 64, 100, 256)
+    packed = torch.empty(77, 4, 64, dtype=torch.float16).unsqueeze(0)
+    m = tma.row_map(packed, 64, 64, batch=3, varlen=True)
+    assert (m.rb, m.rows) == (0, 77)
+
+
+def test_row_map_refuses_what_tma_cannot_address() -> None:
+    padded = torch.empty(2, 100, 4, 72, dtype=torch.bfloat16)[..., :64]  # head stride 72: not one tile wide
+    assert tma.row_map(padded, 64, 64, batch=2, varlen=False) is None
+    odd = torch.empty(2, 100, 4, 40, dtype=torch.bfloat16)  # tile (64) wider than a head (40), bshd
+    assert tma.row_map(odd, 40, 64, batch=2, varlen=False) is None
+    base = torch.empty(2 * 100 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 100, 4, 64)  # 2-byte offset
+    assert tma.row_map(base, 64, 64, batch=2, varlen=False) is None
