@@ -15,7 +15,12 @@
 //    more than RESCALE_LOG2 (so every P stays <= 2^RESCALE_LOG2, harmless in fp32 and in bf16/fp16),
 //    and the O rescale is skipped when no row of the warp moved (one warp vote per block). Exact:
 //    O, the row sum and the LSE all use the same reference. Otherwise every block rescales.
-//  * Key blocks strictly inside the visible band branch around the mask code.
+//  * Key blocks strictly inside the visible band branch around the mask code; the kind of mask
+//    (MASK: none, right edge only = causal, both edges = window) is a template parameter.
+//  * Optional software pipelining (PIPE, STAGES >= 3): S of key block j+1 is computed while the
+//    softmax of block j runs, in one basic block, so HMMA interleaves with FFMA/MUFU.
+//  * Epilogue: O normalised, staged through the warp's own Q rows in shared memory, stored with
+//    16-byte coalesced writes; the LSE (natural log) is written once per row.
 //  * Warp w owns rows [16*MT*w, 16*MT*(w+1)) of the block: softmax needs no cross-warp traffic.
 //  * Shared rows are padded by 16 bytes (LD = D + 8 elements): the 8 row addresses of every ldmatrix
 //    phase and the cp.async stores fall into distinct banks (needs D % 16 == 0).
