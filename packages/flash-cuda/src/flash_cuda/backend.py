@@ -70,9 +70,10 @@ class CudaBackend(Backend):
         reasons = reasons_for_unsupported(spec, dtypes=DTYPES, features=FEATURES)
         if spec.device.type != "cuda":
             return reasons
-        capability = _capability(_index(spec.device))
-        if capability < MIN_CAPABILITY:
-            reasons.append(f"{spec.device} is sm_{capability[0]}{capability[1]}; the kernel needs sm_80 or newer")
+        if torch.cuda.is_available():  # without a GPU, unavailable_reasons() already says why
+            capability = _capability(_index(spec.device))
+            if capability < MIN_CAPABILITY:
+                reasons.append(f"{spec.device} is sm_{capability[0]}{capability[1]}; the kernel needs sm_80 or newer")
         if spec.head_dim % 8:
             reasons.append(f"head_dim {spec.head_dim} is not a multiple of 8 (rows move in 16-byte chunks)")
         if not spec.aligned16:
