@@ -169,8 +169,12 @@ def gpu_benchmark(
     causals: list[bool],
     modes: list[str],
     dtype: torch.dtype = torch.bfloat16,
+    flex_seqlens: list[int] | None = None,
 ) -> list[Row]:
-    """Time every provider on every case of the convention; one :class:`Row` each."""
+    """Time every provider on every case of the convention; one :class:`Row` each.
+
+    FlexAttention compiles anew for every shape; ``flex_seqlens`` limits it to some lengths.
+    """
     device = torch.device("cuda")
     rows = []
     runs = {name: provider(name) for name in providers}
@@ -187,6 +191,8 @@ def gpu_benchmark(
                     for t in (q, k, v):
                         t.requires_grad_(mode == "fwd_bwd")
                     for name, run in runs.items():
+                        if name == "flex" and flex_seqlens is not None and seqlen not in flex_seqlens:
+                            continue
                         row = Row(name, mode, causal, head_dim, seqlen, batch, heads, None, None)
                         try:
                             with torch.no_grad() if mode == "fwd" else torch.enable_grad():
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flash bench", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default=None, help="flash backends to time (default: every usable kernel one)")
     parser.add_argument("--peers", default=",".join(PEERS), help="peers to time in the same run")
+    parser.add_argument(
+        "--flex-seqlens", default=None, help="time FlexAttention only at these lengths (it compiles per shape)"
+    )
     parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
@@ -371,10 +380,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         providers = names + [p for p in args.peers.split(",") if p]
         causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-        rows = gpu_benchmark(providers, _ints(args.seqlens), _ints(args.head_dims), causals, args.modes.split(","))
+        flex_seqlens = _ints(args.flex_seqlens) if args.flex_seqlens else None
+        rows = gpu_benchmark(
+            providers,
+            _ints(args.seqlens),
+            _ints(args.head_dims),
+            causals,
+            args.modes.split(","),
+            flex_seqlens=flex_seqlens,
+        )
         result["convention"] = {"tokens": TOKENS, "model_dim": MODEL_DIM, "dtype": "bf16", "fwd_bwd_factor": 3.5}
         result["rows"] = [asdict(r) for r in rows]
-        result["memory"] = gpu_memory(providers, _ints(args.memory_seqlens))
+        # FlexAttention is left out of the memory comparison: it would compile again for every length.
+        result["memory"] = gpu_memory([p for p in providers if p != "flex"], _ints(args.memory_seqlens))
         table = ratio_table(rows)
     else:
         cpu_rows = cpu_benchmark(
