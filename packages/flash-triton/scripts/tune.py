@@ -70,6 +70,22 @@ BACKWARD = {
 }  # fmt: skip
 
 
+#: Second round (after the first GPU run fixed the table): neighbours of the winners, and repeats of
+#: the winners to see the run-to-run spread.
+ROUND2_FORWARD = {
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 8, 3, tma=True)],
+    64: [_cfg(128, 64, 8, 3, tma=True), _cfg(128, 64, 4, 3, tma=True)],
+}  # fmt: skip
+ROUND2_BACKWARD = {
+    128: [
+        _bwd(64, 128, 8, 3), _bwd(64, 128, 8, 3, dq_tma=True), _bwd(64, 128, 8, 3, dq=(128, 64, 8, 4)),
+        _bwd(64, 128, 8, 4), _bwd(32, 64, 4, 3), _bwd(64, 64, 8, 3),
+    ],
+    64: [_bwd(64, 128, 8, 3, tma=True), _bwd(64, 128, 8, 3, dq=(128, 64, 8, 4), tma=True)],
+}  # fmt: skip
+SETS = {"round1": (FORWARD, BACKWARD), "round2": (ROUND2_FORWARD, ROUND2_BACKWARD)}
+
+
 class Problem:
     """One benchmark-convention problem with preallocated outputs (canonical bshd, contiguous)."""
 
@@ -114,7 +130,7 @@ def run_backward(p: Problem, cfg: dict) -> None:
 
 def _compile_job(job: tuple) -> tuple:
     """Worker: compile one (pass, head_dim, causal, config) on a small problem of the same specialisation."""
-    pass_, head_dim, causal, cfg, (device, tokens, model_dim) = job
+    pass_, head_dim, causal, cfg, (device, tokens, model_dim), first_forward = job
     global DEVICE, TOKENS, MODEL_DIM
     DEVICE, TOKENS, MODEL_DIM = device, tokens, model_dim
     if device == "cpu":
@@ -122,7 +138,7 @@ def _compile_job(job: tuple) -> tuple:
     t0 = time.perf_counter()
     try:
         p = Problem(head_dim, causal, seqlen=256)
-        run_forward(p, FORWARD[head_dim][0])  # a valid out/lse for the backward
+        run_forward(p, first_forward)  # a valid out/lse for the backward
         (run_forward if pass_ == "forward" else run_backward)(p, cfg)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
@@ -198,14 +214,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
-def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: list[str]) -> dict:
+def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: list[str], tables) -> dict:
     p = Problem(head_dim, causal, seqlen)
     peer, ref = peers(p)
+    forward_table, backward_table = tables
     result = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "peers": peer, "forward": [], "backward": []}
     for pass_ in passes:
-        table = FORWARD if pass_ == "forward" else BACKWARD
+        table = forward_table if pass_ == "forward" else backward_table
         for cfg in table[head_dim]:
-            job = json.dumps((pass_, head_dim, causal, cfg, [DEVICE, TOKENS, MODEL_DIM]), sort_keys=True)
+            where = [DEVICE, TOKENS, MODEL_DIM]
+            job = json.dumps((pass_, head_dim, causal, cfg, where, forward_table[head_dim][0]), sort_keys=True)
             row = {"config": cfg}
             if job in failures:
                 row["error"] = failures[job]
@@ -218,7 +236,7 @@ def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: 
                     row["ms"] = _bench(lambda: run_forward(p, cfg))
                     row["tflops"] = p.flops / row["ms"] / 1e9
                 else:
-                    run_forward(p, FORWARD[head_dim][0])
+                    run_forward(p, forward_table[head_dim][0])
                     run_backward(p, cfg)
                     if ref:
                         row["err_vs_sdpa_flash"] = max(_rel(g, r) for g, r in zip(p.grads, ref["grads"]))
@@ -230,6 +248,35 @@ def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: 
             result[pass_].append(row)
             print(_fmt(head_dim, causal, pass_, row), flush=True)
     return result
+
+
+def profile_case(head_dim: int, causal: bool, seqlen: int) -> dict:
+    """Per-kernel GPU time of the table's configuration (forward, then backward), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from flash import heuristics
+    from flash_triton.backend import TritonBackend
+
+    p = Problem(head_dim, causal, seqlen)
+    backend = TritonBackend()
+    fwd, bwd = (heuristics.config_for(backend, p.spec, x).to_json() for x in ("forward", "backward"))
+    run_forward(p, fwd)
+    run_backward(p, bwd)
+    torch.cuda.synchronize()
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            run_forward(p, fwd)
+            run_backward(p, bwd)
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if total and "kernel" in event.key:
+            times[event.key] = total / reps / 1e3  # ms per call
+    line = ", ".join(f"{k.replace('attention_', '').replace('_kernel', '')} {v:.3f} ms" for k, v in times.items())
+    print(f"profile d{head_dim} {'causal' if causal else 'full'} s{seqlen}: {line}", flush=True)
+    return times
 
 
 def _fmt(head_dim, causal, pass_, row) -> str:
@@ -275,6 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 4))
     parser.add_argument("--out", default="tune.json")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes: test the script")
+    parser.add_argument("--set", choices=sorted(SETS), default="round1", help="which candidate configurations")
+    parser.add_argument("--profile", action="store_true", help="also print per-kernel times of the table's configs")
     args = parser.parse_args(argv)
     if args.dry_run:
         global TOKENS, MODEL_DIM, DEVICE
@@ -284,15 +333,21 @@ def main(argv=None) -> int:
     causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
     passes = args.passes.split(",")
     where = (DEVICE, TOKENS, MODEL_DIM)
-    jobs = [(pass_, d, c, cfg, where) for d in dims for c in causals for pass_ in passes
-            for cfg in (FORWARD if pass_ == "forward" else BACKWARD)[d]]  # fmt: skip
+    tables = SETS[args.set]
+    jobs = [(pass_, d, c, cfg, where, tables[0][d][0]) for d in dims for c in causals for pass_ in passes
+            for cfg in tables[0 if pass_ == "forward" else 1][d]]  # fmt: skip
     failures = compile_all(jobs, args.workers) if args.workers > 0 else {}
     results = []
     from flash.bench import environment
 
     for d in dims:
         for c in causals:
-            results.append(tune_case(d, c, args.seqlen, failures, passes))
+            if args.profile and DEVICE == "cuda":
+                try:
+                    profile_case(d, c, args.seqlen)
+                except Exception as error:  # the profile is a bonus; the sweep goes on
+                    print(f"profile failed: {type(error).__name__}: {error}", flush=True)
+            results.append(tune_case(d, c, args.seqlen, failures, passes, tables))
             with open(args.out, "w") as fh:
                 json.dump({"environment": environment(), "results": results}, fh, indent=1)
     print("\n" + summary(results))

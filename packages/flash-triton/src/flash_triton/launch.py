@@ -261,7 +261,7 @@ def backward_tilings(config: KernelConfig) -> tuple[Tiling, Tiling]:
         int(config.option("dq_block_n", config.block_m)),
         int(config.option("dq_num_warps", config.num_warps)),
         int(config.option("dq_num_stages", config.num_stages)),
-        tma=use_tma,
+        tma=bool(config.option("dq_tma", use_tma)),
     )
     return dkdv, dq
 
