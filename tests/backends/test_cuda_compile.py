@@ -243,6 +243,7 @@ def test_declares_what_it_does_not_support(pretend_gpu):
 
 
 def test_old_gpus_are_declined(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cuda_backend, "_capability", lambda index: (7, 5))
     monkeypatch.setattr(cuda_backend, "_index", lambda device: 0)
     spec = dataclasses.replace(_spec(), device=torch.device("cuda", 0))
