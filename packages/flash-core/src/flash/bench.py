@@ -58,13 +58,24 @@ def flops(batch: int, heads: int, seqlen: int, head_dim: int, causal: bool, mode
     return forward * (3.5 if mode == "fwd_bwd" else 1.0)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, str]:
     """GPU, date and versions: what every committed result must carry."""
     info = {
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": f"{_cpu_model()}, {os.cpu_count()} cores",
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
