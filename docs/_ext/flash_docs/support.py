@@ -3,19 +3,13 @@
 The problems are :class:`flash.spec.AttentionSpec` objects built directly (no tensors, no GPU
 needed) for device ``cuda``; every backend's ``forward_reasons`` and ``backward_reasons`` is
 called on each. A ✓ means the backend returned no reason; otherwise its reasons are shown verbatim.
-The survey runs in a subprocess: on a machine without a GPU it makes ``torch.cuda``'s device
-*queries* describe an H100, for the backends whose checks read the device's capability.
+The declarations depend on the problem only, so no GPU is needed to ask.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from docutils import nodes
@@ -142,53 +136,12 @@ def _ask(check: Callable, spec) -> list[str]:
         return [f"support check raised {type(error).__name__}: {error}"]
 
 
-#: What torch.cuda's device queries answer in the survey when the build machine has no GPU.
-EMULATED_GPU = {
-    "name": "NVIDIA H100 80GB HBM3",
-    "major": 9,
-    "minor": 0,
-    "multi_processor_count": 132,
-    "total_memory": 80 * 2**30,
-    "shared_memory_per_block": 48 * 1024,
-    "shared_memory_per_block_optin": 227 * 1024,
-    "shared_memory_per_multiprocessor": 228 * 1024,
-    "regs_per_multiprocessor": 65536,
-    "warp_size": 32,
-}
-
-
-def _emulate_gpu() -> None:
-    """Make torch.cuda's *queries* describe an H100, so that support checks that read the device's
-    capability can run on a machine without a GPU. Only queries: nothing is launched."""
-    import types
-
-    props = types.SimpleNamespace(**EMULATED_GPU)
-    torch.cuda.get_device_capability = lambda device=None: (props.major, props.minor)
-    torch.cuda.get_device_properties = lambda device=None: props
-    torch.cuda.get_device_name = lambda device=None: props.name
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.device_count = lambda: 1
-
-
-def survey_main() -> None:
-    """Entry point of the survey subprocess: print the verdicts as JSON."""
+def survey() -> dict:
+    """Every installed backend's verdicts on :data:`CASES`: {"loaded", "errors", "verdicts"}."""
     from flash.errors import BackendError
     from flash.registry import REGISTRY
 
-    if torch.cuda.is_available():
-        gpu = {
-            "name": torch.cuda.get_device_name(),
-            "capability": list(torch.cuda.get_device_capability()),
-            "emulated": False,
-        }
-    else:
-        _emulate_gpu()
-        gpu = {
-            "name": EMULATED_GPU["name"],
-            "capability": [EMULATED_GPU["major"], EMULATED_GPU["minor"]],
-            "emulated": True,
-        }
-    result = {"gpu": gpu, "loaded": {}, "errors": {}, "verdicts": {}}
+    result: dict = {"loaded": {}, "errors": {}, "verdicts": {}}
     ordered = REGISTRY.by_priority()
     base = base_spec()
     for name in ordered + [n for n in REGISTRY.names() if n not in ordered]:
@@ -202,19 +155,7 @@ def survey_main() -> None:
             label: [_ask(backend.forward_reasons, make(base)), _ask(backend.backward_reasons, make(base))]
             for label, make in CASES
         }
-    print(json.dumps(result))
-
-
-def survey() -> dict:
-    """Run :func:`survey_main` in a fresh interpreter (the GPU emulation must not leak into the build)."""
-    code = "from flash_docs.support import survey_main; survey_main()"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]))
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"backend support survey failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _cell(reasons: list[str]) -> str:
@@ -226,20 +167,13 @@ class BackendSupport(SphinxDirective):
 
     def run(self) -> list[nodes.Node]:
         self.env.note_reread()
-        try:
-            result = survey()
-        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as error:
-            logger.warning("%s", error, location=self.get_location())
-            return []
-        loaded, errors, verdicts, gpu = result["loaded"], result["errors"], result["verdicts"], result["gpu"]
-        major, minor = gpu["capability"]
-        where = f"{esc(gpu['name'])} (``sm_{major}{minor}``)"
-        if gpu["emulated"]:
-            where += (
-                ", emulated: the docs were built without a GPU, so ``torch.cuda``'s device queries "
-                "(capability, shared memory, name) answered as that GPU would"
-            )
-        out = [f"Device the problems were declared for: {where}.", ""]
+        result = survey()
+        loaded, errors, verdicts = result["loaded"], result["errors"], result["verdicts"]
+        out = [
+            "Every problem is declared for a CUDA device; what depends on the GPU itself (its compute "
+            "capability) is checked when a backend is loaded on a machine that has one.",
+            "",
+        ]
         if loaded:
             rows = []
             for label, _ in CASES:
