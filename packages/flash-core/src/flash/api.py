@@ -14,7 +14,7 @@ from flash.registry import REGISTRY, BackendInfo
 from flash.spec import build_spec, check_argument_types, check_window
 
 
-def _max_seqlen(name: str, given: int | None, cu: Tensor | None) -> int | None:
+def _max_seqlen(given: int | None, cu: Tensor | None) -> int | None:
     """The longest sequence of a varlen batch, read from ``cu`` when the caller did not say."""
     if cu is None or given is not None:
         return given
@@ -97,8 +97,8 @@ def attention(
         v,
         cu_seqlens_q,
         cu_seqlens_k,
-        _max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q),
-        _max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k),
+        _max_seqlen(max_seqlen_q, cu_seqlens_q),
+        _max_seqlen(max_seqlen_k, cu_seqlens_k),
         q_descale,
         k_descale,
         v_descale,
