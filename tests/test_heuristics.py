@@ -90,6 +90,7 @@ class FakeBackend(flash.Backend):
 def test_autotune_caches_the_fastest_fitting_candidate_as_json(tmp_path, monkeypatch):
     monkeypatch.setenv("FLASH_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("FLASH_AUTOTUNE", "1")
+    monkeypatch.setattr(autotune, "arch_of", lambda device: "sm_80")  # as if on an A100: a smem budget applies
     autotune._loaded.clear()
     q = torch.randn(1, 100, 2, 64, dtype=torch.float16)
     spec = flash.build_spec(q, q, q, causal=True)
@@ -132,3 +133,29 @@ def test_a_corrupt_cache_is_ignored(tmp_path, monkeypatch):
     autotune._loaded.clear()
     q = torch.randn(1, 8, 1, 16, dtype=torch.float16)
     assert autotune.cached_winner(FakeBackend(), flash.build_spec(q, q, q), "forward") is None
+
+
+def test_autotune_mode_end_to_end(tmp_path, monkeypatch):
+    """FLASH_AUTOTUNE=1: the first call of a problem class times the backend's candidates, the winner
+    is cached as JSON and reused; results are the same whichever candidate wins."""
+    monkeypatch.setenv("FLASH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("FLASH_AUTOTUNE", "1")
+    autotune._loaded.clear()
+    q, k, v = (torch.randn(1, 300, 2, 32, requires_grad=True) for _ in range(3))
+    out = flash.attention(q, k, v, causal=True, backend="reference")
+    out.sum().backward()
+    winners = json.loads((tmp_path / "autotune.json").read_text())["winners"]
+    assert {key.rsplit("/", 1)[-1] for key in winners} == {"forward", "backward"}
+    for row in winners.values():
+        assert len(row["candidates"]) == 4 and all(isinstance(ms, float) for ms in row["candidates"].values())
+    torch.testing.assert_close(out, flash.attention(q, k, v, causal=True, backend="reference"))
+    monkeypatch.setenv("FLASH_AUTOTUNE", "0")
+    torch.testing.assert_close(out, flash.attention(q, k, v, causal=True, backend="reference"))
+
+
+def test_backward_budget_counts_a_separate_dq_kernel():
+    main_only = KernelConfig(64, 64, num_stages=2)
+    with_dq = KernelConfig(64, 64, num_stages=2, extra=(("dq_block_m", 256), ("dq_block_n", 128)))
+    assert smem.shared_memory_bytes(with_dq, 128, 2, "backward") > smem.shared_memory_bytes(
+        main_only, 128, 2, "backward"
+    )

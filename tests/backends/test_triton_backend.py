@@ -193,3 +193,18 @@ def test_row_map_refuses_what_tma_cannot_address() -> None:
     assert tma.row_map(odd, 40, 64, batch=2, varlen=False) is None
     base = torch.empty(2 * 100 * 4 * 64 + 1, dtype=torch.bfloat16)[1:].view(2, 100, 4, 64)  # 2-byte offset
     assert tma.row_map(base, 64, 64, batch=2, varlen=False) is None
+
+
+@pytest.mark.parametrize("pass_", ["forward", "backward"])
+def test_tuning_candidates_vary_the_table_entry_and_fit_hopper(monkeypatch: pytest.MonkeyPatch, pass_: str) -> None:
+    import dataclasses
+
+    monkeypatch.setattr(heuristics, "arch_of", lambda device: "sm_90")
+    spec = dataclasses.replace(_spec(dtype=torch.bfloat16, shape=(1, 64, 2, 128)), device=torch.device("cuda"))
+    backend = TritonBackend()
+    base = heuristics.config_for(backend, spec, pass_)
+    candidates = backend.tuning_candidates(spec, pass_)
+    assert len(candidates) == 16 and len(set(candidates)) == 16
+    assert all(c.extra == base.extra for c in candidates)  # knobs such as the dQ tiles are kept
+    assert any(budget(c, "sm_90", 128, 2, pass_).fits for c in candidates)
+    assert backend.tuning_candidates(_spec(), pass_) == []  # the interpreter is not worth timing

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from flash.spec import AttentionSpec
+
+if TYPE_CHECKING:
+    from flash.heuristics import KernelConfig
 
 #: The plugin API this flash-core speaks. A backend declares the version it was
 #: built for in :attr:`Backend.plugin_api`; core refuses any other with a reason.
@@ -104,6 +108,14 @@ class Backend(ABC):
     def backward(self, spec: AttentionSpec, args: BackwardArgs) -> None:
         """Compute ``args.dq``, ``args.dk``, ``args.dv`` in place."""
         raise NotImplementedError(f"backend {self.name!r} has no backward pass")
+
+    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[KernelConfig]:
+        """Configurations worth timing for ``spec`` when autotuning is on (``FLASH_AUTOTUNE=1``).
+
+        The backend reads its configuration through :func:`flash.heuristics.config_for`, which
+        answers each candidate in turn while it is measured. Empty: nothing to tune.
+        """
+        return []
 
 
 def reasons_for_unsupported(

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from flash import dispatch
 from flash.backend import BackwardArgs, ForwardArgs
+from flash.heuristics import autotune
 from flash.spec import AttentionSpec, build_spec, canonical, canonical_lse
 
 #: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
@@ -96,6 +97,8 @@ def attention_forward(
         k_descale=k_descale,
         v_descale=v_descale,
     )
+    if autotune.enabled():
+        autotune.ensure_tuned(chosen, spec, "forward", lambda: chosen.forward(spec, args))
     chosen.forward(spec, args)
     return out, lse
 
@@ -154,6 +157,8 @@ def attention_backward(
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
     )
+    if autotune.enabled():
+        autotune.ensure_tuned(chosen, spec, "backward", lambda: chosen.backward(spec, args))
     chosen.backward(spec, args)
     return dq, dk, dv
 

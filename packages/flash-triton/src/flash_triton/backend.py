@@ -7,6 +7,7 @@ first forward or backward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -22,6 +23,8 @@ FEATURES = frozenset({"causal", "window", "softcap", "varlen", "gqa", "dropout",
 HEAD_DIMS = range(1, 257)
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535.
 MAX_GRID_YZ = 65535
+#: (block_m, block_n) tried by autotuning.
+TUNING_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))
 #: Tile offsets inside a kernel are int32: a token stride above this could overflow them.
 MAX_TOKEN_STRIDE = 2**23
 
@@ -74,6 +77,19 @@ class TritonBackend(Backend):
 
     def backward_reasons(self, spec: AttentionSpec) -> list[str]:
         return self._reasons(spec)
+
+    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[heuristics.KernelConfig]:
+        """Tile shapes, warps and stages around the table's entry (FLASH_AUTOTUNE=1); none in the
+        interpreter, whose timings mean nothing."""
+        if spec.device.type != "cuda":
+            return []
+        base = heuristics.config_for(self, spec, pass_)  # type: ignore[arg-type]
+        return [
+            dataclasses.replace(base, block_m=m, block_n=n, num_warps=warps, num_stages=stages)
+            for m, n in TUNING_TILES
+            for warps in (4, 8)
+            for stages in (2, 3)
+        ]
 
     def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
         from flash_triton import launch

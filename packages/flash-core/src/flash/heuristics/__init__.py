@@ -10,8 +10,11 @@ measures candidates and caches winners on disk.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
@@ -201,11 +204,28 @@ def _config_for_class(backend: str, arch: str, dtype: str, head_dim: int, causal
     return lookup(backend, arch, dtype, head_dim, causal, pass_).config
 
 
+_override: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("flash_config", default=None)
+
+
+@contextlib.contextmanager
+def override(config: KernelConfig) -> Iterator[None]:
+    """Make :func:`config_for` answer ``config`` inside the block (how autotuning tries a candidate)."""
+    token = _override.set(config)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 def config_for(backend: Backend, spec: AttentionSpec, pass_: Pass) -> KernelConfig:
-    """The configuration ``backend`` should use for ``spec``: the autotuned winner if autotuning is
-    on (``FLASH_AUTOTUNE=1``) and one is cached for this GPU and these versions, else the table's entry."""
+    """The configuration ``backend`` should use for ``spec``: a candidate being measured, else the
+    autotuned winner if autotuning is on (``FLASH_AUTOTUNE=1``) and one is cached for this GPU and
+    these versions, else the table's entry."""
     from flash.heuristics import autotune
 
+    trying = _override.get()
+    if trying is not None:
+        return trying
     tuned = autotune.cached_winner(backend, spec, pass_)
     if tuned is not None:
         return tuned

@@ -1,6 +1,8 @@
 """Autotuning: measure candidate configurations, cache the winners on disk as JSON.
 
-Off unless ``FLASH_AUTOTUNE=1``. A winner is keyed by the GPU's name, the
+Off unless ``FLASH_AUTOTUNE=1``. Then the first call of each problem class times the
+candidates the backend proposes (:meth:`flash.backend.Backend.tuning_candidates`) and
+every later call, in this process or another, uses the winner. A winner is keyed by the GPU's name, the
 library versions (torch, flash-core, the backend) and the problem class (dtype,
 head-dim bucket, causal, sequence-length buckets, pass), so a driver or library
 upgrade re-tunes instead of trusting stale numbers. The cache lives in
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from flash._version import __version__
-from flash.heuristics import KernelConfig, Pass, arch_of, dtype_name, head_dim_bucket
+from flash.heuristics import KernelConfig, Pass, arch_of, dtype_name, head_dim_bucket, override
 from flash.heuristics.smem import budget
 from flash.spec import AttentionSpec
 
@@ -177,3 +179,19 @@ def tune(
     }
     _save(path, data)
     return best[1]
+
+
+def ensure_tuned(backend: Backend, spec: AttentionSpec, pass_: Pass, run: Callable[[], None]) -> None:
+    """Measure ``backend``'s :meth:`~flash.backend.Backend.tuning_candidates` for ``spec``'s problem
+    class unless a winner is cached; ``run()`` runs the pass with whatever :func:`config_for` says."""
+    if cached_winner(backend, spec, pass_) is not None:
+        return
+    candidates = backend.tuning_candidates(spec, pass_)
+    if not candidates:
+        return
+
+    def run_with(config: KernelConfig) -> None:
+        with override(config):
+            run()
+
+    tune(backend, spec, pass_, candidates, run_with)

@@ -11,6 +11,7 @@ the Q tile plus ``num_stages`` K/V tile pairs (forward), or the K/V tiles plus
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from flash.heuristics import KernelConfig, Pass
@@ -44,18 +45,29 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def shared_memory_bytes(config: KernelConfig, head_dim: int, elem_bytes: int, pass_: Pass) -> int:
-    """Bytes of shared memory the tiles of ``config`` occupy (see the module docstring)."""
+    """Bytes of shared memory the tiles of ``config`` occupy (see the module docstring).
+
+    A backward that computes dQ in a kernel of its own declares that kernel's tiles as
+    ``dq_block_m``, ``dq_block_n``, ``dq_num_stages``: the larger of the two kernels counts.
+    """
     d = padded_head_dim(head_dim)
     if pass_ == "forward":
         elements = config.block_m * d + config.num_stages * 2 * config.block_n * d
-    else:
-        elements = 2 * config.block_n * d + config.num_stages * 2 * config.block_m * d
-        elements += config.block_m * config.block_n
+        return elements * elem_bytes
+    # dK/dV kernel: K and V stay, Q and dO stream in, one score tile is staged.
+    elements = 2 * config.block_n * d + config.num_stages * 2 * config.block_m * d + config.block_m * config.block_n
+    if config.option("dq_block_m") is not None:
+        # dQ kernel: Q and dO stay, K and V stream in.
+        dq_m, dq_n = config.option("dq_block_m"), config.option("dq_block_n", config.block_n)
+        dq_stages = config.option("dq_num_stages", config.num_stages)
+        elements = max(elements, 2 * dq_m * d + dq_stages * 2 * dq_n * d + dq_m * dq_n)
     return elements * elem_bytes
 
 
 def budget(config: KernelConfig, arch: str, head_dim: int, elem_bytes: int, pass_: Pass) -> Budget:
     """How much shared memory the configuration needs, against what ``arch`` offers a block."""
+    if arch == "cpu":  # tiles live in ordinary memory: no budget
+        return Budget(shared_memory_bytes(config, head_dim, elem_bytes, pass_), sys.maxsize)
     available = MAX_SMEM_PER_BLOCK.get(arch, MAX_SMEM_PER_BLOCK["sm_80"])
     return Budget(shared_memory_bytes(config, head_dim, elem_bytes, pass_), available)
 

@@ -31,6 +31,9 @@ class ReferenceBackend(Backend):
         config = heuristics.config_for(self, spec, pass_)
         return config.block_m, config.block_n
 
+    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[heuristics.KernelConfig]:
+        return [heuristics.KernelConfig(m, n) for m, n in ((128, 256), (256, 256), (256, 512), (512, 512))]
+
     def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
         tiled.forward(spec, args, *self._blocks(spec, "forward"))
 
