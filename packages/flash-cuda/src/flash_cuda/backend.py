@@ -16,6 +16,7 @@ from flash.backend import Backend, ForwardArgs, reasons_for_unsupported
 from flash.spec import AttentionSpec
 from flash_cuda import launch
 from flash_cuda._version import __version__
+from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch
 
 DTYPES = (torch.float16, torch.bfloat16)
@@ -89,6 +90,12 @@ class CudaBackend(Backend):
 
     def backward_reasons(self, spec: AttentionSpec) -> list[str]:
         return ["no CUDA backward pass yet (another backend's backward pairs with this forward through the LSE)"]
+
+    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[heuristics.KernelConfig]:
+        """The spill-free tiles of the head-dim bucket (FLASH_AUTOTUNE=1); only the forward exists."""
+        if pass_ != "forward":
+            return []
+        return list(CANDIDATES.get(heuristics.head_dim_bucket(spec.head_dim), []))
 
     def variant(self, spec: AttentionSpec) -> Variant:
         """The kernel variant that runs ``spec``: the heuristics table's tiles for this GPU, fitted to it."""

@@ -18,49 +18,14 @@ from dataclasses import asdict
 import torch
 
 from flash.backend import ForwardArgs
-from flash.heuristics import KernelConfig
 from flash.spec import build_spec, canonical, canonical_lse
 from flash_cuda import compile as compiler
 from flash_cuda import launch
+from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, nvrtc_arch, table_arch
 
 TOKENS = 16384
 MODEL_DIM = 2048
-
-
-def _config(
-    bm: int,
-    bn: int,
-    nw: int,
-    st: int,
-    qreg: bool,
-    mb: int,
-    pipe: bool = False,
-    bn_window: int | None = None,
-    lazy: bool = True,
-) -> KernelConfig:
-    extra = {"lazy_rescale": lazy, "min_blocks": mb, "pipelined": pipe, "q_in_regs": qreg}
-    if bn_window is not None:
-        extra["block_n_window"] = bn_window
-    return KernelConfig(bm, bn, nw, st, tuple(sorted(extra.items())))
-
-
-#: Candidate tiles per head-dim bucket (the ones that compile without spilling; see PERF_NOTES.md).
-CANDIDATES: dict[int, list[KernelConfig]] = {
-    64: [
-        _config(128, 64, 4, 2, True, 2),
-        _config(128, 64, 4, 2, True, 2, lazy=False),
-        _config(128, 64, 4, 3, True, 2),
-        _config(128, 64, 4, 3, True, 2, lazy=False),
-        _config(128, 128, 8, 3, True, 1, pipe=True),
-    ],
-    128: [
-        _config(128, 64, 4, 2, False, 2, bn_window=32),
-        _config(128, 32, 4, 2, False, 2),
-        _config(128, 32, 4, 2, False, 2, lazy=False),
-        _config(128, 64, 8, 3, True, 1, pipe=True),
-    ],
-}
 
 
 def _time(fn) -> float:
