@@ -269,7 +269,7 @@ def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str
 
 
 class Benchmarks(SphinxDirective):
-    """Every results file, newest first; or a plain statement that none is committed."""
+    """Every results file, newest (and broadest) first; or a plain statement that none is committed."""
 
     def run(self) -> list[nodes.Node]:
         self.env.note_reread()
@@ -299,7 +299,12 @@ class Benchmarks(SphinxDirective):
             )
         outdir = Path(self.env.srcdir) / "_generated" / "bench"
         produced: set[str] = set()
-        for _, path, _ in sorted(parsed, key=lambda t: (t[0], t[1].name), reverse=True):
+
+        def newest_broadest_first(item: tuple) -> tuple:  # one day's runs: the one comparing the most first
+            date, path, data = item
+            return date, len({r["provider"] for r in data.get("rows", [])}), path.name
+
+        for _, path, _ in sorted(parsed, key=newest_broadest_first, reverse=True):
             try:
                 text.append(render_file(path, outdir, "bench-", produced))
             except (KeyError, TypeError, ValueError) as error:
