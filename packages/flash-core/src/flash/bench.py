@@ -91,6 +91,14 @@ def environment() -> dict[str, str]:
 # ----------------------------------------------------------------------------- providers
 
 
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Textbook attention in the inputs' precision: the full score matrix in memory."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
 def _sdpa(kind: str) -> Callable:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -226,11 +234,7 @@ def gpu_memory(providers: list[str], seqlens: list[int], heads: int = 16, head_d
     device = torch.device("cuda")
     runs = {name: provider(name) for name in providers}
 
-    def naive(q, k, v, causal):
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
-
-    runs["naive"] = naive
+    runs["naive"] = naive_attention
     out = []
     for seqlen in seqlens:
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
@@ -305,8 +309,7 @@ def cpu_benchmark(seqlens: list[int], heads: int = 8, head_dim: int = 64, causal
             ).transpose(1, 2)
 
         def naive():
-            s = torch.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
-            return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+            return naive_attention(q, k, v, causal)
 
         with torch.no_grad():
             row = {"seqlen": seqlen, "heads": heads, "head_dim": head_dim, "causal": causal}

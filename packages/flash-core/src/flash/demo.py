@@ -13,6 +13,7 @@ import torch
 
 import flash
 from flash import dispatch
+from flash.bench import cpu_peak_mib, naive_attention
 from flash.reference import dense_attention
 from flash.testing.tolerance import bound, max_error
 
@@ -59,17 +60,7 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from flash.bench import cpu_peak_mib
-
     return cpu_peak_mib(fn)
-
-
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Textbook attention in the inputs' precision: the full score matrix in memory."""
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
-    if causal:
-        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
 
 
 def _check_rows(q, k, v, out, causal: bool) -> tuple[float, float]:
