@@ -278,25 +278,27 @@ def _check_float(name: str, value: object, *, low: float, low_inclusive: bool, h
     return v
 
 
+_ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
+    "causal": (bool,),
+    "deterministic": (bool,),
+    "return_lse": (bool,),
+    "softcap": (int, float),
+    "scale": (int, float, type(None)),
+    "dropout_p": (int, float),
+    "dropout_seed": (int, type(None)),
+    "max_seqlen_q": (int, type(None)),
+    "max_seqlen_k": (int, type(None)),
+    "layout": (str,),
+    "backend": (str,),
+}
+
+
 def check_argument_types(**arguments: object) -> None:
     """Reject arguments of the wrong Python type before they reach a ``torch.library`` op,
     whose argument parsing would coerce them (``causal=1`` to True) or fail with a C++ message.
 
     Values are checked later by :func:`build_spec`; this is only about types.
     """
-    kinds: dict[str, tuple[type, ...]] = {
-        "causal": (bool,),
-        "deterministic": (bool,),
-        "return_lse": (bool,),
-        "softcap": (int, float),
-        "scale": (int, float, type(None)),
-        "dropout_p": (int, float),
-        "dropout_seed": (int, type(None)),
-        "max_seqlen_q": (int, type(None)),
-        "max_seqlen_k": (int, type(None)),
-        "layout": (str,),
-        "backend": (str,),
-    }
     for name, value in arguments.items():
         if name in ("q", "k", "v"):
             _require_tensor(name, value)
@@ -305,7 +307,7 @@ def check_argument_types(**arguments: object) -> None:
             if value is not None:
                 _require_tensor(name, value)
             continue
-        allowed = kinds[name]
+        allowed = _ARGUMENT_TYPES[name]
         numeric = allowed != (bool,) and isinstance(value, bool)  # a bool is an int, but not a number here
         if numeric or not isinstance(value, allowed):
             words = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
