@@ -114,16 +114,21 @@ def test_source_is_header_free_and_one_extern_c_kernel():
 
 
 def test_table_rows_fit_and_say_where_they_come_from():
-    keys = set()
+    classes = set()
     for row in hopper.TABLE:
-        keys.add((row.head_dim, row.mask))
         assert row.provenance.startswith(("measured:", "unmeasured:")), row
+        assert row.config.order in hopper.ORDERS
         for bf16 in (True, False):
             variant = hopper.make_variant(row.config, row.head_dim, bf16, row.mask)
             assert variant.launch_smem <= hopper.MAX_SMEM
-    assert keys == {(d, m) for d in hopper.SHIPPED_HEAD_DIMS for m in hopper.MASK_NAMES}
-    # every compile-time option takes more than one value somewhere in the table, or is not an option
+        if row.max_seqlen_k is None:
+            classes.add((row.head_dim, row.mask))
+    # every (head dim, mask) has a row for any length
+    assert classes == {(d, m) for d in hopper.SHIPPED_HEAD_DIMS for m in hopper.MASK_NAMES}
+    # no dead knobs: each option of the table takes more than one value in it
     assert {row.config.consumers for row in hopper.TABLE} == {2, 3}
+    assert {row.config.order for row in hopper.TABLE} == set(hopper.ORDERS)
+    assert len({row.config.block_n for row in hopper.TABLE}) > 1
 
 
 def test_problem_classes():
@@ -135,6 +140,11 @@ def test_problem_classes():
     assert hopper.mask_kind((-1, 7)) == hopper.MASK_RIGHT
     assert hopper.mask_kind((5, -1)) == hopper.MASK_BOTH
     assert hopper.config_for(80, (-1, 0)) == hopper.table_row(96, hopper.MASK_RIGHT).config
+    short = [row for row in hopper.TABLE if row.max_seqlen_k is not None]
+    for row in short:  # a bucketed row serves short sequences, the catch-all row long ones
+        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
+        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k + 1) != row
+        assert hopper.table_row(row.head_dim, row.mask).max_seqlen_k is None
     with pytest.raises(ValueError):
         hopper.compiled_head_dim(264)
 
@@ -156,7 +166,7 @@ def test_launch_arguments_match_the_kernel_signature():
     maps = (tensor_map.TensorMap(), tensor_map.TensorMap(), tensor_map.TensorMap())
     args = hopper.kernel_arguments(
         variant, maps, out, lse, None, None, seqlen_q=s, seqlen_k=s, total_q=s, total_k=s, heads_q=h, heads_kv=h,
-        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), softcap=0.0, scale=0.125,
+        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), order="blocks", softcap=0.0, scale=0.125,
     )  # fmt: skip
     assert len(args) == len(params)
     expected = {
@@ -170,6 +180,7 @@ def test_launch_arguments_match_the_kernel_signature():
     assert window["win_right"].value == 0 and window["win_left"].value == hopper.UNBOUNDED_REACH
     assert window["score_log2"].value == pytest.approx(0.125 * hopper.LOG2E)
     assert window["softcap_in"].value == 0
+    assert window["blocks_outer"].value == 1
 
 
 def test_tensor_map_limits_and_strides():

@@ -60,11 +60,21 @@ class Case:
     varlen_k: list[int] | None = None
     layout: str = "bshd"  # bshd, bhsd (heads outer), padded (rows wider than head_dim)
     scale: float | None = None
-    config: tuple[int, int, int] | None = None  # (consumers, block_n, stages) instead of the table's
+    config: tuple | None = None  # (consumers, block_n[, order]) instead of the table's
 
     @property
-    def causal_window(self) -> tuple[int, int]:
-        return self.window
+    def seqlen_k(self) -> int:
+        """The longest key sequence (what the table's seqlen buckets look at)."""
+        if self.varlen:
+            return max(self.varlen_k or self.varlen)
+        return self.sk or self.sq
+
+    def hopper_config(self):
+        from flash_cuda import hopper
+
+        if self.config:
+            return hopper.HopperConfig(*self.config)
+        return hopper.config_for(self.d, self.window, self.seqlen_k)
 
 
 def check_cases() -> list[Case]:
@@ -108,6 +118,10 @@ def check_cases() -> list[Case]:
         Case("many tiles causal", d=128, b=2, sq=2048, hq=16, window=(-1, 0)),
         Case("many tiles causal d256", d=256, b=1, sq=1500, hq=12, window=(-1, 0)),
         Case("large scale", sq=300, scale=1.0),
+        Case("full, blocks order", d=64, b=2, sq=700, hq=5, config=(3, 128, "blocks")),
+        Case("varlen causal, heads order", varlen=[300, 40, 700], window=(-1, 0), config=(2, 128, "heads")),
+        Case("d128 full 128x192", sq=800, sk=900, hq=3, config=(2, 192)),
+        Case("d96 full 128x176", d=96, sq=500, hq=3, config=(2, 176)),
     ]
     return c
 
@@ -117,23 +131,31 @@ class BenchCase:
     d: int
     seqlen: int
     causal: bool
-    configs: list[tuple[int, int, int] | None] = field(default_factory=lambda: [None])
+    configs: list[tuple | None] = field(default_factory=lambda: [None])  # None: the table's
 
 
 def bench_cases() -> list[BenchCase]:
+    b = "blocks"
     return [
-        BenchCase(128, 8192, False, [None, (2, 128, 2), (2, 192, 2), (2, 144, 2), (2, 128, 3)]),
-        BenchCase(128, 8192, True, [None, (2, 176, 2), (2, 144, 2)]),
-        BenchCase(128, 4096, False),
-        BenchCase(128, 4096, True),
-        BenchCase(128, 1024, False),
-        BenchCase(128, 1024, True),
-        BenchCase(64, 8192, False, [None, (2, 128, 2), (2, 192, 2), (3, 128, 3), (2, 256, 2)]),
-        BenchCase(64, 8192, True, [None, (2, 128, 2), (2, 192, 2)]),
-        BenchCase(64, 1024, False),
-        BenchCase(256, 8192, False, [None, (2, 64, 2)]),
-        BenchCase(256, 8192, True, [None, (2, 64, 2)]),
+        BenchCase(128, 8192, False, [None, (2, 176), (2, 160)]),
+        BenchCase(128, 8192, True, [None, (2, 128, "heads"), (2, 176, b), (2, 192, b)]),
+        BenchCase(128, 4096, False, [None, (2, 176), (2, 128)]),
+        BenchCase(128, 4096, True, [None, (2, 176, b)]),
+        BenchCase(128, 1024, False, [None, (2, 192), (2, 176)]),
+        BenchCase(128, 1024, True, [None, (2, 128, "heads"), (2, 192, b)]),
+        BenchCase(64, 8192, False, [None, (2, 192)]),
+        BenchCase(64, 8192, True, [None, (2, 192, b), (3, 128, "heads")]),
+        BenchCase(64, 4096, False),
+        BenchCase(64, 1024, False, [None, (2, 128), (2, 192)]),
+        BenchCase(64, 1024, True, [None, (2, 128, b)]),
+        BenchCase(256, 8192, False, [None, (2, 64)]),
+        BenchCase(256, 8192, True, [None, (2, 80, "heads"), (2, 64, b)]),
         BenchCase(256, 1024, False),
+        BenchCase(256, 1024, True),
+        BenchCase(96, 8192, False, [None, (2, 176), (2, 192)]),
+        BenchCase(96, 8192, True, [None, (2, 176, b)]),
+        BenchCase(192, 8192, False, [None, (2, 96)]),
+        BenchCase(192, 8192, True, [None, (2, 96, b)]),
     ]
 
 
@@ -311,7 +333,7 @@ def phase_check(args) -> int:
         try:
             prob = make_problem(case, seed)
             variant = hopper.make_variant(
-                hopper.HopperConfig(*case.config) if case.config else hopper.config_for(case.d, case.window),
+                case.hopper_config(),
                 case.d, case.dtype == "bf16", hopper.mask_kind(case.window),
             )  # fmt: skip
             entry["variant"] = variant.label()
@@ -399,12 +421,13 @@ def all_variants():
 
     found = set(hopper.shipped_variants())
     for case in check_cases():
-        config = hopper.HopperConfig(*case.config) if case.config else hopper.config_for(case.d, case.window)
-        found.add(hopper.make_variant(config, case.d, case.dtype == "bf16", hopper.mask_kind(case.window)))
+        found.add(
+            hopper.make_variant(case.hopper_config(), case.d, case.dtype == "bf16", hopper.mask_kind(case.window))
+        )
     for bc in bench_cases():
         window = (-1, 0) if bc.causal else (-1, -1)
         for cfg in bc.configs:
-            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(bc.d, window)
+            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(bc.d, window, bc.seqlen)
             found.add(hopper.make_variant(config, bc.d, True, hopper.mask_kind(window)))
     return sorted(found, key=lambda v: v.label())
 
@@ -436,7 +459,7 @@ def phase_bench(args) -> int:
     rows = []
     tokens, width = 16384, 2048
     for bc in bench_cases():
-        b, h, s, d = tokens // bc.seqlen, width // bc.d, bc.seqlen, bc.d
+        b, h, s, d = tokens // bc.seqlen, width // bc.d, bc.seqlen, bc.d  # d96, d192: 21, 10 heads
         window = (-1, 0) if bc.causal else (-1, -1)
         flops = 4 * b * h * s * s * d / (2 if bc.causal else 1)
         g = torch.Generator(device="cuda").manual_seed(s + d)
@@ -446,6 +469,18 @@ def phase_bench(args) -> int:
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         scale = 1 / math.sqrt(d)
         row = {"d": d, "seqlen": s, "batch": b, "heads": h, "causal": bc.causal}
+
+        def graphed(fn):
+            """fn captured in a CUDA graph: replays time the GPU work without host launch overhead."""
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            return graph.replay
 
         def tflops(fn):
             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -457,13 +492,15 @@ def phase_bench(args) -> int:
                     fn = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=bc.causal)  # noqa: E731
                     fn()
                     row[name] = tflops(fn)
+                    if s <= 1024:
+                        row[f"graph {name}"] = tflops(graphed(fn))
             except Exception as error:
                 row[name] = None
                 log(f"  {name} failed: {error}")
         ref_out = None
         for cfg in bc.configs:
-            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(d, window)
-            label = "table" if cfg is None else "c{}x{}s{}".format(*cfg)
+            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(d, window, s)
+            label = "table" if cfg is None else "c{}x{}{}".format(cfg[0], cfg[1], "".join(cfg[2:3])[:1])
             try:
                 fn = lambda: hopper.forward(  # noqa: E731
                     q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
@@ -477,6 +514,8 @@ def phase_bench(args) -> int:
                 diff = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
                 row[label] = tflops(fn)
                 row[label + " maxdiff"] = diff
+                if s <= 1024 and cfg is None:
+                    row["graph ours"] = tflops(graphed(fn))
                 log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} {label} ({config}): {row[label]:.1f} "
                     f"TFLOP/s, max |out - cuDNN| {diff:.3g}")  # fmt: skip
             except Exception as error:
@@ -488,11 +527,13 @@ def phase_bench(args) -> int:
     with open(os.path.join(OUT, "bench.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     log("\nTFLOP/s (bf16, 16k tokens, 2048 = heads * d); ratio = ours (table) / cuDNN")
-    log(f"{'case':22s} {'ours':>7s} {'cuDNN':>7s} {'FA2':>7s} {'ratio':>6s}  candidates")
+    log(f"{'case':22s} {'ours':>7s} {'cuDNN':>7s} {'FA2':>7s} {'ratio':>6s}  candidates; graphed ours/cuDNN/FA2")
     for r in rows:
         ours, cudnn, fa2 = r.get("table"), r.get("cudnn"), r.get("fa2")
         ratio = f"{ours / cudnn:.3f}" if ours and cudnn else "-"
-        cands = " ".join(f"{k}={r[k]:.0f}" for k in r if k.startswith("c") and " " not in k and r[k] and k != "cudnn")
+        cands = " ".join(f"{k}={r[k]:.0f}" for k in r if k[:2] in ("c2", "c3") and " " not in k and r[k])
+        if r.get("graph ours"):
+            cands += " | graph " + "/".join(f"{r.get('graph ' + n) or 0:.0f}" for n in ("ours", "cudnn", "fa2"))
         case = f"d{r['d']} s{r['seqlen']} {'causal' if r['causal'] else 'full'}"
         fmt = lambda x: f"{x:7.1f}" if x else "      -"  # noqa: E731
         log(f"{case:22s} {fmt(ours)} {fmt(cudnn)} {fmt(fa2)} {ratio:>6s}  {cands}")

@@ -34,6 +34,9 @@ MASK_NONE, MASK_RIGHT, MASK_BOTH = 0, 1, 2
 MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
 #: Largest dynamic shared memory a block may opt in to on sm_90, bytes.
 MAX_SMEM = 227 * 1024
+#: Depth of the K and V rings (Shape::STAGES): the widest tiles fill shared memory with two, and a
+#: third stage measured no faster where it fits (run 1: d128 128x128, 626 vs 633 TFLOP/s).
+STAGES = 2
 #: Slack for aligning the shared-memory base to the 1024-byte swizzle period inside the kernel.
 SMEM_ALIGN_SLACK = 1024
 #: Stand-in for an unbounded window side; sequences are capped below it.
@@ -46,13 +49,18 @@ LOG2E = 1.4426950408889634
 # ------------------------------------------------------------------ tiles: the table
 
 
+ORDERS = ("heads", "blocks")
+
+
 @dataclass(frozen=True)
 class HopperConfig:
-    """Tiles of one problem class: 64 * consumers query rows per tile, block_n keys per block."""
+    """Tiles and tile order of one problem class: 64 * consumers query rows per tile, block_n keys
+    per block; order "heads" walks the tiles head by head (K and V shared in L2), "blocks" query
+    block by query block, heaviest first (longest work first: balances causal and varlen work)."""
 
     consumers: int  # consumer warpgroups: 2 (240 registers each) or 3 (160 registers each)
     block_n: int
-    stages: int  # depth of the K and V shared-memory rings
+    order: str = "heads"
 
     @property
     def block_m(self) -> int:
@@ -63,30 +71,34 @@ class HopperConfig:
 class TableRow:
     head_dim: int  # compiled head dim
     mask: int  # MASK_NONE, MASK_RIGHT or MASK_BOTH
+    max_seqlen_k: int | None  # the row serves problems with seqlen_k up to this (None: any)
     config: HopperConfig
-    provenance: str  # "measured: GPU, date, versions" or "unmeasured: why this guess"
+    provenance: str  # "measured: GPU, date, versions, what" or "unmeasured: why this guess"
 
 
 _GUESS = "unmeasured: FlashAttention-3's tile for this head dim, fitted to 227 KB of shared memory"
-_GUESS_MASKED = "unmeasured: as the full-mask tile with FA3's narrower key block for masked problems"
+_GUESS_MASKED = "unmeasured: FA3's narrower key block for masked problems, longest-work-first order"
+_RUN1 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0"
 
-#: Tiles per (compiled head dim, mask kind). Problems of other head dims use the next shipped one.
+#: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
+#: serves it. Problems of other head dims use the next shipped one.
 TABLE: tuple[TableRow, ...] = (
-    TableRow(64, MASK_NONE, HopperConfig(3, 128, 2), _GUESS),
-    TableRow(64, MASK_RIGHT, HopperConfig(3, 128, 2), _GUESS_MASKED),
-    TableRow(64, MASK_BOTH, HopperConfig(3, 128, 2), _GUESS_MASKED),
-    TableRow(96, MASK_NONE, HopperConfig(2, 144, 2), _GUESS),
-    TableRow(96, MASK_RIGHT, HopperConfig(2, 128, 2), _GUESS_MASKED),
-    TableRow(96, MASK_BOTH, HopperConfig(2, 128, 2), _GUESS_MASKED),
-    TableRow(128, MASK_NONE, HopperConfig(2, 176, 2), _GUESS),
-    TableRow(128, MASK_RIGHT, HopperConfig(2, 128, 2), _GUESS_MASKED),
-    TableRow(128, MASK_BOTH, HopperConfig(2, 128, 2), _GUESS_MASKED),
-    TableRow(192, MASK_NONE, HopperConfig(2, 112, 2), _GUESS),
-    TableRow(192, MASK_RIGHT, HopperConfig(2, 112, 2), _GUESS_MASKED),
-    TableRow(192, MASK_BOTH, HopperConfig(2, 96, 2), _GUESS_MASKED),
-    TableRow(256, MASK_NONE, HopperConfig(2, 80, 2), _GUESS),
-    TableRow(256, MASK_RIGHT, HopperConfig(2, 80, 2), _GUESS_MASKED),
-    TableRow(256, MASK_BOTH, HopperConfig(2, 64, 2), _GUESS_MASKED),
+    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_RUN1}: best of 5 tiles, 8k tokens"),
+    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "blocks"), _GUESS_MASKED),
+    TableRow(64, MASK_BOTH, None, HopperConfig(3, 128, "blocks"), _GUESS_MASKED),
+    TableRow(96, MASK_NONE, None, HopperConfig(2, 144), _GUESS),
+    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
+    TableRow(96, MASK_BOTH, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
+    TableRow(128, MASK_NONE, 2048, HopperConfig(2, 128), _GUESS),
+    TableRow(128, MASK_NONE, None, HopperConfig(2, 192), f"{_RUN1}: best of 5 tiles, 8k tokens"),
+    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "blocks"), f"{_RUN1}: best of 3 tiles, 8k tokens"),
+    TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
+    TableRow(192, MASK_NONE, None, HopperConfig(2, 112), _GUESS),
+    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 112, "blocks"), _GUESS_MASKED),
+    TableRow(192, MASK_BOTH, None, HopperConfig(2, 96, "blocks"), _GUESS_MASKED),
+    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_RUN1}: best of 2 tiles, 8k tokens"),
+    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "blocks"), f"{_RUN1}: best of 2 tiles, 8k tokens"),
+    TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "blocks"), _GUESS_MASKED),
 )
 
 
@@ -106,17 +118,19 @@ def mask_kind(window: tuple[int, int]) -> int:
     return MASK_RIGHT if left < 0 else MASK_BOTH
 
 
-def table_row(head_dim: int, mask: int) -> TableRow:
+def table_row(head_dim: int, mask: int, seqlen_k: int | None = None) -> TableRow:
     d = compiled_head_dim(head_dim)
     for row in TABLE:
-        if row.head_dim == d and row.mask == mask:
+        fits = row.max_seqlen_k is None or (seqlen_k is not None and seqlen_k <= row.max_seqlen_k)
+        if row.head_dim == d and row.mask == mask and fits:
             return row
     raise KeyError(f"no Hopper table row for head dim {d}, mask {MASK_NAMES[mask]}")
 
 
-def config_for(head_dim: int, window: tuple[int, int] = (-1, -1)) -> HopperConfig:
-    """The tiles for a problem class: head dim (before rounding up) and ``(left, right)`` window."""
-    return table_row(head_dim, mask_kind(window)).config
+def config_for(head_dim: int, window: tuple[int, int] = (-1, -1), seqlen_k: int | None = None) -> HopperConfig:
+    """The tiles for a problem class: head dim (before rounding up), ``(left, right)`` window and
+    (longest) key sequence length."""
+    return table_row(head_dim, mask_kind(window), seqlen_k).config
 
 
 # ------------------------------------------------------------------ variants
@@ -129,7 +143,6 @@ class HopperVariant:
     head_dim: int  # compiled (one of SHIPPED_HEAD_DIMS)
     consumers: int
     block_n: int
-    stages: int
     bf16: bool
     mask: int
 
@@ -141,8 +154,6 @@ class HopperVariant:
             problems.append(f"consumers {self.consumers} not 2 or 3")
         if self.block_n % 16 or not 16 <= self.block_n <= 256:
             problems.append(f"block_n {self.block_n} not a multiple of 16 in [16, 256]")
-        if self.stages < 2:
-            problems.append(f"stages {self.stages} < 2")
         if self.mask not in MASK_NAMES:
             problems.append(f"mask {self.mask} not in {sorted(MASK_NAMES)}")
         if self.launch_smem > MAX_SMEM:
@@ -169,9 +180,9 @@ class HopperVariant:
 
     @property
     def smem_bytes(self) -> int:
-        """Shape::SMEM_BYTES of the kernel: Q, the K and V rings, the mbarriers."""
-        tiles = 2 * self.head_dim * (self.block_m + 2 * self.stages * self.block_n)
-        return tiles + 8 * (2 + 4 * self.stages)
+        """Shape::SMEM_BYTES of the kernel: Q, the K and V rings (STAGES each), the mbarriers."""
+        tiles = 2 * self.head_dim * (self.block_m + 2 * STAGES * self.block_n)
+        return tiles + 8 * (2 + 4 * STAGES)
 
     @property
     def launch_smem(self) -> int:
@@ -182,7 +193,6 @@ class HopperVariant:
             "HOPPER_D": self.head_dim,
             "HOPPER_CONSUMERS": self.consumers,
             "HOPPER_BN": self.block_n,
-            "HOPPER_STAGES": self.stages,
             "HOPPER_BF16": int(self.bf16),
             "HOPPER_MASK": self.mask,
             "HOPPER_SMEM_BYTES": self.smem_bytes,
@@ -195,12 +205,12 @@ class HopperVariant:
     def label(self) -> str:
         return (
             f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
-            f"{self.block_m}x{self.block_n} c{self.consumers} s{self.stages}"
+            f"{self.block_m}x{self.block_n} c{self.consumers}"
         )
 
 
 def make_variant(config: HopperConfig, head_dim: int, bf16: bool, mask: int) -> HopperVariant:
-    return HopperVariant(compiled_head_dim(head_dim), config.consumers, config.block_n, config.stages, bf16, mask)
+    return HopperVariant(compiled_head_dim(head_dim), config.consumers, config.block_n, bf16, mask)
 
 
 _variant = functools.lru_cache(maxsize=256)(make_variant)
@@ -422,7 +432,7 @@ def unsupported_reasons(
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
         reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
     elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
-        config = config_for(head_dim, window)
+        config = config_for(head_dim, window, seqlen_k)
         batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
         if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
             reasons.append("more than 2^31 - 1 tiles")
@@ -453,6 +463,7 @@ def kernel_arguments(
     m_blocks: int,
     tiles: int,
     window: tuple[int, int],
+    order: str,
     softcap: float,
     scale: float,
 ) -> list[Any]:
@@ -490,6 +501,7 @@ def kernel_arguments(
         i32(tiles),
         i32(_reach(window[0])),
         i32(_reach(window[1])),
+        i32(ORDERS.index(order)),
         f32(score_log2),
         f32(softcap_in),
     ]
@@ -527,7 +539,8 @@ def forward(
     from flash_cuda import tensor_map
 
     varlen = cu_seqlens_q is not None
-    variant = _variant(config or config_for(head_dim, window), head_dim, q.dtype == torch.bfloat16, mask_kind(window))
+    config = config or config_for(head_dim, window, seqlen_k)
+    variant = _variant(config, head_dim, q.dtype == torch.bfloat16, mask_kind(window))
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -545,7 +558,7 @@ def forward(
     args = kernel_arguments(
         variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, softcap=softcap, scale=scale,
+        window=window, order=config.order, softcap=softcap, scale=scale,
     )  # fmt: skip
     grid = min(tiles, _sm_count(device))
     stream = torch.cuda.current_stream(q.device).cuda_stream

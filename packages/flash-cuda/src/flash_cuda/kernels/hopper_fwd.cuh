@@ -43,12 +43,14 @@ constexpr float LN2 = 0.6931471805599453f;
 // Named barrier 0 is __syncthreads; the consumers' turns use 1..CONSUMERS.
 constexpr int TURN_BARRIER = 1;
 
-template <int D_, int CONSUMERS_, int BN_, int STAGES_, bool BF16_, int MASK_>
+template <int D_, int CONSUMERS_, int BN_, bool BF16_, int MASK_>
 struct Shape {
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
   static constexpr int BN = BN_;                // keys per block
-  static constexpr int STAGES = STAGES_;        // depth of the K and V rings
+  // Depth of the K and V rings: the widest tiles fill shared memory with two, and a third stage
+  // measured no faster where it fits (PERF_NOTES.md).
+  static constexpr int STAGES = 2;
   static constexpr bool BF16 = BF16_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (sliding window)
   static constexpr int BM = 64 * CONSUMERS;
@@ -70,7 +72,6 @@ struct Shape {
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: a multiple of 32 in [64, 256]");
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
-  static_assert(STAGES >= 2, "at least double buffering");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
 };
 
@@ -291,6 +292,7 @@ struct Params {
   i64 o_sb, o_ss, o_sh, l_sb, l_sh, l_ss;
   int seqlen_q, seqlen_k, total_q, total_k, heads_q, group, head_dim, m_blocks, tiles;
   int win_left, win_right;  // window reach (a large value for an unbounded side)
+  int blocks_outer;         // tile order: query blocks outermost (longest work first) instead of heads
   float score_log2;         // exponent (base 2) per unit of (capped) score: scale * log2(e), or cap * log2(e)
   float softcap_in;         // tanh argument per unit of raw score, scale / cap; 0: no softcap
 };
@@ -307,13 +309,23 @@ struct Tile {
   __device__ __forceinline__ bool has_keys() const { return n_hi > n_lo; }
 };
 
-// Tile `index` of the list: (sequence, head) pairs in order, within each the query blocks heaviest
-// first (under a causal mask the last query block sees the most keys).
+// Tile `index` of the list. Query blocks go heaviest first (under a causal mask the last query
+// block sees the most keys). By default the (sequence, head) pairs are outermost, so that the
+// blocks at work at one time share few heads' K and V in L2; with blocks_outer the query blocks
+// are, so that all pairs' heaviest blocks come first (longest work first, for causal masks and
+// uneven varlen batches).
 template <class S>
 __device__ __forceinline__ Tile make_tile(const Params& p, int index) {
   Tile t;
-  const int m_block = p.m_blocks - 1 - index % p.m_blocks;
-  const int bh = index / p.m_blocks;
+  int m_block, bh;
+  if (p.blocks_outer) {
+    const int pairs = p.tiles / p.m_blocks;
+    m_block = p.m_blocks - 1 - index / pairs;
+    bh = index % pairs;
+  } else {
+    m_block = p.m_blocks - 1 - index % p.m_blocks;
+    bh = index / p.m_blocks;
+  }
   t.head = bh % p.heads_q;
   t.batch = bh / p.heads_q;
   t.batch_coord = t.batch;
@@ -398,6 +410,15 @@ struct Ring {
   }
 };
 
+// Prefetches Q of the tile into L2.
+template <class S>
+__device__ __forceinline__ void prefetch_q(const TensorMap* map, const Tile& t) {
+#pragma unroll
+  for (int slab = 0; slab < S::D / S::SLAB; ++slab) {
+    tma_prefetch_4d(map, slab * S::SLAB, t.head, t.q_start + t.m0, t.batch_coord);
+  }
+}
+
 // Loads all slabs of one (ROWS x D) box: rows from `row` of (head, batch_coord).
 template <int ROWS, class S>
 __device__ __forceinline__ void tma_load_tile(const SmemTile<ROWS, S>& dst, const TensorMap* map, u32 bar, int head,
@@ -441,6 +462,12 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
     mbarrier_arrive_expect(sm.q_full(), S::Q_BYTES);
     tma_load_tile(sm.q(), q_map, sm.q_full(), t.head, t.q_start + t.m0, t.batch_coord);
     q_phase ^= 1;
+    // Q of the next tile is read from DRAM; fetched into L2 now, its load at the tile boundary is short.
+    const int next = tile_index(round + 1);
+    if (next < p.tiles) {
+      const Tile u = make_tile<S>(p, next);
+      if (u.has_keys()) prefetch_q<S>(q_map, u);
+    }
     for (int n = t.n_hi - 2; n >= t.n_lo; --n) load_kv(n);
   }
 }
@@ -544,10 +571,14 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     mbarrier_wait(sm.q_full(), q_phase);
     q_phase ^= 1;
 
-    // First key block: S only.
+    // First key block: S only. Products are issued in turns, this one and the tile's last too:
+    // the warpgroups stay staggered across tile boundaries, so one's epilogue and first softmax
+    // overlap the other's products.
     int n = t.n_hi - 1;
     mbarrier_wait(sm.k_full(ring.stage), ring.phase);
+    turn.wait();
     issue_qk<S>(s, q, 64 * wg, sm.k(ring.stage));
+    turn.pass();
     wgmma_wait<0>();
     pin(s);
     if (warp_leader) mbarrier_arrive(sm.k_empty(ring.stage));
@@ -591,7 +622,9 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     if (warp_leader) mbarrier_arrive(sm.q_empty());
     if (softmax.rescale) scale_rows(o, softmax.correction);
     mbarrier_wait(sm.v_full(v_ring.stage), v_ring.phase);
+    turn.wait();
     issue_pv<S>(o, pm, sm.v(v_ring.stage));
+    turn.pass();
     wgmma_wait<0>();
     pin(o);
     if (warp_leader) mbarrier_arrive(sm.v_empty(v_ring.stage));
