@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import flash
-from flash import heuristics
+from flash import heuristics, plan
 from flash.backend import BackwardArgs, ForwardArgs
+from flash.dispatch import BoundedCache
 from flash.heuristics import KernelConfig
 from flash.spec import build_spec, canonical, canonical_lse
 from flash.testing import Case, assert_within_rule, check_backward, check_forward, dense_attention
@@ -43,6 +44,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, **extra) -> None:
         return KernelConfig.from_json({**config.to_json(), **extra}) if backend.name == "triton" else config
 
     monkeypatch.setattr(heuristics, "config_for", config_for)
+    monkeypatch.setattr(plan, "_plans", BoundedCache(16))  # plans hold the configuration they were made with
 
 
 def test_deterministic_backward_is_bit_identical() -> None:
