@@ -284,7 +284,8 @@ def _qkv():
 @pytest.mark.parametrize(
     ("options", "argument"),
     [({"window": (2**63, 0)}, "window"), ({"window": (0, 2**40)}, "window"),
-     ({"dropout_p": 0.1, "dropout_seed": 2**63}, "dropout_seed"), ({"dropout_p": 0.1, "dropout_seed": 2**64}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": 2**63}, "dropout_seed"),
+     ({"dropout_p": 0.1, "dropout_seed": 2**64}, "dropout_seed"),
      ({"causal": 1}, "causal"), ({"scale": True}, "scale"), ({"return_lse": "yes"}, "return_lse"),
      ({"check_values": "yes"}, "check_values"), ({"backend": 3}, "backend")],
 )  # fmt: skip

@@ -142,7 +142,7 @@ def visible_dot(p, v, seen, acc):
     """
     inf = float("inf")
     wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
-    nan = wide != wide
+    nan = wide != wide  # noqa: PLR0124 - NaN is the one value unequal to itself
     pos = wide == inf
     neg = wide == -inf
     acc = tl.dot(p.to(v.dtype), tl.where(nan | pos | neg, 0.0, v).to(v.dtype), acc)
