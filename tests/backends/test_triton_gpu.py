@@ -16,8 +16,8 @@ import torch
 
 import flash
 from flash import heuristics, plan
+from flash._cache import BoundedCache
 from flash.backend import BackwardArgs, ForwardArgs
-from flash.dispatch import BoundedCache
 from flash.heuristics import KernelConfig
 from flash.spec import build_spec, canonical, canonical_lse
 from flash.testing import Case, assert_within_rule, check_backward, check_forward, dense_attention

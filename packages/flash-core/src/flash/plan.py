@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from flash import dispatch, heuristics
+from flash._cache import BoundedCache
 from flash.backend import Backend, BackwardArgs, ForwardArgs
-from flash.dispatch import BoundedCache
 from flash.heuristics import KernelConfig, autotune
 from flash.spec import (
     AttentionSpec,
