@@ -39,6 +39,8 @@ def attention(
     q_descale: Tensor | None = ...,
     k_descale: Tensor | None = ...,
     v_descale: Tensor | None = ...,
+    sinks: Tensor | None = ...,
+    sink_tokens: int = ...,
     return_lse: Literal[False] = ...,
     deterministic: bool = ...,
     check_values: bool | None = ...,
@@ -64,6 +66,8 @@ def attention(
     q_descale: Tensor | None = ...,
     k_descale: Tensor | None = ...,
     v_descale: Tensor | None = ...,
+    sinks: Tensor | None = ...,
+    sink_tokens: int = ...,
     return_lse: Literal[True],
     deterministic: bool = ...,
     check_values: bool | None = ...,
@@ -90,6 +94,8 @@ def attention(
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
+    sinks: Tensor | None = None,
+    sink_tokens: int = 0,
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
@@ -118,8 +124,14 @@ def attention(
         q_descale, k_descale, v_descale: float32 dequantisation factors of fp8 inputs, shape ``()``
             per tensor or (batch, heads) per head. The output of fp8 attention is bf16; fp8 attention
             is inference-only (inputs that require grad are refused).
+        sinks: learned per-head sink logits, float32 (heads_q,): each adds ``exp(sinks[h])`` to the
+            softmax denominator of every row of head ``h`` (and to its LSE) without a value, so
+            the row's weights sum to less than one (gpt-oss). Differentiable (:mod:`flash.sinks`).
+        sink_tokens: the first ``sink_tokens`` keys stay visible beyond a window's left reach
+            (StreamingLLM); causality still applies. No effect without a bounded left reach.
         return_lse: also return the log-sum-exp of each row, float32 (batch, heads_q, seqlen_q)
-            ((heads_q, total_q) for varlen); -inf for a row that sees no key (whose output is 0).
+            ((heads_q, total_q) for varlen); -inf for a row that sees no key (whose output is 0),
+            the sink's logit for such a row with ``sinks``.
         deterministic: ask for bit-identical gradients run to run.
         check_values: check the values of ``cu_seqlens_q/k`` (a device-to-host copy when they are on
             a GPU). ``None`` (default): only where that costs no synchronisation, i.e. offsets in CPU
@@ -137,9 +149,10 @@ def attention(
             q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
             dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            deterministic=deterministic, check_values=check_values, backend=backend,
+            deterministic=deterministic, check_values=check_values, backend=backend, sinks=sinks,
+            sink_tokens=sink_tokens,
         )  # fmt: skip
-    grad = _needs_grad(q, k, v)
+    grad = _needs_grad(q, k, v, sinks)
     if grad and q.dtype in FP8_DTYPES:
         raise InvalidInputError(
             "q", "tensors that do not require grad (fp8 attention has no backward)", "requires_grad"
@@ -150,17 +163,21 @@ def attention(
         left, right = window or (-1, -1)
         out, lse = ops.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale,
-            layout, causal, left, right, softcap, scale, dropout_p, dropout_seed, deterministic, backend,
+            sinks, layout, causal, left, right, softcap, scale, dropout_p, dropout_seed, deterministic, backend,
+            sink_tokens,
         )  # fmt: skip
     else:
         plan, spec = plan_for(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale, layout,
-            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values,
+            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values, sinks,
+            sink_tokens,
         )  # fmt: skip
         if grad:
-            out, lse = ops.AttentionFunction.apply(q, k, v, plan, spec, cu_seqlens_q, cu_seqlens_k)
+            out, lse = ops.AttentionFunction.apply(q, k, v, sinks, plan, spec, cu_seqlens_q, cu_seqlens_k)
         else:
-            out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+            out, lse = run_forward(
+                plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks
+            )
     return (out, lse) if return_lse else out
 
 
@@ -175,6 +192,8 @@ def attention_qkvpacked(
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    sinks: Tensor | None = None,
+    sink_tokens: int = 0,
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
@@ -196,8 +215,8 @@ def attention_qkvpacked(
     return attention(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=dropout_p,
-        dropout_seed=dropout_seed, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
-        backend=backend,
+        dropout_seed=dropout_seed, sinks=sinks, sink_tokens=sink_tokens, return_lse=return_lse,
+        deterministic=deterministic, check_values=check_values, backend=backend,
     )  # type: ignore[call-overload]  # fmt: skip
 
 
@@ -292,6 +311,8 @@ def explain(
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
+    sinks: Tensor | None = None,
+    sink_tokens: int = 0,
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
@@ -305,7 +326,8 @@ def explain(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, deterministic=deterministic, check_values=check_values,
+        v_descale=v_descale, deterministic=deterministic, check_values=check_values, sinks=sinks,
+        sink_tokens=sink_tokens,
     )  # fmt: skip
     return dispatch.explain(spec, backend)
 

@@ -15,7 +15,12 @@ The LSE contract, shared by every forward and backward so that any forward pairs
 with any backward: ``lse[b, h, i]`` is the natural-log sum of
 ``exp(scale * q_i . k_j)`` (after softcap) over the keys row ``i`` sees, in
 float32 (float64 for float64 inputs), ``-inf`` for a row that sees no key, laid out (batch, heads_q, seqlen_q)
-(for varlen: (1, heads_q, total_q), rows indexed by token).
+(for varlen: (1, heads_q, total_q), rows indexed by token). With sink logits the sum has one
+more term, ``exp(sink[h])``, so a backward that recomputes ``P`` from the LSE needs no change.
+
+The KV-cache pass (optional, :attr:`Backend.decode_support` and :meth:`Backend.decode`) takes a
+:class:`~flash.kvspec.KVCacheSpec` and :class:`DecodeArgs`; a backend without it stays a valid
+plugin API 2 backend (dispatch says "no KV-cache pass").
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from flash.spec import AttentionSpec
 
 if TYPE_CHECKING:
     from flash.heuristics import KernelConfig
+    from flash.kvspec import KVCacheSpec
 
 #: The plugin API this flash-core speaks. A backend declares the version it was
 #: built for in :attr:`Backend.plugin_api`; core refuses any other with a reason.
@@ -37,10 +43,16 @@ if TYPE_CHECKING:
 #: backend-owned heuristics tables.
 PLUGIN_API_VERSION = 2
 
-Pass = Literal["forward", "backward"]
+Pass = Literal["forward", "backward", "decode"]
 
 #: Every name :meth:`flash.spec.AttentionSpec.features` can report.
-FEATURES = frozenset({"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic"})
+FEATURES = frozenset(
+    {"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic", "sinks", "sink_tokens"}
+)
+#: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
+DECODE_FEATURES = frozenset(
+    {"causal", "window", "softcap", "gqa", "fp8", "sinks", "sink_tokens", "paged", "append", "rotary", "cache_batch_idx"}
+)
 
 
 @dataclass(frozen=True)
@@ -74,9 +86,10 @@ class Support:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        unknown = set(self.features) - FEATURES
+        known = FEATURES | DECODE_FEATURES
+        unknown = set(self.features) - known
         if unknown:
-            raise ValueError(f"Support: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
+            raise ValueError(f"Support: unknown features {sorted(unknown)}; known: {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,37 @@ class ForwardArgs:
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     q_descale: torch.Tensor | None = None
+    k_descale: torch.Tensor | None = None
+    v_descale: torch.Tensor | None = None
+    #: float32 (heads_q,) sink logits (contiguous), or None.
+    sinks: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class DecodeArgs:
+    """Tensors of one KV-cache call (see :func:`flash.attention_with_kvcache` for their shapes).
+
+    ``cache_seqlens`` is always an int32 (batch,) tensor on the device. Lengths, page numbers and
+    batch indices are *not* checked on a GPU (that would synchronise): a backend clamps each one
+    it reads the documented way (:mod:`flash.kvspec`), so no access leaves the tensors. The backend
+    appends ``k``/``v`` (rotated, quantised for an fp8 cache) at each sequence's position, then
+    fills ``out`` (like ``q``) and ``lse`` (float32 (batch, heads_q, seqlen_q)) entirely; it writes
+    nothing else but its own workspace.
+    """
+
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_seqlens: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+    cache_batch_idx: torch.Tensor | None = None
+    rotary_cos: torch.Tensor | None = None
+    rotary_sin: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
 
@@ -137,6 +181,8 @@ class Backend(ABC):
     forward_support: Support
     #: What the backward runs; ``None``: no backward (another backend's pairs through the LSE).
     backward_support: Support | None = None
+    #: What the KV-cache pass runs (features from :data:`DECODE_FEATURES`); ``None``: no such pass.
+    decode_support: Support | None = None
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing package, no GPU...).
@@ -147,6 +193,10 @@ class Backend(ABC):
 
     def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
         """What the declarations cannot say (a grid-size limit, a kernel-specific constraint)."""
+        return []
+
+    def decode_extra_reasons(self, spec: KVCacheSpec) -> list[str]:
+        """What :attr:`decode_support` cannot say about a KV-cache problem."""
         return []
 
     def shared_memory_row(self, head_dim: int) -> int:
@@ -169,6 +219,11 @@ class Backend(ABC):
     def backward(self, spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> None:
         """Compute ``args.dq``, ``args.dk``, ``args.dv`` in place."""
         raise NotImplementedError(f"backend {self.name!r} has no backward pass")
+
+    def decode(self, spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
+        """Append ``args.k``/``args.v`` to the cache, then fill ``args.out`` and ``args.lse`` (split
+        into ``spec.num_splits`` parts of the keys, merged exactly; see :func:`flash.merge_states`)."""
+        raise NotImplementedError(f"backend {self.name!r} has no KV-cache pass")
 
     def tuning_candidates(self, spec: AttentionSpec, pass_: Pass) -> list[KernelConfig]:
         """Configurations worth timing for ``spec`` when autotuning is on (``FLASH_AUTOTUNE=1``).

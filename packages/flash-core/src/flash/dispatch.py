@@ -26,8 +26,11 @@ from flash import support
 from flash._cache import BoundedCache
 from flash.backend import Backend, Pass
 from flash.errors import BackendError, InvalidInputError, NoBackendError
+from flash.kvspec import KVCacheSpec
 from flash.registry import REGISTRY
 from flash.spec import AttentionSpec
+
+Spec = AttentionSpec | KVCacheSpec
 
 ENV_BACKEND = "FLASH_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("flash_forced_backend", default=None)
@@ -60,8 +63,10 @@ def forced_backend(requested: str = "auto") -> tuple[str | None, str]:
     return None, ""
 
 
-def support_class(spec: AttentionSpec) -> AttentionSpec:
+def support_class(spec: Spec) -> Spec:
     """``spec`` without the values no support declaration reads: the key of cached decisions."""
+    if isinstance(spec, KVCacheSpec):
+        return dataclasses.replace(spec, scale=1.0, softcap=1.0 if spec.softcap else 0.0, num_splits=1)
     return dataclasses.replace(
         spec,
         dropout_seed=0,
@@ -71,7 +76,7 @@ def support_class(spec: AttentionSpec) -> AttentionSpec:
     )
 
 
-def rejection_reasons(name: str, spec: AttentionSpec, pass_: Pass) -> list[str]:
+def rejection_reasons(name: str, spec: Spec, pass_: Pass) -> list[str]:
     """Why backend ``name`` cannot run ``pass_`` of ``spec``; empty when it can."""
     if name not in REGISTRY.names():
         return [f"no backend named {name!r} is installed"]
@@ -109,11 +114,11 @@ def _priority(name: str) -> int | None:
         return None
 
 
-def _verdict(name: str, spec: AttentionSpec, pass_: Pass) -> tuple[str, int | None, tuple[str, ...]]:
+def _verdict(name: str, spec: Spec, pass_: Pass) -> tuple[str, int | None, tuple[str, ...]]:
     return (name, _priority(name), tuple(rejection_reasons(name, spec, pass_)))
 
 
-def _decide(spec: AttentionSpec, pass_: Pass, name: str | None, forced_by: str, survey: bool) -> Decision:
+def _decide(spec: Spec, pass_: Pass, name: str | None, forced_by: str, survey: bool) -> Decision:
     """Evaluate the forced backend alone (unless ``survey``), or every backend by priority."""
     if name is not None and not survey:
         verdict = _verdict(name, spec, pass_)
@@ -126,7 +131,7 @@ def _decide(spec: AttentionSpec, pass_: Pass, name: str | None, forced_by: str, 
     return Decision(pass_, eligible[0] if eligible else None, forced_by, tuple(considered))
 
 
-def decide(spec: AttentionSpec, pass_: Pass, requested: str = "auto", *, survey: bool = False) -> Decision:
+def decide(spec: Spec, pass_: Pass, requested: str = "auto", *, survey: bool = False) -> Decision:
     """Run dispatch for ``spec`` and record the verdicts (no exception when none fits).
 
     ``survey=True`` evaluates every installed backend even when one is forced (what
@@ -143,8 +148,10 @@ def decide(spec: AttentionSpec, pass_: Pass, requested: str = "auto", *, survey:
     return decision
 
 
-def describe(spec: AttentionSpec) -> str:
+def describe(spec: Spec) -> str:
     """One line naming the problem (dtype, device, sizes, options), for messages."""
+    if isinstance(spec, KVCacheSpec):
+        return spec.describe()
     parts = [
         str(spec.dtype).replace("torch.", ""),
         f"{spec.device}",
@@ -157,7 +164,7 @@ def describe(spec: AttentionSpec) -> str:
     return ", ".join(parts)
 
 
-def select(spec: AttentionSpec, pass_: Pass, requested: str = "auto") -> Backend:
+def select(spec: Spec, pass_: Pass, requested: str = "auto") -> Backend:
     """The backend that runs ``pass_`` of ``spec``; raises :class:`flash.errors.NoBackendError` listing every reason."""
     name, forced_by = forced_backend(requested)
     key = (support_class(spec), pass_, name, forced_by)
@@ -188,3 +195,19 @@ def explain(spec: AttentionSpec, requested: str = "auto") -> Explanation:
     forward = decide(spec, "forward", requested, survey=True)
     backward = decide(spec, "backward", requested, survey=True)
     return Explanation(spec, forward, backward)
+
+
+@dataclass(frozen=True)
+class KVCacheExplanation:
+    """What :func:`flash.explain_kvcache` returns: the call, and the decision for its KV-cache pass."""
+
+    spec: KVCacheSpec
+    decode: Decision
+
+    def __str__(self) -> str:
+        return f"problem: {describe(self.spec)}\n{self.decode}"
+
+
+def explain_kvcache(spec: KVCacheSpec, requested: str = "auto") -> KVCacheExplanation:
+    """The dispatch decision for the KV-cache pass of ``spec`` (see :func:`flash.explain_kvcache`)."""
+    return KVCacheExplanation(spec, decide(spec, "decode", requested, survey=True))

@@ -6,6 +6,10 @@ queries and ``len_k`` keys sees key ``j`` iff
 (bottom-right alignment) and an unbounded side is ``-1``. ``causal`` is
 ``right = 0``. The visible range of a row only moves right as ``i`` grows, which
 is what lets a tiled kernel skip whole tiles.
+
+Sink tokens (StreamingLLM, ``sink_tokens = n``): the first ``n`` keys are exempt from the
+left reach, so row ``i`` also sees every key ``j < n`` with ``j <= i + off + right``. They
+relax the window's left edge only: a causal row still never sees a later key.
 """
 
 from __future__ import annotations
@@ -38,46 +42,75 @@ class Tile(enum.Enum):
 
 
 def classify_tile(
-    rows: tuple[int, int], cols: tuple[int, int], len_q: int, len_k: int, bounds: tuple[int, int]
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    len_q: int,
+    len_k: int,
+    bounds: tuple[int, int],
+    sink_tokens: int = 0,
 ) -> Tile:
     """Classify the tile of query rows ``[i0, i1)`` and keys ``[j0, j1)`` (both non-empty)."""
     (i0, i1), (j0, j1) = rows, cols
     first_lo, first_hi = visible_key_range(i0, len_q, len_k, bounds)
     last_lo, last_hi = visible_key_range(i1 - 1, len_q, len_k, bounds)
     if last_hi <= j0 or first_lo >= j1:
-        return Tile.HIDDEN
+        # Sink tokens only add keys: a tile holding some may still be seen (its mask says where).
+        return Tile.PARTIAL if j0 < sink_tokens else Tile.HIDDEN
     if last_lo <= j0 and first_hi >= j1:
         return Tile.VISIBLE
     return Tile.PARTIAL
 
 
-def tile_mask(
-    rows: tuple[int, int], cols: tuple[int, int], len_q: int, len_k: int, bounds: tuple[int, int], device: torch.device
-) -> torch.Tensor:
-    """Boolean (rows, cols) mask of the tile, True where the query sees the key."""
+def sees(position: torch.Tensor, j: torch.Tensor, bounds: tuple[int, int], sink_tokens: int = 0) -> torch.Tensor:
+    """The rule itself, broadcast: True where a query at ``position`` (``i + off``) sees key ``j``."""
     left, right = bounds
-    offset = len_k - len_q
-    i = torch.arange(rows[0], rows[1], device=device)[:, None] + offset
-    j = torch.arange(cols[0], cols[1], device=device)[None, :]
-    seen = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool, device=device)
+    seen = torch.ones(torch.broadcast_shapes(position.shape, j.shape), dtype=torch.bool, device=j.device)
     if left != UNBOUNDED:
-        seen &= j >= i - left
+        seen &= (j >= position - left) | (j < sink_tokens)
     if right != UNBOUNDED:
-        seen &= j <= i + right
+        seen &= j <= position + right
     return seen
 
 
-def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+def tile_mask(
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    len_q: int,
+    len_k: int,
+    bounds: tuple[int, int],
+    device: torch.device,
+    sink_tokens: int = 0,
+) -> torch.Tensor:
+    """Boolean (rows, cols) mask of the tile, True where the query sees the key."""
+    i = torch.arange(rows[0], rows[1], device=device)[:, None] + (len_k - len_q)
+    j = torch.arange(cols[0], cols[1], device=device)[None, :]
+    return sees(i, j, bounds, sink_tokens)
+
+
+def cache_mask(
+    len_k: torch.Tensor, len_q: int, capacity: int, bounds: tuple[int, int], sink_tokens: int = 0
+) -> torch.Tensor:
+    """Boolean (batch, len_q, capacity) mask of a KV cache: sequence ``b`` holds ``len_k[b]`` keys
+    (a tensor: no value leaves the device), the rule applies bottom-right aligned, and the slots
+    past ``len_k[b]`` are hidden from every row."""
+    i = torch.arange(len_q, device=len_k.device)[None, :, None]
+    j = torch.arange(capacity, device=len_k.device)[None, None, :]
+    ends = len_k.to(torch.int64)[:, None, None]
+    return sees(i + ends - len_q, j, bounds, sink_tokens) & (j < ends)
+
+
+def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, *, fast_path: bool = True) -> torch.Tensor:
     """``p @ v`` where a key a row does not see contributes nothing, even a NaN or inf value.
 
     ``p`` is (..., rows, keys) and zero wherever ``seen`` (rows, keys, broadcast) is False; a plain
     product would still multiply those zeros by the values, and ``0 * nan`` is NaN: one garbage
     value (an unused KV-cache slot, say) would poison every row of the tile. The finite values go
     through one product; the non-finite ones reach exactly the rows that see them, with IEEE's
-    rules (NaN wins, +inf and -inf together make NaN).
+    rules (NaN wins, +inf and -inf together make NaN). ``fast_path=False`` skips the check that
+    all values are finite (a device-to-host copy), for callers that must not synchronise.
     """
     finite = torch.isfinite(v)
-    if bool(finite.all()):
+    if fast_path and bool(finite.all()):
         return torch.matmul(p, v)
     out = torch.matmul(p, torch.where(finite, v, torch.zeros_like(v)))
     sees = torch.broadcast_to(seen, p.shape).to(v.dtype)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from flash.plan import Plan, plan_for, run_backward, run_forward
+from flash.sinks import sink_grad
 from flash.spec import AttentionSpec, build_spec
 
 
@@ -28,31 +29,33 @@ class AttentionFunction(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        sinks: Tensor | None,
         plan: Plan,
         spec: AttentionSpec,
         cu_seqlens_q: Tensor | None,
         cu_seqlens_k: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None, sinks)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.plan, ctx.spec = plan, spec
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k)
-        return dq, dk, dv, None, None, None, None
+        dsinks = sink_grad(sinks, out, lse, dout, ctx.spec.layout) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None, None, None, None
 
 
 #: The ops' arguments after the tensors, in order (forward and backward take the same options).
 _OPTIONS = (
     *("layout", "causal", "window_left", "window_right", "softcap", "scale"),
-    *("dropout_p", "dropout_seed", "deterministic", "backend"),
+    *("dropout_p", "dropout_seed", "deterministic", "backend", "sink_tokens"),
 )
 _BACKWARD_TENSORS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-_FORWARD_TENSORS = (*_BACKWARD_TENSORS, "q_descale", "k_descale", "v_descale")
+_FORWARD_TENSORS = (*_BACKWARD_TENSORS, "q_descale", "k_descale", "v_descale", "sinks")
 
 
 def _window(left: int, right: int) -> tuple[int, int] | None:
@@ -64,7 +67,8 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> tuple[Plan,
         q, k, v, named["cu_seqlens_q"], named["cu_seqlens_k"], named["max_seqlen_q"], named["max_seqlen_k"],
         named.get("q_descale"), named.get("k_descale"), named.get("v_descale"), named["layout"], named["causal"],
         _window(named["window_left"], named["window_right"]), named["softcap"], named["scale"], named["dropout_p"],
-        named["dropout_seed"], named["deterministic"], named["backend"], check_values=None,
+        named["dropout_seed"], named["deterministic"], named["backend"], check_values=None, sinks=named.get("sinks"),
+        sink_tokens=named["sink_tokens"],
     )  # fmt: skip
 
 
@@ -80,6 +84,7 @@ def attention_forward(
     q_descale: Optional[Tensor],
     k_descale: Optional[Tensor],
     v_descale: Optional[Tensor],
+    sinks: Optional[Tensor],
     layout: str,
     causal: bool,
     window_left: int,
@@ -90,10 +95,11 @@ def attention_forward(
     dropout_seed: Optional[int],
     deterministic: bool,
     backend: str,
+    sink_tokens: int,
 ) -> tuple[Tensor, Tensor]:
     named = {name: value for name, value in locals().items() if name not in ("q", "k", "v")}
     plan, spec = _plan(q, k, v, named)
-    return run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+    return run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks)
 
 
 def _fake_spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> AttentionSpec:
@@ -104,7 +110,7 @@ def _fake_spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> Attent
         max_seqlen_k=named["max_seqlen_k"], dropout_p=named["dropout_p"],
         dropout_seed=named["dropout_seed"] if named["dropout_p"] else None, q_descale=named["q_descale"],
         k_descale=named["k_descale"], v_descale=named["v_descale"], deterministic=named["deterministic"],
-        check_values=False,
+        check_values=False, sinks=named["sinks"], sink_tokens=named["sink_tokens"],
     )  # fmt: skip
 
 
@@ -136,6 +142,7 @@ def attention_backward(
     dropout_seed: Optional[int],
     deterministic: bool,
     backend: str,
+    sink_tokens: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     named = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "dout", "out", "lse")}
     plan, spec = _plan(q, k, v, named)
@@ -151,16 +158,19 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
     q, k, v, *rest = inputs
     named = dict(zip(_FORWARD_TENSORS + _OPTIONS, rest))
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, named["cu_seqlens_q"], named["cu_seqlens_k"])
+    ctx.save_for_backward(q, k, v, out, lse, named["cu_seqlens_q"], named["cu_seqlens_k"], named["sinks"])
     ctx.max_seqlens = (named["max_seqlen_q"], named["max_seqlen_k"])
     ctx.options = [named[name] for name in _OPTIONS]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx: Any, dout: Tensor, _dlse: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, *ctx.options)
-    return (dq, dk, dv) + (None,) * (len(_FORWARD_TENSORS) + len(_OPTIONS))
+    rest: list[Optional[Tensor]] = [None] * (len(_FORWARD_TENSORS) + len(_OPTIONS))
+    if sinks is not None:  # the sinks' gradient comes from out and lse alone (flash.sinks)
+        rest[_FORWARD_TENSORS.index("sinks")] = sink_grad(sinks, out, lse, dout, ctx.options[0])
+    return (dq, dk, dv, *rest)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -104,6 +104,8 @@ def plan_for(
     deterministic: bool,
     backend: str,
     check_values: bool | None,
+    sinks: Tensor | None = None,
+    sink_tokens: int = 0,
 ) -> tuple[Plan, AttentionSpec]:
     """The plan of this call and its spec (the plan's, with this call's dropout seed).
 
@@ -112,10 +114,10 @@ def plan_for(
     types too (``True == 1`` in Python, so a key without them would let ``causal=1`` through).
     Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
     """
-    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks)
     options = dict(
         layout=layout, causal=causal, window=window, softcap=softcap, scale=scale, dropout_p=dropout_p,
-        deterministic=deterministic,
+        deterministic=deterministic, sinks=sinks, sink_tokens=sink_tokens,
     )  # fmt: skip
     try:
         check = value_checks(q.device) if check_values is None else check_values
@@ -132,6 +134,7 @@ def plan_for(
             *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
             *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
             *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
+            *(sink_tokens, type(sink_tokens)),
             dispatch.forced_backend(backend),
         )
         plan = _plans.get(key)
@@ -142,7 +145,8 @@ def plan_for(
             q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
             dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            deterministic=deterministic, check_values=check_values, backend=backend,
+            deterministic=deterministic, check_values=check_values, backend=backend, sinks=sinks,
+            sink_tokens=sink_tokens,
         )  # fmt: skip
         spec = build_spec(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
@@ -158,7 +162,7 @@ def plan_for(
 
 
 def _contiguous(cu: Tensor | None) -> Tensor | None:
-    """Kernels read offsets as a contiguous array; a strided view is copied once here."""
+    """Kernels read offsets (and sink logits) as a contiguous array; a strided view is copied once here."""
     return cu if cu is None or cu.is_contiguous() else cu.contiguous()
 
 
@@ -173,12 +177,16 @@ def run_forward(
     q_descale: Tensor | None,
     k_descale: Tensor | None,
     v_descale: Tensor | None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Allocate ``(out, lse)`` and run the plan's forward backend on them."""
     out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
     lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
-    if plan.forward is None:  # no queries, or no keys: output 0, LSE -inf
-        return out.zero_(), lse.fill_(float("-inf"))
+    if plan.forward is None:  # no queries, or no keys: output 0, LSE -inf (or the sink's logit)
+        out.zero_()
+        if sinks is None or spec.total_q == 0:
+            return out, lse.fill_(float("-inf"))
+        return out, lse.copy_(sinks.to(lse.dtype)[:, None].expand(lse.shape))
     if POISON_OUTPUTS:
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
@@ -193,6 +201,7 @@ def run_forward(
         q_descale=q_descale,
         k_descale=k_descale,
         v_descale=v_descale,
+        sinks=_contiguous(sinks),
     )
     backend, config = plan.forward_run()
     if config is None:  # autotuning

@@ -75,6 +75,11 @@ class AttentionSpec:
     v_strides: tuple[int, int, int, int]
     # Base pointers and non-unit strides are multiples of 16 bytes (what TMA and 16-byte loads need).
     aligned16: bool
+    #: Learned per-head sink logits (``sinks=``): one more term in every row's softmax denominator.
+    sinks: bool = False
+    #: The first ``sink_tokens`` keys stay visible to every row whatever the window's left reach
+    #: (StreamingLLM); 0 when off, and always 0 without a bounded left reach (nothing to add then).
+    sink_tokens: int = 0
 
     @property
     def group_size(self) -> int:
@@ -137,23 +142,32 @@ class AttentionSpec:
             used.add("fp8")
         if self.deterministic:
             used.add("deterministic")
+        if self.sinks:
+            used.add("sinks")
+        if self.sink_tokens:
+            used.add("sink_tokens")
         return frozenset(used)
+
+    def limit_sizes(self) -> tuple[int, int, int, int]:
+        """(batch, heads, longest sequence or token count, largest token stride) for :class:`~flash.backend.Limits`."""
+        tokens = max(self.seqlen_q, self.seqlen_k, self.total_q, self.total_k)
+        return self.batch, self.heads_q, tokens, max(self.q_strides[1], self.k_strides[1], self.v_strides[1])
 
 
 # --------------------------------------------------------------------------- validation helpers
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe_tensor(t: torch.Tensor) -> str:
     return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def _require_tensor(name: str, t: object) -> torch.Tensor:
+def require_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
     return t
 
 
-def _check_unit_last_stride(name: str, t: torch.Tensor) -> None:
+def check_unit_last_stride(name: str, t: torch.Tensor) -> None:
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise InvalidInputError(
             name,
@@ -172,7 +186,7 @@ def _canonical_strides(t: torch.Tensor, layout: str, varlen: bool) -> tuple[int,
     return (s[0], s[2], s[1], s[3])
 
 
-def _is_aligned16(tensors: list[torch.Tensor]) -> bool:
+def is_aligned16(tensors: list[torch.Tensor]) -> bool:
     for t in tensors:
         item = t.element_size()
         try:
@@ -256,7 +270,7 @@ def _check_max_seqlen(name: str, given: int | None, longest: int | None, cu: tor
 def _check_descale(name: str, d: torch.Tensor | None, batch: int, heads: int, device: torch.device) -> Descale:
     if d is None:
         return "none"
-    d = _require_tensor(name, d)
+    d = require_tensor(name, d)
     if d.dtype != torch.float32:
         raise InvalidInputError(name, "dtype torch.float32", str(d.dtype))
     if d.device != device:
@@ -295,6 +309,27 @@ def check_window(value: object, name: str = "window") -> tuple[int, int]:
     return (left, right)
 
 
+def check_sinks(sinks: object, heads_q: int, device: torch.device) -> bool:
+    """Validate per-head sink logits: None, or float32 (heads_q,) on the queries' device."""
+    if sinks is None:
+        return False
+    t = require_tensor("sinks", sinks)
+    if t.dtype != torch.float32:
+        raise InvalidInputError("sinks", "dtype torch.float32", str(t.dtype))
+    if tuple(t.shape) != (heads_q,):
+        raise InvalidInputError("sinks", f"shape ({heads_q},): one logit per query head", f"shape {tuple(t.shape)}")
+    if t.device != device:
+        raise InvalidInputError("sinks", f"device {device} (same as q)", str(t.device))
+    return True
+
+
+def check_sink_tokens(value: object, window: tuple[int, int]) -> int:
+    """Validate ``sink_tokens``; it only matters with a bounded left reach, so it is 0 without one."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REACH:
+        raise InvalidInputError("sink_tokens", f"an int in [0, {MAX_REACH}]", repr(value))
+    return value if window[0] != UNBOUNDED else 0
+
+
 def _check_float(name: str, value: object, *, low: float, low_inclusive: bool, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInputError(name, "a float", type(value).__name__)
@@ -307,7 +342,7 @@ def _check_float(name: str, value: object, *, low: float, low_inclusive: bool, h
     return v
 
 
-def _check_factor(name: str, value: object, *, zero_allowed: bool) -> float:
+def check_factor(name: str, value: object, *, zero_allowed: bool) -> float:
     """A scale or softcap: a float the kernels' float32 arithmetic represents (0 allowed for softcap: off)."""
     v = _check_float(name, value, low=0.0, low_inclusive=zero_allowed)
     if v == 0.0 or MIN_FLOAT32_FACTOR <= v <= MAX_FLOAT32_FACTOR:
@@ -315,6 +350,23 @@ def _check_factor(name: str, value: object, *, zero_allowed: bool) -> float:
     zero = "0 (off) or " if zero_allowed else ""
     expected = f"{zero}a float in [{MIN_FLOAT32_FACTOR:.1e}, {MAX_FLOAT32_FACTOR:.1e}] (float32 arithmetic)"
     raise InvalidInputError(name, expected, repr(value))
+
+
+def check_score_options(
+    causal: object, window: object, softcap: object, scale: object, head_dim: int
+) -> tuple[tuple[int, int], float, float]:
+    """Validate the options that shape the scores; returns ``(window, softcap, scale)`` with the
+    window as a pair and the default scale ``1 / sqrt(head_dim)`` filled in."""
+    if not isinstance(causal, bool):
+        raise InvalidInputError("causal", "a bool", repr(causal))
+    window_pair = check_window(window)
+    if causal and window_pair[1] not in (0, UNBOUNDED):
+        raise InvalidInputError("window", "right reach 0 or -1 when causal=True", repr(window))
+    softcap_v = check_factor("softcap", softcap, zero_allowed=True)
+    scale_v = 1.0 / math.sqrt(head_dim) if scale is None else check_factor("scale", scale, zero_allowed=False)
+    if softcap_v and not scale_v / softcap_v <= MAX_FLOAT32_FACTOR:
+        raise InvalidInputError("softcap", f"a value with scale / softcap <= {MAX_FLOAT32_FACTOR:.0e}", repr(softcap))
+    return window_pair, softcap_v, scale_v
 
 
 _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
@@ -330,6 +382,7 @@ _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
     "max_seqlen_k": (int, type(None)),
     "layout": (str,),
     "backend": (str,),
+    "sink_tokens": (int,),
 }
 
 
@@ -341,11 +394,11 @@ def check_argument_types(**arguments: object) -> None:
     """
     for name, value in arguments.items():
         if name in ("q", "k", "v"):
-            _require_tensor(name, value)
+            require_tensor(name, value)
             continue
-        if name in ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale"):
+        if name in ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale", "sinks"):
             if value is not None:
-                _require_tensor(name, value)
+                require_tensor(name, value)
             continue
         allowed = _ARGUMENT_TYPES[name]
         numeric = bool not in allowed and isinstance(value, bool)  # a bool is an int, but not a number here
@@ -378,6 +431,8 @@ def build_spec(
     v_descale: torch.Tensor | None = None,
     deterministic: bool = False,
     check_values: bool | None = None,
+    sinks: torch.Tensor | None = None,
+    sink_tokens: int = 0,
 ) -> AttentionSpec:
     """Validate one attention call and describe it.
 
@@ -390,9 +445,9 @@ def build_spec(
     clamp every offset they read. A missing ``max_seqlen_*`` is read from the offsets, which is a
     copy too: pass it to keep a varlen step free of host synchronisation.
     """
-    q = _require_tensor("q", q)
-    k = _require_tensor("k", k)
-    v = _require_tensor("v", v)
+    q = require_tensor("q", q)
+    k = require_tensor("k", k)
+    v = require_tensor("v", v)
     if layout not in LAYOUTS:
         raise InvalidInputError("layout", f"one of {LAYOUTS}", repr(layout))
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
@@ -407,11 +462,11 @@ def build_spec(
     want_dim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != want_dim:
-            raise InvalidInputError(name, f"a {want_dim}-D tensor {_layout_words(layout, varlen)}", _describe(t))
+            raise InvalidInputError(name, f"a {want_dim}-D tensor {_layout_words(layout, varlen)}", describe_tensor(t))
         if t.dtype not in SUPPORTED_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
             raise InvalidInputError(name, f"one of the dtypes {names}", str(t.dtype))
-        _check_unit_last_stride(name, t)
+        check_unit_last_stride(name, t)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise InvalidInputError(name, f"dtype {q.dtype} (same as q)", str(t.dtype))
@@ -441,26 +496,20 @@ def build_spec(
         check = value_checks(q.device) if check_values is None else check_values
         if q.is_cuda and torch.cuda.is_current_stream_capturing():
             check = False  # a capture cannot copy to the host
-        cu_q = _require_tensor("cu_seqlens_q", cu_seqlens_q)
-        cu_k = _require_tensor("cu_seqlens_k", cu_seqlens_k)
+        cu_q = require_tensor("cu_seqlens_q", cu_seqlens_q)
+        cu_k = require_tensor("cu_seqlens_k", cu_seqlens_k)
         batch, longest_q = _check_cu_seqlens("cu_seqlens_q", cu_q, None, total_q, q.device, check)
         _, longest_k = _check_cu_seqlens("cu_seqlens_k", cu_k, batch, total_k, q.device, check)
         seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q, cu_q)
         seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k, cu_k)
 
-    if not isinstance(causal, bool):
-        raise InvalidInputError("causal", "a bool", repr(causal))
-    window_pair = check_window(window)
-    if causal and window_pair[1] not in (0, UNBOUNDED):
-        raise InvalidInputError("window", "right reach 0 or -1 when causal=True", repr(window))
-    softcap_v = _check_factor("softcap", softcap, zero_allowed=True)
-    scale_v = 1.0 / math.sqrt(head_dim) if scale is None else _check_factor("scale", scale, zero_allowed=False)
-    if softcap_v and not scale_v / softcap_v <= MAX_FLOAT32_FACTOR:
-        raise InvalidInputError("softcap", f"a value with scale / softcap <= {MAX_FLOAT32_FACTOR:.0e}", repr(softcap))
+    window_pair, softcap_v, scale_v = check_score_options(causal, window, softcap, scale, head_dim)
     dropout_v = _check_float("dropout_p", dropout_p, low=0.0, low_inclusive=True, high=1.0)
     seed = check_dropout_seed(dropout_seed) if dropout_v > 0.0 else 0
     if not isinstance(deterministic, bool):
         raise InvalidInputError("deterministic", "a bool", repr(deterministic))
+    has_sinks = check_sinks(sinks, heads_q, q.device)
+    sink_count = check_sink_tokens(sink_tokens, window_pair)
 
     is_fp8 = q.dtype in FP8_DTYPES
     descales = (
@@ -504,7 +553,9 @@ def build_spec(
         q_strides=_canonical_strides(q, layout, varlen),
         k_strides=_canonical_strides(k, layout, varlen),
         v_strides=_canonical_strides(v, layout, varlen),
-        aligned16=_is_aligned16([q, k, v]),
+        aligned16=is_aligned16([q, k, v]),
+        sinks=has_sinks,
+        sink_tokens=sink_count,
     )
 
 

@@ -7,11 +7,15 @@ a user is told and what dispatch does cannot drift apart.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from flash.backend import Backend, Pass, Support
 from flash.spec import AttentionSpec
+
+if TYPE_CHECKING:
+    from flash.kvspec import KVCacheSpec
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -36,7 +40,7 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def declared_reasons(support: Support, spec: AttentionSpec) -> list[str]:
+def declared_reasons(support: Support, spec: AttentionSpec | KVCacheSpec) -> list[str]:
     """Why a pass declared by ``support`` cannot run ``spec`` (empty: it can)."""
     out = []
     if spec.device.type not in support.devices:
@@ -55,11 +59,12 @@ def declared_reasons(support: Support, spec: AttentionSpec) -> list[str]:
             need = "sm_{}{}".format(*support.min_capability)
             out.append(f"{spec.device} is sm_{found[0]}{found[1]}; needs {need} or newer")
     limits = support.limits
+    batch, heads, tokens, token_stride = spec.limit_sizes()
     sizes = (
-        ("batch", limits.batch, spec.batch),
-        ("heads", limits.heads, spec.heads_q),
-        ("tokens", limits.tokens, max(spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k)),
-        ("token stride", limits.token_stride, max(spec.q_strides[1], spec.k_strides[1], spec.v_strides[1])),
+        ("batch", limits.batch, batch),
+        ("heads", limits.heads, heads),
+        ("tokens", limits.tokens, tokens),
+        ("token stride", limits.token_stride, token_stride),
     )
     out += [
         f"{what} {value} above the limit {limit}" for what, limit, value in sizes if limit is not None and value > limit
@@ -67,13 +72,29 @@ def declared_reasons(support: Support, spec: AttentionSpec) -> list[str]:
     return out
 
 
-def reasons(backend: Backend, spec: AttentionSpec, pass_: Pass) -> list[str]:
+_MISSING = {"backward": "no backward pass", "decode": "no KV-cache (decode) pass"}
+
+
+def pass_support(backend: Backend, pass_: Pass) -> Support | None:
+    """What ``backend`` declares for ``pass_`` (None: it has no such pass)."""
+    if pass_ == "forward":
+        return backend.forward_support
+    if pass_ == "backward":
+        return backend.backward_support
+    return getattr(backend, "decode_support", None)  # a plugin older than the KV-cache pass has none
+
+
+def reasons(backend: Backend, spec: AttentionSpec | KVCacheSpec, pass_: Pass) -> list[str]:
     """Why ``backend`` cannot run ``pass_`` of ``spec``: its declarations, then its hook."""
     try:
-        support = backend.forward_support if pass_ == "forward" else backend.backward_support
+        support = pass_support(backend, pass_)
         if support is None:
-            return ["no backward pass"]
+            return [_MISSING[pass_]]
         out = declared_reasons(support, spec)
-        return out + [str(r) for r in backend.extra_reasons(spec, pass_)]
+        if isinstance(spec, AttentionSpec):
+            extra = backend.extra_reasons(spec, pass_)
+        else:
+            extra = backend.decode_extra_reasons(spec)
+        return out + [str(r) for r in extra]
     except Exception as error:  # a broken plugin is reported, never fatal
         return [f"support check failed: {type(error).__name__}: {error}"]

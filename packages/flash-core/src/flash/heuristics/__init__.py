@@ -23,7 +23,7 @@ from flash.spec import AttentionSpec
 if TYPE_CHECKING:
     from flash.backend import Backend
 
-Pass = Literal["forward", "backward"]
+Pass = Literal["forward", "backward", "decode"]
 HEAD_DIM_BUCKETS = (32, 64, 128, 256)
 #: Where to look when an architecture has no entry of its own, most similar first;
 #: ``"any"`` (device-independent entries, e.g. the reference backend's) comes last.

@@ -48,7 +48,7 @@ def shared_memory_bytes(config: KernelConfig, row: int, elem_bytes: int, pass_: 
     A backward that computes dQ in a kernel of its own declares that kernel's tiles as
     ``dq_block_m``, ``dq_block_n``, ``dq_num_stages``: the larger of the two kernels counts.
     """
-    if pass_ == "forward":
+    if pass_ in ("forward", "decode"):  # the KV-cache kernel: a query tile stays, K/V tiles stream in
         elements = config.block_m * row + config.num_stages * 2 * config.block_n * row
         return elements * elem_bytes
     # dK/dV kernel: K and V stay, Q and dO stream in, one score tile is staged.

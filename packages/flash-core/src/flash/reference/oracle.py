@@ -49,10 +49,13 @@ def dense_attention(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of the caller's tensors (caller's layout) computed in ``compute_dtype``.
 
-    Returns ``(out, lse)`` shaped as :func:`flash.attention` returns them, both in ``compute_dtype``.
+    ``sinks`` (heads_q,) are per-head logits that join every row's softmax denominator (and its
+    LSE) without a value. Returns ``(out, lse)`` shaped as :func:`flash.attention` returns them,
+    both in ``compute_dtype``; differentiable in q, k, v and ``sinks``.
     """
     qc, kc, vc = canonical(q, spec), canonical(k, spec), canonical(v, spec)
     cu_q = cu_seqlens_q.tolist() if cu_seqlens_q is not None else None
@@ -69,13 +72,18 @@ def dense_attention(
         s = torch.einsum("bqhd,bkhd->bhqk", qs, ks) * spec.scale
         if spec.softcap:
             s = spec.softcap * torch.tanh(s / spec.softcap)
-        seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device)
+        seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device, spec.sink_tokens)
         if spec.masked:
             s = s.masked_fill(~seen, float("-inf"))
-        row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_zeros((*s.shape[:-1], 1))
-        row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
+        row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_full((*s.shape[:-1], 1), float("-inf"))
+        sink = None if sinks is None else sinks.to(compute_dtype)[None, :, None, None]
+        if sink is not None:
+            row_max = torch.maximum(row_max, sink)
+        row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max).detach()
         p = torch.exp(s - row_max)
         denom = p.sum(dim=-1, keepdim=True)
+        if sink is not None:  # one more term in the denominator, with no value
+            denom = denom + torch.exp(sink - row_max)
         lse = (torch.log(denom) + row_max).squeeze(-1)  # -inf where the row sees nothing
         p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
         if spec.dropout_p:

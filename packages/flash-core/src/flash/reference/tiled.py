@@ -112,7 +112,7 @@ class _Tiles:
     def kind(self, rows: tuple[int, int], cols: tuple[int, int]) -> Tile:
         if not self.spec.masked:
             return Tile.VISIBLE
-        return classify_tile(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds)
+        return classify_tile(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.spec.sink_tokens)
 
     def scores(self, q_rows: torch.Tensor, k_tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw scaled scores, scores after softcap) of one tile."""
@@ -123,7 +123,7 @@ class _Tiles:
 
     def seen(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         """Which key each stacked row of the tile sees."""
-        mask = tile_mask(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.device)
+        mask = tile_mask(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.device, self.spec.sink_tokens)
         return mask.repeat(self.spec.group_size, 1)
 
     def hide(self, s: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], fill: float) -> torch.Tensor:
@@ -197,12 +197,26 @@ def forward(
                 if observer is not None:
                     out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
+            if args.sinks is not None:
+                acc, row_max, row_sum = _with_sinks(spec, args.sinks, acc, row_max, row_sum, i1 - i0)
             unseen = row_sum == 0  # (a NaN sum is not "unseen": NaN inputs must propagate)
             out = acc / torch.where(unseen, torch.ones_like(row_sum), row_sum)[..., None]
             lse = torch.where(unseen, torch.full_like(row_sum, float("-inf")), row_max + torch.log(row_sum))
             rows = slice(seg.q0 + i0, seg.q0 + i1)
             args.out[seg.batch, rows].copy_(_unstack_rows(out, spec))
             args.lse[seg.batch, :, rows].copy_(lse.unflatten(2, (spec.group_size, -1)).flatten(1, 2))
+
+
+def _with_sinks(
+    spec: AttentionSpec, sinks: torch.Tensor, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold each head's sink logit into the running (acc, max, sum) of its stacked rows: one more
+    term of the denominator, with no value."""
+    sink = sinks.to(row_max.dtype).view(spec.heads_kv, spec.group_size, 1).expand(-1, -1, rows).flatten(1)
+    top = torch.maximum(row_max, sink)
+    shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    correction = torch.exp(row_max - shift)
+    return acc * correction[..., None], top, row_sum * correction + torch.exp(sink - shift)
 
 
 def backward(spec: AttentionSpec, args: BackwardArgs, block_q: int, block_k: int) -> None:
