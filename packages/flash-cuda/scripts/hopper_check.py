@@ -120,8 +120,30 @@ def check_cases() -> list[Case]:
         Case("large scale", sq=300, scale=1.0),
         Case("full, blocks order", d=64, b=2, sq=700, hq=5, config=(3, 128, "blocks")),
         Case("varlen causal, heads order", varlen=[300, 40, 700], window=(-1, 0), config=(2, 128, "heads")),
-        Case("d128 full 128x192", sq=800, sk=900, hq=3, config=(2, 192)),
+        Case("d128 full 128x176", sq=800, sk=900, hq=3, config=(2, 176)),
         Case("d96 full 128x176", d=96, sq=500, hq=3, config=(2, 176)),
+        Case("two Q buffers, many tiles", d=128, b=3, sq=1000, hq=8, config=(2, 128, "heads", 2)),
+        Case(
+            "two Q buffers, varlen causal",
+            varlen=[500, 3, 129, 1000, 64],
+            hq=3,
+            window=(-1, 0),
+            config=(2, 128, "blocks", 2),
+        ),
+        Case("two Q buffers, c3 causal d64", d=64, b=2, sq=900, hq=6, window=(-1, 0), config=(3, 128, "heads", 2)),
+        Case("no ping-pong causal", b=2, sq=900, hq=6, window=(-1, 0), config=(2, 128, "heads", 1, False)),
+        Case("no ping-pong c3 d64", d=64, b=2, sq=700, hq=4, config=(3, 128, "heads", 1, False)),
+        Case("tiles without keys between tiles", b=2, sq=2000, sk=300, hq=8, window=(50, 0)),
+        Case(
+            "tiles without keys, two Q buffers",
+            d=64,
+            b=2,
+            sq=2000,
+            sk=300,
+            hq=8,
+            window=(50, 0),
+            config=(3, 128, "heads", 2),
+        ),
     ]
     return c
 
@@ -135,27 +157,28 @@ class BenchCase:
 
 
 def bench_cases() -> list[BenchCase]:
-    b = "blocks"
+    h, b, a = "heads", "blocks", "auto"
     return [
-        BenchCase(128, 8192, False, [None, (2, 176), (2, 160)]),
-        BenchCase(128, 8192, True, [None, (2, 128, "heads"), (2, 176, b), (2, 192, b)]),
-        BenchCase(128, 4096, False, [None, (2, 176), (2, 128)]),
-        BenchCase(128, 4096, True, [None, (2, 176, b)]),
-        BenchCase(128, 1024, False, [None, (2, 192), (2, 176)]),
-        BenchCase(128, 1024, True, [None, (2, 128, "heads"), (2, 192, b)]),
-        BenchCase(64, 8192, False, [None, (2, 192)]),
-        BenchCase(64, 8192, True, [None, (2, 192, b), (3, 128, "heads")]),
+        BenchCase(128, 8192, False, [None, (2, 176, h, 1, False), (2, 128)]),
+        BenchCase(128, 8192, True, [None, (2, 128, b), (2, 128, h, 1, False)]),
+        BenchCase(128, 4096, False, [None, (2, 128, h, 2)]),
+        BenchCase(128, 4096, True, [None, (2, 128, a, 2)]),
+        BenchCase(128, 1024, False, [None, (2, 128, h, 1), (2, 176)]),
+        BenchCase(128, 1024, True, [None, (2, 128, a, 1)]),
+        BenchCase(64, 8192, False, [None, (3, 128, h, 1, False)]),
+        BenchCase(64, 8192, True),
         BenchCase(64, 4096, False),
-        BenchCase(64, 1024, False, [None, (2, 128), (2, 192)]),
-        BenchCase(64, 1024, True, [None, (2, 128, b)]),
-        BenchCase(256, 8192, False, [None, (2, 64)]),
-        BenchCase(256, 8192, True, [None, (2, 80, "heads"), (2, 64, b)]),
+        BenchCase(64, 1024, False, [None, (3, 128, h, 1), (2, 128, h, 2)]),
+        BenchCase(64, 1024, True, [None, (2, 128, a, 2)]),
+        BenchCase(256, 8192, False, [None, (2, 80, h, 1, False)]),
+        BenchCase(256, 8192, True),
+        BenchCase(256, 4096, False),
         BenchCase(256, 1024, False),
         BenchCase(256, 1024, True),
-        BenchCase(96, 8192, False, [None, (2, 176), (2, 192)]),
-        BenchCase(96, 8192, True, [None, (2, 176, b)]),
-        BenchCase(192, 8192, False, [None, (2, 96)]),
-        BenchCase(192, 8192, True, [None, (2, 96, b)]),
+        BenchCase(96, 8192, False),
+        BenchCase(96, 8192, True),
+        BenchCase(192, 8192, False),
+        BenchCase(192, 8192, True),
     ]
 
 
@@ -500,7 +523,17 @@ def phase_bench(args) -> int:
         ref_out = None
         for cfg in bc.configs:
             config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(d, window, s)
-            label = "table" if cfg is None else "c{}x{}{}".format(cfg[0], cfg[1], "".join(cfg[2:3])[:1])
+            label = (
+                "table"
+                if cfg is None
+                else "c{}x{}{}{}{}".format(
+                    cfg[0],
+                    cfg[1],
+                    "".join(cfg[2:3])[:1],
+                    "q2" if cfg[3:4] == (2,) else "",
+                    "-noping" if cfg[4:5] == (False,) else "",
+                )
+            )
             try:
                 fn = lambda: hopper.forward(  # noqa: E731
                     q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
@@ -508,6 +541,12 @@ def phase_bench(args) -> int:
                 )  # fmt: skip
                 fn()
                 torch.cuda.synchronize()
+                if cfg is None:
+                    m_blocks = -(-s // config.block_m)
+                    row["order"] = hopper.tile_order(
+                        config, m_blocks=m_blocks, pairs=b * h, grid=132, seqlen_q=s, seqlen_k=s, window=window,
+                        varlen=False,
+                    )  # fmt: skip
                 if ref_out is None:  # spot check against SDPA on the timed shape
                     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                         ref_out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=bc.causal)
@@ -532,6 +571,8 @@ def phase_bench(args) -> int:
         ours, cudnn, fa2 = r.get("table"), r.get("cudnn"), r.get("fa2")
         ratio = f"{ours / cudnn:.3f}" if ours and cudnn else "-"
         cands = " ".join(f"{k}={r[k]:.0f}" for k in r if k[:2] in ("c2", "c3") and " " not in k and r[k])
+        if r.get("order"):
+            cands = f"[{r['order']}] " + cands
         if r.get("graph ours"):
             cands += " | graph " + "/".join(f"{r.get('graph ' + n) or 0:.0f}" for n in ("ours", "cudnn", "fa2"))
         case = f"d{r['d']} s{r['seqlen']} {'causal' if r['causal'] else 'full'}"

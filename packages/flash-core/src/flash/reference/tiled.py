@@ -196,6 +196,7 @@ def forward(
                 row_max = new_max
                 if observer is not None:
                     out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
+                    assert scores is not None  # cloned above whenever there is an observer
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
             if args.sinks is not None:
                 acc, row_max, row_sum = _with_sinks(spec, args.sinks, acc, row_max, row_sum, i1 - i0)
