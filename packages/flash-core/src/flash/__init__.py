@@ -23,9 +23,11 @@ from flash.api import (
     scaled_dot_product_attention,
     set_backend_priority,
 )
-from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
+from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, DecodeArgs, ForwardArgs
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
+from flash.inference import attention_with_kvcache, explain_kvcache
+from flash.kvspec import KVCacheSpec, build_kv_spec
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
@@ -37,16 +39,21 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackwardArgs",
+    "DecodeArgs",
     "FlashError",
     "ForwardArgs",
     "InvalidInputError",
+    "KVCacheSpec",
     "NoBackendError",
     "__version__",
     "attention",
     "attention_qkvpacked",
+    "attention_with_kvcache",
     "backends",
+    "build_kv_spec",
     "build_spec",
     "explain",
+    "explain_kvcache",
     "nn",
     "register_backend",
     "scaled_dot_product_attention",

@@ -333,8 +333,8 @@ def build_kv_spec(
         raise InvalidInputError("cache_seqlens", "an int or an int32 tensor (batch,)", type(cache_seqlens).__name__)
     if isinstance(cache_seqlens, torch.Tensor):
         _int32_tensor("cache_seqlens", cache_seqlens, (batch,), "(batch,)", q.device)
-    elif not 0 <= cache_seqlens <= capacity - seqlen_new:
-        raise InvalidInputError("cache_seqlens", f"an int in [0, {capacity - seqlen_new}]", str(cache_seqlens))
+    else:
+        check_length(cache_seqlens, capacity, seqlen_new)
 
     window_pair, softcap_v, scale_v = check_score_options(causal, window, softcap, scale, head_dim)
     has_sinks = check_sinks(sinks, heads_q, q.device)
@@ -388,6 +388,14 @@ def build_kv_spec(
 # --------------------------------------------------------------------------- value checks
 
 
+def check_length(length: int, capacity: int, seqlen_new: int) -> None:
+    """An int ``cache_seqlens``: room for the new keys must remain."""
+    if not 0 <= length <= capacity - seqlen_new:
+        extra = f" ({seqlen_new} slots kept for the new keys)" if seqlen_new else ""
+        expected = f"a length in [0, {capacity - seqlen_new}]: sequences hold at most {capacity} keys{extra}"
+        raise InvalidInputError("cache_seqlens", expected, str(length))
+
+
 def check_cache_values(
     spec: KVCacheSpec,
     cache_seqlens: torch.Tensor,
@@ -399,12 +407,11 @@ def check_cache_values(
     indices inside the cache and distinct when keys are appended (two sequences would write the
     same slots). One device-to-host copy per tensor when they live on a GPU."""
     lengths = cache_seqlens.tolist()
-    room = spec.capacity - spec.seqlen_new
     for b, length in enumerate(lengths):
-        if not 0 <= length <= room:
-            extra = f" ({spec.seqlen_new} slots kept for the new keys)" if spec.seqlen_new else ""
-            expected = f"values in [0, {room}]: sequences hold at most {spec.capacity} keys{extra}"
-            raise InvalidInputError("cache_seqlens", expected, f"{length} at index {b}")
+        try:
+            check_length(length, spec.capacity, spec.seqlen_new)
+        except InvalidInputError as error:
+            raise InvalidInputError("cache_seqlens", error.expected, f"{length} at index {b}") from None
     if spec.rotary != "none" and lengths:
         longest = max(lengths) + spec.seqlen_new
         if longest > spec.rotary_positions:

@@ -20,7 +20,9 @@ from flash_triton import runtime
 from flash_triton._version import __version__
 
 DTYPES = frozenset({torch.float16, torch.bfloat16})
-FEATURES = frozenset({"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic"})
+FEATURES = frozenset(
+    {"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic", "sinks", "sink_tokens"}
+)
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
 #: int32, so a token stride of 2**23 elements or more could overflow them.
 LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)

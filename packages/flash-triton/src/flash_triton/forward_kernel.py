@@ -22,6 +22,7 @@ import triton.language as tl
 from flash_triton.runtime import interpreting
 from flash_triton.tiles import (
     LN2,
+    LOG2E,
     block_range,
     dropout_keep,
     dropout_row_hash,
@@ -137,6 +138,7 @@ def attention_forward_kernel(
     CuK,
     k_desc,
     v_desc,
+    Sinks,
     sqb,
     sqs,
     sqh,
@@ -183,6 +185,7 @@ def attention_forward_kernel(
     DROPOUT: tl.constexpr,
     TMA: tl.constexpr,
     REVERSE: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """Grid: (query blocks, heads_q, batch). Strides are in elements; batch strides are 0 for varlen."""
     pid_m = tl.program_id(0)
@@ -248,6 +251,14 @@ def attention_forward_kernel(
             HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
         )  # fmt: skip
 
+    if SINKS:  # the head's sink logit joins the denominator with no value; the LSE includes it
+        sink = tl.load(Sinks + h) * LOG2E
+        m_top = tl.maximum(m_i, sink)
+        m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
+        alpha = tl.math.exp2(m_i - m_shift)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
+        m_i = m_top
     # l = 0 only for a row that saw no key (output 0, LSE -inf); a NaN score makes l NaN and the
     # row NaN, as in the oracle, so test for exactly 0 rather than for l > 0.
     empty = l_i == 0.0

@@ -140,6 +140,11 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
+def pack_left(left: int, sink_tokens: int) -> int:
+    """The left reach with the sink-token count in its high 32 bits (:mod:`flash_triton.tiles` unpacks it)."""
+    return left | (sink_tokens << 32)
+
+
 def problem(spec: AttentionSpec) -> Problem:
     left, right = spec.mask_bounds
     seed = spec.dropout_seed
@@ -149,7 +154,7 @@ def problem(spec: AttentionSpec) -> Problem:
         varlen=spec.varlen,
         has_left=left != UNBOUNDED,
         has_right=right != UNBOUNDED,
-        left=max(left, 0),
+        left=pack_left(max(left, 0), spec.sink_tokens),
         right=max(right, 0),
         scale=spec.scale,
         scale_log2=spec.scale * LOG2E,
@@ -227,7 +232,7 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         v_desc, v_rb, v_rh, v_ch = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
         kern.attention_forward_kernel[grid](
-            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc,
+            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, args.sinks,
             *strides3(q, p.varlen), *strides3(k, p.varlen), *strides3(v, p.varlen), *strides3(out, p.varlen),
             *lse_strides(lse, p.varlen),
             spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
@@ -236,7 +241,7 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, **_options(t),
+            REVERSE=p.reverse, SINKS=args.sinks is not None, **_options(t),
         )  # fmt: skip
 
     key = ("forward", q.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type)

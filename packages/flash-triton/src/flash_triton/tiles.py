@@ -5,6 +5,10 @@ The mask is :mod:`flash.masking`'s: query row ``i`` of a sequence with ``len_q``
 keys sees key ``j`` iff ``i + off - left <= j <= i + off + right`` with ``off = len_k - len_q``; a side
 is present only when its ``HAS_LEFT``/``HAS_RIGHT`` flag is set (causal is ``right = 0``).
 
+Sink tokens ride in the left reach: its high 32 bits hold their count ``n`` (see
+:func:`flash_triton.launch.pack_left`), so the kernels keep passing two ints. The first ``n`` keys
+are exempt from the left bound; :func:`visible` and :func:`block_range` unpack it.
+
 A kernel that holds a block of rows fixed and walks the blocks of the other axis asks
 :func:`block_range` which blocks to visit. The answer splits them in three runs::
 
@@ -57,6 +61,13 @@ def sequence_bounds(b, CuQ, CuK, seqlen_q, seqlen_k, total_q, total_k, VARLEN: t
 
 
 @triton.jit
+def split_reach(packed):
+    """(reach, sink tokens) of a reach whose high 32 bits carry a sink-token count (0 for none)."""
+    wide = packed.to(tl.int64)
+    return (wide & 0xFFFFFFFF).to(tl.int32), (wide >> 32).to(tl.int32)
+
+
+@triton.jit
 def block_range(
     first, last, length, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -64,17 +75,23 @@ def block_range(
 
     Returns ``(start, full_lo, full_hi, end)``; see the module docstring for the three runs.
     Every value is non-negative, so integer division rounds the same way on the GPU and in the
-    interpreter.
+    interpreter. Sink tokens in the left reach start the walk at 0 (the keys between them and the
+    window are walked masked); in the right reach (the transposed walk, where they sit in the
+    fixed block) they extend it to the end: every later query sees them.
     """
     if HAS_LEFT:
+        left, sinks_lo = split_reach(left)
         lo_first = tl.minimum(tl.maximum(first + offset - left, 0), length)
         lo_last = tl.minimum(tl.maximum(last + offset - left, 0), length)
+        lo_first = tl.where(sinks_lo > 0, 0, lo_first)
     else:  # tensors, not constants: the loop bounds stay scalars of one kind (the interpreter needs it)
         lo_first = first * 0
         lo_last = first * 0
     if HAS_RIGHT:
+        right, sinks_hi = split_reach(right)
         hi_first = tl.minimum(tl.maximum(first + offset + right + 1, 0), length)
         hi_last = tl.minimum(tl.maximum(last + offset + right + 1, 0), length)
+        hi_last = tl.where(first < sinks_hi, length, hi_last)
     else:
         hi_first = first * 0 + length
         hi_last = first * 0 + length
@@ -89,7 +106,8 @@ def visible(rows, cols, len_q, len_k, offset, left, right, HAS_LEFT: tl.constexp
     """True where query ``rows`` sees key ``cols`` (broadcast shapes); padding rows/cols are hidden."""
     seen = (rows < len_q) & (cols < len_k)
     if HAS_LEFT:
-        seen = seen & (cols >= rows + offset - left)
+        reach, sinks = split_reach(left)
+        seen = seen & ((cols >= rows + offset - reach) | (cols < sinks))
     if HAS_RIGHT:
         seen = seen & (cols <= rows + offset + right)
     return seen

@@ -11,8 +11,9 @@ from typing import Any
 
 from flash import heuristics
 from flash._version import __version__
-from flash.backend import FEATURES, Backend, BackwardArgs, ForwardArgs, Pass, Support
-from flash.reference import tiled
+from flash.backend import DECODE_FEATURES, FEATURES, Backend, BackwardArgs, DecodeArgs, ForwardArgs, Pass, Support
+from flash.kvspec import QUERY_DTYPES, KVCacheSpec
+from flash.reference import kvcache, tiled
 from flash.spec import FP8_DTYPES, SUPPORTED_DTYPES, AttentionSpec
 
 _ANY_DEVICE = frozenset({"cpu", "cuda"})
@@ -27,6 +28,7 @@ class ReferenceBackend(Backend):
     backward_support = Support(
         dtypes=frozenset(SUPPORTED_DTYPES) - frozenset(FP8_DTYPES), features=FEATURES - {"fp8"}, devices=_ANY_DEVICE
     )
+    decode_support = Support(dtypes=frozenset(QUERY_DTYPES), features=DECODE_FEATURES, devices=_ANY_DEVICE)
 
     def heuristics_rows(self) -> list[dict[str, Any]]:
         return heuristics.rows_from_json("flash.reference", "heuristics.json")
@@ -39,3 +41,6 @@ class ReferenceBackend(Backend):
 
     def backward(self, spec: AttentionSpec, args: BackwardArgs, config: heuristics.KernelConfig) -> None:
         tiled.backward(spec, args, config.block_m, config.block_n)
+
+    def decode(self, spec: KVCacheSpec, args: DecodeArgs, config: heuristics.KernelConfig) -> None:
+        kvcache.decode(spec, args)

@@ -42,6 +42,10 @@ class Case:
     nan_in_q: bool = False
     #: Differentiate this case (off for fp8 and NaN cases).
     backward: bool = True
+    #: Learned per-head sink logits (random, float32), differentiated with q, k, v.
+    sinks: bool = False
+    #: StreamingLLM sink tokens (with a bounded left window).
+    sink_tokens: int = 0
     tags: tuple[str, ...] = field(default=())
 
     def options(self) -> dict[str, Any]:
@@ -57,6 +61,8 @@ class Case:
             opts["dropout_p"] = self.dropout_p
         if self.deterministic:
             opts["deterministic"] = True
+        if self.sink_tokens:
+            opts["sink_tokens"] = self.sink_tokens
         return opts
 
 
@@ -122,10 +128,14 @@ def make_inputs(case: Case, device: torch.device | str, seed: int, requires_grad
         options.update(q_descale=factor(hq), k_descale=factor(hkv), v_descale=factor(hkv))
     if case.dropout_p:
         options["dropout_seed"] = seed
+    if case.sinks:
+        options["sinks"] = torch.randn(hq, generator=gen, device=device, dtype=torch.float32)
     out_dtype = torch.bfloat16 if case.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else case.dtype
     dout = torch.randn(q.shape, generator=gen, device=device, dtype=torch.float32).to(out_dtype)
     if requires_grad:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        if case.sinks:
+            options["sinks"].requires_grad_()
     return Inputs(q, k, v, dout, options)
 
 
@@ -166,6 +176,16 @@ def cpu_cases() -> list[Case]:
         replace(base, name="dropout", dropout_p=0.2, heads_q=4, heads_kv=2),
         replace(base, name="dropout_causal_varlen", dropout_p=0.1, causal=True, seqlens=((9, 13), (20, 20))),
         replace(base, name="deterministic", deterministic=True, heads_q=6, heads_kv=2, causal=True),
+        replace(base, name="sinks_gqa_causal", sinks=True, heads_q=6, heads_kv=2, causal=True, dtype=bf16),
+        replace(
+            base,
+            name="sink_tokens_window_varlen",
+            seqlens=((70, 90), (9, 9)),
+            window=(4, 0),
+            causal=True,
+            sink_tokens=3,
+            sinks=True,
+        ),
         replace(base, name="nan", nan_in_q=True, backward=False),
         replace(base, name="empty_queries", seqlen_q=0),
         replace(base, name="empty_keys", seqlen_k=0),

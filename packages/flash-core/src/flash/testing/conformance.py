@@ -25,7 +25,7 @@ from flash.spec import FP8_DTYPES, AttentionSpec, build_spec
 from flash.testing.cases import Case, Inputs, make_inputs
 from flash.testing.tolerance import assert_within_rule
 
-_TENSOR_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale")
+_TENSOR_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale", "sinks")
 
 
 @contextlib.contextmanager
@@ -55,8 +55,10 @@ def naive_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
-def _dense(inputs: Inputs, q, k, v, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense(inputs: Inputs, q, k, v, dtype: torch.dtype, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = {name: inputs.options[name] for name in _TENSOR_OPTIONS if name in inputs.options}
+    if sinks is not None:
+        tensors["sinks"] = sinks
     return dense_attention(spec_of(inputs), q, k, v, compute_dtype=dtype, **tensors)
 
 
