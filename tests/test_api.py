@@ -133,20 +133,23 @@ class TestMultiheadAttention:
 
 class TestTorchCompile:
     def test_fullgraph_forward_and_backward(self):
-        def loss(q, k, v):
-            return flash.attention(q, k, v, causal=True, softcap=3.0).square().sum()
+        def loss(q, k, v, sinks):
+            out = flash.attention(q, k, v, causal=True, softcap=3.0, window=(9, 0), sink_tokens=2, sinks=sinks)
+            return out.square().sum()
 
         q, k, v = (torch.randn(2, 33, 4, 16, requires_grad=True) for _ in range(3))
+        sinks = torch.randn(4, requires_grad=True)
+        inputs = (q, k, v, sinks)
         compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-        got = compiled(q, k, v)
+        got = compiled(*inputs)
         got.backward()
-        grads = [t.grad.clone() for t in (q, k, v)]
-        for t in (q, k, v):
+        grads = [t.grad.clone() for t in inputs]
+        for t in inputs:
             t.grad = None
-        want = loss(q, k, v)
+        want = loss(*inputs)
         want.backward()
         torch.testing.assert_close(got, want)
-        for g, t in zip(grads, (q, k, v)):
+        for g, t in zip(grads, inputs):
             torch.testing.assert_close(g, t.grad)
 
     def test_fullgraph_inductor_varlen_with_lse(self):

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from flash import heuristics
-from flash.backend import Backend, BackwardArgs, ForwardArgs, Limits, Pass, Support
+from flash.backend import DECODE_FEATURES, Backend, BackwardArgs, DecodeArgs, ForwardArgs, Limits, Pass, Support
+from flash.kvspec import KVCacheSpec
 from flash.spec import AttentionSpec
+from flash.support import device_capability
 from flash_triton import runtime
 from flash_triton._version import __version__
 
@@ -26,6 +28,10 @@ FEATURES = frozenset(
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
 #: int32, so a token stride of 2**23 elements or more could overflow them.
 LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
+#: The KV-cache kernels' grid: splits x (KV heads x row blocks) x sequences; cache offsets are 64-bit.
+DECODE_LIMITS = Limits(batch=65535, heads=65535)
+#: fp8 conversions in registers need Ada or Hopper.
+FP8_CAPABILITY = (8, 9)
 #: (block_m, block_n) tried by autotuning.
 TUNING_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))
 
@@ -43,11 +49,20 @@ def _gpu_reasons() -> tuple[str, ...]:
     return ()
 
 
+def _devices(interpreting: bool) -> frozenset[str]:
+    # Under Triton's interpreter the kernels run on CPU tensors too.
+    return frozenset({"cuda", "cpu"}) if interpreting else frozenset({"cuda"})
+
+
 @functools.lru_cache(maxsize=2)
 def _support(interpreting: bool) -> Support:
-    # Under Triton's interpreter the kernels run on CPU tensors too.
-    devices = frozenset({"cuda", "cpu"}) if interpreting else frozenset({"cuda"})
-    return Support(dtypes=DTYPES, features=FEATURES, devices=devices, min_capability=(8, 0), limits=LIMITS)
+    return Support(dtypes=DTYPES, features=FEATURES, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS)
+
+
+@functools.lru_cache(maxsize=2)
+def _decode_support(interpreting: bool) -> Support:
+    devices = _devices(interpreting)
+    return Support(dtypes=DTYPES, features=DECODE_FEATURES, devices=devices, min_capability=(8, 0), limits=DECODE_LIMITS)
 
 
 class TritonBackend(Backend):
@@ -64,6 +79,16 @@ class TritonBackend(Backend):
     @property
     def backward_support(self) -> Support:  # type: ignore[override]
         return _support(runtime.interpreting())
+
+    @property
+    def decode_support(self) -> Support:  # type: ignore[override]
+        return _decode_support(runtime.interpreting())
+
+    def decode_extra_reasons(self, spec: KVCacheSpec) -> list[str]:
+        found = device_capability(spec.device)
+        if spec.is_fp8 and found is not None and found < FP8_CAPABILITY:
+            return [f"fp8 caches need sm_89 or newer ({spec.device} is sm_{found[0]}{found[1]})"]
+        return []
 
     def unavailable_reasons(self) -> list[str]:
         if not runtime.triton_installed():
@@ -111,3 +136,8 @@ class TritonBackend(Backend):
         from flash_triton import launch
 
         launch.backward(spec, args, config)
+
+    def decode(self, spec: KVCacheSpec, args: DecodeArgs, config: heuristics.KernelConfig) -> None:
+        from flash_triton import decode
+
+        decode.decode(spec, args, config)

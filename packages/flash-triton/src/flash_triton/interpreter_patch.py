@@ -1,4 +1,4 @@
-"""Three fixes for Triton's CPU interpreter (``TRITON_INTERPRET=1``), seen in Triton 3.6.0.
+"""Four fixes for Triton's CPU interpreter (``TRITON_INTERPRET=1``), seen in Triton 3.6.0 and 3.9.0.
 
 1. **bfloat16 ``tl.dot``.** The interpreter stores bfloat16 tensors as their raw ``uint16`` bit
    patterns (numpy has no bfloat16). ``InterpreterBuilder.create_dot``
@@ -21,7 +21,14 @@
    low, so interpreter results are visibly less accurate than the GPU's. The fix rounds to
    nearest even with the usual integer trick (NaN stays NaN, overflow goes to infinity).
 
-:func:`apply` installs all three, once, only when flash-triton runs its kernels under the
+4. **float -> fp8 rounding.** ``create_fp_to_fp`` (``_convert_float``) rounds a narrowing cast to
+   fp8 by adding one to the truncated mantissa when the first dropped bit is set, without carrying
+   into the exponent: a value that rounds up across a power of two (1.96 -> 2 in e4m3) comes out
+   as half of it (1.0), and values past the largest finite fp8 are not saturated. The GPU rounds
+   to nearest even and saturates to the largest finite value (``cvt.rn.satfinite``). The fix casts
+   through torch's float8 types, which round to nearest even, after the same saturation.
+
+:func:`apply` installs all four, once, only when flash-triton runs its kernels under the
 interpreter. Each fix leaves the interpreter alone where it is not needed (a bf16 operand that
 no longer arrives as ``uint16``; a 0-D array converts the same either way).
 """
@@ -54,12 +61,35 @@ def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), quiet_nan, rounded)
 
 
+def _fp8_torch_dtype(tl, dtype):
+    import torch
+
+    return {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}.get(dtype)
+
+
+def float_to_fp8_bits(values: np.ndarray, torch_dtype) -> np.ndarray:
+    """float32 values rounded to nearest even in ``torch_dtype`` (an fp8 type), saturated to its largest
+    finite value as the GPU's ``satfinite`` conversion does (NaN stays NaN), as uint8 bit patterns."""
+    import torch
+
+    wide = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    top = torch.finfo(torch_dtype).max
+    wide = torch.where(torch.isnan(wide), wide, wide.clamp(-top, top))
+    return wide.to(torch_dtype).view(torch.uint8).numpy()
+
+
+def _widen_to_float32(handle, tl) -> np.ndarray:
+    if handle.dtype.scalar == tl.bfloat16:
+        return bf16_bits_to_float32(handle.data)
+    return handle.data.astype(np.float32)
+
+
 def _index(self) -> int:
     return int(self.handle.data.item())
 
 
 def apply() -> bool:
-    """Install the three fixes (once). Returns True when they are in place."""
+    """Install the four fixes (once). Returns True when they are in place."""
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -86,6 +116,20 @@ def apply() -> bool:
         setattr(create_fp_trunc, _MARK, True)
         builder.create_fp_trunc = create_fp_trunc
 
+    original_fp_to_fp = builder.create_fp_to_fp
+    if not getattr(original_fp_to_fp, _MARK, False):
+
+        @functools.wraps(original_fp_to_fp)
+        def create_fp_to_fp(self, src, dst_type, rounding_mode):
+            target = _fp8_torch_dtype(tl, dst_type.scalar)
+            wide = src.dtype.scalar in (tl.float32, tl.float16, tl.bfloat16)
+            if target is not None and wide and rounding_mode in (None, interpreter._ir.ROUNDING_MODE.RTNE):
+                return type(src)(float_to_fp8_bits(_widen_to_float32(src, tl), target), dst_type.scalar)
+            return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+        setattr(create_fp_to_fp, _MARK, True)
+        builder.create_fp_to_fp = create_fp_to_fp
+
     original_patch = interpreter._patch_lang_tensor
     if not getattr(original_patch, _MARK, False):
 
@@ -103,5 +147,5 @@ def is_applied() -> bool:
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
-    patched = (builder.create_dot, builder.create_fp_trunc, interpreter._patch_lang_tensor)
+    patched = (builder.create_dot, builder.create_fp_trunc, builder.create_fp_to_fp, interpreter._patch_lang_tensor)
     return all(getattr(fn, _MARK, False) for fn in patched)

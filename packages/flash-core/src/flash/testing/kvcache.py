@@ -56,6 +56,9 @@ class KVCase:
     sink_tokens: int = 0
     num_splits: int | None = None
     descale: str = "head"  # fp8 caches: "tensor", "head" (heads_kv,) or "batch" (batch, heads_kv)
+    #: Cached keys and values that hold NaN, counted back from each sequence's end after the call
+    #: (8: position ``L + seqlen_new - 8``): rows that do not see them must not notice.
+    nan_back: tuple[int, ...] = ()
     tags: tuple[str, ...] = field(default=())
 
     @property
@@ -127,6 +130,11 @@ def make_kv_inputs(case: KVCase, device: torch.device | str, seed: int) -> KVInp
             page, slot = _locate(options, b, position, case.page_size)
             k_cache[page, slot] = randn(hkv, d).to(k_cache.dtype)
             v_cache[page, slot] = randn(hkv, d).to(v_cache.dtype)
+        for back in case.nan_back:
+            if 0 <= length + case.seqlen_new - back < length:
+                page, slot = _locate(options, b, length + case.seqlen_new - back, case.page_size)
+                k_cache[page, slot] = float("nan")
+                v_cache[page, slot] = float("nan")
         if case.page_size:  # the table's entries past the pages a sequence uses: padding, never read
             used = -(-(length + case.seqlen_new) // case.page_size)
             options["block_table"][b, used:] = -1
@@ -304,6 +312,9 @@ def kv_cpu_cases() -> list[KVCase]:
         replace(base, name="multi_token_causal", seqlen_q=3, seqlen_new=3, causal=True, lengths=(4, 0, 30)),
         replace(base, name="window_sinks", window=(6, 0), causal=True, sink_tokens=3, lengths=(20, 1, 30),
                 seqlen_q=2, seqlen_new=2, dtype=bf16, num_splits=2),  # fmt: skip
+        replace(base, name="window_nan_hidden", window=(6, 0), causal=True, seqlen_q=2, seqlen_new=2,
+                lengths=(20, 1, 30), nan_back=(8, 9), page_size=11),  # fmt: skip
+        replace(base, name="window_nan_one_token", window=(5, 0), lengths=(20, 3, 30), nan_back=(7, 8), dtype=bf16),
         replace(base, name="softcap_sink_logits", softcap=3.0, sinks=True, num_splits=2, lengths=(9, 0, 25)),
         replace(base, name="paged_7", page_size=7, lengths=(13, 0, 27), num_splits=2, dtype=bf16),
         replace(base, name="paged_16_multi", page_size=16, capacity=64, lengths=(31, 16, 47), seqlen_q=2,

@@ -1,0 +1,101 @@
+"""Host side of the KV-cache kernels: arguments, grids and the split workspace.
+
+Everything here reads the spec and tensor metadata only (shapes, strides, pointers), never a tensor
+value, so a decoding step launches without synchronising and can be captured in a CUDA graph. The
+split workspace (partial outputs and LSEs) has a size fixed by the spec: the same every step of
+a batch composition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flash.backend import DecodeArgs
+from flash.heuristics import KernelConfig
+from flash.kvspec import KVCacheSpec
+from flash.spec import UNBOUNDED
+from flash_triton import runtime
+from flash_triton.launch import LOG2E, padded_head_dim, triton_cdiv
+
+#: Fewest rows a program's tile has (what ``tl.dot`` needs).
+MIN_ROWS = 16
+
+
+def _strides(t: torch.Tensor | None, count: int) -> tuple[int, ...]:
+    return tuple(t.stride()[:count]) if t is not None else (0,) * count
+
+
+def _descale_strides(d: torch.Tensor | None) -> tuple[int, int]:
+    """(sequence, head) strides of per-tensor (), per-head (heads,) or (batch, heads) factors."""
+    if d is None or d.dim() == 0 or d.numel() == 1:
+        return 0, 0
+    if d.dim() == 1:
+        return 0, d.stride(0)
+    return d.stride(0), d.stride(1)
+
+
+def row_block(spec: KVCacheSpec, config: KernelConfig) -> int:
+    """Rows of a program's tile: the GQA group times the new tokens, padded to a power of two of at
+    least 16, at most the configuration's ``block_m`` (more rows take several programs)."""
+    rows = spec.group_size * spec.seqlen_q
+    return max(MIN_ROWS, min(1 << max(rows - 1, 0).bit_length(), config.block_m))
+
+
+def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
+    """Append, then fill ``args.out`` and ``args.lse``."""
+    kern = runtime.kernels().decode
+    d_pad = padded_head_dim(spec.head_dim)
+    q = args.q
+    table_strides = _strides(args.block_table, 2)
+    index_stride = _strides(args.cache_batch_idx, 1)[0]
+    k_desc, v_desc = _descale_strides(args.k_descale), _descale_strides(args.v_descale)
+    cache_k, cache_v = _strides(args.k_cache, 3), _strides(args.v_cache, 3)
+    rotary = spec.rotary != "none"
+    if rotary or spec.seqlen_new:
+        q_in = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q
+        tokens = max(spec.seqlen_q if rotary else 0, spec.seqlen_new)
+        heads = spec.heads_q if rotary else spec.heads_kv
+        kern.kv_append_kernel[(tokens, heads, spec.batch)](
+            q, q_in, args.k, args.v, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table,
+            args.cache_batch_idx, args.rotary_cos, args.rotary_sin, args.k_descale, args.v_descale,
+            *_strides(q, 3), *_strides(q_in, 3), *_strides(args.k, 3), *_strides(args.v, 3), *cache_k, *cache_v,
+            *table_strides, index_stride, *_strides(args.rotary_cos, 1), *_strides(args.rotary_sin, 1),
+            *k_desc, *v_desc,
+            spec.seqlen_q, spec.seqlen_new, spec.heads_kv, spec.capacity, spec.page_size, spec.pages,
+            spec.rotary_positions,
+            HEAD_DIM=spec.head_dim, D_PAD=d_pad, HALF=max(spec.rotary_dim // 2, 1), ROTARY=rotary,
+            INTERLEAVED=spec.rotary == "interleaved", ROTATE_Q=rotary, APPEND=spec.seqlen_new > 0,
+            PAGED=spec.paged, BATCH_IDX=spec.batch_idx, DESCALE=args.k_descale is not None, num_warps=1,
+        )  # fmt: skip
+        q = q_in
+    if not spec.seqlen_q:
+        return
+    out, lse, splits = args.out, args.lse, spec.num_splits
+    parts = lse_parts = None
+    if splits > 1:  # one size per spec: the same allocation every step (a CUDA graph's pool keeps it)
+        parts = torch.empty((splits, spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim),
+                            dtype=torch.float32, device=q.device)  # fmt: skip
+        lse_parts = torch.empty((splits, spec.batch, spec.heads_q, spec.seqlen_q), dtype=torch.float32, device=q.device)
+    block_m = row_block(spec, config)
+    row_blocks = triton_cdiv(spec.group_size * spec.seqlen_q, block_m)
+    left, right = spec.mask_bounds
+    kern.kv_decode_kernel[(splits, spec.heads_kv * row_blocks, spec.batch)](
+        q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, args.cache_batch_idx, args.sinks,
+        args.k_descale, args.v_descale, out, lse, parts, lse_parts,
+        *_strides(q, 3), *cache_k, *cache_v, *table_strides, index_stride, *k_desc, *v_desc,
+        *_strides(out, 3), *_strides(lse, 3), *_strides(parts, 4), *_strides(lse_parts, 4),
+        spec.seqlen_q, spec.seqlen_new, spec.group_size, row_blocks, spec.capacity, spec.page_size, spec.pages,
+        max(left, 0), max(right, 0), spec.sink_tokens, spec.scale * LOG2E,
+        spec.scale / spec.softcap if spec.softcap else 0.0, spec.softcap * LOG2E,
+        HEAD_DIM=spec.head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=config.block_n, NUM_SPLITS=splits,
+        PAGED=spec.paged, BATCH_IDX=spec.batch_idx, HAS_LEFT=left != UNBOUNDED, HAS_RIGHT=right != UNBOUNDED,
+        SOFTCAP=spec.softcap > 0, SINKS=spec.sinks, DESCALE=args.k_descale is not None,
+        MULTI_TOKEN=spec.seqlen_q > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        kern.kv_combine_kernel[(spec.seqlen_q, spec.heads_q, spec.batch)](
+            parts, lse_parts, args.sinks, out, lse,
+            *_strides(parts, 4), *_strides(lse_parts, 4), *_strides(out, 3), *_strides(lse, 3),
+            HEAD_DIM=spec.head_dim, D_PAD=d_pad, NUM_SPLITS=splits, SPLITS_PAD=1 << (splits - 1).bit_length(),
+            SINKS=spec.sinks, num_warps=1,
+        )  # fmt: skip
