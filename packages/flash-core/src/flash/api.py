@@ -15,7 +15,7 @@ from flash.registry import REGISTRY, BackendInfo
 from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_window
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
+def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 

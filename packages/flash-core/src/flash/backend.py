@@ -51,7 +51,19 @@ FEATURES = frozenset(
 )
 #: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
 DECODE_FEATURES = frozenset(
-    {"causal", "window", "softcap", "gqa", "fp8", "sinks", "sink_tokens", "paged", "append", "rotary", "cache_batch_idx"}
+    {
+        "causal",
+        "window",
+        "softcap",
+        "gqa",
+        "fp8",
+        "sinks",
+        "sink_tokens",
+        "paged",
+        "append",
+        "rotary",
+        "cache_batch_idx",
+    }
 )
 
 

@@ -273,7 +273,9 @@ def build_kv_spec(
     if heads_q < 1:
         raise InvalidInputError("q", "at least one head", f"{heads_q} heads")
     paged = block_table is not None
-    cache_words = "(num_pages, page_size, heads_kv, head_dim)" if paged else "(cache_batch, capacity, heads_kv, head_dim)"
+    cache_words = (
+        "(num_pages, page_size, heads_kv, head_dim)" if paged else "(cache_batch, capacity, heads_kv, head_dim)"
+    )
     k_cache = _check_4d("k_cache", k_cache, cache_words)
     v_cache = _check_4d("v_cache", v_cache, cache_words)
     if k_cache.dtype not in (q.dtype, *FP8_DTYPES):
@@ -303,7 +305,9 @@ def build_kv_spec(
         if not 1 <= slots <= MAX_PAGE_SIZE:
             raise InvalidInputError("k_cache", f"pages of 1 to {MAX_PAGE_SIZE} keys (dim 1)", f"page_size {slots}")
         if pages < 1 or table.shape[1] < 1:
-            raise InvalidInputError("block_table", "at least one page in the pool and in the table", describe_tensor(table))
+            raise InvalidInputError(
+                "block_table", "at least one page in the pool and in the table", describe_tensor(table)
+            )
         page_size, capacity = slots, table.shape[1] * slots
     else:
         if cache_batch_idx is None and pages != batch:
@@ -430,6 +434,8 @@ def check_cache_values(
         indices = cache_batch_idx.tolist()
         for b, row in enumerate(indices):
             if not 0 <= row < spec.pages:
-                raise InvalidInputError("cache_batch_idx", f"cache rows in [0, {spec.pages - 1}]", f"{row} at index {b}")
+                raise InvalidInputError(
+                    "cache_batch_idx", f"cache rows in [0, {spec.pages - 1}]", f"{row} at index {b}"
+                )
         if spec.seqlen_new and len(set(indices)) != len(indices):
             raise InvalidInputError("cache_batch_idx", "distinct rows when new keys are appended", str(indices))

@@ -56,13 +56,17 @@ def _devices(interpreting: bool) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=2)
 def _support(interpreting: bool) -> Support:
-    return Support(dtypes=DTYPES, features=FEATURES, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS)
+    return Support(
+        dtypes=DTYPES, features=FEATURES, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS
+    )
 
 
 @functools.lru_cache(maxsize=2)
 def _decode_support(interpreting: bool) -> Support:
     devices = _devices(interpreting)
-    return Support(dtypes=DTYPES, features=DECODE_FEATURES, devices=devices, min_capability=(8, 0), limits=DECODE_LIMITS)
+    return Support(
+        dtypes=DTYPES, features=DECODE_FEATURES, devices=devices, min_capability=(8, 0), limits=DECODE_LIMITS
+    )
 
 
 class TritonBackend(Backend):

@@ -56,7 +56,7 @@ def locate(
         page = tl.minimum(tl.maximum(entry, 0), pages - 1)
         slot = positions % page_size
     else:
-        if BATCH_IDX:
+        if BATCH_IDX:  # noqa: SIM108 - a constexpr branch: no load at all without batch indices
             page = tl.minimum(tl.maximum(tl.load(BatchIdx + b * sbi), 0), pages - 1)
         else:
             page = b
@@ -111,13 +111,13 @@ def kv_append_kernel(
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     last = tl.maximum(positions - 1, 0)
-    if ROTATE_Q:
+    if ROTATE_Q:  # noqa: SIM102 - a constexpr test outside, a runtime one inside
         if t < seqlen_q:
             where = tl.minimum(tl.maximum(length + seqlen_new - seqlen_q + t, 0), last)
             x = rotated_row(Q + b64 * sqb + t * sqs + h * sqh, offs_d, where, Cos, Sin, scs, sss,
                             HEAD_DIM, HALF, ROTARY, INTERLEAVED)  # fmt: skip
             tl.store(QRot + b64 * srb + t * srs + h * srh + offs_d, x.to(QRot.dtype.element_ty), mask=d_ok)
-    if APPEND:
+    if APPEND:  # noqa: SIM102 - a constexpr test outside, a runtime one inside
         if (t < seqlen_new) & (h < heads_kv):
             position = length + t
             page, slot = locate(position, position >= 0, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages,
@@ -169,7 +169,7 @@ def _decode_tile(
     v_rows = VCache + page * svcp + slot * svct + hk * svch
     k = load_tile(k_rows, key_ok, offs_d, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     qk = tl.dot(q, tl.trans(k))
-    if SOFTCAP:
+    if SOFTCAP:  # noqa: SIM108 - a constexpr branch: no tanh without softcap
         s = tanh(qk * softcap_scale) * softcap_log2
     else:
         s = qk * qk_scale
@@ -187,7 +187,7 @@ def _decode_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = load_tile(v_rows, key_ok, offs_d, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     acc = acc * alpha[:, None]
-    if MASKED and MULTI_TOKEN:  # a key hidden from some rows but not others: no NaN crosses over
+    if MASKED and MULTI_TOKEN:  # noqa: SIM108 - constexpr; a key hidden from some rows only: no NaN crosses
         acc = visible_dot(p, v, seen, acc)
     else:
         acc = tl.dot(p.to(q.dtype), v, acc)
@@ -295,15 +295,14 @@ def kv_decode_kernel(
             HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT, SOFTCAP, MULTI_TOKEN,
         )  # fmt: skip
 
-    if NUM_SPLITS == 1:
-        if SINKS:  # the head's sink logit joins the denominator with no value (split runs: the combine's job)
-            sink = tl.load(Sinks + h, mask=row_ok, other=float("-inf")) * LOG2E
-            m_top = tl.maximum(m_i, sink)
-            m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
-            alpha = tl.math.exp2(m_i - m_shift)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-            m_i = m_top
+    if NUM_SPLITS == 1 and SINKS:  # the sink logit joins the denominator with no value (splits: the combine's)
+        sink = tl.load(Sinks + h, mask=row_ok, other=float("-inf")) * LOG2E
+        m_top = tl.maximum(m_i, sink)
+        m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
+        alpha = tl.math.exp2(m_i - m_shift)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
+        m_i = m_top
     empty = l_i == 0.0  # saw no key (a NaN sum is not empty: NaN propagates)
     out = acc * (tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i)) * v_scale)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -353,4 +352,5 @@ def kv_combine_kernel(
     empty = total == 0.0
     out = tl.where(empty, 0.0, acc / tl.where(empty, 1.0, total))
     tl.store(Out + b * sob + t * sos + h * soh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
-    tl.store(Lse + b * slb + h * slh + t * sls, tl.where(empty, float("-inf"), tl.log(tl.where(empty, 1.0, total)) + shift))
+    lse = tl.where(empty, float("-inf"), tl.log(tl.where(empty, 1.0, total)) + shift)
+    tl.store(Lse + b * slb + h * slh + t * sls, lse)

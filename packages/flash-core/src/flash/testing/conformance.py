@@ -55,7 +55,14 @@ def naive_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
-def _dense(inputs: Inputs, q, k, v, dtype: torch.dtype, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense(
+    inputs: Inputs,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dtype: torch.dtype,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     tensors = {name: inputs.options[name] for name in _TENSOR_OPTIONS if name in inputs.options}
     if sinks is not None:
         tensors["sinks"] = sinks
@@ -101,6 +108,12 @@ def check_forward(backend: str, case: Case, device: torch.device | str, seed: in
     assert_within_rule(f"{where} lse", lse, oracle_lse, naive_lse, case.dtype)
 
 
+def _dense_of(inputs: Inputs, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The dense output of ``(q, k, v)`` or ``(q, k, v, sinks)`` in ``dtype``."""
+    q, k, v, *sinks = tensors
+    return _dense(inputs, q, k, v, dtype, sinks[0] if sinks else None)[0]
+
+
 def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.autograd.grad(out, inputs, dout)
 
@@ -108,28 +121,30 @@ def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], dout: torch.Tens
 def check_backward(backend: str, case: Case, device: torch.device | str, seed: int) -> None:
     """dq, dk, dv through ``backend``'s forward (and whichever backward dispatch pairs with it)."""
     inputs = make_inputs(case, device, seed, requires_grad=True)
-    qkv = (inputs.q, inputs.k, inputs.v)
+    sinks = inputs.options.get("sinks")
+    wrt = (inputs.q, inputs.k, inputs.v) + ((sinks,) if sinks is not None else ())  # sink logits learn too
+    names = ("q", "k", "v", "sinks")[: len(wrt)]
     with poisoned_outputs():
-        out = flash.attention(*qkv, backend=backend, **inputs.options)
-        grads = _grads(out, qkv, inputs.dout)
+        out = flash.attention(inputs.q, inputs.k, inputs.v, backend=backend, **inputs.options)
+        grads = _grads(out, wrt, inputs.dout)
         if case.deterministic:
-            again = _grads(flash.attention(*qkv, backend=backend, **inputs.options), qkv, inputs.dout)
-            for name, first, second in zip("qkv", grads, again):
+            again = flash.attention(inputs.q, inputs.k, inputs.v, backend=backend, **inputs.options)
+            for name, first, second in zip(names, grads, _grads(again, wrt, inputs.dout)):
                 if not torch.equal(first, second):
                     raise AssertionError(f"{backend}/{case.name}: d{name} differs between two deterministic runs")
 
     def references() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        exact = tuple(t.detach().to(torch.float64).requires_grad_() for t in qkv)
-        rough = tuple(t.detach().clone().requires_grad_() for t in qkv)
+        exact = tuple(t.detach().to(torch.float64).requires_grad_() for t in wrt)
+        rough = tuple(t.detach().clone().requires_grad_() for t in wrt)
         naive_dt = naive_dtype(case.dtype)
         return (
-            _grads(_dense(inputs, *exact, torch.float64)[0], exact, inputs.dout.to(torch.float64)),
-            _grads(_dense(inputs, *rough, naive_dt)[0], rough, inputs.dout.to(naive_dt)),
+            _grads(_dense_of(inputs, exact, torch.float64), exact, inputs.dout.to(torch.float64)),
+            _grads(_dense_of(inputs, rough, naive_dt), rough, inputs.dout.to(naive_dt)),
         )
 
     oracle, naive = _reference((case, str(device), seed, "backward"), references)
     where = f"{backend}/{case.name} (seed {seed})"
-    for name, got, exact, rough in zip("qkv", grads, oracle, naive):
-        if got.shape != exact.shape or got.dtype != case.dtype:
+    for name, got, exact, rough, given in zip(names, grads, oracle, naive, wrt):
+        if got.shape != exact.shape or got.dtype != given.dtype:
             raise AssertionError(f"{where} d{name}: shape {tuple(got.shape)} {got.dtype}")
         assert_within_rule(f"{where} d{name}", got, exact, rough, case.dtype)

@@ -148,8 +148,8 @@ def make_kv_inputs(case: KVCase, device: torch.device | str, seed: int) -> KVInp
         positions = capacity + 3
         inv = 10000.0 ** (-torch.arange(half, device=device, dtype=torch.float64) / half)
         angles = torch.arange(positions, device=device, dtype=torch.float64)[:, None] * inv[None, :]
-        options.update(rotary_cos=angles.cos().float(), rotary_sin=angles.sin().float(),
-                       rotary_interleaved=case.rotary == "interleaved")  # fmt: skip
+        options["rotary_cos"], options["rotary_sin"] = angles.cos().float(), angles.sin().float()
+        options["rotary_interleaved"] = case.rotary == "interleaved"
     if case.sinks:
         options["sinks"] = randn(hq)
     if (case.cache_dtype or case.dtype) in FP8_DTYPES:
@@ -167,13 +167,13 @@ def _locate(options: dict[str, Any], b: int, position: int, page_size: int | Non
     return (int(index[b]) if index is not None else b), position
 
 
-def _factor(options: dict[str, Any], name: str, b: int) -> torch.Tensor | float:
-    """The descale factors of sequence ``b``, one per KV head (1.0 without an fp8 cache)."""
+def _factor(options: dict[str, Any], name: str, b: int, heads_kv: int) -> torch.Tensor:
+    """The descale factors of sequence ``b``, (heads_kv, 1) (ones without an fp8 cache)."""
     d = options.get(name)
     if d is None:
-        return 1.0
+        return torch.ones(heads_kv, 1, dtype=torch.float64)
     d = d.double()
-    return d[b] if d.dim() == 2 else d.reshape(-1)
+    return (d[b] if d.dim() == 2 else d.reshape(-1).expand(heads_kv))[:, None]
 
 
 def _rotated(x: torch.Tensor, options: dict[str, Any], positions: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -198,8 +198,9 @@ def _check_appended(case: KVCase, inputs: KVInputs, before: tuple[torch.Tensor, 
     """Appended slots hold the rotated (quantised) new keys and values; every other byte is unchanged."""
     opts = inputs.options
     untouched = [torch.ones(c.shape[:2], dtype=torch.bool, device=c.device) for c in before]
-    for name, new, cache, old, keep in (("k", inputs.k, inputs.k_cache, before[0], untouched[0]),
-                                        ("v", inputs.v, inputs.v_cache, before[1], untouched[1])):  # fmt: skip
+    pairs = (("k", inputs.k, inputs.k_cache, before[0], untouched[0]),
+             ("v", inputs.v, inputs.v_cache, before[1], untouched[1]))  # fmt: skip
+    for name, new, cache, old, keep in pairs:
         if new is None:
             continue
         tiny = torch.finfo(cache.dtype).tiny
@@ -207,13 +208,14 @@ def _check_appended(case: KVCase, inputs: KVInputs, before: tuple[torch.Tensor, 
         for b, length in enumerate(case.lengths):
             positions = list(range(length, length + case.seqlen_new))
             want = _rotated(new[b], opts, positions, torch.float64) if name == "k" else new[b].double()
-            want = want / _factor(opts, f"{name}_descale", b)[:, None] if cache.dtype in FP8_DTYPES else want
+            want = want / _factor(opts, f"{name}_descale", b, case.heads_kv).to(want.device)
             for t, position in enumerate(positions):
                 page, slot = _locate(opts, b, position, case.page_size)
                 got = cache[page, slot].double()
                 err = (got - want[t]).abs()
                 if not bool((err <= eps * want[t].abs() + tiny).all()):
-                    raise AssertionError(f"{case.name}: appended {name} of sequence {b} at {position}: off by {err.max()}")
+                    where = f"appended {name} of sequence {b} at {position}"
+                    raise AssertionError(f"{case.name}: {where}: off by {err.max()}")
                 keep[page, slot] = False
         if not torch.equal(_bits(cache)[keep], _bits(old)[keep]):
             raise AssertionError(f"{case.name}: {name}_cache changed outside the appended slots")
@@ -238,17 +240,18 @@ def kv_oracle(case: KVCase, inputs: KVInputs, dtype: torch.dtype) -> tuple[torch
     for b, cached in enumerate(case.lengths):
         length = min(max(cached, 0), _pages_per_sequence(case) * (case.page_size or case.capacity) - new) + new
         rows = [_locate(opts, b, j, case.page_size) for j in range(length)]
-        k_scale, v_scale = _factor(opts, "k_descale", b), _factor(opts, "v_descale", b)
-        keys = [inputs.k_cache[page, slot].double() * (k_scale if isinstance(k_scale, float) else k_scale[:, None])
-                for page, slot in rows]  # fmt: skip
-        values = [inputs.v_cache[page, slot].double() * (v_scale if isinstance(v_scale, float) else v_scale[:, None])
-                  for page, slot in rows]  # fmt: skip
+        k_scale = _factor(opts, "k_descale", b, case.heads_kv).to(inputs.q.device)
+        v_scale = _factor(opts, "v_descale", b, case.heads_kv).to(inputs.q.device)
+        keys = [inputs.k_cache[page, slot].double() * k_scale for page, slot in rows]
+        values = [inputs.v_cache[page, slot].double() * v_scale for page, slot in rows]
         empty = torch.zeros(0, case.heads_kv, d, dtype=torch.float64, device=inputs.q.device)
         k = (torch.stack(keys) if keys else empty).to(store)[None]
         v = (torch.stack(values) if values else empty).to(store)[None]
         q = _rotated(inputs.q[b], opts, [length - case.seqlen_q + i for i in range(case.seqlen_q)], store)[None]
-        spec = build_spec(q, k, v, causal=case.causal, window=case.window, softcap=case.softcap,
-                          sinks=opts.get("sinks"), sink_tokens=case.sink_tokens)  # fmt: skip
+        spec = build_spec(
+            q, k, v, causal=case.causal, window=case.window, softcap=case.softcap, sinks=opts.get("sinks"),
+            sink_tokens=case.sink_tokens,
+        )  # fmt: skip
         out, lse = dense_attention(spec, q, k, v, compute_dtype=dtype, sinks=opts.get("sinks"))
         outs.append(out)
         lses.append(lse)
@@ -310,22 +313,55 @@ def kv_cpu_cases() -> list[KVCase]:
         replace(base, name="fp64", dtype=torch.float64, head_dim=16),
         replace(base, name="splits", num_splits=3, lengths=(33, 2, 17), capacity=48, heads_q=6, heads_kv=2),
         replace(base, name="multi_token_causal", seqlen_q=3, seqlen_new=3, causal=True, lengths=(4, 0, 30)),
-        replace(base, name="window_sinks", window=(6, 0), causal=True, sink_tokens=3, lengths=(20, 1, 30),
-                seqlen_q=2, seqlen_new=2, dtype=bf16, num_splits=2),  # fmt: skip
-        replace(base, name="window_nan_hidden", window=(6, 0), causal=True, seqlen_q=2, seqlen_new=2,
-                lengths=(20, 1, 30), nan_back=(8, 9), page_size=11),  # fmt: skip
+        replace(
+            base,
+            name="window_sinks",
+            window=(6, 0),
+            causal=True,
+            sink_tokens=3,
+            lengths=(20, 1, 30),
+            seqlen_q=2,
+            seqlen_new=2,
+            dtype=bf16,
+            num_splits=2,
+        ),
+        replace(
+            base,
+            name="window_nan_hidden",
+            window=(6, 0),
+            causal=True,
+            seqlen_q=2,
+            seqlen_new=2,
+            lengths=(20, 1, 30),
+            nan_back=(8, 9),
+            page_size=11,
+        ),
         replace(base, name="window_nan_one_token", window=(5, 0), lengths=(20, 3, 30), nan_back=(7, 8), dtype=bf16),
         replace(base, name="softcap_sink_logits", softcap=3.0, sinks=True, num_splits=2, lengths=(9, 0, 25)),
         replace(base, name="paged_7", page_size=7, lengths=(13, 0, 27), num_splits=2, dtype=bf16),
-        replace(base, name="paged_16_multi", page_size=16, capacity=64, lengths=(31, 16, 47), seqlen_q=2,
-                seqlen_new=2, causal=True),  # fmt: skip
+        replace(
+            base,
+            name="paged_16_multi",
+            page_size=16,
+            capacity=64,
+            lengths=(31, 16, 47),
+            seqlen_q=2,
+            seqlen_new=2,
+            causal=True,
+        ),
         replace(base, name="batch_idx_strided", batch_idx=True, strided=True, heads_q=4, heads_kv=1),
         replace(base, name="rotary_half", rotary="half", seqlen_q=2, seqlen_new=2, causal=True),
-        replace(base, name="rotary_interleaved_partial", rotary="interleaved", rotary_dim=16, page_size=5,
-                dtype=bf16),  # fmt: skip
+        replace(base, name="rotary_interleaved_partial", rotary="interleaved", rotary_dim=16, page_size=5, dtype=bf16),
         replace(base, name="fp8_e4m3_head", dtype=bf16, cache_dtype=e4m3, num_splits=2),
-        replace(base, name="fp8_e4m3_batch_rotary", dtype=bf16, cache_dtype=e4m3, descale="batch",
-                rotary="half", page_size=8),  # fmt: skip
+        replace(
+            base,
+            name="fp8_e4m3_batch_rotary",
+            dtype=bf16,
+            cache_dtype=e4m3,
+            descale="batch",
+            rotary="half",
+            page_size=8,
+        ),
         replace(base, name="fp8_e5m2_tensor", dtype=torch.float16, cache_dtype=torch.float8_e5m2, descale="tensor"),
         replace(base, name="d128_gqa8", head_dim=128, heads_q=8, heads_kv=1, lengths=(3, 20), num_splits=2),
         replace(base, name="nothing_cached", lengths=(0, 0), seqlen_new=0),
