@@ -66,7 +66,6 @@ class HopperConfig:
     block_n: int
     order: str = "heads"
     q_stages: int = 1  # Q buffers: 2 loads the next tile's Q while this one runs (short sequences)
-    pingpong: bool = True  # consumer warpgroups issue their products in turns
 
     @property
     def block_m(self) -> int:
@@ -82,32 +81,34 @@ class TableRow:
     provenance: str  # "measured: GPU, date, versions, what" or "unmeasured: why this guess"
 
 
-_RUNS = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0"
-_AUTO = "order auto: run 2, heads order won where its balance was 0.97, blocks won at 0.83 and 0.65"
-_SHORT = "unmeasured: BN=128 divides 1k-2k keys; the second Q buffer hides the tile boundary"
+_H200 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0, bf16"
+_AUTO = "order auto (run 2: heads order won where its balance was 0.97, blocks won at 0.83 and 0.65)"
 
 #: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
-#: serves it. Problems of other head dims use the next shipped one.
+#: serves it. Problems of other head dims use the next shipped one. Runs 1-3: PERF_NOTES.md.
 TABLE: tuple[TableRow, ...] = (
-    TableRow(64, MASK_NONE, 2048, HopperConfig(3, 128, "heads", 2), _SHORT),
-    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_RUNS}: best of 5 tiles at 8k (run 1)"),
-    TableRow(64, MASK_RIGHT, 2048, HopperConfig(3, 128, "auto", 2), _SHORT),
-    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "auto"), f"{_RUNS}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_H200}: best of 5 tiles at 8k (run 1), of 3 at 1k (run 3)"),
+    TableRow(
+        64, MASK_RIGHT, 2048, HopperConfig(2, 128, "auto", 2), f"{_H200}: 299 vs 250 TFLOP/s for 192x128 at 1k (run 3)"
+    ),
+    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
     TableRow(64, MASK_BOTH, None, HopperConfig(3, 128, "auto"), "unmeasured: as causal"),
-    TableRow(96, MASK_NONE, 2048, HopperConfig(2, 128, "heads", 2), _SHORT),
-    TableRow(96, MASK_NONE, None, HopperConfig(2, 192), f"{_RUNS}: best of 3 tiles at 8k (run 2)"),
-    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 176, "auto"), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
+    TableRow(96, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), "unmeasured: as d128 up to 4k"),
+    TableRow(96, MASK_NONE, None, HopperConfig(2, 192), f"{_H200}: best of 3 tiles at 8k (run 2)"),
+    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 176, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
     TableRow(96, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal, narrower"),
-    TableRow(128, MASK_NONE, 2048, HopperConfig(2, 128, "heads", 2), _SHORT),
-    TableRow(128, MASK_NONE, None, HopperConfig(2, 176), f"{_RUNS}: 128x176 and 128x192 within noise at 8k (runs 1-2)"),
-    TableRow(128, MASK_RIGHT, 2048, HopperConfig(2, 128, "auto", 2), _SHORT),
-    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), f"{_RUNS}: best of 4 at 8k (run 2); {_AUTO}"),
+    TableRow(
+        128, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), f"{_H200}: +3% over 128x176 at 4k, even at 1k (run 3)"
+    ),
+    TableRow(128, MASK_NONE, None, HopperConfig(2, 176), f"{_H200}: best of 3-5 tiles at 8k (runs 1-3)"),
+    TableRow(128, MASK_RIGHT, 4096, HopperConfig(2, 128, "auto", 2), f"{_H200}: +3% at 4k, even at 1k (run 3)"),
+    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), f"{_H200}: best of 4 at 8k (run 2); {_AUTO}"),
     TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal"),
-    TableRow(192, MASK_NONE, None, HopperConfig(2, 96), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
-    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 96, "auto"), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_NONE, None, HopperConfig(2, 96), f"{_H200}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 96, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
     TableRow(192, MASK_BOTH, None, HopperConfig(2, 96, "auto"), "unmeasured: as causal"),
-    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_RUNS}: best of 2 tiles at 8k (runs 1-2)"),
-    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_RUNS}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_H200}: best of 2 tiles at 8k (runs 1-2)"),
+    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
     TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "auto"), "unmeasured: as causal, narrower (registers)"),
 )
 
@@ -528,7 +529,6 @@ def kernel_arguments(
     tiles: int,
     window: tuple[int, int],
     order: str,
-    pingpong: bool,
     softcap: float,
     scale: float,
 ) -> list[Any]:
@@ -567,7 +567,6 @@ def kernel_arguments(
         i32(_reach(window[0])),
         i32(_reach(window[1])),
         i32(ORDERS.index(order)),
-        i32(int(pingpong)),
         f32(score_log2),
         f32(softcap_in),
     ]
@@ -629,7 +628,7 @@ def forward(
     args = kernel_arguments(
         variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, order=order, pingpong=config.pingpong, softcap=softcap, scale=scale,
+        window=window, order=order, softcap=softcap, scale=scale,
     )  # fmt: skip
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(device):
