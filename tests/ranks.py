@@ -14,6 +14,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,8 @@ def _worker(rank: int, world_size: int, port: int, backend: str, tasks: Any, res
     finally:
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+    # Every result was delivered (run() waits for them): skip torch's slow interpreter teardown.
+    os._exit(0)
 
 
 class RankPool:
@@ -101,7 +104,8 @@ class RankPool:
         for tasks in self.tasks:
             with contextlib.suppress(Exception):
                 tasks.put(None)
+        deadline = time.monotonic() + 15
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
