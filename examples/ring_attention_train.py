@@ -108,7 +108,7 @@ def train(steps: int, check: bool = False, backend: str = "reference") -> list[f
             loss_diff = abs(loss.item() - whole_loss.item())
             grad_diff = max((g - w).abs().max().item() for g, w in zip(grads, whole_grads))
             if loss_diff > 1e-5 or grad_diff > 1e-5:
-                raise RuntimeError(f"rank {rank}: sharded step differs: loss {loss_diff:.2e}, gradients {grad_diff:.2e}")
+                raise RuntimeError(f"rank {rank}: sharded step differs: loss {loss_diff:.2e}, grads {grad_diff:.2e}")
             if rank == 0:
                 print(f"sharded step matches the unsharded model: loss diff {loss_diff:.1e}, grad diff {grad_diff:.1e}")
         optimizer.step()

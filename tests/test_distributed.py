@@ -8,6 +8,7 @@ sequence.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import subprocess
@@ -15,12 +16,13 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from flash.distributed import positions, ring_attention, shard, unshard
+from flash.distributed import SHARDINGS, Sharding, positions, ring_attention, shard, unshard
 from flash.distributed._plan import step_blocks
 from flash.errors import InvalidInputError
 from flash.masking import tile_mask
@@ -36,19 +38,19 @@ class RingCase:
     name: str
     world: int
     seqlen: int  # the full sequence
-    sharding: str = "zigzag"
+    sharding: Sharding = "zigzag"
     batch: int = 2
     heads_q: int = 4
     heads_kv: int = 2
     head_dim: int = 24
     dtype: torch.dtype = torch.float32
-    layout: str = "bshd"
+    layout: Literal["bshd", "bhsd"] = "bshd"
     causal: bool = False
     window: tuple[int, int] | None = None
     softcap: float = 0.0
     scale: float | None = None
 
-    def options(self) -> dict:
+    def options(self) -> dict[str, Any]:
         return {
             "causal": self.causal,
             "window": self.window,
@@ -134,8 +136,8 @@ def check_ring(case: RingCase, seed: int, device: str = "cpu", backend: str = "r
         dim = 2 if name == "lse" else case.seq_dim  # the LSE is (batch, heads, seqlen) in both layouts
         expected_dtype = (torch.float64 if case.dtype == torch.float64 else torch.float32) if index == 1 else case.dtype
         assert actual.dtype == expected_dtype, f"{name}: dtype {actual.dtype}"
-        cut = [shard(t, world, rank, dim=dim, sharding=case.sharding) for t in (exact, rough)]
-        assert_within_rule(f"{case.name} rank {rank} {name} (seed {seed})", actual, *cut, case.dtype)
+        exact_cut, rough_cut = (shard(t, world, rank, dim=dim, sharding=case.sharding) for t in (exact, rough))
+        assert_within_rule(f"{case.name} rank {rank} {name} (seed {seed})", actual, exact_cut, rough_cut, case.dtype)
 
 
 def check_deterministic(case: RingCase, seed: int, device: str = "cpu", backend: str = "reference") -> None:
@@ -218,7 +220,9 @@ def test_odd_zigzag_shard_refused_on_every_rank(pools) -> None:
     assert pools(2).run(check_odd_shard_refused) == ["q", "q"]
 
 
-def _visibility(world: int, rank: int, source: int, sharding: str, length: int, bounds) -> torch.Tensor:
+def _visibility(
+    world: int, rank: int, source: int, sharding: Sharding, length: int, bounds: tuple[int, int]
+) -> torch.Tensor:
     """Dense (length, length) mask of the rank's queries against the source's keys, by global position."""
     rows = shard(torch.arange(world * length), world, rank, dim=0, sharding=sharding)
     cols = shard(torch.arange(world * length), world, source, dim=0, sharding=sharding)
@@ -236,7 +240,7 @@ def test_plan_covers_exactly_the_visible_pairs(seed: int) -> None:
     """The calls of every step tile exactly the pairs the global mask shows, each with its own window."""
     rng = random.Random(seed)
     for _ in range(300):
-        world, sharding = rng.choice([1, 2, 3, 4, 8]), rng.choice(["zigzag", "contiguous"])
+        world, sharding = rng.choice([1, 2, 3, 4, 8]), rng.choice(SHARDINGS)
         length = rng.randint(1, 9) * (2 if sharding == "zigzag" else 1)
         bounds = (rng.choice([-1, *range(0, 3 * length)]), rng.choice([-1, 0, *range(0, 3 * length)]))
         rank, source = rng.randrange(world), rng.randrange(world)
@@ -281,7 +285,7 @@ def test_contiguous_causal_is_unbalanced() -> None:
 
 def test_invalid_inputs_name_the_argument() -> None:
     q = torch.randn(1, 8, 2, 16)
-    cases = [
+    cases: list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, str]] = [
         ({"sharding": "striped"}, q, q, "sharding"),
         ({}, q, torch.randn(1, 6, 2, 16), "k"),
         ({"window": (2,)}, q, q, "window"),
@@ -314,7 +318,7 @@ def test_shard_is_differentiable() -> None:
     (shard(x, 2, 1) * 2).sum().backward()
     expected = torch.zeros(2, 8, 3)
     expected[:, 2:4] = expected[:, 4:6] = 2  # zig-zag rank 1 of 2 holds chunks 1 and 2 of 4
-    assert torch.equal(x.grad, expected)
+    assert x.grad is not None and torch.equal(x.grad, expected)
 
 
 def test_import_flash_does_not_import_distributed() -> None:
@@ -328,6 +332,18 @@ def test_example_training_steps(pools) -> None:
     losses = pools(2).run(run_example, 8)
     assert losses[0] == losses[1], "every rank reports the same (all-reduced) loss"
     assert losses[0][-1] < losses[0][0], losses[0]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    """The single-GPU ring benchmark runs (here on the CPU, tiny) and writes its JSON."""
+    from flash.distributed import bench
+
+    out = tmp_path / "ring.json"
+    argv = ["--tokens", "32", "--worlds", "2", "--heads", "1", "--head-dim", "8", "--dtype", "fp32"]
+    assert bench.main([*argv, "--backend", "reference", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["world"], r["mode"], r["calls"]) for r in rows] == [(2, "fwd", 2), (2, "fwd_bwd", 2)]
+    assert all(r["ring_ms"] > 0 and r["one_call_ms"] > 0 for r in rows)
 
 
 # --------------------------------------------------------------------------- GPU tier
@@ -357,4 +373,3 @@ def test_ring_nccl(seed: int) -> None:
             pool.run(check_deterministic, scaled, seed, "cuda", "auto")
     finally:
         pool.close()
-

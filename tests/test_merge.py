@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -78,6 +80,7 @@ def test_rows_that_see_nothing_anywhere_are_zero_and_minus_inf() -> None:
     assert lse[1, 0, 2] == float("-inf") and torch.equal(out[1, 2, 0], torch.zeros(8, dtype=torch.float64))
     assert torch.isfinite(out).all() and torch.isfinite(lse[lse != float("-inf")]).all()
     (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert outs.grad is not None and lses.grad is not None
     assert torch.isfinite(outs.grad).all() and torch.isfinite(lses.grad).all()
     assert (lses.grad[:, 1, 0, 2] == 0).all()  # nothing flows into a row that saw nothing
 
@@ -129,7 +132,7 @@ def test_half_precision_parts_are_merged_in_float32() -> None:
 
 def test_invalid_inputs_name_the_argument() -> None:
     out, lse = torch.randn(2, 5, 3, 4), torch.randn(2, 3, 5)
-    cases = [
+    cases: list[tuple[tuple[Any, Any], dict[str, Any], str]] = [
         (([], []), {}, "outs"),
         (("x", [lse]), {}, "outs"),
         (([out, "x"], [lse, lse]), {}, "outs[1]"),

@@ -64,7 +64,7 @@ def block_backward(
     only involve the row's global quantities.
     """
     left, right = window if window is not None else (UNBOUNDED, UNBOUNDED)
-    return ops.attention_backward(
+    dq, dk, dv = ops.attention_backward(
         dout,
         q,
         k,
@@ -86,3 +86,4 @@ def block_backward(
         deterministic,
         backend,
     )
+    return dq, dk, dv

@@ -82,8 +82,9 @@ def _window_for(rows: Tensor, cols: Tensor, bounds: tuple[int, int]) -> tuple[in
     spec_lo = torch.zeros_like(i) if left == UNBOUNDED else (i + offset - left).clamp(0, len_k)
     spec_hi = torch.full_like(i, len_k) if right == UNBOUNDED else (i + offset + right + 1).clamp(0, len_k)
     spec_seen = spec_lo < spec_hi
-    same = torch.equal(spec_seen, seen) and torch.equal(spec_lo[seen], lo[seen]) and torch.equal(spec_hi[seen], hi[seen])
-    return (left, right) if same else None
+    if not torch.equal(spec_seen, seen):
+        return None
+    return (left, right) if torch.equal(spec_lo[seen], lo[seen]) and torch.equal(spec_hi[seen], hi[seen]) else None
 
 
 class _Shard:
@@ -101,7 +102,9 @@ class _Shard:
         return _positions(self.world_size, self.rank, self.sharding, self.chunk, lo, hi)
 
 
-def _pair(queries: _Shard, keys: _Shard, rows: tuple[int, int], cols: tuple[int, int], bounds) -> Block | None:
+def _pair(
+    queries: _Shard, keys: _Shard, rows: tuple[int, int], cols: tuple[int, int], bounds: tuple[int, int]
+) -> Block | None:
     """The call for one (query chunk, key chunk) pair, cut to what is visible, or None if hidden."""
     q_pos, k_pos = queries.positions(*rows), keys.positions(*cols)
     lo, hi = _visible(q_pos, k_pos, bounds)
@@ -120,7 +123,9 @@ def _overlaps(a: Block, b: Block) -> bool:
     return a.rows[0] < b.rows[1] and b.rows[0] < a.rows[1] and a.cols[0] < b.cols[1] and b.cols[0] < a.cols[1]
 
 
-def _merged(group: list[Block], others: list[Block], queries: _Shard, keys: _Shard, bounds) -> Block | None:
+def _merged(
+    group: list[Block], others: list[Block], queries: _Shard, keys: _Shard, bounds: tuple[int, int]
+) -> Block | None:
     """One call over the bounding rectangle of ``group``, if it meets no other call and its mask is a window."""
     rows = (min(b.rows[0] for b in group), max(b.rows[1] for b in group))
     cols = (min(b.cols[0] for b in group), max(b.cols[1] for b in group))
@@ -131,7 +136,7 @@ def _merged(group: list[Block], others: list[Block], queries: _Shard, keys: _Sha
     return None if window is None else Block(rows, cols, window)
 
 
-def _coalesce(blocks: list[Block], queries: _Shard, keys: _Shard, bounds) -> list[Block]:
+def _coalesce(blocks: list[Block], queries: _Shard, keys: _Shard, bounds: tuple[int, int]) -> list[Block]:
     """Merge calls, largest groups first (at most four parts: 11 candidate groups)."""
     for size in range(len(blocks), 1, -1):
         for group in itertools.combinations(range(len(blocks)), size):

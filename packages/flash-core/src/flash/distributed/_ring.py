@@ -136,7 +136,7 @@ class RingAttention(torch.autograd.Function):
     """Autograd of the ring: inputs and outputs in the caller's layout; returns ``(out, lse)``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, q: Tensor, k: Tensor, v: Tensor, layout: str, config: RingConfig, ring: Ring
     ) -> tuple[Tensor, Tensor]:
         qc = _canonical(q, layout)

@@ -108,7 +108,7 @@ def ring_attention(
         q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale, deterministic=deterministic
     )
     if spec.dtype not in KERNEL_DTYPES + REFERENCE_DTYPES:
-        raise InvalidInputError("q", "float16, bfloat16, float32 or float64 (fp8 attention has no backward)", str(q.dtype))
+        raise InvalidInputError("q", "float16, bfloat16, float32 or float64 (fp8 has no backward)", str(q.dtype))
     if spec.seqlen_k != spec.seqlen_q:
         raise InvalidInputError(
             "k", f"a shard of {spec.seqlen_q} tokens like q (one sequence, sharded the same way)", str(spec.seqlen_k)

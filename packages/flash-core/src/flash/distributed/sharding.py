@@ -15,15 +15,18 @@ or ignore the padded tokens yourself). One definition serves the ring, :func:`sh
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from flash.errors import InvalidInputError
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 Sharding = Literal["zigzag", "contiguous"]
-SHARDINGS: tuple[str, ...] = ("zigzag", "contiguous")
+SHARDINGS: tuple[Sharding, ...] = ("zigzag", "contiguous")
 
 
 def check_sharding(sharding: object) -> Sharding:
@@ -95,7 +98,7 @@ def shard(x: Tensor, world_size: int, rank: int, *, dim: int = 1, sharding: Shar
     return torch.cat(pieces, dim=dim)
 
 
-def unshard(x: Tensor, *, group: object = None, dim: int = 1, sharding: Sharding = "zigzag") -> Tensor:
+def unshard(x: Tensor, *, group: ProcessGroup | None = None, dim: int = 1, sharding: Sharding = "zigzag") -> Tensor:
     """The full-sequence tensor, from every rank's shard: the inverse of :func:`shard`.
 
     A collective (``all_gather`` over ``group``, default the world): every rank of the group must
@@ -108,11 +111,11 @@ def unshard(x: Tensor, *, group: object = None, dim: int = 1, sharding: Sharding
         raise InvalidInputError("x", "a torch.Tensor", type(x).__name__)
     sharding = check_sharding(sharding)
     dim = _check_dim(x, dim)
-    world_size = dist.get_world_size(group)  # type: ignore[arg-type]
+    world_size = dist.get_world_size(group)
     per_rank = chunks_per_rank(sharding)
     check_divisible("x", x.shape[dim], per_rank, f"a shard length along dim {dim} ({sharding})")
     gathered = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size)]
-    dist.all_gather(gathered, x.contiguous(), group=group)  # type: ignore[arg-type]
+    dist.all_gather(gathered, x.contiguous(), group=group)
     ordered: list[Tensor | None] = [None] * (world_size * per_rank)
     for rank, piece in enumerate(gathered):
         for chunk, part in zip(rank_chunks(world_size, rank, sharding), piece.chunk(per_rank, dim=dim)):
