@@ -49,7 +49,7 @@ class Row:
     one_call_tflops: float
 
 
-def visible_pairs(block: Block) -> int:
+def _visible_pairs(block: Block) -> int:
     """(query, key) pairs a call computes, by its mask."""
     len_q, len_k = block.rows[1] - block.rows[0], block.cols[1] - block.cols[0]
     bounds = (block.window[0], 0 if block.causal else block.window[1])
@@ -109,7 +109,7 @@ def bench_world(
     config = RingConfig("zigzag", (-1, 0), 0.0, head_dim**-0.5, False, backend)
     ring = Loopback(world, rank)
     plan = [step_blocks(world, rank, (rank - step) % world, "zigzag", length, (-1, 0)) for step in range(world)]
-    pairs = sum(visible_pairs(block) for blocks in plan for block in blocks)
+    pairs = sum(_visible_pairs(block) for blocks in plan for block in blocks)
 
     def ring_call() -> torch.Tensor:
         return RingAttention.apply(q, k, v, "bshd", config, ring)[0]
