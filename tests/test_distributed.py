@@ -8,6 +8,7 @@ sequence.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -22,7 +23,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from flash.distributed import SHARDINGS, Sharding, positions, ring_attention, shard, unshard
+from flash.distributed import (
+    SHARDINGS,
+    Sharding,
+    positions,
+    positions_varlen,
+    ring_attention,
+    ring_attention_varlen,
+    shard,
+    shard_varlen,
+    unshard,
+    unshard_varlen,
+)
 from flash.distributed._plan import step_blocks
 from flash.errors import InvalidInputError
 from flash.masking import tile_mask
@@ -181,6 +193,87 @@ def check_odd_shard_refused() -> str:
     return caught.value.argument
 
 
+@dataclass(frozen=True)
+class VarlenCase:
+    name: str
+    world: int
+    lengths: tuple[int, ...]  # of the packed sequences, multiples of the number of chunks
+    sharding: Sharding = "zigzag"
+    heads_q: int = 4
+    heads_kv: int = 2
+    head_dim: int = 24
+    dtype: torch.dtype = torch.float32
+    causal: bool = False
+    softcap: float = 0.0
+
+
+VARLEN_CASES = [
+    VarlenCase("varlen_zigzag_causal_gqa", world=2, lengths=(8, 0, 20, 4), causal=True),
+    VarlenCase("varlen_contiguous_softcap", world=2, lengths=(6, 14, 2), sharding="contiguous", softcap=2.0),
+    VarlenCase("varlen4_zigzag_causal", world=4, lengths=(16, 8, 24), causal=True, heads_q=6, heads_kv=3),
+    VarlenCase("varlen4_contiguous_f64", world=4, lengths=(4, 12), sharding="contiguous", dtype=torch.float64),
+]
+
+
+def check_ring_varlen(case: VarlenCase, seed: int) -> None:
+    """A packed batch, every sequence sharded: this rank's tokens within the rule of the oracle."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cu = torch.tensor([0, *itertools.accumulate(case.lengths)], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    total = int(cu[-1])
+    q, k, v, dout = (
+        torch.randn(total, heads, case.head_dim, generator=gen, dtype=torch.float64).to(case.dtype)
+        for heads in (case.heads_q, case.heads_kv, case.heads_kv, case.heads_q)
+    )
+    options: dict[str, Any] = {"causal": case.causal, "softcap": case.softcap}
+    spec = build_spec(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, **options)
+
+    def dense(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = dense_attention(spec, *inputs, compute_dtype=dtype, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        return (out.detach(), lse.detach(), *torch.autograd.grad(out, inputs, dout.to(dtype)))
+
+    def cut(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return shard_varlen(t, cu, world, rank, dim=dim, sharding=case.sharding)
+
+    inputs = [cut(t).requires_grad_() for t in (q, k, v)]
+    out, lse = ring_attention_varlen(
+        inputs[0], inputs[1], inputs[2], cu, return_lse=True, sharding=case.sharding, backend="reference", **options
+    )
+    got = (out.detach(), lse, *torch.autograd.grad(out, inputs, cut(dout)))
+    for name, actual, exact, rough in zip(
+        ("out", "lse", "dq", "dk", "dv"), got, dense(torch.float64), dense(case.dtype)
+    ):
+        dim = 1 if name == "lse" else 0  # the LSE of a packed batch is (heads, tokens)
+        where = f"{case.name} rank {rank} {name} (seed {seed})"
+        assert_within_rule(where, actual, cut(exact, dim), cut(rough, dim), case.dtype)
+    assert torch.equal(unshard_varlen(inputs[0].detach(), cu, sharding=case.sharding), q)
+    starts = cu[:-1].long().repeat_interleave(torch.tensor(case.lengths))
+    assert torch.equal(positions_varlen(cu, world, rank, sharding=case.sharding), cut(torch.arange(total) - starts))
+
+
+def check_varlen_refusals() -> list[str]:
+    """Packed batches that cannot be sharded are refused, naming the argument, before communicating."""
+    world = dist.get_world_size()
+    q = torch.randn(8, 2, 16)
+    good = torch.tensor([0, 8 * world], dtype=torch.int32)
+    calls: list[tuple[Any, torch.Tensor, dict[str, Any]]] = [
+        (q, torch.tensor([0, world, 8 * world], dtype=torch.int32), {}),  # a sequence of W tokens: not 2W
+        (q, torch.tensor([0, 4 * world], dtype=torch.int32), {}),  # offsets for half of q's tokens
+        (q, good, {"max_seqlen": 4}),
+        (q, good.float(), {}),
+        (q.unsqueeze(0), good, {}),  # not packed
+    ]
+    names = []
+    for tensor, cu, options in calls:
+        with pytest.raises(InvalidInputError) as caught:
+            ring_attention_varlen(tensor, tensor, tensor, cu, **options)
+        names.append(caught.value.argument)
+    with pytest.raises(InvalidInputError) as caught:
+        ring_attention_varlen(q, q[:4], q[:4], good)
+    return [*names, caught.value.argument]
+
+
 # --------------------------------------------------------------------------- the tests
 
 
@@ -210,6 +303,16 @@ def test_ring_matches_oracle(pools, case: RingCase, seed: int) -> None:
 def test_deterministic_bit_identical(pools, world: int, seed: int) -> None:
     case = RingCase("deterministic", world=world, seqlen=8 * world, causal=True, window=(5, 0), softcap=1.5)
     pools(world).run(check_deterministic, case, seed)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=lambda c: c.name)
+def test_ring_varlen_matches_oracle(pools, case: VarlenCase, seed: int) -> None:
+    pools(case.world).run(check_ring_varlen, case, seed)
+
+
+def test_varlen_refusals(pools) -> None:
+    names = pools(2).run(check_varlen_refusals)
+    assert names[0] == ["cu_seqlens", "cu_seqlens", "max_seqlen", "cu_seqlens", "q", "k"], names[0]
 
 
 def test_unshard_and_positions(pools, seed: int) -> None:

@@ -6,7 +6,27 @@ flash.distributed``) does.
 >>> from flash.distributed import ring_attention, shard, unshard, positions   # doctest: +SKIP
 """
 
-from flash.distributed.ring import ring_attention
-from flash.distributed.sharding import SHARDINGS, Sharding, positions, shard, unshard
+from flash.distributed.ring import ring_attention, ring_attention_varlen
+from flash.distributed.sharding import (
+    SHARDINGS,
+    Sharding,
+    positions,
+    positions_varlen,
+    shard,
+    shard_varlen,
+    unshard,
+    unshard_varlen,
+)
 
-__all__ = ["SHARDINGS", "Sharding", "positions", "ring_attention", "shard", "unshard"]
+__all__ = [
+    "SHARDINGS",
+    "Sharding",
+    "positions",
+    "positions_varlen",
+    "ring_attention",
+    "ring_attention_varlen",
+    "shard",
+    "shard_varlen",
+    "unshard",
+    "unshard_varlen",
+]

@@ -2,7 +2,9 @@
 rewire if core's internals change.
 
 Both take canonical ``(batch, seqlen, heads, head_dim)`` views with any strides (unit stride
-along head_dim) and pass the mask in the spec's terms; ``backend`` dispatches as usual.
+along head_dim) and pass the mask in the spec's terms; ``backend`` dispatches as usual. With
+``cu_seqlens`` the tensors are one packed batch, viewed as batch 1: ``(1, tokens, heads,
+head_dim)``, LSE ``(1, heads, tokens)``; queries and keys share the offsets.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ def block_forward(
     scale: float,
     deterministic: bool,
     backend: str,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of one block: out in q's dtype, lse (batch, heads_q, seqlen_q) per the LSE contract."""
+    if cu_seqlens is not None:
+        q, k, v = q[0], k[0], v[0]
     out, lse = attention(
         q,
         k,
@@ -35,11 +41,15 @@ def block_forward(
         window=window,
         softcap=softcap,
         scale=scale,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
         return_lse=True,
         deterministic=deterministic,
         backend=backend,
     )
-    return out, lse
+    return (out, lse) if cu_seqlens is None else (out.unsqueeze(0), lse.unsqueeze(0))
 
 
 def block_backward(
@@ -56,6 +66,8 @@ def block_backward(
     scale: float,
     deterministic: bool,
     backend: str,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of one block, recomputed from a *given* ``out``/``lse``/``dout``.
 
@@ -64,6 +76,9 @@ def block_backward(
     only involve the row's global quantities.
     """
     left, right = window if window is not None else (UNBOUNDED, UNBOUNDED)
+    packed = cu_seqlens is not None
+    if packed:
+        dout, q, k, v, out, lse = (t[0] for t in (dout, q, k, v, out, lse))
     dq, dk, dv = ops.attention_backward(
         dout,
         q,
@@ -71,10 +86,10 @@ def block_backward(
         v,
         out,
         lse,
-        None,
-        None,
-        None,
-        None,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
         "bshd",
         causal,
         left,
@@ -86,4 +101,4 @@ def block_backward(
         deterministic,
         backend,
     )
-    return dq, dk, dv
+    return (dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)) if packed else (dq, dk, dv)

@@ -170,3 +170,34 @@ def step_blocks(
     ]
     blocks = _coalesce(blocks, queries, keys, bounds)
     return tuple(sorted(blocks, key=lambda block: (block.rows, block.cols)))
+
+
+#: Tokens per chunk when planning a packed batch: two tell a causal diagonal from a full pair.
+_UNIT = 2
+
+
+@functools.lru_cache(maxsize=256)
+def packed_step_blocks(
+    world_size: int, rank: int, source: int, sharding: Sharding, length: int, bounds: tuple[int, int]
+) -> tuple[Block, ...]:
+    """The calls of one step for a packed (variable-length) batch.
+
+    A rank's packed shard is one *region* per chunk it holds: that chunk of every sequence, packed
+    (``length`` tokens in all). Sequences have different lengths, so only masks whose pattern over
+    chunk pairs does not depend on the length are planned: causal or none. Each visible (query
+    region, key region) pair is one call, with the regions' common ``cu_seqlens``.
+    """
+    if bounds not in ((UNBOUNDED, UNBOUNDED), (UNBOUNDED, 0)):
+        raise ValueError(f"packed batches take a causal mask or none, not {bounds}")
+    count = chunks_per_rank(sharding)
+    region = length // count
+    queries = _Shard(world_size, rank, sharding, count * _UNIT)
+    keys = _Shard(world_size, source, sharding, count * _UNIT)
+    blocks = []
+    for a, rows in enumerate(queries.chunk_ranges()):
+        for b, cols in enumerate(keys.chunk_ranges()):
+            pair = _pair(queries, keys, rows, cols, bounds)
+            if pair is not None:
+                assert (pair.rows, pair.cols) == (rows, cols), pair  # causal or full pairs are never cut
+                blocks.append(Block((a * region, (a + 1) * region), (b * region, (b + 1) * region), pair.window))
+    return tuple(blocks)

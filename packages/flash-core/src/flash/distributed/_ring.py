@@ -26,9 +26,17 @@ from torch.autograd.function import once_differentiable
 
 from flash.distributed._blocks import block_backward, block_forward
 from flash.distributed._comm import Ring
-from flash.distributed._plan import Block, step_blocks
+from flash.distributed._plan import Block, packed_step_blocks, step_blocks
 from flash.distributed.sharding import Sharding
 from flash.merge import combine
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A packed batch: the offsets and longest sequence shared by every region of every shard."""
+
+    cu_seqlens: Tensor  # int32, on the tensors' device
+    max_seqlen: int
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,12 @@ class RingConfig:
     scale: float
     deterministic: bool
     backend: str
+    packed: Packed | None = None  # tensors are then (1, tokens, heads, head_dim)
 
     def blocks(self, ring: Ring, step: int, length: int) -> tuple[Block, ...]:
         source = (ring.rank - step) % ring.world_size
-        return step_blocks(ring.world_size, ring.rank, source, self.sharding, length, self.bounds)
+        plan = step_blocks if self.packed is None else packed_step_blocks
+        return plan(ring.world_size, ring.rank, source, self.sharding, length, self.bounds)
 
     def options(self, block: Block) -> dict[str, Any]:
         causal, window = block.options
@@ -55,6 +65,8 @@ class RingConfig:
             "scale": self.scale,
             "deterministic": self.deterministic,
             "backend": self.backend,
+            "cu_seqlens": None if self.packed is None else self.packed.cu_seqlens,
+            "max_seqlen": None if self.packed is None else self.packed.max_seqlen,
         }
 
 

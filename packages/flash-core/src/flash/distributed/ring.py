@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal, overload
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from flash.distributed._comm import ProcessGroupRing
-from flash.distributed._ring import RingAttention, RingConfig
-from flash.distributed.sharding import Sharding, check_divisible, check_sharding, chunks_per_rank
+from flash.distributed._ring import Packed, RingAttention, RingConfig
+from flash.distributed.sharding import Sharding, check_divisible, check_sharding, chunks_per_rank, packed_lengths
 from flash.errors import InvalidInputError
-from flash.spec import KERNEL_DTYPES, REFERENCE_DTYPES, build_spec, check_argument_types
+from flash.spec import KERNEL_DTYPES, REFERENCE_DTYPES, AttentionSpec, build_spec, check_argument_types
 
 
 @overload
@@ -107,15 +109,9 @@ def ring_attention(
     spec = build_spec(
         q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale, deterministic=deterministic
     )
-    if spec.dtype not in KERNEL_DTYPES + REFERENCE_DTYPES:
-        raise InvalidInputError("q", "float16, bfloat16, float32 or float64 (fp8 has no backward)", str(q.dtype))
-    if spec.seqlen_k != spec.seqlen_q:
-        raise InvalidInputError(
-            "k", f"a shard of {spec.seqlen_q} tokens like q (one sequence, sharded the same way)", str(spec.seqlen_k)
-        )
+    _check_shards(spec, q)
     check_divisible("q", spec.seqlen_q, chunks_per_rank(sharding), f"a shard length ({sharding} sharding)")
-    if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidInputError("group", "a process group (call torch.distributed.init_process_group)", "none")
+    _check_group()
     config = RingConfig(
         sharding=sharding,
         bounds=spec.mask_bounds,
@@ -126,3 +122,133 @@ def ring_attention(
     )
     out, lse = RingAttention.apply(q, k, v, layout, config, ProcessGroupRing(group))
     return (out, lse) if return_lse else out
+
+
+def _check_shards(spec: AttentionSpec, q: Tensor) -> None:
+    if spec.dtype not in KERNEL_DTYPES + REFERENCE_DTYPES:
+        raise InvalidInputError("q", "float16, bfloat16, float32 or float64 (fp8 has no backward)", str(q.dtype))
+    if spec.total_k != spec.total_q:
+        raise InvalidInputError(
+            "k", f"a shard of {spec.total_q} tokens like q (one sequence, sharded the same way)", str(spec.total_k)
+        )
+
+
+def _check_group() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidInputError("group", "a process group (call torch.distributed.init_process_group)", "none")
+
+
+@overload
+def ring_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    max_seqlen: int | None = ...,
+    group: dist.ProcessGroup | None = ...,
+    causal: bool = ...,
+    softcap: float = ...,
+    scale: float | None = ...,
+    sharding: Sharding = ...,
+    deterministic: bool = ...,
+    backend: str = ...,
+    return_lse: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def ring_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    max_seqlen: int | None = ...,
+    group: dist.ProcessGroup | None = ...,
+    causal: bool = ...,
+    softcap: float = ...,
+    scale: float | None = ...,
+    sharding: Sharding = ...,
+    deterministic: bool = ...,
+    backend: str = ...,
+    return_lse: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+def ring_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    max_seqlen: int | None = None,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    sharding: Sharding = "zigzag",
+    deterministic: bool = False,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Ring attention of a packed batch of sequences, every sequence sharded across the ranks.
+
+    Each rank holds its :func:`~flash.distributed.shard_varlen` piece of the packed batch; each
+    sequence attends only to itself, as in :func:`flash.attention` with ``cu_seqlens``.
+
+    Args:
+        q, k, v: this rank's packed tokens, (total / W, heads, head_dim) (k/v may have fewer heads).
+        cu_seqlens: int32 offsets of the *whole* packed batch (batch + 1, the same on every rank), on
+            q's device. Every sequence's length must be a multiple of ``2 * W`` (zig-zag) or ``W``
+            (contiguous). Read once on the host, to check it.
+        max_seqlen: the longest sequence of the whole batch; read from ``cu_seqlens`` if omitted.
+        group, causal, softcap, scale, sharding, deterministic, backend: as :func:`ring_attention`.
+            There is no ``window``: sequences of different lengths cut into the same number of chunks
+            put a window's edge in different chunk pairs.
+        return_lse: also return the LSE, (heads_q, total / W), float32 (float64 for float64 inputs).
+
+    Returns:
+        This rank's output tokens, shaped like ``q`` (and the LSE). Differentiable in q, k, v.
+    """
+    check_argument_types(
+        q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, return_lse=return_lse,
+        deterministic=deterministic, backend=backend, max_seqlen_q=max_seqlen,
+    )  # fmt: skip
+    sharding = check_sharding(sharding)
+    _check_group()
+    world_size = dist.get_world_size(group)
+    chunks = world_size * chunks_per_rank(sharding)
+    offsets = packed_lengths(cu_seqlens, chunks)
+    if q.dim() == 3 and offsets[-1] != world_size * q.shape[0]:
+        expected = f"a last offset of world size x q's tokens = {world_size * q.shape[0]}"
+        raise InvalidInputError("cu_seqlens", expected, str(offsets[-1]))
+    longest = max((b - a for a, b in itertools.pairwise(offsets)), default=0)
+    if max_seqlen is None:
+        max_seqlen = longest
+    elif max_seqlen < longest:
+        raise InvalidInputError("max_seqlen", f"at least the longest sequence ({longest})", str(max_seqlen))
+    # Every region of every shard is the same packed batch shape: that chunk of each sequence.
+    packed = Packed(cu_seqlens.div(chunks, rounding_mode="floor").to(torch.int32), max_seqlen // chunks)
+    region = q.shape[0] // chunks_per_rank(sharding) if q.dim() == 3 else 0
+    spec = build_spec(
+        q[:region], k[:region], v[:region], causal=causal, softcap=softcap, scale=scale, deterministic=deterministic,
+        cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens, max_seqlen_q=packed.max_seqlen,
+        max_seqlen_k=packed.max_seqlen,
+    )  # fmt: skip
+    _check_shards(spec, q)
+    if k.shape[0] != q.shape[0]:
+        raise InvalidInputError(
+            "k", f"{q.shape[0]} tokens like q (the same sequences, sharded the same way)", str(k.shape[0])
+        )
+    config = RingConfig(
+        sharding=sharding,
+        bounds=spec.mask_bounds,
+        softcap=spec.softcap,
+        scale=spec.scale,
+        deterministic=deterministic,
+        backend=backend,
+        packed=packed,
+    )
+    out, lse = RingAttention.apply(
+        q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), "bshd", config, ProcessGroupRing(group)
+    )
+    return (out[0], lse[0]) if return_lse else out[0]

@@ -11,10 +11,17 @@ in increasing global order:
 ``N`` must be a multiple of the number of chunks; flash does not pad (pad the sequence and mask
 or ignore the padded tokens yourself). One definition serves the ring, :func:`shard`,
 :func:`unshard` and :func:`positions`.
+
+A packed batch of sequences (``cu_seqlens``) is sharded sequence by sequence: every sequence is
+cut into the same number of chunks (its length a multiple of it), and a rank's shard holds, for
+each of its chunks in turn, that chunk of every sequence, packed: the *regions* of
+:func:`shard_varlen`. Each region is itself a packed batch with offsets ``cu_seqlens //
+number_of_chunks``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -136,3 +143,90 @@ def positions(
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 0:
         raise InvalidInputError("seqlen", "an int >= 0", repr(seqlen))
     return shard(torch.arange(seqlen, device=device), world_size, rank, dim=0, sharding=sharding)
+
+
+def packed_lengths(cu_seqlens: object, multiple: int, name: str = "cu_seqlens") -> list[int]:
+    """The offsets of a packed batch as a list (one device-to-host copy), refusing sequences whose
+    length is not a multiple of ``multiple``."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise InvalidInputError(name, "a torch.Tensor of offsets", type(cu_seqlens).__name__)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.is_floating_point():
+        raise InvalidInputError(name, "a 1-D integer tensor of batch + 1 offsets", f"{tuple(cu_seqlens.shape)}")
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        raise InvalidInputError(name, "first offset 0", str(offsets[0]))
+    for index, (start, end) in enumerate(itertools.pairwise(offsets)):
+        if end < start:
+            raise InvalidInputError(name, "non-decreasing offsets", f"{start} then {end} at index {index}")
+        check_divisible(name, end - start, multiple, f"sequence lengths (sequence {index})")
+    return offsets
+
+
+def _packed_index(offsets: list[int], world_size: int, rank: int, sharding: Sharding) -> Tensor:
+    """Indices of the packed batch's tokens that ``rank`` holds, in its shard's (region-major) order."""
+    count = world_size * chunks_per_rank(sharding)
+    pieces = []
+    for chunk in rank_chunks(world_size, rank, sharding):
+        for start, end in itertools.pairwise(offsets):
+            size = (end - start) // count
+            pieces.append(torch.arange(start + chunk * size, start + (chunk + 1) * size))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+def shard_varlen(
+    x: Tensor, cu_seqlens: Tensor, world_size: int, rank: int, *, dim: int = 0, sharding: Sharding = "zigzag"
+) -> Tensor:
+    """The piece of a packed batch that ``rank`` holds (for :func:`~flash.distributed.ring_attention_varlen`).
+
+    Args:
+        x: packed tokens along ``dim``: q/k/v ``(total, heads, head_dim)``, labels ``(total,)``.
+        cu_seqlens: the batch's offsets (``batch + 1`` of them); every sequence's length must be
+            a multiple of ``2 * world_size`` (zig-zag) or ``world_size`` (contiguous).
+        world_size, rank, sharding: as :func:`shard`.
+
+    Returns:
+        A new tensor of ``total / world_size`` tokens along ``dim``: for each chunk the rank holds,
+        that chunk of every sequence. Differentiable.
+    """
+    if not isinstance(x, Tensor):
+        raise InvalidInputError("x", "a torch.Tensor", type(x).__name__)
+    world_size, rank = _check_world(world_size, rank)
+    sharding = check_sharding(sharding)
+    dim = _check_dim(x, dim)
+    offsets = packed_lengths(cu_seqlens, world_size * chunks_per_rank(sharding))
+    if offsets[-1] != x.shape[dim]:
+        raise InvalidInputError("cu_seqlens", f"a last offset equal to x's {x.shape[dim]} tokens", str(offsets[-1]))
+    return x.index_select(dim, _packed_index(offsets, world_size, rank, sharding).to(x.device))
+
+
+def unshard_varlen(
+    x: Tensor, cu_seqlens: Tensor, *, group: ProcessGroup | None = None, dim: int = 0, sharding: Sharding = "zigzag"
+) -> Tensor:
+    """The whole packed batch from every rank's :func:`shard_varlen` piece (a collective, like
+    :func:`unshard`; not differentiable)."""
+    import torch.distributed as dist
+
+    if not isinstance(x, Tensor):
+        raise InvalidInputError("x", "a torch.Tensor", type(x).__name__)
+    sharding = check_sharding(sharding)
+    dim = _check_dim(x, dim)
+    world_size = dist.get_world_size(group)
+    offsets = packed_lengths(cu_seqlens, world_size * chunks_per_rank(sharding))
+    if offsets[-1] != world_size * x.shape[dim]:
+        expected = f"a last offset of world size x local tokens = {world_size * x.shape[dim]}"
+        raise InvalidInputError("cu_seqlens", expected, str(offsets[-1]))
+    gathered = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size)]
+    dist.all_gather(gathered, x.contiguous(), group=group)
+    index = torch.cat([_packed_index(offsets, world_size, rank, sharding) for rank in range(world_size)])
+    return torch.cat(gathered, dim=dim).index_select(dim, torch.argsort(index).to(x.device))
+
+
+def positions_varlen(cu_seqlens: Tensor, world_size: int, rank: int, *, sharding: Sharding = "zigzag") -> Tensor:
+    """Position of each of ``rank``'s tokens within its own sequence (int64, on ``cu_seqlens``'s device)."""
+    world_size, rank = _check_world(world_size, rank)
+    sharding = check_sharding(sharding)
+    offsets = packed_lengths(cu_seqlens, world_size * chunks_per_rank(sharding))
+    index = _packed_index(offsets, world_size, rank, sharding)
+    starts = torch.tensor(offsets[:-1], dtype=torch.int64)
+    sequence = torch.searchsorted(torch.tensor(offsets[1:], dtype=torch.int64), index, right=True)
+    return (index - starts[sequence]).to(cu_seqlens.device)
