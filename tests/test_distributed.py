@@ -263,6 +263,8 @@ def check_varlen_refusals() -> list[str]:
         (q, good, {"max_seqlen": 4}),
         (q, good.float(), {}),
         (q.unsqueeze(0), good, {}),  # not packed
+        (q, good.long(), {}),
+        (q, good, {"max_seqlen": 2.5}),
     ]
     names = []
     for tensor, cu, options in calls:
@@ -312,7 +314,8 @@ def test_ring_varlen_matches_oracle(pools, case: VarlenCase, seed: int) -> None:
 
 def test_varlen_refusals(pools) -> None:
     names = pools(2).run(check_varlen_refusals)
-    assert names[0] == ["cu_seqlens", "cu_seqlens", "max_seqlen", "cu_seqlens", "q", "k"], names[0]
+    expected = ["cu_seqlens", "cu_seqlens", "max_seqlen", "cu_seqlens", "q", "cu_seqlens", "max_seqlen", "k"]
+    assert names[0] == expected, names[0]
 
 
 def test_unshard_and_positions(pools, seed: int) -> None:

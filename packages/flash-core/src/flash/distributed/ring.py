@@ -211,13 +211,18 @@ def ring_attention_varlen(
     """
     check_argument_types(
         q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, return_lse=return_lse,
-        deterministic=deterministic, backend=backend, max_seqlen_q=max_seqlen,
+        deterministic=deterministic, backend=backend,
     )  # fmt: skip
     sharding = check_sharding(sharding)
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)):
+        raise InvalidInputError("max_seqlen", "an int or None", repr(max_seqlen))
     _check_group()
     world_size = dist.get_world_size(group)
     chunks = world_size * chunks_per_rank(sharding)
     offsets = packed_lengths(cu_seqlens, chunks)
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device:
+        expected = f"an int32 tensor on {q.device} (like q)"
+        raise InvalidInputError("cu_seqlens", expected, f"{cu_seqlens.dtype} on {cu_seqlens.device}")
     if q.dim() == 3 and offsets[-1] != world_size * q.shape[0]:
         expected = f"a last offset of world size x q's tokens = {world_size * q.shape[0]}"
         raise InvalidInputError("cu_seqlens", expected, str(offsets[-1]))
