@@ -215,14 +215,14 @@ VARLEN_CASES = [
 ]
 
 
-def check_ring_varlen(case: VarlenCase, seed: int) -> None:
+def check_ring_varlen(case: VarlenCase, seed: int, device: str = "cpu", backend: str = "reference") -> None:
     """A packed batch, every sequence sharded: this rank's tokens within the rule of the oracle."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    cu = torch.tensor([0, *itertools.accumulate(case.lengths)], dtype=torch.int32)
+    cu = torch.tensor([0, *itertools.accumulate(case.lengths)], dtype=torch.int32, device=device)
     gen = torch.Generator().manual_seed(seed)
-    total = int(cu[-1])
+    total = sum(case.lengths)
     q, k, v, dout = (
-        torch.randn(total, heads, case.head_dim, generator=gen, dtype=torch.float64).to(case.dtype)
+        torch.randn(total, heads, case.head_dim, generator=gen, dtype=torch.float64).to(device, case.dtype)
         for heads in (case.heads_q, case.heads_kv, case.heads_kv, case.heads_q)
     )
     options: dict[str, Any] = {"causal": case.causal, "softcap": case.softcap}
@@ -238,7 +238,7 @@ def check_ring_varlen(case: VarlenCase, seed: int) -> None:
 
     inputs = [cut(t).requires_grad_() for t in (q, k, v)]
     out, lse = ring_attention_varlen(
-        inputs[0], inputs[1], inputs[2], cu, return_lse=True, sharding=case.sharding, backend="reference", **options
+        inputs[0], inputs[1], inputs[2], cu, return_lse=True, sharding=case.sharding, backend=backend, **options
     )
     got = (out.detach(), lse, *torch.autograd.grad(out, inputs, cut(dout)))
     for name, actual, exact, rough in zip(
@@ -248,8 +248,9 @@ def check_ring_varlen(case: VarlenCase, seed: int) -> None:
         where = f"{case.name} rank {rank} {name} (seed {seed})"
         assert_within_rule(where, actual, cut(exact, dim), cut(rough, dim), case.dtype)
     assert torch.equal(unshard_varlen(inputs[0].detach(), cu, sharding=case.sharding), q)
-    starts = cu[:-1].long().repeat_interleave(torch.tensor(case.lengths))
-    assert torch.equal(positions_varlen(cu, world, rank, sharding=case.sharding), cut(torch.arange(total) - starts))
+    starts = cu[:-1].long().repeat_interleave(torch.tensor(case.lengths, device=device))
+    expected = cut(torch.arange(total, device=device) - starts)
+    assert torch.equal(positions_varlen(cu, world, rank, sharding=case.sharding), expected)
 
 
 def check_varlen_refusals() -> list[str]:
@@ -477,5 +478,10 @@ def test_ring_nccl(seed: int) -> None:
             scaled = replace(case, world=world, seqlen=case.seqlen // 2 * world)  # still a multiple of 2W
             pool.run(check_ring, scaled, seed, "cuda", "auto")
             pool.run(check_deterministic, scaled, seed, "cuda", "auto")
+        chunks = 2 * world  # every sequence a multiple of 2W: lengths from 1 to 700 chunks
+        lengths = tuple(chunks * n for n in (1, 700, 37, 0, 256))
+        packed = VarlenCase("gpu_varlen_causal", world, lengths, heads_q=8, heads_kv=2, head_dim=128,
+                            dtype=torch.bfloat16, causal=True)  # fmt: skip
+        pool.run(check_ring_varlen, packed, seed, "cuda", "auto")
     finally:
         pool.close()
