@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flash import ops
 from flash.api import attention
-from flash.spec import UNBOUNDED
+from flash.plan import plan_for, run_backward
 
 
 def block_forward(
@@ -75,30 +74,12 @@ def block_backward(
     exact share of the full gradient: ``P = exp(S - lse)`` and ``dS = P (dP - rowsum(dO * O))``
     only involve the row's global quantities.
     """
-    left, right = window if window is not None else (UNBOUNDED, UNBOUNDED)
     packed = cu_seqlens is not None
     if packed:
         dout, q, k, v, out, lse = (t[0] for t in (dout, q, k, v, out, lse))
-    dq, dk, dv = ops.attention_backward(
-        dout,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        "bshd",
-        causal,
-        left,
-        right,
-        softcap,
-        scale,
-        0.0,
-        None,
-        deterministic,
-        backend,
-    )
+    plan, spec = plan_for(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, None, None, None, "bshd", causal, window, softcap,
+        scale, 0.0, None, deterministic, backend, check_values=False,
+    )  # fmt: skip
+    dq, dk, dv = run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens, cu_seqlens)
     return (dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)) if packed else (dq, dk, dv)
