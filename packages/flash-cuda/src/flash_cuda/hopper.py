@@ -494,6 +494,8 @@ def unsupported_reasons(
     if out.stride(-1) != 1 or out.data_ptr() % 4 or any(s % 2 for s in out.stride()[:3]):
         reasons.append("out: rows must be contiguous along head_dim and 4-byte aligned (pairs are stored as one word)")
     total_q, total_k = q.shape[1], k.shape[1]
+    if total_k == 0:
+        reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
         reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
     elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
