@@ -167,7 +167,7 @@ def test_launch_arguments_match_the_kernel_signature():
     maps = (tensor_map.TensorMap(), tensor_map.TensorMap(), tensor_map.TensorMap())
     args = hopper.kernel_arguments(
         variant, maps, out, lse, None, None, seqlen_q=s, seqlen_k=s, total_q=s, total_k=s, heads_q=h, heads_kv=h,
-        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), order="blocks", pingpong=True, softcap=0.0, scale=0.125,
+        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), order="blocks", softcap=0.0, scale=0.125,
     )  # fmt: skip
     assert len(args) == len(params)
     expected = {

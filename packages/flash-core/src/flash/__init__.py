@@ -28,10 +28,11 @@ from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.inference import attention_with_kvcache, explain_kvcache
 from flash.kvspec import KVCacheSpec, build_kv_spec
+from flash.merge import merge_states
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
-    from flash import nn
+    from flash import distributed, nn
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -52,8 +53,10 @@ __all__ = [
     "backends",
     "build_kv_spec",
     "build_spec",
+    "distributed",
     "explain",
     "explain_kvcache",
+    "merge_states",
     "nn",
     "register_backend",
     "scaled_dot_product_attention",
@@ -63,8 +66,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "nn":  # torch.nn modules load only for users who want them
+    # torch.nn modules and the torch.distributed ring load only for users who want them
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module("flash.nn")
+        return importlib.import_module(f"flash.{name}")
     raise AttributeError(f"module 'flash' has no attribute {name!r}")

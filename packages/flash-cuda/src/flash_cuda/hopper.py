@@ -66,7 +66,6 @@ class HopperConfig:
     block_n: int
     order: str = "heads"
     q_stages: int = 1  # Q buffers: 2 loads the next tile's Q while this one runs (short sequences)
-    pingpong: bool = True  # consumer warpgroups issue their products in turns
 
     @property
     def block_m(self) -> int:
@@ -82,32 +81,34 @@ class TableRow:
     provenance: str  # "measured: GPU, date, versions, what" or "unmeasured: why this guess"
 
 
-_RUNS = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0"
-_AUTO = "order auto: run 2, heads order won where its balance was 0.97, blocks won at 0.83 and 0.65"
-_SHORT = "unmeasured: BN=128 divides 1k-2k keys; the second Q buffer hides the tile boundary"
+_H200 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0, bf16"
+_AUTO = "order auto (run 2: heads order won where its balance was 0.97, blocks won at 0.83 and 0.65)"
 
 #: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
-#: serves it. Problems of other head dims use the next shipped one.
+#: serves it. Problems of other head dims use the next shipped one. Runs 1-3: PERF_NOTES.md.
 TABLE: tuple[TableRow, ...] = (
-    TableRow(64, MASK_NONE, 2048, HopperConfig(3, 128, "heads", 2), _SHORT),
-    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_RUNS}: best of 5 tiles at 8k (run 1)"),
-    TableRow(64, MASK_RIGHT, 2048, HopperConfig(3, 128, "auto", 2), _SHORT),
-    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "auto"), f"{_RUNS}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_H200}: best of 5 tiles at 8k (run 1), of 3 at 1k (run 3)"),
+    TableRow(
+        64, MASK_RIGHT, 2048, HopperConfig(2, 128, "auto", 2), f"{_H200}: 299 vs 250 TFLOP/s for 192x128 at 1k (run 3)"
+    ),
+    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
     TableRow(64, MASK_BOTH, None, HopperConfig(3, 128, "auto"), "unmeasured: as causal"),
-    TableRow(96, MASK_NONE, 2048, HopperConfig(2, 128, "heads", 2), _SHORT),
-    TableRow(96, MASK_NONE, None, HopperConfig(2, 192), f"{_RUNS}: best of 3 tiles at 8k (run 2)"),
-    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 176, "auto"), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
+    TableRow(96, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), "unmeasured: as d128 up to 4k"),
+    TableRow(96, MASK_NONE, None, HopperConfig(2, 192), f"{_H200}: best of 3 tiles at 8k (run 2)"),
+    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 176, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
     TableRow(96, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal, narrower"),
-    TableRow(128, MASK_NONE, 2048, HopperConfig(2, 128, "heads", 2), _SHORT),
-    TableRow(128, MASK_NONE, None, HopperConfig(2, 176), f"{_RUNS}: 128x176 and 128x192 within noise at 8k (runs 1-2)"),
-    TableRow(128, MASK_RIGHT, 2048, HopperConfig(2, 128, "auto", 2), _SHORT),
-    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), f"{_RUNS}: best of 4 at 8k (run 2); {_AUTO}"),
+    TableRow(
+        128, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), f"{_H200}: +3% over 128x176 at 4k, even at 1k (run 3)"
+    ),
+    TableRow(128, MASK_NONE, None, HopperConfig(2, 176), f"{_H200}: best of 3-5 tiles at 8k (runs 1-3)"),
+    TableRow(128, MASK_RIGHT, 4096, HopperConfig(2, 128, "auto", 2), f"{_H200}: +3% at 4k, even at 1k (run 3)"),
+    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), f"{_H200}: best of 4 at 8k (run 2); {_AUTO}"),
     TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal"),
-    TableRow(192, MASK_NONE, None, HopperConfig(2, 96), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
-    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 96, "auto"), f"{_RUNS}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_NONE, None, HopperConfig(2, 96), f"{_H200}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 96, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
     TableRow(192, MASK_BOTH, None, HopperConfig(2, 96, "auto"), "unmeasured: as causal"),
-    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_RUNS}: best of 2 tiles at 8k (runs 1-2)"),
-    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_RUNS}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_H200}: best of 2 tiles at 8k (runs 1-2)"),
+    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
     TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "auto"), "unmeasured: as causal, narrower (registers)"),
 )
 
@@ -435,6 +436,63 @@ def _tensor_map(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> Any:
     return _encoded_map(t.data_ptr(), dtype, dims, tuple(_map_strides(t)), box, variant.swizzle)
 
 
+def problem_reasons(
+    *,
+    capability: tuple[int, int],
+    dtype: Any,
+    head_dim: int,
+    heads_q: int,
+    heads_kv: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    total_q: int,
+    total_k: int,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    scale: float,
+) -> list[str]:
+    """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
+    looking at any tensor's layout (:func:`layout_reasons`)."""
+    import torch
+
+    reasons = []
+    if capability != (9, 0):
+        reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {dtype}: float16 or bfloat16 only")
+    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
+        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
+    if heads_kv <= 0 or heads_q % heads_kv:
+        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
+    if scale <= 0 or not math.isfinite(scale):
+        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
+    if softcap < 0 or not math.isfinite(softcap):
+        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
+    if total_k == 0:
+        reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
+    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
+        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
+        config = config_for(head_dim, window, seqlen_k)
+        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
+            reasons.append("more than 2^31 - 1 tiles")
+    return reasons
+
+
+def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], item: int, address: int) -> list[str]:
+    """Why TMA cannot read the canonical ``(b, s, h, d)`` tensor ``name`` of this geometry (empty: it can)."""
+    if strides[-1] != 1:
+        return [f"{name} has stride {strides[-1]} along head_dim: TMA needs unit stride"]
+    if any(s == 0 and n > 1 for s, n in zip(strides[:3], shape[:3])):
+        return [f"{name} has a broadcast (stride-0) dimension: TMA needs real strides"]
+    if address % 16 or any((s * item) % 16 for s, n in zip(strides[:3], shape[:3]) if n > 1):
+        return [f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that"]
+    if any(s * item >= 1 << 40 for s in strides[:3]):
+        return [f"{name}: a stride of 2^40 bytes or more (TMA)"]
+    return []
+
+
 def unsupported_reasons(
     q: Any,
     k: Any,
@@ -460,46 +518,22 @@ def unsupported_reasons(
     """
     import torch
 
-    reasons = []
     if q.device.type != "cuda":
         return [f"tensors on {q.device}: the Hopper kernel runs on CUDA GPUs"]
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability != (9, 0):
-        reasons.append(f"{q.device} is sm_{capability[0]}{capability[1]}: the kernel needs sm_90 (wgmma, TMA)")
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: float16 or bfloat16 only, all alike")
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    reasons = problem_reasons(
+        capability=torch.cuda.get_device_capability(q.device), dtype=q.dtype, head_dim=head_dim, heads_q=heads_q,
+        heads_kv=heads_kv, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
+        total_k=k.shape[1], window=window, softcap=softcap, scale=scale,
+    )  # fmt: skip
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
     if out.dtype != q.dtype or lse.dtype != torch.float32:
         reasons.append("out must have the inputs' dtype and lse float32")
-    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
-        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
-    if heads_kv <= 0 or heads_q % heads_kv:
-        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
-    if scale <= 0 or not math.isfinite(scale):
-        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
-    if softcap < 0 or not math.isfinite(softcap):
-        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        item = t.element_size()
-        if t.stride(-1) != 1:
-            reasons.append(f"{name} has stride {t.stride(-1)} along head_dim: TMA needs unit stride")
-            continue
-        if any(s == 0 and n > 1 for s, n in zip(t.stride()[:3], t.shape[:3])):
-            reasons.append(f"{name} has a broadcast (stride-0) dimension: TMA needs real strides")
-            continue
-        if t.data_ptr() % 16 or any((s * item) % 16 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
-            reasons.append(f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that")
-        elif any(s * item >= 1 << 40 for s in t.stride()[:3]):
-            reasons.append(f"{name}: a stride of 2^40 bytes or more (TMA)")
+        reasons += layout_reasons(name, tuple(t.shape), tuple(t.stride()), t.element_size(), t.data_ptr())
     if out.stride(-1) != 1 or out.data_ptr() % 4 or any(s % 2 for s in out.stride()[:3]):
         reasons.append("out: rows must be contiguous along head_dim and 4-byte aligned (pairs are stored as one word)")
-    total_q, total_k = q.shape[1], k.shape[1]
-    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
-        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
-    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
-        config = config_for(head_dim, window, seqlen_k)
-        batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
-            reasons.append("more than 2^31 - 1 tiles")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         reasons.append("cu_seqlens_q and cu_seqlens_k come together")
     elif cu_seqlens_q is not None and (
@@ -528,7 +562,6 @@ def kernel_arguments(
     tiles: int,
     window: tuple[int, int],
     order: str,
-    pingpong: bool,
     softcap: float,
     scale: float,
 ) -> list[Any]:
@@ -567,7 +600,6 @@ def kernel_arguments(
         i32(_reach(window[0])),
         i32(_reach(window[1])),
         i32(ORDERS.index(order)),
-        i32(int(pingpong)),
         f32(score_log2),
         f32(softcap_in),
     ]
@@ -629,7 +661,7 @@ def forward(
     args = kernel_arguments(
         variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, order=order, pingpong=config.pingpong, softcap=softcap, scale=scale,
+        window=window, order=order, softcap=softcap, scale=scale,
     )  # fmt: skip
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(device):

@@ -20,10 +20,10 @@ flash_fwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
                const int* __restrict__ cu_q, const int* __restrict__ cu_k, i64 o_sb, i64 o_ss, i64 o_sh, i64 l_sb,
                i64 l_sh, i64 l_ss, int seqlen_q, int seqlen_k, int total_q, int total_k, int heads_q, int group,
                int head_dim, int m_blocks, int tiles, int win_left, int win_right, int blocks_outer,
-               int pingpong, float score_log2, float softcap_in) {
+               float score_log2, float softcap_in) {
   const flash_cuda::hopper::Params params{o,        lse,      cu_q,     cu_k,    o_sb,      o_ss,     o_sh,
                                           l_sb,     l_sh,     l_ss,     seqlen_q, seqlen_k, total_q,  total_k,
                                           heads_q,  group,    head_dim, m_blocks, tiles,    win_left, win_right,
-                                          blocks_outer, pingpong, score_log2, softcap_in};
+                                          blocks_outer, score_log2, softcap_in};
   flash_cuda::hopper::forward<HopperShape>(params, &q_map, &k_map, &v_map);
 }

@@ -298,7 +298,6 @@ struct Params {
   int seqlen_q, seqlen_k, total_q, total_k, heads_q, group, head_dim, m_blocks, tiles;
   int win_left, win_right;  // window reach (a large value for an unbounded side)
   int blocks_outer;         // tile order: query blocks outermost (longest work first) instead of heads
-  int pingpong;             // consumers issue their products in turns
   float score_log2;         // exponent (base 2) per unit of (capped) score: scale * log2(e), or cap * log2(e)
   float softcap_in;         // tanh argument per unit of raw score, scale / cap; 0: no softcap
 };
@@ -496,26 +495,21 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
 
 // ------------------------------------------------------------------ consumers
 
-// The consumer warpgroups' turn to issue products, passed round in order on named barriers (when
-// `on`; otherwise every warpgroup issues as soon as its data is there).
+// The consumer warpgroups' turn to issue products, passed round in order on named barriers
+// (measured: issuing without turns was 0.4-6% slower at every tile, PERF_NOTES.md).
 template <int CONSUMERS>
 struct Turn {
   int wg;
-  bool on;
   // The last warpgroup hands warpgroup 0 its first turn.
   __device__ __forceinline__ void start() const {
-    if (on && wg == CONSUMERS - 1) named_barrier_arrive(TURN_BARRIER, 256);
+    if (wg == CONSUMERS - 1) named_barrier_arrive(TURN_BARRIER, 256);
   }
-  __device__ __forceinline__ void wait() const {
-    if (on) named_barrier_sync(TURN_BARRIER + wg, 256);
-  }
-  __device__ __forceinline__ void pass() const {
-    if (on) named_barrier_arrive(TURN_BARRIER + (wg + 1) % CONSUMERS, 256);
-  }
+  __device__ __forceinline__ void wait() const { named_barrier_sync(TURN_BARRIER + wg, 256); }
+  __device__ __forceinline__ void pass() const { named_barrier_arrive(TURN_BARRIER + (wg + 1) % CONSUMERS, 256); }
   // Every warpgroup took the same number of turns: the last hand-over is still pending at
   // warpgroup 0's barrier; take it so that no barrier is left half-arrived.
   __device__ __forceinline__ void finish() const {
-    if (on && wg == 0) named_barrier_sync(TURN_BARRIER, 256);
+    if (wg == 0) named_barrier_sync(TURN_BARRIER, 256);
   }
 };
 
@@ -607,7 +601,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
   const int lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64
   const int quad_col = 2 * (lane % 4);        // column of the thread's element (0, row, 0) in an n8 tile
   const bool warp_leader = lane == 0;
-  const Turn<S::CONSUMERS> turn{wg, p.pingpong != 0};
+  const Turn<S::CONSUMERS> turn{wg};
   const bool softcapped = p.softcap_in != 0.f;
   turn.start();
 
