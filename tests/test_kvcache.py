@@ -162,14 +162,18 @@ CLAMPED = [  # (case, what replaces a checked argument: a function of the checke
 def test_unchecked_values_are_clamped_and_nothing_outside_is_touched(
     backend: str, case: KVCase, argument: str, bad, seed: int
 ) -> None:
+    check_clamped(backend, case, argument, bad, "cpu", seed)
+
+
+def check_clamped(backend: str, case: KVCase, argument: str, bad, device: str, seed: int) -> None:
     """With value checks off (as on a GPU), out-of-range lengths, page numbers and cache rows are
     clamped the documented way: the result is the oracle's for the clamped values, and nothing is
     written outside the caches (they sit between NaN guards)."""
     require_usable(backend)
-    if kv_declared_reasons(backend, case, "cpu"):
+    if kv_declared_reasons(backend, case, device):
         pytest.skip(f"{backend} has no KV-cache pass for this case")
-    inputs = make_kv_inputs(case, "cpu", seed)
-    inputs.options[argument] = bad(inputs.options[argument])
+    inputs = make_kv_inputs(case, device, seed)
+    inputs.options[argument] = bad(inputs.options[argument].cpu()).to(device)
     inputs.options["check_values"] = False
     out, lse = run_kvcache(backend, inputs)
     for buffer in inputs.buffers:

@@ -273,5 +273,17 @@ def gpu_cases() -> list[Case]:
             causal=True,
         ),
         replace(base, name="bf16_dropout", dropout_p=0.1, seqlen_q=512, seqlen_k=512),
+        replace(
+            base,
+            name="bf16_window_sink_tokens_sinks",
+            heads_q=8,
+            heads_kv=2,
+            seqlen_q=2048,
+            seqlen_k=2500,
+            window=(256, 0),
+            causal=True,
+            sink_tokens=4,
+            sinks=True,
+        ),
     ]
     return cases

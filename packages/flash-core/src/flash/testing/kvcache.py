@@ -126,10 +126,9 @@ def make_kv_inputs(case: KVCase, device: torch.device | str, seed: int) -> KVInp
     options["cache_seqlens"] = lengths
     capacity = per_seq * case.page_size if case.page_size else case.capacity
     for b, length in enumerate(case.lengths):
-        for position in range(length):
-            page, slot = _locate(options, b, position, case.page_size)
-            k_cache[page, slot] = randn(hkv, d).to(k_cache.dtype)
-            v_cache[page, slot] = randn(hkv, d).to(v_cache.dtype)
+        pages, slots = _rows(options, b, length, case.page_size, device)
+        k_cache[pages, slots] = randn(length, hkv, d).to(k_cache.dtype)
+        v_cache[pages, slots] = randn(length, hkv, d).to(v_cache.dtype)
         for back in case.nan_back:
             if 0 <= length + case.seqlen_new - back < length:
                 page, slot = _locate(options, b, length + case.seqlen_new - back, case.page_size)
@@ -157,6 +156,18 @@ def make_kv_inputs(case: KVCase, device: torch.device | str, seed: int) -> KVInp
         for name in ("k_descale", "v_descale"):
             options[name] = torch.rand(shape, generator=gen, device=device) + 0.5
     return KVInputs(q, k_cache, v_cache, k, v, options, (k_buf, v_buf))
+
+
+def _rows(
+    options: dict[str, Any], b: int, length: int, page_size: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pages or cache rows, slots) of keys ``0 .. length - 1`` of sequence ``b``: plain indexing."""
+    positions = torch.arange(length, device=device)
+    if page_size:
+        return options["block_table"][b].long()[positions // page_size], positions % page_size
+    index = options.get("cache_batch_idx")
+    row = int(index[b]) if index is not None else b
+    return torch.full_like(positions, row), positions
 
 
 def _locate(options: dict[str, Any], b: int, position: int, page_size: int | None) -> tuple[int, int]:
@@ -239,14 +250,11 @@ def kv_oracle(case: KVCase, inputs: KVInputs, dtype: torch.dtype) -> tuple[torch
     outs, lses = [], []
     for b, cached in enumerate(case.lengths):
         length = min(max(cached, 0), _pages_per_sequence(case) * (case.page_size or case.capacity) - new) + new
-        rows = [_locate(opts, b, j, case.page_size) for j in range(length)]
+        pages, slots = _rows(opts, b, length, case.page_size, inputs.q.device)
         k_scale = _factor(opts, "k_descale", b, case.heads_kv).to(inputs.q.device)
         v_scale = _factor(opts, "v_descale", b, case.heads_kv).to(inputs.q.device)
-        keys = [inputs.k_cache[page, slot].double() * k_scale for page, slot in rows]
-        values = [inputs.v_cache[page, slot].double() * v_scale for page, slot in rows]
-        empty = torch.zeros(0, case.heads_kv, d, dtype=torch.float64, device=inputs.q.device)
-        k = (torch.stack(keys) if keys else empty).to(store)[None]
-        v = (torch.stack(values) if values else empty).to(store)[None]
+        k = (inputs.k_cache[pages, slots].double() * k_scale).to(store)[None]
+        v = (inputs.v_cache[pages, slots].double() * v_scale).to(store)[None]
         q = _rotated(inputs.q[b], opts, [length - case.seqlen_q + i for i in range(case.seqlen_q)], store)[None]
         spec = build_spec(
             q, k, v, causal=case.causal, window=case.window, softcap=case.softcap, sinks=opts.get("sinks"),
@@ -365,4 +373,31 @@ def kv_cpu_cases() -> list[KVCase]:
         replace(base, name="fp8_e5m2_tensor", dtype=torch.float16, cache_dtype=torch.float8_e5m2, descale="tensor"),
         replace(base, name="d128_gqa8", head_dim=128, heads_q=8, heads_kv=1, lengths=(3, 20), num_splits=2),
         replace(base, name="nothing_cached", lengths=(0, 0), seqlen_new=0),
+    ]
+
+
+def kv_gpu_cases() -> list[KVCase]:
+    """Real sizes (GPU tier): long and empty sequences, GQA 32/8, every cache layout and option."""
+    from dataclasses import replace
+
+    bf16 = torch.bfloat16
+    base = KVCase(
+        "gpu", lengths=(4095, 17, 32760, 0, 1000), capacity=32768, heads_q=32, heads_kv=8, head_dim=128, dtype=bf16
+    )
+    return [
+        replace(base, name="bf16_auto_splits"),
+        replace(base, name="bf16_one_split", num_splits=1),
+        replace(base, name="fp16_no_append", dtype=torch.float16, seqlen_new=0, lengths=(4096, 1, 32768, 0, 999)),
+        replace(base, name="paged_16", page_size=16),
+        replace(base, name="paged_64_rotary", page_size=64, rotary="half", seqlen_q=2, seqlen_new=2, causal=True),
+        replace(base, name="paged_7_interleaved", page_size=7, rotary="interleaved", rotary_dim=64),
+        replace(base, name="paged_256_fp8", page_size=256, cache_dtype=torch.float8_e4m3fn, descale="batch"),
+        replace(base, name="fp8_head_descale", cache_dtype=torch.float8_e4m3fn, num_splits=7),
+        replace(base, name="window_sink_tokens_sinks", window=(1000, 0), causal=True, sink_tokens=4, sinks=True),
+        replace(base, name="speculative_8_tokens", seqlen_q=8, seqlen_new=8, causal=True, softcap=30.0),
+        replace(base, name="chunk_of_300", seqlen_q=300, seqlen_new=300, causal=True, lengths=(5000, 0, 700)),
+        replace(base, name="batch_idx_mqa_d64", batch_idx=True, heads_kv=1, head_dim=64, lengths=(100, 20000)),
+        replace(base, name="d256", head_dim=256, heads_q=8, heads_kv=2, lengths=(3000, 9000), capacity=9100),
+        replace(base, name="long_single_sequence", lengths=(131071,), capacity=131072),
+        replace(base, name="nan_hidden", window=(512, 0), seqlen_q=4, seqlen_new=4, causal=True, nan_back=(600, 514)),
     ]
