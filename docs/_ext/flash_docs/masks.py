@@ -25,42 +25,53 @@ def _window_option(text: str) -> tuple[int, int]:
     return left, right
 
 
-def describe(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple[int, int] | None) -> str:
+def describe(seqlen_q: int, seqlen_k: int, causal: bool, window: tuple[int, int] | None, sink_tokens: int = 0) -> str:
     parts = [f"seqlen_q={seqlen_q}", f"seqlen_k={seqlen_k}"]
     if causal:
         parts.append("causal=True")
     if window is not None:
         parts.append(f"window={window}")
+    if sink_tokens:
+        parts.append(f"sink_tokens={sink_tokens}")
     return ", ".join(parts)
 
 
+def _runs(seen: list[bool]) -> str:
+    """The keys a row sees as ranges: ``0 … 1, 4 … 6``."""
+    runs, start = [], None
+    for j, flag in enumerate([*seen, False]):
+        if flag and start is None:
+            start = j
+        elif not flag and start is not None:
+            runs.append(f"{start}" if j - start == 1 else f"{start} … {j - 1}")
+            start = None
+    return ", ".join(runs) or "none: output 0, LSE −∞"
+
+
 class MaskDirective(SphinxDirective):
-    """Which keys each query row sees: a grid computed by :func:`flash.masking.visible_key_range`."""
+    """Which keys each query row sees: a grid computed by :func:`flash.masking.tile_mask`."""
 
     option_spec: ClassVar[dict] = {
         "seqlen-q": directives.positive_int,
         "seqlen-k": directives.positive_int,
         "causal": directives.flag,
         "window": _window_option,
+        "sink-tokens": directives.nonnegative_int,
         "caption": directives.unchanged,
     }
 
     def run(self) -> list[nodes.Node]:
-        from flash.masking import visible_key_range
+        from flash.masking import tile_mask
 
         self.env.note_reread()
         len_q = self.options.get("seqlen-q", 4)
         len_k = self.options.get("seqlen-k", 4)
         causal = "causal" in self.options
         window = self.options.get("window")
-        bounds = _bounds(causal, window)
-        rows = []
-        for i in range(len_q):
-            lo, hi = visible_key_range(i, len_q, len_k, bounds)
-            cells = ["■" if lo <= j < hi else "·" for j in range(len_k)]
-            seen = "none: output 0, LSE −∞" if lo == hi else (f"{lo}" if hi - lo == 1 else f"{lo} … {hi - 1}")
-            rows.append([f"**{i}**", *cells, seen])
-        title = self.options.get("caption") or code(describe(len_q, len_k, causal, window))
+        sinks = self.options.get("sink-tokens", 0)
+        mask = tile_mask((0, len_q), (0, len_k), len_q, len_k, _bounds(causal, window), "cpu", sinks).tolist()
+        rows = [[f"**{i}**", *["■" if x else "·" for x in seen], _runs(seen)] for i, seen in enumerate(mask)]
+        title = self.options.get("caption") or code(describe(len_q, len_k, causal, window, sinks))
         table = list_table(
             ["query"] + [f"k{j}" for j in range(len_k)] + ["keys seen"],
             rows,

@@ -129,6 +129,56 @@ CASES: list[tuple[str, Callable]] = [
 ]
 
 
+def base_kv_spec():
+    """A bf16 KV-cache call on ``cuda``: 16 sequences of up to 32768 keys, GQA 32/8, head_dim 128, one new token."""
+    from flash.kvspec import KVCacheSpec
+
+    return KVCacheSpec(
+        batch=16,
+        seqlen_q=1,
+        seqlen_new=1,
+        heads_q=32,
+        heads_kv=8,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        cache_dtype=torch.bfloat16,
+        device=torch.device("cuda"),
+        paged=False,
+        page_size=32768,
+        pages=16,
+        capacity=32768,
+        batch_idx=False,
+        causal=True,
+        window=(-1, -1),
+        softcap=0.0,
+        scale=128**-0.5,
+        sinks=False,
+        sink_tokens=0,
+        rotary="none",
+        rotary_dim=0,
+        rotary_positions=0,
+        descale=False,
+        num_splits=4,
+        aligned16=True,
+    )
+
+
+#: KV-cache calls: (label, how the call differs from the baseline)
+KV_CASES: list[tuple[str, Callable]] = [
+    ("bf16, GQA 32/8, head_dim 128, 32k keys, append 1 (baseline)", lambda s: s),
+    ("fp16", lambda s: r(s, dtype=torch.float16, cache_dtype=torch.float16)),
+    ("fp32", lambda s: r(s, dtype=torch.float32, cache_dtype=torch.float32)),
+    ("paged, 16 keys per page", lambda s: r(s, paged=True, page_size=16, pages=32768, capacity=32768)),
+    ("paged, 7 keys per page", lambda s: r(s, paged=True, page_size=7, pages=80000, capacity=32767)),
+    ("fp8 e4m3 cache, per-head descale", lambda s: r(s, cache_dtype=torch.float8_e4m3fn, descale=True)),
+    ("rotary (GPT-NeoX pairs)", lambda s: r(s, rotary="half", rotary_dim=128, rotary_positions=32768)),
+    ("sink logits", lambda s: r(s, sinks=True)),
+    ("window (4096, 0) + 4 sink tokens", lambda s: r(s, window=(4096, 0), sink_tokens=4)),
+    ("8 new tokens, causal, softcap 30", lambda s: r(s, seqlen_q=8, seqlen_new=8, softcap=30.0)),
+    ("cache_batch_idx", lambda s: r(s, batch_idx=True, pages=64)),
+]
+
+
 def _ask(check: Callable, spec) -> list[str]:
     try:
         return [str(x) for x in check(spec)]
@@ -142,9 +192,9 @@ def survey() -> dict:
     from flash.registry import REGISTRY
     from flash.support import reasons
 
-    result: dict = {"loaded": {}, "errors": {}, "verdicts": {}}
+    result: dict = {"loaded": {}, "errors": {}, "verdicts": {}, "decode": {}}
     ordered = REGISTRY.by_priority()
-    base = base_spec()
+    base, kv_base = base_spec(), base_kv_spec()
     for name in ordered + [n for n in REGISTRY.names() if n not in ordered]:
         try:
             backend = REGISTRY.get(name)
@@ -157,6 +207,9 @@ def survey() -> dict:
                     _ask(lambda s: reasons(backend, s, "backward"), make(base))]
             for label, make in CASES
         }  # fmt: skip
+        result["decode"][name] = {
+            label: _ask(lambda s: reasons(backend, s, "decode"), make(kv_base)) for label, make in KV_CASES
+        }
     return result
 
 
@@ -190,6 +243,16 @@ class BackendSupport(SphinxDirective):
                     rows,
                     title="Support matrix",
                     classes="flash-support",
+                )
+            )
+        if loaded:
+            kv_rows = [[esc(label)] + [_cell(result["decode"][n][label]) for n in loaded] for label, _ in KV_CASES]
+            out.append(
+                list_table(
+                    ["KV-cache call (:func:`flash.attention_with_kvcache`)", *[code(n) for n in loaded]],
+                    kv_rows,
+                    title="KV-cache pass",
+                    classes="flash-reasons",
                 )
             )
         for name, version in loaded.items():

@@ -44,9 +44,13 @@ def forget() -> None:
 
 
 def _key(t: object) -> object:
+    """A tensor's part of the signature (cheap: this runs every step); the type of anything else
+    (None, or an int ``cache_seqlens`` whose value belongs to each call)."""
+    if t is None:
+        return None
     if isinstance(t, Tensor):
-        return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
-    return type(t)  # None, or an int cache_seqlens whose value belongs to each call
+        return (t.shape, t.stride(), t.dtype, t.device.type, t.get_device(), t.data_ptr() & 15)
+    return type(t)
 
 
 def plan_for_kvcache(

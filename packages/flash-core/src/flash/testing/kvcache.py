@@ -7,9 +7,9 @@ with NaN and caches placed between NaN guard regions, then holds it to three rul
   within half a unit in the last place of the cache dtype of the float64 values;
 * every other byte of the caches (their unused slots and unused pages hold NaN: garbage that
   must never reach a result), of the guard regions and of the inputs is unchanged;
-* output and LSE are within the tolerance rule (:mod:`flash.testing.tolerance`) of the float64
+* output and LSE are within the tolerance rule (:func:`flash.testing.assert_within_rule`) of the float64
   oracle, computed sequence by sequence with plain Python page lookups and
-  :func:`flash.reference.dense_attention` over the keys the cache holds after the call, a
+  :func:`flash.reference.oracle.dense_attention` over the keys the cache holds after the call, a
   computation that shares nothing with the backends but the dense oracle.
 """
 
