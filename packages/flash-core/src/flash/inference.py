@@ -9,8 +9,8 @@ from torch import Tensor
 
 from flash import dispatch
 from flash.errors import InvalidInputError
-from flash.kvplan import plan_for_kvcache, run_decode
-from flash.kvspec import build_kv_spec, check_cache_values, check_length, checks_enabled
+from flash.kvplan import CallOptions, CallTensors, plan_for_kvcache, run_decode, spec_of
+from flash.kvspec import check_cache_values, check_length, checks_enabled
 
 
 @overload
@@ -148,10 +148,10 @@ def attention_with_kvcache(
             if getattr(t, "requires_grad", False):
                 expected = "a tensor that does not require grad (inference only: use torch.no_grad())"
                 raise InvalidInputError(name, expected, "requires_grad=True")
-    plan = plan_for_kvcache(
-        q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin, sinks,
-        k_descale, v_descale, rotary_interleaved, causal, window, softcap, scale, sink_tokens, num_splits, backend,
-    )  # fmt: skip
+    tensors = CallTensors(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
+                          rotary_sin, sinks, k_descale, v_descale)  # fmt: skip
+    options = CallOptions(rotary_interleaved, causal, window, softcap, scale, sink_tokens, num_splits)
+    plan = plan_for_kvcache(tensors, options, backend)
     spec = plan.spec
     if isinstance(cache_seqlens, Tensor):
         lengths = cache_seqlens
@@ -160,10 +160,7 @@ def attention_with_kvcache(
         lengths = torch.full((spec.batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     if checks_enabled(q.device, check_values):
         check_cache_values(spec, lengths, block_table, cache_batch_idx)
-    out, lse = run_decode(
-        plan, q, k_cache, v_cache, k, v, lengths, block_table, cache_batch_idx, rotary_cos, rotary_sin, sinks,
-        k_descale, v_descale,
-    )  # fmt: skip
+    out, lse = run_decode(plan, tensors, lengths)
     return (out, lse) if return_lse else out
 
 
@@ -196,10 +193,7 @@ def explain_kvcache(
     """Which backend would run this :func:`attention_with_kvcache` call, and why each other backend
     would not; the problem line shows the split count. Same arguments; runs nothing, writes nothing."""
     del return_lse, check_values  # neither changes who computes it
-    spec = build_kv_spec(
-        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-        cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=rotary_interleaved, causal=causal, window=window, softcap=softcap, scale=scale,
-        sinks=sinks, sink_tokens=sink_tokens, num_splits=num_splits, k_descale=k_descale, v_descale=v_descale,
-    )  # fmt: skip
+    tensors = CallTensors(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
+                          rotary_sin, sinks, k_descale, v_descale)  # fmt: skip
+    spec = spec_of(tensors, CallOptions(rotary_interleaved, causal, window, softcap, scale, sink_tokens, num_splits))
     return dispatch.explain_kvcache(spec, backend)

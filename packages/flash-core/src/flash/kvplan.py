@@ -12,6 +12,7 @@ value on the host, which is what lets a step be captured in a CUDA graph and rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,6 +44,36 @@ def forget() -> None:
     _plans.clear()
 
 
+class CallTensors(NamedTuple):
+    """The tensors of one KV-cache call as the caller passed them (``cache_seqlens``: a tensor or an int)."""
+
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    k: Tensor | None
+    v: Tensor | None
+    cache_seqlens: Tensor | int
+    block_table: Tensor | None
+    cache_batch_idx: Tensor | None
+    rotary_cos: Tensor | None
+    rotary_sin: Tensor | None
+    sinks: Tensor | None
+    k_descale: Tensor | None
+    v_descale: Tensor | None
+
+
+class CallOptions(NamedTuple):
+    """The other options of one KV-cache call."""
+
+    rotary_interleaved: bool
+    causal: bool
+    window: tuple[int, int] | None
+    softcap: float
+    scale: float | None
+    sink_tokens: int
+    num_splits: int | None
+
+
 def _key(t: object) -> object:
     """A tensor's part of the signature (cheap: this runs every step); the type of anything else
     (None, or an int ``cache_seqlens`` whose value belongs to each call)."""
@@ -53,42 +84,23 @@ def _key(t: object) -> object:
     return type(t)
 
 
-def plan_for_kvcache(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Tensor | None,
-    v: Tensor | None,
-    cache_seqlens: Tensor | int,
-    block_table: Tensor | None,
-    cache_batch_idx: Tensor | None,
-    rotary_cos: Tensor | None,
-    rotary_sin: Tensor | None,
-    sinks: Tensor | None,
-    k_descale: Tensor | None,
-    v_descale: Tensor | None,
-    rotary_interleaved: bool,
-    causal: bool,
-    window: tuple[int, int] | None,
-    softcap: float,
-    scale: float | None,
-    sink_tokens: int,
-    num_splits: int | None,
-    backend: str,
-) -> DecodePlan:
+def spec_of(tensors: CallTensors, options: CallOptions) -> KVCacheSpec:
+    """Validate the call (:func:`flash.kvspec.build_kv_spec`)."""
+    return build_kv_spec(
+        tensors.q, tensors.k_cache, tensors.v_cache, tensors.k, tensors.v, cache_seqlens=tensors.cache_seqlens,
+        block_table=tensors.block_table, cache_batch_idx=tensors.cache_batch_idx, rotary_cos=tensors.rotary_cos,
+        rotary_sin=tensors.rotary_sin, sinks=tensors.sinks, k_descale=tensors.k_descale, v_descale=tensors.v_descale,
+        **options._asdict(),
+    )  # fmt: skip
+
+
+def plan_for_kvcache(tensors: CallTensors, options: CallOptions, backend: str) -> DecodePlan:
     """The plan of this call: found by signature, or validated, dispatched and stored on first use
-    (raising :class:`~flash.errors.InvalidInputError` or :class:`~flash.errors.NoBackendError`)."""
-    tensors = (q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos, rotary_sin,
-               sinks, k_descale, v_descale)  # fmt: skip
-    options = (rotary_interleaved, causal, window, softcap, scale, sink_tokens, num_splits)
+    (raising :class:`~flash.errors.InvalidInputError` or :class:`~flash.errors.NoBackendError`).
+    The key holds the options' Python types too (``causal=1`` must not find ``causal=True``'s plan)."""
     key: tuple | None
     try:
-        key = (
-            *(_key(t) for t in tensors),
-            *options,
-            *(type(o) for o in options),
-            dispatch.forced_backend(backend),
-        )
+        key = (*map(_key, tensors), *options, *map(type, options), dispatch.forced_backend(backend))
         found = _plans.get(key)
     except (AttributeError, TypeError, RuntimeError):  # an unhashable option: the checks below say which
         key, found = None, None
@@ -96,13 +108,7 @@ def plan_for_kvcache(
         return found
     if not isinstance(backend, str):
         raise InvalidInputError("backend", "a str", repr(backend))
-    spec = build_kv_spec(
-        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-        cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-        rotary_interleaved=rotary_interleaved, causal=causal, window=window, softcap=softcap, scale=scale,
-        sinks=sinks, sink_tokens=sink_tokens, num_splits=num_splits, k_descale=k_descale, v_descale=v_descale,
-    )  # fmt: skip
-    plan = make_plan(spec, backend)
+    plan = make_plan(spec_of(tensors, options), backend)
     if key is not None:
         _plans.put(key, plan)
     return plan
@@ -120,24 +126,10 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def run_decode(
-    plan: DecodePlan,
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Tensor | None,
-    v: Tensor | None,
-    cache_seqlens: Tensor,
-    block_table: Tensor | None,
-    cache_batch_idx: Tensor | None,
-    rotary_cos: Tensor | None,
-    rotary_sin: Tensor | None,
-    sinks: Tensor | None,
-    k_descale: Tensor | None,
-    v_descale: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """Allocate ``(out, lse)`` (sizes fixed by the plan) and run the plan's backend."""
-    spec = plan.spec
+def run_decode(plan: DecodePlan, tensors: CallTensors, cache_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """Allocate ``(out, lse)`` (sizes fixed by the plan) and run the plan's backend, with the lengths
+    as an int32 tensor."""
+    spec, q = plan.spec, tensors.q
     out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
     lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
     if plan.backend is None or plan.config is None:
@@ -147,20 +139,20 @@ def run_decode(
         lse.fill_(float("nan"))
     args = DecodeArgs(
         q=q,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        cache_seqlens=_contiguous(cache_seqlens),  # type: ignore[arg-type]
+        k_cache=tensors.k_cache,
+        v_cache=tensors.v_cache,
+        cache_seqlens=cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous(),
         out=out,
         lse=lse,
-        k=k,
-        v=v,
-        block_table=block_table,
-        cache_batch_idx=_contiguous(cache_batch_idx),
-        rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin,
-        sinks=_contiguous(sinks),
-        k_descale=k_descale,
-        v_descale=v_descale,
+        k=tensors.k,
+        v=tensors.v,
+        block_table=tensors.block_table,
+        cache_batch_idx=_contiguous(tensors.cache_batch_idx),
+        rotary_cos=tensors.rotary_cos,
+        rotary_sin=tensors.rotary_sin,
+        sinks=_contiguous(tensors.sinks),
+        k_descale=tensors.k_descale,
+        v_descale=tensors.v_descale,
     )
     plan.backend.decode(spec, args, plan.config)
     return out, lse

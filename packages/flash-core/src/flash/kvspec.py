@@ -39,6 +39,7 @@ from flash.spec import (
     MAX_HEAD_DIM,
     REFERENCE_DTYPES,
     UNBOUNDED,
+    Scores,
     check_score_options,
     check_sink_tokens,
     check_sinks,
@@ -58,7 +59,7 @@ MAX_SPLITS = 256
 
 
 @dataclass(frozen=True)
-class KVCacheSpec:
+class KVCacheSpec(Scores):
     """One validated KV-cache call. Immutable and hashable (the key of its plan)."""
 
     batch: int
@@ -89,28 +90,14 @@ class KVCacheSpec:
     aligned16: bool
 
     @property
-    def group_size(self) -> int:
-        """Query heads per key/value head."""
-        return self.heads_q // self.heads_kv
-
-    @property
     def is_fp8(self) -> bool:
         """True for an fp8 cache."""
         return self.cache_dtype in FP8_DTYPES
 
     @property
     def out_dtype(self) -> torch.dtype:
+        """The output's dtype: the queries' own."""
         return self.dtype
-
-    @property
-    def lse_dtype(self) -> torch.dtype:
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
-
-    @property
-    def mask_bounds(self) -> tuple[int, int]:
-        """Effective (left, right) reach of each query; causal makes right 0."""
-        left, right = self.window
-        return left, (0 if self.causal else right)
 
     @property
     def empty(self) -> bool:

@@ -45,8 +45,34 @@ SUPPORTED_DTYPES = KERNEL_DTYPES + REFERENCE_DTYPES + FP8_DTYPES
 Descale = Literal["none", "tensor", "head"]
 
 
+class Scores:
+    """What an attention spec and a KV-cache spec share: heads, the LSE's dtype, the mask's reach."""
+
+    heads_q: int
+    heads_kv: int
+    dtype: torch.dtype
+    causal: bool
+    window: tuple[int, int]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 = MHA, heads_q = MQA)."""
+        return self.heads_q // self.heads_kv
+
+    @property
+    def lse_dtype(self) -> torch.dtype:
+        """float32, or float64 for float64 inputs (so a float64 backward stays exact)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
+
+    @property
+    def mask_bounds(self) -> tuple[int, int]:
+        """Effective (left, right) reach of each query, ``-1`` for unbounded; causal makes right 0."""
+        left, right = self.window
+        return left, (0 if self.causal else right)
+
+
 @dataclass(frozen=True)
-class AttentionSpec:
+class AttentionSpec(Scores):
     """One validated attention problem. Immutable and hashable (usable as a cache key)."""
 
     batch: int
@@ -82,11 +108,6 @@ class AttentionSpec:
     sink_tokens: int = 0
 
     @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 = MHA, heads_q = MQA)."""
-        return self.heads_q // self.heads_kv
-
-    @property
     def is_fp8(self) -> bool:
         """True for float8 inputs (e4m3 or e5m2)."""
         return self.dtype in FP8_DTYPES
@@ -95,17 +116,6 @@ class AttentionSpec:
     def out_dtype(self) -> torch.dtype:
         """The output's dtype: the inputs' own, bf16 for fp8 inputs."""
         return torch.bfloat16 if self.is_fp8 else self.dtype
-
-    @property
-    def lse_dtype(self) -> torch.dtype:
-        """float32, or float64 for float64 inputs (so a float64 backward stays exact)."""
-        return torch.float64 if self.dtype == torch.float64 else torch.float32
-
-    @property
-    def mask_bounds(self) -> tuple[int, int]:
-        """Effective (left, right) reach of each query, ``-1`` for unbounded; causal makes right 0."""
-        left, right = self.window
-        return left, (0 if self.causal else right)
 
     @property
     def masked(self) -> bool:

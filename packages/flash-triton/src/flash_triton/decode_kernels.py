@@ -33,8 +33,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from flash_triton.forward_kernel import load_rows
 from flash_triton.runtime import interpreting
-from flash_triton.tiles import LN2, LOG2E, tanh, visible_dot
+from flash_triton.tiles import LN2, LOG2E, fold_sink, tanh, visible_dot
 
 INTERPRETED = interpreting()
 
@@ -134,19 +135,6 @@ def kv_append_kernel(
 
 
 @triton.jit
-def load_tile(rows, key_ok, offs_d, d_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr):
-    """The (keys, D_PAD) tile whose rows start at ``rows``; unmasked (16-byte vector loads) in full tiles."""
-    ptrs = rows[:, None] + offs_d[None, :]
-    if MASKED:
-        tile = tl.load(ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-    elif HEAD_DIM == D_PAD:
-        tile = tl.load(ptrs)
-    else:
-        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
-    return tile
-
-
-@triton.jit
 def _decode_tile(
     acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
     skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
@@ -167,7 +155,8 @@ def _decode_tile(
     page, slot = locate(cols, key_ok, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages, PAGED, BATCH_IDX)
     k_rows = KCache + page * skcp + slot * skct + hk * skch
     v_rows = VCache + page * svcp + slot * svct + hk * svch
-    k = load_tile(k_rows, key_ok, offs_d, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
+    # full tiles load unmasked: 16-byte vector loads along the head dim
+    k = load_rows(k_rows[:, None] + offs_d[None, :], key_ok, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     qk = tl.dot(q, tl.trans(k))
     if SOFTCAP:  # noqa: SIM108 - a constexpr branch: no tanh without softcap
         s = tanh(qk * softcap_scale) * softcap_log2
@@ -185,7 +174,7 @@ def _decode_tile(
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_tile(v_rows, key_ok, offs_d, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
+    v = load_rows(v_rows[:, None] + offs_d[None, :], key_ok, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     acc = acc * alpha[:, None]
     if MASKED and MULTI_TOKEN:  # noqa: SIM108 - constexpr; a key hidden from some rows only: no NaN crosses
         acc = visible_dot(p, v, seen, acc)
@@ -296,13 +285,7 @@ def kv_decode_kernel(
         )  # fmt: skip
 
     if NUM_SPLITS == 1 and SINKS:  # the sink logit joins the denominator with no value (splits: the combine's)
-        sink = tl.load(Sinks + h, mask=row_ok, other=float("-inf")) * LOG2E
-        m_top = tl.maximum(m_i, sink)
-        m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
-        alpha = tl.math.exp2(m_i - m_shift)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-        m_i = m_top
+        acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(Sinks + h, mask=row_ok, other=float("-inf")) * LOG2E)
     empty = l_i == 0.0  # saw no key (a NaN sum is not empty: NaN propagates)
     out = acc * (tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i)) * v_scale)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)

@@ -26,6 +26,7 @@ from flash_triton.tiles import (
     block_range,
     dropout_keep,
     dropout_row_hash,
+    fold_sink,
     sequence_bounds,
     tanh,
     visible,
@@ -252,13 +253,7 @@ def attention_forward_kernel(
         )  # fmt: skip
 
     if SINKS:  # the head's sink logit joins the denominator with no value; the LSE includes it
-        sink = tl.load(Sinks + h) * LOG2E
-        m_top = tl.maximum(m_i, sink)
-        m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
-        alpha = tl.math.exp2(m_i - m_shift)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha + tl.math.exp2(sink - m_shift)
-        m_i = m_top
+        acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(Sinks + h) * LOG2E)
     # l = 0 only for a row that saw no key (output 0, LSE -inf); a NaN score makes l NaN and the
     # row NaN, as in the oracle, so test for exactly 0 rather than for l > 0.
     empty = l_i == 0.0

@@ -114,6 +114,17 @@ def visible(rows, cols, len_q, len_k, offset, left, right, HAS_LEFT: tl.constexp
 
 
 @triton.jit
+def fold_sink(acc, m_i, l_i, sink):
+    """Fold a sink logit (log2 domain of the scaled scores) into running (acc, m, l): one more term of
+    the denominator, with no value, so the LSE includes it. A row that saw no key ends with output 0
+    and LSE equal to the sink's logit."""
+    m_top = tl.maximum(m_i, sink)
+    m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
+    alpha = tl.math.exp2(m_i - m_shift)
+    return acc * alpha[:, None], m_top, l_i * alpha + tl.math.exp2(sink - m_shift)
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp2 (fast path, saturates cleanly to +-1 for large |x|, no NaN)."""
     e = tl.math.exp2(x * (2.0 * LOG2E))
