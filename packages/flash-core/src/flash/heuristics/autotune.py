@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flash import timing
 from flash._version import __version__
 from flash.heuristics import KernelConfig, Pass, arch_of, dtype_name, head_dim_bucket, override
 from flash.heuristics.smem import budget
@@ -115,27 +114,6 @@ def cached_winner(backend: Backend, spec: AttentionSpec, pass_: Pass) -> KernelC
     return KernelConfig.from_json(row["config"]) if row else None
 
 
-def _default_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    def measure(fn: Callable[[], None]) -> float:
-        fn()  # warm-up: compilation and caches stay out of the numbers
-        samples = []
-        for _ in range(10):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-
-    return measure
-
-
 def tune(
     backend: Backend,
     spec: AttentionSpec,
@@ -149,7 +127,7 @@ def tune(
 
     Candidates that do not fit in shared memory or that raise are skipped and recorded as such.
     """
-    measure = timer or _default_timer(spec.device)
+    measure = timer or (lambda fn: timing.measure(fn, device=spec.device))
     arch = arch_of(spec.device)
     elem = torch.empty((), dtype=spec.dtype).element_size()
     timings: dict[str, float | str] = {}
