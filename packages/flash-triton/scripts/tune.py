@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 from concurrent import futures
+from typing import Any
 
 os.environ["FLASH_TRITON_NO_FALLBACK"] = "1"  # time exactly the configuration named
 
@@ -111,8 +112,8 @@ class Problem:
         self.fwd_args = ForwardArgs(self.q, self.k, self.v, self.out, self.lse)
         self.grads = [torch.empty_like(t) for t in (self.q, self.k, self.v)]
         self.bwd_args = BackwardArgs(self.q, self.k, self.v, self.out, self.lse, self.dout, *self.grads)
-        shape = {"batch": batch, "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim}
-        self.flops = {mode: timing.attention_flops(**shape, causal=causal, mode=mode) for mode in ("fwd", "bwd")}
+        dims = {"batch": batch, "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim}
+        self.flops = {mode: timing.attention_flops(**dims, causal=causal, mode=mode) for mode in ("fwd", "bwd")}
 
 
 def _config(data: dict):
@@ -179,7 +180,7 @@ def _sdpa(kind: str):
 
 def peers(p: Problem) -> tuple[dict, dict]:
     """SDPA flash/cuDNN forward and forward+backward times, and SDPA flash's output and grads."""
-    rows = {}
+    rows: dict[str, dict[str, float | str]] = {}
     q, k, v = (t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v))
     ref = {}
     for kind in ("flash", "cudnn"):
@@ -211,7 +212,8 @@ def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: 
     p = Problem(head_dim, causal, seqlen)
     peer, ref = peers(p)
     forward_table, backward_table = tables
-    result = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "peers": peer, "forward": [], "backward": []}
+    result: dict[str, Any] = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "peers": peer}
+    result.update(forward=[], backward=[])
     for pass_ in passes:
         table = forward_table if pass_ == "forward" else backward_table
         for cfg in table[head_dim]:

@@ -67,14 +67,14 @@ def _flex() -> Provider:
                 masks[key] = create_block_mask(causal_mask, None, None, q.shape[1], k.shape[1], device=q.device)
             block_mask = masks[key]
         out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
-        return out.transpose(1, 2)  # type: ignore[union-attr]
+        return out.transpose(1, 2)
 
     return run
 
 
 def _flash(backend: str) -> Provider:
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-        return flash.attention(q, k, v, causal=causal, backend=backend)  # type: ignore[return-value]
+        return flash.attention(q, k, v, causal=causal, backend=backend)
 
     return run
 

@@ -151,7 +151,7 @@ def _cpu_peak_mib(fn: Callable[[], object]) -> float:
         fn()
     records = [
         e
-        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        for e in prof.profiler.kineto_results.events()
         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
     ]
     level = peak = 0

@@ -184,7 +184,7 @@ def ratio_table(rows: list[Row], baseline: str = "sdpa-flash") -> str:
 class Attention:
     name = "attention"
     help = "TFLOP/s of the GPU backends and their peers, and memory against naive attention (GPU)"
-    devices = ("cuda",)
+    devices: tuple[str, ...] = ("cuda",)
     default = True
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:

@@ -31,7 +31,7 @@ def measure(*, seqlens: list[int], heads: int = 8, head_dim: int = 64, causal: b
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, generator=gen) for _ in range(3))
 
         def ours() -> torch.Tensor:
-            return flash.attention(q, k, v, causal=causal, backend="reference")  # type: ignore[return-value]
+            return flash.attention(q, k, v, causal=causal, backend="reference")
 
         def theirs() -> torch.Tensor:
             return sdpa(q, k, v, causal)
@@ -66,7 +66,7 @@ def format_row(row: dict[str, Any] | None) -> str:
 class Cpu:
     name = "cpu"
     help = "the reference backend against PyTorch's CPU attention (time) and naive attention (memory)"
-    devices = ("cpu",)
+    devices: tuple[str, ...] = ("cpu",)
     default = True
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:

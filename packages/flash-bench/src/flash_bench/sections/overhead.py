@@ -82,8 +82,8 @@ def _launch(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     chosen = REGISTRY.get(backend)
     out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
     lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
-    views = (canonical(t, spec) for t in (q, k, v, out))
-    args = ForwardArgs(*views, lse=canonical_lse(lse, spec))
+    c = canonical
+    args = ForwardArgs(c(q, spec), c(k, spec), c(v, spec), c(out, spec), canonical_lse(lse, spec))
     return lambda: chosen.forward(spec, args)
 
 
@@ -114,6 +114,10 @@ def _fwd_bwd(run: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dout:
     return lambda: torch.autograd.grad(run(*inputs), inputs, dout)
 
 
+def _sdpa_full(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return sdpa_bhsd(q, k, v, False)
+
+
 def measure(*, device: torch.device, calls: int, backends: list[str] | None) -> dict[str, Any]:
     """Every row of the section, and the flash - SDPA deltas."""
     q, k, v, dout = _inputs(device)
@@ -132,8 +136,8 @@ def measure(*, device: torch.device, calls: int, backends: list[str] | None) -> 
     qt, kt, vt, dout_t = (t.transpose(1, 2) for t in (q, k, v, dout))
     grad_t = [t.transpose(1, 2) for t in grad_inputs]
     for kind in SDPA_KINDS if device.type == "cuda" else SDPA_KINDS[:1]:
-        timer.time(kind, "fwd", lambda: sdpa_bhsd(qt, kt, vt, False), sdpa_context(kind))
-        timer.time(kind, "fwd_bwd", _fwd_bwd(lambda *t: sdpa_bhsd(*t, False), grad_t, dout_t), sdpa_context(kind))
+        timer.time(kind, "fwd", lambda: _sdpa_full(qt, kt, vt), sdpa_context(kind))
+        timer.time(kind, "fwd_bwd", _fwd_bwd(_sdpa_full, grad_t, dout_t), sdpa_context(kind))
     if device.type == "cuda":
         timer.time("flash-graph", "fwd", _graph(q, k, v))
     deltas = []
@@ -194,7 +198,7 @@ def summary(result: dict[str, Any]) -> str:
 class Overhead:
     name = "overhead"
     help = "host time per call of a tiny problem: flash, its backends' launches, SDPA, a CUDA graph"
-    devices = ("cuda", "cpu")
+    devices: tuple[str, ...] = ("cuda", "cpu")
     default = True
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:

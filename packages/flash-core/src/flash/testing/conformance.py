@@ -94,11 +94,11 @@ def check_backward(backend: str, case: Case, device: torch.device | str, seed: i
             for name, first, second in zip("qkv", grads, again):
                 if not torch.equal(first, second):
                     raise AssertionError(f"{backend}/{case.name}: d{name} differs between two deterministic runs")
-    oracle_inputs = tuple(t.detach().to(torch.float64).requires_grad_() for t in qkv)
-    oracle = _grads(_dense(inputs, *oracle_inputs, torch.float64)[0], oracle_inputs, inputs.dout.to(torch.float64))
-    naive_inputs = tuple(t.detach().clone().requires_grad_() for t in qkv)
+    oq, ok, ov = (t.detach().to(torch.float64).requires_grad_() for t in qkv)
+    oracle = _grads(_dense(inputs, oq, ok, ov, torch.float64)[0], (oq, ok, ov), inputs.dout.to(torch.float64))
+    nq, nk, nv = (t.detach().clone().requires_grad_() for t in qkv)
     naive_dt = naive_dtype(case.dtype)
-    naive = _grads(_dense(inputs, *naive_inputs, naive_dt)[0], naive_inputs, inputs.dout.to(naive_dt))
+    naive = _grads(_dense(inputs, nq, nk, nv, naive_dt)[0], (nq, nk, nv), inputs.dout.to(naive_dt))
     where = f"{backend}/{case.name} (seed {seed})"
     for name, got, exact, rough in zip("qkv", grads, oracle, naive):
         if got.shape != exact.shape or got.dtype != case.dtype:
