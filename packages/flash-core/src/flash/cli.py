@@ -146,7 +146,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the versions of flash and its backends")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
-        parser.exit(0, "\n".join(versions()) + "\n")
+        print("\n".join(versions()))
+        parser.exit(0)
 
 
 # ----------------------------------------------------------------------------- subcommands

@@ -141,10 +141,11 @@ def main(options: argparse.Namespace) -> int:
     print(console.header(device))
     print("backends:")
     print("\n".join(console.backend_lines()))
-    print(
-        f"\nattention, batch 1, {heads} heads, head_dim {head_dim}, {str(dtype).replace('torch.', '')}; "
-        f"max error on the last {ORACLE_ROWS} rows against the float64 oracle, limit by the tolerance rule:"
+    what = (
+        f"attention, batch 1, {heads} heads, head_dim {head_dim}, {str(dtype).replace('torch.', '')}; the error is "
+        f"on the last {ORACLE_ROWS} rows against the float64 oracle, its limit that of the tolerance rule:"
     )
+    print("\n" + "\n".join(console.wrap(what)))
     print(table_header())
     results = run(device=device, seqlens=seqlens, dtype=dtype, heads=heads, head_dim=head_dim, backend=backend)
     failed = [r for r in results if not r.ok]

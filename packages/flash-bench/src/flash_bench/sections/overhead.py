@@ -66,7 +66,9 @@ class _Timer:
         row = Row(provider, mode, None)
         try:
             with context or contextlib.nullcontext():
-                row.us_per_call = timing.per_call_us(fn, device=self.device, calls=self.calls)
+                row.us_per_call = timing.per_call_us(
+                    fn, device=self.device, calls=self.calls, warmup=min(20, self.calls)
+                )
         except Exception as error:  # recorded, not fatal: SDPA's cuDNN kernel is not on every machine
             row.note = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
         self.rows.append(row)
