@@ -32,6 +32,7 @@ class Parser(argparse.ArgumentParser):
     """``argparse`` whose errors are one line: ``<prog>: error: <message> (see <prog> --help)``, exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``message`` as one line on stderr and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

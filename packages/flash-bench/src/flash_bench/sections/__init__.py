@@ -10,6 +10,7 @@ import torch
 from flash_bench.base import Section
 from flash_bench.sections import attention, cpu, overhead
 
+#: Every section, by name, in the order they run.
 SECTIONS: dict[str, Section] = {s.name: s for s in (attention.SECTION, overhead.SECTION, cpu.SECTION)}
 
 
