@@ -20,7 +20,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "| triton", 
 python3 -c 'import cupy; print("cupy", cupy.__version__)' 2>/dev/null || echo "cupy: not importable"
 
 section "install"
-for pkg in packages/flash-core packages/flash-triton packages/flash-cuda; do
+for pkg in packages/flash-core packages/flash-triton packages/flash-cuda packages/flash-bench; do
   [ -f "$pkg/pyproject.toml" ] || continue
   if ! python3 -m pip install -q --no-deps --no-build-isolation -e "$pkg" >>"$OUT/install.log" 2>&1; then
     echo "install of $pkg FAILED"; tail -20 "$OUT/install.log"
