@@ -12,7 +12,7 @@ import torch
 
 import flash
 from flash import NoBackendError
-from flash.backend import Backend, reasons_for_unsupported
+from flash.backend import Backend, Support
 from flash.reference import tiled
 from flash.registry import REGISTRY
 
@@ -25,10 +25,11 @@ class FastHalf(Backend):
     priority = 10_000  # above every real backend, so the tests do not depend on what else is installed
     runs: ClassVar[list[str]] = []
 
-    def forward_reasons(self, spec):
-        return reasons_for_unsupported(spec, dtypes=(torch.float16,), features={"gqa"}, device_types=("cpu",))
+    forward_support = Support(
+        dtypes=frozenset({torch.float16}), features=frozenset({"gqa"}), devices=frozenset({"cpu"})
+    )
 
-    def forward(self, spec, args):
+    def forward(self, spec, args, config):
         FastHalf.runs.append("forward")
         tiled.forward(spec, args, 16, 16)
 
@@ -165,7 +166,10 @@ def test_entry_points_that_fail_are_reported_not_fatal(monkeypatch):
     try:
         infos = {b.name: b for b in flash.backends()}
         assert "ModuleNotFoundError" in infos["broken"].reasons[0]
-        assert "plugin API 0" in infos["oldapi"].reasons[0] and "speaks API 1" in infos["oldapi"].reasons[0]
+        assert (
+            "plugin API 0" in infos["oldapi"].reasons[0]
+            and f"speaks API {flash.PLUGIN_API_VERSION}" in infos["oldapi"].reasons[0]
+        )
         assert "registered as 'misnamed'" in infos["misnamed"].reasons[0]
         assert infos["reference"].usable
         assert flash.attention(*half()).shape == (1, 9, 2, 8)  # dispatch still works

@@ -16,7 +16,8 @@ import torch
 
 import flash
 from flash import cli
-from flash.backend import Backend, ForwardArgs
+from flash.backend import Backend, ForwardArgs, Support
+from flash.heuristics import KernelConfig
 from flash.registry import ENTRY_POINT_GROUP, REGISTRY
 from flash.spec import AttentionSpec
 
@@ -114,15 +115,15 @@ def test_bench_without_flash_bench_says_how_to_install_it(capsys, monkeypatch):
 
 
 class _Wrong(Backend):
-    """Registers like a backend, runs everything, and returns zeros: ``check`` must catch it."""
+    """Registers like a backend, runs the check's problem, and returns zeros: ``check`` must catch it."""
 
     name = "wrong"
     priority = -100
+    forward_support = Support(
+        dtypes=frozenset({torch.bfloat16}), features=frozenset({"causal", "gqa"}), devices=frozenset({"cpu"})
+    )
 
-    def forward_reasons(self, spec: AttentionSpec) -> list[str]:
-        return []
-
-    def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
+    def forward(self, spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> None:
         args.out.zero_()
         args.lse.zero_()
 

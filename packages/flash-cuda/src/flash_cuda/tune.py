@@ -6,7 +6,7 @@ Uses the benchmark convention and timer of :mod:`flash.timing` (batch * seqlen =
 head_dim = 2048, bf16, forward FLOPs 4 b h s^2 d, halved when causal; medians of CUDA-event
 timings) and the SDPA peer of ``flash-bench``, which must be installed. Each candidate is also
 checked against SDPA's output, so a fast wrong variant shows. ``--write-table`` puts the winners
-into ``flash/heuristics/tables/cuda.json``, with their provenance.
+into the backend's table, ``flash_cuda/heuristics.json``, with their provenance.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def write_table(path: str, best: dict[tuple[int, bool], dict], rows: list[dict],
         }
         bucket = head_dim_bucket(d)
         for entry in entries:
-            if (entry["backend"], entry["arch"], entry["head_dim"], entry["causal"]) == ("cuda", arch, bucket, causal):
+            if (entry["arch"], entry["head_dim"], entry["causal"]) == (arch, bucket, causal):
                 entry["config"] = row["config"]
                 entry["provenance"] = provenance
     table["entries"] = entries
@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--out", default=None, help="write every measurement here (JSON)")
-    parser.add_argument("--write-table", default=None, help="put the winners into this heuristics table (cuda.json)")
+    parser.add_argument(
+        "--write-table", default=None, help="put the winners into this heuristics table (heuristics.json)"
+    )
     parser.add_argument("--profile", action="store_true", help="only launch each kernel once, warm (run under ncu)")
     args = parser.parse_args(argv)
     if args.profile:

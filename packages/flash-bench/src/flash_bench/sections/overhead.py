@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import flash
-from flash import cli, dispatch, timing
+from flash import cli, dispatch, heuristics, timing
 from flash.backend import ForwardArgs
 from flash.registry import REGISTRY
 from flash.spec import canonical, canonical_lse
@@ -79,14 +79,15 @@ class _Timer:
 
 
 def _launch(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:
-    """The backend's forward on preallocated outputs, as core's op calls it."""
+    """The backend's forward with its table's configuration on preallocated outputs, as core runs it."""
     spec = flash.build_spec(q, k, v)
     chosen = REGISTRY.get(backend)
+    config = heuristics.config_for(chosen, spec, "forward")
     out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
     lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
     c = canonical
     args = ForwardArgs(c(q, spec), c(k, spec), c(v, spec), c(out, spec), canonical_lse(lse, spec))
-    return lambda: chosen.forward(spec, args)
+    return lambda: chosen.forward(spec, args, config)
 
 
 def _graph(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], object]:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 import flash
-from flash import dispatch, ops
+from flash import dispatch, plan
 from flash.dispatch import Pass
 from flash.reference.oracle import dense_attention
 from flash.spec import FP8_DTYPES, AttentionSpec, build_spec
@@ -31,11 +31,11 @@ _TENSOR_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_
 def poisoned_outputs() -> Iterator[None]:
     """Fill every output with NaN before the backend runs, so an element it never writes fails the check
     (a recycled allocation could otherwise still hold a previous, correct result)."""
-    previous, ops.POISON_OUTPUTS = ops.POISON_OUTPUTS, True
+    previous, plan.POISON_OUTPUTS = plan.POISON_OUTPUTS, True
     try:
         yield
     finally:
-        ops.POISON_OUTPUTS = previous
+        plan.POISON_OUTPUTS = previous
 
 
 def spec_of(inputs: Inputs) -> AttentionSpec:
