@@ -9,6 +9,11 @@ from typing import Any, Protocol
 import torch
 
 
+def failure(error: Exception) -> str:
+    """One line for a measurement that could not be made: the error's type and first line."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+
+
 @dataclass
 class Report:
     """What a section measured: keys of the results JSON, and a text summary to print at the end."""

@@ -21,7 +21,7 @@ import torch
 import flash
 from flash import cli, timing
 from flash.reference.naive import naive_attention
-from flash_bench.base import Report
+from flash_bench.base import Report, failure
 from flash_bench.providers import KNOWN_PEERS, PEERS, Provider, provider
 
 DEFAULT_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
@@ -61,10 +61,6 @@ def _case_fn(
     return fwd_bwd
 
 
-def _failure(error: Exception) -> str:
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
-
-
 def throughput(
     *,
     providers: list[str],
@@ -90,7 +86,8 @@ def throughput(
             gen = torch.Generator(device=device).manual_seed(seqlen * head_dim)
             q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3))
             for causal in causals:
-                reference = provider("sdpa-flash")(q, k, v, causal).float()
+                with torch.no_grad():
+                    reference = provider("sdpa-flash")(q, k, v, causal).float()
                 for mode in modes:
                     for t in (q, k, v):
                         t.requires_grad_(mode == "fwd_bwd")
@@ -109,7 +106,7 @@ def throughput(
                             )  # fmt: skip
                             row.tflops = timing.tflops(flops, row.ms)
                         except Exception as error:  # a peer that cannot run a case is recorded, not fatal
-                            row.note = _failure(error)
+                            row.note = failure(error)
                         rows.append(row)
                         print(format_row(row), flush=True)
             del q, k, v

@@ -33,7 +33,7 @@ from flash import cli, dispatch, heuristics, timing
 from flash.backend import ForwardArgs
 from flash.registry import REGISTRY
 from flash.spec import canonical, canonical_lse
-from flash_bench.base import Report
+from flash_bench.base import Report, failure
 from flash_bench.providers import sdpa_bhsd, sdpa_context
 
 BATCH, SEQLEN_Q, SEQLEN_K, HEADS, HEAD_DIM = 1, 1, 16, 8, 64
@@ -63,14 +63,19 @@ class _Timer:
         fn: Callable[[], object],
         context: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
-        row = Row(provider, mode, None)
         try:
             with context or contextlib.nullcontext():
-                row.us_per_call = timing.per_call_us(
-                    fn, device=self.device, calls=self.calls, warmup=min(20, self.calls)
-                )
+                us = timing.per_call_us(fn, device=self.device, calls=self.calls, warmup=min(20, self.calls))
         except Exception as error:  # recorded, not fatal: SDPA's cuDNN kernel is not on every machine
-            row.note = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
+            self.failed(provider, mode, error)
+            return
+        self.add(Row(provider, mode, us))
+
+    def failed(self, provider: str, mode: str, error: Exception | str) -> None:
+        """Record that ``provider`` could not run ``mode``, and why."""
+        self.add(Row(provider, mode, None, failure(error) if isinstance(error, Exception) else error))
+
+    def add(self, row: Row) -> None:
         self.rows.append(row)
         print(format_row(row), flush=True)
 
@@ -132,7 +137,7 @@ def measure(*, device: torch.device, calls: int, backends: list[str] | None) -> 
     for name in backends or [info.name for info in flash.backends() if info.usable]:
         reasons = dispatch.rejection_reasons(name, spec, "forward")
         if reasons:
-            timer.rows.append(Row(f"launch:{name}", "fwd", None, "cannot run: " + "; ".join(reasons)))
+            timer.failed(f"launch:{name}", "fwd", "cannot run: " + "; ".join(reasons))
             continue
         timer.time(f"launch:{name}", "fwd", _launch(name, q, k, v))
     # SDPA gets its own (batch, heads, seqlen, head_dim) layout: views, made once, outside the loop.
@@ -142,7 +147,12 @@ def measure(*, device: torch.device, calls: int, backends: list[str] | None) -> 
         timer.time(kind, "fwd", lambda: _sdpa_full(qt, kt, vt), sdpa_context(kind))
         timer.time(kind, "fwd_bwd", _fwd_bwd(_sdpa_full, grad_t, dout_t), sdpa_context(kind))
     if device.type == "cuda":
-        timer.time("flash-graph", "fwd", _graph(q, k, v))
+        try:
+            replay = _graph(q, k, v)
+        except Exception as error:  # a call that cannot be captured is a finding, not a crash
+            timer.failed("flash-graph", "fwd", error)
+        else:
+            timer.time("flash-graph", "fwd", replay)
     deltas = []
     for mode in ("fwd", "fwd_bwd"):
         ours = timer.us("flash", mode)
