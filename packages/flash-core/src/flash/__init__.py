@@ -26,10 +26,11 @@ from flash.api import (
 from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
+from flash.merge import merge_states
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
-    from flash import nn
+    from flash import distributed, nn
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -46,7 +47,9 @@ __all__ = [
     "attention_qkvpacked",
     "backends",
     "build_spec",
+    "distributed",
     "explain",
+    "merge_states",
     "nn",
     "register_backend",
     "scaled_dot_product_attention",
@@ -56,8 +59,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "nn":  # torch.nn modules load only for users who want them
+    # torch.nn modules and the torch.distributed ring load only for users who want them
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module("flash.nn")
+        return importlib.import_module(f"flash.{name}")
     raise AttributeError(f"module 'flash' has no attribute {name!r}")

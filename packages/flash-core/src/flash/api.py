@@ -16,7 +16,7 @@ from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_windo
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 
 @overload
@@ -129,13 +129,49 @@ def attention(
     Returns:
         The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v.
     """
-    check_argument_types(
-        q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+    return _attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
         dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         return_lse=return_lse, deterministic=deterministic, check_values=check_values, backend=backend,
     )  # fmt: skip
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    layout: Literal["bshd", "bhsd"] = "bshd",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_values: bool | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`attention` without its overloads (what the other entry points call)."""
+    if return_lse is not True and return_lse is not False:
+        raise InvalidInputError("return_lse", "a bool", repr(return_lse))
     window = None if window is None else check_window(window)
+    if torch.compiler.is_compiling():  # the plan path checks the other types once per call signature
+        check_argument_types(
+            q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+            dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            deterministic=deterministic, check_values=check_values, backend=backend,
+        )  # fmt: skip
     grad = _needs_grad(q, k, v)
     if grad and q.dtype in FP8_DTYPES:
         raise InvalidInputError(
@@ -190,12 +226,12 @@ def attention_qkvpacked(
             "qkv", "shape (batch, seqlen, 3, heads, head_dim) or (total, 3, heads, head_dim)", f"{tuple(qkv.shape)}"
         )
     q, k, v = qkv.unbind(dim=axis)
-    return attention(
+    return _attention(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=dropout_p,
         dropout_seed=dropout_seed, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
         backend=backend,
-    )  # type: ignore[call-overload]  # fmt: skip
+    )  # fmt: skip
 
 
 # Captured at import: a caller may install this module's function in its place.

@@ -19,13 +19,11 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 from flash import support
+from flash._cache import BoundedCache
 from flash.backend import Backend, Pass
 from flash.errors import BackendError, InvalidInputError, NoBackendError
 from flash.registry import REGISTRY
@@ -33,43 +31,6 @@ from flash.spec import AttentionSpec
 
 ENV_BACKEND = "FLASH_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("flash_forced_backend", default=None)
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-
-class BoundedCache(Generic[K, V]):
-    """A least-recently-used mapping of at most ``maxsize`` entries, forgotten whenever the registry changes."""
-
-    def __init__(self, maxsize: int) -> None:
-        self.maxsize = maxsize
-        self._data: OrderedDict[K, V] = OrderedDict()
-        self._generation = -1
-        self._lock = threading.Lock()
-
-    def get(self, key: K) -> V | None:
-        if self._generation != REGISTRY.generation:
-            self.clear()
-        found = self._data.get(key)
-        if found is not None:
-            with contextlib.suppress(KeyError):  # another thread may have evicted it meanwhile
-                self._data.move_to_end(key)
-        return found
-
-    def put(self, key: K, value: V) -> None:
-        with self._lock:
-            self._data[key] = value
-            while len(self._data) > self.maxsize:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self._generation = REGISTRY.generation
-
-    def __len__(self) -> int:
-        return len(self._data)
-
 
 _decisions: BoundedCache[tuple, str] = BoundedCache(1024)
 

@@ -17,13 +17,16 @@ scaled by ``1 / (1 - p)``; the LSE is that of the undropped softmax.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 
+_Bits = TypeVar("_Bits", int, torch.Tensor)
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
 
 
-def fmix32(x: int | torch.Tensor) -> int | torch.Tensor:
+def fmix32(x: _Bits) -> _Bits:
     """MurmurHash3 finaliser on 32-bit values (Python ints or int64 tensors holding them)."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _MASK32  # int64 products may wrap; the low 32 bits stay exact

@@ -19,10 +19,18 @@ import torch
 from torch import Tensor
 
 from flash import dispatch, heuristics
+from flash._cache import BoundedCache
 from flash.backend import Backend, BackwardArgs, ForwardArgs
-from flash.dispatch import BoundedCache
 from flash.heuristics import KernelConfig, autotune
-from flash.spec import AttentionSpec, build_spec, canonical, canonical_lse, check_dropout_seed, value_checks
+from flash.spec import (
+    AttentionSpec,
+    build_spec,
+    canonical,
+    canonical_lse,
+    check_argument_types,
+    check_dropout_seed,
+    value_checks,
+)
 
 #: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
 #: so an element a backend never writes cannot pass by holding a stale correct value.
@@ -39,25 +47,26 @@ class Plan:
     forward_config: KernelConfig | None
     _backward: tuple[Backend, KernelConfig] | None = field(default=None, repr=False)
 
-    def forward_run(self, spec: AttentionSpec) -> tuple[Backend, KernelConfig]:
-        """The forward backend and the configuration to run ``spec`` with (autotuned if asked)."""
-        assert self.forward is not None and self.forward_config is not None
-        if autotune.enabled():
-            return self.forward, heuristics.config_for(self.forward, spec, "forward")
-        return self.forward, self.forward_config
+    def forward_run(self) -> tuple[Backend, KernelConfig | None]:
+        """The forward backend and its configuration; None while autotuning picks it per call."""
+        assert self.forward is not None
+        return self.forward, None if autotune.enabled() else self.forward_config
 
-    def backward_run(self, spec: AttentionSpec) -> tuple[Backend, KernelConfig]:
-        """The backward backend (chosen on first use) and its configuration."""
+    def backward_run(self) -> tuple[Backend, KernelConfig | None]:
+        """The backward backend (chosen on first use) and its configuration; None while autotuning."""
         if self._backward is None:
             backend = dispatch.select(self.spec, "backward", self.requested)
             self._backward = (backend, heuristics.config_for(backend, self.spec, "backward"))
         backend, config = self._backward
-        if autotune.enabled():
-            return backend, heuristics.config_for(backend, spec, "backward")
-        return backend, config
+        return backend, None if autotune.enabled() else config
 
 
 _plans: BoundedCache[tuple, Plan] = BoundedCache(1024)
+
+
+def forget() -> None:
+    """Drop every cached plan (tests that swap a configuration in, or a backend's table)."""
+    _plans.clear()
 
 
 def _tensor_key(t: Tensor | None) -> tuple | None:
@@ -98,44 +107,50 @@ def plan_for(
 ) -> tuple[Plan, AttentionSpec]:
     """The plan of this call and its spec (the plan's, with this call's dropout seed).
 
-    Arguments must already have their Python types checked (:func:`flash.spec.check_argument_types`):
-    the cache key relies on ``True`` never standing for ``1``. Values of ``cu_seqlens`` are
-    validated per call when ``check_values`` says so; everything else once per signature.
+    The first call of a signature checks every argument (raising :class:`~flash.errors.InvalidInputError`);
+    later calls with the same signature find its plan by a key that holds the arguments' Python
+    types too (``True == 1`` in Python, so a key without them would let ``causal=1`` through).
+    Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
     """
-    options = dict(
-        layout=layout,
-        causal=causal,
-        window=window,
-        softcap=softcap,
-        scale=scale,
-        dropout_p=dropout_p,
-        deterministic=deterministic,
-    )
-    check = value_checks(q.device) if check_values is None else check_values
-    varlen = cu_seqlens_q is not None and cu_seqlens_k is not None
-    if varlen and (check or max_seqlen_q is None or max_seqlen_k is None):
-        # The offsets' values are part of this call only: check them, and derive the lengths, each time.
-        spec = build_spec(
-            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            dropout_seed=dropout_seed, check_values=check, **options,
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+
+    def spec_of(check: bool | None) -> AttentionSpec:
+        return build_spec(
+            q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale,
+            k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check,
         )  # fmt: skip
-        max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
-    forced = dispatch.forced_backend(backend)
-    key = (
-        *(_tensor_key(t) for t in (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)),
-        max_seqlen_q, max_seqlen_k, layout, causal, window, softcap, type(softcap), scale, type(scale),
-        dropout_p, type(dropout_p), deterministic, forced,
-    )  # fmt: skip
-    plan = _plans.get(key)
+
+    key: tuple | None = None
+    plan: Plan | None = None
+    try:
+        check = value_checks(q.device) if check_values is None else check_values
+        if cu_seqlens_q is not None and (check or max_seqlen_q is None or max_seqlen_k is None):
+            # The offsets' values belong to this call only: check them, and read the lengths, each time.
+            spec = spec_of(check)
+            max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
+        signature = (
+            *(_tensor_key(t) for t in tensors),
+            *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
+            *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
+            *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
+            dispatch.forced_backend(backend),
+        )
+        plan = _plans.get(signature)
+        key = signature
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which
+        pass
     if plan is None:
-        spec = build_spec(
-            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            dropout_seed=dropout_seed, check_values=False, **options,
+        check_argument_types(
+            q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+            dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            deterministic=deterministic, check_values=check_values, backend=backend,
         )  # fmt: skip
-        plan = make_plan(dataclasses.replace(spec, dropout_seed=0), backend)
-        _plans.put(key, plan)
+        plan = make_plan(dataclasses.replace(spec_of(False), dropout_seed=0), backend)
+        if key is not None:
+            _plans.put(key, plan)
     if dropout_p:
         return plan, dataclasses.replace(plan.spec, dropout_seed=check_dropout_seed(dropout_seed))
     return plan, plan.spec
@@ -178,8 +193,8 @@ def run_forward(
         k_descale=k_descale,
         v_descale=v_descale,
     )
-    backend, config = plan.forward_run(spec)
-    if autotune.enabled():
+    backend, config = plan.forward_run()
+    if config is None:  # autotuning
         autotune.ensure_tuned(backend, spec, "forward", lambda c: backend.forward(spec, args, c))
         config = heuristics.config_for(backend, spec, "forward")
     backend.forward(spec, args, config)
@@ -204,7 +219,7 @@ def run_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()  # kernels take any strides but a unit one along head_dim
-    backend, config = plan.backward_run(spec)
+    backend, config = plan.backward_run()
     if POISON_OUTPUTS:
         for grad in (dq, dk, dv):
             grad.fill_(float("nan"))
@@ -221,7 +236,7 @@ def run_backward(
         cu_seqlens_q=_contiguous(cu_seqlens_q),
         cu_seqlens_k=_contiguous(cu_seqlens_k),
     )
-    if autotune.enabled():
+    if config is None:  # autotuning
         autotune.ensure_tuned(backend, spec, "backward", lambda c: backend.backward(spec, args, c))
         config = heuristics.config_for(backend, spec, "backward")
     backend.backward(spec, args, config)

@@ -200,7 +200,8 @@ class Registry:
         reasons = self.unavailable_reasons(name)
         try:
             backend = self.get(name)
-            version, priority = backend.version, self.priority(name)
+            version: str | None = backend.version
+            priority: int | None = self.priority(name)
         except BackendError:
             version = ep.dist.version if ep is not None and ep.dist is not None else None
             priority = None

@@ -285,13 +285,12 @@ def check_window(value: object, name: str = "window") -> tuple[int, int]:
     """Validate a ``(left, right)`` window; ``None`` means unbounded on both sides."""
     if value is None:
         return (UNBOUNDED, UNBOUNDED)
-    ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ok:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
         raise InvalidInputError(name, "a pair (left, right) of ints, -1 for unbounded", repr(value))
-    left, right = value
+    left, right = pair
     if not (UNBOUNDED <= left <= MAX_REACH and UNBOUNDED <= right <= MAX_REACH):
-        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr(tuple(value)))
+        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr(pair))
     return (left, right)
 
 
@@ -400,9 +399,9 @@ def build_spec(
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         raise InvalidInputError(missing, f"a tensor, since {given} was given (varlen needs both)", "None")
     varlen = cu_seqlens_q is not None
-    for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not varlen and given is not None:
-            raise InvalidInputError(name, "None unless cu_seqlens_q/cu_seqlens_k are given", repr(given))
+    for name, length in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not varlen and length is not None:
+            raise InvalidInputError(name, "None unless cu_seqlens_q/cu_seqlens_k are given", repr(length))
 
     want_dim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
