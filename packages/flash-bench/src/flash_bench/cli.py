@@ -23,7 +23,9 @@ from flash_bench.sections import SECTIONS, defaults
 
 def build_parser(prog: str) -> cli.Parser:
     """The options shared by every section, then each section's own."""
-    parser = cli.Parser(prog=prog, description=(__doc__ or "").split("\n\n")[0])
+    parser = cli.Parser(
+        prog=prog, description="flash's benchmarks: run sections, write one JSON file, print a summary."
+    )
     common = parser.add_argument_group("common options")
     common.add_argument(
         "--sections",
@@ -35,9 +37,17 @@ def build_parser(prog: str) -> cli.Parser:
         "--device", type=cli.device, default=None, help="cpu, cuda or cuda:N (default: the best present)"
     )
     common.add_argument("--cpu", action="store_true", help="measure on the CPU even if a GPU is present")
-    common.add_argument("--out", type=cli.output_file, default="flash-bench.json", help="the JSON results file")
     common.add_argument(
-        "--backends", type=cli.backend_list, default=None, help="flash backends to time (default: every usable one)"
+        "--out",
+        type=cli.output_file,
+        default="flash-bench.json",
+        help="the JSON results file (default: flash-bench.json)",
+    )
+    common.add_argument(
+        "--backends",
+        type=cli.backend_list,
+        default=None,
+        help="flash backends to time (default: every usable one; attention leaves out reference)",
     )
     common.add_argument("--seqlens", type=cli.int_list, default=None, help="sequence lengths (default: per section)")
     for section in SECTIONS.values():

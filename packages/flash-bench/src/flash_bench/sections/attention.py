@@ -194,10 +194,16 @@ class Attention:
         group.add_argument(
             "--flex-seqlens", type=cli.int_list, default=None, help="time FlexAttention only at these lengths"
         )
-        group.add_argument("--head-dims", type=cli.int_list, default=[64, 128])
-        group.add_argument("--causal", choices=("both", "yes", "no"), default="both")
-        group.add_argument("--modes", type=cli.choice_list(MODES, "mode"), default=list(MODES))
-        group.add_argument("--memory-seqlens", type=cli.int_list, default=[1024, 4096, 16384])
+        group.add_argument("--head-dims", type=cli.int_list, default=[64, 128], help="default: 64,128")
+        group.add_argument(
+            "--causal", choices=("both", "yes", "no"), default="both", help="masks to time (default: both)"
+        )
+        group.add_argument(
+            "--modes", type=cli.choice_list(MODES, "mode"), default=list(MODES), help="fwd, fwd_bwd or both"
+        )
+        group.add_argument(
+            "--memory-seqlens", type=cli.int_list, default=[1024, 4096, 16384], help="lengths of the memory comparison"
+        )
 
     def run(self, options: argparse.Namespace, device: torch.device) -> Report:
         names = options.backends or [b.name for b in flash.backends() if b.usable and b.name != "reference"]
