@@ -30,6 +30,9 @@ _EXPRESSIBLE = frozenset(
         "sliding_window_overlay.<locals>.inner_mask",
         "sliding_window_bidirectional_overlay.<locals>.inner_mask",
         "packed_sequence_mask_function.<locals>.inner_mask",
+        # 5.24+: packed patterns read positions from position_ids; inside a packed sequence they
+        # step by one, so distances, hence causal and window masks, are unchanged.
+        "remap_positions_for_packed_sequence.<locals>.inner_mask",
         "padding_mask_function.<locals>.inner_mask",
         "and_masks.<locals>.and_mask",
         "add_offsets_to_mask_function.<locals>.inner_mask",
