@@ -79,6 +79,8 @@ for _name, _present in (("flash_nn", HAS_NN), ("flash_testing", HAS_TESTING)):
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
+# flash.integrations.transformers imports transformers, which the docs build does not install.
+autodoc_mock_imports = ["transformers"]
 autodoc_preserve_defaults = True
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True

@@ -1,7 +1,7 @@
-"""flash as an attention backend of Hugging Face transformers (5.x).
+"""flash as an attention backend of Hugging Face transformers (5.4 or newer)::
 
->>> import flash.integrations.transformers as flash_hf          # doctest: +SKIP
->>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=flash_hf.NAME)  # doctest: +SKIP
+    import flash.integrations.transformers as flash_hf
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation=flash_hf.NAME)
 
 Importing this module registers :func:`~.attention.attention_forward` with transformers'
 ``AttentionInterface`` and :func:`~.mask.padding_mask` with its ``AttentionMaskInterface`` under
