@@ -42,6 +42,16 @@ class TestUnpad:
         flash.pad(packed.values * 2, packed.indices, 2, 5).sum().backward()
         torch.testing.assert_close(x.grad, 2.0 * mask[..., None].to(x.dtype).expand(2, 5, 3))
 
+    def test_select_tokens_from_a_strided_view(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        bhsd = torch.randn(3, 2, 7, 4, generator=g)  # transformers' layout; tokens are not rows in memory
+        x = bhsd.transpose(1, 2)
+        info = flash.unpad_indices(random_mask(3, 7, g))
+        got = flash.select_tokens(x, info.indices)
+        torch.testing.assert_close(got, x.reshape(21, 2, 4)[info.indices], rtol=0, atol=0)
+        with pytest.raises(InvalidInputError, match="x"):
+            flash.select_tokens(torch.zeros(3), info.indices)
+
     def test_given_max_seqlen_is_used(self):
         assert flash.unpad_indices(torch.ones(2, 4, dtype=torch.bool), max_seqlen=9).max_seqlen == 9
 
@@ -96,9 +106,9 @@ def test_unpadded_attention_equals_per_sequence_attention(seed):
     mask[0, :3] = False  # left padding
     mask[2, 5:] = False  # right padding
     info = flash.unpad_indices(mask)
-    take = lambda t: t.flatten(0, 1)[info.indices]  # noqa: E731
+    packed = [flash.select_tokens(t, info.indices) for t in (q, k, v)]
     out = flash.attention(
-        take(q), take(k), take(v), causal=True, cu_seqlens_q=info.cu_seqlens, cu_seqlens_k=info.cu_seqlens,
+        *packed, causal=True, cu_seqlens_q=info.cu_seqlens, cu_seqlens_k=info.cu_seqlens,
         max_seqlen_q=info.max_seqlen, max_seqlen_k=info.max_seqlen,
     )  # fmt: skip
     padded = flash.pad(out, info.indices, 3, 8)

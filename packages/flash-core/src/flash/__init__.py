@@ -26,7 +26,7 @@ from flash.api import (
 from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
-from flash.padding import cu_seqlens_from_position_ids, pad, unpad, unpad_indices
+from flash.padding import cu_seqlens_from_position_ids, pad, select_tokens, unpad, unpad_indices
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ __all__ = [
     "pad",
     "register_backend",
     "scaled_dot_product_attention",
+    "select_tokens",
     "set_backend_priority",
     "unpad",
     "unpad_indices",

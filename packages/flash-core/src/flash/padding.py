@@ -2,14 +2,15 @@
 
 A padded batch is ``(batch, seqlen, ...)`` with a 2-D mask saying which tokens are real; the
 packed layout keeps only those tokens, ``(total, ...)``, with ``cu_seqlens`` saying where each
-sequence starts. :func:`unpad` goes one way, :func:`pad` the other, and
+sequence starts. :func:`unpad` goes one way (:func:`unpad_indices` and :func:`select_tokens` do it
+in two steps, for tensors that share a mask), :func:`pad` the other, and
 :func:`cu_seqlens_from_position_ids` reads the sequence boundaries of an already packed batch from
 its position ids. None of them needs transformers.
 
 Host synchronisation: the number of real tokens decides the size of the packed tensor, so
 :func:`unpad_indices` (and :func:`unpad`) and :func:`cu_seqlens_from_position_ids` wait for the
 device once to learn it (``torch.nonzero``), and once more to read ``max_seqlen`` unless the caller
-passes it. :func:`pad` never waits.
+passes it. :func:`select_tokens` and :func:`pad` never wait.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from flash.errors import InvalidInputError
 
-__all__ = ["UnpadIndices", "Unpadded", "cu_seqlens_from_position_ids", "pad", "unpad", "unpad_indices"]
+__all__ = ["UnpadIndices", "Unpadded", "cu_seqlens_from_position_ids", "pad", "select_tokens", "unpad", "unpad_indices"]
 
 
 class UnpadIndices(NamedTuple):
@@ -71,8 +72,8 @@ def unpad_indices(attention_mask: Tensor, *, max_seqlen: int | None = None) -> U
         max_seqlen: the longest sequence, if the caller knows it (saves a host sync).
 
     Returns:
-        ``(indices, cu_seqlens, max_seqlen)``. Compute them once and gather any number of tensors
-        that share the mask with ``x.flatten(0, 1)[indices]``.
+        ``(indices, cu_seqlens, max_seqlen)``. Compute them once and pack any number of tensors
+        that share the mask with :func:`select_tokens`.
     """
     mask = _check_mask(attention_mask)
     _check_max_seqlen(max_seqlen)
@@ -103,7 +104,18 @@ def unpad(x: Tensor, attention_mask: Tensor, *, max_seqlen: int | None = None) -
     if mask.device != x.device:
         raise InvalidInputError("attention_mask", f"device {x.device} (same as x)", str(mask.device))
     found = unpad_indices(mask, max_seqlen=max_seqlen)
-    return Unpadded(x.flatten(0, 1)[found.indices], *found)
+    return Unpadded(select_tokens(x, found.indices), *found)
+
+
+def select_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """The tokens ``indices`` (from :func:`unpad_indices`) of a ``(batch, seqlen, ...)`` tensor, as
+    ``(total, ...)``. Reads only those tokens, also from a strided view (a transposed tensor, a
+    KV cache), where ``x.flatten(0, 1)[indices]`` would first copy all of ``x``. Differentiable in ``x``."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        got = f"{x.dim()}-D tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise InvalidInputError("x", "a tensor (batch, seqlen, ...)", got)
+    seqlen = x.shape[1]
+    return x[indices // seqlen, indices % seqlen]
 
 
 def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
@@ -117,7 +129,8 @@ def pad(x: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     Differentiable in ``x``; no host sync.
     """
     if not isinstance(x, Tensor) or x.dim() < 1:
-        raise InvalidInputError("x", "a tensor (total, ...)", type(x).__name__ if not isinstance(x, Tensor) else "0-D")
+        got = "0-D tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise InvalidInputError("x", "a tensor (total, ...)", got)
     if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.dtype not in (torch.int32, torch.int64):
         raise InvalidInputError("indices", "a 1-D int64 or int32 tensor (from unpad)", repr(indices)[:80])
     if indices.shape[0] != x.shape[0]:

@@ -29,7 +29,7 @@ from torch import Tensor
 import flash
 from flash.dropout import random_seed
 from flash.errors import InvalidInputError
-from flash.padding import cu_seqlens_from_position_ids, unpad_indices
+from flash.padding import cu_seqlens_from_position_ids, select_tokens, unpad_indices
 
 Path = Literal["dense", "padded", "packed"]
 
@@ -201,14 +201,8 @@ def _padded(
         "max_seqlen_q": queries.max_seqlen,
         "max_seqlen_k": keys.max_seqlen,
     }
-    out = _run(
-        q.flatten(0, 1)[queries.indices],
-        k.flatten(0, 1)[keys.indices],
-        v.flatten(0, 1)[keys.indices],
-        {**options, **varlen},
-        "padded",
-        layer_idx,
-    )
+    packed = (select_tokens(q, queries.indices), select_tokens(k, keys.indices), select_tokens(v, keys.indices))
+    out = _run(*packed, {**options, **varlen}, "padded", layer_idx)
     return flash.pad(out, queries.indices, batch, q_len)
 
 
