@@ -293,6 +293,21 @@ def test_dropout_only_in_training_and_seeded_by_torch():
     assert not torch.equal(first, model(ids).logits)  # another seed, another mask
 
 
+def test_dropout_survives_gradient_checkpointing():
+    """Recomputing a layer in the backward redraws the seed from the restored generator state: the
+    same dropout mask, so the same gradients as without checkpointing."""
+    batch = inputs("left")
+    grads = []
+    for checkpointing in (False, True):
+        model = build("llama", flash_hf.NAME, attention_dropout=0.3).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(5)
+        grads.append(forward_backward(model, batch)[2])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL)
+
+
 def test_gpt_oss_sinks_are_refused():
     config = transformers.GptOssConfig(
         **{**COMMON, "intermediate_size": 64}, num_local_experts=2, num_experts_per_tok=1, sliding_window=4
