@@ -87,8 +87,8 @@ def _as_int(name: str, value: object) -> int | None:
 def _is_packed(position_ids: Tensor | None, q_len: int, k_len: int) -> bool:
     """Position ids that restart inside a row mean several sequences share it. Only without a cache
     (q_len == k_len), as transformers' own masks read them. Waits for the device once."""
-    if position_ids is None or q_len != k_len or position_ids.shape[-1] != q_len or q_len < 2:
-        return False
+    if position_ids is None or position_ids.dim() > 2 or q_len != k_len or position_ids.shape[-1] != q_len or q_len < 2:
+        return False  # 3-D (multimodal RoPE) position ids do not signal packing
     return bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
 
 
