@@ -112,8 +112,9 @@ def build(family: str, implementation: str, dtype: torch.dtype = torch.float64, 
     config, cls = FAMILIES[family]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    torch.manual_seed(1234)  # same weights for every implementation
-    return cls._from_config(copy.deepcopy(config), attn_implementation=implementation, dtype=dtype).eval()
+    torch.manual_seed(1234)  # same weights for every implementation: drawn in float64, then rounded to dtype
+    model = cls._from_config(copy.deepcopy(config), attn_implementation=implementation, dtype=torch.float64)
+    return model.to(dtype).eval()
 
 
 def inputs(case: str) -> dict[str, torch.Tensor | None]:
