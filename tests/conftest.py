@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the GPU tier); skipped without one")
+    config.addinivalue_line("markers", "xdist_group(name): keep these tests in one worker under pytest-xdist")
     # torch.nn.MultiheadAttention's own internals warn about torch.jit; not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -54,10 +56,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", selected_backends(metafunc.config))
 
 
+def seed_for(nodeid: str) -> int:
+    """The seed of the test ``nodeid``: the session seed plus a stable hash of the name (Python salts
+    ``hash()`` of strings per process, which would make FLASH_TEST_SEED useless)."""
+    return (_SEED + zlib.crc32(nodeid.encode())) % 2**31
+
+
 @pytest.fixture
 def seed(request: pytest.FixtureRequest) -> int:
     """A fresh seed per test, derived from the session seed and the test's name."""
-    return (_SEED + hash(request.node.nodeid)) % 2**31
+    return seed_for(request.node.nodeid)
 
 
 def require_usable(backend: str) -> None:

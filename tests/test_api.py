@@ -78,7 +78,7 @@ def test_qkvpacked_is_attention_of_its_slices_and_gets_gradients():
 def test_qkvpacked_varlen():
     qkv = torch.randn(12, 3, 2, 8, dtype=torch.float64)
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
-    out = flash.attention_qkvpacked(qkv, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    out = flash.attention_qkvpacked(qkv, cu_seqlens=cu)
     first = flash.attention(*(qkv[:5, i][None] for i in range(3)))[0]
     torch.testing.assert_close(out[:5], first)
 

@@ -12,7 +12,7 @@ import torch
 
 import flash
 from flash import NoBackendError
-from flash.backend import Backend, reasons_for_unsupported
+from flash.backend import Backend, Support
 from flash.reference import tiled
 from flash.registry import REGISTRY
 
@@ -25,10 +25,11 @@ class FastHalf(Backend):
     priority = 10_000  # above every real backend, so the tests do not depend on what else is installed
     runs: ClassVar[list[str]] = []
 
-    def forward_reasons(self, spec):
-        return reasons_for_unsupported(spec, dtypes=(torch.float16,), features={"gqa"}, device_types=("cpu",))
+    forward_support = Support(
+        dtypes=frozenset({torch.float16}), features=frozenset({"gqa"}), devices=frozenset({"cpu"})
+    )
 
-    def forward(self, spec, args):
+    def forward(self, spec, args, config):
         FastHalf.runs.append("forward")
         tiled.forward(spec, args, 16, 16)
 
@@ -165,7 +166,10 @@ def test_entry_points_that_fail_are_reported_not_fatal(monkeypatch):
     try:
         infos = {b.name: b for b in flash.backends()}
         assert "ModuleNotFoundError" in infos["broken"].reasons[0]
-        assert "plugin API 0" in infos["oldapi"].reasons[0] and "speaks API 1" in infos["oldapi"].reasons[0]
+        assert (
+            "plugin API 0" in infos["oldapi"].reasons[0]
+            and f"speaks API {flash.PLUGIN_API_VERSION}" in infos["oldapi"].reasons[0]
+        )
         assert "registered as 'misnamed'" in infos["misnamed"].reasons[0]
         assert infos["reference"].usable
         assert flash.attention(*half()).shape == (1, 9, 2, 8)  # dispatch still works
@@ -190,3 +194,30 @@ def test_import_flash_loads_no_backend_and_no_gpu_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+class Slow(FastHalf):
+    """A second fp16 backend with a higher priority than FastHalf: the measurement says it is slower."""
+
+    name = "slowhalf"
+    priority = 20_000
+
+
+def test_the_measured_ranking_orders_auto_and_a_user_priority_overrides_it(fasthalf, monkeypatch):
+    from flash import plan
+    from flash.heuristics import Provenance, ranking
+
+    REGISTRY.register(Slow())
+    measured = ranking.Ranking(("fasthalf", "slowhalf"), Provenance("measured", "test", "GPU", "today", "v"))
+    monkeypatch.setattr(ranking, "ranking_for", lambda spec, pass_: measured if spec.dtype == torch.float16 else None)
+    monkeypatch.setattr(flash.dispatch, "ranking_for", ranking.ranking_for)
+    try:
+        q, k, v = half()
+        decision = flash.explain(q, k, v).forward
+        assert decision.chosen == "fasthalf" and "fastest first, measured on GPU" in str(decision)
+        flash.set_backend_priority("slowhalf", 30_000)  # the user's word beats the measurement
+        plan.forget()
+        assert flash.explain(q, k, v).forward.chosen == "slowhalf"
+    finally:
+        flash.set_backend_priority("slowhalf", None)
+        REGISTRY.unregister("slowhalf")

@@ -7,8 +7,9 @@ import torch
 
 import flash
 from flash import InvalidInputError
-from flash.backend import Backend
+from flash.backend import FEATURES, Backend, Support
 from flash.registry import REGISTRY
+from flash.spec import SUPPORTED_DTYPES
 
 
 def qkv(b=2, sq=5, sk=7, hq=4, hkv=2, d=8, dtype=torch.float32):
@@ -33,10 +34,9 @@ class SpyBackend(Backend):
     priority = 10_000
     calls = 0
 
-    def forward_reasons(self, spec):
-        return []
+    forward_support = Support(dtypes=frozenset(SUPPORTED_DTYPES), features=FEATURES, devices=frozenset({"cpu"}))
 
-    def forward(self, spec, args):
+    def forward(self, spec, args, config):
         SpyBackend.calls += 1
         args.out.zero_()
         args.lse.zero_()

@@ -22,12 +22,17 @@ import torch
 flash_cuda = pytest.importorskip("flash_cuda")
 
 import flash  # noqa: E402
-from flash import heuristics  # noqa: E402
+from flash import heuristics, support  # noqa: E402
 from flash.backend import ForwardArgs  # noqa: E402
 from flash.heuristics import smem  # noqa: E402
 from flash.spec import canonical, canonical_lse  # noqa: E402
 from flash_cuda import backend as cuda_backend  # noqa: E402
 from flash_cuda import launch, nvrtc, tune, variants  # noqa: E402
+
+
+def reasons(backend, pass_, spec):
+    return support.reasons(backend, spec, pass_)
+
 
 #: Where to write the register report as JSON (the GPU check sets it to collect the report).
 REPORT_ENV = "FLASH_CUDA_REPORT"
@@ -41,8 +46,8 @@ def shipped_variants() -> list[variants.Variant]:
     Non-causal entries also serve windows (both mask edges); causal ones causal windows.
     """
     found = []
-    for key, entry in heuristics.table().items():
-        if key.backend != "cuda" or key.pass_ != "forward" or key.arch not in TABLE_ARCHS:
+    for key, entry in heuristics.table_of(cuda_backend.CudaBackend()).items():
+        if key.pass_ != "forward" or key.arch not in TABLE_ARCHS:
             continue
         masks = (variants.MASK_RIGHT, variants.MASK_BOTH) if key.causal else (variants.MASK_NONE, variants.MASK_BOTH)
         for d in BUCKET_DIMS[key.head_dim]:
@@ -122,9 +127,7 @@ def test_tuning_candidates_compile():
 
 
 def test_every_table_entry_fits_its_gpu_exactly():
-    for key, entry in heuristics.table().items():
-        if key.backend != "cuda":
-            continue
+    for key, entry in heuristics.table_of(cuda_backend.CudaBackend()).items():
         for d in BUCKET_DIMS[key.head_dim]:
             arch = TABLE_ARCHS[key.arch]
             variant = variants.make_variant(entry.config, d, True, int(key.causal), arch)
@@ -134,7 +137,7 @@ def test_every_table_entry_fits_its_gpu_exactly():
                 entry.config.block_n,
                 entry.config.num_stages,
             ), f"{key}: shrunk to fit, the table entry is too large"
-            assert smem.budget(entry.config, key.arch, key.head_dim, 2, "forward").fits
+            assert smem.budget(entry.config, key.arch, variants.smem_row(key.head_dim), 2, "forward").fits
 
 
 def test_source_is_self_contained_and_header_free():
@@ -144,15 +147,15 @@ def test_source_is_self_contained_and_header_free():
 
 
 def test_variant_rendering_and_shrinking():
-    config = heuristics.KernelConfig(128, 64, 8, 3, (("min_blocks", 1), ("pipelined", True), ("q_in_regs", True)))
+    config = heuristics.KernelConfig(128, 64, 8, 3, (("min_blocks", 1), ("q_in_regs", True)))
     v = variants.make_variant(config, 40, True, variants.MASK_BOTH, "sm_90a")
-    assert v.head_dim == 48 and v.pipelined and v.num_stages == 3
+    assert v.head_dim == 48 and v.num_stages == 3
     assert "-DFLASH_D=48" in v.options() and "-arch=sm_90a" in v.options() and "-DFLASH_MASK=2" in v.options()
     assert "-arch=sm_90a" not in v.options(arch=False)
     small = variants.make_variant(config, 256, True, variants.MASK_RIGHT, "sm_86", smem_limit=99 * 1024)
     assert small.smem_bytes <= 99 * 1024
     with pytest.raises(ValueError):
-        variants.Variant(48, 128, 64, 8, 2, True, True, 1, True, 0, "sm_90a")  # pipelined needs 3 stages
+        variants.Variant(48, 96, 64, 8, 2, True, 1, True, 0, "sm_90a")  # block_m not a multiple of 16 * 8 warps
     assert variants.mask_kind((-1, -1), False) == variants.MASK_NONE
     assert variants.mask_kind((-1, 0), True) == variants.MASK_RIGHT
     assert variants.mask_kind((-1, 7), True) == variants.MASK_RIGHT
@@ -214,6 +217,7 @@ def pretend_gpu(monkeypatch):
     """Specs on a CUDA device of compute capability 9.0, without a GPU."""
     monkeypatch.setattr(cuda_backend, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(cuda_backend, "_index", lambda device: 0)
+    monkeypatch.setattr(support, "_capability", lambda index: (9, 0))
 
     def on_gpu(spec):
         return dataclasses.replace(spec, device=torch.device("cuda", 0))
@@ -229,37 +233,37 @@ def _spec(dtype=torch.bfloat16, d=64, **options):
 
 def test_declares_what_it_does_not_support(pretend_gpu):
     be = cuda_backend.CudaBackend()
-    assert be.forward_reasons(pretend_gpu(_spec(causal=True))) == []
-    assert be.forward_reasons(pretend_gpu(_spec(window=(5, 2)))) == []
-    assert be.forward_reasons(pretend_gpu(_spec(d=40, dtype=torch.float16, deterministic=True))) == []
-    assert any("softcap" in r for r in be.forward_reasons(pretend_gpu(_spec(softcap=3.0))))
-    assert any("dropout" in r for r in be.forward_reasons(pretend_gpu(_spec(dropout_p=0.1, dropout_seed=1))))
-    assert any("dtype" in r for r in be.forward_reasons(pretend_gpu(_spec(dtype=torch.float32))))
-    assert any("multiple of 8" in r for r in be.forward_reasons(pretend_gpu(_spec(d=20))))
+    assert reasons(be, "forward", pretend_gpu(_spec(causal=True))) == []
+    assert reasons(be, "forward", pretend_gpu(_spec(window=(5, 2)))) == []
+    assert reasons(be, "forward", pretend_gpu(_spec(d=40, dtype=torch.float16, deterministic=True))) == []
+    assert any("softcap" in r for r in reasons(be, "forward", pretend_gpu(_spec(softcap=3.0))))
+    assert any("dropout" in r for r in reasons(be, "forward", pretend_gpu(_spec(dropout_p=0.1, dropout_seed=1))))
+    assert any("dtype" in r for r in reasons(be, "forward", pretend_gpu(_spec(dtype=torch.float32))))
+    assert any("multiples of 8" in r for r in reasons(be, "forward", pretend_gpu(_spec(d=20))))
     unaligned = dataclasses.replace(pretend_gpu(_spec()), aligned16=False)
-    assert any("16 bytes" in r for r in be.forward_reasons(unaligned))
-    assert any("tensors on cpu" in r for r in be.forward_reasons(_spec()))
-    assert be.backward_reasons(pretend_gpu(_spec())) != []
+    assert any("16 bytes" in r for r in reasons(be, "forward", unaligned))
+    assert any("tensors on cpu" in r for r in reasons(be, "forward", _spec()))
+    assert reasons(be, "backward", pretend_gpu(_spec())) != []
 
 
 def test_old_gpus_are_declined(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(support, "_capability", lambda index: (7, 5))
     monkeypatch.setattr(cuda_backend, "_capability", lambda index: (7, 5))
-    monkeypatch.setattr(cuda_backend, "_index", lambda device: 0)
+    cuda_backend._hopper_reasons.cache_clear()
     spec = dataclasses.replace(_spec(), device=torch.device("cuda", 0))
-    assert any("sm_80" in r for r in cuda_backend.CudaBackend().forward_reasons(spec))
+    assert any("sm_80" in r for r in reasons(cuda_backend.CudaBackend(), "forward", spec))
 
 
 def test_backend_picks_the_table_variant(pretend_gpu, monkeypatch):
     monkeypatch.setattr(cuda_backend, "_smem_optin", lambda index: 227 * 1024)
     monkeypatch.setattr(heuristics, "arch_of", lambda device: "sm_90")
     cuda_backend._variant.cache_clear()
-    heuristics._config_for_class.cache_clear()
     be = cuda_backend.CudaBackend()
     for d, causal in ((64, False), (128, True), (40, False), (256, True)):
         spec = pretend_gpu(_spec(d=d, causal=causal))
-        variant = be.variant(spec)
-        entry = heuristics.lookup("cuda", "sm_90", "bf16", d, causal, "forward")
+        variant = be.variant(spec, heuristics.config_for(be, spec, "forward"))
+        entry = heuristics.lookup(be, "sm_90", "bf16", d, causal, "forward")
         assert variant.arch == "sm_90a" and variant.mask == int(causal) and variant.bf16
         assert variant.head_dim == variants.compiled_head_dim(d)
         assert (variant.block_m, variant.block_n, variant.num_warps) == (
@@ -268,4 +272,25 @@ def test_backend_picks_the_table_variant(pretend_gpu, monkeypatch):
             entry.config.num_warps,
         )
     cuda_backend._variant.cache_clear()
-    heuristics._config_for_class.cache_clear()
+
+
+def test_hopper_kernel_takes_what_tma_can_read(pretend_gpu, monkeypatch):
+    """On sm_90 the Hopper kernel runs aligned problems (softcap too); what TMA cannot read goes to the
+    mma.sync kernel, and softcap, which only the Hopper kernel has, is then declined with its reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda_backend._hopper_reasons.cache_clear()
+    be = cuda_backend.CudaBackend()
+    try:
+        aligned = pretend_gpu(_spec(d=128, causal=True, softcap=5.0))
+        assert be.uses_hopper(aligned) and reasons(be, "forward", aligned) == []
+        unaligned = dataclasses.replace(aligned, aligned16=False)
+        assert not be.uses_hopper(unaligned)
+        assert any("softcap needs the Hopper kernel" in r for r in reasons(be, "forward", unaligned))
+        plain = dataclasses.replace(unaligned, softcap=0.0)
+        assert not be.uses_hopper(plain)
+        monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
+        monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
+        ampere = pretend_gpu(_spec(d=128, causal=True))
+        assert not be.uses_hopper(ampere) and reasons(be, "forward", ampere) == []
+    finally:
+        cuda_backend._hopper_reasons.cache_clear()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import flash
-from flash import heuristics
+from flash import heuristics, support
 from flash.backend import PLUGIN_API_VERSION
 from flash.heuristics.smem import budget
 from flash.spec import build_spec
@@ -24,6 +24,10 @@ pytest.importorskip("flash_triton")
 
 from flash_triton import launch, runtime, tma
 from flash_triton.backend import TritonBackend
+
+
+def reasons(backend, pass_, spec):
+    return support.reasons(backend, spec, pass_)
 
 
 def _spec(dtype=torch.float16, shape=(2, 33, 4, 40), device="cpu", **options):
@@ -82,14 +86,14 @@ def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = TritonBackend()
     full = _spec(causal=True, window=(5, 0), softcap=3.0, dropout_p=0.1, dropout_seed=1, deterministic=True)
-    assert backend.forward_reasons(full) == [] and backend.backward_reasons(full) == []
-    assert backend.forward_reasons(_spec(dtype=torch.bfloat16, shape=(1, 5, 6, 256))) == []
-    fp32 = backend.forward_reasons(_spec(dtype=torch.float32))
+    assert reasons(backend, "forward", full) == [] and reasons(backend, "backward", full) == []
+    assert reasons(backend, "forward", _spec(dtype=torch.bfloat16, shape=(1, 5, 6, 256))) == []
+    fp32 = reasons(backend, "forward", _spec(dtype=torch.float32))
     assert any("float32" in r for r in fp32)
-    fp8 = backend.forward_reasons(_spec(dtype=torch.float8_e4m3fn))
-    assert any("fp8" in r for r in fp8) and backend.backward_reasons(_spec(dtype=torch.float8_e4m3fn))
+    fp8 = reasons(backend, "forward", _spec(dtype=torch.float8_e4m3fn))
+    assert any("fp8" in r for r in fp8) and reasons(backend, "backward", _spec(dtype=torch.float8_e4m3fn))
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert any("tensors on cpu" in r for r in backend.forward_reasons(_spec()))
+    assert any("tensors on cpu" in r for r in reasons(backend, "forward", _spec()))
 
 
 def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +115,7 @@ def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch
 
 
 def _triton_entries():
-    return [e for key, e in heuristics.table().items() if key.backend == "triton"]
+    return list(heuristics.table_of(TritonBackend()).values())
 
 
 def test_table_entries_fit_shared_memory_and_say_where_they_come_from() -> None:
@@ -131,7 +135,7 @@ def test_table_covers_every_class(arch: str) -> None:
         for head_dim in (16, 40, 64, 96, 128, 160, 256):
             for causal in (False, True):
                 for pass_ in ("forward", "backward"):
-                    entry = heuristics.lookup("triton", arch, dtype, head_dim, causal, pass_)
+                    entry = heuristics.lookup(TritonBackend(), arch, dtype, head_dim, causal, pass_)
                     assert entry.key.arch == arch
 
 
@@ -143,13 +147,13 @@ def test_backward_configs_name_both_kernels() -> None:
 
 
 def test_fallback_ladder_only_simplifies() -> None:
-    first = launch.Tiling(128, 128, 8, 3, tma=True, warp_specialize=True, overlap=True)
+    first = launch.Tiling(128, 128, 8, 3, tma=True)
     steps = launch.ladder(first)
     assert steps[0] == first and len(set(steps)) == len(steps)
     assert steps[-1] == launch.Tiling(16, 16, 4, 2)
     for a, b in itertools.pairwise(steps):
         assert b.block_m <= a.block_m and b.block_n <= a.block_n and b.num_warps <= a.num_warps
-        assert (b.tma, b.warp_specialize, b.overlap) <= (a.tma, a.warp_specialize, a.overlap)
+        assert b.tma <= a.tma
 
 
 @pytest.mark.parametrize(("head_dim", "padded"), [(1, 16), (16, 16), (40, 64), (64, 64), (96, 128), (160, 256)])

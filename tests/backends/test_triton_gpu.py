@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import flash
-from flash import heuristics
+from flash import heuristics, plan
+from flash._cache import BoundedCache
 from flash.backend import BackwardArgs, ForwardArgs
 from flash.heuristics import KernelConfig
 from flash.spec import build_spec, canonical, canonical_lse
@@ -43,6 +44,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, **extra) -> None:
         return KernelConfig.from_json({**config.to_json(), **extra}) if backend.name == "triton" else config
 
     monkeypatch.setattr(heuristics, "config_for", config_for)
+    monkeypatch.setattr(plan, "_plans", BoundedCache(16))  # plans hold the configuration they were made with
 
 
 def test_deterministic_backward_is_bit_identical() -> None:

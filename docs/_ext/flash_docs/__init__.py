@@ -11,7 +11,7 @@ Directives:
     a matplotlib picture of the tiles of a score matrix, classified by
     :func:`flash.masking.classify_tile`.
 ``flash-backend-support``
-    what every installed backend supports, from its own ``forward_reasons``/``backward_reasons``.
+    what every installed backend supports, from its declarations (``flash.support.reasons``).
 ``flash-installed-backends``
     the backends the docs were built with (``flash.backends()``).
 ``flash-heuristics-table`` / ``flash-smem-table``

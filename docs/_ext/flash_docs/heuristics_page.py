@@ -21,7 +21,8 @@ def grouped_entries():
     from flash import heuristics
 
     groups: dict[tuple, dict[str, set]] = defaultdict(lambda: {"dtype": set(), "head_dim": set(), "causal": set()})
-    for key, entry in heuristics.table().items():
+    entries = [item for table in heuristics.installed_tables().values() for item in table.items()]
+    for key, entry in entries:
         group = groups[(key.backend, key.arch, key.pass_, entry.config, entry.provenance)]
         group["dtype"].add(key.dtype)
         group["head_dim"].add(key.head_dim)
@@ -37,13 +38,14 @@ def _provenance_text(provenance) -> str:
     return provenance.note
 
 
-def _smem_cell(config, arch: str, dtypes: set[str], head_dims: set[int], pass_: str) -> str:
+def _smem_cell(backend: str, config, arch: str, dtypes: set[str], head_dims: set[int], pass_: str) -> str:
     from flash.heuristics import smem
+    from flash.registry import REGISTRY
 
     if arch not in smem.MAX_SMEM_PER_BLOCK:
         return "—"
     elem = max(ELEMENT_BYTES.get(d, 2) for d in dtypes)
-    b = smem.budget(config, arch, max(head_dims), elem, pass_)
+    b = smem.budget(config, arch, REGISTRY.get(backend).shared_memory_row(max(head_dims)), elem, pass_)
     mark = "✓" if b.fits else "✗ does not fit"
     return f"{b.needed / 1024:.0f} of {b.available / 1024:.0f} KiB {mark}"
 
@@ -70,7 +72,7 @@ class HeuristicsTable(SphinxDirective):
                     f"{code(arch)} {esc(pass_)}",
                     applies,
                     tile,
-                    esc(_smem_cell(config, arch, values["dtype"], values["head_dim"], pass_)),
+                    esc(_smem_cell(backend, config, arch, values["dtype"], values["head_dim"], pass_)),
                     f"**{esc(provenance.kind)}**: {esc(_provenance_text(provenance))}",
                 ]
             )

@@ -1,9 +1,9 @@
 """What each installed backend supports, in the backend's own words, asked at build time.
 
 The problems are :class:`flash.spec.AttentionSpec` objects built directly (no tensors, no GPU
-needed) for device ``cuda``; every backend's ``forward_reasons`` and ``backward_reasons`` is
-called on each. A ✓ means the backend returned no reason; otherwise its reasons are shown verbatim.
-The declarations depend on the problem only, so no GPU is needed to ask.
+needed) for device ``cuda``; every backend's declarations are read by :func:`flash.support.reasons`
+(what dispatch uses) on each. A ✓ means no reason; otherwise
+the reasons are shown verbatim. The declarations depend on the problem only, so no GPU is needed to ask.
 """
 
 from __future__ import annotations
@@ -140,6 +140,7 @@ def survey() -> dict:
     """Every installed backend's verdicts on :data:`CASES`: {"loaded", "errors", "verdicts"}."""
     from flash.errors import BackendError
     from flash.registry import REGISTRY
+    from flash.support import reasons
 
     result: dict = {"loaded": {}, "errors": {}, "verdicts": {}}
     ordered = REGISTRY.by_priority()
@@ -152,9 +153,10 @@ def survey() -> dict:
             continue
         result["loaded"][name] = str(getattr(backend, "version", "?"))
         result["verdicts"][name] = {
-            label: [_ask(backend.forward_reasons, make(base)), _ask(backend.backward_reasons, make(base))]
+            label: [_ask(lambda s: reasons(backend, s, "forward"), make(base)),
+                    _ask(lambda s: reasons(backend, s, "backward"), make(base))]
             for label, make in CASES
-        }
+        }  # fmt: skip
     return result
 
 

@@ -33,6 +33,7 @@ from flash.backend import BackwardArgs, ForwardArgs
 from flash.heuristics import KernelConfig
 from flash.spec import build_spec, canonical, canonical_lse
 from flash_triton import launch, runtime
+from flash_triton.backend import TritonBackend
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 RESULTS: list[dict] = []
@@ -202,7 +203,7 @@ def matrix(arch: int) -> int:
 
     def cfg(dtype, head_dim, causal, pass_):
         name = "bf16" if dtype == torch.bfloat16 else "fp16"
-        return heuristics.lookup("triton", f"sm_{arch}", name, head_dim, causal, pass_).config
+        return heuristics.lookup(TritonBackend(), f"sm_{arch}", name, head_dim, causal, pass_).config
 
     cases = []
     for head_dim in (16, 40, 64, 80, 96, 128, 160, 192, 256):
@@ -259,7 +260,7 @@ def main(argv=None):
                     if c.split(":", 1)[0] == pass_
                 ]
                 if not configs:
-                    key = heuristics.lookup("triton", f"sm_{args.arch}", "bf16", head_dim, causal, pass_)
+                    key = heuristics.lookup(TritonBackend(), f"sm_{args.arch}", "bf16", head_dim, causal, pass_)
                     configs = [key.config]
                 for config in configs:
                     label = f"bf16 d{head_dim} {'causal' if causal else 'full'}"

@@ -43,13 +43,12 @@ FORWARD = {
         _cfg(128, 64, 8, 3), _cfg(128, 64, 8, 3, tma=True), _cfg(128, 64, 8, 2, tma=True),
         _cfg(128, 64, 8, 4, tma=True), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 2, tma=True),
         _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 2, tma=True), _cfg(64, 64, 4, 3, tma=True),
-        _cfg(128, 64, 8, 3, tma=True, overlap=True), _cfg(128, 32, 8, 4, tma=True),
+        _cfg(128, 32, 8, 4, tma=True),
     ],
     64: [
         _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 3, tma=True), _cfg(128, 128, 8, 2, tma=True),
         _cfg(128, 64, 4, 3), _cfg(128, 64, 4, 3, tma=True), _cfg(128, 64, 8, 3, tma=True),
         _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 3, tma=True), _cfg(64, 64, 4, 3, tma=True),
-        _cfg(128, 128, 8, 3, tma=True, overlap=True),
     ],
 }  # fmt: skip
 BACKWARD = {

@@ -26,11 +26,12 @@ from flash.api import (
 from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
+from flash.merge import merge_states
 from flash.padding import cu_seqlens_from_position_ids, pad, select_tokens, unpad, unpad_indices
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
-    from flash import nn
+    from flash import distributed, nn
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -48,7 +49,9 @@ __all__ = [
     "backends",
     "build_spec",
     "cu_seqlens_from_position_ids",
+    "distributed",
     "explain",
+    "merge_states",
     "nn",
     "pad",
     "register_backend",
@@ -62,8 +65,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "nn":  # torch.nn modules load only for users who want them
+    # torch.nn modules and the torch.distributed ring load only for users who want them
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module("flash.nn")
+        return importlib.import_module(f"flash.{name}")
     raise AttributeError(f"module 'flash' has no attribute {name!r}")

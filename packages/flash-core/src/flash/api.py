@@ -10,25 +10,65 @@ from torch import Tensor
 from flash import dispatch, ops
 from flash.backend import Backend
 from flash.errors import InvalidInputError
+from flash.plan import plan_for, run_forward
 from flash.registry import REGISTRY, BackendInfo
-from flash.spec import build_spec, check_argument_types, check_window
+from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_window
 
 
-def _max_seqlen(given: int | None, cu: Tensor | None) -> int | None:
-    """The longest sequence of a varlen batch, read from ``cu`` when the caller did not say."""
-    if cu is None or given is not None:
-        return given
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.numel() < 1:
-        return None  # let the spec name the problem
-    if cu.numel() == 1:
-        return 0
-    return int((cu[1:] - cu[:-1]).max().item())
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
 
 
 @overload
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[False] = ..., **options) -> Tensor: ...
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = ...,
+    window: tuple[int, int] | None = ...,
+    softcap: float = ...,
+    scale: float | None = ...,
+    layout: Literal["bshd", "bhsd"] = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
+    max_seqlen_q: int | None = ...,
+    max_seqlen_k: int | None = ...,
+    dropout_p: float = ...,
+    dropout_seed: int | None = ...,
+    q_descale: Tensor | None = ...,
+    k_descale: Tensor | None = ...,
+    v_descale: Tensor | None = ...,
+    return_lse: Literal[False] = ...,
+    deterministic: bool = ...,
+    check_values: bool | None = ...,
+    backend: str = ...,
+) -> Tensor: ...
 @overload
-def attention(q: Tensor, k: Tensor, v: Tensor, *, return_lse: Literal[True], **options) -> tuple[Tensor, Tensor]: ...
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = ...,
+    window: tuple[int, int] | None = ...,
+    softcap: float = ...,
+    scale: float | None = ...,
+    layout: Literal["bshd", "bhsd"] = ...,
+    cu_seqlens_q: Tensor | None = ...,
+    cu_seqlens_k: Tensor | None = ...,
+    max_seqlen_q: int | None = ...,
+    max_seqlen_k: int | None = ...,
+    dropout_p: float = ...,
+    dropout_seed: int | None = ...,
+    q_descale: Tensor | None = ...,
+    k_descale: Tensor | None = ...,
+    v_descale: Tensor | None = ...,
+    return_lse: Literal[True],
+    deterministic: bool = ...,
+    check_values: bool | None = ...,
+    backend: str = ...,
+) -> tuple[Tensor, Tensor]: ...
 
 
 def attention(
@@ -52,6 +92,7 @@ def attention(
     v_descale: Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
+    check_values: bool | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention ``softmax(scale * q k^T) v``, computed the FlashAttention way.
@@ -75,50 +116,105 @@ def attention(
         dropout_seed: required when ``dropout_p > 0``; the mask is a pure function of
             (seed, sequence, head, query, key), see :mod:`flash.dropout`.
         q_descale, k_descale, v_descale: float32 dequantisation factors of fp8 inputs, shape ``()``
-            per tensor or (batch, heads) per head. The output of fp8 attention is bf16.
+            per tensor or (batch, heads) per head. The output of fp8 attention is bf16; fp8 attention
+            is inference-only (inputs that require grad are refused).
         return_lse: also return the log-sum-exp of each row, float32 (batch, heads_q, seqlen_q)
             ((heads_q, total_q) for varlen); -inf for a row that sees no key (whose output is 0).
         deterministic: ask for bit-identical gradients run to run.
+        check_values: check the values of ``cu_seqlens_q/k`` (a device-to-host copy when they are on
+            a GPU). ``None`` (default): only where that costs no synchronisation, i.e. offsets in CPU
+            memory; kernels clamp every offset they read either way.
         backend: ``"auto"`` or the name of a backend to force.
 
     Returns:
         The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v.
     """
-    check_argument_types(
-        q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+    return _attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
         dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        return_lse=return_lse, deterministic=deterministic, backend=backend,
+        return_lse=return_lse, deterministic=deterministic, check_values=check_values, backend=backend,
     )  # fmt: skip
-    left, right = check_window(window)
-    out, lse = ops.attention_forward(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        _max_seqlen(max_seqlen_q, cu_seqlens_q),
-        _max_seqlen(max_seqlen_k, cu_seqlens_k),
-        q_descale,
-        k_descale,
-        v_descale,
-        layout,
-        causal,
-        left,
-        right,
-        softcap,
-        scale,
-        dropout_p,
-        dropout_seed,
-        deterministic,
-        backend,
-    )
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    layout: Literal["bshd", "bhsd"] = "bshd",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_values: bool | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`attention` without its overloads (what the other entry points call)."""
+    if return_lse is not True and return_lse is not False:
+        raise InvalidInputError("return_lse", "a bool", repr(return_lse))
+    window = None if window is None else check_window(window)
+    if torch.compiler.is_compiling():  # the plan path checks the other types once per call signature
+        check_argument_types(
+            q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+            dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            deterministic=deterministic, check_values=check_values, backend=backend,
+        )  # fmt: skip
+    grad = _needs_grad(q, k, v)
+    if grad and q.dtype in FP8_DTYPES:
+        raise InvalidInputError(
+            "q", "tensors that do not require grad (fp8 attention has no backward)", "requires_grad"
+        )
+    if not dropout_p:
+        dropout_seed = None
+    if torch.compiler.is_compiling():
+        left, right = window or (-1, -1)
+        out, lse = ops.attention_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale,
+            layout, causal, left, right, softcap, scale, dropout_p, dropout_seed, deterministic, backend,
+        )  # fmt: skip
+    else:
+        plan, spec = plan_for(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale, layout,
+            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values,
+        )  # fmt: skip
+        if grad:
+            out, lse = ops.AttentionFunction.apply(q, k, v, plan, spec, cu_seqlens_q, cu_seqlens_k)
+        else:
+            out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
     return (out, lse) if return_lse else out
 
 
-def attention_qkvpacked(qkv: Tensor, **options) -> Tensor | tuple[Tensor, Tensor]:
+def attention_qkvpacked(
+    qkv: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_values: bool | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
     """Attention of a packed projection: ``qkv`` is (batch, seqlen, 3, heads, head_dim), or
-    (total, 3, heads, head_dim) with ``cu_seqlens_q``/``cu_seqlens_k``. Options as :func:`attention`.
+    (total, 3, heads, head_dim) with ``cu_seqlens`` (and ``max_seqlen``). Options as :func:`attention`.
 
     The three slices are views of ``qkv``: nothing is copied.
     """
@@ -129,10 +225,13 @@ def attention_qkvpacked(qkv: Tensor, **options) -> Tensor | tuple[Tensor, Tensor
         raise InvalidInputError(
             "qkv", "shape (batch, seqlen, 3, heads, head_dim) or (total, 3, heads, head_dim)", f"{tuple(qkv.shape)}"
         )
-    if options.get("layout", "bshd") != "bshd":
-        raise InvalidInputError("layout", "'bshd' for a packed qkv", repr(options["layout"]))
     q, k, v = qkv.unbind(dim=axis)
-    return attention(q, k, v, **options)
+    return _attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
+        backend=backend,
+    )  # fmt: skip
 
 
 # Captured at import: a caller may install this module's function in its place.
@@ -162,6 +261,11 @@ def scaled_dot_product_attention(
     Dropout draws its seed from PyTorch's default generator; its mask differs from PyTorch's
     (each is a valid Bernoulli mask).
     """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise InvalidInputError(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() < 3:
+            raise InvalidInputError(name, "a tensor of at least 3 dims (..., seqlen, head_dim)", f"{t.dim()}-D")
     q_len, k_len = query.shape[-2], key.shape[-2]
     expressible = attn_mask is None and (not is_causal or q_len >= k_len)
     expressible = expressible and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
@@ -202,18 +306,49 @@ def scaled_dot_product_attention(
     return out.squeeze(1) if query.dim() == 3 else out.reshape(query.shape[:-1] + out.shape[-1:])
 
 
-def explain(q: Tensor, k: Tensor, v: Tensor, *, backend: str = "auto", **options) -> dispatch.Explanation:
+def explain(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    layout: Literal["bshd", "bhsd"] = "bshd",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_values: bool | None = None,
+    backend: str = "auto",
+) -> dispatch.Explanation:
     """Which backend would run the forward and the backward of this call, and why each other
     backend would not. Takes the same arguments as :func:`attention`; runs nothing.
     ``print(flash.explain(...))`` shows it."""
-    options.pop("return_lse", None)
-    spec = build_spec(q, k, v, **options)
+    del return_lse  # what is returned does not change who computes it
+    spec = build_spec(
+        q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale,
+        v_descale=v_descale, deterministic=deterministic, check_values=check_values,
+    )  # fmt: skip
     return dispatch.explain(spec, backend)
 
 
 def backends() -> list[BackendInfo]:
-    """Every installed backend: version, package, priority, and whether it is usable here (and why not)."""
-    return [REGISTRY.info(name) for name in REGISTRY.by_priority() + _unloadable()]
+    """Every installed backend: version, package, priority, and whether it is usable here (and why not).
+
+    An entry point whose name another distribution already owns is listed too, as unusable."""
+    infos = [REGISTRY.info(name) for name in REGISTRY.by_priority() + _unloadable()]
+    return infos + REGISTRY.shadowed_infos()
 
 
 def _unloadable() -> list[str]:
@@ -230,5 +365,7 @@ def register_backend(backend: Backend) -> None:
 
 def set_backend_priority(name: str, priority: int | None) -> None:
     """Override backend ``name``'s dispatch priority for this process; ``None`` restores its own."""
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise InvalidInputError("priority", "an int or None", repr(priority))
     REGISTRY.get(name)  # fail now, with the reason, if there is no such backend
     REGISTRY.set_priority(name, priority)

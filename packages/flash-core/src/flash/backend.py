@@ -1,11 +1,15 @@
 """The plugin API every backend implements.
 
 A backend is an object registered under the entry-point group ``flash.backends``
-(the entry point names a class or a zero-argument factory). Core calls it with
-an :class:`~flash.spec.AttentionSpec` and tensors in canonical
-(batch, seqlen, heads, head_dim) order; the backend writes its results into the
-output tensors core allocated. A backend never validates user input: the spec
-already did. It only says what it *supports*, as human-readable reasons.
+(the entry point names a class or a zero-argument factory). It *declares* what it
+supports as data (:class:`Support`, one per pass), which one generic check in core
+(:func:`flash.support.reasons`) reads for dispatch, :func:`flash.explain` and the
+docs' support table alike; a hook (:meth:`Backend.extra_reasons`) covers what a
+declaration cannot say. Core calls the backend with an :class:`~flash.spec.AttentionSpec`,
+tensors in canonical (batch, seqlen, heads, head_dim) order and the kernel
+configuration it looked up once per problem class; the backend writes its results
+into the output tensors core allocated. A backend never validates user input: the
+spec already did.
 
 The LSE contract, shared by every forward and backward so that any forward pairs
 with any backward: ``lse[b, h, i]`` is the natural-log sum of
@@ -17,8 +21,8 @@ float32 (float64 for float64 inputs), ``-inf`` for a row that sees no key, laid 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -29,7 +33,50 @@ if TYPE_CHECKING:
 
 #: The plugin API this flash-core speaks. A backend declares the version it was
 #: built for in :attr:`Backend.plugin_api`; core refuses any other with a reason.
-PLUGIN_API_VERSION = 1
+#: Version 2: declarative :class:`Support`, the configuration passed to ``forward``/``backward``,
+#: backend-owned heuristics tables.
+PLUGIN_API_VERSION = 2
+
+Pass = Literal["forward", "backward"]
+
+#: Every name :meth:`flash.spec.AttentionSpec.features` can report.
+FEATURES = frozenset({"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest sizes a pass handles (``None``: no limit). Checked exactly against each problem."""
+
+    batch: int | None = None
+    heads: int | None = None
+    #: Longest sequence and largest token count (varlen totals included).
+    tokens: int | None = None
+    #: Largest stride between tokens, in elements (kernels with 32-bit offsets care).
+    token_stride: int | None = None
+
+
+@dataclass(frozen=True)
+class Support:
+    """What one pass of a backend runs, as data.
+
+    ``head_dims`` is a range (``range(8, 257, 8)``: multiples of 8 up to 256); ``features`` names
+    the :meth:`~flash.spec.AttentionSpec.features` it handles; ``min_capability`` is the oldest
+    CUDA compute capability (ignored on other devices); ``aligned16`` asks for 16-byte aligned
+    pointers and strides (what TMA and 16-byte vector loads need).
+    """
+
+    dtypes: frozenset[torch.dtype]
+    features: frozenset[str]
+    head_dims: range = range(1, 257)
+    devices: frozenset[str] = frozenset({"cuda"})
+    min_capability: tuple[int, int] | None = None
+    aligned16: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - FEATURES
+        if unknown:
+            raise ValueError(f"Support: unknown features {sorted(unknown)}; known: {sorted(FEATURES)}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +86,7 @@ class ForwardArgs:
     ``q``/``k``/``v``: (batch, seqlen, heads, head_dim) views with the caller's strides
     (varlen: batch 1, seqlen = tokens). ``out`` is like ``q`` with ``spec.out_dtype``;
     ``lse`` is float32 (batch, heads_q, seqlen_q). The backend fills both entirely.
+    ``cu_seqlens_q``/``cu_seqlens_k`` are contiguous int32 (core makes them so).
     """
 
     q: torch.Tensor
@@ -78,13 +126,17 @@ class Backend(ABC):
     """Base class of backends. Subclasses set the class attributes and implement the methods."""
 
     #: Registry name, e.g. ``"triton"``. Must match the entry point's name.
-    name: str = ""
+    name: ClassVar[str] = ""
     #: The backend package's version.
-    version: str = "0"
+    version: ClassVar[str] = "0"
     #: The :data:`PLUGIN_API_VERSION` the backend was built for.
-    plugin_api: int = PLUGIN_API_VERSION
+    plugin_api: ClassVar[int] = PLUGIN_API_VERSION
     #: Default dispatch priority; the highest usable one wins. Users may override it.
-    priority: int = 0
+    priority: ClassVar[int] = 0
+    #: What the forward runs (a property where it depends on the machine, e.g. an interpreter mode).
+    forward_support: Support
+    #: What the backward runs; ``None``: no backward (another backend's pairs through the LSE).
+    backward_support: Support | None = None
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run on this machine at all (missing package, no GPU...).
@@ -93,51 +145,34 @@ class Backend(ABC):
         """
         return []
 
+    def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
+        """What the declarations cannot say (a grid-size limit, a kernel-specific constraint)."""
+        return []
+
+    def shared_memory_row(self, head_dim: int) -> int:
+        """Elements one tile row occupies in shared memory (head dim as the kernel stores it,
+        padding included); :mod:`flash.heuristics.smem` budgets tiles with it."""
+        return head_dim
+
+    def heuristics_rows(self) -> list[dict[str, Any]]:
+        """This backend's kernel-configuration table rows (format of :mod:`flash.heuristics`)."""
+        return []
+
+    def runtime_versions(self) -> str:
+        """Versions of what the kernels depend on beyond torch (compiler, driver), for autotune keys."""
+        return ""
+
     @abstractmethod
-    def forward_reasons(self, spec: AttentionSpec) -> list[str]:
-        """Why this backend cannot run the forward of ``spec``; empty when it can."""
+    def forward(self, spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> None:
+        """Compute ``args.out`` and ``args.lse`` in place with kernel configuration ``config``."""
 
-    def backward_reasons(self, spec: AttentionSpec) -> list[str]:
-        """Why this backend cannot run the backward of ``spec``; empty when it can."""
-        return ["no backward pass"]
-
-    @abstractmethod
-    def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
-        """Compute ``args.out`` and ``args.lse`` in place."""
-
-    def backward(self, spec: AttentionSpec, args: BackwardArgs) -> None:
+    def backward(self, spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> None:
         """Compute ``args.dq``, ``args.dk``, ``args.dv`` in place."""
         raise NotImplementedError(f"backend {self.name!r} has no backward pass")
 
-    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[KernelConfig]:
+    def tuning_candidates(self, spec: AttentionSpec, pass_: Pass) -> list[KernelConfig]:
         """Configurations worth timing for ``spec`` when autotuning is on (``FLASH_AUTOTUNE=1``).
 
-        The backend reads its configuration through :func:`flash.heuristics.config_for`, which
-        answers each candidate in turn while it is measured. Empty: nothing to tune.
+        Each is passed to :meth:`forward`/:meth:`backward` while it is measured. Empty: nothing to tune.
         """
         return []
-
-
-def reasons_for_unsupported(
-    spec: AttentionSpec,
-    *,
-    dtypes: tuple[torch.dtype, ...],
-    features: frozenset[str] | set[str],
-    head_dims: range | tuple[int, ...] | None = None,
-    device_types: tuple[str, ...] = ("cuda",),
-) -> list[str]:
-    """Common support checks a backend can build its ``*_reasons`` on.
-
-    ``features`` are the :meth:`flash.spec.AttentionSpec.features` names the backend handles.
-    """
-    reasons = []
-    if spec.device.type not in device_types:
-        reasons.append(f"tensors on {spec.device.type}, supports {'/'.join(device_types)}")
-    if spec.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        reasons.append(f"dtype {str(spec.dtype).replace('torch.', '')} not supported (supports {names})")
-    if head_dims is not None and spec.head_dim not in head_dims:
-        reasons.append(f"head_dim {spec.head_dim} not supported")
-    for feature in sorted(spec.features() - set(features)):
-        reasons.append(f"{feature} not supported")
-    return reasons

@@ -1,47 +1,40 @@
 """Choosing a backend for a problem, and explaining the choice.
 
-``backend="auto"`` takes the highest-priority usable backend that supports the
-problem. A backend can be forced per call (``backend="triton"``), per block
+``backend="auto"`` takes the first usable backend that supports the problem, trying them in
+the order measured fastest for the problem's class (:mod:`flash.heuristics.ranking`), else by
+priority. A backend can be forced per call (``backend="triton"``), per block
 (:func:`use_backend`) or per process (``FLASH_BACKEND``), in that order of
 precedence. A forced backend that cannot run the forward is an error, not a
-silent fallback; a backward the forward's backend lacks comes from another
-backend through the shared LSE contract.
+silent fallback, and forcing one never loads the other plugins; a backward the
+forward's backend lacks comes from another backend through the shared LSE
+contract (and :func:`flash.explain` says so).
+
+Decisions are cached per *support class*: the spec with the values no support
+declaration reads (dropout seed and probability, scale, softcap value) normalised
+away, in a bounded cache, so fresh seeds and new lengths cannot grow it without end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
-from flash.backend import Backend
+from flash import support
+from flash._cache import BoundedCache
+from flash.backend import Backend, Pass
 from flash.errors import BackendError, InvalidInputError, NoBackendError
+from flash.heuristics.ranking import ranking_for
 from flash.registry import REGISTRY
 from flash.spec import AttentionSpec
 
-Pass = Literal["forward", "backward"]
 ENV_BACKEND = "FLASH_BACKEND"
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("flash_forced_backend", default=None)
 
-
-class _DecisionCache:
-    """Dispatch decisions by problem; forgotten whenever the registry changes."""
-
-    def __init__(self) -> None:
-        self.generation = -1
-        self.names: dict[tuple, str] = {}
-
-    def get(self, key: tuple) -> str | None:
-        if self.generation != REGISTRY.generation:
-            self.names.clear()
-            self.generation = REGISTRY.generation
-        return self.names.get(key)
-
-
-_decisions = _DecisionCache()
+_decisions: BoundedCache[tuple, str] = BoundedCache(1024)
 
 
 @contextlib.contextmanager
@@ -69,20 +62,25 @@ def forced_backend(requested: str = "auto") -> tuple[str | None, str]:
     return None, ""
 
 
-def _reasons(backend: Backend, spec: AttentionSpec, pass_: Pass) -> list[str]:
-    try:
-        check = backend.forward_reasons if pass_ == "forward" else backend.backward_reasons
-        return list(check(spec))
-    except Exception as error:
-        return [f"support check failed: {type(error).__name__}: {error}"]
+def support_class(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` without the values no support declaration reads: the key of cached decisions."""
+    return dataclasses.replace(
+        spec,
+        dropout_seed=0,
+        dropout_p=0.5 if spec.dropout_p else 0.0,
+        scale=1.0,
+        softcap=1.0 if spec.softcap else 0.0,
+    )
 
 
 def rejection_reasons(name: str, spec: AttentionSpec, pass_: Pass) -> list[str]:
     """Why backend ``name`` cannot run ``pass_`` of ``spec``; empty when it can."""
+    if name not in REGISTRY.names():
+        return [f"no backend named {name!r} is installed"]
     reasons = REGISTRY.unavailable_reasons(name)
     if reasons:
         return reasons
-    return _reasons(REGISTRY.get(name), spec, pass_)
+    return support.reasons(REGISTRY.get(name), spec, pass_)
 
 
 @dataclass(frozen=True)
@@ -92,13 +90,16 @@ class Decision:
     pass_: Pass
     chosen: str | None
     forced_by: str
-    considered: tuple[tuple[str, int | None, tuple[str, ...]], ...]  # (name, priority, reasons), by priority
+    considered: tuple[tuple[str, int | None, tuple[str, ...]], ...]  # (name, priority, reasons), in order tried
+    ranked_by: str = ""  # the measurement that ordered the candidates, if one did
 
     def __str__(self) -> str:
         head = f"{self.pass_}: " + (self.chosen or "no backend")
         if self.forced_by:
             head += f" (forced by {self.forced_by})"
         lines = [head]
+        if self.ranked_by:
+            lines.append(f"  order: fastest first, {self.ranked_by}")
         for name, priority, reasons in self.considered:
             mark = "->" if name == self.chosen else "  "
             status = "eligible" if not reasons else "; ".join(reasons)
@@ -106,37 +107,55 @@ class Decision:
         return "\n".join(lines)
 
 
-def _decide(spec: AttentionSpec, pass_: Pass, name: str | None, forced_by: str) -> Decision:
-    considered = []
-    chosen = None
+def _priority(name: str) -> int | None:
+    try:
+        return REGISTRY.priority(name)
+    except BackendError:
+        return None
+
+
+def _verdict(name: str, spec: AttentionSpec, pass_: Pass) -> tuple[str, int | None, tuple[str, ...]]:
+    return (name, _priority(name), tuple(rejection_reasons(name, spec, pass_)))
+
+
+def _decide(spec: AttentionSpec, pass_: Pass, name: str | None, forced_by: str, survey: bool) -> Decision:
+    """Evaluate the forced backend alone (unless ``survey``), or every backend by priority."""
+    if name is not None and not survey:
+        verdict = _verdict(name, spec, pass_)
+        return Decision(pass_, None if verdict[2] else name, forced_by, (verdict,))
     ordered = REGISTRY.by_priority()
-    for candidate in ordered + [n for n in REGISTRY.names() if n not in ordered]:
-        reasons = rejection_reasons(candidate, spec, pass_)
-        try:
-            priority: int | None = REGISTRY.priority(candidate)
-        except BackendError:
-            priority = None
-        considered.append((candidate, priority, tuple(reasons)))
-        if chosen is None and not reasons and (name is None or candidate == name):
-            chosen = candidate
+    ranked_by = ""
+    ranking = None if REGISTRY.has_overrides() else ranking_for(spec, pass_)
+    if ranking is not None:
+        first = [n for n in ranking.order if n in ordered]
+        ordered = first + [n for n in ordered if n not in first]
+        ranked_by = str(ranking.provenance)
+    considered = [_verdict(n, spec, pass_) for n in ordered + [n for n in REGISTRY.names() if n not in ordered]]
     if name is not None and name not in REGISTRY.names():
         considered.append((name, None, (f"no backend named {name!r} is installed",)))
-    return Decision(pass_, chosen, forced_by, tuple(considered))
+    eligible = [n for n, _, reasons in considered if not reasons and (name is None or n == name)]
+    return Decision(pass_, eligible[0] if eligible else None, forced_by, tuple(considered), ranked_by)
 
 
-def decide(spec: AttentionSpec, pass_: Pass, requested: str = "auto") -> Decision:
-    """Run dispatch for ``spec`` and record every backend's verdict (no exception when none fits)."""
+def decide(spec: AttentionSpec, pass_: Pass, requested: str = "auto", *, survey: bool = False) -> Decision:
+    """Run dispatch for ``spec`` and record the verdicts (no exception when none fits).
+
+    ``survey=True`` evaluates every installed backend even when one is forced (what
+    :func:`flash.explain` shows); otherwise a forced backend is the only one loaded and asked.
+    """
     name, forced_by = forced_backend(requested)
-    decision = _decide(spec, pass_, name, forced_by)
+    decision = _decide(spec, pass_, name, forced_by, survey)
     if decision.chosen is None and name is not None and pass_ == "backward":
         # The forced backend has no backward for this problem: any backward honours the LSE contract.
-        fallback = _decide(spec, pass_, None, "")
+        fallback = _decide(spec, pass_, None, "", survey=True)
         if fallback.chosen is not None:
-            return Decision(pass_, fallback.chosen, f"{forced_by}; {name} has no such backward", decision.considered)
+            forced = f"{forced_by}; {name} has no such backward, so another backend's runs"
+            return Decision(pass_, fallback.chosen, forced, decision.considered)
     return decision
 
 
-def _describe(spec: AttentionSpec) -> str:
+def describe(spec: AttentionSpec) -> str:
+    """One line naming the problem (dtype, device, sizes, options), for messages."""
     parts = [
         str(spec.dtype).replace("torch.", ""),
         f"{spec.device}",
@@ -151,14 +170,16 @@ def _describe(spec: AttentionSpec) -> str:
 
 def select(spec: AttentionSpec, pass_: Pass, requested: str = "auto") -> Backend:
     """The backend that runs ``pass_`` of ``spec``; raises :class:`flash.errors.NoBackendError` listing every reason."""
-    key = (spec, pass_, requested, _forced.get(), os.environ.get(ENV_BACKEND))
-    name = _decisions.get(key)
-    if name is None:
+    name, forced_by = forced_backend(requested)
+    key = (support_class(spec), pass_, name, forced_by)
+    chosen = _decisions.get(key)
+    if chosen is None:
         decision = decide(spec, pass_, requested)
         if decision.chosen is None:
-            raise NoBackendError(f"no backend can run the {pass_} of this problem ({_describe(spec)}):\n{decision}")
-        name = _decisions.names[key] = decision.chosen
-    return REGISTRY.get(name)
+            raise NoBackendError(f"no backend can run the {pass_} of this problem ({describe(spec)}):\n{decision}")
+        chosen = decision.chosen
+        _decisions.put(key, chosen)
+    return REGISTRY.get(chosen)
 
 
 @dataclass(frozen=True)
@@ -170,9 +191,11 @@ class Explanation:
     backward: Decision
 
     def __str__(self) -> str:
-        return f"problem: {_describe(self.spec)}\n{self.forward}\n{self.backward}"
+        return f"problem: {describe(self.spec)}\n{self.forward}\n{self.backward}"
 
 
 def explain(spec: AttentionSpec, requested: str = "auto") -> Explanation:
     """The dispatch decisions for the forward and the backward of ``spec`` (see :func:`flash.explain`)."""
-    return Explanation(spec, decide(spec, "forward", requested), decide(spec, "backward", requested))
+    forward = decide(spec, "forward", requested, survey=True)
+    backward = decide(spec, "backward", requested, survey=True)
+    return Explanation(spec, forward, backward)

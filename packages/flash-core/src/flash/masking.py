@@ -65,3 +65,27 @@ def tile_mask(
     if right != UNBOUNDED:
         seen &= j <= i + right
     return seen
+
+
+def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """``p @ v`` where a key a row does not see contributes nothing, even a NaN or inf value.
+
+    ``p`` is (..., rows, keys) and zero wherever ``seen`` (rows, keys, broadcast) is False; a plain
+    product would still multiply those zeros by the values, and ``0 * nan`` is NaN: one garbage
+    value (an unused KV-cache slot, say) would poison every row of the tile. The finite values go
+    through one product; the non-finite ones reach exactly the rows that see them, with IEEE's
+    rules (NaN wins, +inf and -inf together make NaN).
+    """
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return torch.matmul(p, v)
+    out = torch.matmul(p, torch.where(finite, v, torch.zeros_like(v)))
+    sees = torch.broadcast_to(seen, p.shape).to(v.dtype)
+
+    def reaches(kind: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(sees, kind.to(v.dtype)) > 0
+
+    nan, pos, neg = reaches(torch.isnan(v)), reaches(v == float("inf")), reaches(v == float("-inf"))
+    out = torch.where(pos, torch.full_like(out, float("inf")), out)
+    out = torch.where(neg, torch.full_like(out, float("-inf")), out)
+    return torch.where(nan | (pos & neg), torch.full_like(out, float("nan")), out)

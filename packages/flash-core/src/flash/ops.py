@@ -1,11 +1,11 @@
-"""The attention custom ops: validation, dispatch and autograd behind one ``torch.library`` op.
+"""The attention ops: an autograd function for eager calls, ``torch.library`` ops for ``torch.compile``.
 
-``flash::attention_forward`` returns ``(out, lse)``; ``flash::attention_backward``
-returns ``(dq, dk, dv)``. Both are opaque to ``torch.compile`` (a function that
-calls them compiles with ``fullgraph=True``), and their fake implementations
-give the output shapes while tracing. The real implementations validate the
-call (:func:`flash.spec.build_spec`), pick a backend (:mod:`flash.dispatch`)
-and run it; the backward may come from a different backend than the forward.
+Both run :mod:`flash.plan` (plan lookup, then the backend), so they compute the same thing. Eager
+calls take :class:`AttentionFunction`, the cheapest path PyTorch offers to autograd. Under
+``torch.compile`` the calls go through the custom ops ``flash::attention_forward`` (returns
+``(out, lse)``) and ``flash::attention_backward`` (returns ``(dq, dk, dv)``), which are opaque to
+the compiler (a function that calls them compiles with ``fullgraph=True``) and whose fake
+implementations give the output shapes while tracing.
 """
 
 from __future__ import annotations
@@ -15,14 +15,35 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from flash import dispatch
-from flash.backend import BackwardArgs, ForwardArgs
-from flash.heuristics import autotune
-from flash.spec import AttentionSpec, build_spec, canonical, canonical_lse
+from flash.plan import Plan, plan_for, run_backward, run_forward
+from flash.spec import AttentionSpec, build_spec
 
-#: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
-#: so an element a backend never writes cannot pass by holding a stale correct value.
-POISON_OUTPUTS = False
+
+class AttentionFunction(torch.autograd.Function):
+    """Eager autograd: the forward of a plan, and the backward from the saved ``out``/``lse``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        plan: Plan,
+        spec: AttentionSpec,
+        cu_seqlens_q: Tensor | None,
+        cu_seqlens_k: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.plan, ctx.spec = plan, spec
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k)
+        return dq, dk, dv, None, None, None, None
 
 
 #: The ops' arguments after the tensors, in order (forward and backward take the same options).
@@ -30,24 +51,21 @@ _OPTIONS = (
     *("layout", "causal", "window_left", "window_right", "softcap", "scale"),
     *("dropout_p", "dropout_seed", "deterministic", "backend"),
 )
-
-
-def _spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any], check_values: bool) -> AttentionSpec:
-    """Build the spec from an op's named arguments (the op signature flattens the public options)."""
-    options = {key: value for key, value in named.items() if key not in ("q", "k", "v", "backend")}
-    left, right = options.pop("window_left"), options.pop("window_right")
-    options["window"] = None if (left, right) == (-1, -1) else (left, right)
-    if not options["dropout_p"]:
-        options["dropout_seed"] = None
-    return build_spec(q, k, v, check_values=check_values, **options)
-
-
-def _arguments(frame_locals: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    return {name: frame_locals[name] for name in names}
-
-
 _BACKWARD_TENSORS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
 _FORWARD_TENSORS = (*_BACKWARD_TENSORS, "q_descale", "k_descale", "v_descale")
+
+
+def _window(left: int, right: int) -> tuple[int, int] | None:
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> tuple[Plan, AttentionSpec]:
+    return plan_for(
+        q, k, v, named["cu_seqlens_q"], named["cu_seqlens_k"], named["max_seqlen_q"], named["max_seqlen_k"],
+        named.get("q_descale"), named.get("k_descale"), named.get("v_descale"), named["layout"], named["causal"],
+        _window(named["window_left"], named["window_right"]), named["softcap"], named["scale"], named["dropout_p"],
+        named["dropout_seed"], named["deterministic"], named["backend"], check_values=None,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("flash::attention_forward", mutates_args=())
@@ -73,39 +91,26 @@ def attention_forward(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    named = _arguments(locals(), _FORWARD_TENSORS + _OPTIONS)  # the parameters, by name
-    spec = _spec(q, k, v, named, check_values=True)
-    out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
-    lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
-    if spec.empty:  # no queries, or rows that see no key: output 0, LSE -inf
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    chosen = dispatch.select(spec, "forward", backend)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-    args = ForwardArgs(
-        q=canonical(q, spec),
-        k=canonical(k, spec),
-        v=canonical(v, spec),
-        out=canonical(out, spec),
-        lse=canonical_lse(lse, spec),
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        q_descale=q_descale,
-        k_descale=k_descale,
-        v_descale=v_descale,
-    )
-    if autotune.enabled():
-        autotune.ensure_tuned(chosen, spec, "forward", lambda: chosen.forward(spec, args))
-    chosen.forward(spec, args)
-    return out, lse
+    named = {name: value for name, value in locals().items() if name not in ("q", "k", "v")}
+    plan, spec = _plan(q, k, v, named)
+    return run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+
+
+def _fake_spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> AttentionSpec:
+    return build_spec(
+        q, k, v, layout=named["layout"], causal=named["causal"],
+        window=_window(named["window_left"], named["window_right"]), softcap=named["softcap"], scale=named["scale"],
+        cu_seqlens_q=named["cu_seqlens_q"], cu_seqlens_k=named["cu_seqlens_k"], max_seqlen_q=named["max_seqlen_q"],
+        max_seqlen_k=named["max_seqlen_k"], dropout_p=named["dropout_p"],
+        dropout_seed=named["dropout_seed"] if named["dropout_p"] else None, q_descale=named["q_descale"],
+        k_descale=named["k_descale"], v_descale=named["v_descale"], deterministic=named["deterministic"],
+        check_values=False,
+    )  # fmt: skip
 
 
 @attention_forward.register_fake
 def _attention_forward_fake(q, k, v, *rest):
-    spec = _spec(q, k, v, dict(zip(_FORWARD_TENSORS + _OPTIONS, rest)), check_values=False)
+    spec = _fake_spec(q, k, v, dict(zip(_FORWARD_TENSORS + _OPTIONS, rest)))
     return q.new_empty(q.shape, dtype=spec.out_dtype), q.new_empty(spec.lse_shape(), dtype=spec.lse_dtype)
 
 
@@ -132,35 +137,9 @@ def attention_backward(
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    named = _arguments(locals(), _BACKWARD_TENSORS + _OPTIONS)
-    named.update(q_descale=None, k_descale=None, v_descale=None)
-    spec = _spec(q, k, v, named, check_values=False)  # the forward checked the values
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if spec.empty:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if dout.shape[-1] > 1 and dout.stride(-1) != 1:
-        dout = dout.contiguous()  # kernels take any strides but a unit one along head_dim
-    chosen = dispatch.select(spec, "backward", backend)
-    if POISON_OUTPUTS:
-        for grad in (dq, dk, dv):
-            grad.fill_(float("nan"))
-    args = BackwardArgs(
-        q=canonical(q, spec),
-        k=canonical(k, spec),
-        v=canonical(v, spec),
-        out=canonical(out, spec),
-        lse=canonical_lse(lse, spec),
-        dout=canonical(dout, spec),
-        dq=canonical(dq, spec),
-        dk=canonical(dk, spec),
-        dv=canonical(dv, spec),
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-    )
-    if autotune.enabled():
-        autotune.ensure_tuned(chosen, spec, "backward", lambda: chosen.backward(spec, args))
-    chosen.backward(spec, args)
-    return dq, dk, dv
+    named = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "dout", "out", "lse")}
+    plan, spec = _plan(q, k, v, named)
+    return run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
 
 
 @attention_backward.register_fake

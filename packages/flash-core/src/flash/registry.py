@@ -16,6 +16,15 @@ from flash.backend import PLUGIN_API_VERSION, Backend
 from flash.errors import BackendError
 
 ENTRY_POINT_GROUP = "flash.backends"
+#: The distributions that own the first-party names: another package registering one of these
+#: names is ignored (and reported), whatever order the entry points come in.
+FIRST_PARTY = {"reference": "flash-core", "triton": "flash-triton", "cuda": "flash-cuda"}
+#: What a plugin may raise while it loads or answers without taking flash down with it.
+PLUGIN_ERRORS = (Exception, SystemExit)
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    return ep.dist.name if ep.dist is not None else ""
 
 
 @dataclass(frozen=True)
@@ -43,10 +52,12 @@ class Registry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._entry_points: dict[str, metadata.EntryPoint] | None = None
+        self._shadowed: list[metadata.EntryPoint] = []
         self._backends: dict[str, Backend] = {}
         self._load_errors: dict[str, str] = {}
         self._unavailable: dict[str, list[str]] = {}
-        self._priorities: dict[str, int] = {}
+        self._priorities: dict[str, int] = {}  # the user's overrides
+        self._own_priorities: dict[str, int] = {}  # read once, when the backend loads
         #: Bumped on every change, so dispatch caches know to forget their decisions.
         self.generation = 0
 
@@ -56,9 +67,13 @@ class Registry:
         if self._entry_points is None:
             with self._lock:
                 if self._entry_points is None:
-                    found = metadata.entry_points(group=ENTRY_POINT_GROUP)
-                    self._entry_points = {ep.name: ep for ep in found}
+                    self._entry_points, self._shadowed = _choose(metadata.entry_points(group=ENTRY_POINT_GROUP))
         return self._entry_points
+
+    def shadowed(self) -> list[metadata.EntryPoint]:
+        """Entry points ignored because another distribution owns their name (first-party first)."""
+        self._discovered()
+        return list(self._shadowed)
 
     def names(self) -> list[str]:
         """Every registered backend name (entry points and in-process registrations), unsorted."""
@@ -71,6 +86,7 @@ class Registry:
             self._backends.clear()
             self._load_errors.clear()
             self._unavailable.clear()
+            self._own_priorities.clear()
             self.generation += 1
 
     # ----------------------------------------------------------------- loading
@@ -82,10 +98,10 @@ class Registry:
         try:
             target = ep.load()
             backend = target() if callable(target) and not isinstance(target, Backend) else target
-        except Exception as error:  # a broken plugin must not break flash
+            problem = _incompatibility(name, backend)
+        except PLUGIN_ERRORS as error:  # a broken plugin (even one calling sys.exit) must not break flash
             self._load_errors[name] = f"failed to load {ep.value}: {type(error).__name__}: {error}"
             return None
-        problem = _incompatibility(name, backend)
         if problem:
             self._load_errors[name] = problem
             return None
@@ -103,6 +119,7 @@ class Registry:
                 loaded = self._load(name)
                 if loaded is not None:
                     self._backends[name] = loaded
+                    self._own_priorities[name] = loaded.priority
             if name in self._backends:
                 return self._backends[name]
         if name in self._load_errors:
@@ -111,13 +128,17 @@ class Registry:
 
     def register(self, backend: Backend) -> None:
         """Register a backend object in this process (tests, or a plugin without packaging)."""
-        problem = _incompatibility(backend.name, backend)
+        name = getattr(backend, "name", None)
+        if not isinstance(name, str) or not name:
+            raise BackendError(f"cannot register {backend!r}: a backend has a non-empty str attribute 'name'")
+        problem = _incompatibility(name, backend)
         if problem:
             raise BackendError(problem)
         with self._lock:
-            self._backends[backend.name] = backend
-            self._load_errors.pop(backend.name, None)
-            self._unavailable.pop(backend.name, None)
+            self._backends[name] = backend
+            self._own_priorities[name] = backend.priority
+            self._load_errors.pop(name, None)
+            self._unavailable.pop(name, None)
             self.generation += 1
 
     def unregister(self, name: str) -> None:
@@ -140,8 +161,8 @@ class Registry:
         except BackendError as error:
             return [str(error).split(": ", 1)[-1]]
         try:
-            reasons = list(backend.unavailable_reasons())
-        except Exception as error:
+            reasons = [str(r) for r in backend.unavailable_reasons()]
+        except PLUGIN_ERRORS as error:
             reasons = [f"availability check failed: {type(error).__name__}: {error}"]
         self._unavailable[name] = reasons
         return reasons
@@ -150,7 +171,8 @@ class Registry:
         """Backend ``name``'s dispatch priority: the user's override, else its own."""
         if name in self._priorities:
             return self._priorities[name]
-        return self.get(name).priority
+        self.get(name)
+        return self._own_priorities[name]
 
     def set_priority(self, name: str, priority: int | None) -> None:
         """Override a backend's dispatch priority (``None`` restores its own)."""
@@ -158,8 +180,12 @@ class Registry:
             if priority is None:
                 self._priorities.pop(name, None)
             else:
-                self._priorities[name] = int(priority)
+                self._priorities[name] = priority
             self.generation += 1
+
+    def has_overrides(self) -> bool:
+        """Whether the user overrode any backend's priority in this process."""
+        return bool(self._priorities)
 
     def by_priority(self) -> list[str]:
         """Names of the backends that load, highest priority first (ties by name)."""
@@ -178,11 +204,39 @@ class Registry:
         reasons = self.unavailable_reasons(name)
         try:
             backend = self.get(name)
-            version, priority = backend.version, self.priority(name)
+            version: str | None = backend.version
+            priority: int | None = self.priority(name)
         except BackendError:
             version = ep.dist.version if ep is not None and ep.dist is not None else None
             priority = None
         return BackendInfo(name, version, dist, priority, not reasons, tuple(reasons))
+
+    def shadowed_infos(self) -> list[BackendInfo]:
+        """What :func:`flash.backends` reports about entry points shadowed by another owner of their name."""
+        infos = []
+        for ep in self.shadowed():
+            owner = self._discovered()[ep.name]
+            reason = f"the name {ep.name!r} belongs to {_dist_name(owner) or owner.value}; this entry point is ignored"
+            version = ep.dist.version if ep.dist is not None else None
+            infos.append(BackendInfo(ep.name, version, _dist_name(ep) or None, None, False, (reason,)))
+        return infos
+
+
+def _choose(found: metadata.EntryPoints) -> tuple[dict[str, metadata.EntryPoint], list[metadata.EntryPoint]]:
+    """One entry point per name: the first-party owner of a first-party name, else the first by
+    distribution name; the others are returned as shadowed (an editable install listed twice is
+    the same entry point, not a collision)."""
+    chosen: dict[str, metadata.EntryPoint] = {}
+    shadowed = []
+
+    def rank(ep: metadata.EntryPoint) -> tuple[str, bool, str]:
+        return ep.name, _dist_name(ep) != FIRST_PARTY.get(ep.name), _dist_name(ep)
+
+    for ep in sorted(found, key=rank):
+        kept = chosen.setdefault(ep.name, ep)
+        if kept is not ep and (_dist_name(kept), kept.value) != (_dist_name(ep), ep.value):
+            shadowed.append(ep)
+    return chosen, shadowed
 
 
 def _incompatibility(name: str, backend: object) -> str | None:
@@ -193,11 +247,16 @@ def _incompatibility(name: str, backend: object) -> str | None:
             f"built for flash plugin API {api}, but this flash-core speaks API {PLUGIN_API_VERSION}; "
             "install versions of flash-core and the backend that match"
         )
-    for method in ("forward_reasons", "forward", "backward_reasons", "backward", "unavailable_reasons"):
+    for method in ("forward", "backward", "unavailable_reasons", "extra_reasons"):
         if not callable(getattr(backend, method, None)):
             return f"does not implement {method}() of the flash backend API"
     if getattr(backend, "name", None) != name:
         return f"calls itself {getattr(backend, 'name', None)!r} but is registered as {name!r}"
+    priority = getattr(backend, "priority", None)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        return f"priority {priority!r} is not an int"
+    if not hasattr(backend, "forward_support"):
+        return "declares no forward_support"
     return None
 
 

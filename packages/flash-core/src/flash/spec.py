@@ -29,7 +29,13 @@ from flash.errors import InvalidInputError
 Layout = Literal["bshd", "bhsd"]
 LAYOUTS: tuple[str, ...] = ("bshd", "bhsd")
 UNBOUNDED = -1
+#: Largest window reach (kernels index with 32 bits; no sequence is longer).
+MAX_REACH = 2**31 - 1
 MAX_HEAD_DIM = 256
+#: Largest scale or softcap: their products with log2(e) and scores must stay finite in float32.
+MAX_FLOAT32_FACTOR = 2.0**120
+#: Smallest scale or softcap: a normal float32 (a denormal or zero factor loses every score).
+MIN_FLOAT32_FACTOR = 2.0**-120
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = (torch.float32, torch.float64)
@@ -196,6 +202,11 @@ def _layout_words(layout: str, varlen: bool) -> str:
     return "(batch, seqlen, heads, head_dim)" if layout == "bshd" else "(batch, heads, seqlen, head_dim)"
 
 
+def value_checks(device: torch.device) -> bool:
+    """Whether value checks run by default for tensors on ``device``: only where they cost no sync."""
+    return device.type == "cpu"
+
+
 def _check_cu_seqlens(
     name: str, cu: torch.Tensor, batch: int | None, total: int, device: torch.device, check_values: bool
 ) -> tuple[int, int | None]:
@@ -223,11 +234,18 @@ def _check_cu_seqlens(
     return n, max(lengths, default=0)
 
 
-def _check_max_seqlen(name: str, given: int | None, longest: int | None) -> int:
+def longest_sequence(cu: torch.Tensor) -> int:
+    """The longest sequence of a varlen batch (one device-to-host copy)."""
+    return int((cu[1:] - cu[:-1]).max().item()) if cu.numel() > 1 else 0
+
+
+def _check_max_seqlen(name: str, given: int | None, longest: int | None, cu: torch.Tensor) -> int:
     if given is None:
-        if longest is None:
+        if longest is not None:
+            return longest
+        if cu.is_cuda and torch.cuda.is_current_stream_capturing():
             raise InvalidInputError(name, "an int (required while capturing a CUDA graph)", "None")
-        return longest
+        return longest_sequence(cu)
     if isinstance(given, bool) or not isinstance(given, int) or given < 0:
         raise InvalidInputError(name, "a non-negative int", repr(given))
     if longest is not None and given < longest:
@@ -252,17 +270,27 @@ def _check_descale(name: str, d: torch.Tensor | None, batch: int, heads: int, de
     )
 
 
+def check_dropout_seed(seed: object) -> int:
+    """The seed of a call with dropout: an int in [0, 2**63) (the mask is a pure function of it)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidInputError(
+            "dropout_seed",
+            "an int in [0, 2**63) when dropout_p > 0 (the mask is a pure function of the seed)",
+            repr(seed),
+        )
+    return seed
+
+
 def check_window(value: object, name: str = "window") -> tuple[int, int]:
     """Validate a ``(left, right)`` window; ``None`` means unbounded on both sides."""
     if value is None:
         return (UNBOUNDED, UNBOUNDED)
-    ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ok:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
         raise InvalidInputError(name, "a pair (left, right) of ints, -1 for unbounded", repr(value))
-    left, right = value
-    if left < UNBOUNDED or right < UNBOUNDED:
-        raise InvalidInputError(name, "left and right >= 0, or -1 for unbounded", repr(tuple(value)))
+    left, right = pair
+    if not (UNBOUNDED <= left <= MAX_REACH and UNBOUNDED <= right <= MAX_REACH):
+        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr(pair))
     return (left, right)
 
 
@@ -278,10 +306,21 @@ def _check_float(name: str, value: object, *, low: float, low_inclusive: bool, h
     return v
 
 
+def _check_factor(name: str, value: object, *, zero_allowed: bool) -> float:
+    """A scale or softcap: a float the kernels' float32 arithmetic represents (0 allowed for softcap: off)."""
+    v = _check_float(name, value, low=0.0, low_inclusive=zero_allowed)
+    if v == 0.0 or MIN_FLOAT32_FACTOR <= v <= MAX_FLOAT32_FACTOR:
+        return v
+    zero = "0 (off) or " if zero_allowed else ""
+    expected = f"{zero}a float in [{MIN_FLOAT32_FACTOR:.1e}, {MAX_FLOAT32_FACTOR:.1e}] (float32 arithmetic)"
+    raise InvalidInputError(name, expected, repr(value))
+
+
 _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
     "causal": (bool,),
     "deterministic": (bool,),
     "return_lse": (bool,),
+    "check_values": (bool, type(None)),
     "softcap": (int, float),
     "scale": (int, float, type(None)),
     "dropout_p": (int, float),
@@ -308,7 +347,7 @@ def check_argument_types(**arguments: object) -> None:
                 _require_tensor(name, value)
             continue
         allowed = _ARGUMENT_TYPES[name]
-        numeric = allowed != (bool,) and isinstance(value, bool)  # a bool is an int, but not a number here
+        numeric = bool not in allowed and isinstance(value, bool)  # a bool is an int, but not a number here
         if numeric or not isinstance(value, allowed):
             words = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
             raise InvalidInputError(name, f"a {words}", f"{type(value).__name__} {value!r}")
@@ -337,15 +376,18 @@ def build_spec(
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
     deterministic: bool = False,
-    check_values: bool = True,
+    check_values: bool | None = None,
 ) -> AttentionSpec:
     """Validate one attention call and describe it.
 
-    ``check_values=False`` skips the checks that read tensor *values* (the
-    offsets in ``cu_seqlens``), which need a device-to-host copy; it is used
-    while tracing, in the backward (the forward checked them) and while
-    capturing a CUDA graph. Kernels never rely on those
-    checks for memory safety: they clamp every offset they read.
+    ``check_values`` decides whether the checks that read tensor *values* (the offsets in
+    ``cu_seqlens``: first 0, non-decreasing, last equal to the token count) run. They need a
+    device-to-host copy when the offsets live on a GPU, which stalls the host, so the default
+    (``None``) runs them only where they cost no synchronisation: offsets in CPU memory
+    (:func:`value_checks`). ``True`` forces them (one copy per call), ``False`` skips them; they
+    never run while a CUDA graph is captured. Kernels never rely on them for memory safety: they
+    clamp every offset they read. A missing ``max_seqlen_*`` is read from the offsets, which is a
+    copy too: pass it to keep a varlen step free of host synchronisation.
     """
     q = _require_tensor("q", q)
     k = _require_tensor("k", k)
@@ -357,8 +399,9 @@ def build_spec(
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         raise InvalidInputError(missing, f"a tensor, since {given} was given (varlen needs both)", "None")
     varlen = cu_seqlens_q is not None
-    if not varlen and (max_seqlen_q is not None or max_seqlen_k is not None):
-        raise InvalidInputError("max_seqlen_q", "None unless cu_seqlens_q/cu_seqlens_k are given", "an int")
+    for name, length in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not varlen and length is not None:
+            raise InvalidInputError(name, "None unless cu_seqlens_q/cu_seqlens_k are given", repr(length))
 
     want_dim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -382,6 +425,8 @@ def build_spec(
         raise InvalidInputError("k", f"head_dim {head_dim} (same as q)", f"head_dim {head_dim_k}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise InvalidInputError("q", f"head_dim between 1 and {MAX_HEAD_DIM}", f"head_dim {head_dim}")
+    if heads_q < 1:
+        raise InvalidInputError("q", "at least one head", f"{heads_q} heads")
     if heads_kv < 1 or heads_q % heads_kv:
         raise InvalidInputError(
             "k", f"a number of heads that divides q's {heads_q} heads (GQA/MQA)", f"{heads_kv} heads"
@@ -392,32 +437,27 @@ def build_spec(
     total_q, total_k = batch * seqlen_q, batch * seqlen_k
     if varlen:
         total_q, total_k = seqlen_q, seqlen_k
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        check = check_values and not capturing
+        check = value_checks(q.device) if check_values is None else check_values
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            check = False  # a capture cannot copy to the host
         cu_q = _require_tensor("cu_seqlens_q", cu_seqlens_q)
         cu_k = _require_tensor("cu_seqlens_k", cu_seqlens_k)
         batch, longest_q = _check_cu_seqlens("cu_seqlens_q", cu_q, None, total_q, q.device, check)
         _, longest_k = _check_cu_seqlens("cu_seqlens_k", cu_k, batch, total_k, q.device, check)
-        seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q)
-        seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k)
+        seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q, longest_q, cu_q)
+        seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, longest_k, cu_k)
 
     if not isinstance(causal, bool):
         raise InvalidInputError("causal", "a bool", repr(causal))
     window_pair = check_window(window)
     if causal and window_pair[1] not in (0, UNBOUNDED):
         raise InvalidInputError("window", "right reach 0 or -1 when causal=True", repr(window))
-    softcap_v = _check_float("softcap", softcap, low=0.0, low_inclusive=True)
-    scale_v = 1.0 / math.sqrt(head_dim) if scale is None else _check_float("scale", scale, low=0.0, low_inclusive=False)
+    softcap_v = _check_factor("softcap", softcap, zero_allowed=True)
+    scale_v = 1.0 / math.sqrt(head_dim) if scale is None else _check_factor("scale", scale, zero_allowed=False)
+    if softcap_v and not scale_v / softcap_v <= MAX_FLOAT32_FACTOR:
+        raise InvalidInputError("softcap", f"a value with scale / softcap <= {MAX_FLOAT32_FACTOR:.0e}", repr(softcap))
     dropout_v = _check_float("dropout_p", dropout_p, low=0.0, low_inclusive=True, high=1.0)
-    if dropout_v > 0.0:
-        seed_ok = isinstance(dropout_seed, int) and not isinstance(dropout_seed, bool)
-        if not seed_ok or not 0 <= dropout_seed < 2**63:
-            raise InvalidInputError(
-                "dropout_seed",
-                "an int in [0, 2**63) when dropout_p > 0 (the mask is a pure function of the seed)",
-                repr(dropout_seed),
-            )
-    seed = int(dropout_seed or 0)
+    seed = check_dropout_seed(dropout_seed) if dropout_v > 0.0 else 0
     if not isinstance(deterministic, bool):
         raise InvalidInputError("deterministic", "a bool", repr(deterministic))
 

@@ -1,5 +1,9 @@
 """The ``cuda`` backend: what it supports, and the forward launch.
 
+Two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its own tile
+table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
+mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come from ``heuristics.json``.
+
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
 does, once, the first time dispatch asks.
@@ -8,21 +12,28 @@ does, once, the first time dispatch asks.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 
 from flash import heuristics
-from flash.backend import Backend, ForwardArgs, reasons_for_unsupported
+from flash.backend import Backend, ForwardArgs, Limits, Pass, Support
 from flash.spec import AttentionSpec
-from flash_cuda import launch
+from flash_cuda import hopper, launch
 from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
-from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch
+from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
 
-DTYPES = (torch.float16, torch.bfloat16)
-#: Options of the spec this forward handles (dropout, softcap and fp8 are declared unsupported).
-FEATURES = frozenset({"causal", "window", "gqa", "varlen", "deterministic"})
-MIN_CAPABILITY = (8, 0)
+#: Options of the spec this forward handles (dropout and fp8 are not implemented; softcap only by the
+#: Hopper kernel, see CudaBackend.extra_reasons).
+FORWARD = Support(
+    dtypes=frozenset({torch.float16, torch.bfloat16}),
+    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap"}),
+    head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
+    min_capability=(8, 0),  # cp.async and bf16 mma.sync
+    aligned16=True,
+    limits=Limits(tokens=launch.MAX_SEQLEN),  # 32-bit index arithmetic
+)
 
 
 @functools.cache
@@ -46,6 +57,7 @@ class CudaBackend(Backend):
     name = "cuda"
     version = __version__
     priority = 80
+    forward_support = FORWARD
 
     def unavailable_reasons(self) -> list[str]:
         try:
@@ -62,50 +74,79 @@ class CudaBackend(Backend):
         except Exception as error:
             return [f"cupy cannot use the CUDA driver ({type(error).__name__}: {error})"]
         capabilities = [_capability(i) for i in range(torch.cuda.device_count())]
-        if all(c < MIN_CAPABILITY for c in capabilities):
+        if all(c < (8, 0) for c in capabilities):
             found = ", ".join(f"sm_{a}{b}" for a, b in capabilities)
             return [f"GPU too old ({found}): the kernel needs sm_80 or newer (cp.async, bf16 mma.sync)"]
         return []
 
-    def forward_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = reasons_for_unsupported(spec, dtypes=DTYPES, features=FEATURES)
-        if spec.device.type != "cuda":
-            return reasons
-        if torch.cuda.is_available():  # without a GPU, unavailable_reasons() already says why
-            capability = _capability(_index(spec.device))
-            if capability < MIN_CAPABILITY:
-                reasons.append(f"{spec.device} is sm_{capability[0]}{capability[1]}; the kernel needs sm_80 or newer")
-        if spec.head_dim % 8:
-            reasons.append(f"head_dim {spec.head_dim} is not a multiple of 8 (rows move in 16-byte chunks)")
-        if not spec.aligned16:
-            reasons.append(
-                "q/k/v pointers or strides are not multiples of 16 bytes (rows move in 16-byte cp.async chunks); "
-                "call .contiguous()"
-            )
-        if max(spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k) > launch.MAX_SEQLEN:
-            reasons.append(f"sequences longer than {launch.MAX_SEQLEN} tokens (32-bit index arithmetic)")
-        elif launch.grid_size(spec, 16) > launch.MAX_GRID:
-            reasons.append("more than 2**31 - 1 thread blocks")
-        return reasons
+    def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
+        if pass_ != "forward" or spec.device.type != "cuda" or not _hopper_reasons(spec):
+            return []
+        # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
+        if spec.softcap:
+            return ["softcap needs the Hopper kernel, which declines: " + "; ".join(_hopper_reasons(spec))]
+        if launch.grid_size(spec, 16) > launch.MAX_GRID:
+            return ["more than 2**31 - 1 thread blocks"]
+        return []
 
-    def backward_reasons(self, spec: AttentionSpec) -> list[str]:
-        return ["no CUDA backward pass yet (another backend's backward pairs with this forward through the LSE)"]
+    def heuristics_rows(self) -> list[dict[str, Any]]:
+        return heuristics.rows_from_json("flash_cuda", "heuristics.json")
 
-    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[heuristics.KernelConfig]:
+    def shared_memory_row(self, head_dim: int) -> int:
+        return smem_row(head_dim)
+
+    def runtime_versions(self) -> str:
+        import cupy
+
+        return f"cupy {cupy.__version__}; CUDA driver {cupy.cuda.runtime.driverGetVersion()}"
+
+    def tuning_candidates(self, spec: AttentionSpec, pass_: Pass) -> list[heuristics.KernelConfig]:
         """The spill-free tiles of the head-dim bucket (FLASH_AUTOTUNE=1); only the forward exists."""
         if pass_ != "forward":
             return []
         return list(CANDIDATES.get(heuristics.head_dim_bucket(spec.head_dim), []))
 
-    def variant(self, spec: AttentionSpec) -> Variant:
-        """The kernel variant that runs ``spec``: the heuristics table's tiles for this GPU, fitted to it."""
+    def variant(self, spec: AttentionSpec, config: heuristics.KernelConfig) -> Variant:
+        """The kernel variant that runs ``spec`` with ``config``, fitted to this GPU's shared memory."""
         index = _index(spec.device)
-        config = heuristics.config_for(self, spec, "forward")
         mask = mask_kind(spec.mask_bounds, spec.masked)
         return _variant(config, spec.head_dim, spec.dtype == torch.bfloat16, mask, index)
 
-    def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
-        launch.forward(spec, args, self.variant(spec))
+    def uses_hopper(self, spec: AttentionSpec) -> bool:
+        """Whether the Hopper kernel runs ``spec`` (else the mma.sync kernel does)."""
+        return not _hopper_reasons(spec)
+
+    def forward(self, spec: AttentionSpec, args: ForwardArgs, config: heuristics.KernelConfig) -> None:
+        if not _hopper_reasons(spec):
+            hopper.forward(
+                args.q, args.k, args.v, args.out, args.lse, cu_seqlens_q=args.cu_seqlens_q,
+                cu_seqlens_k=args.cu_seqlens_k, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k,
+                heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds,
+                softcap=spec.softcap, scale=spec.scale,
+            )  # fmt: skip
+            return
+        launch.forward(spec, args, self.variant(spec, config))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
+    """Why the Hopper kernel cannot run ``spec`` (empty: it runs it), from the spec alone (the outputs
+    are core's contiguous allocations)."""
+    if spec.device.type != "cuda" or not torch.cuda.is_available():
+        return ("no CUDA device",)
+    reasons = hopper.problem_reasons(
+        capability=_capability(_index(spec.device)), dtype=spec.dtype, head_dim=spec.head_dim,
+        heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
+        seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, window=spec.mask_bounds,
+        softcap=spec.softcap, scale=spec.scale,
+    )  # fmt: skip
+    item = torch.empty((), dtype=spec.dtype).element_size()
+    rows = {"q": spec.total_q if spec.varlen else spec.seqlen_q, "k": spec.total_k if spec.varlen else spec.seqlen_k}
+    for name, strides, heads in (("q", spec.q_strides, spec.heads_q), ("k", spec.k_strides, spec.heads_kv),
+                                 ("v", spec.v_strides, spec.heads_kv)):  # fmt: skip
+        shape = (1 if spec.varlen else spec.batch, rows["q" if name == "q" else "k"], heads, spec.head_dim)
+        reasons += hopper.layout_reasons(name, shape, strides, item, 0 if spec.aligned16 else 1)
+    return tuple(reasons)
 
 
 @functools.lru_cache(maxsize=1024)

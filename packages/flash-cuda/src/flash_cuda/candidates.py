@@ -7,18 +7,8 @@ from __future__ import annotations
 from flash.heuristics import KernelConfig
 
 
-def _config(
-    bm: int,
-    bn: int,
-    nw: int,
-    st: int,
-    qreg: bool,
-    mb: int,
-    pipe: bool = False,
-    bn_window: int | None = None,
-    lazy: bool = True,
-) -> KernelConfig:
-    extra = {"lazy_rescale": lazy, "min_blocks": mb, "pipelined": pipe, "q_in_regs": qreg}
+def _config(bm: int, bn: int, nw: int, st: int, qreg: bool, mb: int, bn_window: int | None = None) -> KernelConfig:
+    extra: dict[str, bool | int] = {"min_blocks": mb, "q_in_regs": qreg}
     if bn_window is not None:
         extra["block_n_window"] = bn_window
     return KernelConfig(bm, bn, nw, st, tuple(sorted(extra.items())))
@@ -28,15 +18,10 @@ def _config(
 CANDIDATES: dict[int, list[KernelConfig]] = {
     64: [
         _config(128, 64, 4, 2, True, 2),
-        _config(128, 64, 4, 2, True, 2, lazy=False),
         _config(128, 64, 4, 3, True, 2),
-        _config(128, 64, 4, 3, True, 2, lazy=False),
-        _config(128, 128, 8, 3, True, 1, pipe=True),
     ],
     128: [
         _config(128, 64, 4, 2, False, 2, bn_window=32),
         _config(128, 32, 4, 2, False, 2),
-        _config(128, 32, 4, 2, False, 2, lazy=False),
-        _config(128, 64, 8, 3, True, 1, pipe=True),
     ],
 }

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-from flash.heuristics import KernelConfig
+from flash.heuristics import KernelConfig, smem
 
 KERNEL_NAME = "flash_fwd_kernel"
 ENTRY_FILE = "flash_fwd.cu"
@@ -39,12 +39,10 @@ class Variant:
     num_warps: int
     num_stages: int
     q_in_regs: bool
-    pipelined: bool  # S of the next key block overlaps the softmax of this one (needs num_stages >= 3)
     min_blocks: int
     bf16: bool
     mask: int  # MASK_NONE, MASK_RIGHT (causal, or a window open to the left) or MASK_BOTH
     arch: str  # NVRTC target, e.g. "sm_90a" or "sm_80"
-    lazy_rescale: bool = True  # rescale O only when a row max grows by more than 2^8 (else every block)
 
     def __post_init__(self) -> None:
         if isinstance(self.mask, bool) or not isinstance(self.mask, int):
@@ -60,8 +58,6 @@ class Variant:
             problems.append(f"num_stages {self.num_stages} < 2")
         if self.mask not in MASK_NAMES:
             problems.append(f"mask {self.mask} is not one of {sorted(MASK_NAMES)}")
-        if self.pipelined and self.num_stages < 3:
-            problems.append("a pipelined variant needs num_stages >= 3")
         if problems:
             raise ValueError("invalid CUDA kernel variant: " + "; ".join(problems))
 
@@ -72,8 +68,8 @@ class Variant:
     @property
     def smem_bytes(self) -> int:
         """Dynamic shared memory of one block: Q tile plus num_stages (K, V) tiles, rows padded by 16 B."""
-        row = (self.head_dim + 8) * 2
-        return self.block_m * row + self.num_stages * 2 * self.block_n * row
+        config = KernelConfig(self.block_m, self.block_n, self.num_warps, self.num_stages)
+        return smem.shared_memory_bytes(config, smem_row(self.head_dim), 2, "forward")
 
     def defines(self) -> tuple[str, ...]:
         values = {
@@ -83,8 +79,6 @@ class Variant:
             "FLASH_NW": self.num_warps,
             "FLASH_STAGES": self.num_stages,
             "FLASH_QREG": int(self.q_in_regs),
-            "FLASH_PIPE": int(self.pipelined),
-            "FLASH_LAZY": int(self.lazy_rescale),
             "FLASH_MIN_BLOCKS": self.min_blocks,
             "FLASH_BF16": int(self.bf16),
             "FLASH_MASK": self.mask,
@@ -100,7 +94,7 @@ class Variant:
         return (
             f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages} "
-            f"{q_where}{' pipe' if self.pipelined else ''}{'' if self.lazy_rescale else ' eager'} "
+            f"{q_where} "
             f"mb{self.min_blocks} {self.arch}"
         )
 
@@ -115,6 +109,11 @@ def mask_kind(bounds: tuple[int, int], masked: bool) -> int:
 def compiled_head_dim(head_dim: int) -> int:
     """The head dim a kernel is compiled for: the next multiple of 16."""
     return max(16, -(-head_dim // 16) * 16)
+
+
+def smem_row(head_dim: int) -> int:
+    """Elements of one tile row in shared memory: the compiled head dim plus 8 (16 bytes against bank conflicts)."""
+    return compiled_head_dim(head_dim) + 8
 
 
 def nvrtc_arch(capability: tuple[int, int]) -> str:
@@ -137,9 +136,9 @@ def make_variant(
 ) -> Variant:
     """The variant for a table configuration and problem, shrunk if it would not fit in ``smem_limit``.
 
-    Extra config keys: ``q_in_regs`` (default: head dim <= 128), ``pipelined`` (default false),
-    ``lazy_rescale`` (default true), ``min_blocks`` (default 1) and ``block_n_window`` (block_n of
-    windowed problems, whose two-sided mask needs more registers; default block_n).
+    Extra config keys: ``q_in_regs`` (default: head dim <= 128), ``min_blocks`` (default 1) and
+    ``block_n_window`` (block_n of windowed problems, whose two-sided mask needs more registers;
+    default block_n).
     """
     d = compiled_head_dim(head_dim)
     block_n = int(config.option("block_n_window", config.block_n)) if mask == MASK_BOTH else config.block_n
@@ -150,26 +149,22 @@ def make_variant(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         q_in_regs=bool(config.option("q_in_regs", d <= 128)),
-        pipelined=bool(config.option("pipelined", False)),
         min_blocks=int(config.option("min_blocks", 1)),
         bf16=bf16,
         mask=mask,
         arch=arch,
-        lazy_rescale=bool(config.option("lazy_rescale", True)),
     )
     limit = max_smem(arch) if smem_limit is None else smem_limit
     return shrink_to_fit(variant, limit)
 
 
 def shrink_to_fit(variant: Variant, limit: int) -> Variant:
-    """Fewer stages, no pipelining, narrower key blocks, fewer query rows, until shared memory fits."""
+    """Fewer stages, narrower key blocks, fewer query rows, until shared memory fits."""
     from dataclasses import replace
 
     while variant.smem_bytes > limit:
-        if variant.num_stages > (3 if variant.pipelined else 2):
+        if variant.num_stages > 2:
             variant = replace(variant, num_stages=variant.num_stages - 1)
-        elif variant.pipelined:
-            variant = replace(variant, pipelined=False, num_stages=2)
         elif variant.block_n > 32:
             variant = replace(variant, block_n=variant.block_n // 2)
         elif variant.block_m > 16 * variant.num_warps:

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import torch
 
 from flash import heuristics
-from flash.backend import Backend, BackwardArgs, ForwardArgs, reasons_for_unsupported
+from flash.backend import Backend, BackwardArgs, ForwardArgs, Limits, Pass, Support
 from flash.spec import AttentionSpec
 from flash_triton import runtime
 from flash_triton._version import __version__
 
-DTYPES = (torch.float16, torch.bfloat16)
+DTYPES = frozenset({torch.float16, torch.bfloat16})
 FEATURES = frozenset({"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic"})
-HEAD_DIMS = range(1, 257)
-#: CUDA limits grid dimensions y and z (heads, batch) to 65535.
-MAX_GRID_YZ = 65535
+#: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
+#: int32, so a token stride of 2**23 elements or more could overflow them.
+LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
 #: (block_m, block_n) tried by autotuning.
 TUNING_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))
-#: Tile offsets inside a kernel are int32: a token stride above this could overflow them.
-MAX_TOKEN_STRIDE = 2**23
 
 
 @functools.lru_cache(maxsize=1)
@@ -42,12 +41,27 @@ def _gpu_reasons() -> tuple[str, ...]:
     return ()
 
 
+@functools.lru_cache(maxsize=2)
+def _support(interpreting: bool) -> Support:
+    # Under Triton's interpreter the kernels run on CPU tensors too.
+    devices = frozenset({"cuda", "cpu"}) if interpreting else frozenset({"cuda"})
+    return Support(dtypes=DTYPES, features=FEATURES, devices=devices, min_capability=(8, 0), limits=LIMITS)
+
+
 class TritonBackend(Backend):
     """FlashAttention forward and backward written in Triton, tuned for H100/H200."""
 
     name = "triton"
     version = __version__
     priority = 100
+
+    @property
+    def forward_support(self) -> Support:  # type: ignore[override]
+        return _support(runtime.interpreting())
+
+    @property
+    def backward_support(self) -> Support:  # type: ignore[override]
+        return _support(runtime.interpreting())
 
     def unavailable_reasons(self) -> list[str]:
         if not runtime.triton_installed():
@@ -59,44 +73,39 @@ class TritonBackend(Backend):
             return []
         return list(_gpu_reasons())
 
-    def _reasons(self, spec: AttentionSpec) -> list[str]:
-        device_types = ("cuda", "cpu") if runtime.interpreting() else ("cuda",)
-        reasons = reasons_for_unsupported(
-            spec, dtypes=DTYPES, features=FEATURES, head_dims=HEAD_DIMS, device_types=device_types
-        )
-        if spec.batch > MAX_GRID_YZ:
-            reasons.append(f"batch {spec.batch} above {MAX_GRID_YZ} (a CUDA grid dimension)")
-        if spec.heads_q > MAX_GRID_YZ:
-            reasons.append(f"{spec.heads_q} heads above {MAX_GRID_YZ} (a CUDA grid dimension)")
-        if max(spec.q_strides[1], spec.k_strides[1], spec.v_strides[1]) >= MAX_TOKEN_STRIDE:
-            reasons.append(f"a token stride of {MAX_TOKEN_STRIDE} elements or more (int32 tile offsets)")
-        return reasons
+    def heuristics_rows(self) -> list[dict[str, Any]]:
+        return heuristics.rows_from_json("flash_triton", "heuristics.json")
 
-    def forward_reasons(self, spec: AttentionSpec) -> list[str]:
-        return self._reasons(spec)
+    def shared_memory_row(self, head_dim: int) -> int:
+        from flash_triton.launch import padded_head_dim
 
-    def backward_reasons(self, spec: AttentionSpec) -> list[str]:
-        return self._reasons(spec)
+        return padded_head_dim(head_dim)
 
-    def tuning_candidates(self, spec: AttentionSpec, pass_: str) -> list[heuristics.KernelConfig]:
+    def runtime_versions(self) -> str:
+        import triton
+
+        return f"triton {triton.__version__}"
+
+    def tuning_candidates(self, spec: AttentionSpec, pass_: Pass) -> list[heuristics.KernelConfig]:
         """Tile shapes, warps and stages around the table's entry (FLASH_AUTOTUNE=1); none in the
         interpreter, whose timings mean nothing."""
         if spec.device.type != "cuda":
             return []
-        base = heuristics.config_for(self, spec, pass_)  # type: ignore[arg-type]
+        arch = heuristics.arch_of(spec.device)
+        base = heuristics.lookup(self, arch, heuristics.dtype_name(spec.dtype), spec.head_dim, spec.causal, pass_)
         return [
-            dataclasses.replace(base, block_m=m, block_n=n, num_warps=warps, num_stages=stages)
+            dataclasses.replace(base.config, block_m=m, block_n=n, num_warps=warps, num_stages=stages)
             for m, n in TUNING_TILES
             for warps in (4, 8)
             for stages in (2, 3)
         ]
 
-    def forward(self, spec: AttentionSpec, args: ForwardArgs) -> None:
+    def forward(self, spec: AttentionSpec, args: ForwardArgs, config: heuristics.KernelConfig) -> None:
         from flash_triton import launch
 
-        launch.forward(spec, args, heuristics.config_for(self, spec, "forward"))
+        launch.forward(spec, args, config)
 
-    def backward(self, spec: AttentionSpec, args: BackwardArgs) -> None:
+    def backward(self, spec: AttentionSpec, args: BackwardArgs, config: heuristics.KernelConfig) -> None:
         from flash_triton import launch
 
-        launch.backward(spec, args, heuristics.config_for(self, spec, "backward"))
+        launch.backward(spec, args, config)

@@ -20,7 +20,16 @@ import triton
 import triton.language as tl
 
 from flash_triton.runtime import interpreting
-from flash_triton.tiles import LN2, block_range, dropout_keep, dropout_row_hash, sequence_bounds, tanh, visible
+from flash_triton.tiles import (
+    LN2,
+    block_range,
+    dropout_keep,
+    dropout_row_hash,
+    sequence_bounds,
+    tanh,
+    visible,
+    visible_dot,
+)
 
 INTERPRETED = interpreting()
 
@@ -109,47 +118,11 @@ def _forward_tile(
         p = tl.where(dropout_keep(head_hash, rows[:, None], cols[None, :], drop_threshold), p, 0.0)
     v = load_kv(v_desc, v_base, v_row0, v_col0, start_n, zero64, svs, cols, len_k, offs_n, offs_d, d_ok,
                 HEAD_DIM, D_PAD, MASKED, TMA)  # fmt: skip
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _forward_full_overlapped(
-    acc, m_i, l_i, q, k_desc, v_desc, full_lo, full_hi, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
-    sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right, scale_log2, softcap_scale,
-    softcap_log2, head_hash, drop_threshold,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """The fully visible blocks, software-pipelined by one block: each step issues the scores of block
-    j+1 and the P V product of block j before it computes the softmax of block j+1, so the
-    exponentials of one block can run while the tensor cores multiply the previous one (the
-    intra-warpgroup overlap of FlashAttention-3). Same arithmetic as :func:`_forward_tile`."""
-    cols = full_lo + offs_n
-    k = load_kv(k_desc, k_base, k_row0, k_col0, full_lo, zero64, sks, cols, len_k, offs_n, offs_d, d_ok,
-                HEAD_DIM, D_PAD, False, TMA)  # fmt: skip
-    qk = tl.dot(q, tl.trans(k))
-    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, rows, cols, len_q, len_k, offset, left, right, scale_log2,
-                                  softcap_scale, softcap_log2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP)  # fmt: skip
-    acc = acc * alpha[:, None]
-    if DROPOUT:
-        p = tl.where(dropout_keep(head_hash, rows[:, None], cols[None, :], drop_threshold), p, 0.0)
-    for start_n in range(full_lo + BLOCK_N, full_hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_kv(k_desc, k_base, k_row0, k_col0, start_n, zero64, sks, cols, len_k, offs_n, offs_d, d_ok,
-                    HEAD_DIM, D_PAD, False, TMA)  # fmt: skip
-        qk = tl.dot(q, tl.trans(k))
-        v = load_kv(v_desc, v_base, v_row0, v_col0, start_n - BLOCK_N, zero64, svs, cols, len_k, offs_n, offs_d,
-                    d_ok, HEAD_DIM, D_PAD, False, TMA)  # fmt: skip
+    if MASKED:  # keys some rows do not see: their values must not reach those rows, not even as NaN
+        seen = visible(rows[:, None], cols[None, :], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
+        acc = visible_dot(p, v, seen, acc)
+    else:
         acc = tl.dot(p.to(v.dtype), v, acc)
-        p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, rows, cols, len_q, len_k, offset, left, right, scale_log2,
-                                      softcap_scale, softcap_log2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP)  # fmt: skip
-        acc = acc * alpha[:, None]
-        if DROPOUT:
-            p = tl.where(dropout_keep(head_hash, rows[:, None], cols[None, :], drop_threshold), p, 0.0)
-    v = load_kv(v_desc, v_base, v_row0, v_col0, full_hi - BLOCK_N, zero64, svs, cols, len_k, offs_n, offs_d, d_ok,
-                HEAD_DIM, D_PAD, False, TMA)  # fmt: skip
-    acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_i, l_i
 
 
@@ -210,8 +183,6 @@ def attention_forward_kernel(
     DROPOUT: tl.constexpr,
     TMA: tl.constexpr,
     REVERSE: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-    OVERLAP: tl.constexpr,
 ):
     """Grid: (query blocks, heads_q, batch). Strides are in elements; batch strides are 0 for varlen."""
     pid_m = tl.program_id(0)
@@ -262,22 +233,13 @@ def attention_forward_kernel(
             scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
             HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
         )  # fmt: skip
-    if OVERLAP:
-        if full_hi > full_lo:
-            acc, m_i, l_i = _forward_full_overlapped(
-                acc, m_i, l_i, q, k_desc, v_desc, full_lo, full_hi, zero64, k_base, v_base,
-                k_row0, k_col0, v_row0, v_col0, sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left,
-                right, scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
-                HEAD_DIM, D_PAD, BLOCK_N, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-            )  # fmt: skip
-    else:
-        for start_n in tl.range(full_lo, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            acc, m_i, l_i = _forward_tile(
-                acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
-                sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-                scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
-                HEAD_DIM, D_PAD, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-            )  # fmt: skip
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, m_i, l_i = _forward_tile(
+            acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
+            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
+            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
+            HEAD_DIM, D_PAD, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
+        )  # fmt: skip
     for start_n in range(tl.maximum(full_lo, full_hi), end, BLOCK_N):
         acc, m_i, l_i = _forward_tile(
             acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,

@@ -4,8 +4,8 @@ Everything here runs per call, so it stays cheap: strides and scalars are read o
 the canonical views (no copies), descriptors are small host objects, and the kernels are
 imported once (:func:`flash_triton.runtime.kernels`).
 
-The configuration (block sizes, warps, stages, TMA, warp specialisation, atomic dQ) comes from
-``flash.heuristics.config_for`` through the caller. If a configuration fails to compile on this
+The configuration (block sizes, warps, stages, TMA, atomic dQ) comes from the plan (the backend's
+heuristics table, or autotuning) through the caller. If a configuration fails to compile on this
 GPU and Triton version (out of shared memory, a Hopper feature the compiler rejects), the next
 simpler one on a fixed ladder is tried, the one that works is remembered for the process, and a
 warning says so; a configuration that never compiles raises the first error. ``FLASH_TRITON_NO_FALLBACK=1``
@@ -48,8 +48,6 @@ class Tiling:
     num_warps: int
     num_stages: int
     tma: bool = False
-    warp_specialize: bool = False
-    overlap: bool = False
 
 
 def ladder(first: Tiling) -> list[Tiling]:
@@ -60,8 +58,6 @@ def ladder(first: Tiling) -> list[Tiling]:
         if t not in out:
             out.append(t)
 
-    add(replace(out[-1], warp_specialize=False))
-    add(replace(out[-1], overlap=False))
     add(replace(out[-1], tma=False))
     while out[-1].num_stages > 1:
         add(replace(out[-1], num_stages=out[-1].num_stages - 1))
@@ -210,8 +206,6 @@ def forward_tiling(config: KernelConfig) -> Tiling:
         config.num_warps,
         config.num_stages,
         tma=bool(config.option("tma", False)),
-        warp_specialize=bool(config.option("warp_specialize", False)),
-        overlap=bool(config.option("overlap", False)),
     )
 
 
@@ -242,7 +236,7 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, WARP_SPECIALIZE=t.warp_specialize and use_tma, OVERLAP=t.overlap, **_options(t),
+            REVERSE=p.reverse, **_options(t),
         )  # fmt: skip
 
     key = ("forward", q.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type)

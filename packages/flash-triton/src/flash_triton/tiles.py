@@ -128,3 +128,29 @@ def dropout_keep(head_hash, rows, cols, threshold):
     key_hash = cols.to(tl.uint32) * 0x9E3779B1
     bits = fmix32(row_hash ^ key_hash)
     return (bits >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def visible_dot(p, v, seen, acc):
+    """``acc + p @ v`` where a key a row does not see (``seen`` False, ``p`` 0) adds nothing, even a
+    NaN or inf value (``0 * nan`` is NaN: one garbage value would poison every row of the tile).
+
+    Finite values take the ordinary product. Which rows see a NaN, a +inf or a -inf in each column
+    is counted with one more product of 0/1 operands, the three counts packed as powers of 256 (exact in
+    bf16 operands and an fp32 accumulator while a block has fewer than 256 keys); the counts put
+    IEEE's results on exactly those rows: NaN wins, +inf and -inf together make NaN.
+    """
+    inf = float("inf")
+    wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
+    nan = wide != wide  # noqa: PLR0124 - NaN is the one value unequal to itself
+    pos = wide == inf
+    neg = wide == -inf
+    acc = tl.dot(p.to(v.dtype), tl.where(nan | pos | neg, 0.0, v).to(v.dtype), acc)
+    code = nan.to(tl.float32) + pos.to(tl.float32) * 256.0 + neg.to(tl.float32) * 65536.0
+    counts = tl.dot(seen.to(tl.bfloat16), code.to(tl.bfloat16))
+    n_neg = tl.floor(counts / 65536.0)
+    n_pos = tl.floor((counts - n_neg * 65536.0) / 256.0)
+    n_nan = counts - n_neg * 65536.0 - n_pos * 256.0
+    acc = tl.where(n_pos > 0, inf, acc)
+    acc = tl.where(n_neg > 0, -inf, acc)
+    return tl.where((n_nan > 0) | ((n_pos > 0) & (n_neg > 0)), float("nan"), acc)

@@ -1,20 +1,17 @@
 """Kernel configurations per GPU: block sizes, warps and pipeline stages.
 
-Backends read their tile shapes from one table (``tables/<backend>.json``
-beside this file) keyed by backend, GPU architecture, dtype, head-dim bucket, causal and
-pass. Every entry records where it came from: measured (GPU, date, versions) or
-published/unmeasured. :mod:`flash.heuristics.smem` rejects entries that cannot
-fit in the shared memory of their GPU, and :mod:`flash.heuristics.autotune`
-measures candidates and caches winners on disk.
+Each backend owns its table (:meth:`flash.backend.Backend.heuristics_rows`, usually a JSON file
+in the backend's package) keyed by GPU architecture, dtype, head-dim bucket, causal and pass;
+core owns the machinery: parsing, validation (shape, ranges and the shared-memory budget of
+:mod:`flash.heuristics.smem`), lookup with fallbacks to similar hardware, and the autotune cache
+(:mod:`flash.heuristics.autotune`). Every entry records where it came from: measured (GPU, date,
+versions) or published/unmeasured.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +42,11 @@ _DTYPE_NAMES = {
     torch.float8_e4m3fn: "fp8",
     torch.float8_e5m2: "fp8",
 }
+ELEMENT_BYTES = {"fp8": 1, "fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 _DTYPE_FALLBACKS = {"bf16": ("fp16",), "fp16": ("bf16",), "fp8": ("bf16", "fp16"), "fp64": ("fp32",)}
+#: Tile sides a configuration may name (a kernel tile is at most this many rows or keys).
+MAX_BLOCK = 4096
+_SIZES = ("block_m", "block_n", "num_warps", "num_stages")
 
 
 @dataclass(frozen=True)
@@ -58,32 +59,45 @@ class KernelConfig:
     num_stages: int = 2
     extra: tuple[tuple[str, Any], ...] = ()
 
+    def __post_init__(self) -> None:
+        limits = {"block_m": MAX_BLOCK, "block_n": MAX_BLOCK, "num_warps": 32, "num_stages": 16}
+        for name in _SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits[name]:
+                raise ValueError(f"kernel configuration: {name} must be an int in [1, {limits[name]}], got {value!r}")
+        for name, value in self.extra:
+            if not isinstance(name, str) or not isinstance(value, (bool, int, float, str)):
+                raise ValueError(f"kernel configuration: knob {name!r} must be a bool, int, float or str")
+
     def option(self, name: str, default: Any = None) -> Any:
         """A backend-specific knob of this configuration."""
         return dict(self.extra).get(name, default)
 
     def to_json(self) -> dict[str, Any]:
         """The configuration as the table and the autotune cache store it."""
-        data: dict[str, Any] = {
-            "block_m": self.block_m,
-            "block_n": self.block_n,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-        }
+        data: dict[str, Any] = {name: getattr(self, name) for name in _SIZES}
         data.update(dict(self.extra))
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> KernelConfig:
-        known = {"block_m", "block_n", "num_warps", "num_stages"}
-        extra = tuple(sorted((k, v) for k, v in data.items() if k not in known))
+    def from_json(cls, data: object) -> KernelConfig:
+        """Parse a stored configuration; :class:`ValueError` says what is wrong with it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"kernel configuration: expected an object, got {type(data).__name__}")
+        if "block_m" not in data or "block_n" not in data:
+            raise ValueError("kernel configuration: block_m and block_n are required")
+        extra = tuple(sorted((k, v) for k, v in data.items() if k not in _SIZES))
         return cls(
-            block_m=int(data["block_m"]),
-            block_n=int(data["block_n"]),
-            num_warps=int(data.get("num_warps", 4)),
-            num_stages=int(data.get("num_stages", 2)),
+            block_m=data["block_m"],
+            block_n=data["block_n"],
+            num_warps=data.get("num_warps", 4),
+            num_stages=data.get("num_stages", 2),
             extra=extra,
         )
+
+
+#: What a backend without a table of its own (:meth:`~flash.backend.Backend.heuristics_rows`) receives.
+UNTABLED = KernelConfig(64, 64)
 
 
 @dataclass(frozen=True)
@@ -145,89 +159,92 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def parse_table(rows: list[dict[str, Any]]) -> dict[ConfigKey, Entry]:
-    """Expand table rows (``dtype``, ``head_dim`` and ``causal`` may be lists) into entries."""
+def rows_from_json(package: str, filename: str) -> list[dict[str, Any]]:
+    """The ``entries`` of a backend's table file shipped as package data (``package/filename``)."""
+    return list(json.loads(resources.files(package).joinpath(filename).read_text())["entries"])
+
+
+def parse_table(rows: list[dict[str, Any]], backend: Backend | None = None) -> dict[ConfigKey, Entry]:
+    """Expand table rows (``dtype``, ``head_dim`` and ``causal`` may be lists) into validated entries.
+
+    With ``backend``, rows name that backend (or none) and every configuration must fit the
+    shared memory of its architecture as the backend lays tiles out; a bad row raises ValueError.
+    """
+    from flash.heuristics import smem
+
     table: dict[ConfigKey, Entry] = {}
     for row in rows:
+        name = row.get("backend", backend.name if backend else None)
+        if not isinstance(name, str) or (backend is not None and name != backend.name):
+            owner = backend.name if backend is not None else "a backend"
+            raise ValueError(f"heuristics table of {owner!r}: a row names backend {name!r}")
         provenance = Provenance(**row["provenance"])
         config = KernelConfig.from_json(row["config"])
         for dtype in _as_list(row["dtype"]):
             for head_dim in _as_list(row["head_dim"]):
                 for causal in _as_list(row["causal"]):
-                    key = ConfigKey(row["backend"], row["arch"], dtype, head_dim, causal, row["pass"])
+                    key = ConfigKey(name, row["arch"], dtype, head_dim, causal, row["pass"])
                     if key in table:
                         raise ValueError(f"heuristics table: duplicate entry for {key}")
+                    if backend is not None:
+                        problem = smem.problem(backend, config, key.arch, head_dim, ELEMENT_BYTES[dtype], key.pass_)
+                        if problem:
+                            raise ValueError(f"heuristics table: {key}: {problem}")
                     table[key] = Entry(key, config, provenance)
     return table
 
 
-_extra_rows: list[dict[str, Any]] = []
+_tables: dict[tuple[str, int], dict[ConfigKey, Entry]] = {}
 
 
-@functools.lru_cache(maxsize=1)
-def table() -> dict[ConfigKey, Entry]:
-    """The configuration table: every ``tables/*.json`` file beside this module (one per backend),
-    plus the rows third-party backends added with :func:`add_rows`."""
-    rows: list[dict[str, Any]] = []
-    for item in sorted(resources.files("flash.heuristics").joinpath("tables").iterdir(), key=lambda p: p.name):
-        if item.name.endswith(".json"):
-            rows += json.loads(item.read_text())["entries"]
-    return parse_table(rows + _extra_rows)
+def table_of(backend: Backend) -> dict[ConfigKey, Entry]:
+    """``backend``'s validated table (parsed once per backend object)."""
+    key = (backend.name, id(backend))
+    found = _tables.get(key)
+    if found is None:
+        found = _tables[key] = parse_table(backend.heuristics_rows(), backend)
+    return found
 
 
-def add_rows(rows: list[dict[str, Any]]) -> None:
-    """Add table rows (same format as ``tables/*.json``) for a backend that ships outside flash-core."""
-    parse_table(rows)  # reject malformed rows before they reach the shared table
-    _extra_rows.extend(rows)
-    table.cache_clear()
-    _config_for_class.cache_clear()
+def installed_tables() -> dict[str, dict[ConfigKey, Entry]]:
+    """The table of every installed backend that loads, by backend name (what the docs show)."""
+    from flash.errors import BackendError
+    from flash.registry import REGISTRY
+
+    tables = {}
+    for name in REGISTRY.names():
+        try:
+            tables[name] = table_of(REGISTRY.get(name))
+        except BackendError:
+            continue
+    return tables
 
 
-def lookup(backend: str, arch: str, dtype: str, head_dim: int, causal: bool, pass_: Pass) -> Entry:
+def lookup(backend: Backend, arch: str, dtype: str, head_dim: int, causal: bool, pass_: Pass) -> Entry:
     """The best table entry for a problem class, falling back to similar architectures and dtypes."""
-    entries = table()
+    entries = table_of(backend)
     bucket = head_dim_bucket(head_dim)
     for a in (arch, *ARCH_FALLBACKS.get(arch, ("sm_90", "sm_80")), "any"):
         for d in (dtype, *_DTYPE_FALLBACKS.get(dtype, ())):
             for c in (causal, not causal):
-                entry = entries.get(ConfigKey(backend, a, d, bucket, c, pass_))
+                entry = entries.get(ConfigKey(backend.name, a, d, bucket, c, pass_))
                 if entry is not None:
                     return entry
     raise LookupError(
-        f"no kernel configuration for backend {backend!r}, {arch}, {dtype}, head_dim {head_dim}, "
+        f"no kernel configuration for backend {backend.name!r}, {arch}, {dtype}, head_dim {head_dim}, "
         f"{'causal' if causal else 'non-causal'}, {pass_}"
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _config_for_class(backend: str, arch: str, dtype: str, head_dim: int, causal: bool, pass_: Pass) -> KernelConfig:
-    return lookup(backend, arch, dtype, head_dim, causal, pass_).config
-
-
-_override: contextvars.ContextVar[KernelConfig | None] = contextvars.ContextVar("flash_config", default=None)
-
-
-@contextlib.contextmanager
-def override(config: KernelConfig) -> Iterator[None]:
-    """Make :func:`config_for` answer ``config`` inside the block (how autotuning tries a candidate)."""
-    token = _override.set(config)
-    try:
-        yield
-    finally:
-        _override.reset(token)
-
-
 def config_for(backend: Backend, spec: AttentionSpec, pass_: Pass) -> KernelConfig:
-    """The configuration ``backend`` should use for ``spec``: a candidate being measured, else the
-    autotuned winner if autotuning is on (``FLASH_AUTOTUNE=1``) and one is cached for this GPU and
-    these versions, else the table's entry."""
+    """The configuration ``backend`` runs ``spec`` with: the autotuned winner if autotuning is on
+    (``FLASH_AUTOTUNE=1``) and one is cached for this GPU and these versions, else the table's entry."""
     from flash.heuristics import autotune
 
-    trying = _override.get()
-    if trying is not None:
-        return trying
     tuned = autotune.cached_winner(backend, spec, pass_)
     if tuned is not None:
         return tuned
+    if not table_of(backend):
+        return UNTABLED
     arch = arch_of(spec.device)
-    return _config_for_class(backend.name, arch, dtype_name(spec.dtype), spec.head_dim, spec.causal, pass_)
+    return lookup(backend, arch, dtype_name(spec.dtype), spec.head_dim, spec.causal, pass_).config

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from flash import dropout
-from flash.masking import tile_mask
+from flash.masking import tile_mask, visible_matmul
 from flash.spec import AttentionSpec, canonical
 
 
@@ -69,8 +69,8 @@ def dense_attention(
         s = torch.einsum("bqhd,bkhd->bhqk", qs, ks) * spec.scale
         if spec.softcap:
             s = spec.softcap * torch.tanh(s / spec.softcap)
+        seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device)
         if spec.masked:
-            seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device)
             s = s.masked_fill(~seen, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_zeros((*s.shape[:-1], 1))
         row_max = torch.where(torch.isinf(row_max) & (row_max < 0), torch.zeros_like(row_max), row_max)
@@ -89,7 +89,7 @@ def dense_attention(
                 spec.dropout_p,
             )
             p = p * keep.to(p.dtype) / (1.0 - spec.dropout_p)
-        outs.append(torch.einsum("bhqk,bkhd->bqhd", p, vs))
+        outs.append(visible_matmul(p, vs.transpose(1, 2), seen).transpose(1, 2))  # (B, Sq, H, D)
         lses.append(lse)
     if cu_q is None:
         out, lse = outs[0], lses[0]

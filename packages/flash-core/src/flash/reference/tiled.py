@@ -30,7 +30,7 @@ import torch
 
 from flash import dropout
 from flash.backend import BackwardArgs, ForwardArgs
-from flash.masking import Tile, classify_tile, tile_mask
+from flash.masking import Tile, classify_tile, tile_mask, visible_matmul
 from flash.reference.oracle import descaled
 from flash.spec import AttentionSpec
 
@@ -121,9 +121,13 @@ class _Tiles:
             return s, s
         return s, torch.tanh(s / self.spec.softcap).mul_(self.spec.softcap)
 
+    def seen(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """Which key each stacked row of the tile sees."""
+        mask = tile_mask(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.device)
+        return mask.repeat(self.spec.group_size, 1)
+
     def hide(self, s: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], fill: float) -> torch.Tensor:
-        seen = tile_mask(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.device)
-        return s.masked_fill_(~seen.repeat(self.spec.group_size, 1), fill)
+        return s.masked_fill_(~self.seen(rows, cols), fill)
 
     def keep(self, rows: tuple[int, int], cols: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Dropout keep mask of the tile, already scaled by 1 / (1 - p), in stacked-row order."""
@@ -183,10 +187,16 @@ def forward(
                 row_sum = row_sum * correction + p.sum(dim=-1)
                 if spec.dropout_p:
                     p = p * tiles.keep((i0, i1), (j0, j1), cd)
-                acc = acc * correction[..., None] + torch.matmul(p, v[:, :, j0:j1].to(cd))
+                v_tile = v[:, :, j0:j1].to(cd)
+                if kind is Tile.PARTIAL:  # hidden keys contribute nothing, not even a NaN value
+                    pv = visible_matmul(p, v_tile, tiles.seen((i0, i1), (j0, j1)))
+                else:
+                    pv = torch.matmul(p, v_tile)
+                acc = acc * correction[..., None] + pv
                 row_max = new_max
                 if observer is not None:
                     out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
+                    assert scores is not None  # cloned above whenever there is an observer
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
             unseen = row_sum == 0  # (a NaN sum is not "unseen": NaN inputs must propagate)
             out = acc / torch.where(unseen, torch.ones_like(row_sum), row_sum)[..., None]

@@ -15,7 +15,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  int seqlen_q, int seqlen_k, int total_q, int total_k, int heads_q, int group, int head_dim,
                  int m_blocks, int win_left, int win_right, float scale_log2) {
   flash_cuda::flash_fwd_block<FLASH_D, FLASH_BM, FLASH_BN, FLASH_NW, FLASH_STAGES, (FLASH_QREG != 0),
-                              (FLASH_PIPE != 0), (FLASH_LAZY != 0), (FLASH_BF16 != 0), FLASH_MASK>(
+                              (FLASH_BF16 != 0), FLASH_MASK>(
       q, k, v, o, lse, cu_q, cu_k, q_sb, q_ss, q_sh, k_sb, k_ss, k_sh, v_sb, v_ss, v_sh, o_sb, o_ss, o_sh, l_sb,
       l_sh, l_ss, seqlen_q, seqlen_k, total_q, total_k, heads_q, group, head_dim, m_blocks, win_left, win_right,
       scale_log2);

@@ -11,14 +11,12 @@
 //    of two neighbouring n8 tiles is exactly the A-operand layout of one k16 step of P V).
 //  * Online softmax in base 2 with the softmax scale folded into one FFMA per score; row maxima
 //    reduced across the 4 lanes of a quad; row sums kept per lane and reduced once at the end.
-//  * Lazy rescaling (LAZY): a row's reference max moves only when a key block's max exceeds it by
+//  * Lazy rescaling: a row's reference max moves only when a key block's max exceeds it by
 //    more than RESCALE_LOG2 (so every P stays <= 2^RESCALE_LOG2, harmless in fp32 and in bf16/fp16),
 //    and the O rescale is skipped when no row of the warp moved (one warp vote per block). Exact:
-//    O, the row sum and the LSE all use the same reference. Otherwise every block rescales.
+//    O, the row sum and the LSE all use the same reference. (Rescaling every block measured slower.)
 //  * Key blocks strictly inside the visible band branch around the mask code; the kind of mask
 //    (MASK: none, right edge only = causal, both edges = window) is a template parameter.
-//  * Optional software pipelining (PIPE, STAGES >= 3): S of key block j+1 is computed while the
-//    softmax of block j runs, in one basic block, so HMMA interleaves with FFMA/MUFU.
 //  * Epilogue: O normalised, staged through the warp's own Q rows in shared memory, stored with
 //    16-byte coalesced writes; the LSE (natural log) is written once per row.
 //  * Warp w owns rows [16*MT*w, 16*MT*(w+1)) of the block: softmax needs no cross-warp traffic.
@@ -107,7 +105,7 @@ struct TileCopy {
 };
 
 // MASK: 0 no mask, 1 right edge only (causal, or a window open to the left), 2 both edges.
-template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool PIPE, bool LAZY, bool BF16, int MASK>
+template <int D, int BM, int BN, int NW, int STAGES, bool QREG, bool BF16, int MASK>
 __device__ __forceinline__ void flash_fwd_block(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u16* __restrict__ o,
     float* __restrict__ lse, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
@@ -118,7 +116,6 @@ __device__ __forceinline__ void flash_fwd_block(
   using S = FwdShape<D, BM, BN, NW, STAGES>;
   constexpr int MT = S::MT, NT = S::NT, DT = S::DT, KSTEPS = S::KSTEPS;
   constexpr float LN2 = 0.6931471805599453f;
-  static_assert(!PIPE || STAGES >= 3, "the pipelined loop holds K of block j+1 and V of block j at once");
 
   extern __shared__ __attribute__((aligned(128))) unsigned char smem[];
   const u32 s_q = shared_address(smem);
@@ -323,43 +320,23 @@ __device__ __forceinline__ void flash_fwd_block(
           block_max[mt][hh] = quad_max(mx) * scale_log2;
         }
       }
-      if constexpr (LAZY) {
-        // Move a reference (also from -inf, once the row sees a key) only past the margin; one warp
-        // vote decides whether anything needs rescaling at all.
-        bool moved = false;
+      // Move a reference (also from -inf, once the row sees a key) only past the margin; one warp
+      // vote decides whether anything needs rescaling at all.
+      bool moved = false;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) moved = moved || block_max[mt][hh] > row_ref[mt][hh] + RESCALE_LOG2;
-        }
-        if (__any_sync(0xffffffffu, moved)) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-              const float ref = row_ref[mt][hh];
-              const bool move = block_max[mt][hh] > ref + RESCALE_LOG2;
-              const float correction = move ? exp2_approx(ref - block_max[mt][hh]) : 1.f;  // 0 from -inf
-              row_ref[mt][hh] = move ? block_max[mt][hh] : ref;
-              row_sum[mt][hh] *= correction;
-#pragma unroll
-              for (int dt = 0; dt < DT; ++dt) {
-                acc_o[mt][dt][2 * hh] *= correction;
-                acc_o[mt][dt][2 * hh + 1] *= correction;
-              }
-            }
-          }
-        }
-      } else {
-        // Exact running max: rescale every row every block (no branches).
+        for (int hh = 0; hh < 2; ++hh) moved = moved || block_max[mt][hh] > row_ref[mt][hh] + RESCALE_LOG2;
+      }
+      if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const float ref = row_ref[mt][hh];
-            const float next = fmaxf(ref, block_max[mt][hh]);
-            const float correction = next == neg_inf() ? 1.f : exp2_approx(ref - next);  // 0 from -inf
-            row_ref[mt][hh] = next;
+            const bool move = block_max[mt][hh] > ref + RESCALE_LOG2;
+            const float correction = move ? exp2_approx(ref - block_max[mt][hh]) : 1.f;  // 0 from -inf
+            row_ref[mt][hh] = move ? block_max[mt][hh] : ref;
             row_sum[mt][hh] *= correction;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
@@ -418,53 +395,22 @@ __device__ __forceinline__ void flash_fwd_block(
       cp_async_commit();
     };
 
-    if constexpr (!PIPE) {
-      if constexpr (QREG) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        load_q();
-      }
-      for (int it = 0; it < n_iters; ++it) {
-        // Block `it` has landed (own copies); after the barrier everyone's copies are visible and
-        // every warp is done with the stage the prefetch overwrites (the one of block it - 1).
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        prefetch(it + STAGES - 1);
-        const u32 s_k = stage_of(it);
-        float acc_s[MT][NT][4];
-        compute_s(acc_s, s_k);
-        if (block_masked(it)) mask_s(acc_s, (nb_lo + it) * BN);  // a uniform branch, skipped inside the band
-        softmax_pv(acc_s, s_k + S::TILE_BYTES);
-      }
-    } else {
-      // Software-pipelined: while the softmax of block `it` runs on the FP32 and SFU pipes, the
-      // tensor cores already compute S of block it+1 (independent instructions in one basic block,
-      // interleaved by the scheduler). Holds K of block it+1 and V of block it: STAGES >= 3.
+    if constexpr (QREG) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();
       load_q();
-      float acc_cur[MT][NT][4];
-      compute_s(acc_cur, stage_of(0));
-      if (block_masked(0)) mask_s(acc_cur, nb_lo * BN);
-      for (int it = 0; it < n_iters; ++it) {
-        // Block it+1 has landed; every warp is done with blocks <= it - 1.
-        cp_async_wait<STAGES - 3>();
-        __syncthreads();
-        prefetch(it + STAGES - 1);
-        // S of block it+1 (on the last step this reads a stale stage nothing writes; the result is dropped).
-        float acc_next[MT][NT][4];
-        compute_s(acc_next, stage_of(it + 1));
-        softmax_pv(acc_cur, stage_of(it) + S::TILE_BYTES);
-        if (block_masked(it + 1)) mask_s(acc_next, (nb_lo + it + 1) * BN);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc_cur[mt][nt][e] = acc_next[mt][nt][e];
-          }
-        }
-      }
+    }
+    for (int it = 0; it < n_iters; ++it) {
+      // Block `it` has landed (own copies); after the barrier everyone's copies are visible and
+      // every warp is done with the stage the prefetch overwrites (the one of block it - 1).
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      prefetch(it + STAGES - 1);
+      const u32 s_k = stage_of(it);
+      float acc_s[MT][NT][4];
+      compute_s(acc_s, s_k);
+      if (block_masked(it)) mask_s(acc_s, (nb_lo + it) * BN);  // a uniform branch, skipped inside the band
+      softmax_pv(acc_s, s_k + S::TILE_BYTES);
     }
     cp_async_wait<0>();  // only empty groups can remain; keeps the exit path obviously clean
   }

@@ -1,0 +1,243 @@
+"""Plan, then run: the per-call path of every attention call.
+
+A :class:`Plan` is what one kind of call needs decided once: the validated spec (with the
+dropout seed left for each call to fill in), the forward backend and its kernel configuration,
+and, on first use, the same for the backward. :func:`plan_for` finds it in a bounded cache keyed
+by the call's *signature* (shapes, strides, dtypes, devices, alignment and options, never the
+tensors' values), so a repeated call costs a tuple and a dictionary lookup instead of the
+validation and dispatch; :func:`run_forward` and :func:`run_backward` allocate the outputs and
+launch the backend. Eager calls and the ``torch.library`` ops used under ``torch.compile``
+share all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flash import dispatch, heuristics
+from flash._cache import BoundedCache
+from flash.backend import Backend, BackwardArgs, ForwardArgs
+from flash.heuristics import KernelConfig, autotune
+from flash.spec import (
+    AttentionSpec,
+    build_spec,
+    canonical,
+    canonical_lse,
+    check_argument_types,
+    check_dropout_seed,
+    value_checks,
+)
+
+#: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
+#: so an element a backend never writes cannot pass by holding a stale correct value.
+POISON_OUTPUTS = False
+
+
+@dataclass
+class Plan:
+    """The decisions for one call signature: spec, backends and kernel configurations."""
+
+    spec: AttentionSpec
+    requested: str
+    forward: Backend | None  # None: nothing to compute (an empty problem)
+    forward_config: KernelConfig | None
+    _backward: tuple[Backend, KernelConfig] | None = field(default=None, repr=False)
+
+    def forward_run(self) -> tuple[Backend, KernelConfig | None]:
+        """The forward backend and its configuration; None while autotuning picks it per call."""
+        assert self.forward is not None
+        return self.forward, None if autotune.enabled() else self.forward_config
+
+    def backward_run(self) -> tuple[Backend, KernelConfig | None]:
+        """The backward backend (chosen on first use) and its configuration; None while autotuning."""
+        if self._backward is None:
+            backend = dispatch.select(self.spec, "backward", self.requested)
+            self._backward = (backend, heuristics.config_for(backend, self.spec, "backward"))
+        backend, config = self._backward
+        return backend, None if autotune.enabled() else config
+
+
+_plans: BoundedCache[tuple, Plan] = BoundedCache(1024)
+
+
+def forget() -> None:
+    """Drop every cached plan (tests that swap a configuration in, or a backend's table)."""
+    _plans.clear()
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+def make_plan(spec: AttentionSpec, requested: str) -> Plan:
+    """Dispatch the forward of ``spec`` and look its configuration up (raises NoBackendError)."""
+    if spec.empty:
+        return Plan(spec, requested, None, None)
+    backend = dispatch.select(spec, "forward", requested)
+    return Plan(spec, requested, backend, heuristics.config_for(backend, spec, "forward"))
+
+
+def plan_for(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    q_descale: Tensor | None,
+    k_descale: Tensor | None,
+    v_descale: Tensor | None,
+    layout: str,
+    causal: bool,
+    window: tuple[int, int] | None,
+    softcap: float,
+    scale: float | None,
+    dropout_p: float,
+    dropout_seed: int | None,
+    deterministic: bool,
+    backend: str,
+    check_values: bool | None,
+) -> tuple[Plan, AttentionSpec]:
+    """The plan of this call and its spec (the plan's, with this call's dropout seed).
+
+    The first call of a signature checks every argument (raising :class:`~flash.errors.InvalidInputError`);
+    later calls with the same signature find its plan by a key that holds the arguments' Python
+    types too (``True == 1`` in Python, so a key without them would let ``causal=1`` through).
+    Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
+    """
+    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+
+    def spec_of(check: bool | None) -> AttentionSpec:
+        return build_spec(
+            q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale,
+            k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check,
+        )  # fmt: skip
+
+    key: tuple | None = None
+    plan: Plan | None = None
+    try:
+        check = value_checks(q.device) if check_values is None else check_values
+        if cu_seqlens_q is not None and (check or max_seqlen_q is None or max_seqlen_k is None):
+            # The offsets' values belong to this call only: check them, and read the lengths, each time.
+            spec = spec_of(check)
+            max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
+        signature = (
+            *(_tensor_key(t) for t in tensors),
+            *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
+            *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
+            *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
+            dispatch.forced_backend(backend),
+        )
+        plan = _plans.get(signature)
+        key = signature
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which
+        pass
+    if plan is None:
+        check_argument_types(
+            q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+            dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            deterministic=deterministic, check_values=check_values, backend=backend,
+        )  # fmt: skip
+        plan = make_plan(dataclasses.replace(spec_of(False), dropout_seed=0), backend)
+        if key is not None:
+            _plans.put(key, plan)
+    if dropout_p:
+        return plan, dataclasses.replace(plan.spec, dropout_seed=check_dropout_seed(dropout_seed))
+    return plan, plan.spec
+
+
+def _contiguous(cu: Tensor | None) -> Tensor | None:
+    """Kernels read offsets as a contiguous array; a strided view is copied once here."""
+    return cu if cu is None or cu.is_contiguous() else cu.contiguous()
+
+
+def run_forward(
+    plan: Plan,
+    spec: AttentionSpec,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    q_descale: Tensor | None,
+    k_descale: Tensor | None,
+    v_descale: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Allocate ``(out, lse)`` and run the plan's forward backend on them."""
+    out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
+    lse = torch.empty(spec.lse_shape(), dtype=spec.lse_dtype, device=q.device)
+    if plan.forward is None:  # no queries, or no keys: output 0, LSE -inf
+        return out.zero_(), lse.fill_(float("-inf"))
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    args = ForwardArgs(
+        q=canonical(q, spec),
+        k=canonical(k, spec),
+        v=canonical(v, spec),
+        out=canonical(out, spec),
+        lse=canonical_lse(lse, spec),
+        cu_seqlens_q=_contiguous(cu_seqlens_q),
+        cu_seqlens_k=_contiguous(cu_seqlens_k),
+        q_descale=q_descale,
+        k_descale=k_descale,
+        v_descale=v_descale,
+    )
+    backend, config = plan.forward_run()
+    if config is None:  # autotuning
+        autotune.ensure_tuned(backend, spec, "forward", lambda c: backend.forward(spec, args, c))
+        config = heuristics.config_for(backend, spec, "forward")
+    backend.forward(spec, args, config)
+    return out, lse
+
+
+def run_backward(
+    plan: Plan,
+    spec: AttentionSpec,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``)."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if plan.forward is None:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if dout.shape[-1] > 1 and dout.stride(-1) != 1:
+        dout = dout.contiguous()  # kernels take any strides but a unit one along head_dim
+    backend, config = plan.backward_run()
+    if POISON_OUTPUTS:
+        for grad in (dq, dk, dv):
+            grad.fill_(float("nan"))
+    args = BackwardArgs(
+        q=canonical(q, spec),
+        k=canonical(k, spec),
+        v=canonical(v, spec),
+        out=canonical(out, spec),
+        lse=canonical_lse(lse, spec),
+        dout=canonical(dout, spec),
+        dq=canonical(dq, spec),
+        dk=canonical(dk, spec),
+        dv=canonical(dv, spec),
+        cu_seqlens_q=_contiguous(cu_seqlens_q),
+        cu_seqlens_k=_contiguous(cu_seqlens_k),
+    )
+    if config is None:  # autotuning
+        autotune.ensure_tuned(backend, spec, "backward", lambda c: backend.backward(spec, args, c))
+        config = heuristics.config_for(backend, spec, "backward")
+    backend.backward(spec, args, config)
+    return dq, dk, dv

@@ -1,0 +1,29 @@
+// Entry point of the Hopper forward kernel. The shape arrives as -D options rendered by
+// flash_cuda/hopper.py, which also writes the wgmma instructions of the variant's tile widths into
+// "hopper_wgmma.cuh" (generated, not a file); every variant is one extern "C" symbol, so CuPy needs
+// no name expressions and its disk cache serves later processes.
+#include "hopper_fwd.cuh"
+#include "hopper_wgmma.cuh"
+
+#ifndef HOPPER_D
+#error "hopper_fwd.cu is compiled through flash_cuda.hopper, which defines HOPPER_D and friends"
+#endif
+
+using HopperShape =
+    flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, (HOPPER_BF16 != 0), HOPPER_MASK>;
+static_assert(HopperShape::SMEM_BYTES == HOPPER_SMEM_BYTES, "flash_cuda/hopper.py and the kernel disagree on smem");
+
+extern "C" __global__ void __launch_bounds__(HopperShape::THREADS, 1)
+flash_fwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
+               const __grid_constant__ flash_cuda::sm90::TensorMap k_map,
+               const __grid_constant__ flash_cuda::sm90::TensorMap v_map, u16* __restrict__ o, float* __restrict__ lse,
+               const int* __restrict__ cu_q, const int* __restrict__ cu_k, i64 o_sb, i64 o_ss, i64 o_sh, i64 l_sb,
+               i64 l_sh, i64 l_ss, int seqlen_q, int seqlen_k, int total_q, int total_k, int heads_q, int group,
+               int head_dim, int m_blocks, int tiles, int win_left, int win_right, int blocks_outer,
+               float score_log2, float softcap_in) {
+  const flash_cuda::hopper::Params params{o,        lse,      cu_q,     cu_k,    o_sb,      o_ss,     o_sh,
+                                          l_sb,     l_sh,     l_ss,     seqlen_q, seqlen_k, total_q,  total_k,
+                                          heads_q,  group,    head_dim, m_blocks, tiles,    win_left, win_right,
+                                          blocks_outer, score_log2, softcap_in};
+  flash_cuda::hopper::forward<HopperShape>(params, &q_map, &k_map, &v_map);
+}

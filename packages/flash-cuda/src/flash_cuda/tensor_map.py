@@ -1,0 +1,140 @@
+"""The CUDA driver through ctypes: TMA tensor maps and kernel launches with by-value struct arguments.
+
+``cuTensorMapEncodeTiled`` builds the 128-byte descriptor that the Hopper kernel's TMA loads read;
+``cuLaunchKernel`` passes it by value (a ``__grid_constant__`` parameter), which CuPy's kernel call
+cannot. Only ``libcuda`` is needed (the driver that torch and CuPy already loaded in this process);
+nothing here imports CuPy or torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Sequence
+
+#: CUtensorMapDataType values (cuda.h).
+DATA_TYPES = {"fp16": 6, "bf16": 9}
+#: CUtensorMapSwizzle values by swizzle span in bytes.
+SWIZZLES = {0: 0, 32: 1, 64: 2, 128: 3}
+#: CUtensorMapL2promotion values by promotion size in bytes.
+L2_PROMOTIONS = {0: 0, 64: 1, 128: 2, 256: 3}
+MAX_RANK = 5
+MAX_BOX = 256
+MAX_STRIDE = 1 << 40
+#: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+MAX_DYNAMIC_SHARED = 8
+
+TensorMap = ctypes.c_uint64 * 16
+
+
+class DriverError(RuntimeError):
+    """A CUDA driver call failed; the message names the call and the driver's error."""
+
+
+@functools.cache
+def driver() -> ctypes.CDLL:
+    """libcuda, with the argument types of the calls used here."""
+    last: OSError | None = None
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError as error:
+            last = error
+    else:
+        raise DriverError(f"libcuda not loadable ({last}); is an NVIDIA driver installed?")
+    u32p, u64p, vp = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p
+    lib.cuTensorMapEncodeTiled.argtypes = [
+        vp, ctypes.c_int, ctypes.c_uint32, vp, u64p, u64p, u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int,
+    ]  # fmt: skip
+    lib.cuLaunchKernel.argtypes = [
+        vp, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+        vp, ctypes.POINTER(vp), ctypes.POINTER(vp),
+    ]  # fmt: skip
+    lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
+    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
+    lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    return lib
+
+
+def _check(code: int, what: str) -> None:
+    if code:
+        name = ctypes.c_char_p()
+        driver().cuGetErrorName(code, ctypes.byref(name))
+        raise DriverError(f"{what} failed: {name.value.decode() if name.value else code}")
+
+
+def encode_tiled(
+    address: int,
+    dtype: str,
+    dims: Sequence[int],
+    strides: Sequence[int],
+    box: Sequence[int],
+    swizzle: int,
+    l2_promotion: int = 256,
+) -> TensorMap:
+    """A tiled tensor map: ``dims`` innermost first, ``strides`` in bytes of dims 1.. (dim 0 is
+    contiguous), ``box`` the tile one TMA load moves, ``swizzle`` its shared-memory swizzle span in
+    bytes. Out-of-bounds elements load as zeros."""
+    rank = len(dims)
+    problems = tensor_map_problems(address, dims, strides, box, swizzle, element_bytes=2)
+    if problems:
+        raise DriverError("cuTensorMapEncodeTiled would reject this tensor: " + "; ".join(problems))
+    out = TensorMap()
+    c_dims = (ctypes.c_uint64 * rank)(*dims)
+    c_strides = (ctypes.c_uint64 * max(1, rank - 1))(*strides)
+    c_box = (ctypes.c_uint32 * rank)(*box)
+    c_steps = (ctypes.c_uint32 * rank)(*([1] * rank))
+    code = driver().cuTensorMapEncodeTiled(
+        ctypes.byref(out), DATA_TYPES[dtype], rank, ctypes.c_void_p(address), c_dims, c_strides, c_box, c_steps,
+        0, SWIZZLES[swizzle], L2_PROMOTIONS[l2_promotion], 0,
+    )  # fmt: skip
+    _check(code, f"cuTensorMapEncodeTiled(dims={list(dims)}, strides={list(strides)}, box={list(box)})")
+    return out
+
+
+def tensor_map_problems(
+    address: int, dims: Sequence[int], strides: Sequence[int], box: Sequence[int], swizzle: int, element_bytes: int
+) -> list[str]:
+    """What the driver's documented limits say against a tiled tensor map (empty if none)."""
+    problems = []
+    if not 1 <= len(dims) <= MAX_RANK or len(box) != len(dims) or len(strides) != len(dims) - 1:
+        problems.append(f"rank {len(dims)}: dims, strides and box disagree or exceed {MAX_RANK}")
+    if address % 16:
+        problems.append("base address not 16-byte aligned")
+    if any(not 1 <= d <= 2**32 for d in dims):
+        problems.append(f"dims {list(dims)} outside [1, 2^32]")
+    if any(s % 16 or not 0 < s < MAX_STRIDE for s in strides):
+        problems.append(f"strides {list(strides)} bytes: each must be a positive multiple of 16 below 2^40")
+    if any(not 1 <= b <= MAX_BOX for b in box):
+        problems.append(f"box {list(box)} outside [1, {MAX_BOX}]")
+    if box and (box[0] * element_bytes) % 16:
+        problems.append("box rows not a multiple of 16 bytes")
+    if swizzle and box and box[0] * element_bytes > swizzle:
+        problems.append(f"box rows of {box[0] * element_bytes} bytes exceed the {swizzle}-byte swizzle")
+    return problems
+
+
+def set_max_dynamic_shared(function: int, nbytes: int) -> None:
+    _check(
+        driver().cuFuncSetAttribute(ctypes.c_void_p(function), MAX_DYNAMIC_SHARED, nbytes),
+        f"cuFuncSetAttribute(max dynamic shared memory = {nbytes})",
+    )
+
+
+def launch(
+    function: int, grid: int, block: int, smem: int, stream: int, args: Sequence[ctypes._SimpleCData | ctypes.Array]
+) -> None:
+    """cuLaunchKernel of a 1-D grid in the current context; ``args`` are ctypes values of the
+    kernel's exact parameter types, in order (a TensorMap for a tensor-map parameter)."""
+    lib = driver()
+    context = ctypes.c_void_p()
+    _check(lib.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
+    if not context.value:
+        raise DriverError("no current CUDA context (launch inside the device's context, e.g. after a torch CUDA call)")
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    code = lib.cuLaunchKernel(
+        ctypes.c_void_p(function), grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), params, None
+    )
+    _check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem})")

@@ -1,0 +1,232 @@
+"""Hopper kernel (flash_cuda.hopper), CPU tier: every shipped variant compiles for sm_90a as intended.
+
+Needs only libnvrtc (``pip install flash-cuda[nvrtc]``); skipped with the reason when it is missing.
+For every variant the table can launch: ptxas's report shows no spill and no stack frame; with a
+disassembler at hand (cuobjdump on PATH or in Triton's wheel), the SASS shows wgmma (HGMMA), TMA loads
+(UTMALDG), register reallocation (USETMAXREG, i.e. no warning C7508), no local memory, and the softmax
+of a key block still scheduled between the two wgmma waits (the intra-warpgroup overlap survived ptxas).
+Also checks the table, the launcher's argument list against the kernel's, and the host-side helpers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+hopper = pytest.importorskip("flash_cuda.hopper")
+
+from flash_cuda import nvrtc, tensor_map  # noqa: E402
+
+
+def _compile(variant: hopper.HopperVariant) -> tuple[nvrtc.Resources, bytes, str]:
+    compiled = nvrtc.compile_cubin(hopper.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert hopper.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
+    return report[hopper.KERNEL_NAME], compiled.cubin, compiled.log
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[hopper.HopperVariant, tuple[nvrtc.Resources, bytes, str]]:
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    variants = hopper.shipped_variants()
+    # Processes, not threads: ptxas's -v report reaches NVRTC's log through process-wide state.
+    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        results = dict(zip(variants, pool.map(_compile, variants)))
+    print(f"\nNVRTC {nvrtc.version()}:")
+    for variant, (res, _, _) in results.items():
+        print(f"  {variant.label():34s} {res.registers:3d} regs at entry, smem {variant.launch_smem} B")
+    return results
+
+
+def _disassembler() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+
+        candidates = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        return candidates[0] if candidates else None
+    except ImportError:
+        return None
+
+
+def _sass(cubin: bytes) -> str:
+    tool = _disassembler()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the SASS")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+
+
+def test_every_shipped_variant_compiles_without_spilling(compiled):
+    for variant, (res, _, log) in compiled.items():
+        assert res.arch == "sm_90a"
+        assert not res.spills and not res.stack_frame, f"{variant.label()}: {res}"
+        # __launch_bounds__(threads, 1): the whole register file at entry, before setmaxnreg
+        assert res.registers == min(255, 65536 // variant.threads // 8 * 8), variant.label()
+        assert "C7508" not in log and "setmaxnreg" not in log.lower(), f"setmaxnreg ignored: {log}"
+        assert "serialized" not in log, f"{variant.label()}: ptxas serialised the wgmma pipeline:\n{log}"
+
+
+def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
+    for variant, (_, cubin, _) in compiled.items():
+        sass = _sass(cubin)
+        assert "HGMMA.64x" in sass and ".tnspB" in sass, (
+            f"{variant.label()}: no wgmma (S from smem, P V with N-major V)"
+        )
+        assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
+        assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+        # In the steady-state loop, the softmax (MUFU.EX2 of BN/2 scores per thread) runs between
+        # waiting for S (wait_group 1) and waiting for O += P V (wait_group 0).
+        ops = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([01])|(MUFU\.EX2)", sass)
+        between, inside, best = 0, False, 0
+        for depbar, ex2 in ops:
+            if depbar == "1":
+                inside, between = True, 0
+            elif depbar == "0":
+                best = max(best, between if inside else 0)
+                inside = False
+            elif inside and ex2:
+                between += 1
+        assert best >= variant.block_n // 2, f"{variant.label()}: only {best} exponentials overlap O += P V"
+
+
+def test_source_is_header_free_and_one_extern_c_kernel():
+    variant = hopper.shipped_variants()[0]
+    text = hopper.source(variant)
+    assert "#include" not in text
+    assert text.count('extern "C" __global__') == 1 and hopper.KERNEL_NAME in text
+    assert "struct Wgmma<" in text  # the generated instructions went in
+
+
+def test_table_rows_fit_and_say_where_they_come_from():
+    classes = set()
+    for row in hopper.TABLE:
+        assert row.provenance.startswith(("measured:", "unmeasured:")), row
+        assert row.config.order in (*hopper.ORDERS, "auto")
+        for bf16 in (True, False):
+            variant = hopper.make_variant(row.config, row.head_dim, bf16, row.mask)
+            assert variant.launch_smem <= hopper.MAX_SMEM
+        if row.max_seqlen_k is None:
+            classes.add((row.head_dim, row.mask))
+    # every (head dim, mask) has a row for any length
+    assert classes == {(d, m) for d in hopper.SHIPPED_HEAD_DIMS for m in hopper.MASK_NAMES}
+    # no dead knobs: each option of the table takes more than one value in it
+    assert {row.config.consumers for row in hopper.TABLE} == {2, 3}
+    assert len({row.config.order for row in hopper.TABLE}) > 1
+    assert {row.config.q_stages for row in hopper.TABLE} == {1, 2}
+    assert len({row.config.block_n for row in hopper.TABLE}) > 1
+
+
+def test_problem_classes():
+    assert [hopper.compiled_head_dim(d) for d in (8, 64, 72, 96, 128, 136, 192, 200, 256)] == [
+        64, 64, 96, 96, 128, 192, 192, 256, 256,
+    ]  # fmt: skip
+    assert hopper.mask_kind((-1, -1)) == hopper.MASK_NONE
+    assert hopper.mask_kind((-1, 0)) == hopper.MASK_RIGHT
+    assert hopper.mask_kind((-1, 7)) == hopper.MASK_RIGHT
+    assert hopper.mask_kind((5, -1)) == hopper.MASK_BOTH
+    assert hopper.config_for(80, (-1, 0)) == hopper.table_row(96, hopper.MASK_RIGHT).config
+    short = [row for row in hopper.TABLE if row.max_seqlen_k is not None]
+    for row in short:  # a bucketed row serves short sequences, the catch-all row long ones
+        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
+        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k + 1) != row
+        assert hopper.table_row(row.head_dim, row.mask).max_seqlen_k is None
+    with pytest.raises(ValueError):
+        hopper.compiled_head_dim(264)
+
+
+def _kernel_parameters() -> list[str]:
+    text = hopper.source(hopper.shipped_variants()[0])
+    signature = re.search(r"flash_fwd_sm90\((.*?)\)\s*\{", text, re.S).group(1)
+    return [" ".join(p.split()) for p in signature.split(",")]
+
+
+def test_launch_arguments_match_the_kernel_signature():
+    torch = pytest.importorskip("torch")
+    params = _kernel_parameters()
+    b, s, h, d = 2, 100, 4, 64
+    q = torch.zeros(b, s, h, d, dtype=torch.bfloat16)
+    out = torch.zeros_like(q)
+    lse = torch.zeros(b, h, s)
+    variant = hopper.make_variant(hopper.config_for(d), d, True, hopper.MASK_NONE)
+    maps = (tensor_map.TensorMap(), tensor_map.TensorMap(), tensor_map.TensorMap())
+    args = hopper.kernel_arguments(
+        variant, maps, out, lse, None, None, seqlen_q=s, seqlen_k=s, total_q=s, total_k=s, heads_q=h, heads_kv=h,
+        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), order="blocks", softcap=0.0, scale=0.125,
+    )  # fmt: skip
+    assert len(args) == len(params)
+    expected = {
+        "TensorMap": tensor_map.TensorMap, "u16*": ctypes.c_uint64, "float*": ctypes.c_uint64,
+        "int*": ctypes.c_uint64, "i64": ctypes.c_int64, "int": ctypes.c_int32, "float": ctypes.c_float,
+    }  # fmt: skip
+    for param, arg in zip(params, args):
+        kind = next(k for k in expected if re.search(rf"(^|\W){re.escape(k)}(\W|$)", param.replace("__restrict__", "")))
+        assert isinstance(arg, expected[kind]), (param, arg)
+    window = dict(zip([p.split()[-1] for p in params], args))
+    assert window["win_right"].value == 0 and window["win_left"].value == hopper.UNBOUNDED_REACH
+    assert window["score_log2"].value == pytest.approx(0.125 * hopper.LOG2E)
+    assert window["softcap_in"].value == 0
+    assert window["blocks_outer"].value == 1
+
+
+def test_auto_order_follows_the_balance_of_the_heads_order():
+    pytest.importorskip("torch")
+    auto = hopper.HopperConfig(2, 128, "auto")
+    common = {"grid": 132, "varlen": False}
+    # 64 query blocks x 32 (batch, head) pairs, causal: heads order balances to 0.97 -> heads
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=32, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        == "heads"
+    )
+    # 64 x 16 pairs: heads order would balance to 0.66 -> longest work first
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        == "blocks"
+    )
+    # no mask: every tile costs the same, heads order
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, -1), **common)
+        == "heads"
+    )
+    assert hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), grid=132,
+                             varlen=True) == "blocks"  # fmt: skip
+    assert hopper.tile_order(hopper.HopperConfig(2, 128, "heads"), m_blocks=64, pairs=16, seqlen_q=8192,
+                             seqlen_k=8192, window=(-1, 0), **common) == "heads"  # fmt: skip
+
+
+def test_tensor_map_limits_and_strides():
+    torch = pytest.importorskip("torch")
+    assert tensor_map.tensor_map_problems(1024, [128, 4, 100, 2], [256, 1024, 102400], [64, 1, 128, 1], 128, 2) == []
+    assert tensor_map.tensor_map_problems(8, [128, 4, 100, 2], [256, 1024, 102400], [64, 1, 128, 1], 128, 2)
+    assert tensor_map.tensor_map_problems(1024, [128, 4, 100, 2], [250, 1024, 102400], [64, 1, 128, 1], 128, 2)
+    assert tensor_map.tensor_map_problems(1024, [128, 4, 100, 2], [256, 1024, 102400], [128, 1, 128, 1], 128, 2)
+    # heads-outer (bhsd) view, and size-1 dimensions get an acceptable stride
+    t = torch.zeros(2, 4, 100, 64, dtype=torch.bfloat16).transpose(1, 2)
+    assert hopper._map_strides(t) == [100 * 64 * 2, 64 * 2, 4 * 100 * 64 * 2]
+    one = torch.zeros(1, 7, 1, 64, dtype=torch.bfloat16)
+    assert all(s % 16 == 0 and s > 0 for s in hopper._map_strides(one))
+
+
+def test_unsupported_reasons_without_a_gpu():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8)
+    reasons = hopper.unsupported_reasons(
+        q, q, q, q, lse, seqlen_q=8, seqlen_k=8, heads_q=2, heads_kv=2, head_dim=64, scale=0.125
+    )
+    assert reasons and "CUDA" in reasons[0]
