@@ -27,6 +27,7 @@ from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.merge import merge_states
+from flash.padding import cu_seqlens_from_position_ids, pad, select_tokens, unpad, unpad_indices
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
@@ -47,13 +48,18 @@ __all__ = [
     "attention_qkvpacked",
     "backends",
     "build_spec",
+    "cu_seqlens_from_position_ids",
     "distributed",
     "explain",
     "merge_states",
     "nn",
+    "pad",
     "register_backend",
     "scaled_dot_product_attention",
+    "select_tokens",
     "set_backend_priority",
+    "unpad",
+    "unpad_indices",
     "use_backend",
 ]
 

@@ -17,22 +17,33 @@ scaled by ``1 / (1 - p)``; the LSE is that of the undropped softmax.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import overload
 
 import torch
 
-_Bits = TypeVar("_Bits", int, torch.Tensor)
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
 
 
-def fmix32(x: _Bits) -> _Bits:
+@overload
+def fmix32(x: int) -> int: ...
+@overload
+def fmix32(x: torch.Tensor) -> torch.Tensor: ...
+
+
+def fmix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """MurmurHash3 finaliser on 32-bit values (Python ints or int64 tensors holding them)."""
     x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _MASK32  # int64 products may wrap; the low 32 bits stay exact
     x = x ^ (x >> 13)
     x = (x * 0xC2B2AE35) & _MASK32
     return x ^ (x >> 16)
+
+
+def random_seed() -> int:
+    """A seed for one dropout call, drawn from PyTorch's default (CPU) generator, so that
+    ``torch.manual_seed`` makes it reproducible; reading a CPU tensor never waits for a GPU."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
 def threshold(p: float) -> int:

@@ -183,6 +183,10 @@ class Registry:
                 self._priorities[name] = priority
             self.generation += 1
 
+    def has_overrides(self) -> bool:
+        """Whether the user overrode any backend's priority in this process."""
+        return bool(self._priorities)
+
     def by_priority(self) -> list[str]:
         """Names of the backends that load, highest priority first (ties by name)."""
         loadable = []

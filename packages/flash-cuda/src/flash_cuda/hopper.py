@@ -436,6 +436,63 @@ def _tensor_map(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> Any:
     return _encoded_map(t.data_ptr(), dtype, dims, tuple(_map_strides(t)), box, variant.swizzle)
 
 
+def problem_reasons(
+    *,
+    capability: tuple[int, int],
+    dtype: Any,
+    head_dim: int,
+    heads_q: int,
+    heads_kv: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    total_q: int,
+    total_k: int,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    scale: float,
+) -> list[str]:
+    """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
+    looking at any tensor's layout (:func:`layout_reasons`)."""
+    import torch
+
+    reasons = []
+    if capability != (9, 0):
+        reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {dtype}: float16 or bfloat16 only")
+    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
+        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
+    if heads_kv <= 0 or heads_q % heads_kv:
+        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
+    if scale <= 0 or not math.isfinite(scale):
+        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
+    if softcap < 0 or not math.isfinite(softcap):
+        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
+    if total_k == 0:
+        reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
+    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
+        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
+        config = config_for(head_dim, window, seqlen_k)
+        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
+            reasons.append("more than 2^31 - 1 tiles")
+    return reasons
+
+
+def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], item: int, address: int) -> list[str]:
+    """Why TMA cannot read the canonical ``(b, s, h, d)`` tensor ``name`` of this geometry (empty: it can)."""
+    if strides[-1] != 1:
+        return [f"{name} has stride {strides[-1]} along head_dim: TMA needs unit stride"]
+    if any(s == 0 and n > 1 for s, n in zip(strides[:3], shape[:3])):
+        return [f"{name} has a broadcast (stride-0) dimension: TMA needs real strides"]
+    if address % 16 or any((s * item) % 16 for s, n in zip(strides[:3], shape[:3]) if n > 1):
+        return [f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that"]
+    if any(s * item >= 1 << 40 for s in strides[:3]):
+        return [f"{name}: a stride of 2^40 bytes or more (TMA)"]
+    return []
+
+
 def unsupported_reasons(
     q: Any,
     k: Any,
@@ -461,46 +518,22 @@ def unsupported_reasons(
     """
     import torch
 
-    reasons = []
     if q.device.type != "cuda":
         return [f"tensors on {q.device}: the Hopper kernel runs on CUDA GPUs"]
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability != (9, 0):
-        reasons.append(f"{q.device} is sm_{capability[0]}{capability[1]}: the kernel needs sm_90 (wgmma, TMA)")
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: float16 or bfloat16 only, all alike")
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    reasons = problem_reasons(
+        capability=torch.cuda.get_device_capability(q.device), dtype=q.dtype, head_dim=head_dim, heads_q=heads_q,
+        heads_kv=heads_kv, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
+        total_k=k.shape[1], window=window, softcap=softcap, scale=scale,
+    )  # fmt: skip
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
     if out.dtype != q.dtype or lse.dtype != torch.float32:
         reasons.append("out must have the inputs' dtype and lse float32")
-    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
-        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
-    if heads_kv <= 0 or heads_q % heads_kv:
-        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
-    if scale <= 0 or not math.isfinite(scale):
-        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
-    if softcap < 0 or not math.isfinite(softcap):
-        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        item = t.element_size()
-        if t.stride(-1) != 1:
-            reasons.append(f"{name} has stride {t.stride(-1)} along head_dim: TMA needs unit stride")
-            continue
-        if any(s == 0 and n > 1 for s, n in zip(t.stride()[:3], t.shape[:3])):
-            reasons.append(f"{name} has a broadcast (stride-0) dimension: TMA needs real strides")
-            continue
-        if t.data_ptr() % 16 or any((s * item) % 16 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
-            reasons.append(f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that")
-        elif any(s * item >= 1 << 40 for s in t.stride()[:3]):
-            reasons.append(f"{name}: a stride of 2^40 bytes or more (TMA)")
+        reasons += layout_reasons(name, tuple(t.shape), tuple(t.stride()), t.element_size(), t.data_ptr())
     if out.stride(-1) != 1 or out.data_ptr() % 4 or any(s % 2 for s in out.stride()[:3]):
         reasons.append("out: rows must be contiguous along head_dim and 4-byte aligned (pairs are stored as one word)")
-    total_q, total_k = q.shape[1], k.shape[1]
-    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
-        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
-    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
-        config = config_for(head_dim, window, seqlen_k)
-        batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
-            reasons.append("more than 2^31 - 1 tiles")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         reasons.append("cu_seqlens_q and cu_seqlens_k come together")
     elif cu_seqlens_q is not None and (

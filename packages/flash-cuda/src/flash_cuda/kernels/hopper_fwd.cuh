@@ -496,7 +496,7 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
 // ------------------------------------------------------------------ consumers
 
 // The consumer warpgroups' turn to issue products, passed round in order on named barriers
-// (measured: issuing without turns was 0.5-6% slower at every tile, PERF_NOTES.md).
+// (measured: issuing without turns was 0.4-6% slower at every tile, PERF_NOTES.md).
 template <int CONSUMERS>
 struct Turn {
   int wg;
