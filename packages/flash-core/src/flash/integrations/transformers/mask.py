@@ -8,8 +8,9 @@ every key is real.
 
 It also guards the patterns the attention function cannot express: transformers hands over the
 mask *pattern* as a composition of its own mask functions, and any piece other than causal,
-bidirectional, sliding-window and packed-sequence (which :mod:`.attention` reads from the position
-ids) raises :class:`NotImplementedError`: chunked attention (Llama 4), ``block_sequence_ids``,
+bidirectional, sliding-window and packed-sequence (which
+:mod:`~flash.integrations.transformers.attention` reads from the position ids) raises
+:class:`NotImplementedError`: chunked attention (Llama 4), ``block_sequence_ids``,
 ``or_mask_function``/``and_mask_function`` overlays (image tokens...), or anything unknown.
 """
 
