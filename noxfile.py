@@ -24,7 +24,9 @@ CORE = "packages/flash-core"
 BACKEND_PACKAGES = {"reference": [], "triton": ["packages/flash-triton"], "cuda": ["packages/flash-cuda[nvrtc]"]}
 ALL_BACKENDS = [pkg for pkgs in BACKEND_PACKAGES.values() for pkg in pkgs]
 BENCH = "packages/flash-bench"
-TEST_TOOLS = ["pytest>=8", "numpy"]
+TEST_TOOLS = ["pytest>=8", "pytest-xdist>=3", "numpy"]
+#: The transformers release the client tests run against (the GPU machine's; 5.4 is the oldest supported).
+TRANSFORMERS = "transformers==5.17.0"
 RUFF = "ruff==0.17.5"
 MYPY = "mypy==2.4.1"
 
@@ -58,9 +60,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Every test that can run on this machine, with every backend and the benchmarks installed."""
+    """Every test that can run on this machine, with every backend, the benchmarks and transformers
+    installed; spread over the machine's cores (pytest-xdist), a case's tests kept in one worker."""
     install(session, *ALL_BACKENDS, BENCH)
-    session.run("pytest", "tests", "-q", "-rs", *session.posargs, env=test_env())
+    session.install(TRANSFORMERS)
+    parallel = ["-n", "auto", "--dist", "loadgroup"]
+    session.run("pytest", "tests", "-q", "-rs", *parallel, *session.posargs, env=test_env())
 
 
 @nox.session
