@@ -29,6 +29,7 @@ from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendE
 from flash.inference import attention_with_kvcache, explain_kvcache
 from flash.kvspec import KVCacheSpec, build_kv_spec
 from flash.merge import merge_states
+from flash.padding import cu_seqlens_from_position_ids, pad, select_tokens, unpad, unpad_indices
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
@@ -53,14 +54,19 @@ __all__ = [
     "backends",
     "build_kv_spec",
     "build_spec",
+    "cu_seqlens_from_position_ids",
     "distributed",
     "explain",
     "explain_kvcache",
     "merge_states",
     "nn",
+    "pad",
     "register_backend",
     "scaled_dot_product_attention",
+    "select_tokens",
     "set_backend_priority",
+    "unpad",
+    "unpad_indices",
     "use_backend",
 ]
 
