@@ -212,9 +212,39 @@ class TestNotSupported:
         with pytest.raises(NotImplementedError, match="block_table"):
             fa.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, block_table=torch.zeros(1, 1, dtype=torch.int32))
 
-    def test_kvcache(self):
-        with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache"):
-            fa.flash_attn_with_kvcache(self.q, self.k, self.v)
+    def test_kvcache_leftpad_and_rotary_placements(self):
+        cache = torch.randn(2, 16, 2, 8)
+        q, new = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8)
+        cos, sin = torch.ones(20, 4), torch.zeros(20, 4)
+        with pytest.raises(NotImplementedError, match="cache_leftpad"):
+            fa.flash_attn_with_kvcache(
+                q, cache, cache, cache_seqlens=2, cache_leftpad=torch.zeros(2, dtype=torch.int32)
+            )
+        with pytest.raises(NotImplementedError, match="cache_seqlens"):  # flash-attn puts all three at one position
+            fa.flash_attn_with_kvcache(q, cache, cache, new, new, cos, sin, cache_seqlens=2)
+
+
+def test_kvcache_is_flash_attention_with_kvcache_under_flash_attn_names():
+    """Same result and same in-place append as flash.attention_with_kvcache, with flash-attn's defaults
+    (interleaved rotary) and its window convention."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 4, 16, generator=gen) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    caches = [torch.randn(6, 4, 2, 16, generator=gen) for _ in range(2)]
+    table = torch.tensor([[4, 0, 2], [1, 5, 3]], dtype=torch.int32)
+    lengths = torch.tensor([5, 9], dtype=torch.int32)
+    angles = torch.arange(12.0)[:, None] * torch.rand(8, generator=gen)[None, :]
+    theirs = [c.clone() for c in caches]
+    out, lse = fa.flash_attn_with_kvcache(
+        q, *theirs, k, v, angles.cos(), angles.sin(), cache_seqlens=lengths, block_table=table, causal=True,
+        window_size=(6, 3), return_softmax_lse=True,
+    )  # fmt: skip
+    want, want_lse = flash.attention_with_kvcache(
+        q, *caches, k, v, cache_seqlens=lengths, block_table=table, rotary_cos=angles.cos(), rotary_sin=angles.sin(),
+        rotary_interleaved=True, window=(6, 0), return_lse=True,
+    )  # fmt: skip
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert all(torch.equal(a, b) for a, b in zip(theirs, caches))
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,10 @@ Where flash-attn's behaviour cannot be reproduced the call raises, never approxi
   ``S_dmask`` only when ``dropout_p > 0`` (its kernels return an empty tensor otherwise), so
   with ``dropout_p == 0`` the result here is ``(out, lse, empty tensor)`` as there; with dropout,
   where the caller would expect the dropped probabilities, :class:`NotImplementedError`;
-* ``block_table`` (paged KV cache) and :func:`flash_attn_with_kvcache`: :class:`NotImplementedError`
-  (the KV-cache path comes later).
+* ``block_table`` (paged KV cache) in the varlen functions: :class:`NotImplementedError` (use
+  :func:`flash_attn_with_kvcache`, which takes paged caches); ``cache_leftpad`` in
+  :func:`flash_attn_with_kvcache`, and the rotary query placements where flash-attn and flash differ
+  (see the function).
 
 Differences: dropout draws a seed from PyTorch's default generator (``torch.manual_seed``
 reproduces it), and its mask differs from flash-attn's (each is a valid Bernoulli mask, see
@@ -24,8 +26,6 @@ also be float32 or float64 (they run on the reference backend).
 """
 
 from __future__ import annotations
-
-from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -192,9 +192,12 @@ def flash_attn_varlen_func(
 ) -> Result:
     """Attention of a packed batch: ``q`` (total_q, heads, head_dim), ``k``, ``v`` (total_k,
     heads_kv, head_dim), int32 offsets ``cu_seqlens_q/k`` (batch + 1). Masks apply per sequence.
-    ``softmax_lse`` is (heads, total_q). ``block_table`` (paged KV) is not supported yet."""
+    ``softmax_lse`` is (heads, total_q). ``block_table`` (a paged prefill) is not supported; paged
+    caches go through :func:`flash_attn_with_kvcache`."""
     if block_table is not None:
-        raise NotImplementedError("block_table: flash has no paged KV cache yet; pass block_table=None")
+        raise NotImplementedError(
+            "block_table: flash has no paged varlen prefill; flash_attn_with_kvcache takes paged caches"
+        )
     return _attend(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic, return_attn_probs=return_attn_probs,
@@ -249,9 +252,69 @@ def flash_attn_varlen_kvpacked_func(
     )  # fmt: skip
 
 
-def flash_attn_with_kvcache(*args: object, **kwargs: object) -> NoReturn:
-    """Not implemented yet: flash has no in-place KV-cache update path. Raises :class:`NotImplementedError`.
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    cache_seqlens: Tensor | int | None = None,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention against a KV cache, appending ``k``/``v`` in place first: :func:`flash.attention_with_kvcache`
+    with flash-attn's argument names, order and defaults (``rotary_interleaved=True``,
+    ``num_splits=0`` for automatic, ``cache_seqlens=None`` for a full cache).
 
-    Until then, append to the cache yourself and call :func:`flash_attn_func` (bottom-right causal
-    alignment makes ``seqlen_q < seqlen_k`` decoding correct)."""
-    raise NotImplementedError("flash_attn_with_kvcache: flash has no KV-cache path yet; see the function's docstring")
+    Rotary embeddings follow flash-attn: only with ``k`` and ``v``, and the new queries sit at the
+    positions of the new keys. Where flash-attn places queries differently from flash's bottom-right
+    rule (a non-causal, unwindowed call with several queries puts them all at ``cache_seqlens``; a
+    call with as many queries as new keys is the same in both), this raises
+    :class:`NotImplementedError`, as do ``cache_leftpad`` and ``alibi_slopes``."""
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: flash has no ALiBi yet; pass alibi_slopes=None")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad: flash's caches start at slot 0; pass cache_leftpad=None")
+    left, right = check_window(tuple(window_size) if isinstance(window_size, list) else window_size, "window_size")
+    if causal:  # flash-attn sets the right side to 0 under causal, whatever window_size says; causal does that here
+        right = -1
+    window = None if (left, right) == (-1, -1) else (left, right)
+    if rotary_cos is not None:
+        if k is None:
+            raise InvalidInputError(
+                "rotary_cos", "None unless k and v are given (flash-attn rotates new keys)", "a tensor"
+            )
+        local = causal or window is not None
+        if k.shape[1] != q.shape[1] and (local or q.shape[1] > 1):
+            raise NotImplementedError(
+                "rotary with a different number of queries and new keys: flash-attn's query positions "
+                "differ from flash's bottom-right ones there"
+            )
+        if not local and q.shape[1] > 1:
+            raise NotImplementedError(
+                "rotary without causal or window and several queries: flash-attn rotates them all at "
+                "cache_seqlens; flash at their own positions"
+            )
+    if cache_seqlens is None:  # flash-attn reads the whole cache
+        full = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+        cache_seqlens = full - (k.shape[1] if k is not None else 0)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise InvalidInputError("num_splits", "an int >= 0 (0: automatic)", repr(num_splits))
+    out, lse = flash.attention_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
+        cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, causal=causal, window=window, softcap=softcap, scale=softmax_scale,
+        num_splits=num_splits or None, return_lse=True,
+    )  # fmt: skip
+    return (out, lse) if return_softmax_lse else out
