@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import flash
 from flash.reference.naive import naive_attention
 from flash_bench import cli
 from flash_bench.base import Report
@@ -122,3 +123,53 @@ def test_naive_attention_is_attention(causal):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
     ).transpose(1, 2)
     torch.testing.assert_close(naive_attention(q, k, v, causal), expected)
+
+
+def test_decode_counts_the_bytes_a_step_must_move_and_pages_hold_the_same_keys():
+    from flash_bench.sections import decode
+
+    case = decode.Case(batch=2, length=37, page_size=5, heads_q=4, heads_kv=2, head_dim=8)
+    assert decode.step_bytes(case) == 2 * (2 * 2 * 37 * 2 * 8 + 2 * 2 * 4 * 8)
+    step = decode.make_step(case, torch.device("cpu"), torch.float32)
+    table, pool = step.options["block_table"], step.options["k_cache"]
+    for b in range(2):
+        for j in (0, 4, 5, 36):
+            assert torch.equal(pool[table[b, j // 5], j % 5], step.k[b, j])
+    out = flash.attention_with_kvcache(step.q, **step.options, backend="reference")
+    torch.testing.assert_close(out, flash.attention(step.q, step.k, step.v, backend="reference"))
+
+
+def test_decode_summary_gives_the_ratios_the_targets_name():
+    from flash_bench.sections import decode
+
+    def row(case: str, provider: str, gbps: float | None) -> dict:
+        return {"case": case, "provider": provider, "gbps": gbps, "copy_fraction": gbps / 4000 if gbps else None}
+
+    result = {
+        "copy_gbps": 4000.0,
+        "rows": [
+            row("b16 kv32768 contiguous", "triton", 3800.0),
+            row("b16 kv32768 contiguous", "sdpa-cudnn", 3900.0),
+            row("b16 kv32768 contiguous", "flex", None),
+            row("b16 kv32768 paged 16", "triton", 3500.0),
+        ],
+        "per_call": [
+            {
+                "case": "b16 kv32768 contiguous",
+                "backend": "triton",
+                "kernel_us": 500.0,
+                "eager_us": 540.0,
+                "graph_us": 505.0,
+                "eager_overhead_us": 40.0,
+                "graph_overhead_us": 5.0,
+            }
+        ],
+        "sweep": [{"block_n": 64, "num_stages": 4, "num_warps": 4, "gbps": 3850.0, "copy_fraction": 0.96}],
+    }
+    text = decode.summary(result)
+    assert max(map(len, text.splitlines())) <= 100
+    assert "95% of copy, 0.97x cuDNN" in text
+    assert "+8% vs contiguous (within 10%)" in text
+    assert "graph overhead over the kernel: +5.0 us (within the 15 us target)" in text
+    assert "eager overhead over the kernel: +40.0 us (above the 15 us target)" in text
+    assert "sweep best: 64 keys, 4 stages, 4 warps" in text
