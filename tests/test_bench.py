@@ -164,7 +164,16 @@ def test_decode_summary_gives_the_ratios_the_targets_name():
                 "graph_overhead_us": 5.0,
             }
         ],
-        "sweep": [{"block_n": 64, "num_stages": 4, "num_warps": 4, "gbps": 3850.0, "copy_fraction": 0.96}],
+        "sweep": [
+            {
+                "case": "b16 kv32768 contiguous",
+                "block_n": 64,
+                "num_stages": 4,
+                "num_warps": 4,
+                "gbps": 3850.0,
+                "copy_fraction": 0.96,
+            },
+        ],
     }
     text = decode.summary(result)
     assert max(map(len, text.splitlines())) <= 100
@@ -172,4 +181,4 @@ def test_decode_summary_gives_the_ratios_the_targets_name():
     assert "+8% vs contiguous (within 10%)" in text
     assert "graph overhead over the kernel: +5.0 us (within the 15 us target)" in text
     assert "eager overhead over the kernel: +40.0 us (above the 15 us target)" in text
-    assert "sweep best: 64 keys, 4 stages, 4 warps" in text
+    assert "sweep best, b16 kv32768 contiguous: 64 keys, 4 stages, 4 warps" in text

@@ -94,6 +94,11 @@ class _Compiler:
                 **{k: v for k, v in kwargs.items() if k.isupper()},
             }
             row.update(resources(kernel.asm["cubin"]))
+            dump = os.environ.get("FLASH_COMPILE_REPORT_DUMP")
+            if dump:  # the TTGIR of each kernel, to see what the software pipeliner made of its loads
+                path = os.path.join(dump, f"{self.fn.__name__}-{self.label.replace(' ', '_')}.ttgir")
+                with open(path, "w") as fh:
+                    fh.write(kernel.asm["ttgir"])
             RESULTS.append(row)
             print(_format(row), flush=True)
 
@@ -122,8 +127,73 @@ def _shim(arch: int, label: str):
         attention_backward_dkdv_kernel=_Compiler(bwd.attention_backward_dkdv_kernel, arch, label),
         attention_backward_dq_kernel=_Compiler(bwd.attention_backward_dq_kernel, arch, label),
     )
-    kernels = runtime.Kernels(fwd_mod, bwd_mod)
+    dec = runtime.kernels().decode
+    dec_mod = types.SimpleNamespace(**{name: _Compiler(getattr(dec, name), arch, label) for name in DECODE_KERNELS})
+    kernels = runtime.Kernels(fwd_mod, bwd_mod, dec_mod)
     return types.SimpleNamespace(kernels=lambda: kernels, interpreting=lambda: True)
+
+
+DECODE_KERNELS = ("kv_append_kernel", "kv_decode_kernel", "kv_combine_kernel")
+
+
+def run_decode(arch: int, label: str, head_dim: int = 128, splits: int = 4, **options) -> None:
+    """Compile the KV-cache kernels of a bf16 call: batch 16, GQA 32/8, 4096 keys, one new token;
+    ``options`` are :func:`flash.attention_with_kvcache`'s (``page_size`` makes the cache paged)."""
+    from flash import heuristics
+    from flash.backend import DecodeArgs
+    from flash.heuristics import decode as decode_heuristics
+    from flash.kvspec import build_kv_spec
+    from flash_triton import decode
+
+    batch, heads_q, heads_kv, capacity = 16, 32, 8, 4096
+    page = options.pop("page_size", None)
+    cache_dtype = options.pop("cache_dtype", torch.bfloat16)
+    rows = (batch * capacity // page, page) if page else (batch, capacity)
+    k_cache, v_cache = (torch.empty(*rows, heads_kv, head_dim, dtype=cache_dtype) for _ in range(2))
+    q = torch.empty(batch, options.pop("seqlen_q", 1), heads_q, head_dim, dtype=torch.bfloat16)
+    k = v = torch.empty(batch, q.shape[1], heads_kv, head_dim, dtype=torch.bfloat16)
+    lengths = torch.zeros(batch, dtype=torch.int32)
+    table = torch.zeros(batch, capacity // page, dtype=torch.int32) if page else None
+    if cache_dtype != torch.bfloat16:
+        options.update(k_descale=torch.ones(batch, heads_kv), v_descale=torch.ones(batch, heads_kv))
+    if options.pop("rotary", False):
+        options.update(rotary_cos=torch.ones(capacity, head_dim // 2), rotary_sin=torch.zeros(capacity, head_dim // 2))
+    if options.pop("sinks", False):
+        options["sinks"] = torch.zeros(heads_q)
+    spec = build_kv_spec(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=table, num_splits=splits,
+                         **{n: o for n, o in options.items() if n not in ("k_descale", "v_descale", "rotary_cos",
+                                                                        "rotary_sin", "sinks")},
+                         **{n: o for n, o in options.items() if n in ("k_descale", "v_descale", "rotary_cos",
+                                                                    "rotary_sin", "sinks")})  # fmt: skip
+    spec = __import__("dataclasses").replace(spec, device=torch.device("cuda"))
+    config = heuristics.lookup(TritonBackend(), f"sm_{arch}", "bf16", head_dim, spec.causal, "decode").config
+    del decode_heuristics
+    out = torch.empty_like(q)
+    lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
+    named = {n: options.get(n) for n in ("k_descale", "v_descale", "rotary_cos", "rotary_sin", "sinks")}
+    args = DecodeArgs(q, k_cache, v_cache, lengths, out, lse, k=k, v=v, block_table=table, **named)
+    real = decode.runtime
+    decode.runtime = _shim(arch, label)
+    try:
+        decode.decode(spec, args, config)
+    except Exception as error:
+        print(f"FAILED {label}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+    finally:
+        decode.runtime = real
+
+
+def decode_matrix(arch: int) -> int:
+    """The KV-cache kernels with every option once, with the table's configurations."""
+    run_decode(arch, "decode d128 4 splits")
+    run_decode(arch, "decode d128 1 split", splits=1)
+    run_decode(arch, "decode d64", head_dim=64)
+    run_decode(arch, "decode d256", head_dim=256)
+    run_decode(arch, "decode paged 16", page_size=16)
+    run_decode(arch, "decode paged 64 rotary", page_size=64, rotary=True)
+    run_decode(arch, "decode fp8 e4m3", cache_dtype=torch.float8_e4m3fn)
+    run_decode(arch, "decode window sinks", window=(1000, 0), sink_tokens=4, sinks=True, causal=True)
+    run_decode(arch, "decode 8 tokens softcap", seqlen_q=8, causal=True, softcap=30.0)
+    return 0
 
 
 def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt):
@@ -236,6 +306,7 @@ def main(argv=None):
     parser.add_argument(
         "--config", action="append", default=[], help="pass:json config to compile instead of the table's (repeatable)"
     )
+    parser.add_argument("--decode", action="store_true", help="compile the KV-cache kernels with every option")
     parser.add_argument(
         "--matrix",
         action="store_true",
@@ -247,6 +318,8 @@ def main(argv=None):
 
     if args.matrix:
         return matrix(args.arch)
+    if args.decode:
+        return decode_matrix(args.arch)
 
     from flash import heuristics
 

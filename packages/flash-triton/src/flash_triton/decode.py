@@ -41,6 +41,23 @@ def row_block(spec: KVCacheSpec, config: KernelConfig) -> int:
     return max(MIN_ROWS, min(1 << max(rows - 1, 0).bit_length(), config.block_m))
 
 
+def warps(spec: KVCacheSpec, config: KernelConfig) -> int:
+    """Warps of the decoding kernel: the configuration's, or its ``multi_token_warps`` for several new
+    tokens (more rows, and the NaN-safe products of masked tiles, need more registers)."""
+    if spec.seqlen_q > 1:
+        return int(config.option("multi_token_warps", config.num_warps))
+    return config.num_warps
+
+
+def stages(spec: KVCacheSpec, config: KernelConfig) -> int:
+    """Pipeline stages of the decoding kernel: the configuration's, or its ``paged_num_stages`` for a
+    paged cache (a load that takes its address from the block table's load is scheduled a stage
+    later, so the same depth of K/V tiles in flight needs more stages)."""
+    if spec.paged:
+        return int(config.option("paged_num_stages", config.num_stages))
+    return config.num_stages
+
+
 def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
     """Append, then fill ``args.out`` and ``args.lse``."""
     kern = runtime.kernels().decode
@@ -90,7 +107,7 @@ def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
         HEAD_DIM=spec.head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=config.block_n, NUM_SPLITS=splits,
         PAGED=spec.paged, BATCH_IDX=spec.batch_idx, HAS_LEFT=left != UNBOUNDED, HAS_RIGHT=right != UNBOUNDED,
         SOFTCAP=spec.softcap > 0, SINKS=spec.sinks, DESCALE=args.k_descale is not None,
-        MULTI_TOKEN=spec.seqlen_q > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        MULTI_TOKEN=spec.seqlen_q > 1, num_warps=warps(spec, config), num_stages=stages(spec, config),
     )  # fmt: skip
     if splits > 1:
         kern.kv_combine_kernel[(spec.seqlen_q, spec.heads_q, spec.batch)](

@@ -33,13 +33,14 @@ import contextlib
 import functools
 import gc
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 import flash
 from flash import cli, kvplan, timing
+from flash.heuristics import KernelConfig
 from flash.heuristics import decode as decode_heuristics
 from flash.registry import REGISTRY
 from flash_bench.base import Report, failure
@@ -239,7 +240,8 @@ def _graph(run: Callable[[], object]) -> Callable[[], object]:
 
 
 def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]:
-    """The ``triton`` backend's KV-cache kernel under other configurations, on ``case``."""
+    """The ``triton`` backend's KV-cache kernel under other configurations (tile keys, pipeline
+    stages, warps), on ``case``: what its heuristics table should say."""
     step = make_step(case, device, DTYPE)
     spec = kvplan.spec_of(
         kvplan.CallTensors(step.q, step.options["k_cache"], step.options["v_cache"], None, None,
@@ -248,17 +250,18 @@ def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]
         kvplan.CallOptions(False, False, None, 0.0, None, 0, None),
     )  # fmt: skip
     backend = REGISTRY.get("triton")
-    base = decode_heuristics.config_for(backend, spec)
+    base = decode_heuristics.config_for(backend, spec).to_json()
     out = torch.empty_like(step.q)
     lse = torch.empty(spec.lse_shape(), dtype=torch.float32, device=device)
     args = flash.DecodeArgs(step.q, step.options["k_cache"], step.options["v_cache"], step.options["cache_seqlens"],
                             out, lse, block_table=step.options.get("block_table"))  # fmt: skip
     rows = []
     for block_n in (32, 64, 128):
-        for stages in (2, 3, 4, 5):
-            for warps in (4, 8):
-                config = replace(base, block_n=block_n, num_stages=stages, num_warps=warps)
-                entry: dict[str, Any] = {"block_n": block_n, "num_stages": stages, "num_warps": warps}
+        for stages in (3, 4, 6, 8):
+            for warps in (4, 8) if block_n == 64 else (4,):
+                knobs = {"block_n": block_n, "num_stages": stages, "paged_num_stages": stages, "num_warps": warps}
+                config = KernelConfig.from_json({**base, **knobs})
+                entry: dict[str, Any] = {"case": case.label, **knobs}
                 try:
                     entry["ms"] = timing.measure(functools.partial(backend.decode, spec, args, config), device=device)
                     entry["gbps"] = step_bytes(case) / entry["ms"] / 1e6
@@ -267,7 +270,7 @@ def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]
                     entry["note"] = failure(error)
                 rows.append(entry)
                 found = f"{entry['gbps']:8.1f} GB/s" if "gbps" in entry else entry["note"][:60]
-                print(f"sweep {block_n:>4} keys {stages} stages {warps} warps: {found}", flush=True)
+                print(f"sweep {case.label}: {block_n:>4} keys {stages} stages {warps} warps: {found}", flush=True)
     return rows
 
 
@@ -328,12 +331,15 @@ def summary(result: dict[str, Any]) -> str:
                 over = entry[f"{mode}_overhead_us"]
                 verdict = "within" if over <= TARGET_OVERHEAD_US else "above"
                 lines.append(f"  {mode} overhead over the kernel: {over:+.1f} us ({verdict} the 15 us target)")
-    best = max((s for s in result["sweep"] if "gbps" in s), key=lambda s: s["gbps"], default=None)
-    if best:
-        lines.append(
-            f"sweep best: {best['block_n']} keys, {best['num_stages']} stages, {best['num_warps']} warps: "
-            f"{best['gbps']:.1f} GB/s ({best['copy_fraction']:.0%} of copy)"
+    for case in dict.fromkeys(s["case"] for s in result["sweep"]):
+        best = max(
+            (s for s in result["sweep"] if s["case"] == case and "gbps" in s), key=lambda s: s["gbps"], default=None
         )
+        if best:
+            lines.append(
+                f"sweep best, {case}: {best['block_n']} keys, {best['num_stages']} stages, {best['num_warps']} warps: "
+                f"{best['gbps']:.1f} GB/s ({best['copy_fraction']:.0%} of copy)"
+            )
     return "\n".join(line[:100] for line in lines)
 
 
@@ -356,7 +362,10 @@ def measure(
     print("\n".join(explained), flush=True)
     rows = throughput(cases, backends, peers, device, copy)
     calls = [per_call(cases[0], name, device) for name in backends]
-    swept = sweep(cases[0], device, copy) if do_sweep and "triton" in backends and device.type == "cuda" else []
+    swept = []
+    if do_sweep and "triton" in backends and device.type == "cuda":  # a contiguous and a paged cache
+        for case in [cases[0], *[c for c in cases if c.page_size][:1]]:
+            swept += sweep(case, device, copy)
     return {
         "copy_gbps": copy,
         "problem": {"heads_q": cases[0].heads_q, "heads_kv": cases[0].heads_kv, "head_dim": cases[0].head_dim},
