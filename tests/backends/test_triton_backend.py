@@ -96,6 +96,27 @@ def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> N
     assert any("tensors on cpu" in r for r in reasons(backend, "forward", _spec()))
 
 
+def _kv_spec(cache_dtype=torch.bfloat16, dtype=torch.bfloat16, **options):
+    from flash.kvspec import build_kv_spec
+
+    q = torch.randn(2, 1, 8, 64).to(dtype)
+    cache = torch.randn(2, 100, 2, 64).to(cache_dtype)
+    return build_kv_spec(q, cache, cache, cache_seqlens=5, **options)
+
+
+def test_declares_its_kv_cache_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = TritonBackend()
+    table = torch.zeros(2, 1, dtype=torch.int32)
+    paged = _kv_spec(block_table=table, window=(10, 0), sink_tokens=2, sinks=torch.zeros(8), softcap=5.0)
+    assert reasons(backend, "decode", paged) == []
+    assert any("float32" in r for r in reasons(backend, "decode", _kv_spec(torch.float32, torch.float32)))
+    fp8 = _kv_spec(torch.float8_e4m3fn, k_descale=torch.ones(()), v_descale=torch.ones(()))
+    assert reasons(backend, "decode", fp8) == []
+    monkeypatch.setattr("flash_triton.backend.device_capability", lambda device: (8, 0))
+    assert any("sm_89" in r for r in reasons(backend, "decode", fp8))
+
+
 def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     from flash.registry import REGISTRY
 
@@ -134,7 +155,7 @@ def test_table_covers_every_class(arch: str) -> None:
     for dtype in ("fp16", "bf16"):
         for head_dim in (16, 40, 64, 96, 128, 160, 256):
             for causal in (False, True):
-                for pass_ in ("forward", "backward"):
+                for pass_ in ("forward", "backward", "decode"):
                     entry = heuristics.lookup(TritonBackend(), arch, dtype, head_dim, causal, pass_)
                     assert entry.key.arch == arch
 
@@ -212,3 +233,25 @@ def test_tuning_candidates_vary_the_table_entry_and_fit_hopper(monkeypatch: pyte
     assert all(c.extra == base.extra for c in candidates)  # knobs such as the dQ tiles are kept
     assert any(budget(c, "sm_90", 128, 2, pass_).fits for c in candidates)
     assert backend.tuning_candidates(_spec(), pass_) == []  # the interpreter is not worth timing
+
+
+def test_kv_cache_kernels_compile_for_hopper_without_spills() -> None:
+    """The KV-cache kernels built for sm_90 by Triton's own compiler (no GPU needed) with the table's
+    configurations: every variant compiles, and none spills registers."""
+    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-triton", "scripts")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import compile_report as c; "
+        "c.run_decode(90, 'contiguous'); c.run_decode(90, 'paged', page_size=16); "
+        "c.run_decode(90, 'tokens', seqlen_q=8, causal=True, softcap=30.0); "
+        "c.run_decode(90, 'fp8', cache_dtype=__import__('torch').float8_e4m3fn); "
+        "import json; print(json.dumps(c.RESULTS))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0 and "FAILED" not in done.stdout, done.stdout + done.stderr
+    import json
+
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    kernels = {(r["kernel"], r["case"]) for r in rows}
+    assert len(kernels) == 12  # append, decode, combine for each of the four
+    assert all(r["ldl_stl"] == 0 and r["stack"] == 0 for r in rows), [r for r in rows if r["ldl_stl"]]
