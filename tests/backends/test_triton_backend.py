@@ -5,6 +5,7 @@ None of these run a kernel; they are fast on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -115,6 +116,8 @@ def test_declares_its_kv_cache_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert reasons(backend, "decode", fp8) == []
     monkeypatch.setattr("flash_triton.backend.device_capability", lambda device: (8, 0))
     assert any("sm_89" in r for r in reasons(backend, "decode", fp8))
+    huge = dataclasses.replace(_kv_spec(), seqlen_q=600_000)  # 4 x 600k rows in blocks of 16: past the grid
+    assert any("grid" in r for r in reasons(backend, "decode", huge))
 
 
 def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:

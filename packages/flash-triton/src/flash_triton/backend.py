@@ -30,6 +30,8 @@ FEATURES = frozenset(
 LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
 #: The KV-cache kernels' grid: splits x (KV heads x row blocks) x sequences; cache offsets are 64-bit.
 DECODE_LIMITS = Limits(batch=65535, heads=65535)
+#: CUDA's limit on a grid's second and third dimensions.
+GRID_LIMIT = 65535
 #: fp8 conversions in registers need Ada or Hopper.
 FP8_CAPABILITY = (8, 9)
 #: (block_m, block_n) tried by autotuning.
@@ -89,10 +91,22 @@ class TritonBackend(Backend):
         return _decode_support(runtime.interpreting())
 
     def decode_extra_reasons(self, spec: KVCacheSpec) -> list[str]:
+        from flash.heuristics import decode as decode_heuristics
+        from flash_triton.decode import MIN_ROWS, row_block
+
+        out = []
         found = device_capability(spec.device)
         if spec.is_fp8 and found is not None and found < FP8_CAPABILITY:
-            return [f"fp8 caches need sm_89 or newer ({spec.device} is sm_{found[0]}{found[1]})"]
-        return []
+            out.append(f"fp8 caches need sm_89 or newer ({spec.device} is sm_{found[0]}{found[1]})")
+        rows = spec.group_size * spec.seqlen_q
+        try:
+            block = row_block(spec, decode_heuristics.config_for(self, spec))
+        except LookupError:  # a dtype the table does not cover is refused by the declaration already
+            block = MIN_ROWS
+        blocks = -(-rows // block) * spec.heads_kv
+        if blocks > GRID_LIMIT:  # the grid's second dimension: KV heads x row blocks
+            out.append(f"{spec.heads_kv} KV heads x {rows} rows (GQA group x new tokens) exceed the kernel's grid")
+        return out
 
     def unavailable_reasons(self) -> list[str]:
         if not runtime.triton_installed():
