@@ -24,9 +24,12 @@ from flash.api import (
     set_backend_priority,
 )
 from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
+from flash.block_mask import BlockMask
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.spec import AttentionSpec, build_spec
+
+from flash import mods
 
 if TYPE_CHECKING:
     from flash import nn
@@ -37,6 +40,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackwardArgs",
+    "BlockMask",
     "FlashError",
     "ForwardArgs",
     "InvalidInputError",
@@ -47,6 +51,7 @@ __all__ = [
     "backends",
     "build_spec",
     "explain",
+    "mods",
     "nn",
     "register_backend",
     "scaled_dot_product_attention",

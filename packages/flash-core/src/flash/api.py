@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
@@ -9,10 +10,14 @@ from torch import Tensor
 
 from flash import dispatch, ops
 from flash.backend import Backend
+from flash.block_mask import BlockMask
 from flash.errors import InvalidInputError
-from flash.plan import plan_for, run_forward
+from flash.plan import CallMasks, plan_for, run_forward
 from flash.registry import REGISTRY, BackendInfo
 from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_window
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _needs_grad(*tensors: Tensor) -> bool:
@@ -42,6 +47,12 @@ def attention(
     return_lse: Literal[False] = ...,
     deterministic: bool = ...,
     check_values: bool | None = ...,
+    attn_mask: Tensor | None = ...,
+    alibi_slopes: Tensor | None = ...,
+    block_mask: BlockMask | None = ...,
+    score_mod: ScoreMod | None = ...,
+    score_mod_grad: ScoreMod | None = ...,
+    mask_mod: MaskMod | None = ...,
     backend: str = ...,
 ) -> Tensor: ...
 @overload
@@ -67,6 +78,12 @@ def attention(
     return_lse: Literal[True],
     deterministic: bool = ...,
     check_values: bool | None = ...,
+    attn_mask: Tensor | None = ...,
+    alibi_slopes: Tensor | None = ...,
+    block_mask: BlockMask | None = ...,
+    score_mod: ScoreMod | None = ...,
+    score_mod_grad: ScoreMod | None = ...,
+    mask_mod: MaskMod | None = ...,
     backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -93,6 +110,12 @@ def attention(
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention ``softmax(scale * q k^T) v``, computed the FlashAttention way.
@@ -124,10 +147,26 @@ def attention(
         check_values: check the values of ``cu_seqlens_q/k`` (a device-to-host copy when they are on
             a GPU). ``None`` (default): only where that costs no synchronisation, i.e. offsets in CPU
             memory; kernels clamp every offset they read either way.
+        attn_mask: a dense mask broadcastable to (batch, heads_q, seqlen_q, seqlen_k) (2 to 4 dims, any
+            axis of size 1), whatever the layout: boolean (True: the query sees the key) or float (added
+            to the scores; differentiable). Not with varlen or ``block_mask``.
+        alibi_slopes: float32 (heads_q,) or (batch, heads_q): ALiBi, ``-slope * |i + seqlen_k - seqlen_q - j|``
+            added to the score of query ``i`` and key ``j`` (flash-attn's definition).
+        block_mask: a :class:`flash.BlockMask` built once for these sizes: only its visited blocks are
+            computed, and its mask applies.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to every score after
+            softcap, ALiBi and an additive mask (contract: :mod:`flash.mods`).
+        score_mod_grad: ``d score_mod / d score`` with the same signature, for kernel backward passes.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True where the query sees the key. Alone it is
+            evaluated on every tile; a ``block_mask`` built from it skips the hidden ones.
         backend: ``"auto"`` or the name of a backend to force.
 
+    Every mask combines with the others (a key is seen only if each mask lets it through); see
+    :mod:`flash.terms` for the order of the score terms.
+
     Returns:
-        The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v.
+        The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v (and an
+        additive ``attn_mask`` that requires grad).
     """
     if return_lse is not True and return_lse is not False:
         raise InvalidInputError("return_lse", "a bool", repr(return_lse))
@@ -146,7 +185,9 @@ def attention(
         )
     if not dropout_p:
         dropout_seed = None
+    masks = CallMasks(attn_mask, alibi_slopes, block_mask, score_mod, score_mod_grad, mask_mod)
     if torch.compiler.is_compiling():
+        _no_masks_when_compiling(masks)
         left, right = window or (-1, -1)
         out, lse = ops.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale,
@@ -155,13 +196,22 @@ def attention(
     else:
         plan, spec = plan_for(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale, layout,
-            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values,
+            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values, masks,
         )  # fmt: skip
-        if grad:
-            out, lse = ops.AttentionFunction.apply(q, k, v, plan, spec, cu_seqlens_q, cu_seqlens_k)
+        if grad or (spec.mask is not None and spec.mask.requires_grad):
+            out, lse = ops.AttentionFunction.apply(q, k, v, plan, spec, cu_seqlens_q, cu_seqlens_k, attn_mask, masks)
         else:
-            out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
+            out, lse = run_forward(
+                plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, masks
+            )
     return (out, lse) if return_lse else out
+
+
+def _no_masks_when_compiling(masks: CallMasks) -> None:
+    """The torch.compile ops take no mask options yet: say so rather than drop them."""
+    for name, value in masks.options().items():
+        if value is not None:
+            raise InvalidInputError(name, "None under torch.compile (mask options run eagerly only, for now)", "a value")
 
 
 def attention_qkvpacked(
@@ -295,6 +345,12 @@ def explain(
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     backend: str = "auto",
 ) -> dispatch.Explanation:
     """Which backend would run the forward and the backward of this call, and why each other
@@ -305,7 +361,9 @@ def explain(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, deterministic=deterministic, check_values=check_values,
+        v_descale=v_descale, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod,
     )  # fmt: skip
     return dispatch.explain(spec, backend)
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from flash.plan import Plan, plan_for, run_backward, run_forward
+from flash.plan import CallMasks, Plan, plan_for, run_backward, run_forward
 from flash.spec import AttentionSpec, build_spec
 
 
@@ -32,18 +32,21 @@ class AttentionFunction(torch.autograd.Function):
         spec: AttentionSpec,
         cu_seqlens_q: Tensor | None,
         cu_seqlens_k: Tensor | None,
+        attn_mask: Tensor | None,
+        masks: CallMasks,
     ) -> tuple[Tensor, Tensor]:
-        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None)
+        # attn_mask is also an argument of its own so that autograd sees it (an additive mask may require grad).
+        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None, masks)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.plan, ctx.spec = plan, spec
+        ctx.plan, ctx.spec, ctx.masks = plan, spec, masks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv, dbias = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks)
+        return dq, dk, dv, None, None, None, None, dbias, None
 
 
 #: The ops' arguments after the tensors, in order (forward and backward take the same options).
@@ -139,7 +142,8 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     named = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "dout", "out", "lse")}
     plan, spec = _plan(q, k, v, named)
-    return run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    dq, dk, dv, _ = run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    return dq, dk, dv
 
 
 @attention_backward.register_fake

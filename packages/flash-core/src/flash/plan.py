@@ -13,6 +13,7 @@ share all of it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +21,10 @@ from torch import Tensor
 
 from flash import dispatch, heuristics
 from flash._cache import BoundedCache
-from flash.backend import Backend, BackwardArgs, ForwardArgs
+from flash.backend import Backend, BackwardArgs, ForwardArgs, MaskTensors
+from flash.block_mask import BlockMask
 from flash.heuristics import KernelConfig, autotune
+from flash.mask_checks import mask4
 from flash.spec import (
     AttentionSpec,
     build_spec,
@@ -64,6 +67,42 @@ class Plan:
 _plans: BoundedCache[tuple, Plan] = BoundedCache(1024)
 
 
+@dataclass(frozen=True)
+class CallMasks:
+    """The mask and score arguments of one call, as given (None: not used)."""
+
+    attn_mask: Tensor | None = None
+    alibi_slopes: Tensor | None = None
+    block_mask: BlockMask | None = None
+    score_mod: Callable[..., Tensor] | None = None
+    score_mod_grad: Callable[..., Tensor] | None = None
+    mask_mod: Callable[..., Tensor] | None = None
+
+    def options(self) -> dict[str, object]:
+        """Keyword arguments of :func:`flash.spec.build_spec`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def key(self) -> tuple:
+        """Their part of a plan key: tensor layouts, block-mask sizes, functions by identity; never values."""
+        mask, block = self.attn_mask, self.block_mask
+        grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+        block_key = None if block is None else (type(block), block.info, block.device)
+        return (
+            _tensor_key(mask), grad, _tensor_key(self.alibi_slopes), block_key,
+            self.score_mod, self.score_mod_grad, self.mask_mod,
+        )  # fmt: skip
+
+    def tensors(self) -> MaskTensors | None:
+        """What backends receive (the attn_mask as its 4-D view)."""
+        if self.attn_mask is None and self.alibi_slopes is None and self.block_mask is None:
+            return None
+        mask = None if self.attn_mask is None else mask4(self.attn_mask)
+        return MaskTensors(mask, self.alibi_slopes, self.block_mask)
+
+
+NO_MASKS = CallMasks()
+
+
 def forget() -> None:
     """Drop every cached plan (tests that swap a configuration in, or a backend's table)."""
     _plans.clear()
@@ -104,6 +143,7 @@ def plan_for(
     deterministic: bool,
     backend: str,
     check_values: bool | None,
+    masks: CallMasks = NO_MASKS,
 ) -> tuple[Plan, AttentionSpec]:
     """The plan of this call and its spec (the plan's, with this call's dropout seed).
 
@@ -124,7 +164,7 @@ def plan_for(
             spec = build_spec(
                 q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-                dropout_seed=dropout_seed, check_values=check, **options,
+                dropout_seed=dropout_seed, check_values=check, **options, **masks.options(),
             )  # fmt: skip
             max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
         key: tuple | None = (
@@ -133,6 +173,7 @@ def plan_for(
             *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
             *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
             dispatch.forced_backend(backend),
+            *masks.key(),
         )
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which
@@ -147,7 +188,7 @@ def plan_for(
         spec = build_spec(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            dropout_seed=dropout_seed, check_values=False, **options,
+            dropout_seed=dropout_seed, check_values=False, **options, **masks.options(),
         )  # fmt: skip
         plan = make_plan(dataclasses.replace(spec, dropout_seed=0), backend)
         if key is not None:
@@ -173,6 +214,7 @@ def run_forward(
     q_descale: Tensor | None,
     k_descale: Tensor | None,
     v_descale: Tensor | None,
+    masks: CallMasks = NO_MASKS,
 ) -> tuple[Tensor, Tensor]:
     """Allocate ``(out, lse)`` and run the plan's forward backend on them."""
     out = torch.empty(q.shape, dtype=spec.out_dtype, device=q.device)
@@ -193,6 +235,7 @@ def run_forward(
         q_descale=q_descale,
         k_descale=k_descale,
         v_descale=v_descale,
+        masks=masks.tensors(),
     )
     backend, config = plan.forward_run()
     if config is None:  # autotuning
@@ -213,11 +256,21 @@ def run_backward(
     lse: Tensor,
     cu_seqlens_q: Tensor | None,
     cu_seqlens_k: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``)."""
+    masks: CallMasks = NO_MASKS,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``).
+
+    The fourth result is the gradient of an additive ``attn_mask`` that requires grad (else None),
+    summed down to the mask's own shape.
+    """
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    wants_dbias = spec.mask is not None and spec.mask.requires_grad
+    dbias = None
+    if wants_dbias:
+        full = (spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+        dbias = torch.zeros(full, dtype=spec.lse_dtype, device=q.device)
     if plan.forward is None:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), _bias_grad(dbias, masks.attn_mask)
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()  # kernels take any strides but a unit one along head_dim
     backend, config = plan.backward_run()
@@ -236,9 +289,21 @@ def run_backward(
         dv=canonical(dv, spec),
         cu_seqlens_q=_contiguous(cu_seqlens_q),
         cu_seqlens_k=_contiguous(cu_seqlens_k),
+        masks=masks.tensors(),
+        dbias=dbias,
     )
     if config is None:  # autotuning
         autotune.ensure_tuned(backend, spec, "backward", lambda c: backend.backward(spec, args, c))
         config = heuristics.config_for(backend, spec, "backward")
     backend.backward(spec, args, config)
-    return dq, dk, dv
+    return dq, dk, dv, _bias_grad(dbias, masks.attn_mask)
+
+
+def _bias_grad(dbias: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """The (batch, heads, sq, sk) score gradient summed over the axes the mask broadcasts along."""
+    if dbias is None or mask is None:
+        return None
+    shape = mask4(mask).shape
+    axes = tuple(axis for axis in range(4) if shape[axis] == 1 and dbias.shape[axis] != 1)
+    summed = dbias.sum(dim=axes, keepdim=True) if axes else dbias
+    return summed.reshape(mask.shape).to(mask.dtype)
