@@ -4,7 +4,7 @@ Everything here runs per call, so it stays cheap: strides and scalars are read o
 the canonical views (no copies), descriptors are small host objects, and the kernels are
 imported once (:func:`flash_triton.runtime.kernels`).
 
-The configuration (block sizes, warps, stages, TMA, atomic dQ) comes from the plan (the backend's
+The configuration (block sizes, warps, stages, TMA) comes from the plan (the backend's
 heuristics table, or autotuning) through the caller. If a configuration fails to compile on this
 GPU and Triton version (out of shared memory, a Hopper feature the compiler rejects), the next
 simpler one on a fixed ladder is tried, the one that works is remembered for the process, and a
@@ -29,6 +29,7 @@ from flash.backend import BackwardArgs, ForwardArgs
 from flash.heuristics import KernelConfig
 from flash.spec import UNBOUNDED, AttentionSpec
 from flash_triton import runtime, tma
+from flash_triton.mask_args import MaskArgs, Walk, fit_tiling, mask_args
 
 LOG2E = math.log2(math.e)
 PREPROCESS_BLOCK_M = 64
@@ -209,6 +210,21 @@ def forward_tiling(config: KernelConfig) -> Tiling:
     )
 
 
+def _masks(spec: AttentionSpec, masks, t: Tiling, walk: Walk, dummy: torch.Tensor) -> MaskArgs:
+    mods = runtime.kernels().mods
+
+    def translate(fn, argument: str):
+        return mods.translated(fn, argument, spec.device)
+
+    return mask_args(spec, masks, t, walk, dummy, translate)
+
+
+def _key(pass_: str, spec: AttentionSpec, p: Problem, m: MaskArgs) -> tuple:
+    flags = tuple(sorted((name, value if isinstance(value, (int, bool)) else id(value)) for name, value in m.flags.items()))
+    return (pass_, spec.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type,
+            flags)  # fmt: skip
+
+
 def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Tiling:
     """Fill ``args.out`` and ``args.lse``. Returns the tiling that ran."""
     kern = runtime.kernels().forward
@@ -218,29 +234,30 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         out.zero_()
         lse.fill_(float("-inf"))
         return forward_tiling(config)
+    first = fit_tiling(forward_tiling(config), spec, args.masks, "keys")
+    masks = _masks(spec, args.masks, first, "keys", lse)
 
     def launch(t: Tiling) -> None:
+        m = masks if t == first else _masks(spec, args.masks, t, "keys", lse)
         k_map = _tma_map(spec, p, k, t.block_n) if t.tma else None
         v_map = _tma_map(spec, p, v, t.block_n) if t.tma else None
         use_tma = k_map is not None and v_map is not None
-        k_desc, k_rb, k_rh, k_ch = _desc(k, k_map if use_tma else None, t.block_n, p)
-        v_desc, v_rb, v_rh, v_ch = _desc(v, v_map if use_tma else None, t.block_n, p)
+        k_desc, *k_rc = _desc(k, k_map if use_tma else None, t.block_n, p)
+        v_desc, *v_rc = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
         kern.attention_forward_kernel[grid](
-            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc,
-            *strides3(q, p.varlen), *strides3(k, p.varlen), *strides3(v, p.varlen), *strides3(out, p.varlen),
-            *lse_strides(lse, p.varlen),
-            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
-            k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
+            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(),
+            strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
+            lse_strides(lse, p.varlen), *m.strides(),
+            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size, tuple(k_rc), tuple(v_rc),
             p.scale_log2, p.softcap_scale, p.softcap_log2, p.left, p.right,
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, **_options(t),
+            REVERSE=p.reverse, **m.flags, **_options(t),
         )  # fmt: skip
 
-    key = ("forward", q.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type)
-    return launch_with_fallback(key, forward_tiling(config), launch)
+    return launch_with_fallback(_key("forward", spec, p, masks), first, launch)
 
 
 # ----------------------------------------------------------------------------- backward

@@ -16,13 +16,19 @@ import threading
 from types import ModuleType
 from typing import NamedTuple
 
-_KERNEL_MODULES = ("flash_triton.tiles", "flash_triton.forward_kernel", "flash_triton.backward_kernels")
+_KERNEL_MODULES = (
+    "flash_triton.tiles",
+    "flash_triton.mods",
+    "flash_triton.forward_kernel",
+    "flash_triton.backward_kernels",
+)
 _lock = threading.Lock()
 
 
 class Kernels(NamedTuple):
     forward: ModuleType
     backward: ModuleType
+    mods: ModuleType
 
 
 def interpreting() -> bool:
@@ -73,4 +79,5 @@ def kernels() -> Kernels:
     return Kernels(
         importlib.import_module("flash_triton.forward_kernel"),
         importlib.import_module("flash_triton.backward_kernels"),
+        importlib.import_module("flash_triton.mods"),
     )
