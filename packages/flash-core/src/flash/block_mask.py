@@ -38,8 +38,9 @@ def _check_block_size(block_size: object) -> tuple[int, int]:
 def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]) -> torch.Tensor:
     """int8 (B, H, query blocks, key blocks) of HIDDEN/PARTIAL/FULL for a boolean (B, H, Sq|1, Sk|1) mask.
 
-    A query axis of size 1 (a key-padding mask, the same for every query) stays one block row;
-    blocks that reach past the end of the sequence are never FULL (kernels mask their tail).
+    A query axis of size 1 (a key-padding mask, the same for every query) stays one block row.
+    Blocks that reach past the end of the sequence on either axis are never FULL: the kernels
+    mask their tails (and the backward walks query blocks as the forward walks key blocks).
     """
     bm, bn = block_size
     m = mask.expand(*mask.shape[:3], seqlen_k)
@@ -50,8 +51,6 @@ def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: t
     tiles = padded.unflatten(3, (n_k, bn)).unflatten(2, (n_q, -1))  # (B, H, nQ, rows, nK, bn)
     seen = tiles.amax(dim=(3, 5)) > 0
     full = tiles.amin(dim=(3, 5)) > 0
-    if rows > 1 and pad_q:  # the last query block's padding rows are never stored: they do not count
-        full[:, :, -1] = tiles[:, :, -1, : bm - pad_q].amin(dim=(2, 4)) > 0
     return torch.where(full, FULL, torch.where(seen, PARTIAL, HIDDEN)).to(torch.int8)
 
 
@@ -73,10 +72,13 @@ class BlockLists:
     q_indices: torch.Tensor  # (B, H, nK, 2, nQ)
 
 
-def block_lists(states: torch.Tensor, n_q: int) -> BlockLists:
-    """The kernels' lists of ``states``; ``n_q`` query blocks when the state rows are broadcast."""
+def block_lists(states: torch.Tensor, seqlen_q: int, block_rows: int) -> BlockLists:
+    """The kernels' lists of ``states`` (whose rows may be one broadcast row) for ``seqlen_q`` queries."""
     kv_counts, kv_indices = _lists(states)
-    transposed = states.expand(*states.shape[:2], n_q, states.shape[3]).transpose(2, 3)
+    n_q = -(-seqlen_q // block_rows)
+    transposed = states.expand(*states.shape[:2], n_q, states.shape[3]).transpose(2, 3).clone()
+    if seqlen_q % block_rows:  # a broadcast row says nothing of the tail query block: it is partial at most
+        transposed[..., -1] = transposed[..., -1].clamp(max=PARTIAL)
     q_counts, q_indices = _lists(transposed)
     return BlockLists(kv_counts, kv_indices, q_counts, q_indices)
 
@@ -118,8 +120,7 @@ class BlockMask:
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self.mask_mod, self.dense = mask_mod, dense
         self.states = states
-        n_q = -(-seqlen_q // block_size[0])
-        self.lists = block_lists(states, n_q)
+        self.lists = block_lists(states, seqlen_q, block_size[0])
         visited = (states != HIDDEN).sum().item()
         self.density = float(visited) / max(1, states.numel())
         self.info = BlockMaskInfo(

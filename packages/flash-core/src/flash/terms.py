@@ -74,7 +74,7 @@ class Terms:
             assert t.attn_mask is not None
             s = s + _mask_block(t.attn_mask, r, False).to(s.dtype)
         if spec.score_mod is not None:
-            s = spec.score_mod(s, r.b, r.h, r.i, r.j)
+            s = spec.score_mod(s, r.b, r.h, r.i, r.j).to(s.dtype)
         return s
 
     def score_mod_derivative(self, s: torch.Tensor, r: Region) -> torch.Tensor:

@@ -31,6 +31,7 @@ from flash_triton.tiles import (
     block_range,
     dropout_keep,
     dropout_row_hash,
+    head_terms,
     score_tile,
     sequence_bounds,
     visible_dot,
@@ -183,11 +184,7 @@ def attention_forward_kernel(
                   True)  # fmt: skip
 
     seq = (b, h, len_q, len_k, len_k - len_q)
-    slope_log2 = 0.0
-    if ALIBI:
-        slope_log2 = tl.load(Alibi + b * a_str[0] + h * a_str[1]) * 1.4426950408889634
-    mask_ptr = Mask + b64 * m_str[0] + h64 * m_str[1]
-    terms = (scale_log2, softcap_scale, softcap_log2, slope_log2, mask_ptr, m_str[2], m_str[3])
+    terms = head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI)
     head_hash = 0
     if DROPOUT:
         head_hash = dropout_row_hash(seed_lo, seed_hi, b, h)

@@ -71,7 +71,7 @@ def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) 
     if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None:
         side = max(block_m, block_n)
         states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (side, side))
-        return block_lists(states, -(-spec.seqlen_q // side)), side, side
+        return block_lists(states, spec.seqlen_q, side), side, side
     return None
 
 

@@ -203,6 +203,17 @@ def block_list(Counts, Indices, b, h, row, c_str, i_str):
 
 
 @triton.jit
+def head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI: tl.constexpr):
+    """The ``terms`` tuple of sequence ``b``, query head ``h``: ``m_str`` are the mask's (batch, head,
+    query, key) strides, ``a_str`` ALiBi's (batch, head)."""
+    slope_log2 = 0.0
+    if ALIBI:
+        slope_log2 = tl.load(Alibi + b * a_str[0] + h * a_str[1]) * LOG2E
+    mask_ptr = Mask + b.to(tl.int64) * m_str[0] + h.to(tl.int64) * m_str[1]
+    return scale_log2, softcap_scale, softcap_log2, slope_log2, mask_ptr, m_str[2], m_str[3]
+
+
+@triton.jit
 def score_tile(
     qk, rows, cols, seq, win, terms,
     MASKED: tl.constexpr, GRAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,

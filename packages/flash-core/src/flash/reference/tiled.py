@@ -157,7 +157,7 @@ class _Tiles:
         pre_mod = self._by_head(s)
         if spec.score_mod is not None:  # the terms before score_mod, then score_mod, kept apart for the backward
             pre_mod = Terms(dataclasses.replace(spec, score_mod=None), self.terms.tensors).add(pre_mod, where)
-            final = spec.score_mod(pre_mod, where.b, where.h, where.i, where.j)
+            final = spec.score_mod(pre_mod, where.b, where.h, where.i, where.j).to(pre_mod.dtype)
         else:
             final = pre_mod = self.terms.add(pre_mod, where)
         return Scores(s, self._stacked(pre_mod), self._stacked(final).contiguous())
