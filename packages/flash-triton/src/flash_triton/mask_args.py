@@ -2,7 +2,7 @@
 
 Block lists come from the call's :class:`flash.BlockMask`, or, for a dense boolean ``attn_mask``,
 from :func:`flash.block_mask.block_states` run on it per call (one torch reduction over the mask,
-with blocks as large as the launch's largest tile side, so that every kernel tile fits in one).
+with the launch's own tile as the block).
 A padding mask (one row for every query, shape (batch, 1, 1, seqlen_k)) is summarised per key
 block only: padded key blocks are skipped outright, as the variable-length path would, without
 packing the tensors.
@@ -69,9 +69,8 @@ def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) 
         rows, cols = masks.block_mask.block_size
         return masks.block_mask.lists, rows, cols
     if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None:
-        side = max(block_m, block_n)
-        states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (side, side))
-        return block_lists(states, spec.seqlen_q, side), side, side
+        states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (block_m, block_n))
+        return block_lists(states, spec.seqlen_q, block_m), block_m, block_n
     return None
 
 

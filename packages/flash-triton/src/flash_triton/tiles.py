@@ -153,39 +153,38 @@ def walk(
             carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
                          SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
     else:
+        # One flat loop per list (a block of the list is SUBS walked blocks): one tile body per loop, so
+        # the loop pipelines as the dense one does and shared memory holds one set of buffers.
+        SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK
         n_partial, n_full, partial, full = lists
-        for i in range(n_partial):
-            block = tl.load(partial + i)
-            for sub in tl.static_range(SPARSE_BLOCK // BLOCK):
-                s = block * SPARSE_BLOCK + sub * BLOCK
-                if HAS_LEFT or HAS_RIGHT:
-                    visit, _ = window_tile(s, BLOCK, bounds)
-                    if visit:
-                        carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
-                                     TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                     BIAS_GRAD)  # fmt: skip
-                else:
+        for i in range(n_partial * SUBS):
+            s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if HAS_LEFT or HAS_RIGHT:
+                visit, _ = window_tile(s, BLOCK, bounds)
+                if visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
-        for i in range(n_full):
-            block = tl.load(full + i)
-            for sub in tl.static_range(SPARSE_BLOCK // BLOCK):
-                s = block * SPARSE_BLOCK + sub * BLOCK
-                if HAS_LEFT or HAS_RIGHT or ELEMENTWISE:  # the block may still need a mask: decide per block
-                    visit, in_window = window_tile(s, BLOCK, bounds)
-                    if ELEMENTWISE:
-                        in_window = in_window & False
-                    if in_window:
-                        carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
-                                     TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                     BIAS_GRAD)  # fmt: skip
-                    elif visit:
-                        carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
-                                     TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                     BIAS_GRAD)  # fmt: skip
-                else:  # no branch: the loop pipelines like the dense one
+            else:
+                carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+        for i in range(n_full * SUBS):
+            s = tl.load(full + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if ELEMENTWISE:  # a mask beyond the list's: every block is partial
+                visit, _ = window_tile(s, BLOCK, bounds)
+                if visit:
+                    carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+            elif HAS_LEFT or HAS_RIGHT:  # full for the list, maybe not for the window: decide per block
+                visit, in_window = window_tile(s, BLOCK, bounds)
+                if in_window:
                     carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                elif visit:
+                    carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+            else:  # no branch: the loop pipelines like the dense one
+                carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
     return carry
 
 
