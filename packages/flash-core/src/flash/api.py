@@ -268,15 +268,16 @@ def scaled_dot_product_attention(
     """A drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
 
     Same signature, layout (..., heads, seqlen, head_dim) and semantics, including PyTorch's
-    *top-left* causal mask (query ``i`` sees keys ``j <= i``). Calls that the FlashAttention spec
-    expresses run through :func:`attention`: no mask, or ``is_causal`` with seqlen_q >= seqlen_k
-    (top-left causal is the spec's causal when the lengths are equal, and the window
-    ``(-1, seqlen_q - seqlen_k)`` when there are more queries). An explicit ``attn_mask``, top-left
-    causal with fewer queries than keys, and differing value/query head dims fall back to
-    PyTorch's own implementation, so the result always has PyTorch's semantics.
+    *top-left* causal mask (query ``i`` sees keys ``j <= i``). Everything runs through
+    :func:`attention`: an ``attn_mask`` (boolean, True: take part; or float, added) on the kernels
+    (a boolean one skips the tiles it hides, a padding mask of shape (batch, 1, 1, seqlen_k) the
+    padded key blocks), top-left causal as the spec's causal mask or window, or as a mask function
+    when there are fewer queries than keys. Only two cases still run PyTorch's own
+    implementation: value and query head dims that differ (or exceed 256), and ``attn_mask``
+    together with ``is_causal`` (PyTorch raises its own error) or with more than 4 query dims.
 
-    Dropout draws its seed from PyTorch's default generator; its mask differs from PyTorch's
-    (each is a valid Bernoulli mask).
+    Rows that see no key give 0 where PyTorch gives NaN. Dropout draws its seed from PyTorch's
+    default generator; its mask differs from PyTorch's (each is a valid Bernoulli mask).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -284,9 +285,9 @@ def scaled_dot_product_attention(
         if t.dim() < 3:
             raise InvalidInputError(name, "a tensor of at least 3 dims (..., seqlen, head_dim)", f"{t.dim()}-D")
     q_len, k_len = query.shape[-2], key.shape[-2]
-    expressible = attn_mask is None and (not is_causal or q_len >= k_len)
-    expressible = expressible and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
-    expressible = expressible and value.shape[-1] == query.shape[-1] <= 256
+    expressible = query.dim() == key.dim() == value.dim() and value.shape[-1] == query.shape[-1] <= 256
+    if attn_mask is not None:
+        expressible = expressible and not is_causal and query.dim() <= 4
     if not expressible:
         return _torch_sdpa(
             query,
@@ -304,23 +305,33 @@ def scaled_dot_product_attention(
         )
     if query.dim() == 3:  # (batch, seqlen, dim) is one head
         q4, k4, v4 = (t.unsqueeze(1) for t in (query, key, value))
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch, sq, sk): the head axis goes in between
+            attn_mask = attn_mask.unsqueeze(1)
     else:  # fold any leading dims into the batch
         q4, k4, v4 = (t.reshape((-1, *tuple(t.shape[-3:]))) for t in (query, key, value))
     window = (-1, q_len - k_len) if is_causal and q_len > k_len else None
+    top_left = _top_left_causal if is_causal and q_len < k_len else None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p else None
     out = attention(
         q4,
         k4,
         v4,
         layout="bhsd",
-        causal=is_causal and window is None,
+        causal=is_causal and window is None and top_left is None,
         window=window,
         scale=scale,
         dropout_p=dropout_p,
         dropout_seed=seed,
+        attn_mask=attn_mask,
+        mask_mod=top_left,
     )
     assert isinstance(out, Tensor)
     return out.squeeze(1) if query.dim() == 3 else out.reshape(query.shape[:-1] + out.shape[-1:])
+
+
+def _top_left_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """PyTorch's causal mask (aligned top-left) where flash's bottom-right one differs."""
+    return kv_idx <= q_idx
 
 
 def explain(

@@ -55,7 +55,13 @@ def sparse_block(spec: AttentionSpec, masks: MaskTensors | None) -> tuple[int, i
 
 
 def fit_tiling(tiling: Any, spec: AttentionSpec, masks: MaskTensors | None, walk: Walk) -> Any:
-    """``tiling`` with tiles no larger than the block mask's blocks (kernel tiles must divide them)."""
+    """``tiling`` with tiles no larger than the block mask's blocks (kernel tiles must divide them).
+
+    The dK/dV kernel with an additive mask keeps 2 stages: its float32 mask tiles would take it past
+    Hopper's 227 KB of shared memory with 3 (scripts/compile_report.py --masks).
+    """
+    if walk == "queries" and spec.mask is not None and spec.mask.kind == "bias":
+        tiling = replace(tiling, num_stages=min(tiling.num_stages, 2))
     block = sparse_block(spec, masks)
     if block is None:
         return tiling
