@@ -32,8 +32,8 @@ from triton.runtime.jit import create_function_from_signature
 from flash import mods as torch_mods
 from flash.backend import BackwardArgs, ForwardArgs
 from flash.block_mask import BlockMask
-from flash.plan import CallMasks
 from flash.heuristics import KernelConfig
+from flash.plan import CallMasks
 from flash.spec import build_spec, canonical, canonical_lse
 from flash_triton import launch, runtime
 from flash_triton.backend import TritonBackend
@@ -106,7 +106,17 @@ class _Compiler:
 def _format(row: dict) -> str:
     flags = ",".join(
         k.lower()
-        for k in ("TMA", "WARP_SPECIALIZE", "SOFTCAP", "DROPOUT", "VARLEN", "ALIBI", "SPARSE", "BIAS_GRAD", "ELEMENTWISE")
+        for k in (
+            "TMA",
+            "WARP_SPECIALIZE",
+            "SOFTCAP",
+            "DROPOUT",
+            "VARLEN",
+            "ALIBI",
+            "SPARSE",
+            "BIAS_GRAD",
+            "ELEMENTWISE",
+        )
         if row.get(k)
     )
     return (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from flash import mods
 from flash._version import __version__
 from flash.api import (
     attention,
@@ -28,8 +29,6 @@ from flash.block_mask import BlockMask
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.spec import AttentionSpec, build_spec
-
-from flash import mods
 
 if TYPE_CHECKING:
     from flash import nn

@@ -211,7 +211,9 @@ def _no_masks_when_compiling(masks: CallMasks) -> None:
     """The torch.compile ops take no mask options yet: say so rather than drop them."""
     for name, value in masks.options().items():
         if value is not None:
-            raise InvalidInputError(name, "None under torch.compile (mask options run eagerly only, for now)", "a value")
+            raise InvalidInputError(
+                name, "None under torch.compile (mask options run eagerly only, for now)", "a value"
+            )
 
 
 def attention_qkvpacked(
@@ -248,7 +250,7 @@ def attention_qkvpacked(
         cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=dropout_p,
         dropout_seed=dropout_seed, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
         backend=backend,
-    )  # type: ignore[call-overload]  # fmt: skip
+    )  # type: ignore[call-overload,misc]  # fmt: skip
 
 
 # Captured at import: a caller may install this module's function in its place.

@@ -141,9 +141,9 @@ class BackwardArgs:
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     masks: MaskTensors | None = None
-    #: float32 (float64 for float64 inputs) (batch, heads_q, seqlen_q, seqlen_k), zeroed, when ``spec.mask.requires_grad``: the
-    #: backward writes the gradient of the scores after the additive mask (core sums it down to the
-    #: mask's broadcast shape).
+    #: When ``spec.mask.requires_grad``: zeros (batch, heads_q, seqlen_q, seqlen_k) in the LSE's dtype,
+    #: where the backward writes the gradient of the scores after the additive mask (core sums it
+    #: down to the mask's broadcast shape).
     dbias: torch.Tensor | None = None
 
 

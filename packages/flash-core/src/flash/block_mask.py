@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -28,11 +29,12 @@ MaskMod = Callable[..., torch.Tensor]
 
 
 def _check_block_size(block_size: object) -> tuple[int, int]:
-    ok = isinstance(block_size, (tuple, list)) and len(block_size) == 2
-    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) and x >= 16 and x & (x - 1) == 0 for x in block_size)
-    if not ok:
+    from flash.spec import _int_pair
+
+    pair = cast("tuple[int, int]", block_size)
+    if not _int_pair(block_size) or not all(x >= 16 and x & (x - 1) == 0 for x in pair):
         raise InvalidInputError("block_size", "a pair of powers of two >= 16 (rows, cols)", repr(block_size))
-    return int(block_size[0]), int(block_size[1])
+    return pair
 
 
 def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]) -> torch.Tensor:

@@ -61,7 +61,9 @@ def _check_attn_mask(
     if not isinstance(mask, torch.Tensor):
         raise InvalidInputError("attn_mask", "a torch.Tensor or None", type(mask).__name__)
     if varlen:
-        raise InvalidInputError("attn_mask", "None with cu_seqlens (a varlen batch has no dense score matrix)", "a tensor")
+        raise InvalidInputError(
+            "attn_mask", "None with cu_seqlens (a varlen batch has no dense score matrix)", "a tensor"
+        )
     if mask.device != device:
         raise InvalidInputError("attn_mask", f"device {device} (same as q)", str(mask.device))
     if mask.dtype != torch.bool and mask.dtype not in BIAS_DTYPES:
@@ -112,7 +114,9 @@ def _probe(name: str, fn: Callable[..., Any], params: int) -> None:
     try:
         out = fn(*args)
     except Exception as error:
-        raise InvalidInputError(name, "a function of torch tensors (see flash.mods)", f"{type(error).__name__}: {error}") from error
+        raise InvalidInputError(
+            name, "a function of torch tensors (see flash.mods)", f"{type(error).__name__}: {error}"
+        ) from error
     if not isinstance(out, torch.Tensor) or torch.broadcast_shapes(out.shape, (2, 2)) != (2, 2):
         raise InvalidInputError(name, "a tensor broadcastable to the score tile", type(out).__name__)
     if params == 4 and out.dtype != torch.bool:
@@ -139,7 +143,9 @@ def _check_block_mask(
         )
     if info.batch not in (1, batch) or info.heads not in (1, heads):
         raise InvalidInputError(
-            "block_mask", f"one built for batch 1|{batch} and heads 1|{heads}", f"batch {info.batch}, heads {info.heads}"
+            "block_mask",
+            f"one built for batch 1|{batch} and heads 1|{heads}",
+            f"batch {info.batch}, heads {info.heads}",
         )
     return info
 

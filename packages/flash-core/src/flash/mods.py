@@ -80,7 +80,7 @@ def sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(_t(x))
 
 
-def abs(x: torch.Tensor) -> torch.Tensor:  # noqa: A001 - the name users expect in a mod's body
+def abs(x: torch.Tensor) -> torch.Tensor:
     """Absolute value (integers stay integers)."""
     return torch.abs(_t(x))
 

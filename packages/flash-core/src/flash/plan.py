@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,7 +79,7 @@ class CallMasks:
     score_mod_grad: Callable[..., Tensor] | None = None
     mask_mod: Callable[..., Tensor] | None = None
 
-    def options(self) -> dict[str, object]:
+    def options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`flash.spec.build_spec`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -153,7 +154,7 @@ def plan_for(
     Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
     """
     tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
-    options = dict(
+    options: dict[str, Any] = dict(
         layout=layout, causal=causal, window=window, softcap=softcap, scale=scale, dropout_p=dropout_p,
         deterministic=deterministic,
     )  # fmt: skip
@@ -167,7 +168,7 @@ def plan_for(
                 dropout_seed=dropout_seed, check_values=check, **options, **masks.options(),
             )  # fmt: skip
             max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
-        key: tuple | None = (
+        found: tuple = (
             *(_tensor_key(t) for t in tensors),
             *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
             *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
@@ -175,7 +176,8 @@ def plan_for(
             dispatch.forced_backend(backend),
             *masks.key(),
         )
-        plan = _plans.get(key)
+        key: tuple | None = found
+        plan = _plans.get(found)
     except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which
         key, plan = None, None
     if plan is None:

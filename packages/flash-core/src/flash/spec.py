@@ -21,7 +21,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -317,17 +317,22 @@ def check_dropout_seed(seed: object) -> int:
     return seed
 
 
+def _int_pair(value: object) -> bool:
+    """True for a tuple or list of two ints (bools excluded)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        return False
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
 def check_window(value: object, name: str = "window") -> tuple[int, int]:
     """Validate a ``(left, right)`` window; ``None`` means unbounded on both sides."""
     if value is None:
         return (UNBOUNDED, UNBOUNDED)
-    ok = isinstance(value, (tuple, list)) and len(value) == 2
-    ok = ok and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-    if not ok:
+    if not _int_pair(value):
         raise InvalidInputError(name, "a pair (left, right) of ints, -1 for unbounded", repr(value))
-    left, right = value
+    left, right = cast("tuple[int, int]", value)
     if not (UNBOUNDED <= left <= MAX_REACH and UNBOUNDED <= right <= MAX_REACH):
-        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr(tuple(value)))
+        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr((left, right)))
     return (left, right)
 
 
@@ -442,9 +447,9 @@ def build_spec(
         missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
         raise InvalidInputError(missing, f"a tensor, since {given} was given (varlen needs both)", "None")
     varlen = cu_seqlens_q is not None
-    for name, given in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not varlen and given is not None:
-            raise InvalidInputError(name, "None unless cu_seqlens_q/cu_seqlens_k are given", repr(given))
+    for name, length in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not varlen and length is not None:
+            raise InvalidInputError(name, "None unless cu_seqlens_q/cu_seqlens_k are given", repr(length))
 
     want_dim = 3 if varlen else 4
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -68,7 +68,9 @@ class Terms:
         spec, t = self.spec, self.tensors
         if t.alibi_slopes is not None:
             slopes = t.alibi_slopes.to(s.dtype)
-            slope = slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes[r.b.flatten()].view(-1, slopes.shape[1], 1, 1)
+            slope = (
+                slopes.view(1, -1, 1, 1) if slopes.dim() == 1 else slopes[r.b.flatten()].view(-1, slopes.shape[1], 1, 1)
+            )
             s = s - slope * (r.i + (r.len_k - r.len_q) - r.j).abs().to(s.dtype)
         if spec.mask is not None and spec.mask.kind == "bias":
             assert t.attn_mask is not None
@@ -89,7 +91,10 @@ class Terms:
         return torch.zeros_like(s) if grad is None else grad
 
     def seen(self, r: Region) -> torch.Tensor | None:
-        """True where the extra masks (boolean attn_mask, mask_mod, block mask) let a query see a key; None: no such mask."""
+        """True where the extra masks (boolean attn_mask, mask_mod, block mask) let a query see a key.
+
+        None when the call has no such mask.
+        """
         spec, t = self.spec, self.tensors
         masks = []
         if spec.mask is not None and spec.mask.kind == "bool":

@@ -121,10 +121,7 @@ def p_and_ds(
     """
     s, _, d_mod, d_cap = score_tile(qk, rows, cols, seq, win, terms, MASKED, True, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP,
                                     ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD)  # fmt: skip
-    if TERMS:
-        p = tl.math.exp2(s - lse2)
-    else:
-        p = tl.math.exp2(s * terms[0] - lse2)
+    p = tl.math.exp2(s - lse2) if TERMS else tl.math.exp2(s * terms[0] - lse2)
     p_dv = p
     if DROPOUT:
         keep = dropout_keep(drop[0], rows, cols, drop[1])
@@ -167,7 +164,8 @@ def dkdv_tile(
         delta = tl.load(stats[1] + rows * stats[2])
     p_t, ds_t, dsb_t = p_and_ds(tl.dot(k, tl.trans(q)), tl.dot(v, tl.trans(do)), rows[None, :], cols[:, None],
                                 lse2[None, :], delta[None, :], seq, win, terms, drop, MASKED, DROPOUT, HAS_LEFT,
-                                HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD)  # fmt: skip
+                                HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD,
+                                MASK_MOD)  # fmt: skip
     dv = tl.dot(p_t.to(do.dtype), do, dv)
     if BIAS_GRAD:
         inside = (rows[None, :] < len_q) & (cols[:, None] < seq[3])
@@ -233,10 +231,10 @@ def attention_backward_dkdv_kernel(
     key64 = (k_start + n0).to(tl.int64)
     zero64 = b64 * 0
     q_start64 = zero64 + q_start
-    k = load_rows(K + b64 * k_str[0] + hk64 * k_str[2] + key64 * k_str[1] + offs_n[:, None] * k_str[1] + offs_d[None, :],
-                  cols_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
-    v = load_rows(V + b64 * v_str[0] + hk64 * v_str[2] + key64 * v_str[1] + offs_n[:, None] * v_str[1] + offs_d[None, :],
-                  cols_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
+    k_ptrs = K + b64 * k_str[0] + hk64 * k_str[2] + (key64 + offs_n[:, None]) * k_str[1] + offs_d[None, :]
+    v_ptrs = V + b64 * v_str[0] + hk64 * v_str[2] + (key64 + offs_n[:, None]) * v_str[1] + offs_d[None, :]
+    k = load_rows(k_ptrs, cols_ok, d_ok, HEAD_DIM, D_PAD, True)
+    v = load_rows(v_ptrs, cols_ok, d_ok, HEAD_DIM, D_PAD, True)
     carry = (tl.zeros([BLOCK_N, D_PAD], tl.float32), tl.zeros([BLOCK_N, D_PAD], tl.float32))
 
     # Keys fixed, query blocks walked: the mask seen from the keys (offset negated, reaches swapped).
@@ -269,8 +267,12 @@ def attention_backward_dkdv_kernel(
     dk, dv = carry
     dk = dk * scale
     mask = cols_ok[:, None] & d_ok[None, :]
-    dk_ptrs = DK + b64 * dk_str[0] + hk64 * dk_str[2] + key64 * dk_str[1] + offs_n[:, None] * dk_str[1] + offs_d[None, :]
-    dv_ptrs = DV + b64 * dv_str[0] + hk64 * dv_str[2] + key64 * dv_str[1] + offs_n[:, None] * dv_str[1] + offs_d[None, :]
+    dk_ptrs = (
+        DK + b64 * dk_str[0] + hk64 * dk_str[2] + key64 * dk_str[1] + offs_n[:, None] * dk_str[1] + offs_d[None, :]
+    )
+    dv_ptrs = (
+        DV + b64 * dv_str[0] + hk64 * dv_str[2] + key64 * dv_str[1] + offs_n[:, None] * dv_str[1] + offs_d[None, :]
+    )
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 

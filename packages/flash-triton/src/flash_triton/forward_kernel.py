@@ -92,33 +92,27 @@ def forward_tile(
     s, seen, _, _ = score_tile(tl.dot(q, tl.trans(k)), rows[:, None], cols[None, :], seq, win, terms, MASKED, False,
                                HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None, MASK_MOD)  # fmt: skip
     # Online softmax in the log2 domain; without terms the scale folds into exp2's multiply-add.
-    if TERMS:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * terms[0])
+    m_new = tl.maximum(m_i, tl.max(s, 1)) if TERMS else tl.maximum(m_i, tl.max(s, 1) * terms[0])
     m_use = m_new
     if MASKED:  # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if TERMS:
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        p = tl.math.exp2(s * terms[0] - m_use[:, None])
+    p = tl.math.exp2(s - m_use[:, None]) if TERMS else tl.math.exp2(s * terms[0] - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
         p = tl.where(dropout_keep(drop[0], rows[:, None], cols[None, :], drop[1]), p, 0.0)
     v = load_block(v_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
-    if MASKED:  # keys some rows do not see: their values must not reach those rows, not even as NaN
-        acc = visible_dot(p, v, seen, acc)
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
+    # Keys some rows do not see: their values must not reach those rows, not even as NaN.
+    acc = visible_dot(p, v, seen, acc) if MASKED else tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
 @triton.jit
-def forward_epilogue(acc, m_i, l_i, Out, Lse, o_base, l_base, o_stride, l_stride, rows_ok, drop_scale,
-                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr):  # fmt: skip
+def forward_epilogue(
+    acc, m_i, l_i, Out, Lse, o_base, l_base, o_stride, l_stride, rows_ok, drop_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+):  # fmt: skip
     """Normalise and store the rows' output and LSE.
 
     Terms of the softmax denominator that are not keys (an attention sink's logit, say) belong
@@ -204,5 +198,5 @@ def attention_forward_kernel(
 
     o_base = Out + b64 * o_str[0] + h64 * o_str[2] + (q_start + m0).to(tl.int64) * o_str[1]
     l_base = Lse + b64 * l_str[0] + h64 * l_str[1] + (q_start + m0).to(tl.int64) * l_str[2]
-    forward_epilogue(acc, m_i, l_i, Out, Lse, o_base, l_base, o_str[1], l_str[2], rows_ok, drop_scale, BLOCK_M, HEAD_DIM,
-                     D_PAD, DROPOUT)  # fmt: skip
+    forward_epilogue(acc, m_i, l_i, Out, Lse, o_base, l_base, o_str[1], l_str[2], rows_ok, drop_scale, BLOCK_M,
+                     HEAD_DIM, D_PAD, DROPOUT)  # fmt: skip

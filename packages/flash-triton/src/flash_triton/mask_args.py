@@ -31,13 +31,13 @@ class MaskArgs:
     """Pointers, strides and constexprs of one launch (dummies where a feature is off)."""
 
     mask: torch.Tensor
-    m_str: tuple[int, int, int, int]
+    m_str: tuple[int, ...]  # (batch, head, query, key), 0 where broadcast
     alibi: torch.Tensor
-    a_str: tuple[int, int]
+    a_str: tuple[int, ...]  # (batch, head)
     counts: torch.Tensor
     indices: torch.Tensor
-    c_str: tuple[int, int, int]
-    i_str: tuple[int, int, int, int]
+    c_str: tuple[int, ...]  # (batch, head, row)
+    i_str: tuple[int, ...]  # (batch, head, row, list length)
     flags: dict[str, Any] = field(default_factory=dict)
 
     def pointers(self) -> tuple[torch.Tensor, ...]:
@@ -102,9 +102,11 @@ def mask_args(
     dense = masks.attn_mask if masks.attn_mask is not None else (block.dense if block is not None else None)
     mask_kind = 0 if dense is None else (2 if dense.dtype != torch.bool else 1)
     mask = dummy if dense is None else (dense.view(torch.uint8) if dense.dtype == torch.bool else dense)
-    m_str = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
+    m_str: tuple[int, ...] = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
     alibi = masks.alibi_slopes
-    a_str = (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
+    a_str = (
+        (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
+    )
     mask_mod = spec.mask_mod if spec.mask_mod is not None else (block.mask_mod if block is not None else None)
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
     flags: dict[str, Any] = {
@@ -119,7 +121,7 @@ def mask_args(
     if lists is None:
         flags.update(SPARSE_FIXED=1, SPARSE_WALK=1)
         return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, dummy, dummy, (0, 0, 0),
-                        (0, 0, 0, 0), flags)  # type: ignore[arg-type]  # fmt: skip
+                        (0, 0, 0, 0), flags)  # fmt: skip
     found, rows, cols = lists
     if walk == "keys":
         counts, indices = found.kv_counts, found.kv_indices
@@ -128,4 +130,4 @@ def mask_args(
         counts, indices = found.q_counts, found.q_indices
         flags.update(SPARSE_FIXED=cols, SPARSE_WALK=rows)
     c_str, i_str = _dims(counts, 3)[:3], _dims(indices, 3)
-    return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, counts, indices, c_str, i_str, flags)  # type: ignore[arg-type]
+    return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, counts, indices, c_str, i_str, flags)

@@ -65,7 +65,7 @@ def sigmoid(x):
 
 
 @triton.jit
-def abs(x):  # noqa: A001 - the name of flash.mods.abs
+def abs(x):
     return tl.abs(x)
 
 

@@ -108,7 +108,13 @@ class _Tiles:
     """Per-segment tile bookkeeping shared by forward and backward."""
 
     def __init__(
-        self, spec: AttentionSpec, seg: _Segment, block_q: int, block_k: int, device: torch.device, masks: MaskTensors | None
+        self,
+        spec: AttentionSpec,
+        seg: _Segment,
+        block_q: int,
+        block_k: int,
+        device: torch.device,
+        masks: MaskTensors | None,
     ):
         self.spec, self.seg, self.device = spec, seg, device
         self.block_q, self.block_k = block_q, block_k
@@ -145,7 +151,9 @@ class _Tiles:
     def seg_batch(self) -> int:
         return len(self.seg.batch_ids)
 
-    def scores(self, q_rows: torch.Tensor, k_tile: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Scores:
+    def scores(
+        self, q_rows: torch.Tensor, k_tile: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> Scores:
         """The tile's scores at each step of :mod:`flash.terms`'s order (stacked rows)."""
         s = torch.matmul(q_rows, k_tile.transpose(-1, -2)).mul_(self.spec.scale)
         if self.spec.softcap:
@@ -244,6 +252,7 @@ def forward(
                 row_max = new_max
                 if observer is not None:
                     out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
+                    assert scores is not None
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
             unseen = row_sum == 0  # (a NaN sum is not "unseen": NaN inputs must propagate)
             out = acc / torch.where(unseen, torch.ones_like(row_sum), row_sum)[..., None]

@@ -320,8 +320,12 @@ def gpu_cases() -> list[Case]:
         replace(base, name="bf16_score_mod_softcap", mod="softcap", seqlen_q=1000, seqlen_k=1000),
         replace(base, name="bf16_mask_mod_prefix_lm", mod="prefix_lm", seqlen_q=1000, seqlen_k=1000),
         replace(
-            base, name="bf16_block_mask_local_global", block_mask="local_global", block_size=(128, 128),
-            seqlen_q=2048, seqlen_k=2048,
-        ),  # fmt: skip
+            base,
+            name="bf16_block_mask_local_global",
+            block_mask="local_global",
+            block_size=(128, 128),
+            seqlen_q=2048,
+            seqlen_k=2048,
+        ),
     ]
     return cases
