@@ -28,9 +28,14 @@ HIDDEN, PARTIAL, FULL = 0, 1, 2
 MaskMod = Callable[..., torch.Tensor]
 
 
-def _check_block_size(block_size: object) -> tuple[int, int]:
-    from flash.spec import _int_pair
+def _int_pair(value: object) -> bool:
+    """True for a tuple or list of two ints (bools excluded)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        return False
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
+
+def _check_block_size(block_size: object) -> tuple[int, int]:
     pair = cast("tuple[int, int]", block_size)
     if not _int_pair(block_size) or not all(x >= 16 and x & (x - 1) == 0 for x in pair):
         raise InvalidInputError("block_size", "a pair of powers of two >= 16 (rows, cols)", repr(block_size))

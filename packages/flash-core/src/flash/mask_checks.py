@@ -11,14 +11,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
+from flash.block_mask import BlockMask, BlockMaskInfo
 from flash.errors import InvalidInputError
-
-if TYPE_CHECKING:
-    from flash.block_mask import BlockMaskInfo
 
 Alibi = Literal["none", "head", "batch_head"]
 #: Float dtypes an additive ``attn_mask`` may have (kernels read it as float32).
@@ -128,8 +126,6 @@ def _probe(name: str, fn: Callable[..., Any], params: int) -> None:
 def _check_block_mask(
     block_mask: object, batch: int, heads: int, seqlen_q: int, seqlen_k: int, device: torch.device, varlen: bool
 ) -> BlockMaskInfo:
-    from flash.block_mask import BlockMask
-
     if not isinstance(block_mask, BlockMask):
         raise InvalidInputError("block_mask", "a flash.BlockMask or None", type(block_mask).__name__)
     info = block_mask.info

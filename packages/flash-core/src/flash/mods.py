@@ -30,6 +30,8 @@ runs on the reference backend, which differentiates the function with torch auto
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["abs", "exp", "exp2", "log", "maximum", "minimum", "sigmoid", "sqrt", "tanh", "where"]
@@ -50,39 +52,22 @@ def where(condition: torch.Tensor, x: object, y: object) -> torch.Tensor:
     return torch.where(_t(condition), _t(x, like if isinstance(like, torch.Tensor) else condition), _t(y, condition))
 
 
-def exp(x: torch.Tensor) -> torch.Tensor:
-    """``e ** x``."""
-    return torch.exp(_t(x))
+def _unary(name: str, op: Callable[[torch.Tensor], torch.Tensor], doc: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return op(_t(x))
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc
+    return fn
 
 
-def exp2(x: torch.Tensor) -> torch.Tensor:
-    """``2 ** x``."""
-    return torch.exp2(_t(x))
-
-
-def log(x: torch.Tensor) -> torch.Tensor:
-    """Natural logarithm."""
-    return torch.log(_t(x))
-
-
-def sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Square root."""
-    return torch.sqrt(_t(x))
-
-
-def tanh(x: torch.Tensor) -> torch.Tensor:
-    """Hyperbolic tangent."""
-    return torch.tanh(_t(x))
-
-
-def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """``1 / (1 + exp(-x))``."""
-    return torch.sigmoid(_t(x))
-
-
-def abs(x: torch.Tensor) -> torch.Tensor:
-    """Absolute value (integers stay integers)."""
-    return torch.abs(_t(x))
+exp = _unary("exp", torch.exp, "``e ** x``.")
+exp2 = _unary("exp2", torch.exp2, "``2 ** x``.")
+log = _unary("log", torch.log, "Natural logarithm.")
+sqrt = _unary("sqrt", torch.sqrt, "Square root.")
+tanh = _unary("tanh", torch.tanh, "Hyperbolic tangent.")
+sigmoid = _unary("sigmoid", torch.sigmoid, "``1 / (1 + exp(-x))``.")
+abs = _unary("abs", torch.abs, "Absolute value (integers stay integers).")
 
 
 def minimum(x: object, y: object) -> torch.Tensor:

@@ -21,15 +21,13 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import Literal, cast
 
 import torch
 
+from flash.block_mask import BlockMask, BlockMaskInfo, _int_pair
 from flash.errors import InvalidInputError
 from flash.mask_checks import Alibi, MaskInfo, check_mask_arguments
-
-if TYPE_CHECKING:
-    from flash.block_mask import BlockMask, BlockMaskInfo
 
 Layout = Literal["bshd", "bhsd"]
 LAYOUTS: tuple[str, ...] = ("bshd", "bhsd")
@@ -315,13 +313,6 @@ def check_dropout_seed(seed: object) -> int:
             repr(seed),
         )
     return seed
-
-
-def _int_pair(value: object) -> bool:
-    """True for a tuple or list of two ints (bools excluded)."""
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        return False
-    return all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
 def check_window(value: object, name: str = "window") -> tuple[int, int]:
