@@ -25,7 +25,7 @@ import torch
 from flash.errors import InvalidInputError
 
 HIDDEN, PARTIAL, FULL = 0, 1, 2
-MaskMod = Callable[..., torch.Tensor]
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _int_pair(value: object) -> bool:
