@@ -25,6 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the GPU tier); skipped without one")
+    config.addinivalue_line("markers", "xdist_group(name): keep these tests in one worker under pytest-xdist")
     # torch.nn.MultiheadAttention's own internals warn about torch.jit; not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 

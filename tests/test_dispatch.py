@@ -194,3 +194,30 @@ def test_import_flash_loads_no_backend_and_no_gpu_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+class Slow(FastHalf):
+    """A second fp16 backend with a higher priority than FastHalf: the measurement says it is slower."""
+
+    name = "slowhalf"
+    priority = 20_000
+
+
+def test_the_measured_ranking_orders_auto_and_a_user_priority_overrides_it(fasthalf, monkeypatch):
+    from flash import plan
+    from flash.heuristics import Provenance, ranking
+
+    REGISTRY.register(Slow())
+    measured = ranking.Ranking(("fasthalf", "slowhalf"), Provenance("measured", "test", "GPU", "today", "v"))
+    monkeypatch.setattr(ranking, "ranking_for", lambda spec, pass_: measured if spec.dtype == torch.float16 else None)
+    monkeypatch.setattr(flash.dispatch, "ranking_for", ranking.ranking_for)
+    try:
+        q, k, v = half()
+        decision = flash.explain(q, k, v).forward
+        assert decision.chosen == "fasthalf" and "fastest first, measured on GPU" in str(decision)
+        flash.set_backend_priority("slowhalf", 30_000)  # the user's word beats the measurement
+        plan.forget()
+        assert flash.explain(q, k, v).forward.chosen == "slowhalf"
+    finally:
+        flash.set_backend_priority("slowhalf", None)
+        REGISTRY.unregister("slowhalf")

@@ -249,6 +249,8 @@ def test_declares_what_it_does_not_support(pretend_gpu):
 def test_old_gpus_are_declined(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(support, "_capability", lambda index: (7, 5))
+    monkeypatch.setattr(cuda_backend, "_capability", lambda index: (7, 5))
+    cuda_backend._hopper_reasons.cache_clear()
     spec = dataclasses.replace(_spec(), device=torch.device("cuda", 0))
     assert any("sm_80" in r for r in reasons(cuda_backend.CudaBackend(), "forward", spec))
 
@@ -270,3 +272,25 @@ def test_backend_picks_the_table_variant(pretend_gpu, monkeypatch):
             entry.config.num_warps,
         )
     cuda_backend._variant.cache_clear()
+
+
+def test_hopper_kernel_takes_what_tma_can_read(pretend_gpu, monkeypatch):
+    """On sm_90 the Hopper kernel runs aligned problems (softcap too); what TMA cannot read goes to the
+    mma.sync kernel, and softcap, which only the Hopper kernel has, is then declined with its reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda_backend._hopper_reasons.cache_clear()
+    be = cuda_backend.CudaBackend()
+    try:
+        aligned = pretend_gpu(_spec(d=128, causal=True, softcap=5.0))
+        assert be.uses_hopper(aligned) and reasons(be, "forward", aligned) == []
+        unaligned = dataclasses.replace(aligned, aligned16=False)
+        assert not be.uses_hopper(unaligned)
+        assert any("softcap needs the Hopper kernel" in r for r in reasons(be, "forward", unaligned))
+        plain = dataclasses.replace(unaligned, softcap=0.0)
+        assert not be.uses_hopper(plain)
+        monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
+        monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
+        ampere = pretend_gpu(_spec(d=128, causal=True))
+        assert not be.uses_hopper(ampere) and reasons(be, "forward", ampere) == []
+    finally:
+        cuda_backend._hopper_reasons.cache_clear()

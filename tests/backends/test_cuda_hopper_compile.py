@@ -117,7 +117,7 @@ def test_table_rows_fit_and_say_where_they_come_from():
     classes = set()
     for row in hopper.TABLE:
         assert row.provenance.startswith(("measured:", "unmeasured:")), row
-        assert row.config.order in hopper.ORDERS
+        assert row.config.order in (*hopper.ORDERS, "auto")
         for bf16 in (True, False):
             variant = hopper.make_variant(row.config, row.head_dim, bf16, row.mask)
             assert variant.launch_smem <= hopper.MAX_SMEM
@@ -127,7 +127,8 @@ def test_table_rows_fit_and_say_where_they_come_from():
     assert classes == {(d, m) for d in hopper.SHIPPED_HEAD_DIMS for m in hopper.MASK_NAMES}
     # no dead knobs: each option of the table takes more than one value in it
     assert {row.config.consumers for row in hopper.TABLE} == {2, 3}
-    assert {row.config.order for row in hopper.TABLE} == set(hopper.ORDERS)
+    assert len({row.config.order for row in hopper.TABLE}) > 1
+    assert {row.config.q_stages for row in hopper.TABLE} == {1, 2}
     assert len({row.config.block_n for row in hopper.TABLE}) > 1
 
 
@@ -181,6 +182,31 @@ def test_launch_arguments_match_the_kernel_signature():
     assert window["score_log2"].value == pytest.approx(0.125 * hopper.LOG2E)
     assert window["softcap_in"].value == 0
     assert window["blocks_outer"].value == 1
+
+
+def test_auto_order_follows_the_balance_of_the_heads_order():
+    pytest.importorskip("torch")
+    auto = hopper.HopperConfig(2, 128, "auto")
+    common = {"grid": 132, "varlen": False}
+    # 64 query blocks x 32 (batch, head) pairs, causal: heads order balances to 0.97 -> heads
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=32, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        == "heads"
+    )
+    # 64 x 16 pairs: heads order would balance to 0.66 -> longest work first
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        == "blocks"
+    )
+    # no mask: every tile costs the same, heads order
+    assert (
+        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, -1), **common)
+        == "heads"
+    )
+    assert hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), grid=132,
+                             varlen=True) == "blocks"  # fmt: skip
+    assert hopper.tile_order(hopper.HopperConfig(2, 128, "heads"), m_blocks=64, pairs=16, seqlen_q=8192,
+                             seqlen_k=8192, window=(-1, 0), **common) == "heads"  # fmt: skip
 
 
 def test_tensor_map_limits_and_strides():

@@ -4,23 +4,34 @@
 #
 # Run from the repository root on the device machine (the `device` tool's `run`):
 #   bash tests/gpu/device_check.sh
-#   TESTS="tests -m gpu -k triton" BENCH="--backends triton --seqlens 8192 --head-dims 128" bash tests/gpu/device_check.sh
+#   TESTS="tests -m gpu -k triton" BENCH="--sections attention --backends triton" bash tests/gpu/device_check.sh
 #   TESTS=skip  BENCH=skip  EXTRA="compute-sanitizer ..." bash tests/gpu/device_check.sh
+#
+# Compile caches: Triton's and CuPy's caches are restored from .device-cache/caches.tar when that
+# file exists (carry the git-ignored folder .device-cache with the call) and written back to
+# $OUT/caches.tar at the end, so the next call starts warm.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
 TESTS=${TESTS:-"tests -m gpu"}
+WORKERS=${WORKERS:-6}
 BENCH=${BENCH:-""}
 EXTRA=${EXTRA:-""}
+CACHES=${CACHES:-/tmp/flash-caches}
+export TRITON_CACHE_DIR="$CACHES/triton" CUPY_CACHE_DIR="$CACHES/cupy"
 section() { printf '\n==== %s\n' "$*"; }
 
 section "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 python3 -c 'import cupy; print("cupy", cupy.__version__)' 2>/dev/null || echo "cupy: not importable"
+mkdir -p "$CACHES"
+if [ -f .device-cache/caches.tar ]; then
+  tar -xzf .device-cache/caches.tar -C "$CACHES" && echo "compile caches restored ($(du -sh "$CACHES" | cut -f1))"
+fi
 
 section "install"
-for pkg in packages/flash-core packages/flash-triton packages/flash-cuda; do
+for pkg in packages/flash-core packages/flash-triton packages/flash-cuda packages/flash-bench; do
   [ -f "$pkg/pyproject.toml" ] || continue
   if ! python3 -m pip install -q --no-deps --no-build-isolation -e "$pkg" >>"$OUT/install.log" 2>&1; then
     echo "install of $pkg FAILED"; tail -20 "$OUT/install.log"
@@ -30,11 +41,18 @@ python3 -c 'import flash; [print(" ", b) for b in flash.backends()]'
 
 status=0
 if [ "$TESTS" != skip ]; then
-  section "tests: pytest $TESTS"
+  section "tests: pytest $TESTS (-n $WORKERS)"
+  start=$(date +%s)
+  parallel=()
+  if python3 -c 'import xdist' 2>/dev/null && [ "$WORKERS" -gt 1 ]; then
+    parallel=(-n "$WORKERS" --dist loadgroup)
+  fi
   # shellcheck disable=SC2086
-  python3 -m pytest $TESTS -q -rfEs --tb=short -p no:cacheprovider >"$OUT/pytest.log" 2>&1 || status=1
+  python3 -m pytest $TESTS "${parallel[@]}" -q -rfEs --tb=short -p no:cacheprovider --durations=15 \
+    >"$OUT/pytest.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
   tail -3 "$OUT/pytest.log"
+  echo "GPU tier wall time: $(( $(date +%s) - start )) s"
 fi
 if [ -n "$EXTRA" ]; then
   section "extra: $EXTRA"
@@ -48,4 +66,5 @@ if [ "$BENCH" != skip ]; then
   sed -n '/^results:/,$p' "$OUT/bench.log"
   grep -iE "error|failed" "$OUT/bench.log" | head -10
 fi
+tar -czf "$OUT/caches.tar" -C "$CACHES" . 2>/dev/null && echo "compile caches saved: $(du -sh "$OUT/caches.tar" | cut -f1)"
 exit $status

@@ -28,10 +28,11 @@ from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, ForwardArgs
 from flash.block_mask import BlockMask
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
+from flash.merge import merge_states
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
-    from flash import nn
+    from flash import distributed, nn
 
 __all__ = [
     "PLUGIN_API_VERSION",
@@ -49,7 +50,9 @@ __all__ = [
     "attention_qkvpacked",
     "backends",
     "build_spec",
+    "distributed",
     "explain",
+    "merge_states",
     "mods",
     "nn",
     "register_backend",
@@ -60,8 +63,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "nn":  # torch.nn modules load only for users who want them
+    # torch.nn modules and the torch.distributed ring load only for users who want them
+    if name in ("nn", "distributed"):
         import importlib
 
-        return importlib.import_module("flash.nn")
+        return importlib.import_module(f"flash.{name}")
     raise AttributeError(f"module 'flash' has no attribute {name!r}")

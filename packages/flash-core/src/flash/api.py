@@ -168,6 +168,47 @@ def attention(
         The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v (and an
         additive ``attn_mask`` that requires grad).
     """
+    return _attention(
+        q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+        dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        return_lse=return_lse, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod, backend=backend,
+    )  # fmt: skip
+
+
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    scale: float | None = None,
+    layout: Literal["bshd", "bhsd"] = "bshd",
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`attention` without its overloads (what the other entry points call)."""
     if return_lse is not True and return_lse is not False:
         raise InvalidInputError("return_lse", "a bool", repr(return_lse))
     window = None if window is None else check_window(window)
@@ -245,12 +286,12 @@ def attention_qkvpacked(
             "qkv", "shape (batch, seqlen, 3, heads, head_dim) or (total, 3, heads, head_dim)", f"{tuple(qkv.shape)}"
         )
     q, k, v = qkv.unbind(dim=axis)
-    return attention(
+    return _attention(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, cu_seqlens_q=cu_seqlens,
         cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, dropout_p=dropout_p,
         dropout_seed=dropout_seed, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
         backend=backend,
-    )  # type: ignore[call-overload,misc]  # fmt: skip
+    )  # fmt: skip
 
 
 # Captured at import: a caller may install this module's function in its place.

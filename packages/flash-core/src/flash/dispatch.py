@@ -1,7 +1,8 @@
 """Choosing a backend for a problem, and explaining the choice.
 
-``backend="auto"`` takes the highest-priority usable backend that supports the
-problem. A backend can be forced per call (``backend="triton"``), per block
+``backend="auto"`` takes the first usable backend that supports the problem, trying them in
+the order measured fastest for the problem's class (:mod:`flash.heuristics.ranking`), else by
+priority. A backend can be forced per call (``backend="triton"``), per block
 (:func:`use_backend`) or per process (``FLASH_BACKEND``), in that order of
 precedence. A forced backend that cannot run the forward is an error, not a
 silent fallback, and forcing one never loads the other plugins; a backward the
@@ -26,6 +27,7 @@ from flash import support
 from flash._cache import BoundedCache
 from flash.backend import Backend, Pass
 from flash.errors import BackendError, InvalidInputError, NoBackendError
+from flash.heuristics.ranking import ranking_for
 from flash.registry import REGISTRY
 from flash.spec import AttentionSpec
 
@@ -88,13 +90,16 @@ class Decision:
     pass_: Pass
     chosen: str | None
     forced_by: str
-    considered: tuple[tuple[str, int | None, tuple[str, ...]], ...]  # (name, priority, reasons), by priority
+    considered: tuple[tuple[str, int | None, tuple[str, ...]], ...]  # (name, priority, reasons), in order tried
+    ranked_by: str = ""  # the measurement that ordered the candidates, if one did
 
     def __str__(self) -> str:
         head = f"{self.pass_}: " + (self.chosen or "no backend")
         if self.forced_by:
             head += f" (forced by {self.forced_by})"
         lines = [head]
+        if self.ranked_by:
+            lines.append(f"  order: fastest first, {self.ranked_by}")
         for name, priority, reasons in self.considered:
             mark = "->" if name == self.chosen else "  "
             status = "eligible" if not reasons else "; ".join(reasons)
@@ -119,11 +124,17 @@ def _decide(spec: AttentionSpec, pass_: Pass, name: str | None, forced_by: str, 
         verdict = _verdict(name, spec, pass_)
         return Decision(pass_, None if verdict[2] else name, forced_by, (verdict,))
     ordered = REGISTRY.by_priority()
+    ranked_by = ""
+    ranking = None if REGISTRY.has_overrides() else ranking_for(spec, pass_)
+    if ranking is not None:
+        first = [n for n in ranking.order if n in ordered]
+        ordered = first + [n for n in ordered if n not in first]
+        ranked_by = str(ranking.provenance)
     considered = [_verdict(n, spec, pass_) for n in ordered + [n for n in REGISTRY.names() if n not in ordered]]
     if name is not None and name not in REGISTRY.names():
         considered.append((name, None, (f"no backend named {name!r} is installed",)))
     eligible = [n for n, _, reasons in considered if not reasons and (name is None or n == name)]
-    return Decision(pass_, eligible[0] if eligible else None, forced_by, tuple(considered))
+    return Decision(pass_, eligible[0] if eligible else None, forced_by, tuple(considered), ranked_by)
 
 
 def decide(spec: AttentionSpec, pass_: Pass, requested: str = "auto", *, survey: bool = False) -> Decision:

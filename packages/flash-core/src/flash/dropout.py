@@ -17,10 +17,18 @@ scaled by ``1 / (1 - p)``; the LSE is that of the undropped softmax.
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B1
+
+
+@overload
+def fmix32(x: int) -> int: ...
+@overload
+def fmix32(x: torch.Tensor) -> torch.Tensor: ...
 
 
 def fmix32(x: int | torch.Tensor) -> int | torch.Tensor:

@@ -23,7 +23,7 @@ class AttentionFunction(torch.autograd.Function):
     """Eager autograd: the forward of a plan, and the backward from the saved ``out``/``lse``."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q: Tensor,
         k: Tensor,
@@ -43,7 +43,7 @@ class AttentionFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dq, dk, dv, dbias = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks)
         return dq, dk, dv, None, None, None, None, dbias, None

@@ -154,21 +154,25 @@ def plan_for(
     Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
     """
     tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale)
-    options: dict[str, Any] = dict(
-        layout=layout, causal=causal, window=window, softcap=softcap, scale=scale, dropout_p=dropout_p,
-        deterministic=deterministic,
-    )  # fmt: skip
+
+    def spec_of(check: bool | None) -> AttentionSpec:
+        return build_spec(
+            q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale,
+            k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check,
+            **masks.options(),
+        )  # fmt: skip
+
+    key: tuple | None = None
+    plan: Plan | None = None
     try:
         check = value_checks(q.device) if check_values is None else check_values
         if cu_seqlens_q is not None and (check or max_seqlen_q is None or max_seqlen_k is None):
             # The offsets' values belong to this call only: check them, and read the lengths, each time.
-            spec = build_spec(
-                q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-                dropout_seed=dropout_seed, check_values=check, **options, **masks.options(),
-            )  # fmt: skip
+            spec = spec_of(check)
             max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
-        found: tuple = (
+        signature = (
             *(_tensor_key(t) for t in tensors),
             *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
             *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
@@ -176,10 +180,10 @@ def plan_for(
             dispatch.forced_backend(backend),
             *masks.key(),
         )
-        key: tuple | None = found
-        plan = _plans.get(found)
+        plan = _plans.get(signature)
+        key = signature
     except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which
-        key, plan = None, None
+        pass
     if plan is None:
         check_argument_types(
             q=q, k=k, v=v, causal=causal, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
@@ -187,12 +191,7 @@ def plan_for(
             dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
             deterministic=deterministic, check_values=check_values, backend=backend,
         )  # fmt: skip
-        spec = build_spec(
-            q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-            dropout_seed=dropout_seed, check_values=False, **options, **masks.options(),
-        )  # fmt: skip
-        plan = make_plan(dataclasses.replace(spec, dropout_seed=0), backend)
+        plan = make_plan(dataclasses.replace(spec_of(False), dropout_seed=0), backend)
         if key is not None:
             _plans.put(key, plan)
     if dropout_p:

@@ -183,6 +183,10 @@ class Registry:
                 self._priorities[name] = priority
             self.generation += 1
 
+    def has_overrides(self) -> bool:
+        """Whether the user overrode any backend's priority in this process."""
+        return bool(self._priorities)
+
     def by_priority(self) -> list[str]:
         """Names of the backends that load, highest priority first (ties by name)."""
         loadable = []
@@ -200,7 +204,8 @@ class Registry:
         reasons = self.unavailable_reasons(name)
         try:
             backend = self.get(name)
-            version, priority = backend.version, self.priority(name)
+            version: str | None = backend.version
+            priority: int | None = self.priority(name)
         except BackendError:
             version = ep.dist.version if ep is not None and ep.dist is not None else None
             priority = None

@@ -21,11 +21,11 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 
-from flash.block_mask import BlockMask, BlockMaskInfo, _int_pair
+from flash.block_mask import BlockMask, BlockMaskInfo
 from flash.errors import InvalidInputError
 from flash.mask_checks import Alibi, MaskInfo, check_mask_arguments
 
@@ -319,11 +319,12 @@ def check_window(value: object, name: str = "window") -> tuple[int, int]:
     """Validate a ``(left, right)`` window; ``None`` means unbounded on both sides."""
     if value is None:
         return (UNBOUNDED, UNBOUNDED)
-    if not _int_pair(value):
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair):
         raise InvalidInputError(name, "a pair (left, right) of ints, -1 for unbounded", repr(value))
-    left, right = cast("tuple[int, int]", value)
+    left, right = pair
     if not (UNBOUNDED <= left <= MAX_REACH and UNBOUNDED <= right <= MAX_REACH):
-        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr((left, right)))
+        raise InvalidInputError(name, f"left and right in [0, {MAX_REACH}], or -1 for unbounded", repr(pair))
     return (left, right)
 
 

@@ -1,5 +1,9 @@
 """The ``cuda`` backend: what it supports, and the forward launch.
 
+Two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its own tile
+table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
+mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come from ``heuristics.json``.
+
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
 does, once, the first time dispatch asks.
@@ -15,15 +19,16 @@ import torch
 from flash import heuristics
 from flash.backend import Backend, ForwardArgs, Limits, Pass, Support
 from flash.spec import AttentionSpec
-from flash_cuda import launch
+from flash_cuda import hopper, launch
 from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
 
-#: Options of the spec this forward handles (dropout, softcap and fp8 are not implemented).
+#: Options of the spec this forward handles (dropout and fp8 are not implemented; softcap only by the
+#: Hopper kernel, see CudaBackend.extra_reasons).
 FORWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic"}),
+    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap"}),
     head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
     min_capability=(8, 0),  # cp.async and bf16 mma.sync
     aligned16=True,
@@ -75,7 +80,12 @@ class CudaBackend(Backend):
         return []
 
     def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
-        if pass_ == "forward" and launch.grid_size(spec, 16) > launch.MAX_GRID:
+        if pass_ != "forward" or spec.device.type != "cuda" or not _hopper_reasons(spec):
+            return []
+        # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
+        if spec.softcap:
+            return ["softcap needs the Hopper kernel, which declines: " + "; ".join(_hopper_reasons(spec))]
+        if launch.grid_size(spec, 16) > launch.MAX_GRID:
             return ["more than 2**31 - 1 thread blocks"]
         return []
 
@@ -102,8 +112,41 @@ class CudaBackend(Backend):
         mask = mask_kind(spec.mask_bounds, spec.masked)
         return _variant(config, spec.head_dim, spec.dtype == torch.bfloat16, mask, index)
 
+    def uses_hopper(self, spec: AttentionSpec) -> bool:
+        """Whether the Hopper kernel runs ``spec`` (else the mma.sync kernel does)."""
+        return not _hopper_reasons(spec)
+
     def forward(self, spec: AttentionSpec, args: ForwardArgs, config: heuristics.KernelConfig) -> None:
+        if not _hopper_reasons(spec):
+            hopper.forward(
+                args.q, args.k, args.v, args.out, args.lse, cu_seqlens_q=args.cu_seqlens_q,
+                cu_seqlens_k=args.cu_seqlens_k, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k,
+                heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds,
+                softcap=spec.softcap, scale=spec.scale,
+            )  # fmt: skip
+            return
         launch.forward(spec, args, self.variant(spec, config))
+
+
+@functools.lru_cache(maxsize=1024)
+def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
+    """Why the Hopper kernel cannot run ``spec`` (empty: it runs it), from the spec alone (the outputs
+    are core's contiguous allocations)."""
+    if spec.device.type != "cuda" or not torch.cuda.is_available():
+        return ("no CUDA device",)
+    reasons = hopper.problem_reasons(
+        capability=_capability(_index(spec.device)), dtype=spec.dtype, head_dim=spec.head_dim,
+        heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
+        seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, window=spec.mask_bounds,
+        softcap=spec.softcap, scale=spec.scale,
+    )  # fmt: skip
+    item = torch.empty((), dtype=spec.dtype).element_size()
+    rows = {"q": spec.total_q if spec.varlen else spec.seqlen_q, "k": spec.total_k if spec.varlen else spec.seqlen_k}
+    for name, strides, heads in (("q", spec.q_strides, spec.heads_q), ("k", spec.k_strides, spec.heads_kv),
+                                 ("v", spec.v_strides, spec.heads_kv)):  # fmt: skip
+        shape = (1 if spec.varlen else spec.batch, rows["q" if name == "q" else "k"], heads, spec.head_dim)
+        reasons += hopper.layout_reasons(name, shape, strides, item, 0 if spec.aligned16 else 1)
+    return tuple(reasons)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -49,18 +49,23 @@ LOG2E = 1.4426950408889634
 # ------------------------------------------------------------------ tiles: the table
 
 
+#: Tile orders of the kernel (blocks_outer = 0, 1); a table row may also say "auto" (see tile_order).
 ORDERS = ("heads", "blocks")
+#: "auto" takes the "heads" order unless it would leave the persistent blocks' work this unbalanced.
+BALANCE_FOR_HEADS = 0.9
 
 
 @dataclass(frozen=True)
 class HopperConfig:
     """Tiles and tile order of one problem class: 64 * consumers query rows per tile, block_n keys
     per block; order "heads" walks the tiles head by head (K and V shared in L2), "blocks" query
-    block by query block, heaviest first (longest work first: balances causal and varlen work)."""
+    block by query block, heaviest first (longest work first: balances causal and varlen work),
+    "auto" picks per problem (:func:`tile_order`)."""
 
     consumers: int  # consumer warpgroups: 2 (240 registers each) or 3 (160 registers each)
     block_n: int
     order: str = "heads"
+    q_stages: int = 1  # Q buffers: 2 loads the next tile's Q while this one runs (short sequences)
 
     @property
     def block_m(self) -> int:
@@ -76,29 +81,35 @@ class TableRow:
     provenance: str  # "measured: GPU, date, versions, what" or "unmeasured: why this guess"
 
 
-_GUESS = "unmeasured: FlashAttention-3's tile for this head dim, fitted to 227 KB of shared memory"
-_GUESS_MASKED = "unmeasured: FA3's narrower key block for masked problems, longest-work-first order"
-_RUN1 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0"
+_H200 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0, bf16"
+_AUTO = "order auto (run 2: heads order won where its balance was 0.97, blocks won at 0.83 and 0.65)"
 
 #: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
-#: serves it. Problems of other head dims use the next shipped one.
+#: serves it. Problems of other head dims use the next shipped one. Runs 1-3: PERF_NOTES.md.
 TABLE: tuple[TableRow, ...] = (
-    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_RUN1}: best of 5 tiles, 8k tokens"),
-    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "blocks"), _GUESS_MASKED),
-    TableRow(64, MASK_BOTH, None, HopperConfig(3, 128, "blocks"), _GUESS_MASKED),
-    TableRow(96, MASK_NONE, None, HopperConfig(2, 144), _GUESS),
-    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
-    TableRow(96, MASK_BOTH, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
-    TableRow(128, MASK_NONE, 2048, HopperConfig(2, 128), _GUESS),
-    TableRow(128, MASK_NONE, None, HopperConfig(2, 192), f"{_RUN1}: best of 5 tiles, 8k tokens"),
-    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "blocks"), f"{_RUN1}: best of 3 tiles, 8k tokens"),
-    TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "blocks"), _GUESS_MASKED),
-    TableRow(192, MASK_NONE, None, HopperConfig(2, 112), _GUESS),
-    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 112, "blocks"), _GUESS_MASKED),
-    TableRow(192, MASK_BOTH, None, HopperConfig(2, 96, "blocks"), _GUESS_MASKED),
-    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_RUN1}: best of 2 tiles, 8k tokens"),
-    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "blocks"), f"{_RUN1}: best of 2 tiles, 8k tokens"),
-    TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "blocks"), _GUESS_MASKED),
+    TableRow(64, MASK_NONE, None, HopperConfig(3, 128), f"{_H200}: best of 5 tiles at 8k (run 1), of 3 at 1k (run 3)"),
+    TableRow(
+        64, MASK_RIGHT, 2048, HopperConfig(2, 128, "auto", 2), f"{_H200}: 299 vs 250 TFLOP/s for 192x128 at 1k (run 3)"
+    ),
+    TableRow(64, MASK_RIGHT, None, HopperConfig(3, 128, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(64, MASK_BOTH, None, HopperConfig(3, 128, "auto"), "unmeasured: as causal"),
+    TableRow(96, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), "unmeasured: as d128 up to 4k"),
+    TableRow(96, MASK_NONE, None, HopperConfig(2, 192), f"{_H200}: best of 3 tiles at 8k (run 2)"),
+    TableRow(96, MASK_RIGHT, None, HopperConfig(2, 176, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
+    TableRow(96, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal, narrower"),
+    TableRow(
+        128, MASK_NONE, 4096, HopperConfig(2, 128, "heads", 2), f"{_H200}: +3% over 128x176 at 4k, even at 1k (run 3)"
+    ),
+    TableRow(128, MASK_NONE, None, HopperConfig(2, 176), f"{_H200}: best of 3-5 tiles at 8k (runs 1-3)"),
+    TableRow(128, MASK_RIGHT, 4096, HopperConfig(2, 128, "auto", 2), f"{_H200}: +3% at 4k, even at 1k (run 3)"),
+    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), f"{_H200}: best of 4 at 8k (run 2); {_AUTO}"),
+    TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "auto"), "unmeasured: as causal"),
+    TableRow(192, MASK_NONE, None, HopperConfig(2, 96), f"{_H200}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 96, "auto"), f"{_H200}: best of 2 tiles at 8k (run 2)"),
+    TableRow(192, MASK_BOTH, None, HopperConfig(2, 96, "auto"), "unmeasured: as causal"),
+    TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_H200}: best of 2 tiles at 8k (runs 1-2)"),
+    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
+    TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "auto"), "unmeasured: as causal, narrower (registers)"),
 )
 
 
@@ -133,6 +144,56 @@ def config_for(head_dim: int, window: tuple[int, int] = (-1, -1), seqlen_k: int 
     return table_row(head_dim, mask_kind(window), seqlen_k).config
 
 
+def _block_costs(m_blocks: int, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, window: tuple) -> list[int]:
+    """Key blocks each query block sees (the kernel's make_tile), plus one for its fixed costs."""
+    left, right = window
+    off = seqlen_k - seqlen_q
+    costs = []
+    for m in range(m_blocks):
+        m0 = m * block_m
+        rows = min(block_m, seqlen_q - m0)
+        hi = seqlen_k if right < 0 else max(0, min(seqlen_k, m0 + rows - 1 + off + right + 1))
+        lo = 0 if left < 0 else max(0, min(seqlen_k, m0 + off - left))
+        costs.append(1 + (-(-hi // block_n) - lo // block_n if hi > lo else 0))
+    return costs
+
+
+@functools.lru_cache(maxsize=512)
+def _heads_order_balance(
+    m_blocks: int, pairs: int, grid: int, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, window: tuple
+) -> float:
+    """Mean over max of the persistent blocks' work when tiles go in "heads" order, round by round
+    in alternating directions (the kernel's tile_index)."""
+    import torch
+
+    costs = torch.tensor(_block_costs(m_blocks, block_m, block_n, seqlen_q, seqlen_k, window), dtype=torch.float64)
+    t = torch.arange(m_blocks * pairs)
+    rounds, i = t // grid, t % grid
+    owner = torch.where(rounds % 2 == 1, grid - 1 - i, i)
+    load = torch.zeros(grid, dtype=torch.float64).index_add_(0, owner, costs[m_blocks - 1 - t % m_blocks])
+    return float(load.mean() / load.max())
+
+
+def tile_order(
+    config: HopperConfig, *, m_blocks: int, pairs: int, grid: int, seqlen_q: int, seqlen_k: int, window: tuple,
+    varlen: bool,
+) -> str:  # fmt: skip
+    """The kernel's tile order for a problem: the config's, or for "auto" the "heads" order (few heads'
+    K and V in L2 at a time) unless it balances the blocks' work worse than BALANCE_FOR_HEADS (causal
+    tiles of very different lengths piling up); then, and for varlen batches whose lengths the host
+    does not know, "blocks" (longest work first)."""
+    if config.order != "auto":
+        return config.order
+    if varlen:
+        return "blocks"
+    if m_blocks * pairs > 1 << 22:  # so many rounds that any order balances
+        return "heads"
+    balance = _heads_order_balance(
+        m_blocks, pairs, grid, config.block_m, config.block_n, seqlen_q, seqlen_k, tuple(window)
+    )
+    return "heads" if balance >= BALANCE_FOR_HEADS else "blocks"
+
+
 # ------------------------------------------------------------------ variants
 
 
@@ -143,6 +204,7 @@ class HopperVariant:
     head_dim: int  # compiled (one of SHIPPED_HEAD_DIMS)
     consumers: int
     block_n: int
+    q_stages: int
     bf16: bool
     mask: int
 
@@ -154,6 +216,8 @@ class HopperVariant:
             problems.append(f"consumers {self.consumers} not 2 or 3")
         if self.block_n % 16 or not 16 <= self.block_n <= 256:
             problems.append(f"block_n {self.block_n} not a multiple of 16 in [16, 256]")
+        if self.q_stages not in (1, 2):
+            problems.append(f"q_stages {self.q_stages} not 1 or 2")
         if self.mask not in MASK_NAMES:
             problems.append(f"mask {self.mask} not in {sorted(MASK_NAMES)}")
         if self.launch_smem > MAX_SMEM:
@@ -180,9 +244,9 @@ class HopperVariant:
 
     @property
     def smem_bytes(self) -> int:
-        """Shape::SMEM_BYTES of the kernel: Q, the K and V rings (STAGES each), the mbarriers."""
-        tiles = 2 * self.head_dim * (self.block_m + 2 * STAGES * self.block_n)
-        return tiles + 8 * (2 + 4 * STAGES)
+        """Shape::SMEM_BYTES of the kernel: the Q, K and V rings, the mbarriers."""
+        tiles = 2 * self.head_dim * (self.q_stages * self.block_m + 2 * STAGES * self.block_n)
+        return tiles + 8 * (2 * self.q_stages + 4 * STAGES)
 
     @property
     def launch_smem(self) -> int:
@@ -193,6 +257,7 @@ class HopperVariant:
             "HOPPER_D": self.head_dim,
             "HOPPER_CONSUMERS": self.consumers,
             "HOPPER_BN": self.block_n,
+            "HOPPER_Q_STAGES": self.q_stages,
             "HOPPER_BF16": int(self.bf16),
             "HOPPER_MASK": self.mask,
             "HOPPER_SMEM_BYTES": self.smem_bytes,
@@ -205,12 +270,12 @@ class HopperVariant:
     def label(self) -> str:
         return (
             f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
-            f"{self.block_m}x{self.block_n} c{self.consumers}"
+            f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}"
         )
 
 
 def make_variant(config: HopperConfig, head_dim: int, bf16: bool, mask: int) -> HopperVariant:
-    return HopperVariant(compiled_head_dim(head_dim), config.consumers, config.block_n, bf16, mask)
+    return HopperVariant(compiled_head_dim(head_dim), config.consumers, config.block_n, config.q_stages, bf16, mask)
 
 
 _variant = functools.lru_cache(maxsize=256)(make_variant)
@@ -371,6 +436,63 @@ def _tensor_map(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> Any:
     return _encoded_map(t.data_ptr(), dtype, dims, tuple(_map_strides(t)), box, variant.swizzle)
 
 
+def problem_reasons(
+    *,
+    capability: tuple[int, int],
+    dtype: Any,
+    head_dim: int,
+    heads_q: int,
+    heads_kv: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    total_q: int,
+    total_k: int,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    scale: float,
+) -> list[str]:
+    """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
+    looking at any tensor's layout (:func:`layout_reasons`)."""
+    import torch
+
+    reasons = []
+    if capability != (9, 0):
+        reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
+    if dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {dtype}: float16 or bfloat16 only")
+    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
+        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
+    if heads_kv <= 0 or heads_q % heads_kv:
+        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
+    if scale <= 0 or not math.isfinite(scale):
+        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
+    if softcap < 0 or not math.isfinite(softcap):
+        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
+    if total_k == 0:
+        reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
+    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
+        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
+        config = config_for(head_dim, window, seqlen_k)
+        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
+            reasons.append("more than 2^31 - 1 tiles")
+    return reasons
+
+
+def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], item: int, address: int) -> list[str]:
+    """Why TMA cannot read the canonical ``(b, s, h, d)`` tensor ``name`` of this geometry (empty: it can)."""
+    if strides[-1] != 1:
+        return [f"{name} has stride {strides[-1]} along head_dim: TMA needs unit stride"]
+    if any(s == 0 and n > 1 for s, n in zip(strides[:3], shape[:3])):
+        return [f"{name} has a broadcast (stride-0) dimension: TMA needs real strides"]
+    if address % 16 or any((s * item) % 16 for s, n in zip(strides[:3], shape[:3]) if n > 1):
+        return [f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that"]
+    if any(s * item >= 1 << 40 for s in strides[:3]):
+        return [f"{name}: a stride of 2^40 bytes or more (TMA)"]
+    return []
+
+
 def unsupported_reasons(
     q: Any,
     k: Any,
@@ -396,46 +518,22 @@ def unsupported_reasons(
     """
     import torch
 
-    reasons = []
     if q.device.type != "cuda":
         return [f"tensors on {q.device}: the Hopper kernel runs on CUDA GPUs"]
-    capability = torch.cuda.get_device_capability(q.device)
-    if capability != (9, 0):
-        reasons.append(f"{q.device} is sm_{capability[0]}{capability[1]}: the kernel needs sm_90 (wgmma, TMA)")
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: float16 or bfloat16 only, all alike")
+    batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
+    reasons = problem_reasons(
+        capability=torch.cuda.get_device_capability(q.device), dtype=q.dtype, head_dim=head_dim, heads_q=heads_q,
+        heads_kv=heads_kv, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
+        total_k=k.shape[1], window=window, softcap=softcap, scale=scale,
+    )  # fmt: skip
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
     if out.dtype != q.dtype or lse.dtype != torch.float32:
         reasons.append("out must have the inputs' dtype and lse float32")
-    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
-        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
-    if heads_kv <= 0 or heads_q % heads_kv:
-        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
-    if scale <= 0 or not math.isfinite(scale):
-        reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
-    if softcap < 0 or not math.isfinite(softcap):
-        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        item = t.element_size()
-        if t.stride(-1) != 1:
-            reasons.append(f"{name} has stride {t.stride(-1)} along head_dim: TMA needs unit stride")
-            continue
-        if any(s == 0 and n > 1 for s, n in zip(t.stride()[:3], t.shape[:3])):
-            reasons.append(f"{name} has a broadcast (stride-0) dimension: TMA needs real strides")
-            continue
-        if t.data_ptr() % 16 or any((s * item) % 16 for s, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
-            reasons.append(f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that")
-        elif any(s * item >= 1 << 40 for s in t.stride()[:3]):
-            reasons.append(f"{name}: a stride of 2^40 bytes or more (TMA)")
+        reasons += layout_reasons(name, tuple(t.shape), tuple(t.stride()), t.element_size(), t.data_ptr())
     if out.stride(-1) != 1 or out.data_ptr() % 4 or any(s % 2 for s in out.stride()[:3]):
         reasons.append("out: rows must be contiguous along head_dim and 4-byte aligned (pairs are stored as one word)")
-    total_q, total_k = q.shape[1], k.shape[1]
-    if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
-        reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
-    elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
-        config = config_for(head_dim, window, seqlen_k)
-        batch = q.shape[0] if cu_seqlens_q is None else cu_seqlens_q.numel() - 1
-        if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
-            reasons.append("more than 2^31 - 1 tiles")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         reasons.append("cu_seqlens_q and cu_seqlens_k come together")
     elif cu_seqlens_q is not None and (
@@ -555,12 +653,16 @@ def forward(
         _tensor_map(k, variant.block_n, variant, varlen),
         _tensor_map(v, variant.block_n, variant, varlen),
     )
+    grid = min(tiles, _sm_count(device))
+    order = tile_order(
+        config, m_blocks=m_blocks, pairs=tiles // m_blocks, grid=grid, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        window=window, varlen=varlen,
+    )  # fmt: skip
     args = kernel_arguments(
         variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, order=config.order, softcap=softcap, scale=scale,
+        window=window, order=order, softcap=softcap, scale=scale,
     )  # fmt: skip
-    grid = min(tiles, _sm_count(device))
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(device):
         tensor_map.launch(function, grid, variant.threads, variant.launch_smem, stream, args)

@@ -175,8 +175,9 @@ def parse_table(rows: list[dict[str, Any]], backend: Backend | None = None) -> d
     table: dict[ConfigKey, Entry] = {}
     for row in rows:
         name = row.get("backend", backend.name if backend else None)
-        if backend is not None and name != backend.name:
-            raise ValueError(f"heuristics table of {backend.name!r}: a row names backend {name!r}")
+        if not isinstance(name, str) or (backend is not None and name != backend.name):
+            owner = backend.name if backend is not None else "a backend"
+            raise ValueError(f"heuristics table of {owner!r}: a row names backend {name!r}")
         provenance = Provenance(**row["provenance"])
         config = KernelConfig.from_json(row["config"])
         for dtype in _as_list(row["dtype"]):

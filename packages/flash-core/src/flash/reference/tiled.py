@@ -252,7 +252,7 @@ def forward(
                 row_max = new_max
                 if observer is not None:
                     out_now = acc / torch.where(row_sum == 0, torch.ones_like(row_sum), row_sum)[..., None]
-                    assert scores is not None
+                    assert scores is not None  # cloned above whenever there is an observer
                     observer(TileStep(qi, kj, scores, row_max.clone(), row_sum.clone(), out_now))
             unseen = row_sum == 0  # (a NaN sum is not "unseen": NaN inputs must propagate)
             out = acc / torch.where(unseen, torch.ones_like(row_sum), row_sum)[..., None]

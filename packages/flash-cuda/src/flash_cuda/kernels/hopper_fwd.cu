@@ -9,7 +9,8 @@
 #error "hopper_fwd.cu is compiled through flash_cuda.hopper, which defines HOPPER_D and friends"
 #endif
 
-using HopperShape = flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, (HOPPER_BF16 != 0), HOPPER_MASK>;
+using HopperShape =
+    flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, (HOPPER_BF16 != 0), HOPPER_MASK>;
 static_assert(HopperShape::SMEM_BYTES == HOPPER_SMEM_BYTES, "flash_cuda/hopper.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(HopperShape::THREADS, 1)

@@ -16,9 +16,12 @@
 //  * between warpgroups, a turn passes round on named barriers: a warpgroup issues its products in
 //    its turn and passes the turn straight after issuing, so the others' softmax overlaps them.
 //
-// Key blocks are visited from the last to the first, so the blocks that need a mask (the causal
-// diagonal, the sequence end) come first. O is rescaled lazily: a row's reference max moves only
-// when it grows by more than RESCALE_LOG2 (base 2), so most blocks leave O alone.
+// The pipeline runs across tiles: the first S of the next tile is issued with the last O += P V of
+// the current one, and Q can be double-buffered (Q_STAGES), so a tile boundary costs little more
+// than a key block. Key blocks are visited from the last to the first, so the blocks that need a
+// mask (the causal diagonal, the sequence end) come first. O is rescaled lazily: a row's
+// reference max moves only when it grows by more than RESCALE_LOG2 (base 2), so most blocks leave
+// O alone.
 //
 // Tiles are (ROWS x D) shared-memory images of 16-bit values written by TMA with the 128-byte (64-byte
 // when D is not a multiple of 64) swizzle, in slabs of SLAB columns; head dims short of D arrive
@@ -43,11 +46,12 @@ constexpr float LN2 = 0.6931471805599453f;
 // Named barrier 0 is __syncthreads; the consumers' turns use 1..CONSUMERS.
 constexpr int TURN_BARRIER = 1;
 
-template <int D_, int CONSUMERS_, int BN_, bool BF16_, int MASK_>
+template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, bool BF16_, int MASK_>
 struct Shape {
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
   static constexpr int BN = BN_;                // keys per block
+  static constexpr int Q_STAGES = Q_STAGES_;    // Q buffers: 2 loads the next tile's Q during this one
   // Depth of the K and V rings: the widest tiles fill shared memory with two, and a third stage
   // measured no faster where it fits (PERF_NOTES.md).
   static constexpr int STAGES = 2;
@@ -57,13 +61,13 @@ struct Shape {
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int SLAB = D % 64 == 0 ? 64 : 32;  // columns of one swizzle slab (a 128- or 64-byte row)
   static constexpr int SWIZZLE = 2 * SLAB;            // bytes of a slab row, the swizzle span
-  // Shared memory (from a 1024-byte aligned base): Q, the K ring, the V ring, the mbarriers.
+  // Shared memory (from a 1024-byte aligned base): the Q, K and V rings, then the mbarriers.
   static constexpr int Q_BYTES = BM * D * 2;
   static constexpr int KV_BYTES = BN * D * 2;
-  static constexpr int K_OFFSET = Q_BYTES;
+  static constexpr int K_OFFSET = Q_STAGES * Q_BYTES;
   static constexpr int V_OFFSET = K_OFFSET + STAGES * KV_BYTES;
   static constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * KV_BYTES;
-  static constexpr int BARRIERS = 2 + 4 * STAGES;
+  static constexpr int BARRIERS = 2 * Q_STAGES + 4 * STAGES;
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
   // Register split of the 64K-register file: the producer keeps the minimum.
   static constexpr int PRODUCER_REGISTERS = CONSUMERS == 2 ? 24 : 32;
@@ -71,6 +75,7 @@ struct Shape {
 
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: a multiple of 32 in [64, 256]");
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
+  static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two Q buffers");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
 };
@@ -369,22 +374,25 @@ __device__ __forceinline__ int tile_index(int round) {
 template <class S>
 struct Smem {
   u32 base;  // 1024-byte aligned
-  __device__ __forceinline__ SmemTile<S::BM, S> q() const { return {base}; }
+  __device__ __forceinline__ SmemTile<S::BM, S> q(int stage) const { return {base + stage * S::Q_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> k(int stage) const { return {base + S::K_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> v(int stage) const { return {base + S::V_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
-  __device__ __forceinline__ u32 q_full() const { return barrier(0); }
-  __device__ __forceinline__ u32 q_empty() const { return barrier(1); }
-  __device__ __forceinline__ u32 k_full(int stage) const { return barrier(2 + stage); }
-  __device__ __forceinline__ u32 k_empty(int stage) const { return barrier(2 + S::STAGES + stage); }
-  __device__ __forceinline__ u32 v_full(int stage) const { return barrier(2 + 2 * S::STAGES + stage); }
-  __device__ __forceinline__ u32 v_empty(int stage) const { return barrier(2 + 3 * S::STAGES + stage); }
+  __device__ __forceinline__ u32 q_full(int stage) const { return barrier(stage); }
+  __device__ __forceinline__ u32 q_empty(int stage) const { return barrier(S::Q_STAGES + stage); }
+  __device__ __forceinline__ u32 k_full(int stage) const { return barrier(2 * S::Q_STAGES + stage); }
+  __device__ __forceinline__ u32 k_empty(int stage) const { return barrier(2 * S::Q_STAGES + S::STAGES + stage); }
+  __device__ __forceinline__ u32 v_full(int stage) const { return barrier(2 * S::Q_STAGES + 2 * S::STAGES + stage); }
+  __device__ __forceinline__ u32 v_empty(int stage) const { return barrier(2 * S::Q_STAGES + 3 * S::STAGES + stage); }
 
   // Full barriers take the producer's one arrival (plus the TMA bytes); empty ones one arrival per
   // consumer warp, each after its own wgmma_wait.
   __device__ void init() const {
-    mbarrier_init(q_full(), 1);
-    mbarrier_init(q_empty(), 4 * S::CONSUMERS);
+#pragma unroll
+    for (int st = 0; st < S::Q_STAGES; ++st) {
+      mbarrier_init(q_full(st), 1);
+      mbarrier_init(q_empty(st), 4 * S::CONSUMERS);
+    }
 #pragma unroll
     for (int st = 0; st < S::STAGES; ++st) {
       mbarrier_init(k_full(st), 1);
@@ -407,6 +415,19 @@ struct Ring {
       stage = 0;
       phase ^= 1;
     }
+  }
+  __device__ __forceinline__ Ring next() const {
+    Ring r = *this;
+    r.advance();
+    return r;
+  }
+  __device__ __forceinline__ Ring prev() const {
+    Ring r = *this;
+    if (r.stage-- == 0) {
+      r.stage = STAGES - 1;
+      r.phase ^= 1;
+    }
+    return r;
   }
 };
 
@@ -438,7 +459,7 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
   tma_prefetch_map(k_map);
   tma_prefetch_map(v_map);
   Ring<S::STAGES> ring;
-  u32 q_phase = 0;
+  Ring<S::Q_STAGES> q_ring;
   for (int round = 0; round * (int)gridDim.x < p.tiles; ++round) {
     const int index = tile_index(round);
     if (index >= p.tiles) continue;
@@ -455,26 +476,27 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
       tma_load_tile(sm.v(ring.stage), v_map, sm.v_full(ring.stage), kv_head, row, t.batch_coord);
       ring.advance();
     };
-    // The first key block goes before Q, whose buffer frees only when the consumers have issued
-    // the previous tile's last Q K^T: the new tile's loads overlap the old tile's tail.
-    load_kv(t.n_hi - 1);
-    mbarrier_wait(sm.q_empty(), q_phase ^ 1);
-    mbarrier_arrive_expect(sm.q_full(), S::Q_BYTES);
-    tma_load_tile(sm.q(), q_map, sm.q_full(), t.head, t.q_start + t.m0, t.batch_coord);
-    q_phase ^= 1;
-    // Q of the next tile is read from DRAM; fetched into L2 now, its load at the tile boundary is short.
+    // With one Q buffer, Q frees only when the consumers have issued the previous tile's last
+    // Q K^T: the first key block goes first, so that the new tile's loads overlap the old tile.
+    if (S::Q_STAGES == 1) load_kv(t.n_hi - 1);
+    mbarrier_wait(sm.q_empty(q_ring.stage), q_ring.phase ^ 1);
+    mbarrier_arrive_expect(sm.q_full(q_ring.stage), S::Q_BYTES);
+    tma_load_tile(sm.q(q_ring.stage), q_map, sm.q_full(q_ring.stage), t.head, t.q_start + t.m0, t.batch_coord);
+    q_ring.advance();
+    // Q of the next tile is read from DRAM; fetched into L2 now, its load later is short.
     const int next = tile_index(round + 1);
     if (next < p.tiles) {
       const Tile u = make_tile<S>(p, next);
       if (u.has_keys()) prefetch_q<S>(q_map, u);
     }
-    for (int n = t.n_hi - 2; n >= t.n_lo; --n) load_kv(n);
+    for (int n = t.n_hi - (S::Q_STAGES == 1 ? 2 : 1); n >= t.n_lo; --n) load_kv(n);
   }
 }
 
 // ------------------------------------------------------------------ consumers
 
-// The consumer warpgroups' turn to issue products, passed round in order on named barriers.
+// The consumer warpgroups' turn to issue products, passed round in order on named barriers
+// (measured: issuing without turns was 0.4-6% slower at every tile, PERF_NOTES.md).
 template <int CONSUMERS>
 struct Turn {
   int wg;
@@ -488,6 +510,40 @@ struct Turn {
   // warpgroup 0's barrier; take it so that no barrier is left half-arrived.
   __device__ __forceinline__ void finish() const {
     if (wg == 0) named_barrier_sync(TURN_BARRIER, 256);
+  }
+};
+
+// A tile as a consumer thread walks it: its key blocks, and which of them need the element mask.
+// Kept small (registers are short at the widest tiles): where the output goes is derived again
+// from `index` at the end.
+template <class S>
+struct TileRows {
+  int index;  // in the tile list
+  int n_lo, n_hi;
+  int len_k;
+  int row;  // the thread's row 0 in the sequence (row 1 is row + 8)
+  int off;  // len_k - len_q
+  // Block n needs the mask iff n * BN > last_free (it reaches past len_k or past the right edge of
+  // the tile's first row) or n * BN < first_free (it starts before the left edge of its last row).
+  // Both fit in 32 bits: |m0|, |off| < 2^29 and window reaches <= 2^30.
+  int last_free, first_free;
+
+  __device__ __forceinline__ void set(const Params& p, int tile_index, const Tile& t, int wg, int lane_row) {
+    index = tile_index;
+    n_lo = t.n_lo;
+    n_hi = t.n_hi;
+    len_k = t.len_k;
+    row = t.m0 + 64 * wg + lane_row;
+    off = t.len_k - t.len_q;
+    i64 free_right = (i64)t.len_k - S::BN;
+    if constexpr (S::MASK >= 1) free_right = min(free_right, (i64)t.m0 + off + p.win_right + 1 - S::BN);
+    last_free = (int)free_right;
+    first_free = S::MASK == 2 ? (int)((i64)t.m0 + S::BM - 1 + off - p.win_left) : 0;
+  }
+
+  __device__ __forceinline__ bool masked(int n) const {
+    const int n0 = n * S::BN;
+    return n0 > last_free || (S::MASK == 2 && n0 < first_free);
   }
 };
 
@@ -521,115 +577,170 @@ __device__ __forceinline__ void store_output(const Params& p, const Tile& t, int
   }
 }
 
+// The rows of a tile that sees no key at all: O = 0, LSE = -inf.
+template <class S>
+__device__ __forceinline__ void store_empty(const Params& p, const Tile& t, int row, int quad_col) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int seq_row = row + 8 * r;
+    if (seq_row >= t.len_q) continue;
+    const i64 out_row = (i64)t.q_start + seq_row;
+    u16* dst = p.o + t.batch * p.o_sb + out_row * p.o_ss + t.head * p.o_sh;
+#pragma unroll
+    for (int i = 0; i < Acc<S::D>::TILES; ++i) {
+      if (8 * i + quad_col < p.head_dim) *reinterpret_cast<u32*>(dst + 8 * i + quad_col) = 0u;
+    }
+    if (quad_col == 0) p.lse[t.batch * p.l_sb + t.head * p.l_sh + out_row * p.l_ss] = neg_inf();
+  }
+}
+
 template <class S>
 __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
   const int tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32;
-  const int quad_col = 2 * (lane % 4);  // column of the thread's element (0, row, 0) in an n8 tile
+  const int lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64
+  const int quad_col = 2 * (lane % 4);        // column of the thread's element (0, row, 0) in an n8 tile
   const bool warp_leader = lane == 0;
   const Turn<S::CONSUMERS> turn{wg};
   const bool softcapped = p.softcap_in != 0.f;
   turn.start();
 
-  Ring<S::STAGES> ring;
-  u32 q_phase = 0;
+  Ring<S::STAGES> ring;      // K and V of the next block to multiply
+  Ring<S::Q_STAGES> q_ring;  // Q of the current tile
   Acc<S::D> o;
   Acc<S::BN> s;
   Operand<S::BN> pm;
   OnlineSoftmax softmax;
 
-  for (int round = 0; round * (int)gridDim.x < p.tiles; ++round) {
-    const int index = tile_index(round);
-    if (index >= p.tiles) continue;
-    const Tile t = make_tile<S>(p, index);
-    if (!t.has_rows()) continue;
-    const int row = t.m0 + 64 * wg + 16 * warp + lane / 4;  // the thread's row 0 in the sequence
-    fill(o, 0.f);
-    softmax.reset();
-    if (!t.has_keys()) {
-      store_output<S>(p, t, row, quad_col, o, softmax);
-      continue;
-    }
-    const int off = t.len_k - t.len_q;
-    // Which key blocks need the element mask: those reaching past len_k or past the right edge of
-    // the tile's first row (a suffix), or before the left edge of its last row (a prefix).
-    i64 last_free = (i64)t.len_k - S::BN;  // block n is unmasked on the right iff n * BN <= last_free
-    if constexpr (S::MASK >= 1) last_free = min(last_free, (i64)t.m0 + off + p.win_right + 1 - S::BN);
-    i64 first_free = 0;  // ... and on the left iff n * BN >= first_free
-    if constexpr (S::MASK == 2) first_free = (i64)t.m0 + S::BM - 1 + off - p.win_left;
-    // Softcap, mask, exponentiate: block n of scores becomes P.
-    auto scores_to_p = [&](int n) {
-      if (softcapped) softcap(s, p.softcap_in);
-      const i64 n0 = (i64)n * S::BN;
-      if (n0 > last_free || n0 < first_free) {
-        mask_scores<S::MASK>(s, row, (int)n0 + quad_col, t.len_k, off, p.win_left, p.win_right);
+  // The block's next tile that has keys; the rows of tiles without keys are written on the way.
+  int round = 0;
+  auto next_tile = [&](TileRows<S>& w) -> bool {
+    for (; round * (int)gridDim.x < p.tiles; ++round) {
+      const int index = tile_index(round);
+      if (index >= p.tiles) continue;
+      const Tile t = make_tile<S>(p, index);
+      if (!t.has_rows()) continue;
+      if (!t.has_keys()) {
+        store_empty<S>(p, t, t.m0 + 64 * wg + lane_row, quad_col);
+        continue;
       }
-      softmax.update(s, p.score_log2);
-    };
+      ++round;
+      w.set(p, index, t, wg, lane_row);
+      return true;
+    }
+    return false;
+  };
 
-    const SmemTile<S::BM, S> q = sm.q();
-    mbarrier_wait(sm.q_full(), q_phase);
-    q_phase ^= 1;
+  // Softcap, mask, exponentiate: block n of tile w's scores becomes P.
+  auto scores_to_p = [&](const TileRows<S>& w, int n) {
+    if (softcapped) softcap(s, p.softcap_in);
+    if (w.masked(n)) mask_scores<S::MASK>(s, w.row, n * S::BN + quad_col, w.len_k, w.off, p.win_left, p.win_right);
+    softmax.update(s, p.score_log2);
+  };
 
-    // First key block: S only. Products are issued in turns, this one and the tile's last too:
-    // the warpgroups stay staggered across tile boundaries, so one's epilogue and first softmax
-    // overlap the other's products.
-    int n = t.n_hi - 1;
-    mbarrier_wait(sm.k_full(ring.stage), ring.phase);
-    turn.wait();
-    issue_qk<S>(s, q, 64 * wg, sm.k(ring.stage));
-    turn.pass();
-    wgmma_wait<0>();
-    pin(s);
-    if (warp_leader) mbarrier_arrive(sm.k_empty(ring.stage));
-    scores_to_p(n);
-    to_operand<S::BF16>(s, pm);
-    Ring<S::STAGES> v_ring = ring;  // V of the block whose P is in pm
-    ring.advance();
-    if (n > t.n_lo) mbarrier_wait(sm.k_full(ring.stage), ring.phase);
+  // Wait for K of the block after n (if the tile has one) before waiting for O += P V: the spin
+  // loop ends the basic block, which keeps ptxas from scheduling that wgmma_wait above the softmax
+  // (it would serialise the softmax after the product). The wait is due next anyway.
+  auto wait_next_k = [&](const TileRows<S>& w, int n) {
+    if (n > w.n_lo) {
+      const Ring<S::STAGES> next = ring.next();
+      mbarrier_wait(sm.k_full(next.stage), next.phase);
+    }
+  };
 
+  // The output of the tile whose row statistics are in `softmax`.
+  auto store = [&](const TileRows<S>& w) {
+    const Tile t = make_tile<S>(p, w.index);
+    store_output<S>(p, t, w.row, quad_col, o, softmax);
+  };
+
+  TileRows<S> cur;
+  if (!next_tile(cur)) {
+    turn.finish();
+    return;
+  }
+
+  // The first tile's first key block: S only.
+  fill(o, 0.f);
+  softmax.reset();
+  int n = cur.n_hi - 1;
+  mbarrier_wait(sm.q_full(q_ring.stage), q_ring.phase);
+  mbarrier_wait(sm.k_full(ring.stage), ring.phase);
+  issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
+  wgmma_wait<0>();
+  pin(s);
+  if (warp_leader) mbarrier_arrive(sm.k_empty(ring.stage));
+  scores_to_p(cur, n);
+  to_operand<S::BF16>(s, pm);
+  ring.advance();  // from here on, V of the block whose P is in pm is at ring.prev()
+
+  while (true) {
     // Steady state: S of block n, then O += P V of block n + 1, then the softmax of block n while
-    // that product runs. K of block n has landed.
-    for (--n; n >= t.n_lo; --n) {
+    // that product runs.
+    for (--n; n >= cur.n_lo; --n) {
+      mbarrier_wait(sm.k_full(ring.stage), ring.phase);
       turn.wait();
-      issue_qk<S>(s, q, 64 * wg, sm.k(ring.stage));
+      issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
       if (softmax.rescale) scale_rows(o, softmax.correction);
-      mbarrier_wait(sm.v_full(v_ring.stage), v_ring.phase);
-      issue_pv<S>(o, pm, sm.v(v_ring.stage));
+      mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
+      issue_pv<S>(o, pm, sm.v(ring.prev().stage));
       turn.pass();
       wgmma_wait<1>();
       pin(s);
       if (warp_leader) mbarrier_arrive(sm.k_empty(ring.stage));
-      scores_to_p(n);
-      // Wait for K of the next block now rather than at the top of the next iteration: the spin
-      // loop also ends the basic block, and that keeps ptxas from scheduling the wgmma_wait below
-      // above the softmax (which would serialise the softmax after O += P V).
-      if (n > t.n_lo) {
-        Ring<S::STAGES> next = ring;
-        next.advance();
-        mbarrier_wait(sm.k_full(next.stage), next.phase);
-      }
+      scores_to_p(cur, n);
+      wait_next_k(cur, n);
       wgmma_wait<0>();
       pin(pm);  // P is read until its product completes: its registers must not be reused before
       pin(o);
-      if (warp_leader) mbarrier_arrive(sm.v_empty(v_ring.stage));
+      if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
       to_operand<S::BF16>(s, pm);
-      v_ring = ring;
       ring.advance();
     }
+    // Every Q K^T of the tile has completed: its Q buffer may take a later tile's.
+    if (warp_leader) mbarrier_arrive(sm.q_empty(q_ring.stage));
+    q_ring.advance();
 
-    // Every Q K^T of the tile has completed: Q's buffer may take the next tile.
-    if (warp_leader) mbarrier_arrive(sm.q_empty());
-    if (softmax.rescale) scale_rows(o, softmax.correction);
-    mbarrier_wait(sm.v_full(v_ring.stage), v_ring.phase);
+    TileRows<S> next;
+    if (!next_tile(next)) break;
+
+    // Across the tile boundary: S of the next tile's first block and O += P V of this tile's last
+    // block in one turn, then this tile's output and the next one's first softmax (in turn with the
+    // other warpgroups' products; holding both tiles' state through the softmax would spill).
+    n = next.n_hi - 1;
+    mbarrier_wait(sm.q_full(q_ring.stage), q_ring.phase);
+    mbarrier_wait(sm.k_full(ring.stage), ring.phase);
     turn.wait();
-    issue_pv<S>(o, pm, sm.v(v_ring.stage));
+    issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
+    if (softmax.rescale) scale_rows(o, softmax.correction);
+    mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
+    issue_pv<S>(o, pm, sm.v(ring.prev().stage));
     turn.pass();
     wgmma_wait<0>();
+    pin(s);
+    pin(pm);
     pin(o);
-    if (warp_leader) mbarrier_arrive(sm.v_empty(v_ring.stage));
-    store_output<S>(p, t, row, quad_col, o, softmax);
+    if (warp_leader) {
+      mbarrier_arrive(sm.k_empty(ring.stage));
+      mbarrier_arrive(sm.v_empty(ring.prev().stage));
+    }
+    store(cur);
+    cur = next;
+    fill(o, 0.f);
+    softmax.reset();
+    scores_to_p(cur, n);
+    to_operand<S::BF16>(s, pm);
+    ring.advance();
   }
+
+  // The last tile's last block.
+  if (softmax.rescale) scale_rows(o, softmax.correction);
+  mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
+  issue_pv<S>(o, pm, sm.v(ring.prev().stage));
+  wgmma_wait<0>();
+  pin(o);
+  if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
+  store(cur);
   turn.finish();
 }
 
