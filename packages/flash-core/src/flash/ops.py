@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from flash.plan import CallMasks, Plan, plan_for, run_backward, run_forward
+from flash.plan import CallMasks, Plan, plan_for, run_backward, run_backward_with_bias, run_forward
 from flash.spec import AttentionSpec, build_spec
 
 
@@ -45,7 +45,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv, dbias = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks)
+        dq, dk, dv, dbias = run_backward_with_bias(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks)
         return dq, dk, dv, None, None, None, None, dbias, None
 
 
@@ -142,8 +142,7 @@ def attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     named = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "dout", "out", "lse")}
     plan, spec = _plan(q, k, v, named)
-    dq, dk, dv, _ = run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    return dq, dk, dv
+    return run_backward(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
 
 
 @attention_backward.register_fake

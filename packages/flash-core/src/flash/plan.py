@@ -258,12 +258,27 @@ def run_backward(
     cu_seqlens_q: Tensor | None,
     cu_seqlens_k: Tensor | None,
     masks: CallMasks = NO_MASKS,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``)."""
+    dq, dk, dv, _ = run_backward_with_bias(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, masks)
+    return dq, dk, dv
 
-    The fourth result is the gradient of an additive ``attn_mask`` that requires grad (else None),
-    summed down to the mask's own shape.
-    """
+
+def run_backward_with_bias(
+    plan: Plan,
+    spec: AttentionSpec,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    masks: CallMasks = NO_MASKS,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`run_backward`, and the gradient of an additive ``attn_mask`` that requires grad (else
+    None) as a fourth result, summed down to the mask's own shape."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     wants_dbias = spec.mask is not None and spec.mask.requires_grad
     dbias = None
