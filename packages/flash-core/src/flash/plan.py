@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,7 +23,6 @@ from torch import Tensor
 from flash import dispatch, heuristics
 from flash._cache import BoundedCache
 from flash.backend import Backend, BackwardArgs, ForwardArgs, MaskTensors
-from flash.block_mask import BlockMask
 from flash.heuristics import KernelConfig, autotune
 from flash.mask_checks import mask4
 from flash.spec import (
@@ -39,6 +38,9 @@ from flash.spec import (
 #: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
 #: so an element a backend never writes cannot pass by holding a stale correct value.
 POISON_OUTPUTS = False
+
+if TYPE_CHECKING:
+    import flash
 
 
 @dataclass
@@ -74,7 +76,7 @@ class CallMasks:
 
     attn_mask: Tensor | None = None
     alibi_slopes: Tensor | None = None
-    block_mask: BlockMask | None = None
+    block_mask: flash.BlockMask | None = None
     score_mod: Callable[..., Tensor] | None = None
     score_mod_grad: Callable[..., Tensor] | None = None
     mask_mod: Callable[..., Tensor] | None = None
