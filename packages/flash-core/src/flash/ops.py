@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from flash.plan import CallMasks, Plan, plan_for, run_backward, run_backward_with_bias, run_forward
+from flash.plan import CallMasks, Plan, bias_grad, bias_grad_buffer, plan_for, run_backward, run_forward
 from flash.spec import AttentionSpec, build_spec
 
 
@@ -45,8 +45,9 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv, dbias = run_backward_with_bias(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks)
-        return dq, dk, dv, None, None, None, None, dbias, None
+        dbias = bias_grad_buffer(ctx.spec, q.device)
+        dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks, dbias)
+        return dq, dk, dv, None, None, None, None, bias_grad(dbias, ctx.masks.attn_mask), None
 
 
 #: The ops' arguments after the tensors, in order (forward and backward take the same options).

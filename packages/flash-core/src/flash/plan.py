@@ -260,35 +260,16 @@ def run_backward(
     cu_seqlens_q: Tensor | None,
     cu_seqlens_k: Tensor | None,
     masks: CallMasks = NO_MASKS,
+    dbias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``)."""
-    dq, dk, dv, _ = run_backward_with_bias(plan, spec, dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, masks)
-    return dq, dk, dv
+    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``).
 
-
-def run_backward_with_bias(
-    plan: Plan,
-    spec: AttentionSpec,
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_seqlens_q: Tensor | None,
-    cu_seqlens_k: Tensor | None,
-    masks: CallMasks = NO_MASKS,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`run_backward`, and the gradient of an additive ``attn_mask`` that requires grad (else
-    None) as a fourth result, summed down to the mask's own shape."""
+    ``dbias`` (from :func:`bias_grad_buffer`, when an additive mask requires grad) receives the
+    scores' gradient; :func:`bias_grad` sums it down to the mask's shape.
+    """
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    wants_dbias = spec.mask is not None and spec.mask.requires_grad
-    dbias = None
-    if wants_dbias:
-        full = (spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
-        dbias = torch.zeros(full, dtype=spec.lse_dtype, device=q.device)
     if plan.forward is None:
-        return dq.zero_(), dk.zero_(), dv.zero_(), _bias_grad(dbias, masks.attn_mask)
+        return dq.zero_(), dk.zero_(), dv.zero_()
     if dout.shape[-1] > 1 and dout.stride(-1) != 1:
         dout = dout.contiguous()  # kernels take any strides but a unit one along head_dim
     backend, config = plan.backward_run()
@@ -314,10 +295,18 @@ def run_backward_with_bias(
         autotune.ensure_tuned(backend, spec, "backward", lambda c: backend.backward(spec, args, c))
         config = heuristics.config_for(backend, spec, "backward")
     backend.backward(spec, args, config)
-    return dq, dk, dv, _bias_grad(dbias, masks.attn_mask)
+    return dq, dk, dv
 
 
-def _bias_grad(dbias: Tensor | None, mask: Tensor | None) -> Tensor | None:
+def bias_grad_buffer(spec: AttentionSpec, device: torch.device) -> Tensor | None:
+    """Zeros (batch, heads_q, seqlen_q, seqlen_k) for the scores' gradient, if an additive mask requires grad."""
+    if spec.mask is None or not spec.mask.requires_grad:
+        return None
+    full = (spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+    return torch.zeros(full, dtype=spec.lse_dtype, device=device)
+
+
+def bias_grad(dbias: Tensor | None, mask: Tensor | None) -> Tensor | None:
     """The (batch, heads, sq, sk) score gradient summed over the axes the mask broadcasts along."""
     if dbias is None or mask is None:
         return None
