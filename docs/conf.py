@@ -59,7 +59,7 @@ today_fmt = "%Y-%m-%d"
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"torch(\..*)?"),
-    (r"py:.*", r"(abc|typing|collections\.abc|contextlib|enum|importlib\.metadata|pathlib|threading)\..*"),
+    (r"py:.*", r"(abc|argparse|typing|collections\.abc|contextlib|enum|importlib\.metadata|pathlib|threading)\..*"),
     (r"py:.*", r"(Tensor|Literal|Iterator|Callable|Any|Path|Layout|Descale|Alibi|Pass|Observer|optional)"),
     (r"py:.*", r"(Sharding|ProcessGroup)"),
     (r"py:.*", r"(Enum|EntryPoint|ContextVar|RLock|NoneType|ellipsis)"),
@@ -80,6 +80,8 @@ for _name, _present in (("flash_nn", HAS_NN), ("flash_testing", HAS_TESTING)):
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
+# flash.integrations.transformers imports transformers, which the docs build does not install.
+autodoc_mock_imports = ["transformers"]
 autodoc_preserve_defaults = True
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True

@@ -2,7 +2,8 @@
 
 Each result file is one run on one machine: its ``environment`` (GPU, date, versions) is printed
 under every plot drawn from it. GPU files carry ``rows`` (TFLOP/s per provider and case) and
-``memory``; CPU files carry ``cpu`` rows. Nothing is plotted that is not in a file.
+``memory``; CPU files carry ``cpu`` rows; the ``overhead`` section (host time per call of a tiny
+problem) is shown as a table. Nothing is plotted that is not in a file.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ENV_KEYS = (
     "flash-core",
     "flash-triton",
     "flash-cuda",
+    "flash-bench",
     "cupy-cuda13x",
     "cupy-cuda12x",
     "python",
@@ -191,6 +193,27 @@ def _ratio_table(rows: list[dict]) -> str:
     )
 
 
+def _overhead_table(timed: dict, env_line: str) -> str:
+    """Microseconds per call of each provider, forward and forward+backward, and flash - SDPA."""
+    by = {(r["provider"], r["mode"]): r.get("us_per_call") for r in timed["rows"]}
+    providers = list(dict.fromkeys(r["provider"] for r in timed["rows"]))
+    rows = [
+        [code(p), *("—" if by.get((p, m)) is None else f"{by[(p, m)]:.1f}" for m in ("fwd", "fwd_bwd"))]
+        for p in providers
+    ]
+    p = timed["problem"]
+    title = (
+        f"Host µs per call, {p['seqlen_q']} query × {p['seqlen_k']} keys, {p['heads']} heads, head_dim "
+        f"{p['head_dim']}, {p['dtype']}, {p['device']}, {timed['calls']} calls"
+    )
+    text = [list_table(["provider", "forward", "forward + backward"], rows, title=esc(title), classes="flash-numbers")]
+    gaps = [f"{esc(d['mode'])} against {code(d['peer'])}: {d['delta_us']:+.1f} µs" for d in timed.get("deltas", [])]
+    if gaps:
+        target = timed.get("target_us")
+        text.append(f"flash − SDPA (target: within {target:g} µs): " + "; ".join(gaps) + f". {env_line}.\n")
+    return "\n".join(text)
+
+
 def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str]) -> str:
     data = json.loads(path.read_text())
     env = data.get("environment", {})
@@ -263,8 +286,11 @@ def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str
                 alt="CPU time and memory against sequence length",
             )
         )
-    if not (rows or memory or cpu):
-        text.append(f"{code(path.name)} holds no ``rows``, ``memory`` or ``cpu`` results.\n")
+    timed = data.get("overhead")
+    if timed:
+        text.append(_overhead_table(timed, env_line))
+    if not (rows or memory or cpu or timed):
+        text.append(f"{code(path.name)} holds no ``rows``, ``memory``, ``cpu`` or ``overhead`` results.\n")
     return "\n".join(text)
 
 

@@ -20,7 +20,7 @@ stamp() { echo "[$(($(date +%s) - T0))s] $*"; }
 stamp "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
-for pkg in packages/flash-core packages/flash-triton; do
+for pkg in packages/flash-core packages/flash-triton packages/flash-bench; do
   python3 -m pip install -q --no-deps --no-build-isolation -e "$pkg" >>"$OUT/install.log" 2>&1 || { echo "install of $pkg FAILED"; tail -5 "$OUT/install.log"; }
 done
 python3 -c 'import flash; [print(" ", b) for b in flash.backends()]'

@@ -3,6 +3,8 @@
 For each head dim and mask it times every candidate forward and backward configuration at the
 benchmark convention's shape (batch * seqlen = 16384, heads * head_dim = 2048, bf16), checks each
 result against SDPA's flash backend, and prints a table sorted by speed; ``--out`` saves JSON.
+Timer, FLOP convention and environment record are :mod:`flash.timing`'s, the SDPA peers
+``flash-bench``'s (install it too).
 Compilation happens first, in parallel worker processes (the kernels land in Triton's on-disk
 cache), so the timing loop only loads them.
 
@@ -19,12 +21,15 @@ import sys
 import time
 import traceback
 from concurrent import futures
+from typing import Any
 
 os.environ["FLASH_TRITON_NO_FALLBACK"] = "1"  # time exactly the configuration named
 
 import torch
 
-TOKENS, MODEL_DIM = 16384, 2048
+from flash import timing
+
+TOKENS, MODEL_DIM = timing.TOKENS, timing.MODEL_DIM
 DEVICE = "cuda"
 
 
@@ -92,7 +97,7 @@ class Problem:
         from flash.spec import build_spec
 
         self.head_dim, self.causal, self.seqlen = head_dim, causal, seqlen
-        heads, batch = max(1, MODEL_DIM // head_dim), max(1, TOKENS // seqlen)
+        batch, heads = timing.convention_shape(seqlen=seqlen, head_dim=head_dim, tokens=TOKENS, model_dim=MODEL_DIM)
         gen = torch.Generator(device=device).manual_seed(seqlen * head_dim + causal)
         shape = (batch, seqlen, heads, head_dim)
         self.q, self.k, self.v, self.dout = (
@@ -104,7 +109,8 @@ class Problem:
         self.fwd_args = ForwardArgs(self.q, self.k, self.v, self.out, self.lse)
         self.grads = [torch.empty_like(t) for t in (self.q, self.k, self.v)]
         self.bwd_args = BackwardArgs(self.q, self.k, self.v, self.out, self.lse, self.dout, *self.grads)
-        self.flops = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+        dims = {"batch": batch, "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim}
+        self.flops = {mode: timing.attention_flops(**dims, causal=causal, mode=mode) for mode in ("fwd", "bwd")}
 
 
 def _config(data: dict):
@@ -159,31 +165,19 @@ def compile_all(jobs: list[tuple], workers: int) -> dict:
 
 def _bench(fn) -> float:
     if DEVICE != "cuda":  # --dry-run: one timed call, to exercise this script without a GPU
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=150, return_mode="median"))
+        return timing.per_call_us(fn, device=DEVICE, calls=1, warmup=0) / 1e3
+    return timing.measure(fn, device=DEVICE, budget_ms=150)
 
 
 def _sdpa(kind: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from flash_bench.providers import provider
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[kind]
-
-    def run(q, k, v, causal):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-            ).transpose(1, 2)
-
-    return run
+    return provider(f"sdpa-{kind}")
 
 
 def peers(p: Problem) -> tuple[dict, dict]:
     """SDPA flash/cuDNN forward and forward+backward times, and SDPA flash's output and grads."""
-    rows = {}
+    rows: dict[str, dict[str, float | str]] = {}
     q, k, v = (t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v))
     ref = {}
     for kind in ("flash", "cudnn"):
@@ -215,7 +209,8 @@ def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: 
     p = Problem(head_dim, causal, seqlen)
     peer, ref = peers(p)
     forward_table, backward_table = tables
-    result = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "peers": peer, "forward": [], "backward": []}
+    result: dict[str, Any] = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "peers": peer}
+    result.update(forward=[], backward=[])
     for pass_ in passes:
         table = forward_table if pass_ == "forward" else backward_table
         for cfg in table[head_dim]:
@@ -231,14 +226,14 @@ def tune_case(head_dim: int, causal: bool, seqlen: int, failures: dict, passes: 
                     run_forward(p, cfg)
                     row["err_vs_sdpa_flash"] = _rel(p.out, ref["out"]) if ref else None
                     row["ms"] = _bench(lambda: run_forward(p, cfg))
-                    row["tflops"] = p.flops / row["ms"] / 1e9
+                    row["tflops"] = timing.tflops(p.flops["fwd"], row["ms"])
                 else:
                     run_forward(p, forward_table[head_dim][0])
                     run_backward(p, cfg)
                     if ref:
                         row["err_vs_sdpa_flash"] = max(_rel(g, r) for g, r in zip(p.grads, ref["grads"]))
                     row["ms"] = _bench(lambda: run_backward(p, cfg))
-                    row["tflops"] = 2.5 * p.flops / row["ms"] / 1e9
+                    row["tflops"] = timing.tflops(p.flops["bwd"], row["ms"])
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
                 traceback.print_exc()
@@ -335,8 +330,6 @@ def main(argv=None) -> int:
             for cfg in tables[0 if pass_ == "forward" else 1][d]]  # fmt: skip
     failures = compile_all(jobs, args.workers) if args.workers > 0 else {}
     results = []
-    from flash.bench import environment
-
     for d in dims:
         for c in causals:
             if args.profile and DEVICE == "cuda":
@@ -346,7 +339,7 @@ def main(argv=None) -> int:
                     print(f"profile failed: {type(error).__name__}: {error}", flush=True)
             results.append(tune_case(d, c, args.seqlen, failures, passes, tables))
             with open(args.out, "w") as fh:
-                json.dump({"environment": environment(), "results": results}, fh, indent=1)
+                json.dump({"environment": timing.environment(), "results": results}, fh, indent=1)
     print("\n" + summary(results))
     return 0
 

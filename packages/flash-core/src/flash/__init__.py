@@ -29,6 +29,7 @@ from flash.block_mask import BlockMask
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.merge import merge_states
+from flash.padding import cu_seqlens_from_position_ids, pad, select_tokens, unpad, unpad_indices
 from flash.spec import AttentionSpec, build_spec
 
 if TYPE_CHECKING:
@@ -50,14 +51,19 @@ __all__ = [
     "attention_qkvpacked",
     "backends",
     "build_spec",
+    "cu_seqlens_from_position_ids",
     "distributed",
     "explain",
     "merge_states",
     "mods",
     "nn",
+    "pad",
     "register_backend",
     "scaled_dot_product_attention",
+    "select_tokens",
     "set_backend_priority",
+    "unpad",
+    "unpad_indices",
     "use_backend",
 ]
 

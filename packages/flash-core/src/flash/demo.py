@@ -5,20 +5,32 @@ with naive attention (which materialises the full score matrix)."""
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 import flash
-from flash import dispatch
-from flash.bench import cpu_peak_mib, naive_attention
+from flash import cli, console, dispatch, timing
 from flash.reference import dense_attention
+from flash.reference.naive import naive_attention
+from flash.registry import REGISTRY
 from flash.testing.tolerance import bound, max_error
 
 #: Query rows checked against the float64 oracle at large sizes (the oracle is quadratic in memory).
 ORACLE_ROWS = 256
+#: Columns of the results table: (title, format spec); every row is formatted the same way.
+COLUMNS = (
+    ("seqlen", ">7"),
+    ("mask", "<6"),
+    ("backend", "<10"),
+    ("flash ms", ">10"),
+    ("flash MiB", ">10"),
+    ("naive ms", ">10"),
+    ("naive MiB", ">10"),
+    ("max error", ">10"),
+    ("limit", ">9"),
+    ("", "<6"),
+)
 
 
 @dataclass
@@ -38,32 +50,9 @@ class Result:
         return self.error <= self.limit
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: kernel compilation and caches stay out of the numbers
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return cpu_peak_mib(fn)
-
-
-def _check_rows(q, k, v, out, causal: bool) -> tuple[float, float]:
+def _check_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, causal: bool
+) -> tuple[float, float]:
     """(error, limit) of ``out`` on the last ORACLE_ROWS query rows against the float64 oracle."""
     rows = min(ORACLE_ROWS, q.shape[1])
     q_rows = q[:, -rows:]
@@ -74,68 +63,105 @@ def _check_rows(q, k, v, out, causal: bool) -> tuple[float, float]:
     return max_error(out[:, -rows:], exact), bound(max_error(rough, exact), q.dtype)
 
 
-def run(device: torch.device, seqlens: list[int], dtype: torch.dtype, heads: int, head_dim: int) -> list[Result]:
+def run(
+    *, device: torch.device, seqlens: list[int], dtype: torch.dtype, heads: int, head_dim: int, backend: str = "auto"
+) -> list[Result]:
+    """Time, peak memory and error of ``flash.attention`` (and naive attention) at each length, full and causal."""
     results = []
-    repeats = 10 if device.type == "cuda" else 3
     for seqlen in seqlens:
         gen = torch.Generator(device=device).manual_seed(seqlen)
         q, k, v = (torch.randn(1, seqlen, heads, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
         for causal in (False, True):
-            spec = flash.build_spec(q, k, v, causal=causal)
-            backend = dispatch.select(spec, "forward").name
+            chosen = dispatch.select(flash.build_spec(q, k, v, causal=causal), "forward", backend).name
+
+            def ours(causal: bool = causal) -> torch.Tensor:
+                return flash.attention(q, k, v, causal=causal, backend=backend)
+
+            def naive(causal: bool = causal) -> torch.Tensor:
+                return naive_attention(q, k, v, causal)
+
             with torch.no_grad():
-                out = flash.attention(q, k, v, causal=causal)
-                error, limit = _check_rows(q, k, v, out, causal)
-                ms = _time_ms(lambda: flash.attention(q, k, v, causal=causal), device, repeats)
-                peak = _peak_mib(lambda: flash.attention(q, k, v, causal=causal), device)
+                error, limit = _check_rows(q, k, v, ours(), causal)
+                ms = timing.measure(ours, device=device, budget_ms=50)
+                peak = timing.peak_mib(ours, device=device)
+                naive_ms: float | None
+                naive_peak: float | None
                 try:
-                    naive_ms = _time_ms(lambda: naive_attention(q, k, v, causal), device, repeats)
-                    naive_peak = _peak_mib(lambda: naive_attention(q, k, v, causal), device)
+                    naive_ms = timing.measure(naive, device=device, budget_ms=50)
+                    naive_peak = timing.peak_mib(naive, device=device)
                 except torch.OutOfMemoryError:
                     naive_ms = naive_peak = None
-            results.append(Result(seqlen, causal, backend, ms, peak, error, limit, naive_ms, naive_peak))
-            print(_format(results[-1]), flush=True)
+            results.append(Result(seqlen, causal, chosen, ms, peak, error, limit, naive_ms, naive_peak))
+            print(format_result(results[-1]), flush=True)
     return results
 
 
-def _format(r: Result) -> str:
+def _row(cells: list[str]) -> str:
+    return " ".join(f"{cell:{spec}}" for cell, (_, spec) in zip(cells, COLUMNS)).rstrip()
+
+
+def table_header() -> str:
+    """The column titles of the results table."""
+    return _row([title for title, _ in COLUMNS])
+
+
+def format_result(r: Result) -> str:
+    """One row of the results table."""
     naive = (
-        f"naive {r.naive_ms:9.2f} ms {r.naive_peak_mib:9.1f} MiB"
+        [f"{r.naive_ms:.2f}", f"{r.naive_peak_mib:.1f}"]
         if r.naive_ms is not None and r.naive_peak_mib is not None
-        else "naive: out of memory"
+        else ["out of", "memory"]
     )
-    verdict = "ok" if r.ok else "FAILED"
-    return (
-        f"seqlen {r.seqlen:6d} {'causal' if r.causal else 'full  '} via {r.backend:<9} "
-        f"{r.ms:9.2f} ms {r.peak_mib:9.1f} MiB | {naive} | "
-        f"max error {r.error:.2e} (limit {r.limit:.2e}) {verdict}"
+    return _row(
+        [
+            str(r.seqlen),
+            "causal" if r.causal else "full",
+            r.backend,
+            f"{r.ms:.2f}",
+            f"{r.peak_mib:.1f}",
+            *naive,
+            f"{r.error:.2e}",
+            f"{r.limit:.1e}",
+            "ok" if r.ok else "FAILED",
+        ]
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flash", description=__doc__)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: the best present)")
-    parser.add_argument("--seqlens", default=None, help="comma-separated sequence lengths")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def main(options: argparse.Namespace) -> int:
+    """``python -m flash [demo]``: 0 when every result is within tolerance, 1 otherwise."""
+    device = options.device or cli.default_device()
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    default_seqlens = "1024,4096,16384" if on_gpu else "256,1024,2048"
-    seqlens = [int(s) for s in (args.seqlens or default_seqlens).split(",")]
+    seqlens = options.seqlens or ([1024, 4096, 16384] if on_gpu else [256, 1024, 2048])
     heads, head_dim = (16, 128) if on_gpu else (8, 64)
-
-    print(
-        f"flash {flash.__version__} | torch {torch.__version__} | device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if on_gpu else "")
-    )
+    backend = options.backend or "auto"
+    if options.backend and REGISTRY.unavailable_reasons(options.backend):
+        reasons = "; ".join(REGISTRY.unavailable_reasons(options.backend))
+        raise cli.UsageError(f"backend {options.backend!r} cannot run here: {reasons}")
+    print(console.header(device))
     print("backends:")
-    for info in flash.backends():
-        print(f"  {info}")
-    print(
-        f"\nattention, batch 1, {heads} heads, head_dim {head_dim}, {str(dtype).replace('torch.', '')}, "
-        f"errors on the last {ORACLE_ROWS} rows against the float64 oracle:"
+    print("\n".join(console.backend_lines()))
+    what = (
+        f"attention, batch 1, {heads} heads, head_dim {head_dim}, {str(dtype).replace('torch.', '')}; the error is "
+        f"on the last {ORACLE_ROWS} rows against the float64 oracle, its limit that of the tolerance rule:"
     )
-    results = run(device, seqlens, dtype, heads, head_dim)
+    print("\n" + "\n".join(console.wrap(what)))
+    print(table_header())
+    results = run(device=device, seqlens=seqlens, dtype=dtype, heads=heads, head_dim=head_dim, backend=backend)
     failed = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)}/{len(results)} results within tolerance")
     return 1 if failed else 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``demo`` with the command line."""
+    parser = commands.add_parser("demo", help="the main job (the default): attention at a few sizes, checked")
+    parser.description = __doc__
+    parser.add_argument(
+        "--device", type=cli.device, default=None, help="cpu, cuda or cuda:N (default: the best present)"
+    )
+    parser.add_argument("--seqlens", type=cli.int_list, default=None, help="comma-separated sequence lengths")
+    parser.add_argument(
+        "--backend", type=cli.backend_name, default=None, help="force one backend (default: automatic dispatch)"
+    )
+    parser.set_defaults(run=main)

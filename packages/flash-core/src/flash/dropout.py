@@ -40,6 +40,12 @@ def fmix32(x: int | torch.Tensor) -> int | torch.Tensor:
     return x ^ (x >> 16)
 
 
+def random_seed() -> int:
+    """A seed for one dropout call, drawn from PyTorch's default (CPU) generator, so that
+    ``torch.manual_seed`` makes it reproducible; reading a CPU tensor never waits for a GPU."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
 def threshold(p: float) -> int:
     """Elements whose 24-bit draw is below this are dropped."""
     return int(p * (1 << 24))

@@ -15,6 +15,8 @@ supported.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -46,7 +48,7 @@ class MultiheadAttention(nn.Module):
         if add_bias_kv or add_zero_attn:
             name = "add_bias_kv" if add_bias_kv else "add_zero_attn"
             raise InvalidInputError(name, "False (not supported by flash.nn.MultiheadAttention)", "True")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.dropout, self.batch_first = embed_dim, num_heads, dropout, batch_first
         self.head_dim = embed_dim // num_heads
         self.kdim = kdim if kdim is not None else embed_dim
@@ -84,7 +86,8 @@ class MultiheadAttention(nn.Module):
 
     def _projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._qkv_same_embed_dim:
-            return self.in_proj_weight.chunk(3)
+            q, k, v = self.in_proj_weight.chunk(3)
+            return q, k, v
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def _sdpa_mask(

@@ -290,7 +290,7 @@ def shipped_variants() -> list[HopperVariant]:
 
 
 def _read(name: str) -> str:
-    return resources.files("flash_cuda").joinpath("kernels", name).read_text()
+    return resources.files("flash_cuda").joinpath("kernels").joinpath(name).read_text()
 
 
 _INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)

@@ -8,6 +8,7 @@ a CUDA graph.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +42,7 @@ def _aligned16(t: torch.Tensor) -> bool:
 def kernel_arguments(spec: AttentionSpec, args: ForwardArgs, variant: Variant) -> tuple:
     """The kernel's parameter list (see kernels/flash_fwd.cu) as NumPy scalars of the exact C types."""
     q, k, v, out, lse = args.q, args.k, args.v, args.out, args.lse
-    cu_q = cu_k = None
-    if spec.varlen:
-        cu_q = args.cu_seqlens_q if args.cu_seqlens_q.is_contiguous() else args.cu_seqlens_q.contiguous()
-        cu_k = args.cu_seqlens_k if args.cu_seqlens_k.is_contiguous() else args.cu_seqlens_k.contiguous()
+    cu_q, cu_k = args.cu_seqlens_q, args.cu_seqlens_k  # contiguous: core makes them so
 
     def strides(t: torch.Tensor) -> list[np.int64]:
         b, s, h = t.stride()[:3]
@@ -78,10 +76,10 @@ def kernel_arguments(spec: AttentionSpec, args: ForwardArgs, variant: Variant) -
     )
 
 
-_streams: dict[tuple[int, int], object] = {}
+_streams: dict[tuple[int, int], Any] = {}
 
 
-def cupy_stream(handle: int, device_index: int) -> object:
+def cupy_stream(handle: int, device_index: int) -> Any:
     """A CuPy view of the CUDA stream ``handle`` (torch's current stream), cached per handle."""
     key = (handle, device_index)
     found = _streams.get(key)

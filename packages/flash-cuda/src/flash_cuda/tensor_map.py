@@ -24,7 +24,12 @@ MAX_STRIDE = 1 << 40
 #: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 MAX_DYNAMIC_SHARED = 8
 
-TensorMap = ctypes.c_uint64 * 16
+
+class TensorMap(ctypes.Array):
+    """The 128-byte descriptor (CUtensorMap), passed to the kernel by value."""
+
+    _type_ = ctypes.c_uint64
+    _length_ = 16
 
 
 class DriverError(RuntimeError):

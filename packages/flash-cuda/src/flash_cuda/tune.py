@@ -2,10 +2,11 @@
 
     python -m flash_cuda.tune --head-dims 64,128 --seqlen 8192 --out tune.json
 
-Uses the benchmark convention of ``flash.bench`` (batch * seqlen = 16384, heads * head_dim =
-2048, bf16, forward FLOPs 4 b h s^2 d, halved when causal) and ``triton.testing.do_bench``
-medians. Each candidate is also checked against SDPA's output, so a fast wrong variant shows.
-The winners go into ``flash/heuristics/tables/cuda.json`` by hand, with their provenance.
+Uses the benchmark convention and timer of :mod:`flash.timing` (batch * seqlen = 16384, heads *
+head_dim = 2048, bf16, forward FLOPs 4 b h s^2 d, halved when causal; medians of CUDA-event
+timings) and the SDPA peer of ``flash-bench``, which must be installed. Each candidate is also
+checked against SDPA's output, so a fast wrong variant shows. ``--write-table`` puts the winners
+into the backend's table, ``flash_cuda/heuristics.json``, with their provenance.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
 
+from flash import timing
 from flash.backend import ForwardArgs
 from flash.spec import build_spec, canonical, canonical_lse
 from flash_cuda import compile as compiler
@@ -24,24 +27,15 @@ from flash_cuda import launch
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, nvrtc_arch, table_arch
 
-TOKENS = 16384
-MODEL_DIM = 2048
 
-
-def _time(fn) -> float:
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+def _time(fn: Callable[[], object]) -> float:
+    return timing.measure(fn, device="cuda")
 
 
 def _sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from flash_bench.providers import provider
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-        )
-    return out.transpose(1, 2)
+    return provider("sdpa-flash")(q, k, v, causal)
 
 
 def _label(d: int, causal: bool) -> str:
@@ -50,10 +44,20 @@ def _label(d: int, causal: bool) -> str:
 
 def _case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, arch: str) -> list[dict]:
     batch, seqlen, heads, d = q.shape
-    flops = 4.0 * batch * heads * seqlen * seqlen * d / (2 if causal else 1)
+    flops = timing.attention_flops(
+        batch=batch, heads=heads, seqlen_q=seqlen, seqlen_k=seqlen, head_dim=d, causal=causal, mode="fwd"
+    )
     ref = _sdpa_flash(q, k, v, causal).float()
     sdpa_ms = _time(lambda: _sdpa_flash(q, k, v, causal))
-    rows = [{"provider": "sdpa-flash", "head_dim": d, "causal": causal, "ms": sdpa_ms, "tflops": flops / sdpa_ms / 1e9}]
+    rows = [
+        {
+            "provider": "sdpa-flash",
+            "head_dim": d,
+            "causal": causal,
+            "ms": sdpa_ms,
+            "tflops": timing.tflops(flops, sdpa_ms),
+        }
+    ]
     print(f"{_label(d, causal)} sdpa-flash {sdpa_ms:8.3f} ms {rows[0]['tflops']:7.1f} TFLOP/s", flush=True)
     spec = build_spec(q, k, v, causal=causal)
     out = torch.empty_like(q)
@@ -72,7 +76,7 @@ def _case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, arch:
             row["registers"], row["local_bytes"] = int(kern.num_regs), int(kern.local_size_bytes)
             row["max_error_vs_sdpa"] = (out.float() - ref).abs().max().item()
             row["ms"] = _time(lambda: launch.forward(spec, args, variant))
-            row["tflops"] = flops / row["ms"] / 1e9
+            row["tflops"] = timing.tflops(flops, row["ms"])
             row["ratio_vs_sdpa"] = sdpa_ms / row["ms"]
             print(
                 f"{_label(d, causal)} {variant.label():58s} {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s "
@@ -92,12 +96,12 @@ def run(head_dims: list[int], seqlen: int, causals: list[bool], dtype: torch.dty
     arch = nvrtc_arch(torch.cuda.get_device_capability(device))
     rows = []
     for d in head_dims:
-        heads, batch = MODEL_DIM // d, max(1, TOKENS // seqlen)
+        batch, heads = timing.convention_shape(seqlen=seqlen, head_dim=d)
         gen = torch.Generator(device=device).manual_seed(d)
-        qkv = [torch.randn(batch, seqlen, heads, d, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+        q, k, v = (torch.randn(batch, seqlen, heads, d, device=device, dtype=dtype, generator=gen) for _ in range(3))
         for causal in causals:
-            rows += _case(*qkv, causal, arch)
-        qkv.clear()
+            rows += _case(q, k, v, causal, arch)
+        del q, k, v
         torch.cuda.empty_cache()
     return rows
 
@@ -135,11 +139,11 @@ def write_table(path: str, best: dict[tuple[int, bool], dict], rows: list[dict],
             ),
             "gpu": env["gpu"],
             "date": env["date"],
-            "versions": f"torch {env['torch']}, CUDA {env['cuda']}, cupy {env['cupy']}, flash-cuda {env['flash-cuda']}",
+            "versions": f"torch {env['torch']}, CUDA {env['cuda']}, cupy {_cupy(env)}, flash-cuda {env['flash-cuda']}",
         }
         bucket = head_dim_bucket(d)
         for entry in entries:
-            if (entry["backend"], entry["arch"], entry["head_dim"], entry["causal"]) == ("cuda", arch, bucket, causal):
+            if (entry["arch"], entry["head_dim"], entry["causal"]) == (arch, bucket, causal):
                 entry["config"] = row["config"]
                 entry["provenance"] = provenance
     table["entries"] = entries
@@ -151,27 +155,15 @@ def write_table(path: str, best: dict[tuple[int, bool], dict], rows: list[dict],
         fh.write("\n".join(lines) + "\n")
 
 
-def environment() -> dict:
-    import datetime
-    from importlib import metadata
-
-    import cupy
-
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "torch": torch.__version__,
-        "cuda": str(torch.version.cuda),
-        "cupy": cupy.__version__,
-        "flash-cuda": metadata.version("flash-cuda"),
-    }
+def _cupy(env: dict[str, str]) -> str:
+    return env.get("cupy-cuda13x") or env.get("cupy-cuda12x") or "?"
 
 
 def profile(d: int, causal: bool, seqlen: int = 8192) -> None:
     """One warm launch of this backend's kernel, then one of SDPA flash, on the benchmark shape (for ncu)."""
     import flash
 
-    heads, batch = MODEL_DIM // d, max(1, TOKENS // seqlen)
+    batch, heads = timing.convention_shape(seqlen=seqlen, head_dim=d)
     q, k, v = (torch.randn(batch, seqlen, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for _ in range(2):
         flash.attention(q, k, v, causal=causal, backend="cuda")
@@ -191,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--out", default=None, help="write every measurement here (JSON)")
-    parser.add_argument("--write-table", default=None, help="put the winners into this heuristics table (cuda.json)")
+    parser.add_argument(
+        "--write-table", default=None, help="put the winners into this heuristics table (heuristics.json)"
+    )
     parser.add_argument("--profile", action="store_true", help="only launch each kernel once, warm (run under ncu)")
     args = parser.parse_args(argv)
     if args.profile:
@@ -207,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for (d, causal), row in sorted(best.items()):
         print(f"  d={d} {'causal' if causal else 'full'}: {row['config']} {row['tflops']:.1f} TFLOP/s "
               f"({row['ratio_vs_sdpa']:.3f}x sdpa-flash)")  # fmt: skip
-    env = environment()
+    env = timing.environment()
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"environment": env, "rows": rows}, fh, indent=1)

@@ -177,7 +177,7 @@ def shrink_to_fit(variant: Variant, limit: int) -> Variant:
 
 
 def _read(name: str) -> str:
-    return resources.files("flash_cuda").joinpath("kernels", name).read_text()
+    return resources.files("flash_cuda").joinpath("kernels").joinpath(name).read_text()
 
 
 @functools.lru_cache(maxsize=1)

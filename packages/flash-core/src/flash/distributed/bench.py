@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import flash
-from flash.bench import _ints, _median_ms, environment
+from flash import cli, timing
 from flash.distributed._blocks import block_backward, block_forward
 from flash.distributed._comm import Loopback
 from flash.distributed._plan import Block, step_blocks
@@ -59,13 +59,13 @@ def _visible_pairs(block: Block) -> int:
 def _timed(fn: Callable[[], torch.Tensor], mode: str, inputs: tuple[torch.Tensor, ...], device: torch.device) -> float:
     if mode == "fwd":
         with torch.no_grad():
-            return _median_ms(fn, device)
+            return timing.measure(fn, device=device)
     dout = torch.randn_like(inputs[0])
 
     def fwd_bwd() -> object:
         return torch.autograd.grad(fn(), inputs, dout)
 
-    return _median_ms(fwd_bwd, device)
+    return timing.measure(fwd_bwd, device=device)
 
 
 def _blocks_only(
@@ -116,7 +116,7 @@ def bench_world(
 
     ring_ms = _timed(ring_call, mode, (q, k, v), device)
     with torch.no_grad():
-        blocks_ms = _median_ms(_blocks_only(plan, q.detach(), k.detach(), v.detach(), config, mode), device)
+        blocks_ms = timing.measure(_blocks_only(plan, q.detach(), k.detach(), v.detach(), config, mode), device=device)
     half_k, half_v = randn(tokens // 2, heads_kv), randn(tokens // 2, heads_kv)
 
     def one_call() -> torch.Tensor:
@@ -124,7 +124,7 @@ def bench_world(
 
     one_ms = _timed(one_call, mode, (q, half_k, half_v), device)
     one_pairs = length * (tokens // 2)
-    flop = 4.0 * heads * head_dim * (3.5 if mode == "fwd_bwd" else 1.0)
+    flop = 4.0 * heads * head_dim * timing.MODE_FACTORS[mode]
     return Row(
         world=world,
         rank=rank,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
-    for world in _ints(args.worlds):
+    for world in cli.int_list(args.worlds):
         if args.tokens % (2 * world):
             parser.error(f"--tokens {args.tokens} is not a multiple of 2 x {world} ranks (zig-zag)")
         for mode in args.modes.split(","):
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     result = {
-        "environment": environment(),
+        "environment": timing.environment(),
         "dtype": args.dtype,
         "device": str(device),
         "rows": [asdict(r) for r in rows],

@@ -40,7 +40,7 @@ def check_sharding(sharding: object) -> Sharding:
     """Validate a sharding name."""
     if sharding not in SHARDINGS:
         raise InvalidInputError("sharding", f"one of {SHARDINGS}", repr(sharding))
-    return sharding  # type: ignore[return-value]
+    return sharding
 
 
 def chunks_per_rank(sharding: Sharding) -> int:

@@ -201,7 +201,7 @@ def tune(
             timings[label] = problem
             continue
         try:
-            ms = (timer or (lambda fn: measure(fn, spec.device)))(lambda: run(config))
+            ms = (timer or (lambda fn: measure(fn, device=spec.device)))(lambda: run(config))
         except Exception as error:  # a candidate the compiler rejects is not a winner
             timings[label] = f"failed: {type(error).__name__}: {error}"
             continue

@@ -99,6 +99,8 @@ def make_inputs(case: Case, device: torch.device | str, seed: int, requires_grad
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     options = case.options()
+    q_shape: tuple[int, ...]
+    kv_shape: tuple[int, ...]
     hq, hkv, d = case.heads_q, case.heads_kv, case.head_dim
     if case.seqlens is not None:
         lens_q = [a for a, _ in case.seqlens]

@@ -125,8 +125,10 @@ def check_backward(backend: str, case: Case, device: torch.device | str, seed: i
         rough = tuple(t.detach().clone().requires_grad_() for t in qkv)
         naive_dt = naive_dtype(case.dtype)
         return (
-            _grads(_dense(inputs, *exact, torch.float64)[0], exact, inputs.dout.to(torch.float64)),
-            _grads(_dense(inputs, *rough, naive_dt)[0], rough, inputs.dout.to(naive_dt)),
+            _grads(
+                _dense(inputs, exact[0], exact[1], exact[2], torch.float64)[0], exact, inputs.dout.to(torch.float64)
+            ),
+            _grads(_dense(inputs, rough[0], rough[1], rough[2], naive_dt)[0], rough, inputs.dout.to(naive_dt)),
         )
 
     oracle, naive = _reference((case, str(device), seed, "backward"), references)

@@ -1,4 +1,4 @@
-"""Masks on the kernels against FlexAttention and PyTorch SDPA, measured in one process.
+"""``masks``: masks on the kernels against FlexAttention and PyTorch SDPA, measured in one process.
 
 Three sections, each checked against the issue's targets (printed, never asserted):
 
@@ -19,24 +19,24 @@ FLOPs count only visible work: ``4 * batch * heads * head_dim * visible (query, 
 forward (the FlashAttention convention, which halves causal work, generalised to any mask),
 3.5x that for forward+backward. Times are medians of CUDA-event timings after warm-up.
 
-    python packages/flash-triton/scripts/bench_masks.py --out masks.json
-    TRITON_INTERPRET=1 python packages/flash-triton/scripts/bench_masks.py --smoke   # code paths on the CPU
+    python -m flash bench --sections masks --out masks.json
+    TRITON_INTERPRET=1 python -m flash bench --sections masks --device cpu --masks-smoke  # code paths only
+
+Results JSON: ``masks`` with ``rows`` (section, case, provider, mode, ms, TFLOP/s or a note) and
+``targets`` (one line per target, met or not).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 import flash
-from flash.bench import environment
-from flash.timing import measure
+from flash import timing
+from flash_bench.base import Report, failure
 
 HEAD_DIM = 128
 WINDOW = 1024
@@ -73,8 +73,9 @@ def _timed(fn: Callable[[], torch.Tensor], mode: str, inputs: tuple[torch.Tensor
         def run() -> object:
             return torch.autograd.grad(fn(), inputs, dout)
 
-    on_gpu = device == "cuda"
-    return measure(run, device, warmup=3 if on_gpu else 0, repeats=10 if on_gpu else 1)
+    if device == "cuda":
+        return timing.measure(run, device=device)
+    return timing.measure(run, device=device, warmup_ms=0.0, budget_ms=0.0, min_repeats=1, max_repeats=1)
 
 
 # ----------------------------------------------------------------------------- the example set
@@ -177,7 +178,7 @@ def _result(section, case, provider, mode, fn, inputs, pairs, batch, heads, devi
     try:
         ms = _timed(fn, mode, inputs, device)
     except Exception as error:  # one failing provider must not hide the others' numbers
-        return Result(section, case, provider, mode, None, None, f"{type(error).__name__}: {str(error)[:200]}")
+        return Result(section, case, provider, mode, None, None, failure(error))
     return Result(section, case, provider, mode, ms, _visible_flops(pairs, batch, heads, mode) / ms / 1e9)
 
 
@@ -278,45 +279,53 @@ def targets(results: list[Result]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--sections", default="examples,padding,sparse")
-    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (it compiles per mask)")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the code paths only")
-    args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    flex = not args.no_flex and device == "cuda"
-    if args.smoke:
-        sizes = {"examples": (128, 1, 1), "padding": (64, 2, 1), "sparse": (256, 1, 1)}
-    else:
-        sizes = {"examples": (8192, 2, 16), "padding": (2048, 8, 16), "sparse": (8192, 2, 16)}
+SIZES = {"examples": (8192, 2, 16), "padding": (2048, 8, 16), "sparse": (8192, 2, 16)}
+SMOKE_SIZES = {"examples": (128, 1, 1), "padding": (64, 2, 1), "sparse": (256, 1, 1)}
+
+
+def measure(parts: list[str], device: str, flex: bool, smoke: bool) -> list[Result]:
+    """The named parts (examples, padding, sparse) at full size, or tiny with ``smoke``."""
     global PREFIX, WINDOW
-    if args.smoke:
+    if smoke:  # the examples' constants scaled to the tiny sequences
         PREFIX, WINDOW = 32, 48
     results: list[Result] = []
-    for section in args.sections.split(","):
-        seqlen, batch, heads = sizes[section]
-        if section == "examples":
+    for part in parts:
+        seqlen, batch, heads = (SMOKE_SIZES if smoke else SIZES)[part]
+        if part == "examples":
             results += bench_examples(seqlen, batch, heads, device, flex)
-        elif section == "padding":
+        elif part == "padding":
             results += bench_padding(seqlen, batch, heads, device)
         else:
             results += bench_sparse(seqlen, batch, heads, device)
-    print("results:")
+    return results
+
+
+def summary(results: list[Result]) -> str:
+    lines = ["masks:"]
     for r in results:
-        timing = f"{r.ms:9.3f} ms {r.tflops:7.1f} TFLOP/s" if r.ms else f"failed: {r.note}"
-        print(f"  {r.section:<9} {r.case:<15} {r.provider:<20} {r.mode:<8} {timing}")
-    lines = targets(results)
-    print("targets:")
-    for line in lines or ["  (none measurable here)"]:
-        print(f"  {line}")
-    if args.out:
-        payload = {"environment": environment(), "results": [asdict(r) for r in results], "targets": lines}
-        with open(args.out, "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
-    return 0 if all(r.ms is not None and math.isfinite(r.ms) for r in results) else 1
+        timing_text = f"{r.ms:9.3f} ms {r.tflops:7.1f} TFLOP/s" if r.ms and r.tflops else f"failed: {r.note}"
+        lines.append(f"  {r.section:<9} {r.case:<15} {r.provider:<20} {r.mode:<8} {timing_text}")
+    lines.append("masks targets:")
+    lines += [f"  {line}" for line in targets(results) or ["(none measurable here)"]]
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+class Masks:
+    name = "masks"
+    help = "masks on the kernels: FlexAttention's examples, a padding mask via SDPA, 10% block sparsity"
+    devices: tuple[str, ...] = ("cuda", "cpu")
+    default = False  # FlexAttention compiles once per mask: minutes
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--masks-parts", default="examples,padding,sparse", help="which parts (default all three)")
+        group.add_argument("--masks-no-flex", action="store_true", help="skip FlexAttention")
+        group.add_argument("--masks-smoke", action="store_true", help="tiny sizes: checks the code paths only")
+
+    def run(self, options: argparse.Namespace, device: torch.device) -> Report:
+        flex = not options.masks_no_flex and device.type == "cuda"
+        results = measure(options.masks_parts.split(","), device.type, flex, options.masks_smoke)
+        rows = [asdict(r) for r in results]
+        return Report({"masks": {"rows": rows, "targets": targets(results)}}, summary(results))
+
+
+SECTION = Masks()
