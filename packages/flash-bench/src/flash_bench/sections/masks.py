@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -89,7 +90,7 @@ def _doc_ids(seqlen: int, device: str, seed: int = 0) -> torch.Tensor:
     return ids.cumsum(0).to(device)
 
 
-def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict, tuple, float]]:
+def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict[str, Any], tuple[Any, Any], float]]:
     """name: (flash options, FlexAttention's (score_mod, mask_mod), visible pairs) of each example."""
     docs = _doc_ids(seqlen, device)
     slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)], device=device)
@@ -115,16 +116,18 @@ def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict, tupl
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
     doc_dense = (cols <= rows) & (docs[:, None] == docs[None, :])
-    block = {"batch": None, "heads": None, "seqlen_q": seqlen, "seqlen_k": seqlen, "device": device}
-    ours = {
+    prefix_blocks = flash.BlockMask.from_mask_mod(
+        _prefix_lm_mod, batch=None, heads=None, seqlen_q=seqlen, seqlen_k=seqlen, device=device
+    )
+    ours: dict[str, dict[str, Any]] = {
         "causal": {"causal": True},
         "sliding_window": {"window": (WINDOW, 0)},
         "document": {"block_mask": flash.BlockMask.from_dense(doc_dense)},
-        "prefix_lm": {"block_mask": flash.BlockMask.from_mask_mod(_prefix_lm_mod, **block)},
+        "prefix_lm": {"block_mask": prefix_blocks},
         "alibi": {"causal": True, "alibi_slopes": slopes},
         "softcap": {"causal": True, "softcap": SOFTCAP},
     }
-    theirs = {
+    theirs: dict[str, tuple[Any, Any]] = {
         "causal": (None, causal),
         "sliding_window": (None, sliding),
         "document": (None, document),
@@ -202,7 +205,12 @@ def bench_padding(seqlen: int, batch: int, heads: int, device: str) -> list[Resu
     )
     cu_q = torch.arange(0, batch * seqlen + 1, seqlen, device=device, dtype=torch.int32)
     cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    varlen = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k, "max_seqlen_q": seqlen, "max_seqlen_k": int(lengths.max())}
+    varlen: dict[str, Any] = {
+        "cu_seqlens_q": cu_q,
+        "cu_seqlens_k": cu_k,
+        "max_seqlen_q": seqlen,
+        "max_seqlen_k": int(lengths.max()),
+    }
     runs = {
         "flash_sdpa": (lambda: flash.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v)),
         "torch_sdpa": (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v)),
