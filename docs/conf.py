@@ -60,7 +60,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"torch(\..*)?"),
     (r"py:.*", r"(abc|argparse|typing|collections\.abc|contextlib|enum|importlib\.metadata|pathlib|threading)\..*"),
-    (r"py:.*", r"(Tensor|Literal|Iterator|Callable|Any|Path|Layout|Descale|Pass|Observer|optional)"),
+    (r"py:.*", r"(Tensor|Literal|Iterator|Callable|Any|Path|Layout|Descale|Alibi|Pass|Observer|optional)"),
     (r"py:.*", r"(Sharding|ProcessGroup)"),
     (r"py:.*", r"(Enum|EntryPoint|ContextVar|RLock|NoneType|ellipsis)"),
     (r"py:.*", r"(ABC|Exception|ValueError|RuntimeError)"),

@@ -182,3 +182,22 @@ def test_decode_summary_gives_the_ratios_the_targets_name():
     assert "graph overhead over the kernel: +5.0 us (within the 15 us target)" in text
     assert "eager overhead over the kernel: +40.0 us (above the 15 us target)" in text
     assert "sweep best, b16 kv32768 contiguous: 64 keys, 4 stages, 4 warps" in text
+
+
+def test_the_masks_section_measures_every_part_and_reports_the_targets(monkeypatch):
+    """The masks section on tiny sizes (the CPU): every part yields rows, and the targets are computed from them."""
+    from flash_bench.sections import masks
+
+    def once(fn, **_):  # run each measurement once and time nothing: the code paths are the point here
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(masks.timing, "measure", once)
+    results = masks.measure(["padding", "sparse"], "cpu", flex=False, smoke=True)
+    assert {(r.section, r.provider) for r in results} >= {("padding", "flash_sdpa"), ("padding", "torch_sdpa"),
+                                                          ("padding", "flash_varlen"), ("sparse", "dense")}  # fmt: skip
+    assert all(r.ms == 1.0 for r in results), [r.note for r in results if r.ms is None]
+    lines = masks.targets(results)
+    assert any(line.startswith("padding fwd") for line in lines) and any(
+        line.startswith("sparse fwd") for line in lines
+    )

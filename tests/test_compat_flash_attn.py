@@ -42,7 +42,7 @@ def naive(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, scale=None, dt
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~documented_mask(q.shape[1], k.shape[1], causal, window), float("-inf"))
+    s = s.masked_fill(~documented_mask(q.shape[1], k.shape[1], causal, window).to(s.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: output 0
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse

@@ -2,7 +2,7 @@
 
 The conformance suite (``tests/test_conformance.py``) runs every spec option through the table's
 configuration; these tests vary what it cannot: the tile shapes and kernel variants (TMA
-descriptors, atomic dQ), and they check two properties no tolerance can see:
+descriptors, block lists), and they check two properties no tolerance can see:
 tiles a mask hides are never read, and no offset in ``cu_seqlens`` makes a kernel touch memory
 outside the tensors.
 """
@@ -51,7 +51,6 @@ TILINGS = {
     "square16": ({**FWD, "block_m": 16}, {**BWD, "block_n": 16, "dq_block_m": 16, "dq_block_n": 16}),
     "wide": ({**FWD, "block_m": 16, "block_n": 64}, {**BWD, "block_m": 32, "block_n": 16, "dq_block_n": 64}),
     "tma": ({**FWD, "tma": True}, {**BWD, "tma": True, "dq_block_m": 32, "dq_block_n": 16}),
-    "atomic_dq": (FWD, {**BWD, "atomic_dq": True}),
 }
 CASES = {
     "gqa_causal_bf16": Case("gqa_causal_bf16", heads_q=4, heads_kv=2, head_dim=32, causal=True, dtype=torch.bfloat16,
@@ -69,7 +68,6 @@ RUNS = [
     ("tma", "varlen"),
     ("tma", "window_bhsd"),
     ("square16", "dropout_mqa"),
-    ("atomic_dq", "varlen"),
 ]
 
 
@@ -77,7 +75,7 @@ RUNS = [
 def test_tilings_match_the_oracle(monkeypatch: pytest.MonkeyPatch, tiling: str, case: str, seed: int) -> None:
     use_config(monkeypatch, *TILINGS[tiling])
     check_forward("triton", CASES[case], "cpu", seed)
-    check_backward("triton", replace(CASES[case], deterministic=tiling != "atomic_dq"), "cpu", seed)
+    check_backward("triton", replace(CASES[case], deterministic=True), "cpu", seed)
 
 
 def test_tma_descriptors_are_used_where_they_can_be(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,8 +29,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from flash import mods as torch_mods
 from flash.backend import BackwardArgs, ForwardArgs
+from flash.block_mask import BlockMask
 from flash.heuristics import KernelConfig
+from flash.plan import CallMasks
 from flash.spec import build_spec, canonical, canonical_lse
 from flash_triton import launch, runtime
 from flash_triton.backend import TritonBackend
@@ -107,7 +110,19 @@ class _Compiler:
 
 def _format(row: dict) -> str:
     flags = ",".join(
-        k.lower() for k in ("TMA", "ATOMIC_DQ", "WARP_SPECIALIZE", "SOFTCAP", "DROPOUT", "VARLEN") if row.get(k)
+        k.lower()
+        for k in (
+            "TMA",
+            "WARP_SPECIALIZE",
+            "SOFTCAP",
+            "DROPOUT",
+            "VARLEN",
+            "ALIBI",
+            "SPARSE",
+            "BIAS_GRAD",
+            "ELEMENTWISE",
+        )
+        if row.get(k)
     )
     return (
         f"{row['kernel']:<38} {row['case']:<28} M{row.get('BLOCK_M', '-'):>4} N{row.get('BLOCK_N', '-'):>4} "
@@ -127,9 +142,13 @@ def _shim(arch: int, label: str):
         attention_backward_dkdv_kernel=_Compiler(bwd.attention_backward_dkdv_kernel, arch, label),
         attention_backward_dq_kernel=_Compiler(bwd.attention_backward_dq_kernel, arch, label),
     )
+    real_mods = runtime.kernels().mods
+    mods = types.SimpleNamespace(  # no device to run the probe on: translate only, the compile says the rest
+        translated=lambda fn, argument, device: None if fn is None else real_mods._rebound(fn, real_mods)
+    )
     dec = runtime.kernels().decode
     dec_mod = types.SimpleNamespace(**{name: _Compiler(getattr(dec, name), arch, label) for name in DECODE_KERNELS})
-    kernels = runtime.Kernels(fwd_mod, bwd_mod, dec_mod)
+    kernels = runtime.Kernels(fwd_mod, bwd_mod, mods, dec_mod)
     return types.SimpleNamespace(kernels=lambda: kernels, interpreting=lambda: True)
 
 
@@ -200,7 +219,10 @@ def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt)
     heads = max(1, 2048 // head_dim)
     shape = (2, seqlen, heads, head_dim)
     q, k, v = (torch.empty(shape, dtype=dtype) for _ in range(3))
-    spec = build_spec(q, k, v, causal=causal, **opt)
+    make_masks = opt.pop("masks", None)
+    tensors = make_masks(shape) if make_masks else {}
+    spec = build_spec(q, k, v, causal=causal, **opt, **tensors)
+    masks = CallMasks(**tensors).tensors()
     real = launch.runtime
     launch.runtime = _shim(arch, label)
     try:
@@ -213,6 +235,7 @@ def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt)
                 canonical(v, spec),
                 canonical(out, spec),
                 canonical_lse(lse, spec),
+                masks=masks,
             )
             launch.forward(spec, args, config)
         else:
@@ -220,8 +243,16 @@ def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt)
             lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
             grads = [torch.empty_like(t) for t in (q, k, v)]
             c = [canonical(t, spec) for t in (q, k, v, out)]
+            dbias = None
+            if spec.mask is not None and spec.mask.requires_grad:
+                dbias = torch.empty(2, heads, seqlen, seqlen, dtype=torch.float32)
             args = BackwardArgs(
-                *c, canonical_lse(lse, spec), canonical(dout, spec), *[canonical(g, spec) for g in grads]
+                *c,
+                canonical_lse(lse, spec),
+                canonical(dout, spec),
+                *[canonical(g, spec) for g in grads],
+                masks=masks,
+                dbias=dbias,
             )
             launch.backward(spec, args, config)
     except Exception as error:  # report and go on: the point is to see every case
@@ -265,6 +296,44 @@ def run_varlen(arch, dtype, head_dim, pass_, config, label, **opt):
         print(f"FAILED {label}: {type(error).__name__}: {str(error)[:400]}", flush=True)
     finally:
         launch.runtime = real
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch_mods.tanh(score / 30.0)
+
+
+def _softcap_grad(score, b, h, q_idx, kv_idx):
+    t = torch_mods.tanh(score / 30.0)
+    return 1.0 - t * t
+
+
+def _prefix_lm(b, h, q_idx, kv_idx):
+    return (kv_idx <= q_idx) | (kv_idx < 256)
+
+
+#: The mask options of the issue's benchmark set, each as a factory of a call's tensors from q's shape.
+MASK_CASES = {
+    "bool mask": lambda shape: {"attn_mask": torch.ones(shape[0], 1, shape[1], shape[1], dtype=torch.bool)},
+    "padding mask": lambda shape: {"attn_mask": torch.ones(shape[0], 1, 1, shape[1], dtype=torch.bool)},
+    "bias grad": lambda shape: {"attn_mask": torch.zeros(1, shape[2], shape[1], shape[1], requires_grad=True)},
+    "alibi": lambda shape: {"alibi_slopes": torch.ones(shape[2])},
+    "score_mod": lambda shape: {"score_mod": _softcap, "score_mod_grad": _softcap_grad},
+    "mask_mod": lambda shape: {"mask_mod": _prefix_lm},
+    "block mask": lambda shape: {
+        "block_mask": BlockMask.from_mask_mod(_prefix_lm, batch=None, heads=None, seqlen_q=shape[1], seqlen_k=shape[1])
+    },
+}
+
+
+def masks_matrix(arch: int) -> int:
+    """Every mask option once, d128 bf16, with the table's configuration."""
+    from flash import heuristics
+
+    for name, make in MASK_CASES.items():
+        for pass_ in ("forward", "backward"):
+            config = heuristics.lookup(TritonBackend(), f"sm_{arch}", "bf16", 128, False, pass_).config
+            run_case(arch, torch.bfloat16, 128, False, 1024, pass_, config, name, masks=make)
+    return 0
 
 
 def matrix(arch: int) -> int:
@@ -313,11 +382,14 @@ def main(argv=None):
         help="compile every feature (dtypes, odd head dims, masks, softcap, dropout, varlen, "
         "GQA, layouts, deterministic) with the table's configurations",
     )
+    parser.add_argument("--masks", action="store_true", help="compile every mask option (attn_mask, ALiBi, mods...)")
     args = parser.parse_args(argv)
     import json
 
     if args.matrix:
         return matrix(args.arch)
+    if args.masks:
+        return masks_matrix(args.arch)
     if args.decode:
         return decode_matrix(args.arch)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from flash import mods
 from flash._version import __version__
 from flash.api import (
     attention,
@@ -24,6 +25,7 @@ from flash.api import (
     set_backend_priority,
 )
 from flash.backend import PLUGIN_API_VERSION, Backend, BackwardArgs, DecodeArgs, ForwardArgs
+from flash.block_mask import BlockMask
 from flash.dispatch import use_backend
 from flash.errors import BackendError, FlashError, InvalidInputError, NoBackendError
 from flash.inference import attention_with_kvcache, explain_kvcache
@@ -41,6 +43,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackwardArgs",
+    "BlockMask",
     "DecodeArgs",
     "FlashError",
     "ForwardArgs",
@@ -59,6 +62,7 @@ __all__ = [
     "explain",
     "explain_kvcache",
     "merge_states",
+    "mods",
     "nn",
     "pad",
     "register_backend",

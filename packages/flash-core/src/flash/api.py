@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
@@ -9,10 +10,14 @@ from torch import Tensor
 
 from flash import dispatch, ops
 from flash.backend import Backend
+from flash.block_mask import BlockMask
 from flash.errors import InvalidInputError
-from flash.plan import plan_for, run_forward
+from flash.plan import CallMasks, plan_for, run_forward
 from flash.registry import REGISTRY, BackendInfo
 from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_window
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -44,6 +49,12 @@ def attention(
     return_lse: Literal[False] = ...,
     deterministic: bool = ...,
     check_values: bool | None = ...,
+    attn_mask: Tensor | None = ...,
+    alibi_slopes: Tensor | None = ...,
+    block_mask: BlockMask | None = ...,
+    score_mod: ScoreMod | None = ...,
+    score_mod_grad: ScoreMod | None = ...,
+    mask_mod: MaskMod | None = ...,
     backend: str = ...,
 ) -> Tensor: ...
 @overload
@@ -71,6 +82,12 @@ def attention(
     return_lse: Literal[True],
     deterministic: bool = ...,
     check_values: bool | None = ...,
+    attn_mask: Tensor | None = ...,
+    alibi_slopes: Tensor | None = ...,
+    block_mask: BlockMask | None = ...,
+    score_mod: ScoreMod | None = ...,
+    score_mod_grad: ScoreMod | None = ...,
+    mask_mod: MaskMod | None = ...,
     backend: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
@@ -99,6 +116,12 @@ def attention(
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention ``softmax(scale * q k^T) v``, computed the FlashAttention way.
@@ -136,18 +159,35 @@ def attention(
         check_values: check the values of ``cu_seqlens_q/k`` (a device-to-host copy when they are on
             a GPU). ``None`` (default): only where that costs no synchronisation, i.e. offsets in CPU
             memory; kernels clamp every offset they read either way.
+        attn_mask: a dense mask broadcastable to (batch, heads_q, seqlen_q, seqlen_k) (2 to 4 dims, any
+            axis of size 1), whatever the layout: boolean (True: the query sees the key) or float (added
+            to the scores; differentiable). Not with varlen or ``block_mask``.
+        alibi_slopes: float32 (heads_q,) or (batch, heads_q): ALiBi, ``-slope * |i + seqlen_k - seqlen_q - j|``
+            added to the score of query ``i`` and key ``j`` (flash-attn's definition).
+        block_mask: a :class:`flash.BlockMask` built once for these sizes: only its visited blocks are
+            computed, and its mask applies.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to every score after
+            softcap, ALiBi and an additive mask (contract: :mod:`flash.mods`).
+        score_mod_grad: ``d score_mod / d score`` with the same signature, for kernel backward passes.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True where the query sees the key. Alone it is
+            evaluated on every tile; a ``block_mask`` built from it skips the hidden ones.
         backend: ``"auto"`` or the name of a backend to force.
 
+    Every mask combines with the others (a key is seen only if each mask lets it through); see
+    :mod:`flash.terms` for the order of the score terms.
+
     Returns:
-        The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v
-        and ``sinks``.
+        The output, shaped like ``q`` (and the LSE if ``return_lse``). Differentiable in q, k, v, ``sinks``
+        (and an additive ``attn_mask`` that requires grad).
     """
     return _attention(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
         dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
-        sink_tokens=sink_tokens, return_lse=return_lse, deterministic=deterministic, check_values=check_values,
-        backend=backend,
+        sink_tokens=sink_tokens,
+        return_lse=return_lse, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod, backend=backend,
     )  # fmt: skip
 
 
@@ -175,6 +215,12 @@ def _attention(
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """:func:`attention` without its overloads (what the other entry points call)."""
@@ -196,7 +242,9 @@ def _attention(
         )
     if not dropout_p:
         dropout_seed = None
+    masks = CallMasks(attn_mask, alibi_slopes, block_mask, score_mod, score_mod_grad, mask_mod)
     if torch.compiler.is_compiling():
+        _no_masks_when_compiling(masks)
         left, right = window or (-1, -1)
         out, lse = ops.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale,
@@ -206,16 +254,27 @@ def _attention(
     else:
         plan, spec = plan_for(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale, layout,
-            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values, sinks,
-            sink_tokens,
+            causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values, masks,
+            sinks, sink_tokens,
         )  # fmt: skip
-        if grad:
-            out, lse = ops.AttentionFunction.apply(q, k, v, sinks, plan, spec, cu_seqlens_q, cu_seqlens_k)
+        if grad or (spec.mask is not None and spec.mask.requires_grad):
+            out, lse = ops.AttentionFunction.apply(
+                q, k, v, plan, spec, cu_seqlens_q, cu_seqlens_k, attn_mask, masks, sinks
+            )
         else:
             out, lse = run_forward(
-                plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks
+                plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, masks, sinks
             )
     return (out, lse) if return_lse else out
+
+
+def _no_masks_when_compiling(masks: CallMasks) -> None:
+    """The torch.compile ops take no mask options yet: say so rather than drop them."""
+    for name, value in masks.options().items():
+        if value is not None:
+            raise InvalidInputError(
+                name, "None under torch.compile (mask options run eagerly only, for now)", "a value"
+            )
 
 
 def attention_qkvpacked(
@@ -274,15 +333,16 @@ def scaled_dot_product_attention(
     """A drop-in for :func:`torch.nn.functional.scaled_dot_product_attention`.
 
     Same signature, layout (..., heads, seqlen, head_dim) and semantics, including PyTorch's
-    *top-left* causal mask (query ``i`` sees keys ``j <= i``). Calls that the FlashAttention spec
-    expresses run through :func:`attention`: no mask, or ``is_causal`` with seqlen_q >= seqlen_k
-    (top-left causal is the spec's causal when the lengths are equal, and the window
-    ``(-1, seqlen_q - seqlen_k)`` when there are more queries). An explicit ``attn_mask``, top-left
-    causal with fewer queries than keys, and differing value/query head dims fall back to
-    PyTorch's own implementation, so the result always has PyTorch's semantics.
+    *top-left* causal mask (query ``i`` sees keys ``j <= i``). Everything runs through
+    :func:`attention`: an ``attn_mask`` (boolean, True: take part; or float, added) on the kernels
+    (a boolean one skips the tiles it hides, a padding mask of shape (batch, 1, 1, seqlen_k) the
+    padded key blocks), top-left causal as the spec's causal mask or window, or as a mask function
+    when there are fewer queries than keys. Only two cases still run PyTorch's own
+    implementation: value and query head dims that differ (or exceed 256), and ``attn_mask``
+    together with ``is_causal`` (PyTorch raises its own error) or with more than 4 query dims.
 
-    Dropout draws its seed from PyTorch's default generator; its mask differs from PyTorch's
-    (each is a valid Bernoulli mask).
+    Rows that see no key give 0 where PyTorch gives NaN. Dropout draws its seed from PyTorch's
+    default generator; its mask differs from PyTorch's (each is a valid Bernoulli mask).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -290,9 +350,9 @@ def scaled_dot_product_attention(
         if t.dim() < 3:
             raise InvalidInputError(name, "a tensor of at least 3 dims (..., seqlen, head_dim)", f"{t.dim()}-D")
     q_len, k_len = query.shape[-2], key.shape[-2]
-    expressible = attn_mask is None and (not is_causal or q_len >= k_len)
-    expressible = expressible and query.dim() >= 3 and query.dim() == key.dim() == value.dim()
-    expressible = expressible and value.shape[-1] == query.shape[-1] <= 256
+    expressible = query.dim() == key.dim() == value.dim() and value.shape[-1] == query.shape[-1] <= 256
+    if attn_mask is not None:
+        expressible = expressible and not is_causal and query.dim() <= 4
     if not expressible:
         return _torch_sdpa(
             query,
@@ -310,23 +370,33 @@ def scaled_dot_product_attention(
         )
     if query.dim() == 3:  # (batch, seqlen, dim) is one head
         q4, k4, v4 = (t.unsqueeze(1) for t in (query, key, value))
+        if attn_mask is not None and attn_mask.dim() == 3:  # (batch, sq, sk): the head axis goes in between
+            attn_mask = attn_mask.unsqueeze(1)
     else:  # fold any leading dims into the batch
         q4, k4, v4 = (t.reshape((-1, *tuple(t.shape[-3:]))) for t in (query, key, value))
     window = (-1, q_len - k_len) if is_causal and q_len > k_len else None
+    top_left = _top_left_causal if is_causal and q_len < k_len else None
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p else None
     out = attention(
         q4,
         k4,
         v4,
         layout="bhsd",
-        causal=is_causal and window is None,
+        causal=is_causal and window is None and top_left is None,
         window=window,
         scale=scale,
         dropout_p=dropout_p,
         dropout_seed=seed,
+        attn_mask=attn_mask,
+        mask_mod=top_left,
     )
     assert isinstance(out, Tensor)
     return out.squeeze(1) if query.dim() == 3 else out.reshape(query.shape[:-1] + out.shape[-1:])
+
+
+def _top_left_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """PyTorch's causal mask (aligned top-left) where flash's bottom-right one differs."""
+    return kv_idx <= q_idx
 
 
 def explain(
@@ -353,6 +423,12 @@ def explain(
     return_lse: bool = False,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: Tensor | None = None,
+    alibi_slopes: Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: ScoreMod | None = None,
+    score_mod_grad: ScoreMod | None = None,
+    mask_mod: MaskMod | None = None,
     backend: str = "auto",
 ) -> dispatch.Explanation:
     """Which backend would run the forward and the backward of this call, and why each other
@@ -363,8 +439,9 @@ def explain(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, deterministic=deterministic, check_values=check_values, sinks=sinks,
-        sink_tokens=sink_tokens,
+        v_descale=v_descale, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
+        alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
+        mask_mod=mask_mod, sinks=sinks, sink_tokens=sink_tokens,
     )  # fmt: skip
     return dispatch.explain(spec, backend)
 

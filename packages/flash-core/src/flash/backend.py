@@ -34,6 +34,7 @@ import torch
 from flash.spec import AttentionSpec
 
 if TYPE_CHECKING:
+    from flash.block_mask import BlockMask
     from flash.heuristics import KernelConfig
     from flash.kvspec import KVCacheSpec
 
@@ -48,6 +49,7 @@ Pass = Literal["forward", "backward", "decode"]
 #: Every name :meth:`flash.spec.AttentionSpec.features` can report.
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic", "sinks", "sink_tokens"}
+    | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod"}
 )
 #: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
 DECODE_FEATURES = frozenset(
@@ -105,6 +107,20 @@ class Support:
 
 
 @dataclass(frozen=True)
+class MaskTensors:
+    """The tensors behind a spec's mask and score options.
+
+    ``attn_mask`` is viewed as 4-D (batch|1, heads|1, seqlen_q|1, seqlen_k|1) (a size-1 axis
+    broadcasts; read it with its strides); ``alibi_slopes`` is float32 (heads,) or (batch, heads);
+    ``block_mask`` a :class:`flash.BlockMask` whose sizes the spec checked.
+    """
+
+    attn_mask: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    block_mask: BlockMask | None = None
+
+
+@dataclass(frozen=True)
 class ForwardArgs:
     """Tensors of one forward call, all in canonical order.
 
@@ -124,6 +140,8 @@ class ForwardArgs:
     q_descale: torch.Tensor | None = None
     k_descale: torch.Tensor | None = None
     v_descale: torch.Tensor | None = None
+    #: The call's mask tensors (see :class:`MaskTensors`); None when it has none.
+    masks: MaskTensors | None = None
     #: float32 (heads_q,) sink logits (contiguous), or None.
     sinks: torch.Tensor | None = None
 
@@ -176,6 +194,11 @@ class BackwardArgs:
     dv: torch.Tensor
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
+    masks: MaskTensors | None = None
+    #: When ``spec.mask.requires_grad``: zeros (batch, heads_q, seqlen_q, seqlen_k) in the LSE's dtype,
+    #: where the backward writes the gradient of the scores after the additive mask (core sums it
+    #: down to the mask's broadcast shape).
+    dbias: torch.Tensor | None = None
 
 
 class Backend(ABC):

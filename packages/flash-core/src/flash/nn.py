@@ -3,9 +3,9 @@
 A drop-in for :class:`torch.nn.MultiheadAttention`: same constructor arguments,
 same parameter names (a state dict saved from one loads into the other), same
 input layouts and mask conventions. The attention itself runs through
-:func:`flash.scaled_dot_product_attention`, so the common cases (no mask, causal)
-take the FlashAttention path, and the projected heads are used in place: the
-(batch, seqlen, heads, head_dim) view of a projection needs no copy.
+:func:`flash.scaled_dot_product_attention`, so every mask (``key_padding_mask``,
+``attn_mask``, causal) runs on the FlashAttention kernels, and the projected heads are
+used in place: the (batch, seqlen, heads, head_dim) view of a projection needs no copy.
 
 Differences: it never forms the attention weights, so ``need_weights`` must be
 False (the default here) and the second returned value is None; ``is_causal=True``
@@ -93,17 +93,29 @@ class MultiheadAttention(nn.Module):
     def _sdpa_mask(
         self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, batch: int, q_len: int, k_len: int, dtype
     ) -> Tensor | None:
-        """Merge torch MHA's masks (bool True = masked out, float = added) into one additive SDPA mask."""
-        if key_padding_mask is None and attn_mask is None:
-            return None
-        merged = torch.zeros(batch, self.num_heads, q_len, k_len, dtype=dtype, device=self.out_proj.weight.device)
+        """torch MHA's masks (bool True = masked out, float = added) as one SDPA mask, never expanded.
+
+        Boolean masks stay boolean (True: visible), so the kernels skip the tiles they hide; a
+        padding mask alone becomes (batch, 1, 1, k_len), which skips the padded key blocks.
+        """
+        masks = []
         if attn_mask is not None:
-            mask = attn_mask.reshape(batch, self.num_heads, q_len, k_len) if attn_mask.dim() == 3 else attn_mask
-            merged = merged.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else merged + mask
+            masks.append(attn_mask.reshape(batch, self.num_heads, q_len, k_len) if attn_mask.dim() == 3 else attn_mask)
         if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, None, :]
-            merged = merged.masked_fill(pad, float("-inf")) if pad.dtype == torch.bool else merged + pad
-        return merged
+            masks.append(key_padding_mask[:, None, None, :])
+        if not masks:
+            return None
+        if all(m.dtype == torch.bool for m in masks):
+            keep = ~masks[0]
+            for m in masks[1:]:
+                keep = keep & ~m
+            return keep
+        added = [m.to(dtype) if m.dtype != torch.bool else torch.zeros((), dtype=dtype).masked_fill(m, float("-inf"))
+                 for m in masks]  # fmt: skip
+        total = added[0]
+        for m in added[1:]:
+            total = total + m
+        return total
 
     def forward(
         self,

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from flash.plan import Plan, plan_for, run_backward, run_forward
+from flash.plan import CallMasks, Plan, bias_grad, bias_grad_buffer, plan_for, run_backward, run_forward
 from flash.sinks import sink_grad
 from flash.spec import AttentionSpec, build_spec
 
@@ -29,24 +29,28 @@ class AttentionFunction(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        sinks: Tensor | None,
         plan: Plan,
         spec: AttentionSpec,
         cu_seqlens_q: Tensor | None,
         cu_seqlens_k: Tensor | None,
+        attn_mask: Tensor | None,
+        masks: CallMasks,
+        sinks: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None, sinks)
-        ctx.save_for_backward(q, k, v, sinks, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.plan, ctx.spec = plan, spec
+        # attn_mask and sinks are arguments of their own so that autograd sees them (both may require grad).
+        out, lse = run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, None, None, None, masks, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, sinks)
+        ctx.plan, ctx.spec, ctx.masks = plan, spec, masks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, sinks, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k)
-        dsinks = sink_grad(sinks, out, lse, dout, ctx.spec.layout) if ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dsinks, None, None, None, None
+        q, k, v, out, lse, cu_q, cu_k, sinks = ctx.saved_tensors
+        dbias = bias_grad_buffer(ctx.spec, q.device)
+        dq, dk, dv = run_backward(ctx.plan, ctx.spec, dout, q, k, v, out, lse, cu_q, cu_k, ctx.masks, dbias)
+        dsinks = sink_grad(sinks, out, lse, dout, ctx.spec.layout) if ctx.needs_input_grad[9] else None
+        return dq, dk, dv, None, None, None, None, bias_grad(dbias, ctx.masks.attn_mask), None, dsinks
 
 
 #: The ops' arguments after the tensors, in order (forward and backward take the same options).
@@ -99,7 +103,7 @@ def attention_forward(
 ) -> tuple[Tensor, Tensor]:
     named = {name: value for name, value in locals().items() if name not in ("q", "k", "v")}
     plan, spec = _plan(q, k, v, named)
-    return run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks)
+    return run_forward(plan, spec, q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks=sinks)
 
 
 def _fake_spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> AttentionSpec:

@@ -13,15 +13,18 @@ share all of it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from flash import dispatch, heuristics
 from flash._cache import BoundedCache
-from flash.backend import Backend, BackwardArgs, ForwardArgs
+from flash.backend import Backend, BackwardArgs, ForwardArgs, MaskTensors
 from flash.heuristics import KernelConfig, autotune
+from flash.mask_checks import mask4
 from flash.spec import (
     AttentionSpec,
     build_spec,
@@ -35,6 +38,9 @@ from flash.spec import (
 #: Tests set this (flash.testing.poisoned_outputs) to fill outputs with NaN before a backend runs,
 #: so an element a backend never writes cannot pass by holding a stale correct value.
 POISON_OUTPUTS = False
+
+if TYPE_CHECKING:
+    import flash
 
 
 @dataclass
@@ -62,6 +68,42 @@ class Plan:
 
 
 _plans: BoundedCache[tuple, Plan] = BoundedCache(1024)
+
+
+@dataclass(frozen=True)
+class CallMasks:
+    """The mask and score arguments of one call, as given (None: not used)."""
+
+    attn_mask: Tensor | None = None
+    alibi_slopes: Tensor | None = None
+    block_mask: flash.BlockMask | None = None
+    score_mod: Callable[..., Tensor] | None = None
+    score_mod_grad: Callable[..., Tensor] | None = None
+    mask_mod: Callable[..., Tensor] | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`flash.spec.build_spec`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def key(self) -> tuple:
+        """Their part of a plan key: tensor layouts, block-mask sizes, functions by identity; never values."""
+        mask, block = self.attn_mask, self.block_mask
+        grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
+        block_key = None if block is None else (type(block), block.info, block.device)
+        return (
+            _tensor_key(mask), grad, _tensor_key(self.alibi_slopes), block_key,
+            self.score_mod, self.score_mod_grad, self.mask_mod,
+        )  # fmt: skip
+
+    def tensors(self) -> MaskTensors | None:
+        """What backends receive (the attn_mask as its 4-D view)."""
+        if self.attn_mask is None and self.alibi_slopes is None and self.block_mask is None:
+            return None
+        mask = None if self.attn_mask is None else mask4(self.attn_mask)
+        return MaskTensors(mask, self.alibi_slopes, self.block_mask)
+
+
+NO_MASKS = CallMasks()
 
 
 def forget() -> None:
@@ -104,6 +146,7 @@ def plan_for(
     deterministic: bool,
     backend: str,
     check_values: bool | None,
+    masks: CallMasks = NO_MASKS,
     sinks: Tensor | None = None,
     sink_tokens: int = 0,
 ) -> tuple[Plan, AttentionSpec]:
@@ -121,8 +164,8 @@ def plan_for(
             q, k, v, layout=layout, causal=causal, window=window, softcap=softcap, scale=scale,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale,
-            k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check, sinks=sinks,
-            sink_tokens=sink_tokens,
+            k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check,
+            sinks=sinks, sink_tokens=sink_tokens, **masks.options(),
         )  # fmt: skip
 
     key: tuple | None = None
@@ -140,6 +183,7 @@ def plan_for(
             *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
             *(sink_tokens, type(sink_tokens)),
             dispatch.forced_backend(backend),
+            *masks.key(),
         )
         plan = _plans.get(signature)
         key = signature
@@ -177,6 +221,7 @@ def run_forward(
     q_descale: Tensor | None,
     k_descale: Tensor | None,
     v_descale: Tensor | None,
+    masks: CallMasks = NO_MASKS,
     sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Allocate ``(out, lse)`` and run the plan's forward backend on them."""
@@ -201,6 +246,7 @@ def run_forward(
         q_descale=q_descale,
         k_descale=k_descale,
         v_descale=v_descale,
+        masks=masks.tensors(),
         sinks=_contiguous(sinks),
     )
     backend, config = plan.forward_run()
@@ -222,8 +268,14 @@ def run_backward(
     lse: Tensor,
     cu_seqlens_q: Tensor | None,
     cu_seqlens_k: Tensor | None,
+    masks: CallMasks = NO_MASKS,
+    dbias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``)."""
+    """Allocate ``(dq, dk, dv)`` and run the plan's backward backend (any forward's ``out``/``lse``).
+
+    ``dbias`` (from :func:`bias_grad_buffer`, when an additive mask requires grad) receives the
+    scores' gradient; :func:`bias_grad` sums it down to the mask's shape.
+    """
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if plan.forward is None:
         return dq.zero_(), dk.zero_(), dv.zero_()
@@ -245,9 +297,29 @@ def run_backward(
         dv=canonical(dv, spec),
         cu_seqlens_q=_contiguous(cu_seqlens_q),
         cu_seqlens_k=_contiguous(cu_seqlens_k),
+        masks=masks.tensors(),
+        dbias=dbias,
     )
     if config is None:  # autotuning
         autotune.ensure_tuned(backend, spec, "backward", lambda c: backend.backward(spec, args, c))
         config = heuristics.config_for(backend, spec, "backward")
     backend.backward(spec, args, config)
     return dq, dk, dv
+
+
+def bias_grad_buffer(spec: AttentionSpec, device: torch.device) -> Tensor | None:
+    """Zeros (batch, heads_q, seqlen_q, seqlen_k) for the scores' gradient, if an additive mask requires grad."""
+    if spec.mask is None or not spec.mask.requires_grad:
+        return None
+    full = (spec.batch, spec.heads_q, spec.seqlen_q, spec.seqlen_k)
+    return torch.zeros(full, dtype=spec.lse_dtype, device=device)
+
+
+def bias_grad(dbias: Tensor | None, mask: Tensor | None) -> Tensor | None:
+    """The (batch, heads, sq, sk) score gradient summed over the axes the mask broadcasts along."""
+    if dbias is None or mask is None:
+        return None
+    shape = mask4(mask).shape
+    axes = tuple(axis for axis in range(4) if shape[axis] == 1 and dbias.shape[axis] != 1)
+    summed = dbias.sum(dim=axes, keepdim=True) if axes else dbias
+    return summed.reshape(mask.shape).to(mask.dtype)

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from flash.block_mask import BlockMask, BlockMaskInfo
 from flash.errors import InvalidInputError
+from flash.mask_checks import Alibi, MaskInfo, check_mask_arguments
 
 Layout = Literal["bshd", "bhsd"]
 LAYOUTS: tuple[str, ...] = ("bshd", "bhsd")
@@ -101,6 +104,13 @@ class AttentionSpec(Scores):
     v_strides: tuple[int, int, int, int]
     # Base pointers and non-unit strides are multiples of 16 bytes (what TMA and 16-byte loads need).
     aligned16: bool
+    # Masks and score terms beyond causal/window (see flash.terms for the order they apply in).
+    mask: MaskInfo | None = None
+    alibi: Alibi = "none"
+    block_mask: BlockMaskInfo | None = None
+    score_mod: Callable[..., torch.Tensor] | None = None
+    score_mod_grad: Callable[..., torch.Tensor] | None = None
+    mask_mod: Callable[..., torch.Tensor] | None = None
     #: Learned per-head sink logits (``sinks=``): one more term in every row's softmax denominator.
     sinks: bool = False
     #: The first ``sink_tokens`` keys stay visible to every row whatever the window's left reach
@@ -121,6 +131,18 @@ class AttentionSpec(Scores):
     def masked(self) -> bool:
         """True when some query may not see some key (causal or a bounded window)."""
         return self.mask_bounds != (UNBOUNDED, UNBOUNDED)
+
+    @property
+    def extra_masks(self) -> bool:
+        """True when a mask beyond causal/window may hide keys (boolean attn_mask, mask_mod, block mask)."""
+        bool_mask = self.mask is not None and self.mask.kind == "bool"
+        return bool_mask or self.mask_mod is not None or self.block_mask is not None
+
+    @property
+    def score_terms(self) -> bool:
+        """True when scores get more than scale and softcap (ALiBi, additive attn_mask, score_mod)."""
+        bias = self.mask is not None and self.mask.kind == "bias"
+        return bias or self.alibi != "none" or self.score_mod is not None
 
     @property
     def empty(self) -> bool:
@@ -152,6 +174,18 @@ class AttentionSpec(Scores):
             used.add("fp8")
         if self.deterministic:
             used.add("deterministic")
+        if self.mask is not None:
+            used.add("attn_mask" if self.mask.kind == "bool" else "attn_bias")
+            if self.mask.requires_grad:
+                used.add("attn_bias_grad")
+        if self.alibi != "none":
+            used.add("alibi")
+        if self.block_mask is not None:
+            used.add("block_mask")
+        if self.score_mod is not None:
+            used.add("score_mod")
+        if self.mask_mod is not None:
+            used.add("mask_mod")
         if self.sinks:
             used.add("sinks")
         if self.sink_tokens:
@@ -440,6 +474,12 @@ def build_spec(
     v_descale: torch.Tensor | None = None,
     deterministic: bool = False,
     check_values: bool | None = None,
+    attn_mask: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    block_mask: BlockMask | None = None,
+    score_mod: Callable[..., torch.Tensor] | None = None,
+    score_mod_grad: Callable[..., torch.Tensor] | None = None,
+    mask_mod: Callable[..., torch.Tensor] | None = None,
     sinks: torch.Tensor | None = None,
     sink_tokens: int = 0,
 ) -> AttentionSpec:
@@ -538,6 +578,11 @@ def build_spec(
             raise InvalidInputError("q_descale", "all descale factors per tensor, or all per head", "a mix")
         descale = kinds.pop() if kinds else "none"
 
+    extras = check_mask_arguments(
+        batch=batch, heads=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, device=q.device, varlen=varlen,
+        attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod,
+        score_mod_grad=score_mod_grad, mask_mod=mask_mod,
+    )  # fmt: skip
     return AttentionSpec(
         batch=batch,
         seqlen_q=seqlen_q,
@@ -563,6 +608,12 @@ def build_spec(
         k_strides=_canonical_strides(k, layout, varlen),
         v_strides=_canonical_strides(v, layout, varlen),
         aligned16=is_aligned16([q, k, v]),
+        mask=extras.mask,
+        alibi=extras.alibi,
+        block_mask=extras.block_mask,
+        score_mod=extras.score_mod,
+        score_mod_grad=extras.score_mod_grad,
+        mask_mod=extras.mask_mod,
         sinks=has_sinks,
         sink_tokens=sink_count,
     )

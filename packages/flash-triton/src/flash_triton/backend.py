@@ -24,6 +24,7 @@ from flash_triton._version import __version__
 DTYPES = frozenset({torch.float16, torch.bfloat16})
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic", "sinks", "sink_tokens"}
+    | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod"}
 )
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
 #: int32, so a token stride of 2**23 elements or more could overflow them.
@@ -117,6 +118,11 @@ class TritonBackend(Backend):
         if runtime.interpreting():
             return []
         return list(_gpu_reasons())
+
+    def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
+        if pass_ == "backward" and spec.score_mod is not None and spec.score_mod_grad is None:
+            return ["score_mod without score_mod_grad (the kernels need d score_mod / d score)"]
+        return []
 
     def heuristics_rows(self) -> list[dict[str, Any]]:
         return heuristics.rows_from_json("flash_triton", "heuristics.json")

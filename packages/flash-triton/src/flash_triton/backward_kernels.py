@@ -7,17 +7,21 @@ Three launches:
   key recomputes ``P = exp2(s - inf) = 0`` instead of NaN).
 * :func:`attention_backward_dkdv_kernel` (K/V-stationary): one program owns ``BLOCK_N`` keys of
   one K/V head and walks, for every query head of its GQA group in a fixed order, the query
-  blocks that can see those keys; dK and dV accumulate in registers and are written once. With
-  ``ATOMIC_DQ`` it also adds each tile's ``dS K`` into a float32 dQ buffer with atomics (fewer
-  matrix products, but the summation order then varies run to run).
+  blocks that can see those keys (:func:`dkdv_tile`); dK and dV accumulate in registers and are
+  written once. With an additive mask that requires grad it also writes each tile's dS (the
+  mask's gradient, before core sums it over broadcast axes).
 * :func:`attention_backward_dq_kernel` (Q-stationary): one program owns ``BLOCK_M`` query rows
-  and walks their key blocks like the forward; no atomics, so gradients are bit-identical run to
-  run (the ``deterministic=True`` path).
+  and walks their key blocks like the forward (:func:`dq_tile`); no atomics anywhere, so
+  gradients are bit-identical run to run.
 
-Per tile, with ``s`` the scaled (soft-capped) scores in the log2 domain::
+Both walks are :func:`flash_triton.tiles.walk`, and both tiles recompute P and dS with
+:func:`p_and_ds`, whose scores come from :func:`flash_triton.tiles.score_tile`: one definition
+of a tile's terms and masks for the forward and the two backward kernels.
+
+Per tile, with ``s`` the scores with all their terms in the log2 domain::
 
     P  = exp2(s - lse2)           dV += P^T dO
-    dP = dO V^T                   dS  = P * (dP - delta)   (* (1 - tanh^2) with softcap)
+    dP = dO V^T                   dS  = P * (dP - delta)   (* score_mod', * (1 - tanh^2) with softcap)
     dK += dS^T Q                  dQ += dS K               (both times the softmax scale)
 
 Dropout (optional) multiplies P and dP by the kept elements' ``1 / (1 - p)``, recomputing the same
@@ -29,9 +33,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from flash_triton.forward_kernel import load_rows
+from flash_triton.forward_kernel import load_block, load_rows
 from flash_triton.runtime import interpreting
-from flash_triton.tiles import LOG2E, block_range, dropout_keep, dropout_row_hash, sequence_bounds, tanh, visible
+from flash_triton.tiles import (
+    LOG2E,
+    block_list,
+    block_range,
+    dropout_keep,
+    dropout_row_hash,
+    head_terms,
+    score_tile,
+    sequence_bounds,
+    walk,
+)
 
 INTERPRETED = interpreting()
 
@@ -91,173 +105,113 @@ def attention_backward_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(
-    dk,
-    dv,
-    k,
-    v,
-    start_m,
-    zero64,
-    q_base,
-    do_base,
-    l_base,
-    d_base,
-    dq_base,
-    q_desc,
-    do_desc,
-    q_row0,
-    q_col0,
-    do_row0,
-    do_col0,
-    sqs,
-    sdos,
-    sls,
-    sdqs,
-    cols,
-    offs_m,
-    offs_d,
-    d_ok,
-    len_q,
-    len_k,
-    offset,
-    left,
-    right,
-    scale,
-    scale_log2,
-    softcap_scale,
-    softcap_log2,
-    head_hash,
-    drop_threshold,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
-):
-    """Fold the query block starting at ``start_m`` into the (dK, dV) of the program's keys."""
-    rows = start_m + offs_m
-    rows_ok = rows < len_q
-    row64 = start_m + zero64
-    if TMA and not MASKED:
-        q = q_desc.load([q_row0 + start_m, q_col0])
-        do = do_desc.load([do_row0 + start_m, do_col0])
-    else:
-        q = load_rows(q_base + row64 * sqs + offs_m[:, None] * sqs + offs_d[None, :], rows_ok, d_ok,
-                      HEAD_DIM, D_PAD, MASKED)  # fmt: skip
-        do = load_rows(do_base + row64 * sdos + offs_m[:, None] * sdos + offs_d[None, :], rows_ok, d_ok,
-                       HEAD_DIM, D_PAD, MASKED)  # fmt: skip
-    if MASKED:
-        lse2 = tl.load(l_base + rows * sls, mask=rows_ok, other=float("inf"))
-        delta = tl.load(d_base + rows * sls, mask=rows_ok, other=0.0)
-    else:
-        lse2 = tl.load(l_base + rows * sls)
-        delta = tl.load(d_base + rows * sls)
-    qk_t = tl.dot(k, tl.trans(q))  # (keys, queries)
-    if SOFTCAP:
-        t = tanh(qk_t * softcap_scale)
-        p_t = tl.math.exp2(t * softcap_log2 - lse2[None, :])
-    else:
-        p_t = tl.math.exp2(qk_t * scale_log2 - lse2[None, :])
-    if MASKED:
-        seen = visible(rows[None, :], cols[:, None], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-        p_t = tl.where(seen, p_t, 0.0)
-    dp_t = tl.dot(v, tl.trans(do))
+def p_and_ds(
+    qk, dp, rows, cols, lse2, delta, seq, win, terms, drop,
+    MASKED: tl.constexpr, DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr,
+    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
+):  # fmt: skip
+    """The one recomputation of a backward tile: ``(P for dV, dS, dS before softcap)``.
+
+    ``qk`` and ``dp = dO V^T`` are tiles in either orientation; ``rows``, ``cols``, ``lse2`` and
+    ``delta`` are broadcast to it. P for dV carries dropout's keep mask and scale; dS is the
+    gradient of the raw scores (``* scale`` left to the caller); dS before softcap is the gradient
+    of the scores after the additive mask and ``score_mod`` (an additive mask's gradient).
+    ``drop = (head_hash, threshold, scale)``.
+    """
+    s, _, d_mod, d_cap = score_tile(qk, rows, cols, seq, win, terms, MASKED, True, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP,
+                                    ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD)  # fmt: skip
+    p = tl.math.exp2(s - lse2) if TERMS else tl.math.exp2(s * terms[0] - lse2)
+    p_dv = p
     if DROPOUT:
-        keep = dropout_keep(head_hash, rows[None, :], cols[:, None], drop_threshold)
-        dv = tl.dot(tl.where(keep, p_t * drop_scale, 0.0).to(do.dtype), do, dv)
-        dp_t = tl.where(keep, dp_t * drop_scale, 0.0)
-    else:
-        dv = tl.dot(p_t.to(do.dtype), do, dv)
-    ds_t = p_t * (dp_t - delta[None, :])
+        keep = dropout_keep(drop[0], rows, cols, drop[1])
+        p_dv = tl.where(keep, p * drop[2], 0.0)
+        dp = tl.where(keep, dp * drop[2], 0.0)
+    ds = p * (dp - delta)
+    if SCORE_MOD is not None:
+        ds = ds * d_mod
+    ds_bias = ds
     if SOFTCAP:
-        ds_t = ds_t * (1.0 - t * t)
-    ds_t = ds_t.to(q.dtype)
-    dk = tl.dot(ds_t, q, dk)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(ds_t), k) * scale
-        dq_ptrs = dq_base + row64 * sdqs + offs_m[:, None] * sdqs + offs_d[None, :]
-        tl.atomic_add(dq_ptrs, dq, mask=rows_ok[:, None] & d_ok[None, :], sem="relaxed")
+        ds = ds * d_cap
+    return p_dv, ds, ds_bias
+
+
+@triton.jit
+def dkdv_tile(
+    carry, start_m, ctx,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr,
+    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Fold the query block at ``start_m`` into ``carry = (dK, dV)`` of the program's keys.
+
+    ``ctx = (k, v, q_src, do_src, stats, cols, seq, win, terms, drop, dbias)`` with ``stats = (lse2
+    pointer, delta pointer, stride)`` and ``dbias = (pointer, query stride, key stride)`` of this head.
+    Tiles are (keys, queries): K and V stay the left-hand operands.
+    """
+    dk, dv = carry
+    k, v, q_src, do_src, stats, cols, seq, win, terms, drop, dbias = ctx
+    len_q = seq[2]
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q = load_block(q_src, start_m, len_q, BLOCK_M, HEAD_DIM, D_PAD, MASKED, TMA)
+    do = load_block(do_src, start_m, len_q, BLOCK_M, HEAD_DIM, D_PAD, MASKED, TMA)
+    if MASKED:
+        lse2 = tl.load(stats[0] + rows * stats[2], mask=rows < len_q, other=float("inf"))
+        delta = tl.load(stats[1] + rows * stats[2], mask=rows < len_q, other=0.0)
+    else:
+        lse2 = tl.load(stats[0] + rows * stats[2])
+        delta = tl.load(stats[1] + rows * stats[2])
+    p_t, ds_t, dsb_t = p_and_ds(tl.dot(k, tl.trans(q)), tl.dot(v, tl.trans(do)), rows[None, :], cols[:, None],
+                                lse2[None, :], delta[None, :], seq, win, terms, drop, MASKED, DROPOUT, HAS_LEFT,
+                                HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD,
+                                MASK_MOD)  # fmt: skip
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    if BIAS_GRAD:
+        inside = (rows[None, :] < len_q) & (cols[:, None] < seq[3])
+        tl.store(dbias[0] + rows[None, :] * dbias[1] + cols[:, None] * dbias[2], dsb_t, mask=inside)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
     return dk, dv
+
+
+@triton.jit
+def dq_tile(
+    carry, start_n, ctx,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr,
+    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Fold the key block at ``start_n`` into ``carry = (dQ,)`` of the program's query rows.
+
+    ``ctx = (q, do, lse2, delta, k_src, v_src, rows, seq, win, terms, drop)``.
+    """
+    (dq,) = carry
+    q, do, lse2, delta, k_src, v_src, rows, seq, win, terms, drop = ctx
+    len_k = seq[3]
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = load_block(k_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
+    v = load_block(v_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
+    _, ds, _ = p_and_ds(tl.dot(q, tl.trans(k)), tl.dot(do, tl.trans(v)), rows[:, None], cols[None, :],
+                        lse2[:, None], delta[:, None], seq, win, terms, drop, MASKED, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                        TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD)  # fmt: skip
+    return (tl.dot(ds.to(k.dtype), k, dq),)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_backward_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    DQacc,
-    Lse2,
-    Delta,
-    CuQ,
-    CuK,
-    q_desc,
-    do_desc,
-    sqb,
-    sqs,
-    sqh,
-    skb,
-    sks,
-    skh,
-    svb,
-    svs,
-    svh,
-    sdob,
-    sdos,
-    sdoh,
-    sdkb,
-    sdks,
-    sdkh,
-    sdvb,
-    sdvs,
-    sdvh,
-    sdqb,
-    sdqs,
-    sdqh,
-    slb,
-    slh,
-    sls,
-    seqlen_q,
-    seqlen_k,
-    total_q,
-    total_k,
-    group,
-    q_rb,
-    q_rh,
-    q_ch,
-    do_rb,
-    do_rh,
-    do_ch,
-    scale,
-    scale_log2,
-    softcap_scale,
-    softcap_log2,
-    left,
-    right,
-    seed_lo,
-    seed_hi,
-    drop_threshold,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    TMA: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
-):
-    """Grid: (key blocks, heads_kv, batch). ``Lse2``/``Delta`` share the strides ``sl*``."""
+    Q, K, V, DO, DK, DV, DBias, Lse2, Delta, CuQ, CuK, q_desc, do_desc, Mask, Alibi, Counts, Indices,
+    q_str, k_str, v_str, do_str, dk_str, dv_str, db_str, l_str, m_str, a_str, c_str, i_str,
+    seqlen_q, seqlen_k, total_q, total_k, group, q_map, do_map,
+    scale, scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, TMA: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
+    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+):  # fmt: skip
+    """Grid: (key blocks, heads_kv, batch). ``Lse2``/``Delta`` share the strides ``l_str``; ``DBias`` is
+    (batch, heads_q, seqlen_q, seqlen_k) with strides ``db_str``. Other strides as the forward's."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -267,7 +221,6 @@ def attention_backward_dkdv_kernel(
         return
     offset = len_k - len_q
     offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     cols = n0 + offs_n
@@ -278,203 +231,64 @@ def attention_backward_dkdv_kernel(
     key64 = (k_start + n0).to(tl.int64)
     zero64 = b64 * 0
     q_start64 = zero64 + q_start
-    k = load_rows(K + b64 * skb + hk64 * skh + key64 * sks + offs_n[:, None] * sks + offs_d[None, :],
-                  cols_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
-    v = load_rows(V + b64 * svb + hk64 * svh + key64 * svs + offs_n[:, None] * svs + offs_d[None, :],
-                  cols_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    k_ptrs = K + b64 * k_str[0] + hk64 * k_str[2] + (key64 + offs_n[:, None]) * k_str[1] + offs_d[None, :]
+    v_ptrs = V + b64 * v_str[0] + hk64 * v_str[2] + (key64 + offs_n[:, None]) * v_str[1] + offs_d[None, :]
+    k = load_rows(k_ptrs, cols_ok, d_ok, HEAD_DIM, D_PAD, True)
+    v = load_rows(v_ptrs, cols_ok, d_ok, HEAD_DIM, D_PAD, True)
+    carry = (tl.zeros([BLOCK_N, D_PAD], tl.float32), tl.zeros([BLOCK_N, D_PAD], tl.float32))
 
-    last = tl.minimum(n0 + BLOCK_N, len_k) - 1
     # Keys fixed, query blocks walked: the mask seen from the keys (offset negated, reaches swapped).
-    start, full_lo, full_hi, end = block_range(n0, last, len_q, -offset, right, left, HAS_RIGHT, HAS_LEFT, BLOCK_M)
+    bounds = block_range(n0, tl.minimum(n0 + BLOCK_N, len_k) - 1, len_q, -offset, right, left, HAS_RIGHT, HAS_LEFT,
+                         BLOCK_M)  # fmt: skip
+    win = (left, right)
     for g in range(group):
         h = hk * group + g
         h64 = h.to(tl.int64)
-        q_base = Q + b64 * sqb + h64 * sqh + q_start64 * sqs
-        do_base = DO + b64 * sdob + h64 * sdoh + q_start64 * sdos
-        l_base = Lse2 + b64 * slb + h64 * slh + q_start64 * sls
-        d_base = Delta + b64 * slb + h64 * slh + q_start64 * sls
-        dq_base = DQacc + b64 * sdqb + h64 * sdqh + q_start64 * sdqs
-        q_row0 = b * q_rb + h * q_rh + q_start
-        q_col0 = h * q_ch
-        do_row0 = b * do_rb + h * do_rh + q_start
-        do_col0 = h * do_ch
-        if DROPOUT:  # noqa: SIM108 - a constexpr branch: the kernel without dropout never computes the hash
+        q_src = (q_desc, Q + b64 * q_str[0] + h64 * q_str[2] + q_start64 * q_str[1],
+                 b * q_map[0] + h * q_map[1] + q_start, h * q_map[2], q_str[1], zero64)  # fmt: skip
+        do_src = (do_desc, DO + b64 * do_str[0] + h64 * do_str[2] + q_start64 * do_str[1],
+                  b * do_map[0] + h * do_map[1] + q_start, h * do_map[2], do_str[1], zero64)  # fmt: skip
+        l_off = b64 * l_str[0] + h64 * l_str[1] + q_start64 * l_str[2]
+        stats = (Lse2 + l_off, Delta + l_off, l_str[2])
+        head_hash = 0
+        if DROPOUT:
             head_hash = dropout_row_hash(seed_lo, seed_hi, b, h)
-        else:
-            head_hash = 0
-        for start_m in range(start, tl.minimum(full_lo, end), BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, start_m, zero64, q_base, do_base, l_base, d_base, dq_base, q_desc, do_desc,
-                q_row0, q_col0, do_row0, do_col0, sqs, sdos, sls, sdqs, cols, offs_m, offs_d, d_ok,
-                len_q, len_k, offset, left, right, scale, scale_log2, softcap_scale, softcap_log2,
-                head_hash, drop_threshold, drop_scale,
-                HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA, ATOMIC_DQ,
-            )  # fmt: skip
-        for start_m in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, start_m, zero64, q_base, do_base, l_base, d_base, dq_base, q_desc, do_desc,
-                q_row0, q_col0, do_row0, do_col0, sqs, sdos, sls, sdqs, cols, offs_m, offs_d, d_ok,
-                len_q, len_k, offset, left, right, scale, scale_log2, softcap_scale, softcap_log2,
-                head_hash, drop_threshold, drop_scale,
-                HEAD_DIM, D_PAD, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA, ATOMIC_DQ,
-            )  # fmt: skip
-        for start_m in range(tl.maximum(full_lo, full_hi), end, BLOCK_M):
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, start_m, zero64, q_base, do_base, l_base, d_base, dq_base, q_desc, do_desc,
-                q_row0, q_col0, do_row0, do_col0, sqs, sdos, sls, sdqs, cols, offs_m, offs_d, d_ok,
-                len_q, len_k, offset, left, right, scale, scale_log2, softcap_scale, softcap_log2,
-                head_hash, drop_threshold, drop_scale,
-                HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA, ATOMIC_DQ,
-            )  # fmt: skip
+        terms = head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI)
+        dbias = (DBias + b64 * db_str[0] + h64 * db_str[1], db_str[2], db_str[3])
+        lists = (0, 0, Indices, Indices)
+        if SPARSE:
+            lists = block_list(Counts, Indices, b, h, n0 // SPARSE_FIXED, c_str, i_str)
+        ctx = (k, v, q_src, do_src, stats, cols, (b, h, len_q, len_k, offset), win, terms,
+               (head_hash, drop_threshold, drop_scale), dbias)  # fmt: skip
+        carry = walk(dkdv_tile, carry, ctx, bounds, lists, BLOCK_M, SPARSE_WALK, SPARSE, ELEMENTWISE, HEAD_DIM, D_PAD,
+                     TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD,
+                     MASK_MOD, BIAS_GRAD)  # fmt: skip
 
+    dk, dv = carry
     dk = dk * scale
     mask = cols_ok[:, None] & d_ok[None, :]
-    dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + key64 * sdks + offs_n[:, None] * sdks + offs_d[None, :]
-    dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + key64 * sdvs + offs_n[:, None] * sdvs + offs_d[None, :]
+    dk_ptrs = (
+        DK + b64 * dk_str[0] + hk64 * dk_str[2] + key64 * dk_str[1] + offs_n[:, None] * dk_str[1] + offs_d[None, :]
+    )
+    dv_ptrs = (
+        DV + b64 * dv_str[0] + hk64 * dv_str[2] + key64 * dv_str[1] + offs_n[:, None] * dv_str[1] + offs_d[None, :]
+    )
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _dq_tile(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    start_n,
-    zero64,
-    k_base,
-    v_base,
-    k_desc,
-    v_desc,
-    k_row0,
-    k_col0,
-    v_row0,
-    v_col0,
-    sks,
-    svs,
-    rows,
-    offs_n,
-    offs_d,
-    d_ok,
-    len_q,
-    len_k,
-    offset,
-    left,
-    right,
-    scale_log2,
-    softcap_scale,
-    softcap_log2,
-    head_hash,
-    drop_threshold,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """Fold the key block starting at ``start_n`` into the dQ of the program's query rows."""
-    cols = start_n + offs_n
-    cols_ok = cols < len_k
-    col64 = start_n + zero64
-    if TMA and not MASKED:
-        k = k_desc.load([k_row0 + start_n, k_col0])
-        v = v_desc.load([v_row0 + start_n, v_col0])
-    else:
-        k = load_rows(k_base + col64 * sks + offs_n[:, None] * sks + offs_d[None, :], cols_ok, d_ok,
-                      HEAD_DIM, D_PAD, MASKED)  # fmt: skip
-        v = load_rows(v_base + col64 * svs + offs_n[:, None] * svs + offs_d[None, :], cols_ok, d_ok,
-                      HEAD_DIM, D_PAD, MASKED)  # fmt: skip
-    qk = tl.dot(q, tl.trans(k))
-    if SOFTCAP:
-        t = tanh(qk * softcap_scale)
-        p = tl.math.exp2(t * softcap_log2 - lse2[:, None])
-    else:
-        p = tl.math.exp2(qk * scale_log2 - lse2[:, None])
-    if MASKED:
-        seen = visible(rows[:, None], cols[None, :], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-        p = tl.where(seen, p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
-    if DROPOUT:
-        keep = dropout_keep(head_hash, rows[:, None], cols[None, :], drop_threshold)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
-    return tl.dot(ds.to(k.dtype), k, dq)
-
-
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_backward_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    Lse2,
-    Delta,
-    CuQ,
-    CuK,
-    k_desc,
-    v_desc,
-    sqb,
-    sqs,
-    sqh,
-    skb,
-    sks,
-    skh,
-    svb,
-    svs,
-    svh,
-    sdob,
-    sdos,
-    sdoh,
-    sdqb,
-    sdqs,
-    sdqh,
-    slb,
-    slh,
-    sls,
-    seqlen_q,
-    seqlen_k,
-    total_q,
-    total_k,
-    group,
-    k_rb,
-    k_rh,
-    k_ch,
-    v_rb,
-    v_rh,
-    v_ch,
-    scale,
-    scale_log2,
-    softcap_scale,
-    softcap_log2,
-    left,
-    right,
-    seed_lo,
-    seed_hi,
-    drop_threshold,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    TMA: tl.constexpr,
-    REVERSE: tl.constexpr,
-):
+    Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices,
+    q_str, k_str, v_str, do_str, dq_str, l_str, m_str, a_str, c_str, i_str,
+    seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
+    scale, scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
+    MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
+    SPARSE: tl.constexpr, SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr,
+):  # fmt: skip
     """Grid: (query blocks, heads_q, batch)."""
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -488,7 +302,6 @@ def attention_backward_dq_kernel(
         return
     offset = len_k - len_q
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     rows = m0 + offs_m
@@ -500,50 +313,35 @@ def attention_backward_dq_kernel(
     row64 = (q_start + m0).to(tl.int64)
     zero64 = b64 * 0
     k_start64 = zero64 + k_start
-    q = load_rows(Q + b64 * sqb + h64 * sqh + row64 * sqs + offs_m[:, None] * sqs + offs_d[None, :],
+    q = load_rows(Q + b64 * q_str[0] + h64 * q_str[2] + row64 * q_str[1] + offs_m[:, None] * q_str[1] + offs_d[None, :],
                   rows_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
-    do = load_rows(DO + b64 * sdob + h64 * sdoh + row64 * sdos + offs_m[:, None] * sdos + offs_d[None, :],
-                   rows_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
-    l_off = b64 * slb + h64 * slh + row64 * sls + offs_m * sls
+    do = load_rows(DO + b64 * do_str[0] + h64 * do_str[2] + row64 * do_str[1] + offs_m[:, None] * do_str[1]
+                   + offs_d[None, :], rows_ok, d_ok, HEAD_DIM, D_PAD, True)  # fmt: skip
+    l_off = b64 * l_str[0] + h64 * l_str[1] + row64 * l_str[2] + offs_m * l_str[2]
     lse2 = tl.load(Lse2 + l_off, mask=rows_ok, other=float("inf"))
     delta = tl.load(Delta + l_off, mask=rows_ok, other=0.0)
-    k_base = K + b64 * skb + hk64 * skh + k_start64 * sks
-    v_base = V + b64 * svb + hk64 * svh + k_start64 * svs
-    k_row0 = b * k_rb + hk * k_rh + k_start
-    k_col0 = hk * k_ch
-    v_row0 = b * v_rb + hk * v_rh + k_start
-    v_col0 = hk * v_ch
+    k_src = (k_desc, K + b64 * k_str[0] + hk64 * k_str[2] + k_start64 * k_str[1],
+             b * k_map[0] + hk * k_map[1] + k_start, hk * k_map[2], k_str[1], zero64)  # fmt: skip
+    v_src = (v_desc, V + b64 * v_str[0] + hk64 * v_str[2] + k_start64 * v_str[1],
+             b * v_map[0] + hk * v_map[1] + k_start, hk * v_map[2], v_str[1], zero64)  # fmt: skip
     head_hash = 0
     if DROPOUT:
         head_hash = dropout_row_hash(seed_lo, seed_hi, b, h)
+    terms = head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI)
+    lists = (0, 0, Indices, Indices)
+    if SPARSE:
+        lists = block_list(Counts, Indices, b, h, m0 // SPARSE_FIXED, c_str, i_str)
 
-    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    last = tl.minimum(m0 + BLOCK_M, len_q) - 1
-    start, full_lo, full_hi, end = block_range(m0, last, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-    for start_n in range(start, tl.minimum(full_lo, end), BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, start_n, zero64, k_base, v_base, k_desc, v_desc, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold, drop_scale,
-            HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, start_n, zero64, k_base, v_base, k_desc, v_desc, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold, drop_scale,
-            HEAD_DIM, D_PAD, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
-    for start_n in range(tl.maximum(full_lo, full_hi), end, BLOCK_N):
-        dq = _dq_tile(
-            dq, q, do, lse2, delta, start_n, zero64, k_base, v_base, k_desc, v_desc, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold, drop_scale,
-            HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
+    bounds = block_range(m0, tl.minimum(m0 + BLOCK_M, len_q) - 1, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT,
+                         BLOCK_N)  # fmt: skip
+    ctx = (q, do, lse2, delta, k_src, v_src, rows, (b, h, len_q, len_k, offset), (left, right), terms,
+           (head_hash, drop_threshold, drop_scale))  # fmt: skip
+    (dq,) = walk(dq_tile, (tl.zeros([BLOCK_M, D_PAD], tl.float32),), ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE,
+                 ELEMENTWISE, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK,
+                 SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, False)  # fmt: skip
 
     dq = dq * scale
-    dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + row64 * sdqs + offs_m[:, None] * sdqs + offs_d[None, :]
+    dq_ptrs = DQ + b64 * dq_str[0] + h64 * dq_str[2] + row64 * dq_str[1] + offs_m[:, None] * dq_str[1] + offs_d[None, :]
     if HEAD_DIM == D_PAD:
         tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rows_ok[:, None])
     else:

@@ -3,15 +3,20 @@
 One program owns ``BLOCK_M`` query rows of one query head of one sequence. It keeps the rows'
 running maximum ``m`` and sum ``l`` (both in the log2 domain of the scaled scores: the softmax
 scale times log2(e) is folded into one multiply-add before ``exp2``) and a float32 accumulator,
-walks the key blocks that :func:`flash_triton.tiles.block_range` says are not hidden, and
-applies the mask only on the partial blocks. Rows that see no key end with ``l = 0``: their output
-is 0 and their LSE ``-inf``.
+and walks the key blocks that are not hidden (:func:`flash_triton.tiles.walk`): the three runs of
+:func:`flash_triton.tiles.block_range`, or a block list. Each block is one :func:`forward_tile`,
+whose scores come from :func:`flash_triton.tiles.score_tile`; masks apply only to partial blocks.
+Rows that see no key end with ``l = 0``: their output is 0 and their LSE ``-inf``.
 
 GQA/MQA: the program reads the K/V head ``h // group`` in place (K/V are never repeated).
 Head dims that are not powers of two are padded to ``D_PAD`` in registers with masked loads
 and stores. With ``TMA`` the fully visible key blocks come through tensor descriptors (Hopper's
 bulk tensor copies); partial blocks always use masked pointer loads, so a descriptor never
 reads rows of another sequence into a result.
+
+Tuples (see :mod:`flash_triton.tiles` for ``seq``, ``win`` and ``terms``): a K or V source is
+``(desc, base, row0, col0, stride, zero64)``: its descriptor and descriptor coordinates of the
+sequence's first key, its pointer to that key and token stride; ``drop = (head_hash, threshold)``.
 """
 
 from __future__ import annotations
@@ -23,14 +28,16 @@ from flash_triton.runtime import interpreting
 from flash_triton.tiles import (
     LN2,
     LOG2E,
+    block_list,
     block_range,
     dropout_keep,
     dropout_row_hash,
     fold_sink,
+    head_terms,
+    score_tile,
     sequence_bounds,
-    tanh,
-    visible,
     visible_dot,
+    walk,
 )
 
 INTERPRETED = interpreting()
@@ -52,143 +59,100 @@ def load_rows(ptrs, rows_ok, d_ok, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, 
 
 
 @triton.jit
-def load_kv(
-    desc, base, row0, col0, start_n, zero64, stride, cols, len_k, offs_n, offs_d, d_ok,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
-):  # fmt: skip
-    """The (BLOCK_N, D_PAD) K or V tile at ``start_n``: a descriptor copy for a fully visible block with TMA,
-    else pointer loads (rows past ``len_k`` masked in partial blocks)."""
+def load_block(src, start, length, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+               MASKED: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """The (BLOCK, D_PAD) tile of ``src`` (a source tuple) at token ``start``: a descriptor copy for a
+    fully visible block with TMA, else pointer loads (tokens past ``length`` masked in partial blocks)."""
+    desc, base, row0, col0, stride, zero64 = src
     if TMA and not MASKED:
-        tile = desc.load([row0 + start_n, col0])
+        tile = desc.load([row0 + start, col0])
     else:
-        ptrs = base + (start_n + zero64) * stride + offs_n[:, None] * stride + offs_d[None, :]
-        tile = load_rows(ptrs, cols < len_k, d_ok, HEAD_DIM, D_PAD, MASKED)
+        offs = tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D_PAD)
+        ptrs = base + (start + zero64) * stride + offs[:, None] * stride + offs_d[None, :]
+        tile = load_rows(ptrs, start + offs < length, offs_d < HEAD_DIM, HEAD_DIM, D_PAD, MASKED)
     return tile
 
 
 @triton.jit
-def _softmax(
-    qk, m_i, l_i, rows, cols, len_q, len_k, offset, left, right, scale_log2, softcap_scale, softcap_log2,
-    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+def forward_tile(
+    carry, start_n, ctx,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr,
+    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):  # fmt: skip
-    """Online-softmax update for one tile of raw scores ``qk``: (p, new max, new sum, rescale factor).
+    """Fold the key block at ``start_n`` into ``carry = (acc, m, l)`` of the query rows.
 
-    Everything is in the log2 domain of the scaled scores. Without softcap the scale is applied
-    inside the ``exp2`` argument (one multiply-add per score).
+    ``ctx = (q, k_src, v_src, rows, seq, win, terms, drop)``.
     """
-    if SOFTCAP:
-        qk = tanh(qk * softcap_scale) * softcap_log2
-        if MASKED:
-            seen = visible(rows[:, None], cols[None, :], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-            qk = tl.where(seen, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = m_new
-        if MASKED:  # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-    else:
-        if MASKED:
-            seen = visible(rows[:, None], cols[None, :], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-            qk = tl.where(seen, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
-        m_use = m_new
-        if MASKED:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk * scale_log2 - m_use[:, None])
+    acc, m_i, l_i = carry
+    q, k_src, v_src, rows, seq, win, terms, drop = ctx
+    len_k = seq[3]
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = load_block(k_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
+    s, seen, _, _ = score_tile(tl.dot(q, tl.trans(k)), rows[:, None], cols[None, :], seq, win, terms, MASKED, False,
+                               HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None, MASK_MOD)  # fmt: skip
+    # Online softmax in the log2 domain; without terms the scale folds into exp2's multiply-add.
+    m_new = tl.maximum(m_i, tl.max(s, 1)) if TERMS else tl.maximum(m_i, tl.max(s, 1) * terms[0])
+    m_use = m_new
+    if MASKED:  # a row that has seen no key yet keeps m = -inf: shift by 0 so exp2 gives 0, not NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_use[:, None]) if TERMS else tl.math.exp2(s * terms[0] - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    return p, m_new, l_i, alpha
+    acc = acc * alpha[:, None]
+    if DROPOUT:
+        p = tl.where(dropout_keep(drop[0], rows[:, None], cols[None, :], drop[1]), p, 0.0)
+    v = load_block(v_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
+    # Keys some rows do not see: their values must not reach those rows, not even as NaN.
+    acc = visible_dot(p, v, seen, acc) if MASKED else tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
 
 
 @triton.jit
-def _forward_tile(
-    acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0, sks, svs,
-    rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right, scale_log2, softcap_scale, softcap_log2,
-    head_hash, drop_threshold,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+def forward_epilogue(
+    acc, m_i, l_i, Out, Lse, o_base, l_base, o_stride, l_stride, rows_ok, drop_scale,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DROPOUT: tl.constexpr,
 ):  # fmt: skip
-    """Fold the key block starting at ``start_n`` into the running (acc, m, l) of the query rows."""
-    cols = start_n + offs_n
-    k = load_kv(k_desc, k_base, k_row0, k_col0, start_n, zero64, sks, cols, len_k, offs_n, offs_d, d_ok,
-                HEAD_DIM, D_PAD, MASKED, TMA)  # fmt: skip
-    qk = tl.dot(q, tl.trans(k))
-    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, rows, cols, len_q, len_k, offset, left, right, scale_log2,
-                                  softcap_scale, softcap_log2, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP)  # fmt: skip
-    acc = acc * alpha[:, None]
+    """Normalise and store the rows' output and LSE.
+
+    Terms of the softmax denominator that are not keys (an attention sink's logit, say) belong
+    here: add ``exp2(logit2 - m)`` to ``l`` after the walk, before normalising.
+    """
+    # l = 0 only for a row that saw no key (output 0, LSE -inf); a NaN score makes l NaN and the
+    # row NaN, as in the oracle, so test for exactly 0 rather than for l > 0.
+    empty = l_i == 0.0
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
     if DROPOUT:
-        p = tl.where(dropout_keep(head_hash, rows[:, None], cols[None, :], drop_threshold), p, 0.0)
-    v = load_kv(v_desc, v_base, v_row0, v_col0, start_n, zero64, svs, cols, len_k, offs_n, offs_d, d_ok,
-                HEAD_DIM, D_PAD, MASKED, TMA)  # fmt: skip
-    if MASKED:  # keys some rows do not see: their values must not reach those rows, not even as NaN
-        seen = visible(rows[:, None], cols[None, :], len_q, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT)
-        acc = visible_dot(p, v, seen, acc)
+        inv = inv * drop_scale
+    out = acc * inv[:, None]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    o_ptrs = o_base + offs_m[:, None] * o_stride + offs_d[None, :]
+    if HEAD_DIM == D_PAD:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None])
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, m_i, l_i
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(l_base + offs_m * l_stride, lse, mask=rows_ok)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_forward_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    CuQ,
-    CuK,
-    k_desc,
-    v_desc,
-    Sinks,
-    sqb,
-    sqs,
-    sqh,
-    skb,
-    sks,
-    skh,
-    svb,
-    svs,
-    svh,
-    sob,
-    sos,
-    soh,
-    slb,
-    slh,
-    sls,
-    seqlen_q,
-    seqlen_k,
-    total_q,
-    total_k,
-    group,
-    k_rb,
-    k_rh,
-    k_ch,
-    v_rb,
-    v_rh,
-    v_ch,
-    scale_log2,
-    softcap_scale,
-    softcap_log2,
-    left,
-    right,
-    seed_lo,
-    seed_hi,
-    drop_threshold,
-    drop_scale,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    TMA: tl.constexpr,
-    REVERSE: tl.constexpr,
-    SINKS: tl.constexpr,
-):
-    """Grid: (query blocks, heads_q, batch). Strides are in elements; batch strides are 0 for varlen."""
+    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Sinks,
+    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str,
+    seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
+    scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
+    MASK: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
+    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, SINKS: tl.constexpr,
+):  # fmt: skip
+    """Grid: (query blocks, heads_q, batch). Strides are in elements, as (batch, token, head) tuples
+    (``*_str``; batch 0 for varlen), the mask's as (batch, head, query, key), ALiBi's (batch, head),
+    the block lists' as (batch, head, row[, list length]); ``*_map`` are descriptor (rb, rh, ch)."""
     pid_m = tl.program_id(0)
     if REVERSE:  # masked problems: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -199,74 +163,44 @@ def attention_forward_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= len_q:
         return
-    offset = len_k - len_q
-
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < HEAD_DIM
     rows = m0 + offs_m
     rows_ok = rows < len_q
 
     b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
     zero64 = b64 * 0  # loop counters are plain ints in the interpreter: widen them by adding this
-    q_base = Q + b64 * sqb + h.to(tl.int64) * sqh + (q_start + m0).to(tl.int64) * sqs
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh + (zero64 + k_start) * sks
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh + (zero64 + k_start) * svs
-    k_row0 = b * k_rb + hk * k_rh + k_start
-    k_col0 = hk * k_ch
-    v_row0 = b * v_rb + hk * v_rh + k_start
-    v_col0 = hk * v_ch
+    k_src = (k_desc, K + b64 * k_str[0] + hk.to(tl.int64) * k_str[2] + (zero64 + k_start) * k_str[1],
+             b * k_map[0] + hk * k_map[1] + k_start, hk * k_map[2], k_str[1], zero64)  # fmt: skip
+    v_src = (v_desc, V + b64 * v_str[0] + hk.to(tl.int64) * v_str[2] + (zero64 + k_start) * v_str[1],
+             b * v_map[0] + hk * v_map[1] + k_start, hk * v_map[2], v_str[1], zero64)  # fmt: skip
+    q_base = Q + b64 * q_str[0] + h64 * q_str[2] + (q_start + m0).to(tl.int64) * q_str[1]
+    q = load_rows(q_base + offs_m[:, None] * q_str[1] + offs_d[None, :], rows_ok, offs_d < HEAD_DIM, HEAD_DIM, D_PAD,
+                  True)  # fmt: skip
 
-    q = load_rows(q_base + offs_m[:, None] * sqs + offs_d[None, :], rows_ok, d_ok, HEAD_DIM, D_PAD, True)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    seq = (b, h, len_q, len_k, len_k - len_q)
+    terms = head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI)
     head_hash = 0
     if DROPOUT:
         head_hash = dropout_row_hash(seed_lo, seed_hi, b, h)
+    lists = (0, 0, Indices, Indices)
+    if SPARSE:
+        lists = block_list(Counts, Indices, b, h, m0 // SPARSE_FIXED, c_str, i_str)
 
-    last = tl.minimum(m0 + BLOCK_M, len_q) - 1
-    start, full_lo, full_hi, end = block_range(m0, last, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_N)
-
-    for start_n in range(start, tl.minimum(full_lo, end), BLOCK_N):
-        acc, m_i, l_i = _forward_tile(
-            acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
-            HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
-    for start_n in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _forward_tile(
-            acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
-            HEAD_DIM, D_PAD, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
-    for start_n in range(tl.maximum(full_lo, full_hi), end, BLOCK_N):
-        acc, m_i, l_i = _forward_tile(
-            acc, m_i, l_i, q, k_desc, v_desc, start_n, zero64, k_base, v_base, k_row0, k_col0, v_row0, v_col0,
-            sks, svs, rows, offs_n, offs_d, d_ok, len_q, len_k, offset, left, right,
-            scale_log2, softcap_scale, softcap_log2, head_hash, drop_threshold,
-            HEAD_DIM, D_PAD, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, DROPOUT, TMA,
-        )  # fmt: skip
+    win = (left, right)
+    bounds = block_range(m0, tl.minimum(m0 + BLOCK_M, len_q) - 1, len_k, len_k - len_q, left, right, HAS_LEFT,
+                         HAS_RIGHT, BLOCK_N)  # fmt: skip
+    carry = (tl.zeros([BLOCK_M, D_PAD], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
+             tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
+    ctx = (q, k_src, v_src, rows, seq, win, terms, (head_hash, drop_threshold))
+    acc, m_i, l_i = walk(forward_tile, carry, ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE, ELEMENTWISE, HEAD_DIM,
+                         D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None,
+                         MASK_MOD, False)  # fmt: skip
 
     if SINKS:  # the head's sink logit joins the denominator with no value; the LSE includes it
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(Sinks + h) * LOG2E)
-    # l = 0 only for a row that saw no key (output 0, LSE -inf); a NaN score makes l NaN and the
-    # row NaN, as in the oracle, so test for exactly 0 rather than for l > 0.
-    empty = l_i == 0.0
-    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
-    if DROPOUT:
-        inv = inv * drop_scale
-    out = acc * inv[:, None]
-    o_base = Out + b64 * sob + h.to(tl.int64) * soh + (q_start + m0).to(tl.int64) * sos
-    o_ptrs = o_base + offs_m[:, None] * sos + offs_d[None, :]
-    if HEAD_DIM == D_PAD:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None])
-    else:
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
-    l_base = Lse + b64 * slb + h.to(tl.int64) * slh + (q_start + m0).to(tl.int64) * sls
-    tl.store(l_base + offs_m * sls, lse, mask=rows_ok)
+    o_base = Out + b64 * o_str[0] + h64 * o_str[2] + (q_start + m0).to(tl.int64) * o_str[1]
+    l_base = Lse + b64 * l_str[0] + h64 * l_str[1] + (q_start + m0).to(tl.int64) * l_str[2]
+    forward_epilogue(acc, m_i, l_i, Out, Lse, o_base, l_base, o_str[1], l_str[2], rows_ok, drop_scale, BLOCK_M,
+                     HEAD_DIM, D_PAD, DROPOUT)  # fmt: skip

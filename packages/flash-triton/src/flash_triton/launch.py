@@ -4,7 +4,7 @@ Everything here runs per call, so it stays cheap: strides and scalars are read o
 the canonical views (no copies), descriptors are small host objects, and the kernels are
 imported once (:func:`flash_triton.runtime.kernels`).
 
-The configuration (block sizes, warps, stages, TMA, atomic dQ) comes from the plan (the backend's
+The configuration (block sizes, warps, stages, TMA) comes from the plan (the backend's
 heuristics table, or autotuning) through the caller. If a configuration fails to compile on this
 GPU and Triton version (out of shared memory, a Hopper feature the compiler rejects), the next
 simpler one on a fixed ladder is tried, the one that works is remembered for the process, and a
@@ -29,6 +29,7 @@ from flash.backend import BackwardArgs, ForwardArgs
 from flash.heuristics import KernelConfig
 from flash.spec import UNBOUNDED, AttentionSpec
 from flash_triton import runtime, tma
+from flash_triton.mask_args import MaskArgs, Walk, fit_tiling, mask_args
 
 LOG2E = math.log2(math.e)
 PREPROCESS_BLOCK_M = 64
@@ -214,6 +215,23 @@ def forward_tiling(config: KernelConfig) -> Tiling:
     )
 
 
+def _translate(spec: AttentionSpec, fn: Any, argument: str) -> Any:
+    """A user function as a Triton device function (None stays None)."""
+    return runtime.kernels().mods.translated(fn, argument, spec.device)
+
+
+def _masks(spec: AttentionSpec, masks: Any, t: Tiling, walk: Walk, dummy: torch.Tensor) -> MaskArgs:
+    return mask_args(spec, masks, t, walk, dummy, lambda fn, argument: _translate(spec, fn, argument))
+
+
+def _key(pass_: str, spec: AttentionSpec, p: Problem, m: MaskArgs) -> tuple:
+    flags = tuple(
+        sorted((name, value if isinstance(value, (int, bool)) else id(value)) for name, value in m.flags.items())
+    )
+    return (pass_, spec.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type,
+            flags)  # fmt: skip
+
+
 def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Tiling:
     """Fill ``args.out`` and ``args.lse``. Returns the tiling that ran."""
     kern = runtime.kernels().forward
@@ -223,29 +241,30 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         out.zero_()
         lse.fill_(float("-inf"))
         return forward_tiling(config)
+    first = fit_tiling(forward_tiling(config), spec, args.masks, "keys")
+    masks = _masks(spec, args.masks, first, "keys", lse)
 
     def launch(t: Tiling) -> None:
+        m = masks if t == first else _masks(spec, args.masks, t, "keys", lse)
         k_map = _tma_map(spec, p, k, t.block_n) if t.tma else None
         v_map = _tma_map(spec, p, v, t.block_n) if t.tma else None
         use_tma = k_map is not None and v_map is not None
-        k_desc, k_rb, k_rh, k_ch = _desc(k, k_map if use_tma else None, t.block_n, p)
-        v_desc, v_rb, v_rh, v_ch = _desc(v, v_map if use_tma else None, t.block_n, p)
+        k_desc, *k_rc = _desc(k, k_map if use_tma else None, t.block_n, p)
+        v_desc, *v_rc = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
         kern.attention_forward_kernel[grid](
-            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, args.sinks,
-            *strides3(q, p.varlen), *strides3(k, p.varlen), *strides3(v, p.varlen), *strides3(out, p.varlen),
-            *lse_strides(lse, p.varlen),
-            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
-            k_rb, k_rh, k_ch, v_rb, v_rh, v_ch,
+            q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(), args.sinks,
+            strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
+            lse_strides(lse, p.varlen), *m.strides(),
+            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size, tuple(k_rc), tuple(v_rc),
             p.scale_log2, p.softcap_scale, p.softcap_log2, p.left, p.right,
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, SINKS=args.sinks is not None, **_options(t),
+            REVERSE=p.reverse, SINKS=args.sinks is not None, **m.flags, **_options(t),
         )  # fmt: skip
 
-    key = ("forward", q.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type)
-    return launch_with_fallback(key, forward_tiling(config), launch)
+    return launch_with_fallback(_key("forward", spec, p, masks), first, launch)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -265,22 +284,18 @@ def backward_tilings(config: KernelConfig) -> tuple[Tiling, Tiling]:
     return dkdv, dq
 
 
-def uses_atomic_dq(spec: AttentionSpec, config: KernelConfig) -> bool:
-    """dQ by atomics inside the dK/dV kernel: only if configured and the caller did not ask for determinism."""
-    return bool(config.option("atomic_dq", False)) and not spec.deterministic
-
-
-def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> tuple[Tiling, Tiling | None]:
-    """Fill ``args.dq``, ``args.dk``, ``args.dv``. Returns the tilings that ran (dQ's None if atomic)."""
+def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> tuple[Tiling, Tiling]:
+    """Fill ``args.dq``, ``args.dk``, ``args.dv`` (and ``args.dbias``). Returns the tilings that ran."""
     kern = runtime.kernels().backward
     p = problem(spec)
     q, k, v, out, dout, lse = args.q, args.k, args.v, args.out, args.dout, args.lse
     dq, dk, dv = args.dq, args.dk, args.dv
+    dkdv_first, dq_first = backward_tilings(config)
     if spec.seqlen_q == 0 or spec.seqlen_k == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
-        return backward_tilings(config)[0], None
+        return dkdv_first, dq_first
     dev = q.device
     batch_rows = 1 if spec.varlen else spec.batch
     rows = spec.total_q if spec.varlen else spec.seqlen_q
@@ -296,55 +311,57 @@ def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> t
         HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=PREPROCESS_BLOCK_M, VARLEN=p.varlen, num_warps=4,
     )  # fmt: skip
 
-    atomic = uses_atomic_dq(spec, config)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=dev) if atomic else dq
-    dkdv_first, dq_first = backward_tilings(config)
+    dkdv_first = fit_tiling(dkdv_first, spec, args.masks, "queries")
+    dq_first = fit_tiling(dq_first, spec, args.masks, "keys")
     common = (
         p.scale, p.scale_log2, p.softcap_scale, p.softcap_log2, p.left, p.right,
         p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
     )  # fmt: skip
     flags = dict(
         HEAD_DIM=p.head_dim, D_PAD=p.d_pad, VARLEN=p.varlen, HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right,
-        SOFTCAP=p.softcap, DROPOUT=p.dropout,
+        SOFTCAP=p.softcap, DROPOUT=p.dropout, SCORE_MOD_GRAD=_translate(spec, spec.score_mod_grad, "score_mod_grad"),
     )  # fmt: skip
+    dbias = args.dbias if args.dbias is not None else lse2
+    db_str = tuple(dbias.stride()) if args.dbias is not None else (0, 0, 0, 0)
 
     def launch_dkdv(t: Tiling) -> None:
+        m = _masks(spec, args.masks, t, "queries", lse2)
         q_map = _tma_map(spec, p, q, t.block_m) if t.tma else None
         do_map = _tma_map(spec, p, dout, t.block_m) if t.tma else None
         use_tma = q_map is not None and do_map is not None
-        q_desc, q_rb, q_rh, q_ch = _desc(q, q_map if use_tma else None, t.block_m, p)
-        do_desc, do_rb, do_rh, do_ch = _desc(dout, do_map if use_tma else None, t.block_m, p)
+        q_desc, *q_rc = _desc(q, q_map if use_tma else None, t.block_m, p)
+        do_desc, *do_rc = _desc(dout, do_map if use_tma else None, t.block_m, p)
         grid = (triton_cdiv(spec.seqlen_k, t.block_n), spec.heads_kv, spec.batch)
         kern.attention_backward_dkdv_kernel[grid](
-            q, k, v, dout, dk, dv, dq_acc, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, q_desc, do_desc,
-            *strides3(q, p.varlen), *strides3(k, p.varlen), *strides3(v, p.varlen), *strides3(dout, p.varlen),
-            *strides3(dk, p.varlen), *strides3(dv, p.varlen), *strides3(dq_acc, p.varlen), *buf_strides,
-            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
-            q_rb, q_rh, q_ch, do_rb, do_rh, do_ch, *common,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=use_tma, ATOMIC_DQ=atomic, **flags, **_options(t),
+            q, k, v, dout, dk, dv, dbias, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, q_desc, do_desc,
+            *m.pointers(), strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen),
+            strides3(dout, p.varlen), strides3(dk, p.varlen), strides3(dv, p.varlen), db_str, buf_strides,
+            *m.strides(), spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
+            tuple(q_rc), tuple(do_rc), *common,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=use_tma, BIAS_GRAD=args.dbias is not None, **m.flags, **flags,
+            **_options(t),
         )  # fmt: skip
 
     def launch_dq(t: Tiling) -> None:
+        m = _masks(spec, args.masks, t, "keys", lse2)
         k_map = _tma_map(spec, p, k, t.block_n) if t.tma else None
         v_map = _tma_map(spec, p, v, t.block_n) if t.tma else None
         use_tma = k_map is not None and v_map is not None
-        k_desc, k_rb, k_rh, k_ch = _desc(k, k_map if use_tma else None, t.block_n, p)
-        v_desc, v_rb, v_rh, v_ch = _desc(v, v_map if use_tma else None, t.block_n, p)
+        k_desc, *k_rc = _desc(k, k_map if use_tma else None, t.block_n, p)
+        v_desc, *v_rc = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
         kern.attention_backward_dq_kernel[grid](
-            q, k, v, dout, dq, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc,
-            *strides3(q, p.varlen), *strides3(k, p.varlen), *strides3(v, p.varlen), *strides3(dout, p.varlen),
-            *strides3(dq, p.varlen), *buf_strides,
-            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size,
-            k_rb, k_rh, k_ch, v_rb, v_rh, v_ch, *common,
-            BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=use_tma, REVERSE=p.reverse, **flags, **_options(t),
+            q, k, v, dout, dq, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(),
+            strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(dout, p.varlen),
+            strides3(dq, p.varlen), buf_strides, *m.strides(),
+            spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size, tuple(k_rc), tuple(v_rc),
+            *common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=use_tma, REVERSE=p.reverse, **m.flags, **flags,
+            **_options(t),
         )  # fmt: skip
 
-    key = ("backward", q.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type)
-    ran_dkdv = launch_with_fallback((*key, "dkdv", atomic), dkdv_first, launch_dkdv)
-    if atomic:
-        dq.copy_(dq_acc)
-        return ran_dkdv, None
+    probe = _masks(spec, args.masks, dkdv_first, "queries", lse2)
+    key = _key("backward", spec, p, probe)
+    ran_dkdv = launch_with_fallback((*key, "dkdv", args.dbias is not None), dkdv_first, launch_dkdv)
     ran_dq = launch_with_fallback((*key, "dq"), dq_first, launch_dq)
     return ran_dkdv, ran_dq
 

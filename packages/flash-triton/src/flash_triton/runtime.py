@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 _KERNEL_MODULES = (
     "flash_triton.tiles",
+    "flash_triton.mods",
     "flash_triton.forward_kernel",
     "flash_triton.backward_kernels",
     "flash_triton.decode_kernels",
@@ -28,6 +29,7 @@ _lock = threading.Lock()
 class Kernels(NamedTuple):
     forward: ModuleType
     backward: ModuleType
+    mods: ModuleType
     decode: ModuleType
 
 
@@ -79,5 +81,6 @@ def kernels() -> Kernels:
     return Kernels(
         importlib.import_module("flash_triton.forward_kernel"),
         importlib.import_module("flash_triton.backward_kernels"),
+        importlib.import_module("flash_triton.mods"),
         importlib.import_module("flash_triton.decode_kernels"),
     )

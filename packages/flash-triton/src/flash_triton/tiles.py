@@ -22,6 +22,21 @@ never loaded or computed. The same function serves the transposed walk of the dK
 ``j - off - right <= i <= j - off + left``, the same form with ``off -> -off`` and the two
 reaches swapped.
 
+With a block list (a :class:`flash.BlockMask`, or the summary of a dense boolean ``attn_mask``)
+the walk visits the listed partial blocks, then the listed full ones; :func:`window_tile` still
+classifies each against causal/window, so the two masks combine.
+
+:func:`score_tile` is the one place where a tile's scores get their terms (softcap, ALiBi, an
+additive mask, ``score_mod``) and its masks (window, dense boolean mask, ``mask_mod``), in the
+order of :mod:`flash.terms`; the forward and both backward kernels call it, so the three passes
+cannot disagree. The values it needs travel as tuples:
+
+* ``seq = (b, h, len_q, len_k, offset)``: the sequence, query head and lengths;
+* ``win = (left, right)``: the window reach (used where ``HAS_LEFT``/``HAS_RIGHT``);
+* ``terms = (scale_log2, softcap_scale, softcap_log2, slope_log2, mask_ptr, mask_si, mask_sj)``:
+  the softmax scale, softcap factors, the head's ALiBi slope times log2(e), and the dense mask of
+  this (sequence, head) with its query and key strides.
+
 Imported only by the kernel modules, after ``TRITON_INTERPRET`` is settled (see :mod:`flash_triton.runtime`).
 """
 
@@ -122,6 +137,166 @@ def fold_sink(acc, m_i, l_i, sink):
     m_shift = tl.where(m_top == float("-inf"), 0.0, m_top)
     alpha = tl.math.exp2(m_i - m_shift)
     return acc * alpha[:, None], m_top, l_i * alpha + tl.math.exp2(sink - m_shift)
+
+
+@triton.jit
+def window_tile(start, BLOCK: tl.constexpr, bounds):
+    """(visited, fully visible) for the walked block at ``start`` against ``bounds = block_range(...)``."""
+    lo, full_lo, full_hi, end = bounds
+    visit = (start < end) & (start + BLOCK > lo)
+    full = (start >= full_lo) & (start + BLOCK <= full_hi)
+    return visit, full
+
+
+@triton.jit
+def walk(
+    TILE: tl.constexpr, carry, ctx, bounds, lists,
+    BLOCK: tl.constexpr, SPARSE_BLOCK: tl.constexpr, SPARSE: tl.constexpr, ELEMENTWISE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr,
+    MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+):  # fmt: skip
+    """The inner loop of every pass: ``carry = TILE(carry, start, ctx, MASKED, ...)`` for each walked block
+    that is not hidden, masked only where it must be.
+
+    ``bounds`` are :func:`block_range`'s runs for the program's fixed rows. Without a block list
+    (``SPARSE`` False) the walk is the three runs (all masked with ``ELEMENTWISE``: a mask that may
+    hide any key). With one (``lists = (partial count, full count, partial list, full list)`` of
+    ``SPARSE_BLOCK``-sized blocks, ``BLOCK`` dividing it), the listed partial blocks, then the full
+    ones, each still classified against the window. The constexprs after ``ELEMENTWISE`` pass
+    through to ``TILE`` unchanged.
+    """
+    start, full_lo, full_hi, end = bounds
+    if not SPARSE:
+        if ELEMENTWISE:
+            full_lo = end
+            full_hi = end
+        for s in range(start, tl.minimum(full_lo, end), BLOCK):
+            carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+        for s in range(full_lo, full_hi, BLOCK):
+            carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+        for s in range(tl.maximum(full_lo, full_hi), end, BLOCK):
+            carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+    else:
+        # One flat loop per list (a block of the list is SUBS walked blocks): one tile body per loop, so
+        # the loop pipelines as the dense one does and shared memory holds one set of buffers.
+        SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK
+        n_partial, n_full, partial, full = lists
+        for i in range(n_partial * SUBS):
+            s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if HAS_LEFT or HAS_RIGHT:
+                visit, _ = window_tile(s, BLOCK, bounds)
+                if visit:
+                    carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
+                                 BIAS_GRAD)  # fmt: skip
+            else:
+                carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+        for i in range(n_full * SUBS):
+            s = tl.load(full + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if ELEMENTWISE:  # a mask beyond the list's: every block is partial
+                visit, _ = window_tile(s, BLOCK, bounds)
+                if visit:
+                    carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
+                                 BIAS_GRAD)  # fmt: skip
+            elif HAS_LEFT or HAS_RIGHT:  # full for the list, maybe not for the window: decide per block
+                visit, in_window = window_tile(s, BLOCK, bounds)
+                if in_window:
+                    carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
+                                 BIAS_GRAD)  # fmt: skip
+                elif visit:
+                    carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
+                                 TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
+                                 BIAS_GRAD)  # fmt: skip
+            else:  # no branch: the loop pipelines like the dense one
+                carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+    return carry
+
+
+@triton.jit
+def block_list(Counts, Indices, b, h, row, c_str, i_str):
+    """(partial count, full count, partial list, full list) of block-list row ``row`` of (b, h).
+
+    ``Counts`` is (B, H, rows, 2) and ``Indices`` (B, H, rows, 2, n) int32, strides ``c_str`` and
+    ``i_str`` for (B, H, rows) (0 where broadcast); the last two axes are contiguous.
+    """
+    c = Counts + b * c_str[0] + h * c_str[1] + row * c_str[2]
+    i = Indices + b * i_str[0] + h * i_str[1] + row * i_str[2]
+    n = i_str[3]
+    return tl.load(c), tl.load(c + 1), i, i + n
+
+
+@triton.jit
+def head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI: tl.constexpr):
+    """The ``terms`` tuple of sequence ``b``, query head ``h``: ``m_str`` are the mask's (batch, head,
+    query, key) strides, ``a_str`` ALiBi's (batch, head)."""
+    slope_log2 = 0.0
+    if ALIBI:
+        slope_log2 = tl.load(Alibi + b * a_str[0] + h * a_str[1]) * LOG2E
+    mask_ptr = Mask + b.to(tl.int64) * m_str[0] + h.to(tl.int64) * m_str[1]
+    return scale_log2, softcap_scale, softcap_log2, slope_log2, mask_ptr, m_str[2], m_str[3]
+
+
+@triton.jit
+def score_tile(
+    qk, rows, cols, seq, win, terms,
+    MASKED: tl.constexpr, GRAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TERMS: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr,
+    SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
+):  # fmt: skip
+    """The scores of one tile, with every term and mask of the call: ``(s, seen, d_mod, d_cap)``.
+
+    ``qk`` holds raw ``q . k`` for query ``rows`` and key ``cols`` (index tensors broadcast to the
+    tile, either orientation). ``s`` is the score in the log2 domain; without terms (``TERMS``
+    False) it is ``qk`` itself and the caller folds ``scale_log2`` into its ``exp2`` (one multiply-add).
+    ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile).
+    ``MASKED`` applies the masks (window, boolean mask, ``mask_mod``, sequence ends): ``seen`` is
+    True where the query sees the key and ``s`` is -inf elsewhere. With ``GRAD``, ``d_mod`` is
+    ``score_mod_grad`` at the score before ``score_mod`` and ``d_cap = 1 - tanh^2`` of softcap
+    (each 1.0 when absent): the backward multiplies dS by them.
+    """
+    b, h, len_q, len_k, offset = seq
+    scale_log2, softcap_scale, softcap_log2, slope_log2, mask_ptr, mask_si, mask_sj = terms
+    d_mod = 1.0
+    d_cap = 1.0
+    s = qk
+    if TERMS:
+        if SOFTCAP:
+            t = tanh(qk * softcap_scale)
+            s = t * softcap_log2
+            if GRAD:
+                d_cap = 1.0 - t * t
+        else:
+            s = qk * scale_log2
+        if ALIBI:
+            s = s - slope_log2 * tl.abs(rows + offset - cols).to(tl.float32)
+        if MASK == 2:
+            inside = (rows < len_q) & (cols < len_k)
+            bias = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=inside, other=0.0)
+            s = s + bias.to(tl.float32) * LOG2E
+        if SCORE_MOD is not None:
+            natural = s * LN2
+            if GRAD:
+                d_mod = SCORE_MOD_GRAD(natural, b, h, rows, cols)
+            s = SCORE_MOD(natural, b, h, rows, cols).to(tl.float32) * LOG2E
+    seen = rows < len_q  # placeholder where MASKED is off: the caller does not use it
+    if MASKED:
+        seen = visible(rows, cols, len_q, len_k, offset, win[0], win[1], HAS_LEFT, HAS_RIGHT)
+        if MASK == 1:
+            keep = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=seen, other=0)
+            seen = seen & (keep != 0)
+        if MASK_MOD is not None:
+            seen = seen & MASK_MOD(b, h, rows, cols)
+        s = tl.where(seen, s, float("-inf"))
+    return s, seen, d_mod, d_cap
 
 
 @triton.jit

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from flash import dropout
+from flash.backend import MaskTensors
 from flash.masking import tile_mask, visible_matmul
 from flash.spec import AttentionSpec, canonical
+from flash.terms import Terms, region
 
 
 def descaled(t: torch.Tensor, descale: torch.Tensor | None, batch: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -49,14 +51,18 @@ def dense_attention(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    masks: MaskTensors | None = None,
     sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of the caller's tensors (caller's layout) computed in ``compute_dtype``.
 
-    ``sinks`` (heads_q,) are per-head logits that join every row's softmax denominator (and its
-    LSE) without a value. Returns ``(out, lse)`` shaped as :func:`flash.attention` returns them,
-    both in ``compute_dtype``; differentiable in q, k, v and ``sinks``.
+    ``masks`` holds the tensors of the spec's mask options (:mod:`flash.terms`); an additive mask
+    that requires grad gets its gradient through autograd like q, k and v. ``sinks`` (heads_q,) are
+    per-head logits that join every row's softmax denominator (and its LSE) without a value.
+    Returns ``(out, lse)`` shaped as :func:`flash.attention` returns them, both in ``compute_dtype``;
+    differentiable in q, k, v and ``sinks``.
     """
+    terms = Terms(spec, masks)
     qc, kc, vc = canonical(q, spec), canonical(k, spec), canonical(v, spec)
     cu_q = cu_seqlens_q.tolist() if cu_seqlens_q is not None else None
     cu_k = cu_seqlens_k.tolist() if cu_seqlens_k is not None else None
@@ -72,8 +78,14 @@ def dense_attention(
         s = torch.einsum("bqhd,bkhd->bhqk", qs, ks) * spec.scale
         if spec.softcap:
             s = spec.softcap * torch.tanh(s / spec.softcap)
+        ids = list(range(qs.shape[0])) if cu_q is None else [index]
+        where = region(ids, spec.heads_q, (0, len_q), (0, len_k), len_q, len_k, s.device)
+        s = terms.add(s, where)
         seen = tile_mask((0, len_q), (0, len_k), len_q, len_k, spec.mask_bounds, s.device, spec.sink_tokens)
-        if spec.masked:
+        extra = terms.seen(where)
+        if extra is not None:
+            seen = seen & extra
+        if spec.masked or extra is not None:
             s = s.masked_fill(~seen, float("-inf"))
         row_max = s.amax(dim=-1, keepdim=True) if len_k else s.new_full((*s.shape[:-1], 1), float("-inf"))
         sink = None if sinks is None else sinks.to(compute_dtype)[None, :, None, None]
@@ -87,10 +99,9 @@ def dense_attention(
         lse = (torch.log(denom) + row_max).squeeze(-1)  # -inf where the row sees nothing
         p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
         if spec.dropout_p:
-            batch_ids = list(range(qs.shape[0])) if cu_q is None else [index]
             keep = dropout.keep_mask(
                 spec.dropout_seed,
-                batch_ids,
+                ids,
                 torch.arange(spec.heads_q, device=s.device),
                 torch.arange(len_q, device=s.device),
                 torch.arange(len_k, device=s.device),

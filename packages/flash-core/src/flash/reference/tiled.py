@@ -23,16 +23,19 @@ are stacked along the row axis of a tile, so K/V are never repeated.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from flash import dropout
-from flash.backend import BackwardArgs, ForwardArgs
+from flash.backend import BackwardArgs, ForwardArgs, MaskTensors
 from flash.masking import Tile, classify_tile, tile_mask, visible_matmul
 from flash.reference.oracle import descaled
 from flash.spec import AttentionSpec
+from flash.terms import Region, Terms, region
 
 
 @dataclass(frozen=True)
@@ -93,13 +96,30 @@ def _unstack_rows(t: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return t.movedim(3, 1).flatten(2, 3)
 
 
+class Scores(NamedTuple):
+    """A tile's scores: after softcap, before score_mod (after ALiBi and the additive mask), final."""
+
+    capped: torch.Tensor
+    pre_mod: torch.Tensor
+    final: torch.Tensor
+
+
 class _Tiles:
     """Per-segment tile bookkeeping shared by forward and backward."""
 
-    def __init__(self, spec: AttentionSpec, seg: _Segment, block_q: int, block_k: int, device: torch.device):
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        seg: _Segment,
+        block_q: int,
+        block_k: int,
+        device: torch.device,
+        masks: MaskTensors | None,
+    ):
         self.spec, self.seg, self.device = spec, seg, device
         self.block_q, self.block_k = block_q, block_k
         self.bounds = spec.mask_bounds
+        self.terms = Terms(spec, masks)
 
     def query_blocks(self) -> Iterator[tuple[int, int, int]]:
         for index, i0 in enumerate(range(0, self.seg.len_q, self.block_q)):
@@ -111,20 +131,56 @@ class _Tiles:
 
     def kind(self, rows: tuple[int, int], cols: tuple[int, int]) -> Tile:
         if not self.spec.masked:
-            return Tile.VISIBLE
-        return classify_tile(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.spec.sink_tokens)
+            return Tile.PARTIAL if self.spec.extra_masks else Tile.VISIBLE
+        kind = classify_tile(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.spec.sink_tokens)
+        return Tile.PARTIAL if kind is Tile.VISIBLE and self.spec.extra_masks else kind
 
-    def scores(self, q_rows: torch.Tensor, k_tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw scaled scores, scores after softcap) of one tile."""
+    def region(self, rows: tuple[int, int], cols: tuple[int, int]) -> Region:
+        return region(self.seg.batch_ids, self.spec.heads_q, rows, cols, self.seg.len_q, self.seg.len_k, self.device)
+
+    def _by_head(self, s: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, G * R, C) stacked rows -> (B, Hq, R, C)."""
+        return s.unflatten(2, (self.spec.group_size, -1)).flatten(1, 2)
+
+    def _stacked(self, s: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, R, C) -> (B, Hkv, G * R, C) stacked rows (broadcast axes expanded)."""
+        s = s.expand(self.seg_batch, self.spec.heads_q, *s.shape[2:])
+        return s.unflatten(1, (self.spec.heads_kv, self.spec.group_size)).flatten(2, 3)
+
+    @property
+    def seg_batch(self) -> int:
+        return len(self.seg.batch_ids)
+
+    def scores(
+        self, q_rows: torch.Tensor, k_tile: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]
+    ) -> Scores:
+        """The tile's scores at each step of :mod:`flash.terms`'s order (stacked rows)."""
         s = torch.matmul(q_rows, k_tile.transpose(-1, -2)).mul_(self.spec.scale)
-        if not self.spec.softcap:
-            return s, s
-        return s, torch.tanh(s / self.spec.softcap).mul_(self.spec.softcap)
+        if self.spec.softcap:
+            s = torch.tanh(s / self.spec.softcap).mul_(self.spec.softcap)
+        if not self.spec.score_terms:
+            return Scores(s, s, s)
+        where = self.region(rows, cols)
+        spec = self.spec
+        pre_mod = self._by_head(s)
+        if spec.score_mod is not None:  # the terms before score_mod, then score_mod, kept apart for the backward
+            pre_mod = Terms(dataclasses.replace(spec, score_mod=None), self.terms.tensors).add(pre_mod, where)
+            final = spec.score_mod(pre_mod, where.b, where.h, where.i, where.j).to(pre_mod.dtype)
+        else:
+            final = pre_mod = self.terms.add(pre_mod, where)
+        return Scores(s, self._stacked(pre_mod), self._stacked(final).contiguous())
+
+    def score_mod_derivative(self, pre_mod: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        return self._stacked(self.terms.score_mod_derivative(self._by_head(pre_mod), self.region(rows, cols)))
 
     def seen(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
         """Which key each stacked row of the tile sees."""
         mask = tile_mask(rows, cols, self.seg.len_q, self.seg.len_k, self.bounds, self.device, self.spec.sink_tokens)
-        return mask.repeat(self.spec.group_size, 1)
+        mask = mask.repeat(self.spec.group_size, 1)
+        extra = self.terms.seen(self.region(rows, cols)) if self.spec.extra_masks else None
+        if extra is None:
+            return mask
+        return mask & self._stacked(torch.broadcast_to(extra, (*extra.shape[:2], rows[1] - rows[0], cols[1] - cols[0])))
 
     def hide(self, s: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], fill: float) -> torch.Tensor:
         return s.masked_fill_(~self.seen(rows, cols), fill)
@@ -163,7 +219,7 @@ def forward(
     """Fill ``args.out`` and ``args.lse`` (canonical views) for ``spec``."""
     cd = _compute_dtype(spec)
     for seg in _segments(spec, args.cu_seqlens_q, args.cu_seqlens_k):
-        tiles = _Tiles(spec, seg, block_q, block_k, args.q.device)
+        tiles = _Tiles(spec, seg, block_q, block_k, args.q.device, args.masks)
         q, k, v = _inputs(spec, seg, args.q, args.k, args.v, args.q_descale, args.k_descale, args.v_descale)
         for qi, i0, i1 in tiles.query_blocks():
             q_rows = _stack_rows(q[:, :, :, i0:i1]).to(cd)
@@ -175,7 +231,7 @@ def forward(
                 kind = tiles.kind((i0, i1), (j0, j1))
                 if kind is Tile.HIDDEN:
                     continue
-                _, s = tiles.scores(q_rows, k[:, :, j0:j1].to(cd))
+                s = tiles.scores(q_rows, k[:, :, j0:j1].to(cd), (i0, i1), (j0, j1)).final
                 if kind is Tile.PARTIAL:
                     tiles.hide(s, (i0, i1), (j0, j1), float("-inf"))
                 scores = s.clone() if observer is not None else None
@@ -224,7 +280,7 @@ def backward(spec: AttentionSpec, args: BackwardArgs, block_q: int, block_k: int
     """Fill ``args.dq``, ``args.dk``, ``args.dv`` from ``out``, ``lse`` and ``dout`` by recomputation."""
     cd = _compute_dtype(spec)
     for seg in _segments(spec, args.cu_seqlens_q, args.cu_seqlens_k):
-        tiles = _Tiles(spec, seg, block_q, block_k, args.q.device)
+        tiles = _Tiles(spec, seg, block_q, block_k, args.q.device, args.masks)
         q, k, v = _inputs(spec, seg, args.q, args.k, args.v, None, None, None)
         rows_all = slice(seg.q0, seg.q0 + seg.len_q)
         dout = _by_kv_head(args.dout[seg.batch, rows_all], spec)
@@ -244,8 +300,8 @@ def backward(spec: AttentionSpec, args: BackwardArgs, block_q: int, block_k: int
                     continue
                 q_rows = _stack_rows(q[:, :, :, i0:i1]).to(cd)
                 do_rows = _stack_rows(dout[:, :, :, i0:i1]).to(cd)
-                _, s = tiles.scores(q_rows, k_tile)
-                p = torch.exp(s - _stack_rows(lse[..., i0:i1])[..., None])
+                scores = tiles.scores(q_rows, k_tile, (i0, i1), (j0, j1))
+                p = torch.exp(scores.final - _stack_rows(lse[..., i0:i1])[..., None])
                 if kind is Tile.PARTIAL:
                     tiles.hide(p, (i0, i1), (j0, j1), 0.0)
                 dp = torch.matmul(do_rows, v_tile.transpose(-1, -2))
@@ -256,8 +312,12 @@ def backward(spec: AttentionSpec, args: BackwardArgs, block_q: int, block_k: int
                 else:
                     dv += torch.matmul(p.transpose(-1, -2), do_rows)
                 ds = p.mul_(dp.sub_(_stack_rows(delta[..., i0:i1])[..., None]))
+                if spec.score_mod is not None:
+                    ds.mul_(tiles.score_mod_derivative(scores.pre_mod, (i0, i1), (j0, j1)))
+                if args.dbias is not None:  # the additive mask's gradient is the scores' before score_mod
+                    args.dbias[seg.batch, :, i0:i1, j0:j1] = tiles._by_head(ds).to(args.dbias.dtype)
                 if spec.softcap:  # d(c tanh(x / c))/dx = 1 - tanh^2
-                    ds.mul_(1.0 - (s / spec.softcap) ** 2)
+                    ds.mul_(1.0 - (scores.capped / spec.softcap) ** 2)
                 ds.mul_(spec.scale)
                 dq[:, :, :, i0:i1] += torch.matmul(ds, k_tile).unflatten(2, (spec.group_size, -1))
                 dk += torch.matmul(ds.transpose(-1, -2), q_rows)

@@ -42,6 +42,15 @@ class Case:
     nan_in_q: bool = False
     #: Differentiate this case (off for fp8 and NaN cases).
     backward: bool = True
+    #: A dense attn_mask: "bool" (B, 1, Sq, Sk), "bias" (1, H, Sq, Sk) float, "padding" (B, 1, 1, Sk) bool.
+    mask: str | None = None
+    #: ALiBi slopes per "head" or per "batch_head".
+    alibi: str | None = None
+    #: A score_mod (flash.testing.mod_examples.SCORE_MODS) or mask_mod (MASK_MODS) by name.
+    mod: str | None = None
+    #: Build a BlockMask from this MASK_MODS entry (blocks of ``block_size``) and pass it.
+    block_mask: str | None = None
+    block_size: tuple[int, int] = (32, 32)
     #: Learned per-head sink logits (random, float32), differentiated with q, k, v.
     sinks: bool = False
     #: StreamingLLM sink tokens (with a bounded left window).
@@ -130,6 +139,7 @@ def make_inputs(case: Case, device: torch.device | str, seed: int, requires_grad
         options.update(q_descale=factor(hq), k_descale=factor(hkv), v_descale=factor(hkv))
     if case.dropout_p:
         options["dropout_seed"] = seed
+    options.update(_mask_options(case, q.shape if case.layout == "bshd" else q.transpose(1, 2).shape, device, gen))
     if case.sinks:
         options["sinks"] = torch.randn(hq, generator=gen, device=device, dtype=torch.float32)
     out_dtype = torch.bfloat16 if case.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else case.dtype
@@ -139,6 +149,39 @@ def make_inputs(case: Case, device: torch.device | str, seed: int, requires_grad
         if case.sinks:
             options["sinks"].requires_grad_()
     return Inputs(q, k, v, dout, options)
+
+
+def _mask_options(case: Case, shape: tuple[int, ...], device: torch.device, gen: torch.Generator) -> dict[str, Any]:
+    """The mask and score options of ``case`` for canonical q ``shape`` (batch, seqlen_q, heads, dim)."""
+    from flash.block_mask import BlockMask
+    from flash.testing.mod_examples import MASK_MODS, SCORE_MODS
+
+    out: dict[str, Any] = {}
+    b, sq, h = shape[0], shape[1], shape[2]
+    sk = case.seqlen_k
+    if case.mask == "bool":
+        mask = torch.rand((b, 1, sq, sk), generator=gen, device=device) > 0.3
+        mask[..., 0] = True  # every row sees a key, except where the test wants otherwise
+        out["attn_mask"] = mask
+    elif case.mask == "bias":
+        out["attn_mask"] = torch.randn((1, h, sq, sk), generator=gen, device=device)
+    elif case.mask == "padding":
+        lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
+        out["attn_mask"] = (torch.arange(sk, device=device) < lengths[:, None])[:, None, None, :]
+    if case.alibi == "head":
+        out["alibi_slopes"] = torch.rand((h,), generator=gen, device=device)
+    elif case.alibi == "batch_head":
+        out["alibi_slopes"] = torch.rand((b, h), generator=gen, device=device)
+    if case.mod in SCORE_MODS:
+        out["score_mod"], out["score_mod_grad"] = SCORE_MODS[case.mod]
+    elif case.mod is not None:
+        out["mask_mod"] = MASK_MODS[case.mod]
+    if case.block_mask is not None:
+        out["block_mask"] = BlockMask.from_mask_mod(
+            MASK_MODS[case.block_mask], batch=None, heads=None, seqlen_q=sq, seqlen_k=sk, block_size=case.block_size,
+            device=device,
+        )  # fmt: skip
+    return out
 
 
 def cpu_cases() -> list[Case]:
@@ -211,7 +254,24 @@ def cpu_cases() -> list[Case]:
             backward=False,
         ),
     ]
-    return cases
+    return cases + mask_cases()
+
+
+def mask_cases() -> list[Case]:
+    """attn_mask, ALiBi, block masks and mods (CPU tier: small, so the interpreter stays quick)."""
+    base = Case("masks", batch=2, seqlen_q=40, seqlen_k=40, heads_q=2, heads_kv=2, head_dim=32)
+    bf16 = torch.bfloat16
+    return [
+        replace(base, name="mask_bool", mask="bool", heads_kv=1),
+        replace(base, name="mask_bias_window", mask="bias", window=(9, 4), dtype=bf16),
+        replace(base, name="mask_padding_causal", mask="padding", causal=True, seqlen_q=37),
+        replace(base, name="alibi_causal", alibi="batch_head", causal=True, seqlen_k=45),
+        replace(base, name="alibi_softcap", alibi="head", softcap=3.0, dtype=bf16),
+        replace(base, name="score_mod_softcap", mod="softcap", dtype=bf16),
+        replace(base, name="score_mod_relative_gqa", mod="relative_bias", heads_q=4, heads_kv=2, batch=1),
+        replace(base, name="mask_mod_prefix_lm", mod="prefix_lm"),
+        replace(base, name="block_mask_local_global", block_mask="local_global", seqlen_q=70, seqlen_k=70, batch=1),
+    ]
 
 
 def gpu_cases() -> list[Case]:
@@ -275,6 +335,20 @@ def gpu_cases() -> list[Case]:
             causal=True,
         ),
         replace(base, name="bf16_dropout", dropout_p=0.1, seqlen_q=512, seqlen_k=512),
+        replace(base, name="bf16_mask_bool", mask="bool", seqlen_q=1000, seqlen_k=1000),
+        replace(base, name="bf16_mask_padding", mask="padding", seqlen_q=2048, seqlen_k=2048),
+        replace(base, name="bf16_mask_bias_causal", mask="bias", causal=True, seqlen_q=777, seqlen_k=1000),
+        replace(base, name="bf16_alibi_causal", alibi="batch_head", causal=True, seqlen_q=1500, seqlen_k=1500),
+        replace(base, name="bf16_score_mod_softcap", mod="softcap", seqlen_q=1000, seqlen_k=1000),
+        replace(base, name="bf16_mask_mod_prefix_lm", mod="prefix_lm", seqlen_q=1000, seqlen_k=1000),
+        replace(
+            base,
+            name="bf16_block_mask_local_global",
+            block_mask="local_global",
+            block_size=(128, 128),
+            seqlen_q=2048,
+            seqlen_k=2048,
+        ),
         replace(
             base,
             name="bf16_window_sink_tokens_sinks",

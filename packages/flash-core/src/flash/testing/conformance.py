@@ -20,12 +20,14 @@ import torch
 import flash
 from flash import dispatch, plan
 from flash.dispatch import Pass
+from flash.plan import CallMasks
 from flash.reference.oracle import dense_attention
 from flash.spec import FP8_DTYPES, AttentionSpec, build_spec
 from flash.testing.cases import Case, Inputs, make_inputs
 from flash.testing.tolerance import assert_within_rule
 
 _TENSOR_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "q_descale", "k_descale", "v_descale", "sinks")
+_MASK_OPTIONS = ("attn_mask", "alibi_slopes", "block_mask", "score_mod", "score_mod_grad", "mask_mod")
 
 
 @contextlib.contextmanager
@@ -66,7 +68,9 @@ def _dense(
     tensors = {name: inputs.options[name] for name in _TENSOR_OPTIONS if name in inputs.options}
     if sinks is not None:
         tensors["sinks"] = sinks
-    return dense_attention(spec_of(inputs), q, k, v, compute_dtype=dtype, **tensors)
+    options = inputs.options
+    masks = CallMasks(**{f: options.get(f) for f in _MASK_OPTIONS}).tensors()
+    return dense_attention(spec_of(inputs), q, k, v, compute_dtype=dtype, masks=masks, **tensors)
 
 
 #: Oracle and naive results of the last few (case, device, seed, pass): every backend checked on the

@@ -1,0 +1,206 @@
+"""Block-sparse masks: which key blocks each query block visits, built once and reused.
+
+A mask splits the score matrix into blocks of ``block_size = (rows, cols)``. Each block is
+*hidden* (no query of the block sees any key of it: never loaded, never computed), *full*
+(every query sees every key: computed without a mask) or *partial* (computed, then masked
+element by element). A :class:`BlockMask` stores, for every (sequence, head, query block),
+the lists of its partial and full key blocks, and the transposed lists for the backward's
+key-stationary pass, so a kernel walks only the blocks that cost work.
+
+It is built from the mask it summarises (:meth:`BlockMask.from_mask_mod`,
+:meth:`BlockMask.from_dense`) and keeps that mask for the partial blocks; build it once per
+shape and pass it to every call and layer that shares the mask. :func:`block_states` is the
+summary itself (one torch reduction), which the ``triton`` backend also runs per call for a
+dense boolean ``attn_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+
+from flash.errors import InvalidInputError
+
+HIDDEN, PARTIAL, FULL = 0, 1, 2
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _int_pair(value: object) -> bool:
+    """True for a tuple or list of two ints (bools excluded)."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        return False
+    return all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _check_block_size(block_size: object) -> tuple[int, int]:
+    pair = cast("tuple[int, int]", block_size)
+    if not _int_pair(block_size) or not all(x >= 16 and x & (x - 1) == 0 for x in pair):
+        raise InvalidInputError("block_size", "a pair of powers of two >= 16 (rows, cols)", repr(block_size))
+    return pair
+
+
+def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]) -> torch.Tensor:
+    """int8 (B, H, query blocks, key blocks) of HIDDEN/PARTIAL/FULL for a boolean (B, H, Sq|1, Sk|1) mask.
+
+    A query axis of size 1 (a key-padding mask, the same for every query) stays one block row.
+    Blocks that reach past the end of the sequence on either axis are never FULL: the kernels
+    mask their tails (and the backward walks query blocks as the forward walks key blocks).
+    """
+    bm, bn = block_size
+    m = mask.expand(*mask.shape[:3], seqlen_k)
+    rows = 1 if m.shape[2] == 1 else seqlen_q
+    n_q, n_k = -(-rows // bm) if rows > 1 else 1, -(-seqlen_k // bn)
+    pad_q = n_q * bm - rows if rows > 1 else 0
+    padded = torch.nn.functional.pad(m.to(torch.uint8), (0, n_k * bn - seqlen_k, 0, pad_q))
+    tiles = padded.unflatten(3, (n_k, bn)).unflatten(2, (n_q, -1))  # (B, H, nQ, rows, nK, bn)
+    seen = tiles.amax(dim=(3, 5)) > 0
+    full = tiles.amin(dim=(3, 5)) > 0
+    return torch.where(full, FULL, torch.where(seen, PARTIAL, HIDDEN)).to(torch.int8)
+
+
+def _lists(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts (..., 2) int32, indices (..., 2, n) int32): the partial, then the full blocks of each row, ascending."""
+    kinds = torch.stack((states == PARTIAL, states == FULL), dim=-2)  # (..., 2, n)
+    counts = kinds.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort((~kinds).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return counts.contiguous(), order.contiguous()
+
+
+@dataclass(frozen=True)
+class BlockLists:
+    """Per-row block lists in the layout the kernels read (see :func:`block_lists`)."""
+
+    kv_counts: torch.Tensor  # (B, H, nQ|1, 2): partial and full key blocks of each query block
+    kv_indices: torch.Tensor  # (B, H, nQ|1, 2, nK)
+    q_counts: torch.Tensor  # (B, H, nK, 2): partial and full query blocks of each key block
+    q_indices: torch.Tensor  # (B, H, nK, 2, nQ)
+
+
+def block_lists(states: torch.Tensor, seqlen_q: int, block_rows: int) -> BlockLists:
+    """The kernels' lists of ``states`` (whose rows may be one broadcast row) for ``seqlen_q`` queries."""
+    kv_counts, kv_indices = _lists(states)
+    n_q = -(-seqlen_q // block_rows)
+    transposed = states.expand(*states.shape[:2], n_q, states.shape[3]).transpose(2, 3).clone()
+    if seqlen_q % block_rows:  # a broadcast row says nothing of the tail query block: it is partial at most
+        transposed[..., -1] = transposed[..., -1].clamp(max=PARTIAL)
+    q_counts, q_indices = _lists(transposed)
+    return BlockLists(kv_counts, kv_indices, q_counts, q_indices)
+
+
+@dataclass(frozen=True)
+class BlockMaskInfo:
+    """What a spec records of a block mask: sizes and the mask's identity, never its values."""
+
+    batch: int  # 1: the same for every sequence
+    heads: int  # 1: the same for every head
+    seqlen_q: int
+    seqlen_k: int
+    block_size: tuple[int, int]
+    mask_mod: MaskMod | None
+    dense: bool
+    density: float
+
+
+class BlockMask:
+    """Which (query block, key block) tiles a mask hides, leaves partial or leaves fully visible.
+
+    Build one with :meth:`from_mask_mod` or :meth:`from_dense` and pass it as
+    ``flash.attention(..., block_mask=...)``; every query sees a key iff the mask it was built
+    from says so (its blocks only decide what is skipped). ``density`` is the fraction of blocks
+    visited.
+    """
+
+    def __init__(
+        self,
+        states: torch.Tensor,
+        seqlen_q: int,
+        seqlen_k: int,
+        block_size: tuple[int, int],
+        *,
+        mask_mod: MaskMod | None = None,
+        dense: torch.Tensor | None = None,
+    ) -> None:
+        self.block_size = block_size
+        self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
+        self.mask_mod, self.dense = mask_mod, dense
+        self.states = states
+        self.lists = block_lists(states, seqlen_q, block_size[0])
+        visited = (states != HIDDEN).sum().item()
+        self.density = float(visited) / max(1, states.numel())
+        self.info = BlockMaskInfo(
+            batch=states.shape[0],
+            heads=states.shape[1],
+            seqlen_q=seqlen_q,
+            seqlen_k=seqlen_k,
+            block_size=block_size,
+            mask_mod=mask_mod,
+            dense=dense is not None,
+            density=round(self.density, 4),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    def __repr__(self) -> str:
+        bm, bn = self.block_size
+        return (
+            f"BlockMask(batch={self.info.batch}, heads={self.info.heads}, seqlen={self.seqlen_q}x{self.seqlen_k}, "
+            f"block_size=({bm}, {bn}), density={self.density:.1%})"
+        )
+
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, *, block_size: tuple[int, int] = (128, 128)) -> BlockMask:
+        """From a boolean mask (True: visible) of shape (B|1, H|1, Sq, Sk) or (Sq, Sk).
+
+        The mask is kept (the kernels read it in partial blocks only).
+        """
+        block_size = _check_block_size(block_size)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() not in (2, 4):
+            got = f"{type(mask).__name__}" if not isinstance(mask, torch.Tensor) else f"{mask.dtype} {mask.dim()}-D"
+            raise InvalidInputError("mask", "a boolean tensor (Sq, Sk) or (B|1, H|1, Sq, Sk)", got)
+        mask4 = mask if mask.dim() == 4 else mask[None, None]
+        sq, sk = mask4.shape[2], mask4.shape[3]
+        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4)
+
+    @classmethod
+    def from_mask_mod(
+        cls,
+        mask_mod: MaskMod,
+        *,
+        batch: int | None,
+        heads: int | None,
+        seqlen_q: int,
+        seqlen_k: int,
+        block_size: tuple[int, int] = (128, 128),
+        device: torch.device | str = "cpu",
+    ) -> BlockMask:
+        """From a mask function ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (see :mod:`flash.mods`).
+
+        ``batch``/``heads`` None: the mask does not depend on ``b``/``h`` (one summary serves all).
+        The function is evaluated densely in torch once, one query block row at a time; the kernels
+        call it again in partial blocks.
+        """
+        block_size = _check_block_size(block_size)
+        for name, value in (("seqlen_q", seqlen_q), ("seqlen_k", seqlen_k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(name, "a positive int", repr(value))
+        if not callable(mask_mod):
+            raise InvalidInputError("mask_mod", "a function (b, h, q_idx, kv_idx) -> bool", type(mask_mod).__name__)
+        device = torch.device(device)
+        nb, nh = batch or 1, heads or 1
+        b = torch.arange(nb, device=device)[:, None, None, None]
+        h = torch.arange(nh, device=device)[None, :, None, None]
+        kv = torch.arange(seqlen_k, device=device)[None, None, None, :]
+        bm = block_size[0]
+        rows = []
+        for i0 in range(0, seqlen_q, bm):  # one block row at a time bounds the memory to (B, H, bm, Sk)
+            q = torch.arange(i0, min(i0 + bm, seqlen_q), device=device)[None, None, :, None]
+            seen = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
+            seen = seen.expand(nb, nh, q.shape[2], seqlen_k)
+            rows.append(block_states(seen, q.shape[2], seqlen_k, block_size))
+        states = torch.cat(rows, dim=2)
+        return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod)

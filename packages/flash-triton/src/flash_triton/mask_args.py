@@ -1,0 +1,133 @@
+"""Host side of the masks: the kernel arguments of a call's attn_mask, ALiBi, block lists and mods.
+
+Block lists come from the call's :class:`flash.BlockMask`, or, for a dense boolean ``attn_mask``,
+from :func:`flash.block_mask.block_states` run on it per call (one torch reduction over the mask,
+with the launch's own tile as the block).
+A padding mask (one row for every query, shape (batch, 1, 1, seqlen_k)) is summarised per key
+block only: padded key blocks are skipped outright, as the variable-length path would, without
+packing the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from flash.backend import MaskTensors
+from flash.block_mask import BlockLists, block_lists, block_states
+from flash.spec import AttentionSpec
+
+Walk = Literal["keys", "queries"]  # which axis a kernel walks: forward and dQ walk keys, dK/dV queries
+
+
+def _broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(0 if n == 1 else st for n, st in zip(t.shape, t.stride()))
+
+
+@dataclass(frozen=True)
+class MaskArgs:
+    """Pointers, strides and constexprs of one launch (dummies where a feature is off)."""
+
+    mask: torch.Tensor
+    m_str: tuple[int, ...]  # (batch, head, query, key), 0 where broadcast
+    alibi: torch.Tensor
+    a_str: tuple[int, ...]  # (batch, head)
+    counts: torch.Tensor
+    indices: torch.Tensor
+    c_str: tuple[int, ...]  # (batch, head, row)
+    i_str: tuple[int, ...]  # (batch, head, row, list length)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def pointers(self) -> tuple[torch.Tensor, ...]:
+        return self.mask, self.alibi, self.counts, self.indices
+
+    def strides(self) -> tuple[tuple[int, ...], ...]:
+        return self.m_str, self.a_str, self.c_str, self.i_str
+
+
+def sparse_block(spec: AttentionSpec, masks: MaskTensors | None) -> tuple[int, int] | None:
+    """The (rows, cols) block size of the call's block mask, if it has one."""
+    if masks is not None and masks.block_mask is not None:
+        return masks.block_mask.block_size
+    return None
+
+
+def fit_tiling(tiling: Any, spec: AttentionSpec, masks: MaskTensors | None, walk: Walk) -> Any:
+    """``tiling`` with tiles no larger than the block mask's blocks (kernel tiles must divide them).
+
+    The dK/dV kernel with an additive mask keeps 2 stages: its float32 mask tiles would take it past
+    Hopper's 227 KB of shared memory with 3 (scripts/compile_report.py --masks).
+    """
+    if walk == "queries" and spec.mask is not None and spec.mask.kind == "bias":
+        tiling = replace(tiling, num_stages=min(tiling.num_stages, 2))
+    block = sparse_block(spec, masks)
+    if block is None:
+        return tiling
+    rows, cols = block
+    return replace(tiling, block_m=min(tiling.block_m, rows), block_n=min(tiling.block_n, cols))
+
+
+def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) -> tuple[BlockLists, int, int] | None:
+    """(block lists, block rows, block cols) of the call, or None when it walks without lists."""
+    if masks.block_mask is not None:
+        rows, cols = masks.block_mask.block_size
+        return masks.block_mask.lists, rows, cols
+    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None:
+        states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (block_m, block_n))
+        return block_lists(states, spec.seqlen_q, block_m), block_m, block_n
+    return None
+
+
+def _dims(t: torch.Tensor, leading: int) -> tuple[int, ...]:
+    """Strides of the first ``leading`` axes (0 where broadcast), then the length of the last axis."""
+    return (*_broadcast_strides(t)[:leading], t.shape[-1])
+
+
+def mask_args(
+    spec: AttentionSpec,
+    masks: MaskTensors | None,
+    tiling: Any,
+    walk: Walk,
+    dummy: torch.Tensor,
+    translate: Any,
+) -> MaskArgs:
+    """The kernel arguments of ``spec``'s masks for one launch of ``tiling`` walking ``walk``.
+
+    ``translate(fn, argument)`` turns a user function into its Triton device function.
+    """
+    masks = masks or MaskTensors()
+    block = masks.block_mask
+    dense = masks.attn_mask if masks.attn_mask is not None else (block.dense if block is not None else None)
+    mask_kind = 0 if dense is None else (2 if dense.dtype != torch.bool else 1)
+    mask = dummy if dense is None else (dense.view(torch.uint8) if dense.dtype == torch.bool else dense)
+    m_str: tuple[int, ...] = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
+    alibi = masks.alibi_slopes
+    a_str = (
+        (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
+    )
+    mask_mod = spec.mask_mod if spec.mask_mod is not None else (block.mask_mod if block is not None else None)
+    lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
+    flags: dict[str, Any] = {
+        "TERMS": spec.score_terms or spec.softcap > 0,
+        "ALIBI": alibi is not None,
+        "MASK": mask_kind,
+        "SCORE_MOD": translate(spec.score_mod, "score_mod"),
+        "MASK_MOD": translate(mask_mod, "mask_mod"),
+        "ELEMENTWISE": spec.mask_mod is not None,
+        "SPARSE": lists is not None,
+    }
+    if lists is None:
+        flags.update(SPARSE_FIXED=1, SPARSE_WALK=1)
+        return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, dummy, dummy, (0, 0, 0),
+                        (0, 0, 0, 0), flags)  # fmt: skip
+    found, rows, cols = lists
+    if walk == "keys":
+        counts, indices = found.kv_counts, found.kv_indices
+        flags.update(SPARSE_FIXED=rows, SPARSE_WALK=cols)
+    else:
+        counts, indices = found.q_counts, found.q_indices
+        flags.update(SPARSE_FIXED=cols, SPARSE_WALK=rows)
+    c_str, i_str = _dims(counts, 3)[:3], _dims(indices, 3)
+    return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, counts, indices, c_str, i_str, flags)
