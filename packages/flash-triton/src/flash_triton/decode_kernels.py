@@ -136,15 +136,26 @@ def kv_append_kernel(
 
 @triton.jit
 def _decode_tile(
-    acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
-    skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
-    pos, row_ok, lo, hi, len_k, left, right, sink_tokens, qk_scale, softcap_scale, softcap_log2,
-    offs_n, offs_d, d_ok,
+    carry, j0, ctx,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr,
     BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     MULTI_TOKEN: tl.constexpr,
 ):  # fmt: skip
-    """Fold the keys ``j0 .. j0 + BLOCK_N - 1`` into the rows' running (acc, m, l), log2 domain."""
+    """Fold the keys ``j0 .. j0 + BLOCK_N - 1`` into the rows' running ``carry = (acc, m, l)``, log2 domain.
+
+    The values travel as tuples, ``ctx = (q, cache, rows, bounds, scores, offs)``: ``cache`` (b, hk,
+    KCache, VCache, BlockTable, BatchIdx, the caches' (page, slot, head) strides, the table's and the
+    batch index's strides, page size, pages),
+    ``rows`` (each row's position, row valid), ``bounds`` (lo, hi, len_k, left, right, sink tokens:
+    see :func:`kv_decode_kernel`), ``scores`` (scale, softcap scale, softcap log2 factor) and
+    ``offs`` (key offsets, head-dim offsets, head-dim valid)."""
+    acc, m_i, l_i = carry
+    q, cache, rows, bounds, scores, offs = ctx
+    b, hk, KCache, VCache, BlockTable, BatchIdx, k_str, v_str, sbtb, sbtp, sbi, page_size, pages = cache
+    pos, row_ok = rows
+    lo, hi, len_k, left, right, sink_tokens = bounds
+    qk_scale, softcap_scale, softcap_log2 = scores
+    offs_n, offs_d, d_ok = offs
     cols = j0 + offs_n
     if MASKED:  # keys no row sees (past the sequence, outside every row's window) load as zeros
         key_ok = cols < hi
@@ -153,8 +164,8 @@ def _decode_tile(
     else:
         key_ok = cols >= 0
     page, slot = locate(cols, key_ok, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages, PAGED, BATCH_IDX)
-    k_rows = KCache + page * skcp + slot * skct + hk * skch
-    v_rows = VCache + page * svcp + slot * svct + hk * svch
+    k_rows = KCache + page * k_str[0] + slot * k_str[1] + hk * k_str[2]
+    v_rows = VCache + page * v_str[0] + slot * v_str[1] + hk * v_str[2]
     # full tiles load unmasked: 16-byte vector loads along the head dim
     k = load_rows(k_rows[:, None] + offs_d[None, :], key_ok, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     qk = tl.dot(q, tl.trans(k))
@@ -246,43 +257,27 @@ def kv_decode_kernel(
         soft = soft * k_scale
         v_scale = tl.load(VDescale + b * sdvb + hk * sdvh)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    carry = (tl.zeros([BLOCK_M, D_PAD], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
+             tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
+    cache = (b, hk, KCache, VCache, BlockTable, BatchIdx, (skcp, skct, skch), (svcp, svct, svch), sbtb, sbtp, sbi,
+             page_size, pages)  # fmt: skip
+    ctx = (q, cache, (pos, row_ok), (lo, hi, len_k, left, right, sink_tokens), (qk_scale, soft, softcap_log2),
+           (offs_n, offs_d, d_ok))  # fmt: skip
     if HAS_LEFT:  # the sink-token tiles before the window: split 0's
         sink_end = tl.where(split == 0, tl.minimum(tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N, start), 0)
         for j0 in range(0, sink_end, BLOCK_N):
-            acc, m_i, l_i = _decode_tile(
-                acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
-                skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
-                pos, row_ok, lo, hi, len_k, left, right, sink_tokens, qk_scale, soft, softcap_log2,
-                offs_n, offs_d, d_ok,
-                HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT, SOFTCAP, MULTI_TOKEN,
-            )  # fmt: skip
-    for j0 in range(first, full_lo, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
-            skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
-            pos, row_ok, lo, hi, len_k, left, right, sink_tokens, qk_scale, soft, softcap_log2,
-            offs_n, offs_d, d_ok,
-            HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT, SOFTCAP, MULTI_TOKEN,
-        )  # fmt: skip
-    for j0 in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
-            skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
-            pos, row_ok, lo, hi, len_k, left, right, sink_tokens, qk_scale, soft, softcap_log2,
-            offs_n, offs_d, d_ok,
-            HEAD_DIM, D_PAD, False, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT, SOFTCAP, MULTI_TOKEN,
-        )  # fmt: skip
-    for j0 in range(full_hi, end, BLOCK_N):
-        acc, m_i, l_i = _decode_tile(
-            acc, m_i, l_i, q, j0, b, hk, KCache, VCache, BlockTable, BatchIdx,
-            skcp, skct, skch, svcp, svct, svch, sbtb, sbtp, sbi, page_size, pages,
-            pos, row_ok, lo, hi, len_k, left, right, sink_tokens, qk_scale, soft, softcap_log2,
-            offs_n, offs_d, d_ok,
-            HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT, SOFTCAP, MULTI_TOKEN,
-        )  # fmt: skip
+            carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
+                                 SOFTCAP, MULTI_TOKEN)  # fmt: skip
+    for j0 in range(first, full_lo, BLOCK_N):  # masked: the window's (or the keys') edge
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
+                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+    for j0 in range(full_lo, full_hi, BLOCK_N):  # every row sees every key: no mask at all
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, False, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
+                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+    for j0 in range(full_hi, end, BLOCK_N):  # masked: causality among new tokens, the sequence's end
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
+                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+    acc, m_i, l_i = carry
 
     if NUM_SPLITS == 1 and SINKS:  # the sink logit joins the denominator with no value (splits: the combine's)
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(Sinks + h, mask=row_ok, other=float("-inf")) * LOG2E)
