@@ -50,9 +50,10 @@ def install(session: nox.Session, *packages: str) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff: lint and formatting; mypy over every package (mypy.ini), against the installed torch."""
+    """ruff: lint and formatting; mypy over every package (mypy.ini), against the installed torch
+    and transformers (the integration is type-checked against the release the tests use)."""
     install(session, *ALL_BACKENDS, BENCH)
-    session.install(RUFF, MYPY)
+    session.install(RUFF, MYPY, TRANSFORMERS)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")

@@ -7,6 +7,12 @@
 #   TESTS="tests -m gpu -k triton" BENCH="--sections attention --backends triton" bash tests/gpu/device_check.sh
 #   TESTS=skip  BENCH=skip  EXTRA="compute-sanitizer ..." bash tests/gpu/device_check.sh
 #
+# Several benchmark runs: separate their arguments with ";" in BENCH; each writes $OUT/bench-N.json.
+# Time limits (seconds; 0: none): TEST_LIMIT for the test tier, BENCH_LIMIT for each benchmark run
+# or "N:" before a run's arguments for that run, so a slow step leaves time for the next one and
+# every step's log still comes back:
+#   TEST_LIMIT=180 BENCH="60:--sections decode;--sections overhead" BENCH_LIMIT=30 bash tests/gpu/device_check.sh
+#
 # Compile caches: Triton's and CuPy's caches are restored from .device-cache/caches.tar when that
 # file exists (carry the git-ignored folder .device-cache with the call) and written back to
 # $OUT/caches.tar at the end, so the next call starts warm.
@@ -17,6 +23,9 @@ TESTS=${TESTS:-"tests -m gpu"}
 WORKERS=${WORKERS:-6}
 BENCH=${BENCH:-""}
 EXTRA=${EXTRA:-""}
+TEST_LIMIT=${TEST_LIMIT:-0}
+BENCH_LIMIT=${BENCH_LIMIT:-0}
+SAVE_CACHES=${SAVE_CACHES:-1}
 CACHES=${CACHES:-/tmp/flash-caches}
 export TRITON_CACHE_DIR="$CACHES/triton" CUPY_CACHE_DIR="$CACHES/cupy"
 section() { printf '\n==== %s\n' "$*"; }
@@ -48,9 +57,14 @@ if [ "$TESTS" != skip ]; then
     parallel=(-n "$WORKERS" --dist loadgroup)
   fi
   # shellcheck disable=SC2086
-  python3 -m pytest $TESTS "${parallel[@]}" -q -rfEs --tb=short -p no:cacheprovider --durations=15 \
-    >"$OUT/pytest.log" 2>&1 || status=1
+  # -v: every result is in the log as it happens, so a run cut by TEST_LIMIT still reports what ran.
+  timeout -k 10 "$TEST_LIMIT" python3 -m pytest $TESTS "${parallel[@]}" -v -rfEs --tb=short \
+    -p no:cacheprovider --durations=15 >"$OUT/pytest.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
+  for outcome in PASSED FAILED ERROR SKIPPED; do
+    printf '%s %s  ' "$outcome" "$(grep -cE "(^| )$outcome " "$OUT/pytest.log")"
+  done
+  echo
   tail -3 "$OUT/pytest.log"
   echo "GPU tier wall time: $(( $(date +%s) - start )) s"
 fi
@@ -60,11 +74,25 @@ if [ -n "$EXTRA" ]; then
   tail -40 "$OUT/extra.log"
 fi
 if [ "$BENCH" != skip ]; then
-  section "benchmark: python -m flash bench $BENCH"
-  # shellcheck disable=SC2086
-  python3 -m flash bench $BENCH --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
-  sed -n '/^results:/,$p' "$OUT/bench.log"
-  grep -iE "error|failed" "$OUT/bench.log" | head -10
+  IFS=';' read -ra runs <<<"$BENCH"
+  for n in "${!runs[@]}"; do
+    args=${runs[$n]} limit=$BENCH_LIMIT
+    if [[ $args =~ ^\ *([0-9]+):(.*)$ ]]; then
+      limit=${BASH_REMATCH[1]} args=${BASH_REMATCH[2]}
+    fi
+    section "benchmark $n: python -m flash bench $args"
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout -k 10 "$limit" python3 -m flash bench $args --out "$OUT/bench-$n.json" \
+      >"$OUT/bench-$n.log" 2>&1
+    rc=$?
+    [ $rc = 0 ] || { status=1; echo "(exit status $rc; 124: cut by BENCH_LIMIT)"; }
+    sed -n '/^results:/,$p' "$OUT/bench-$n.log"
+    grep -iE "error|failed|Traceback" "$OUT/bench-$n.log" | head -10
+    echo "wall time: $(( $(date +%s) - start )) s"
+  done
 fi
-tar -czf "$OUT/caches.tar" -C "$CACHES" . 2>/dev/null && echo "compile caches saved: $(du -sh "$OUT/caches.tar" | cut -f1)"
+if [ "$SAVE_CACHES" = 1 ]; then
+  tar -czf "$OUT/caches.tar" -C "$CACHES" . 2>/dev/null && echo "compile caches saved: $(du -sh "$OUT/caches.tar" | cut -f1)"
+fi
 exit $status
