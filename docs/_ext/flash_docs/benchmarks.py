@@ -214,6 +214,49 @@ def _overhead_table(timed: dict, env_line: str) -> str:
     return "\n".join(text)
 
 
+def _decode_table(decode: dict, env_line: str) -> str:
+    """GB/s of one decoding step per case and provider, and the copy bandwidth of the same run."""
+    by = {(r["case"], r["provider"]): r for r in decode["rows"]}
+    cases = list(dict.fromkeys(r["case"] for r in decode["rows"]))
+    providers = list(dict.fromkeys(r["provider"] for r in decode["rows"]))
+    rows = []
+    for case in cases:
+        cells = []
+        for p in providers:
+            r = by.get((case, p))
+            cells.append("—" if not r or r.get("gbps") is None else f"{r['gbps']:.0f}")
+        rows.append([esc(case), *cells])
+    p = decode.get("problem", {})
+    title = (
+        f"Decoding step, GB/s of K/V (+ queries and outputs) read; heads {p.get('heads_q')}/{p.get('heads_kv')}, "
+        f"head_dim {p.get('head_dim')}; copy bandwidth {decode['copy_gbps']:.0f} GB/s"
+    )
+    table = list_table(["case", *(code(p) for p in providers)], rows, title=esc(title), classes="flash-numbers")
+    return table + f"\n{env_line}.\n"
+
+
+def _masks_table(masks: dict, env_line: str) -> str:
+    """Milliseconds and TFLOP/s of every masks case and provider, then the targets, met or not."""
+    rows = [
+        [
+            esc(r["section"]),
+            esc(r["case"]),
+            code(r["provider"]),
+            esc(r["mode"]),
+            "—" if r.get("ms") is None else f"{r['ms']:.3f}",
+            "—" if r.get("tflops") is None else f"{r['tflops']:.0f}",
+        ]
+        for r in masks["rows"]
+    ]
+    title = "Masks on the kernels against FlexAttention and PyTorch SDPA (bf16, head_dim 128)"
+    headers = ["part", "case", "provider", "mode", "ms", "TFLOP/s"]
+    text = [list_table(headers, rows, title=esc(title), classes="flash-numbers")]
+    if masks.get("targets"):
+        text += ["Targets:", "", *(f"* {esc(' '.join(t.split()))}" for t in masks["targets"]), ""]
+    text.append(f"{env_line}.\n")
+    return "\n".join(text)
+
+
 def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str]) -> str:
     data = json.loads(path.read_text())
     env = data.get("environment", {})
@@ -289,8 +332,15 @@ def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str
     timed = data.get("overhead")
     if timed:
         text.append(_overhead_table(timed, env_line))
-    if not (rows or memory or cpu or timed):
-        text.append(f"{code(path.name)} holds no ``rows``, ``memory``, ``cpu`` or ``overhead`` results.\n")
+    decode = data.get("decode")
+    if decode and decode.get("rows"):
+        text.append(_decode_table(decode, env_line))
+    masks = data.get("masks")
+    if masks and masks.get("rows"):
+        text.append(_masks_table(masks, env_line))
+    if not (rows or memory or cpu or timed or decode or masks):
+        kinds = "``rows``, ``memory``, ``cpu``, ``overhead``, ``decode`` or ``masks``"
+        text.append(f"{code(path.name)} holds no {kinds} results.\n")
     return "\n".join(text)
 
 

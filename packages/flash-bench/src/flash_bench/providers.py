@@ -50,10 +50,29 @@ def _sdpa(kind: str) -> Provider:
     return run
 
 
-def _flex() -> Provider:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+#: Compilations of one function torch.compile keeps before it gives up and runs it eagerly.
+FLEX_RECOMPILE_LIMIT = 256
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+
+def compiled_flex_attention() -> Callable[..., Any]:
+    """``torch.compile(flex_attention)`` that stays compiled over every case of a benchmark run.
+
+    Every shape, mask and score function is one more compilation of the same function; past
+    dynamo's recompile limit (8 by default) FlexAttention would silently run unfused and eagerly,
+    hundreds of times slower, and be timed as such.
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, FLEX_RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, FLEX_RECOMPILE_LIMIT)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex() -> Provider:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    compiled = compiled_flex_attention()
     masks: dict[tuple[int, int], Any] = {}
 
     def causal_mask(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

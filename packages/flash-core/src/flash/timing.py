@@ -3,7 +3,9 @@ shared by the demo, autotuning, the backends' tuners and the ``flash-bench`` ben
 
 :func:`measure` is the kernel timer: the median of many timed calls after a warm-up, with CUDA
 events on a GPU (the L2 cache flushed before each call, as ``triton.testing.do_bench`` does, so
-numbers stay comparable with earlier runs) and ``time.perf_counter`` on the CPU.
+numbers stay comparable with earlier runs) and ``time.perf_counter`` on the CPU. On a GPU the
+device waits before each timed call for as long as the host takes to issue it, so a call whose
+host work outlasts its kernels is not timed as an idle GPU waiting for launches.
 :func:`per_call_us` is the overhead timer: host wall time per call of many back-to-back calls,
 synchronised once at the end, which is what a tiny problem costs a caller.
 
@@ -44,6 +46,11 @@ MODEL_DIM = 2048
 MODE_FACTORS: dict[str, float] = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 #: Bytes zeroed before each timed GPU call: more than any GPU's L2 cache.
 L2_FLUSH_BYTES = 256 * 2**20
+#: GPU clock cycles per second used to turn a host time into a device-side wait: above any current
+#: GPU's clock, so the wait lasts at least as long as the host time (a longer wait costs nothing timed).
+_FASTEST_CLOCK_HZ = 2.5e9
+#: The longest device-side wait before one timed call.
+_LONGEST_LEAD_S = 0.01
 #: Distributions whose versions every result records (besides torch, python and the GPU).
 RECORDED_DISTRIBUTIONS = (
     "flash-core",
@@ -79,7 +86,9 @@ def measure(
     ``fn`` runs once untimed (compilation and caches stay out of the numbers), then for about
     ``warmup_ms``, then ``budget_ms / (time of one call)`` times, clamped to
     ``[min_repeats, max_repeats]``, each call timed alone. On a GPU each call is timed with CUDA
-    events, after zeroing :data:`L2_FLUSH_BYTES` when ``flush_l2`` (cold caches, as real inputs are).
+    events, after zeroing :data:`L2_FLUSH_BYTES` when ``flush_l2`` (cold caches, as real inputs are)
+    and behind a device-side wait as long as twice the host time of one call (at most 10 ms), so the
+    time is the device's: what the host costs per call is :func:`per_call_us`'s to measure.
     """
     device = torch.device(device)
     gpu = device.type == "cuda"
@@ -100,10 +109,17 @@ def measure(
             fn()
             samples.append((time.perf_counter() - start) * 1e3)
         return statistics.median(samples)
+    host_s = time.perf_counter()
+    fn()  # issued, not waited for: the host's share of one call
+    host_s = time.perf_counter() - host_s
+    lead_cycles = int(min(2 * host_s, _LONGEST_LEAD_S) * _FASTEST_CLOCK_HZ)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for begin, end in events:
         if flush is not None:
             flush.zero_()
+        # The device spins while the host issues the call, so the begin event fires when the call's
+        # work is already queued behind it: no host time between the events.
+        torch.cuda._sleep(lead_cycles)
         begin.record()
         fn()
         end.record()

@@ -44,7 +44,7 @@ from flash.heuristics import KernelConfig
 from flash.heuristics import decode as decode_heuristics
 from flash.registry import REGISTRY
 from flash_bench.base import Report, failure
-from flash_bench.providers import sdpa_context
+from flash_bench.providers import compiled_flex_attention, sdpa_context
 
 PEERS = ("sdpa-flash", "sdpa-cudnn", "flex")
 DTYPE = torch.bfloat16
@@ -146,9 +146,7 @@ def _sdpa(step: Step, kind: str) -> Callable[[], torch.Tensor]:
 
 
 def _flex(step: Step) -> Callable[[], torch.Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = compiled_flex_attention()
     q, k, v = step.q.transpose(1, 2), step.k.transpose(1, 2).contiguous(), step.v.transpose(1, 2).contiguous()
     return lambda: compiled(q, k, v, enable_gqa=True).transpose(1, 2)
 

@@ -38,6 +38,7 @@ import torch
 import flash
 from flash import timing
 from flash_bench.base import Report, failure
+from flash_bench.providers import compiled_flex_attention
 
 HEAD_DIM = 128
 WINDOW = 1024
@@ -151,9 +152,9 @@ def _prefix_lm_mod(b, h, q_idx, kv_idx):
 
 
 def _flex_runner(score_mod, mask_mod, seqlen: int, device: str) -> Callable:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = compiled_flex_attention()
     block_mask = create_block_mask(mask_mod, None, None, seqlen, seqlen, device=device) if mask_mod else None
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
