@@ -34,14 +34,19 @@ def documented_mask(q_len: int, k_len: int, causal: bool, window: tuple[int, int
     return seen
 
 
-def naive(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, scale=None, dtype=torch.float64):
-    """Dense attention of (batch, seqlen, heads, dim) tensors in ``dtype``; (out, lse)."""
+def naive(q, k, v, *, causal=False, window=(-1, -1), softcap=0.0, scale=None, alibi=None, dtype=torch.float64):
+    """Dense attention of (batch, seqlen, heads, dim) tensors in ``dtype``; (out, lse). ``alibi``: slopes
+    (heads,), flash-attn's bias ``-slope * |i + k_len - q_len - j|``."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        q_len, k_len = q.shape[1], k.shape[1]
+        distance = (torch.arange(q_len)[:, None] + k_len - q_len - torch.arange(k_len)[None, :]).abs()
+        s = s - alibi.to(dtype)[:, None, None] * distance.to(dtype)
     s = s.masked_fill(~documented_mask(q.shape[1], k.shape[1], causal, window).to(s.device), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing: output 0
@@ -194,13 +199,23 @@ def test_deterministic_is_accepted(seed):
     torch.testing.assert_close(fa.flash_attn_func(q, k, v, deterministic=True), naive(q, k, v)[0])
 
 
+@pytest.mark.parametrize(("q_len", "k_len", "causal"), [(7, 7, True), (5, 11, False), (9, 4, True)])
+def test_alibi_is_flash_attn_bias(seed, q_len, k_len, causal):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = rand(2, q_len, 4, 8, g=g), rand(2, k_len, 2, 8, g=g), rand(2, k_len, 2, 8, g=g)
+    slopes = torch.rand(4, generator=g, dtype=torch.float64).float() + 0.1
+    out = fa.flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes)
+    torch.testing.assert_close(out, naive(q, k, v, causal=causal, alibi=slopes)[0])
+
+
 class TestNotSupported:
     def setup_method(self):
         self.q = self.k = self.v = torch.randn(1, 4, 2, 8)
 
-    def test_alibi(self):
+    def test_alibi_while_decoding(self):
+        cache = torch.randn(1, 8, 2, 8)
         with pytest.raises(NotImplementedError, match="alibi_slopes"):
-            fa.flash_attn_func(self.q, self.k, self.v, alibi_slopes=torch.ones(2))
+            fa.flash_attn_with_kvcache(self.q, cache, cache, cache_seqlens=4, alibi_slopes=torch.ones(2))
 
     def test_attention_probabilities_under_dropout(self):
         with pytest.raises(NotImplementedError, match="return_attn_probs"):

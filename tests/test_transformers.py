@@ -46,7 +46,9 @@ def exact_mask(*args, **kwargs):
     return mu.sdpa_mask(*args, **kwargs)
 
 
-def exact_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+def exact_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, s_aux=None, **kwargs
+):
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scores = query @ key.transpose(2, 3) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -54,7 +56,11 @@ def exact_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if s_aux is not None:  # gpt-oss: one more logit per head in every row's softmax, then dropped
+        sink = s_aux.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ value).transpose(1, 2), None
 
 
@@ -309,13 +315,37 @@ def test_dropout_survives_gradient_checkpointing():
         torch.testing.assert_close(grads[1][name], grads[0][name], **TOL)
 
 
-def test_gpt_oss_sinks_are_refused():
+@pytest.mark.parametrize("case", ["full", "left"])
+def test_gpt_oss_sinks(case, no_fallback):
+    """gpt-oss's learned sinks (s_aux), with its alternating sliding layers: logits, loss and every
+    gradient, the sinks' own included. Its sink parameters are drawn as float32 values (flash takes
+    sinks in float32), so float64 models still agree to rounding."""
     config = transformers.GptOssConfig(
         **{**COMMON, "intermediate_size": 64}, num_local_experts=2, num_experts_per_tok=1, sliding_window=4
     )
-    model = transformers.GptOssForCausalLM._from_config(config, attn_implementation=flash_hf.NAME, dtype=torch.float64)
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        model(torch.randint(1, 128, (1, 5)))
+    config._experts_implementation = "eager"  # the grouped matmul path has no float64
+    batch = inputs(case)
+    results = []
+    for implementation in (flash_hf.NAME, REFERENCE):
+        torch.manual_seed(1234)
+        model = transformers.GptOssForCausalLM._from_config(
+            copy.deepcopy(config), attn_implementation=implementation, dtype=torch.float64
+        ).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("sinks"):
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)).float())
+        results.append(forward_backward(model, batch))
+    ours, want = results
+    assert {c.path for c in no_fallback} == {"dense" if case == "full" else "padded"}
+    valid = batch["labels"] != -100
+    torch.testing.assert_close(ours[0][valid], want[0][valid], **TOL)
+    torch.testing.assert_close(ours[1], want[1], **TOL)
+    assert any(name.endswith("sinks") for name in want[2])
+    for name in want[2]:
+        # flash's sinks are float32, and so is their gradient: float32 rounding there, float64 elsewhere
+        tol = {"rtol": 1e-6, "atol": 1e-7} if name.endswith("sinks") else TOL
+        torch.testing.assert_close(ours[2][name], want[2][name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
 # --------------------------------------------------------------------------- the attention function itself
@@ -387,7 +417,6 @@ def test_dropout_argument_ignored_outside_training():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"s_aux": torch.zeros(4)}, "s_aux"),
         ({"position_bias": torch.zeros(1)}, "position_bias"),
         ({"attention_mask": torch.ones(2, 1, 6, 6, dtype=torch.bool)}, "attention_mask"),
         ({"attention_mask": torch.tensor([[1, 0, 1, 1, 1, 1]] * 2), "sliding_window": 3}, "between real tokens"),

@@ -8,7 +8,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from flash import dispatch, ops
+from flash import dispatch, dropout, ops
 from flash.backend import Backend
 from flash.block_mask import BlockMask
 from flash.errors import InvalidInputError
@@ -376,7 +376,7 @@ def scaled_dot_product_attention(
         q4, k4, v4 = (t.reshape((-1, *tuple(t.shape[-3:]))) for t in (query, key, value))
     window = (-1, q_len - k_len) if is_causal and q_len > k_len else None
     top_left = _top_left_causal if is_causal and q_len < k_len else None
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if dropout_p else None
+    seed = dropout.random_seed() if dropout_p else None
     out = attention(
         q4,
         k4,

@@ -9,11 +9,12 @@ work as with flash-attn, on any flash backend (and on the CPU).
 
 Where flash-attn's behaviour cannot be reproduced the call raises, never approximates:
 
-* ``alibi_slopes`` other than ``None``: :class:`NotImplementedError` (no backend has ALiBi yet);
 * ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)``. flash-attn fills
   ``S_dmask`` only when ``dropout_p > 0`` (its kernels return an empty tensor otherwise), so
   with ``dropout_p == 0`` the result here is ``(out, lse, empty tensor)`` as there; with dropout,
   where the caller would expect the dropped probabilities, :class:`NotImplementedError`;
+* ``alibi_slopes`` in :func:`flash_attn_with_kvcache` (the decoding path has no ALiBi yet; the
+  other functions take it, as :func:`flash.attention` does): :class:`NotImplementedError`;
 * ``block_table`` (paged KV cache) in the varlen functions: :class:`NotImplementedError` (use
   :func:`flash_attn_with_kvcache`, which takes paged caches); ``cache_leftpad`` in
   :func:`flash_attn_with_kvcache`, and the rotary query placements where flash-attn and flash differ
@@ -66,9 +67,8 @@ def _attend(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
 ) -> Result:
-    """flash-attn's conventions mapped onto :func:`flash.attention`."""
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: flash has no ALiBi yet; pass alibi_slopes=None")
+    """flash-attn's conventions mapped onto :func:`flash.attention` (whose ALiBi is flash-attn's:
+    ``-slope * |i + seqlen_k - seqlen_q - j|``, slopes (heads,) or (batch, heads), float32)."""
     if return_attn_probs and dropout_p:
         raise NotImplementedError(
             "return_attn_probs with dropout_p > 0: flash never materialises the (dropped) attention probabilities"
@@ -94,6 +94,7 @@ def _attend(
         dropout_seed=random_seed() if numeric and dropout_p > 0 else None,
         return_lse=True,
         deterministic=deterministic,
+        alibi_slopes=alibi_slopes,
     )
     if return_attn_probs:  # flash-attn's S_dmask is empty when there is no dropout
         return out, lse, torch.empty((0,), dtype=q.dtype, device=q.device)
@@ -283,7 +284,9 @@ def flash_attn_with_kvcache(
     call with as many queries as new keys is the same in both), this raises
     :class:`NotImplementedError`, as do ``cache_leftpad`` and ``alibi_slopes``."""
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: flash has no ALiBi yet; pass alibi_slopes=None")
+        raise NotImplementedError(
+            "alibi_slopes: flash.attention_with_kvcache has no ALiBi yet (flash_attn_func has); pass alibi_slopes=None"
+        )
     if cache_leftpad is not None:
         raise NotImplementedError("cache_leftpad: flash's caches start at slot 0; pass cache_leftpad=None")
     left, right = check_window(tuple(window_size) if isinstance(window_size, list) else window_size, "window_size")

@@ -35,7 +35,6 @@ Path = Literal["dense", "padded", "packed"]
 
 #: Keyword arguments some transformers models pass that change the math flash computes.
 _UNSUPPORTED = {
-    "s_aux": "s_aux (learned attention sinks, as in gpt-oss)",
     "position_bias": "position_bias (an additive score bias, as in T5)",
     "indices": "indices (sparse attention)",
     "block_indices": "block_indices (block-sparse attention)",
@@ -109,14 +108,17 @@ def attention_forward(
     max_length_q: int | Tensor | None = None,
     max_length_k: int | Tensor | None = None,
     deterministic: bool = False,
+    s_aux: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """Attention for a transformers layer; returns ``(output (batch, q_len, heads, head_dim), None)``.
 
     Dropout applies only while ``module.training``, with a seed drawn from PyTorch's default
-    generator. Raises :class:`NotImplementedError` for what flash cannot compute (``s_aux`` sinks,
-    ``position_bias``, sparse ``indices``, a 4-D mask) and :class:`flash.InvalidInputError` for
-    malformed arguments; it never computes something else instead.
+    generator. ``s_aux`` (gpt-oss's learned sinks, one logit per query head) become
+    :func:`flash.attention`'s ``sinks`` (in float32; gradients flow back to the model's parameter).
+    Raises :class:`NotImplementedError` for what flash cannot compute (``position_bias``, sparse
+    ``indices``, a 4-D mask) and :class:`flash.InvalidInputError` for malformed arguments; it never
+    computes something else instead.
     """
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
@@ -136,6 +138,7 @@ def attention_forward(
         "dropout_p": dropout_p,
         "dropout_seed": random_seed() if dropout_p > 0 else None,
         "deterministic": bool(deterministic),
+        "sinks": None if s_aux is None else s_aux.float(),
     }
     head_dim, v_dim = query.shape[-1], value.shape[-1]
     if v_dim > head_dim:
