@@ -83,6 +83,22 @@ def test_interpreter_mode_must_be_set_before_triton_is_imported() -> None:
     assert out.strip() == "[]"
 
 
+def test_compiled_kernel_modules_are_looked_up_once() -> None:
+    """Every launch asks runtime.kernels() for the modules; on a GPU (not interpreting) the second ask
+    must not import anything again (nine imports cost more host time than a small launch)."""
+    code = (
+        "import importlib\n"
+        "from flash_triton import runtime\n"
+        "first = runtime.kernels()\n"
+        "assert not any(m.INTERPRETED for m in first)\n"
+        "def forbidden(*a, **k): raise AssertionError('imported again')\n"
+        "importlib.import_module = forbidden\n"
+        "assert runtime.kernels() is first\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
 def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend = TritonBackend()

@@ -13,9 +13,10 @@
 # every step's log still comes back:
 #   TEST_LIMIT=180 BENCH="60:--sections decode;--sections overhead" BENCH_LIMIT=30 bash tests/gpu/device_check.sh
 #
-# Compile caches: Triton's and CuPy's caches are restored from .device-cache/caches.tar when that
-# file exists (carry the git-ignored folder .device-cache with the call) and written back to
-# $OUT/caches.tar at the end, so the next call starts warm.
+# Compile caches: Triton's and CuPy's caches are restored from .device-cache/caches.tar.part-*
+# when those files exist (carry the git-ignored folder .device-cache with the call) and written
+# back to $OUT/caches.tar.part-* at the end, in parts of 15 MiB (a file returned from the device
+# may not exceed 16 MiB), so the next call starts warm: copy the parts into .device-cache/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$(mktemp -d)}
@@ -35,8 +36,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,n
 python3 -c 'import torch, triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda)'
 python3 -c 'import cupy; print("cupy", cupy.__version__)' 2>/dev/null || echo "cupy: not importable"
 mkdir -p "$CACHES"
-if [ -f .device-cache/caches.tar ]; then
-  tar -xzf .device-cache/caches.tar -C "$CACHES" && echo "compile caches restored ($(du -sh "$CACHES" | cut -f1))"
+if compgen -G ".device-cache/caches.tar.part-*" >/dev/null; then
+  cat .device-cache/caches.tar.part-* | tar -xz -C "$CACHES" && echo "compile caches restored ($(du -sh "$CACHES" | cut -f1))"
 fi
 
 section "install"
@@ -93,6 +94,7 @@ if [ "$BENCH" != skip ]; then
   done
 fi
 if [ "$SAVE_CACHES" = 1 ]; then
-  tar -czf "$OUT/caches.tar" -C "$CACHES" . 2>/dev/null && echo "compile caches saved: $(du -sh "$OUT/caches.tar" | cut -f1)"
+  tar -cz -C "$CACHES" . 2>/dev/null | split -b 15M - "$OUT/caches.tar.part-" &&
+    echo "compile caches saved: $(cat "$OUT"/caches.tar.part-* | wc -c) bytes in $(ls "$OUT"/caches.tar.part-* | wc -l) parts"
 fi
 exit $status

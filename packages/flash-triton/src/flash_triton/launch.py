@@ -217,7 +217,7 @@ def forward_tiling(config: KernelConfig) -> Tiling:
 
 def _translate(spec: AttentionSpec, fn: Any, argument: str) -> Any:
     """A user function as a Triton device function (None stays None)."""
-    return runtime.kernels().mods.translated(fn, argument, spec.device)
+    return None if fn is None else runtime.kernels().mods.translated(fn, argument, spec.device)
 
 
 def _masks(spec: AttentionSpec, masks: Any, t: Tiling, walk: Walk, dummy: torch.Tensor) -> MaskArgs:

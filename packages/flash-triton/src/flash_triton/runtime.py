@@ -33,6 +33,11 @@ class Kernels(NamedTuple):
     decode: ModuleType
 
 
+#: What :func:`kernels` returned last, per mode: every launch asks for the modules, and importing them
+#: again (nine ``import_module`` calls) cost more host time than the launch itself.
+_last: dict[bool, Kernels] = {}
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
@@ -64,9 +69,13 @@ def kernels() -> Kernels:
     """The kernel modules, imported (or re-imported) for the current interpreter mode.
 
     Each kernel module records the mode it was decorated in (``INTERPRETED``); a module from
-    the other mode is reloaded, dependencies first.
+    the other mode is reloaded, dependencies first. On a GPU, once loaded, this is a cached
+    tuple and four attribute reads (the interpreter also re-checks its patches on every call).
     """
     mode = interpreting()
+    last = _last.get(mode)
+    if not mode and last is not None and not any(module.INTERPRETED for module in last):
+        return last
     with _lock:
         if mode:
             from flash_triton import interpreter_patch
@@ -78,9 +87,11 @@ def kernels() -> Kernels:
             if stale or mode != module.INTERPRETED:
                 importlib.reload(module)
                 stale = True  # modules after it import its functions: decorate them again too
-    return Kernels(
-        importlib.import_module("flash_triton.forward_kernel"),
-        importlib.import_module("flash_triton.backward_kernels"),
-        importlib.import_module("flash_triton.mods"),
-        importlib.import_module("flash_triton.decode_kernels"),
-    )
+        loaded = Kernels(
+            importlib.import_module("flash_triton.forward_kernel"),
+            importlib.import_module("flash_triton.backward_kernels"),
+            importlib.import_module("flash_triton.mods"),
+            importlib.import_module("flash_triton.decode_kernels"),
+        )
+        _last[mode] = loaded
+        return loaded
