@@ -63,6 +63,7 @@ def resources(cubin: bytes) -> dict:
         "stack": int(stack.group(1)) if stack else -1,
         "local": int(local.group(1)) if local else -1,
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+        "qgmma": len(re.findall(r"\bQGMMA\b", sass)),  # fp8 operands
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "ldl_stl": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         "tma": len(re.findall(r"\bUTMALDG\b", sass)),
@@ -128,7 +129,8 @@ def _format(row: dict) -> str:
         f"{row['kernel']:<38} {row['case']:<28} M{row.get('BLOCK_M', '-'):>4} N{row.get('BLOCK_N', '-'):>4} "
         f"w{row['warps']} s{row['stages']} regs {row['regs']:>3} stack {row['stack']:>4} "
         f"ldl/stl {row['ldl_stl']:>3} "
-        f"smem {row['shared'] // 1024:>3}KB hgmma {row['hgmma']:>3} hmma {row['hmma']:>3} utma {row['tma']:>2} "
+        f"smem {row['shared'] // 1024:>3}KB hgmma {row['hgmma']:>3} qgmma {row['qgmma']:>3} hmma {row['hmma']:>3} "
+        f"utma {row['tma']:>2} "
         f"{row['seconds']:>5}s {flags}"
     )
 
@@ -227,7 +229,7 @@ def run_case(arch, dtype, head_dim, causal, seqlen, pass_, config, label, **opt)
     launch.runtime = _shim(arch, label)
     try:
         if pass_ == "forward":
-            out = torch.empty_like(q)
+            out = torch.empty(q.shape, dtype=spec.out_dtype)
             lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
             args = ForwardArgs(
                 canonical(q, spec),
@@ -363,6 +365,19 @@ def matrix(arch: int) -> int:
         run_varlen(
             arch, torch.bfloat16, 128, pass_, cfg(torch.bfloat16, 128, True, pass_), "varlen d128 causal", causal=True
         )
+    return fp8_matrix(arch)
+
+
+def fp8_matrix(arch: int) -> int:
+    """fp8 inputs (forward only, per-head descale), with the configurations the table gives them
+    (its bf16 entries)."""
+    from flash import heuristics
+
+    e4m3 = [(torch.float8_e4m3fn, d, causal) for d in (64, 128, 256) for causal in (False, True)]
+    for dtype, head_dim, causal in [*e4m3, (torch.float8_e5m2, 128, False)]:
+        config = heuristics.lookup(TritonBackend(), f"sm_{arch}", "fp8", head_dim, causal, "forward").config
+        label = f"{str(dtype)[6:]} d{head_dim}{' causal' if causal else ''}"
+        run_case(arch, dtype, head_dim, causal, 1024, "forward", config, label)
     return 0
 
 
@@ -379,15 +394,18 @@ def main(argv=None):
     parser.add_argument(
         "--matrix",
         action="store_true",
-        help="compile every feature (dtypes, odd head dims, masks, softcap, dropout, varlen, "
+        help="compile every feature (dtypes, fp8, odd head dims, masks, softcap, dropout, varlen, "
         "GQA, layouts, deterministic) with the table's configurations",
     )
     parser.add_argument("--masks", action="store_true", help="compile every mask option (attn_mask, ALiBi, mods...)")
+    parser.add_argument("--fp8", action="store_true", help="compile the forward for fp8 inputs (e4m3, e5m2)")
     args = parser.parse_args(argv)
     import json
 
     if args.matrix:
         return matrix(args.arch)
+    if args.fp8:
+        return fp8_matrix(args.arch)
     if args.masks:
         return masks_matrix(args.arch)
     if args.decode:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flash import mods
+from flash import fp8, mods
 from flash._version import __version__
 from flash.api import (
     attention,
@@ -61,6 +61,7 @@ __all__ = [
     "distributed",
     "explain",
     "explain_kvcache",
+    "fp8",
     "merge_states",
     "mods",
     "nn",

@@ -22,6 +22,8 @@ from flash_triton import runtime
 from flash_triton._version import __version__
 
 DTYPES = frozenset({torch.float16, torch.bfloat16})
+#: The forward also takes fp8 inputs (with their descale factors; fp8 attention has no backward).
+FORWARD_DTYPES = DTYPES | {torch.float8_e4m3fn, torch.float8_e5m2}
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic", "sinks", "sink_tokens"}
     | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod"}
@@ -33,7 +35,7 @@ LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
 DECODE_LIMITS = Limits(batch=65535, heads=65535)
 #: CUDA's limit on a grid's second and third dimensions.
 GRID_LIMIT = 65535
-#: fp8 conversions in registers need Ada or Hopper.
+#: fp8 conversions in registers and fp8 tensor-core products need Ada or Hopper.
 FP8_CAPABILITY = (8, 9)
 #: (block_m, block_n) tried by autotuning.
 TUNING_TILES = ((64, 64), (64, 128), (128, 64), (128, 128))
@@ -57,10 +59,12 @@ def _devices(interpreting: bool) -> frozenset[str]:
     return frozenset({"cuda", "cpu"}) if interpreting else frozenset({"cuda"})
 
 
-@functools.lru_cache(maxsize=2)
-def _support(interpreting: bool) -> Support:
+@functools.lru_cache(maxsize=4)
+def _support(interpreting: bool, pass_: Pass) -> Support:
+    dtypes = FORWARD_DTYPES if pass_ == "forward" else DTYPES
+    features = FEATURES | {"fp8"} if pass_ == "forward" else FEATURES
     return Support(
-        dtypes=DTYPES, features=FEATURES, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS
+        dtypes=dtypes, features=features, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS
     )
 
 
@@ -81,11 +85,11 @@ class TritonBackend(Backend):
 
     @property
     def forward_support(self) -> Support:  # type: ignore[override]
-        return _support(runtime.interpreting())
+        return _support(runtime.interpreting(), "forward")
 
     @property
     def backward_support(self) -> Support:  # type: ignore[override]
-        return _support(runtime.interpreting())
+        return _support(runtime.interpreting(), "backward")
 
     @property
     def decode_support(self) -> Support:  # type: ignore[override]
@@ -122,6 +126,9 @@ class TritonBackend(Backend):
     def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
         if pass_ == "backward" and spec.score_mod is not None and spec.score_mod_grad is None:
             return ["score_mod without score_mod_grad (the kernels need d score_mod / d score)"]
+        found = device_capability(spec.device)
+        if spec.is_fp8 and found is not None and found < FP8_CAPABILITY:
+            return [f"fp8 inputs need sm_89 or newer ({spec.device} is sm_{found[0]}{found[1]})"]
         return []
 
     def heuristics_rows(self) -> list[dict[str, Any]]:

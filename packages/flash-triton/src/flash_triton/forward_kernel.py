@@ -105,6 +105,8 @@ def forward_tile(
     if DROPOUT:
         p = tl.where(dropout_keep(drop[0], rows[:, None], cols[None, :], drop[1]), p, 0.0)
     v = load_block(v_src, start_n, len_k, BLOCK_N, HEAD_DIM, D_PAD, MASKED, TMA)
+    if v.dtype.is_fp8():  # fp8: Q K^T on the fp8 tensor cores; P stays bf16 (3 mantissa bits would
+        v = v.to(tl.bfloat16)  # round every weight), so V is widened in registers for P V
     # Keys some rows do not see: their values must not reach those rows, not even as NaN.
     acc = visible_dot(p, v, seen, acc) if MASKED else tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
@@ -140,8 +142,8 @@ def forward_epilogue(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Sinks,
-    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str,
+    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Sinks, QD, KD, VD,
+    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str, d_str,
     seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
     scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -149,10 +151,13 @@ def attention_forward_kernel(
     DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
     SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, SINKS: tl.constexpr,
+    DESCALE: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query blocks, heads_q, batch). Strides are in elements, as (batch, token, head) tuples
     (``*_str``; batch 0 for varlen), the mask's as (batch, head, query, key), ALiBi's (batch, head),
-    the block lists' as (batch, head, row[, list length]); ``*_map`` are descriptor (rb, rh, ch)."""
+    the block lists' as (batch, head, row[, list length]); ``*_map`` are descriptor (rb, rh, ch).
+    ``DESCALE`` (fp8 inputs): ``QD``, ``KD``, ``VD`` hold the descale factors, ``d_str`` their (batch,
+    head) strides, q's then k's then v's (0 for one factor per tensor)."""
     pid_m = tl.program_id(0)
     if REVERSE:  # masked problems: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -180,6 +185,10 @@ def attention_forward_kernel(
                   True)  # fmt: skip
 
     seq = (b, h, len_q, len_k, len_k - len_q)
+    if DESCALE:  # (q * dq) . (k * dk) = dq * dk * (q . k): once per program, on the score scale
+        qk_descale = tl.load(QD + b * d_str[0] + h * d_str[1]) * tl.load(KD + b * d_str[2] + hk * d_str[3])
+        scale_log2 = scale_log2 * qk_descale
+        softcap_scale = softcap_scale * qk_descale
     terms = head_terms(Mask, Alibi, m_str, a_str, b, h, scale_log2, softcap_scale, softcap_log2, ALIBI)
     head_hash = 0
     if DROPOUT:
@@ -198,6 +207,8 @@ def attention_forward_kernel(
                          D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None,
                          MASK_MOD, False)  # fmt: skip
 
+    if DESCALE:  # P (v * dv) = dv * (P v)
+        acc = acc * tl.load(VD + b * d_str[4] + hk * d_str[5])
     if SINKS:  # the head's sink logit joins the denominator with no value; the LSE includes it
         acc, m_i, l_i = fold_sink(acc, m_i, l_i, tl.load(Sinks + h) * LOG2E)
     o_base = Out + b64 * o_str[0] + h64 * o_str[2] + (q_start + m0).to(tl.int64) * o_str[1]

@@ -14,6 +14,7 @@ turns the ladder off (for tuning, which must time exactly the configuration it n
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -243,6 +244,7 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         return forward_tiling(config)
     first = fit_tiling(forward_tiling(config), spec, args.masks, "keys")
     masks = _masks(spec, args.masks, first, "keys", lse)
+    descales, descale_strides = _descales(spec, args)
 
     def launch(t: Tiling) -> None:
         m = masks if t == first else _masks(spec, args.masks, t, "keys", lse)
@@ -254,17 +256,34 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
         kern.attention_forward_kernel[grid](
             q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(), args.sinks,
-            strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
-            lse_strides(lse, p.varlen), *m.strides(),
+            *descales, strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
+            lse_strides(lse, p.varlen), *m.strides(), descale_strides,
             spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size, tuple(k_rc), tuple(v_rc),
             p.scale_log2, p.softcap_scale, p.softcap_log2, p.left, p.right,
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, SINKS=args.sinks is not None, **m.flags, **_options(t),
+            REVERSE=p.reverse, SINKS=args.sinks is not None, DESCALE=spec.is_fp8, **m.flags, **_options(t),
         )  # fmt: skip
 
     return launch_with_fallback(_key("forward", spec, p, masks), first, launch)
+
+
+def _descales(spec: AttentionSpec, args: ForwardArgs) -> tuple[tuple[Any, ...], tuple[int, ...]]:
+    """The fp8 descale factors the forward kernel reads (a missing one is a stored 1.0) and their
+    (batch, head) strides, q's, k's, v's: 0, 0 for one factor per tensor."""
+    given = (args.q_descale, args.k_descale, args.v_descale)
+    if not spec.is_fp8:
+        return given, (0,) * 6
+    factors = tuple(_unit(args.q.device) if d is None else d for d in given)
+    strides = tuple(s for d in factors for s in ((0, 0) if d.numel() == 1 else d.stride()))
+    return factors, strides
+
+
+@functools.lru_cache(maxsize=8)
+def _unit(device: torch.device) -> torch.Tensor:
+    """A float32 1.0 on ``device`` that lives as long as the process (CUDA graphs may capture it)."""
+    return torch.ones((), dtype=torch.float32, device=device)
 
 
 # ----------------------------------------------------------------------------- backward
