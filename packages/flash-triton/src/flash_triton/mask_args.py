@@ -59,17 +59,9 @@ def fit_tiling(tiling: Any, spec: AttentionSpec, masks: MaskTensors | None, walk
 
     The dK/dV kernel with an additive mask keeps 2 stages: its float32 mask tiles would take it past
     Hopper's 227 KB of shared memory with 3 (scripts/compile_report.py --masks).
-
-    A walk over block lists gets one stage more: Triton's pipeliner gives the block-index load a
-    stage of its own. In the TTGIR of the forward (Triton 3.6, sm_90, 3 -> 4 stages) the partial
-    blocks' loop then keeps 4 copy groups in flight instead of 2; the full blocks' loop still waits
-    for every copy each iteration (its index load is itself an asynchronous copy, the newest
-    group), so one K/V tile is in flight ahead there either way. Not yet timed.
     """
     if walk == "queries" and spec.mask is not None and spec.mask.kind == "bias":
         tiling = replace(tiling, num_stages=min(tiling.num_stages, 2))
-    elif walks_lists(spec, masks or MaskTensors()):
-        tiling = replace(tiling, num_stages=tiling.num_stages + 1)
     block = sparse_block(spec, masks)
     if block is None:
         return tiling
@@ -77,21 +69,12 @@ def fit_tiling(tiling: Any, spec: AttentionSpec, masks: MaskTensors | None, walk
     return replace(tiling, block_m=min(tiling.block_m, rows), block_n=min(tiling.block_n, cols))
 
 
-def walks_lists(spec: AttentionSpec, masks: MaskTensors) -> bool:
-    """Whether the kernels walk block lists (a block mask's, or a boolean mask's per-call summary)."""
-    return masks.block_mask is not None or (
-        spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None
-    )
-
-
 def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) -> tuple[BlockLists, int, int] | None:
     """(block lists, block rows, block cols) of the call, or None when it walks without lists."""
-    if not walks_lists(spec, masks):
-        return None
     if masks.block_mask is not None:
         rows, cols = masks.block_mask.block_size
         return masks.block_mask.lists, rows, cols
-    if masks.attn_mask is not None:
+    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None:
         states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (block_m, block_n))
         return block_lists(states, spec.seqlen_q, block_m), block_m, block_n
     return None

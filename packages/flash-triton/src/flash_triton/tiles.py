@@ -197,8 +197,14 @@ def walk(
             else:
                 carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
                              SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+        upcoming = tl.load(full, mask=n_full > 0, other=0)
         for i in range(n_full * SUBS):
-            s = tl.load(full + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            # The block index is read one iteration ahead, into a register. Loaded where it is used,
+            # Triton 3.6 made it an asynchronous copy, the newest group, so each iteration waited for
+            # every copy and only one K/V tile was in flight (TTGIR, sm_90); loop-carried, the K/V
+            # copies run as far ahead as in the dense walk.
+            s = upcoming * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            upcoming = tl.load(full + (i + 1) // SUBS, mask=i + 1 < n_full * SUBS, other=0)
             if ELEMENTWISE:  # a mask beyond the list's: every block is partial
                 visit, _ = window_tile(s, BLOCK, bounds)
                 if visit:
