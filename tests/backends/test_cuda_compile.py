@@ -28,6 +28,7 @@ from flash.heuristics import smem  # noqa: E402
 from flash.spec import canonical, canonical_lse  # noqa: E402
 from flash_cuda import backend as cuda_backend  # noqa: E402
 from flash_cuda import launch, nvrtc, tune, variants  # noqa: E402
+from flash_cuda.sources import read_kernel_file  # noqa: E402
 
 
 def reasons(backend, pass_, spec):
@@ -165,7 +166,7 @@ def test_variant_rendering_and_shrinking():
 
 
 def _kernel_parameter_types() -> list[str]:
-    text = variants._read(variants.ENTRY_FILE)
+    text = read_kernel_file(variants.ENTRY_FILE)
     signature = re.search(r"flash_fwd_kernel\((.*?)\)\s*\{", text, re.S).group(1)
     types = []
     for raw in signature.split(","):

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import threading
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
+
+from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_fwd_sm90"
 ENTRY_FILE = "hopper_fwd.cu"
@@ -289,13 +289,6 @@ def shipped_variants() -> list[HopperVariant]:
 # ------------------------------------------------------------------ source
 
 
-def _read(name: str) -> str:
-    return resources.files("flash_cuda").joinpath("kernels").joinpath(name).read_text()
-
-
-_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
-
-
 def _operands(count: int, first: int = 0) -> str:
     return ", ".join(f"%{i}" for i in range(first, first + count))
 
@@ -355,20 +348,7 @@ def wgmma_source(variant: HopperVariant) -> str:
 
 def source(variant: HopperVariant) -> str:
     """The kernel source of ``variant``: every kernels/ include inlined once, the wgmma include generated."""
-    seen: set[str] = set()
-
-    def expand(text: str) -> str:
-        def include(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name in seen:
-                return f"// (already included: {name})"
-            seen.add(name)
-            body = wgmma_source(variant) if name == GENERATED_INCLUDE else expand(_read(name))
-            return f"// ---- begin {name}\n{body}\n// ---- end {name}"
-
-        return _INCLUDE.sub(include, text)
-
-    return expand(_read(ENTRY_FILE)).replace("#pragma once\n", "")
+    return inline_includes(ENTRY_FILE, {GENERATED_INCLUDE: wgmma_source(variant)})
 
 
 # ------------------------------------------------------------------ compile (CuPy) and launch

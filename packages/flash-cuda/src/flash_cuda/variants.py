@@ -10,11 +10,10 @@ the pair (source, options) is a complete cache key, which is what CuPy's disk ca
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
-from importlib import resources
 
 from flash.heuristics import KernelConfig, smem
+from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_fwd_kernel"
 ENTRY_FILE = "flash_fwd.cu"
@@ -27,8 +26,6 @@ MASK_NONE, MASK_RIGHT, MASK_BOTH = 0, 1, 2
 MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
 #: Largest dynamic shared memory one block may opt in to, bytes (CUDA programming guide).
 MAX_SMEM_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024}
-
-_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -176,23 +173,7 @@ def shrink_to_fit(variant: Variant, limit: int) -> Variant:
     return variant
 
 
-def _read(name: str) -> str:
-    return resources.files("flash_cuda").joinpath("kernels").joinpath(name).read_text()
-
-
 @functools.lru_cache(maxsize=1)
 def source() -> str:
     """The kernel source with every ``#include "..."`` of the kernels folder inlined (once each)."""
-    seen: set[str] = set()
-
-    def expand(text: str) -> str:
-        def include(match: re.Match[str]) -> str:
-            name = match.group(1)
-            if name in seen:
-                return f"// (already included: {name})"
-            seen.add(name)
-            return f"// ---- begin {name}\n{expand(_read(name))}\n// ---- end {name}"
-
-        return _INCLUDE.sub(include, text)
-
-    return expand(_read(ENTRY_FILE)).replace("#pragma once\n", "")
+    return inline_includes(ENTRY_FILE)

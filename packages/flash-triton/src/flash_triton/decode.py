@@ -15,7 +15,7 @@ from flash.heuristics import KernelConfig
 from flash.kvspec import KVCacheSpec
 from flash.spec import UNBOUNDED
 from flash_triton import runtime
-from flash_triton.launch import LOG2E, padded_head_dim, triton_cdiv
+from flash_triton.launch import LOG2E, descale_strides, padded_head_dim, triton_cdiv
 
 #: Fewest rows a program's tile has (what ``tl.dot`` needs).
 MIN_ROWS = 16
@@ -23,15 +23,6 @@ MIN_ROWS = 16
 
 def _strides(t: torch.Tensor | None, count: int) -> tuple[int, ...]:
     return tuple(t.stride()[:count]) if t is not None else (0,) * count
-
-
-def _descale_strides(d: torch.Tensor | None) -> tuple[int, int]:
-    """(sequence, head) strides of per-tensor (), per-head (heads,) or (batch, heads) factors."""
-    if d is None or d.dim() == 0 or d.numel() == 1:
-        return 0, 0
-    if d.dim() == 1:
-        return 0, d.stride(0)
-    return d.stride(0), d.stride(1)
 
 
 def row_block(spec: KVCacheSpec, config: KernelConfig) -> int:
@@ -65,7 +56,7 @@ def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
     q = args.q
     table_strides = _strides(args.block_table, 2)
     index_stride = _strides(args.cache_batch_idx, 1)[0]
-    k_desc, v_desc = _descale_strides(args.k_descale), _descale_strides(args.v_descale)
+    k_desc, v_desc = descale_strides(args.k_descale), descale_strides(args.v_descale)
     cache_k, cache_v = _strides(args.k_cache, 3), _strides(args.v_cache, 3)
     rotary = spec.rotary != "none"
     if rotary or spec.seqlen_new:

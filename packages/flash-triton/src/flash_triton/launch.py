@@ -276,8 +276,17 @@ def _descales(spec: AttentionSpec, args: ForwardArgs) -> tuple[tuple[Any, ...], 
     if not spec.is_fp8:
         return given, (0,) * 6
     factors = tuple(_unit(args.q.device) if d is None else d for d in given)
-    strides = tuple(s for d in factors for s in ((0, 0) if d.numel() == 1 else d.stride()))
-    return factors, strides
+    return factors, tuple(s for d in factors for s in descale_strides(d))
+
+
+def descale_strides(d: torch.Tensor | None) -> tuple[int, int]:
+    """(sequence, head) strides of fp8 descale factors: one per tensor (shape () or (1,)), per head
+    (heads,) or per (batch, head); 0 along an axis the factors do not vary on (and for none)."""
+    if d is None or d.numel() == 1:
+        return 0, 0
+    if d.dim() == 1:
+        return 0, d.stride(0)
+    return d.stride(0), d.stride(1)
 
 
 @functools.lru_cache(maxsize=8)
