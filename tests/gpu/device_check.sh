@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check in one device call: install the packages, run the GPU test tier, run the benchmark.
-# Full logs go under $OUT; the short summaries are printed last.
+# Full logs go under $OUT (packed into $OUT/results.tgz at the end); the short summaries are printed last.
 #
 # Run from the repository root on the device machine (the `device` tool's `run`):
 #   bash tests/gpu/device_check.sh
@@ -93,6 +93,9 @@ if [ "$BENCH" != skip ]; then
     echo "wall time: $(( $(date +%s) - start )) s"
   done
 fi
+# The device tool returns few files: every log and result goes back in one archive.
+(cd "$OUT" && tar -czf results.tgz --exclude 'caches.tar.part-*' --exclude results.tgz ./* &&
+  find . -mindepth 1 -maxdepth 1 ! -name "caches.tar.part-*" ! -name results.tgz -exec rm -rf {} +)
 if [ "$SAVE_CACHES" = 1 ]; then
   tar -cz -C "$CACHES" . 2>/dev/null | split -b 15M - "$OUT/caches.tar.part-" &&
     echo "compile caches saved: $(cat "$OUT"/caches.tar.part-* | wc -c) bytes in $(ls "$OUT"/caches.tar.part-* | wc -l) parts"

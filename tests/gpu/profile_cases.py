@@ -1,0 +1,46 @@
+"""Forward calls for Nsight Compute: each case is run once to compile and warm up, then once inside
+a profiler range, so ``ncu --profile-from-start off`` sees exactly one launch per case.
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
+        python3 tests/gpu/profile_cases.py --backend cuda --cases 128:8192:full,128:1024:full
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import flash
+from flash import timing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cuda")
+    parser.add_argument("--cases", default="128:8192:full", help="head_dim:seqlen:full|causal, comma-separated")
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp8"))
+    args = parser.parse_args()
+    for case in args.cases.split(","):
+        head_dim, seqlen, mask = case.split(":")
+        batch, heads = timing.convention_shape(seqlen=int(seqlen), head_dim=int(head_dim))
+        q, k, v = (
+            torch.randn(batch, int(seqlen), heads, int(head_dim), device="cuda", dtype=torch.bfloat16) for _ in range(3)
+        )
+        extra: dict[str, torch.Tensor] = {}
+        if args.dtype == "fp8":
+            (q, extra["q_descale"]), (k, extra["k_descale"]), (v, extra["v_descale"]) = (
+                flash.fp8.quantize(t) for t in (q, k, v)
+            )
+        run = lambda: flash.attention(q, k, v, causal=mask == "causal", backend=args.backend, **extra)  # noqa: E731
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        print("profiled", case, flush=True)
+
+
+if __name__ == "__main__":
+    main()
