@@ -227,8 +227,8 @@ def pretend_gpu(monkeypatch):
 
 
 def _spec(dtype=torch.bfloat16, d=64, **options):
-    q = torch.randn(2, 33, 4, d, dtype=dtype)
-    k = v = torch.randn(2, 31, 2, d, dtype=dtype)
+    q = torch.randn(2, 33, 4, d).to(dtype)
+    k = v = torch.randn(2, 31, 2, d).to(dtype)
     return flash.build_spec(q, k, v, **options)
 
 
@@ -286,9 +286,15 @@ def test_hopper_kernel_takes_what_tma_can_read(pretend_gpu, monkeypatch):
         assert be.uses_hopper(aligned) and reasons(be, "forward", aligned) == []
         unaligned = dataclasses.replace(aligned, aligned16=False)
         assert not be.uses_hopper(unaligned)
-        assert any("softcap needs the Hopper kernel" in r for r in reasons(be, "forward", unaligned))
+        assert any("softcap: only the Hopper kernel" in r for r in reasons(be, "forward", unaligned))
         plain = dataclasses.replace(unaligned, softcap=0.0)
         assert not be.uses_hopper(plain)
+        fp8 = pretend_gpu(_spec(dtype=torch.float8_e4m3fn, d=128, causal=True))
+        assert be.uses_hopper(fp8) and reasons(be, "forward", fp8) == []
+        fp8_unaligned = dataclasses.replace(fp8, aligned16=False)
+        assert any("fp8 inputs: only the Hopper kernel" in r for r in reasons(be, "forward", fp8_unaligned))
+        assert any("multiple of 16" in r for r in reasons(be, "forward", pretend_gpu(_spec(torch.float8_e5m2, 40))))
+        assert reasons(be, "backward", fp8) != []
         monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
         monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
         ampere = pretend_gpu(_spec(d=128, causal=True))

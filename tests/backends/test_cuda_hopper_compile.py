@@ -84,9 +84,13 @@ def test_every_shipped_variant_compiles_without_spilling(compiled):
 def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
     for variant, (_, cubin, _) in compiled.items():
         sass = _sass(cubin)
-        assert "HGMMA.64x" in sass and ".tnspB" in sass, (
-            f"{variant.label()}: no wgmma (S from smem, P V with N-major V)"
-        )
+        if variant.fp8:  # 8-bit wgmma, both operands K-major (V transposed in shared memory)
+            assert "QGMMA.64x" in sass and "HGMMA" not in sass, f"{variant.label()}: no fp8 wgmma"
+            assert re.search(r"\bSTS\b", sass) and "PRMT" in sass, f"{variant.label()}: no V transpose"
+        else:
+            assert "HGMMA.64x" in sass and ".tnspB" in sass, (
+                f"{variant.label()}: no wgmma (S from smem, P V with N-major V)"
+            )
         assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
@@ -114,17 +118,21 @@ def test_source_is_header_free_and_one_extern_c_kernel():
 
 
 def test_table_rows_fit_and_say_where_they_come_from():
-    classes = set()
-    for row in hopper.TABLE:
-        assert row.provenance.startswith(("measured:", "unmeasured:")), row
-        assert row.config.order in (*hopper.ORDERS, "auto")
-        for bf16 in (True, False):
-            variant = hopper.make_variant(row.config, row.head_dim, bf16, row.mask)
-            assert variant.launch_smem <= hopper.MAX_SMEM
-        if row.max_seqlen_k is None:
-            classes.add((row.head_dim, row.mask))
-    # every (head dim, mask) has a row for any length
-    assert classes == {(d, m) for d in hopper.SHIPPED_HEAD_DIMS for m in hopper.MASK_NAMES}
+    for table, dtypes, head_dims in (
+        (hopper.TABLE, ("bf16", "fp16"), hopper.SHIPPED_HEAD_DIMS),
+        (hopper.FP8_TABLE, hopper.FP8_INPUTS, hopper.FP8_HEAD_DIMS),
+    ):
+        classes = set()
+        for row in table:
+            assert row.provenance.startswith(("measured:", "unmeasured:")), row
+            assert row.config.order in (*hopper.ORDERS, "auto")
+            for dtype in dtypes:
+                variant = hopper.make_variant(row.config, row.head_dim, dtype, row.mask)
+                assert variant.launch_smem <= hopper.MAX_SMEM
+            if row.max_seqlen_k is None:
+                classes.add((row.head_dim, row.mask))
+        # every (head dim, mask) has a row for any length
+        assert classes == {(d, m) for d in head_dims for m in hopper.MASK_NAMES}
     # no dead knobs: each option of the table takes more than one value in it
     assert {row.config.consumers for row in hopper.TABLE} == {2, 3}
     assert len({row.config.order for row in hopper.TABLE}) > 1
@@ -163,7 +171,7 @@ def test_launch_arguments_match_the_kernel_signature():
     q = torch.zeros(b, s, h, d, dtype=torch.bfloat16)
     out = torch.zeros_like(q)
     lse = torch.zeros(b, h, s)
-    variant = hopper.make_variant(hopper.config_for(d), d, True, hopper.MASK_NONE)
+    variant = hopper.make_variant(hopper.config_for(d), d, "bf16", hopper.MASK_NONE)
     maps = (tensor_map.TensorMap(), tensor_map.TensorMap(), tensor_map.TensorMap())
     args = hopper.kernel_arguments(
         variant, maps, out, lse, None, None, seqlen_q=s, seqlen_k=s, total_q=s, total_k=s, heads_q=h, heads_kv=h,
@@ -182,6 +190,7 @@ def test_launch_arguments_match_the_kernel_signature():
     assert window["score_log2"].value == pytest.approx(0.125 * hopper.LOG2E)
     assert window["softcap_in"].value == 0
     assert window["blocks_outer"].value == 1
+    assert window["q_descale"].value == 0 and window["qd_sb"].value == 0  # 16-bit: no descale (1)
 
 
 def test_auto_order_follows_the_balance_of_the_heads_order():

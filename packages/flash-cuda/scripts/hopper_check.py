@@ -55,7 +55,9 @@ class Case:
     hkv: int | None = None
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # bf16, fp16, e4m3 or e5m2 (fp8: bshd, per-(batch, head) descales, bf16 out)
+    out_dtype: str = "bf16"  # fp8 only
+    flip_q: bool = False  # fp8: q and its descale negated (the same values)
     varlen: list[int] | None = None  # query lengths (keys: varlen_k or the same)
     varlen_k: list[int] | None = None
     layout: str = "bshd"  # bshd, bhsd (heads outer), padded (rows wider than head_dim)
@@ -69,12 +71,22 @@ class Case:
             return max(self.varlen_k or self.varlen)
         return self.sk or self.sq
 
+    @property
+    def fp8(self) -> bool:
+        return self.dtype in ("e4m3", "e5m2")
+
     def hopper_config(self):
         from flash_cuda import hopper
 
         if self.config:
             return hopper.HopperConfig(*self.config)
-        return hopper.config_for(self.d, self.window, self.seqlen_k)
+        return hopper.config_for(self.d, self.window, self.seqlen_k, self.fp8)
+
+    def variant(self):
+        from flash_cuda import hopper
+
+        out = self.out_dtype if self.fp8 else ""
+        return hopper.make_variant(self.hopper_config(), self.d, self.dtype, hopper.mask_kind(self.window), out)
 
 
 def check_cases() -> list[Case]:
@@ -139,6 +151,7 @@ def check_cases() -> list[Case]:
             config=(2, 128, "auto", 2),
         ),
         Case("fp16 window d128 many tiles", dtype="fp16", b=2, sq=1500, hq=8, window=(200, 30)),
+        *fp8_cases(),
         Case("tiles without keys between tiles", b=2, sq=2000, sk=300, hq=8, window=(50, 0)),
         Case(
             "tiles without keys, two Q buffers",
@@ -152,6 +165,33 @@ def check_cases() -> list[Case]:
         ),
     ]
     return c
+
+
+def fp8_cases() -> list[Case]:
+    c = [Case("fp8 basic d128", d=128, b=1, sq=128, hq=1, dtype="e4m3")]
+    for d in (64, 128, 192, 256):
+        c.append(Case(f"fp8 full d{d}", d=d, b=2, sq=300, sk=517, hq=3, dtype="e4m3"))
+        c.append(Case(f"fp8 causal d{d}", d=d, b=2, sq=333, hq=2, window=(-1, 0), dtype="e4m3"))
+    return [
+        *c,
+        Case("fp8 e5m2 full d128", sq=200, sk=700, dtype="e5m2"),
+        Case("fp8 fp16 out causal", sq=300, window=(-1, 0), dtype="e4m3", out_dtype="fp16"),
+        Case("fp8 negative q descale", sq=200, sk=333, dtype="e4m3", flip_q=True),
+        Case("fp8 window d64 gqa", d=64, hq=6, hkv=2, sq=400, window=(50, 10), dtype="e4m3"),
+        Case("fp8 softcap d128", sq=300, softcap=20.0, dtype="e4m3"),
+        Case("fp8 head dim 72 -> 128", d=72, sq=150, window=(-1, 0), dtype="e4m3"),
+        Case(
+            "fp8 varlen causal gqa",
+            varlen=[200, 1, 77, 513],
+            varlen_k=[250, 5, 77, 300],
+            hq=4,
+            hkv=2,
+            window=(-1, 0),
+            dtype="e4m3",
+        ),
+        Case("fp8 many tiles causal", d=128, b=2, sq=2048, hq=16, window=(-1, 0), dtype="e4m3"),
+        Case("fp8 many tiles full d256", d=256, b=1, sq=1500, hq=12, dtype="e4m3"),
+    ]
 
 
 @dataclass
@@ -170,8 +210,9 @@ def bench_cases() -> list[BenchCase]:
 # ------------------------------------------------------------------ reference
 
 
-def dense_reference(q, k, v, case: Case, cu_q, cu_k, scale: float, compute):
-    """Dense attention of canonical (b, s, h, d) views in dtype `compute`: (out, lse)."""
+def dense_reference(q, k, v, case: Case, cu_q, cu_k, scale: float, compute, p_dtype=None):
+    """Dense attention of canonical (b, s, h, d) views in dtype `compute`: (out, lse); `p_dtype`:
+    the probabilities rounded to it before P V (fp8's naive computation)."""
     import torch
 
     hq = q.shape[2]
@@ -205,6 +246,8 @@ def dense_reference(q, k, v, case: Case, cu_q, cu_k, scale: float, compute):
         denom = p.sum(dim=-1, keepdim=True)
         lses.append((torch.log(denom) + row_max).squeeze(-1))  # (h, lq)
         p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
+        if p_dtype is not None:
+            p = p.to(p_dtype).to(compute)
         outs.append(torch.einsum("hqk,khd->qhd", p, vs))
     if cu_q is None:
         return torch.stack(outs), torch.stack(lses)
@@ -224,7 +267,8 @@ def max_error(actual, expected) -> float:
     return (a[finite] - e[finite]).abs().max().item() if finite.any() else 0.0
 
 
-EPS = {"bf16": 1e-4, "fp16": 1e-5}
+EPS = {"bf16": 1e-4, "fp16": 1e-5, "e4m3": 1e-4, "e5m2": 1e-4}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
 
 
 # ------------------------------------------------------------------ tensors with guard bands
@@ -249,7 +293,7 @@ def make_problem(case: Case, seed: int, device="cuda"):
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
-    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float16
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case.dtype, torch.float32)  # fp8: quantised below
     hkv = case.hkv or case.hq
     d = case.d
     if case.varlen:
@@ -274,6 +318,13 @@ def make_problem(case: Case, seed: int, device="cuda"):
         return torch.randn(b, s, h, d, generator=g, device=device, dtype=torch.float32).to(dtype)
 
     q, k, v = tensor(sq, case.hq), tensor(sk, hkv), tensor(sk, hkv)
+    descales = (None, None, None)
+    if case.fp8:
+        (q, qd), (k, kd), (v, vd) = (quantize(t, case.dtype, per_head=not case.varlen) for t in (q, k, v))
+        if case.flip_q:
+            q, qd = -q, -qd
+        descales = (qd, kd, vd)
+        dtype = torch.bfloat16 if case.out_dtype == "bf16" else torch.float16
     # out: (b, s, h, d) view with padding everywhere (rows d+8 wide, one spare head, spare rows)
     hp, dp = case.hq + 1, d + 8
     if case.layout == "bhsd":
@@ -285,8 +336,23 @@ def make_problem(case: Case, seed: int, device="cuda"):
     l_buf, lse, l_guard = guarded((b, case.hq, sq), l_strides, b * hp * (sq + 5), torch.float32, device)
     return dict(
         q=q, k=k, v=v, out=out, lse=lse, o_buf=o_buf, o_guard=o_guard, l_buf=l_buf, l_guard=l_guard,
-        cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, hkv=hkv,
+        cu_q=cu_q, cu_k=cu_k, max_q=max_q, max_k=max_k, hkv=hkv, descales=descales,
     )  # fmt: skip
+
+
+def quantize(t, fp8: str, per_head: bool):
+    """(t in fp8, float32 descale): one factor per (batch, head), or one for the tensor."""
+    import torch
+
+    dims = (1, 3) if per_head else (0, 1, 2, 3)
+    amax = t.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
+    descale = amax / FP8_MAX[fp8]
+    t8 = (t / descale).to(torch.float8_e4m3fn if fp8 == "e4m3" else torch.float8_e5m2)
+    return t8, (descale[:, 0, :, 0].contiguous() if per_head else descale.reshape(()))
+
+
+def dequantized(t8, descale):
+    return t8.float() * (descale[:, None, :, None] if descale.dim() == 2 else descale)
 
 
 def run_case(case: Case, prob: dict) -> None:
@@ -298,6 +364,7 @@ def run_case(case: Case, prob: dict) -> None:
         prob["q"], prob["k"], prob["v"], prob["out"], prob["lse"], cu_seqlens_q=prob["cu_q"],
         cu_seqlens_k=prob["cu_k"], seqlen_q=prob["max_q"], seqlen_k=prob["max_k"], heads_q=case.hq,
         heads_kv=prob["hkv"], head_dim=case.d, window=case.window, softcap=case.softcap, scale=scale, config=config,
+        q_descale=prob["descales"][0], k_descale=prob["descales"][1], v_descale=prob["descales"][2],
     )  # fmt: skip
 
 
@@ -333,22 +400,30 @@ def check_case(case: Case, seed: int) -> dict:
 
     entry = {"case": case.name, "seed": seed}
     prob = make_problem(case, seed)
-    variant = hopper.make_variant(case.hopper_config(), case.d, case.dtype == "bf16", hopper.mask_kind(case.window))
+    variant = case.variant()
     entry["variant"] = variant.label()
     scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.d)
     reasons = hopper.unsupported_reasons(
         prob["q"], prob["k"], prob["v"], prob["out"], prob["lse"], cu_seqlens_q=prob["cu_q"],
         cu_seqlens_k=prob["cu_k"], seqlen_q=prob["max_q"], seqlen_k=prob["max_k"], heads_q=case.hq,
         heads_kv=prob["hkv"], head_dim=case.d, window=case.window, softcap=case.softcap, scale=scale,
+        q_descale=prob["descales"][0], k_descale=prob["descales"][1], v_descale=prob["descales"][2],
     )  # fmt: skip
     if reasons:
         raise RuntimeError("declared unsupported: " + "; ".join(reasons))
     run_case(case, prob)
     torch.cuda.synchronize()
     out1, lse1 = prob["out"].clone(), prob["lse"].clone()
-    args = (prob["q"], prob["k"], prob["v"], case, prob["cu_q"], prob["cu_k"], scale)
-    ex_o, ex_l = dense_reference(*args, torch.float64)
-    nv_o, nv_l = dense_reference(*args, torch.bfloat16 if case.dtype == "bf16" else torch.float16)
+    if case.fp8:  # the oracle of the dequantised values; naive: fp32 with P rounded to e4m3, O to out's type
+        qkv = [dequantized(t, d) for t, d in zip((prob["q"], prob["k"], prob["v"]), prob["descales"])]
+        args = (*qkv, case, prob["cu_q"], prob["cu_k"], scale)
+        ex_o, ex_l = dense_reference(*args, torch.float64)
+        nv_o, nv_l = dense_reference(*args, torch.float32, p_dtype=torch.float8_e4m3fn)
+        nv_o = nv_o.to(out1.dtype)
+    else:
+        args = (prob["q"], prob["k"], prob["v"], case, prob["cu_q"], prob["cu_k"], scale)
+        ex_o, ex_l = dense_reference(*args, torch.float64)
+        nv_o, nv_l = dense_reference(*args, torch.bfloat16 if case.dtype == "bf16" else torch.float16)
     err_o, err_l = max_error(out1, ex_o), max_error(lse1, ex_l)
     lim_o = 2 * max_error(nv_o, ex_o) + EPS[case.dtype]
     lim_l = 2 * max_error(nv_l, ex_l) + EPS[case.dtype]
@@ -426,14 +501,15 @@ def all_variants():
 
     found = set(hopper.shipped_variants())
     for case in check_cases():
-        found.add(
-            hopper.make_variant(case.hopper_config(), case.d, case.dtype == "bf16", hopper.mask_kind(case.window))
-        )
+        found.add(case.variant())
     for bc in bench_cases():
         window = (-1, 0) if bc.causal else (-1, -1)
         for cfg in bc.configs:
             config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(bc.d, window, bc.seqlen)
-            found.add(hopper.make_variant(config, bc.d, True, hopper.mask_kind(window)))
+            found.add(hopper.make_variant(config, bc.d, "bf16", hopper.mask_kind(window)))
+        if bc.d in hopper.FP8_HEAD_DIMS:
+            fp8 = hopper.config_for(bc.d, window, bc.seqlen, fp8=True)
+            found.add(hopper.make_variant(fp8, bc.d, "e4m3", hopper.mask_kind(window)))
     return sorted(found, key=lambda v: v.label())
 
 
@@ -542,13 +618,33 @@ def phase_bench(args) -> int:
                 row[label] = None
                 log(f"  {label} failed: {type(error).__name__}: {error}")
                 traceback.print_exc()
+        if d in hopper.FP8_HEAD_DIMS:  # the same problem in e4m3 (per-head descales), bf16 out
+            try:
+                (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
+                fn = lambda: hopper.forward(  # noqa: E731
+                    q8, k8, v8, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
+                    scale=scale, q_descale=qd, k_descale=kd, v_descale=vd,
+                )  # fmt: skip
+                fn()
+                torch.cuda.synchronize()
+                row["fp8"] = tflops(fn)
+                row["fp8 maxdiff"] = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
+                log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} fp8 e4m3: {row['fp8']:.1f} TFLOP/s, "
+                    f"max |out - cuDNN bf16| {row['fp8 maxdiff']:.3g}")  # fmt: skip
+            except Exception as error:
+                row["fp8"] = None
+                log(f"  fp8 failed: {type(error).__name__}: {error}")
+                traceback.print_exc()
         time_peers(" again")  # cuDNN's speed moved by up to 13% between processes: timed before and after ours
         rows.append(row)
         log(json.dumps(row))
     with open(os.path.join(OUT, "bench.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     log("\nTFLOP/s (bf16, 16k tokens, 2048 = heads * d); ratio = ours (table) / the faster cuDNN timing")
-    log(f"{'case':22s} {'ours':>7s} {'cuDNN':>7s} {'FA2':>7s} {'ratio':>6s}  cuDNN again; graphed ours/cuDNN/FA2")
+    log(
+        f"{'case':22s} {'ours':>7s} {'cuDNN':>7s} {'FA2':>7s} {'ratio':>6s} {'fp8':>7s} {'x bf16':>6s}  "
+        "cuDNN again; graphed ours/cuDNN/FA2"
+    )
     for r in rows:
         ours, fa2 = r.get("table"), r.get("fa2")
         cudnn = max(r.get("cudnn") or 0, r.get("cudnn again") or 0) or None  # the faster of its two timings
@@ -561,7 +657,9 @@ def phase_bench(args) -> int:
             cands += " | graph " + "/".join(f"{r.get('graph ' + n) or 0:.0f}" for n in ("ours", "cudnn", "fa2"))
         case = f"d{r['d']} s{r['seqlen']} {'causal' if r['causal'] else 'full'}"
         fmt = lambda x: f"{x:7.1f}" if x else "      -"  # noqa: E731
-        log(f"{case:22s} {fmt(ours)} {fmt(cudnn)} {fmt(fa2)} {ratio:>6s}  {cands}")
+        fp8 = r.get("fp8")
+        over_bf16 = f"{fp8 / ours:.2f}" if fp8 and ours else "-"
+        log(f"{case:22s} {fmt(ours)} {fmt(cudnn)} {fmt(fa2)} {ratio:>6s} {fmt(fp8)} {over_bf16:>6s}  {cands}")
     return 0
 
 

@@ -24,11 +24,11 @@ from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
 
-#: Options of the spec this forward handles (dropout and fp8 are not implemented; softcap only by the
+#: Options of the spec this forward handles (dropout is not implemented; softcap and fp8 only by the
 #: Hopper kernel, see CudaBackend.extra_reasons).
 FORWARD = Support(
-    dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}),
+    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8"}),
     head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
     min_capability=(8, 0),  # cp.async and bf16 mma.sync
     aligned16=True,
@@ -80,11 +80,17 @@ class CudaBackend(Backend):
         return []
 
     def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
-        if pass_ != "forward" or spec.device.type != "cuda" or not _hopper_reasons(spec):
+        if pass_ != "forward" or spec.device.type != "cuda":
+            return []
+        if spec.is_fp8 and spec.out_dtype not in (torch.bfloat16, torch.float16):
+            return [f"fp8 output {spec.out_dtype}: the Hopper kernel writes bfloat16 or float16"]
+        if not _hopper_reasons(spec):
             return []
         # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
-        if spec.softcap:
-            return ["softcap needs the Hopper kernel, which declines: " + "; ".join(_hopper_reasons(spec))]
+        declines = "; ".join(_hopper_reasons(spec))
+        for needs, what in ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap")):
+            if needs:
+                return [f"{what}: only the Hopper kernel has them, and it declines: {declines}"]
         if launch.grid_size(spec, 16) > launch.MAX_GRID:
             return ["more than 2**31 - 1 thread blocks"]
         return []
@@ -122,7 +128,8 @@ class CudaBackend(Backend):
                 args.q, args.k, args.v, args.out, args.lse, cu_seqlens_q=args.cu_seqlens_q,
                 cu_seqlens_k=args.cu_seqlens_k, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k,
                 heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds,
-                softcap=spec.softcap, scale=spec.scale,
+                softcap=spec.softcap, scale=spec.scale, q_descale=args.q_descale, k_descale=args.k_descale,
+                v_descale=args.v_descale,
             )  # fmt: skip
             return
         launch.forward(spec, args, self.variant(spec, config))

@@ -30,6 +30,12 @@ ARCH = "sm_90a"
 BASE_OPTIONS = ("-std=c++17",)
 #: Head dims a kernel is compiled for; a problem's head dim rounds up to the next (zero-filled columns).
 SHIPPED_HEAD_DIMS = (64, 96, 128, 192, 256)
+#: fp8 tiles are whole 64-byte swizzle rows.
+FP8_HEAD_DIMS = (64, 128, 192, 256)
+#: Input types, in the kernel's numbering (Shape::INPUT), and their torch names.
+INPUTS = ("fp16", "bf16", "e4m3", "e5m2")
+FP8_INPUTS = ("e4m3", "e5m2")
+TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
 MASK_NONE, MASK_RIGHT, MASK_BOTH = 0, 1, 2
 MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
 #: Largest dynamic shared memory a block may opt in to on sm_90, bytes.
@@ -113,9 +119,29 @@ TABLE: tuple[TableRow, ...] = (
 )
 
 
-def compiled_head_dim(head_dim: int) -> int:
+_FP8 = "unmeasured: the bf16 tiles' shape where it fits (V^T rows of 64 or 128 keys), not yet timed"
+
+#: fp8 inputs (e4m3, e5m2): key blocks of 64 or 128 (a V^T row is one swizzle span); more keys per
+#: block than for 16 bits would not fit the V^T ring.
+FP8_TABLE: tuple[TableRow, ...] = (
+    TableRow(64, MASK_NONE, None, HopperConfig(2, 128), _FP8),
+    TableRow(64, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), _FP8),
+    TableRow(64, MASK_BOTH, None, HopperConfig(2, 128, "auto"), _FP8),
+    TableRow(128, MASK_NONE, None, HopperConfig(2, 128), _FP8),
+    TableRow(128, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), _FP8),
+    TableRow(128, MASK_BOTH, None, HopperConfig(2, 128, "auto"), _FP8),
+    TableRow(192, MASK_NONE, None, HopperConfig(2, 128), _FP8),
+    TableRow(192, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), _FP8),
+    TableRow(192, MASK_BOTH, None, HopperConfig(2, 64, "auto"), _FP8),
+    TableRow(256, MASK_NONE, None, HopperConfig(2, 64), _FP8),
+    TableRow(256, MASK_RIGHT, None, HopperConfig(2, 64, "auto"), _FP8),
+    TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "auto"), _FP8),
+)
+
+
+def compiled_head_dim(head_dim: int, fp8: bool = False) -> int:
     """The shipped head dim a problem runs at (the next one up; extra columns are zeros)."""
-    for d in SHIPPED_HEAD_DIMS:
+    for d in FP8_HEAD_DIMS if fp8 else SHIPPED_HEAD_DIMS:
         if head_dim <= d:
             return d
     raise ValueError(f"head_dim {head_dim} > {SHIPPED_HEAD_DIMS[-1]}")
@@ -129,19 +155,21 @@ def mask_kind(window: tuple[int, int]) -> int:
     return MASK_RIGHT if left < 0 else MASK_BOTH
 
 
-def table_row(head_dim: int, mask: int, seqlen_k: int | None = None) -> TableRow:
-    d = compiled_head_dim(head_dim)
-    for row in TABLE:
+def table_row(head_dim: int, mask: int, seqlen_k: int | None = None, fp8: bool = False) -> TableRow:
+    d = compiled_head_dim(head_dim, fp8)
+    for row in FP8_TABLE if fp8 else TABLE:
         fits = row.max_seqlen_k is None or (seqlen_k is not None and seqlen_k <= row.max_seqlen_k)
         if row.head_dim == d and row.mask == mask and fits:
             return row
     raise KeyError(f"no Hopper table row for head dim {d}, mask {MASK_NAMES[mask]}")
 
 
-def config_for(head_dim: int, window: tuple[int, int] = (-1, -1), seqlen_k: int | None = None) -> HopperConfig:
-    """The tiles for a problem class: head dim (before rounding up), ``(left, right)`` window and
-    (longest) key sequence length."""
-    return table_row(head_dim, mask_kind(window), seqlen_k).config
+def config_for(
+    head_dim: int, window: tuple[int, int] = (-1, -1), seqlen_k: int | None = None, fp8: bool = False
+) -> HopperConfig:
+    """The tiles for a problem class: head dim (before rounding up), ``(left, right)`` window,
+    (longest) key sequence length and whether the inputs are fp8."""
+    return table_row(head_dim, mask_kind(window), seqlen_k, fp8).config
 
 
 def _block_costs(m_blocks: int, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, window: tuple) -> list[int]:
@@ -201,17 +229,26 @@ def tile_order(
 class HopperVariant:
     """Everything that changes the compiled kernel."""
 
-    head_dim: int  # compiled (one of SHIPPED_HEAD_DIMS)
+    head_dim: int  # compiled (one of SHIPPED_HEAD_DIMS, FP8_HEAD_DIMS for fp8)
     consumers: int
     block_n: int
     q_stages: int
-    bf16: bool
+    dtype: str  # the inputs' (INPUTS)
     mask: int
+    out_dtype: str = ""  # "bf16" or "fp16"; default: the inputs' (bf16 for fp8 inputs)
 
     def __post_init__(self) -> None:
+        if not self.out_dtype:
+            object.__setattr__(self, "out_dtype", "bf16" if self.fp8 else self.dtype)
         problems = []
-        if self.head_dim not in SHIPPED_HEAD_DIMS:
-            problems.append(f"head_dim {self.head_dim} not in {SHIPPED_HEAD_DIMS}")
+        if self.dtype not in INPUTS:
+            problems.append(f"dtype {self.dtype!r} not in {INPUTS}")
+        if self.out_dtype not in ("bf16", "fp16") or (not self.fp8 and self.out_dtype != self.dtype):
+            problems.append(f"out_dtype {self.out_dtype!r}: bf16 or fp16, the inputs' own for 16-bit inputs")
+        if self.head_dim not in (FP8_HEAD_DIMS if self.fp8 else SHIPPED_HEAD_DIMS):
+            problems.append(f"head_dim {self.head_dim} not in {FP8_HEAD_DIMS if self.fp8 else SHIPPED_HEAD_DIMS}")
+        if self.fp8 and self.block_n not in (64, 128):
+            problems.append(f"block_n {self.block_n}: fp8 V^T rows are 64 or 128 keys")
         if self.consumers not in (2, 3):
             problems.append(f"consumers {self.consumers} not 2 or 3")
         if self.block_n % 16 or not 16 <= self.block_n <= 256:
@@ -226,6 +263,14 @@ class HopperVariant:
             raise ValueError("invalid Hopper kernel variant: " + "; ".join(problems))
 
     @property
+    def fp8(self) -> bool:
+        return self.dtype in FP8_INPUTS
+
+    @property
+    def element_bytes(self) -> int:
+        return 1 if self.fp8 else 2
+
+    @property
     def block_m(self) -> int:
         return 64 * self.consumers
 
@@ -234,19 +279,21 @@ class HopperVariant:
         return 128 * (self.consumers + 1)
 
     @property
-    def slab(self) -> int:
-        """Columns per swizzle slab: 64 (128-byte rows) or, for head dims not a multiple of 64, 32."""
-        return 64 if self.head_dim % 64 == 0 else 32
+    def swizzle(self) -> int:
+        """Bytes of a slab row, the swizzle span: 128, or 64 where a row is not a multiple of 128 bytes."""
+        return 128 if self.head_dim * self.element_bytes % 128 == 0 else 64
 
     @property
-    def swizzle(self) -> int:
-        return 2 * self.slab
+    def slab(self) -> int:
+        """Columns per swizzle slab."""
+        return self.swizzle // self.element_bytes
 
     @property
     def smem_bytes(self) -> int:
-        """Shape::SMEM_BYTES of the kernel: the Q, K and V rings, the mbarriers."""
-        tiles = 2 * self.head_dim * (self.q_stages * self.block_m + 2 * STAGES * self.block_n)
-        return tiles + 8 * (2 * self.q_stages + 4 * STAGES)
+        """Shape::SMEM_BYTES of the kernel: the Q, K and V rings (fp8: and V^T's), the mbarriers."""
+        kv_rings = 3 if self.fp8 else 2
+        tiles = self.element_bytes * self.head_dim * (self.q_stages * self.block_m + kv_rings * STAGES * self.block_n)
+        return tiles + 8 * (2 * self.q_stages + (6 if self.fp8 else 4) * STAGES)
 
     @property
     def launch_smem(self) -> int:
@@ -258,7 +305,8 @@ class HopperVariant:
             "HOPPER_CONSUMERS": self.consumers,
             "HOPPER_BN": self.block_n,
             "HOPPER_Q_STAGES": self.q_stages,
-            "HOPPER_BF16": int(self.bf16),
+            "HOPPER_INPUT": INPUTS.index(self.dtype),
+            "HOPPER_OUT_BF16": int(self.out_dtype == "bf16"),
             "HOPPER_MASK": self.mask,
             "HOPPER_SMEM_BYTES": self.smem_bytes,
         }
@@ -268,22 +316,27 @@ class HopperVariant:
         return (*BASE_OPTIONS, f"-arch={ARCH}", *self.defines())
 
     def label(self) -> str:
+        out = f"->{self.out_dtype}" if self.fp8 else ""
         return (
-            f"{'bf16' if self.bf16 else 'fp16'} d{self.head_dim} {MASK_NAMES[self.mask]} "
+            f"{self.dtype}{out} d{self.head_dim} {MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}"
         )
 
 
-def make_variant(config: HopperConfig, head_dim: int, bf16: bool, mask: int) -> HopperVariant:
-    return HopperVariant(compiled_head_dim(head_dim), config.consumers, config.block_n, config.q_stages, bf16, mask)
+def make_variant(config: HopperConfig, head_dim: int, dtype: str, mask: int, out_dtype: str = "") -> HopperVariant:
+    d = compiled_head_dim(head_dim, dtype in FP8_INPUTS)
+    return HopperVariant(d, config.consumers, config.block_n, config.q_stages, dtype, mask, out_dtype)
 
 
 _variant = functools.lru_cache(maxsize=256)(make_variant)
 
 
 def shipped_variants() -> list[HopperVariant]:
-    """Every variant the table can launch: one per row and dtype."""
-    return [make_variant(row.config, row.head_dim, bf16, row.mask) for row in TABLE for bf16 in (True, False)]
+    """Every variant the tables can launch: one per 16-bit row and dtype, one per fp8 row and fp8
+    type with a bf16 output (an fp16 output changes only the final rounding)."""
+    sixteen = [make_variant(row.config, row.head_dim, dtype, row.mask) for row in TABLE for dtype in ("bf16", "fp16")]
+    fp8 = [make_variant(row.config, row.head_dim, dtype, row.mask) for row in FP8_TABLE for dtype in FP8_INPUTS]
+    return sixteen + fp8
 
 
 # ------------------------------------------------------------------ source
@@ -293,26 +346,35 @@ def _operands(count: int, first: int = 0) -> str:
     return ", ".join(f"%{i}" for i in range(first, first + count))
 
 
-def _wgmma_method(n: int, dtype: str, register_a: bool) -> str:
+#: PTX type names of the inputs.
+_PTX_TYPES = {"fp16": "f16", "bf16": "bf16", "e4m3": "e4m3", "e5m2": "e5m2"}
+
+
+def _wgmma_method(n: int, a_type: str, b_type: str, register_a: bool) -> str:
+    """One wgmma of the variant: k = 32 bytes of A and B types ``a_type``, ``b_type`` (INPUTS)."""
     regs = n // 2
     acc = _operands(regs)
     outputs = ",\n          ".join(
         ", ".join(f'"+f"(d[{i}])' for i in range(j, min(j + 8, regs))) for j in range(0, regs, 8)
     )
-    instruction = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype}"
+    fp8 = a_type in FP8_INPUTS
+    k = 32 if fp8 else 16
+    instruction = f"wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{_PTX_TYPES[a_type]}.{_PTX_TYPES[b_type]}"
+    # scale-d, scale-a, scale-b, then for 16-bit types whether A and B are transposed (8-bit types
+    # are always K-major)
     if register_a:
         a, b, flag = f"{{{_operands(4, regs)}}}", f"%{regs + 4}", regs + 5
-        tail = "p, 1, 1, 1"  # scale-d, scale-a, scale-b, B transposed (N-major)
+        tail = "p, 1, 1" if fp8 else "p, 1, 1, 1"  # 16-bit B N-major (transposed)
         signature = f"float (&d)[{regs}], u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b, int accumulate"
         inputs = '"r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate)'
-        what = "A (64 x 16) from registers, B (16 x N) N-major in shared memory"
+        what = f"A (64 x {k}) from registers, B ({k} x N) {'K' if fp8 else 'N'}-major in shared memory"
         name = "rs"
     else:
         a, b, flag = f"%{regs}", f"%{regs + 1}", regs + 2
-        tail = "p, 1, 1, 0, 0"  # scale-d, scale-a, scale-b, A and B K-major
+        tail = "p, 1, 1" if fp8 else "p, 1, 1, 0, 0"  # A and B K-major
         signature = f"float (&d)[{regs}], u64 desc_a, u64 desc_b, int accumulate"
         inputs = '"l"(desc_a), "l"(desc_b), "r"(accumulate)'
-        what = "A (64 x 16) and B (16 x N) K-major in shared memory"
+        what = f"A (64 x {k}) and B ({k} x N) K-major in shared memory"
         name = "ss"
     return (
         f"  // D (+)= A B, {what}; D is overwritten when accumulate == 0.\n"
@@ -328,8 +390,8 @@ def _wgmma_method(n: int, dtype: str, register_a: bool) -> str:
 
 def wgmma_source(variant: HopperVariant) -> str:
     """The wgmma instructions the variant uses: Q K^T (N = block_n, both operands in shared memory)
-    and P V (N = head dim, P from registers)."""
-    dtype = "bf16" if variant.bf16 else "f16"
+    and P V (N = head dim, P from registers; e4m3 for fp8 inputs)."""
+    p_type = "e4m3" if variant.fp8 else variant.dtype
     parts = [
         f"// Generated by flash_cuda/hopper.py for {variant.label()}.",
         "namespace flash_cuda {",
@@ -338,9 +400,9 @@ def wgmma_source(variant: HopperVariant) -> str:
     for n in sorted({variant.block_n, variant.head_dim}):
         methods = ""
         if n == variant.block_n:
-            methods += _wgmma_method(n, dtype, register_a=False)
+            methods += _wgmma_method(n, variant.dtype, variant.dtype, register_a=False)
         if n == variant.head_dim:
-            methods += _wgmma_method(n, dtype, register_a=True)
+            methods += _wgmma_method(n, p_type, variant.dtype, register_a=True)
         parts.append(f"template <>\nstruct Wgmma<{n}> {{\n{methods}}};")
     parts += ["}  // namespace sm90", "}  // namespace flash_cuda"]
     return "\n".join(parts)
@@ -386,6 +448,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _input_names() -> dict[Any, str]:
+    import torch
+
+    return {getattr(torch, name): short for short, name in TORCH_DTYPES.items()}
+
+
+def input_name(dtype: Any) -> str | None:
+    """The INPUTS name of a torch dtype (None: the kernel does not take it)."""
+    return _input_names().get(dtype)
+
+
 def _reach(value: int) -> int:
     return UNBOUNDED_REACH if value < 0 else min(value, UNBOUNDED_REACH)
 
@@ -411,7 +485,7 @@ def _tensor_map(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> Any:
     Encoded once per tensor geometry (the kernel copies it by value at launch)."""
     b, s, h, d = t.shape
     dims = (d, h, s, 1 if varlen else b)
-    dtype = "bf16" if variant.bf16 else "fp16"
+    dtype = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
     box = (variant.slab, 1, rows, 1)
     return _encoded_map(t.data_ptr(), dtype, dims, tuple(_map_strides(t)), box, variant.swizzle)
 
@@ -434,15 +508,18 @@ def problem_reasons(
 ) -> list[str]:
     """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
     looking at any tensor's layout (:func:`layout_reasons`)."""
-    import torch
-
     reasons = []
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
-    if dtype not in (torch.float16, torch.bfloat16):
-        reasons.append(f"dtype {dtype}: float16 or bfloat16 only")
-    if head_dim % 8 or not 8 <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
-        reasons.append(f"head_dim {head_dim}: a multiple of 8 up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)")
+    name = input_name(dtype)
+    if name is None:
+        reasons.append(f"dtype {dtype}: float16, bfloat16, float8_e4m3fn or float8_e5m2 only")
+    fp8 = name in FP8_INPUTS
+    multiple = 16 if fp8 else 8  # TMA rows of 16 bytes
+    if head_dim % multiple or not multiple <= head_dim <= SHIPPED_HEAD_DIMS[-1]:
+        reasons.append(
+            f"head_dim {head_dim}: a multiple of {multiple} up to {SHIPPED_HEAD_DIMS[-1]} (TMA rows of 16 bytes)"
+        )
     if heads_kv <= 0 or heads_q % heads_kv:
         reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
     if scale <= 0 or not math.isfinite(scale):
@@ -454,7 +531,7 @@ def problem_reasons(
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
         reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
     elif head_dim <= SHIPPED_HEAD_DIMS[-1] and heads_kv > 0:
-        config = config_for(head_dim, window, seqlen_k)
+        config = config_for(head_dim, window, seqlen_k, fp8)
         if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
             reasons.append("more than 2^31 - 1 tiles")
     return reasons
@@ -490,6 +567,9 @@ def unsupported_reasons(
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     scale: float,
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
 ) -> list[str]:
     """Why :func:`forward` cannot take this problem, as readable reasons (empty: it can).
 
@@ -508,8 +588,23 @@ def unsupported_reasons(
     )  # fmt: skip
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
-    if out.dtype != q.dtype or lse.dtype != torch.float32:
-        reasons.append("out must have the inputs' dtype and lse float32")
+    fp8 = q.element_size() == 1
+    if fp8 and out.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"out of fp8 inputs: bfloat16 or float16, not {out.dtype}")
+    if not fp8 and out.dtype != q.dtype:
+        reasons.append("out must have the inputs' dtype")
+    if lse.dtype != torch.float32:
+        reasons.append("lse must be float32")
+    batch_heads = {"q_descale": (batch, heads_q), "k_descale": (batch, heads_kv), "v_descale": (batch, heads_kv)}
+    for name, d in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+        if d is None:
+            continue
+        if not fp8:
+            reasons.append(f"{name}: descale factors are for fp8 inputs")
+        elif d.dtype != torch.float32 or d.device != q.device:
+            reasons.append(f"{name}: float32 on {q.device}")
+        elif d.numel() != 1 and tuple(d.shape) != batch_heads[name]:
+            reasons.append(f"{name}: one value, or shape {batch_heads[name]} (batch, heads)")
     for name, t in (("q", q), ("k", k), ("v", v)):
         reasons += layout_reasons(name, tuple(t.shape), tuple(t.stride()), t.element_size(), t.data_ptr())
     if out.stride(-1) != 1 or out.data_ptr() % 4 or any(s % 2 for s in out.stride()[:3]):
@@ -544,8 +639,10 @@ def kernel_arguments(
     order: str,
     softcap: float,
     scale: float,
+    descales: tuple[Any, Any, Any] = (None, None, None),
 ) -> list[Any]:
-    """The kernel's parameter list (kernels/hopper_fwd.cu) as ctypes values of the exact C types."""
+    """The kernel's parameter list (kernels/hopper_fwd.cu) as ctypes values of the exact C types.
+    ``descales``: the fp8 descale tensors of q, k, v (None: 1), one value or one per (batch, head)."""
     import ctypes
 
     varlen = cu_q is not None
@@ -582,7 +679,16 @@ def kernel_arguments(
         i32(ORDERS.index(order)),
         f32(score_log2),
         f32(softcap_in),
+        *[ptr(0 if d is None else d.data_ptr()) for d in descales],
+        *[i64(s) for d in descales for s in _descale_strides(d)],
     ]
+
+
+def _descale_strides(d: Any) -> tuple[int, int]:
+    """(batch, head) element strides of a descale tensor; 0, 0 for one value (or none)."""
+    if d is None or d.numel() == 1:
+        return (0, 0)
+    return (d.stride(0), d.stride(1))
 
 
 def forward(
@@ -603,8 +709,13 @@ def forward(
     softcap: float = 0.0,
     scale: float,
     config: HopperConfig | None = None,
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
 ) -> None:
-    """Fill ``out`` (the inputs' dtype) and ``lse`` (float32) with one launch on torch's current stream.
+    """Fill ``out`` (the inputs' dtype; bf16 or fp16 for fp8 inputs) and ``lse`` (float32) with one
+    launch on torch's current stream. fp8 inputs: the values are ``q * q_descale`` and so on (float32
+    descale factors, one value or one per (batch, head); None: 1).
 
     ``q, k, v, out``: canonical ``(batch, seqlen, heads, head_dim)`` views, any strides TMA takes
     (:func:`unsupported_reasons`); varlen: batch 1, seqlen = total tokens, int32 ``cu_seqlens_*``
@@ -617,8 +728,12 @@ def forward(
     from flash_cuda import tensor_map
 
     varlen = cu_seqlens_q is not None
-    config = config or config_for(head_dim, window, seqlen_k)
-    variant = _variant(config, head_dim, q.dtype == torch.bfloat16, mask_kind(window))
+    dtype = input_name(q.dtype)
+    assert dtype is not None, q.dtype  # unsupported_reasons said so
+    fp8 = dtype in FP8_INPUTS
+    config = config or config_for(head_dim, window, seqlen_k, fp8)
+    out_dtype = (input_name(out.dtype) or "") if fp8 else ""
+    variant = _variant(config, head_dim, dtype, mask_kind(window), out_dtype)
     batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -641,7 +756,7 @@ def forward(
     args = kernel_arguments(
         variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, order=order, softcap=softcap, scale=scale,
+        window=window, order=order, softcap=softcap, scale=scale, descales=(q_descale, k_descale, v_descale),
     )  # fmt: skip
     stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(device):

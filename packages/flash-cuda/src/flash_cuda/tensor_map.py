@@ -12,8 +12,9 @@ import ctypes
 import functools
 from collections.abc import Sequence
 
-#: CUtensorMapDataType values (cuda.h).
-DATA_TYPES = {"fp16": 6, "bf16": 9}
+#: CUtensorMapDataType values (cuda.h); fp8 tensors move as bytes.
+DATA_TYPES = {"u8": 0, "fp16": 6, "bf16": 9}
+ELEMENT_BYTES = {"u8": 1, "fp16": 2, "bf16": 2}
 #: CUtensorMapSwizzle values by swizzle span in bytes.
 SWIZZLES = {0: 0, 32: 1, 64: 2, 128: 3}
 #: CUtensorMapL2promotion values by promotion size in bytes.
@@ -83,7 +84,7 @@ def encode_tiled(
     contiguous), ``box`` the tile one TMA load moves, ``swizzle`` its shared-memory swizzle span in
     bytes. Out-of-bounds elements load as zeros."""
     rank = len(dims)
-    problems = tensor_map_problems(address, dims, strides, box, swizzle, element_bytes=2)
+    problems = tensor_map_problems(address, dims, strides, box, swizzle, element_bytes=ELEMENT_BYTES[dtype])
     if problems:
         raise DriverError("cuTensorMapEncodeTiled would reject this tensor: " + "; ".join(problems))
     out = TensorMap()

@@ -9,8 +9,8 @@
 #error "hopper_fwd.cu is compiled through flash_cuda.hopper, which defines HOPPER_D and friends"
 #endif
 
-using HopperShape =
-    flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, (HOPPER_BF16 != 0), HOPPER_MASK>;
+using HopperShape = flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, HOPPER_INPUT,
+                                              (HOPPER_OUT_BF16 != 0), HOPPER_MASK>;
 static_assert(HopperShape::SMEM_BYTES == HOPPER_SMEM_BYTES, "flash_cuda/hopper.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(HopperShape::THREADS, 1)
@@ -20,10 +20,13 @@ flash_fwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
                const int* __restrict__ cu_q, const int* __restrict__ cu_k, i64 o_sb, i64 o_ss, i64 o_sh, i64 l_sb,
                i64 l_sh, i64 l_ss, int seqlen_q, int seqlen_k, int total_q, int total_k, int heads_q, int group,
                int head_dim, int m_blocks, int tiles, int win_left, int win_right, int blocks_outer,
-               float score_log2, float softcap_in) {
+               float score_log2, float softcap_in, const float* __restrict__ q_descale,
+               const float* __restrict__ k_descale, const float* __restrict__ v_descale, i64 qd_sb, i64 qd_sh,
+               i64 kd_sb, i64 kd_sh, i64 vd_sb, i64 vd_sh) {
   const flash_cuda::hopper::Params params{o,        lse,      cu_q,     cu_k,    o_sb,      o_ss,     o_sh,
                                           l_sb,     l_sh,     l_ss,     seqlen_q, seqlen_k, total_q,  total_k,
                                           heads_q,  group,    head_dim, m_blocks, tiles,    win_left, win_right,
-                                          blocks_outer, score_log2, softcap_in};
+                                          blocks_outer, score_log2, softcap_in, q_descale, k_descale,
+                                          v_descale, qd_sb,    qd_sh,    kd_sb,    kd_sh,   vd_sb,     vd_sh};
   flash_cuda::hopper::forward<HopperShape>(params, &q_map, &k_map, &v_map);
 }

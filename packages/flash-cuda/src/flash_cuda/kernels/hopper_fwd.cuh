@@ -23,11 +23,18 @@
 // reference max moves only when it grows by more than RESCALE_LOG2 (base 2), so most blocks leave
 // O alone.
 //
-// Tiles are (ROWS x D) shared-memory images of 16-bit values written by TMA with the 128-byte (64-byte
-// when D is not a multiple of 64) swizzle, in slabs of SLAB columns; head dims short of D arrive
+// Tiles are (ROWS x D) shared-memory images written by TMA with the 128-byte (64-byte when a row is
+// not a multiple of 128 bytes) swizzle, in slabs of SLAB columns; head dims short of D arrive
 // zero-filled (TMA's out-of-bounds fill), rows past a tensor's end likewise. O and the LSE go
 // straight from registers to global memory, rows past the sequence end and columns past head_dim
 // skipped.
+//
+// fp8 inputs (e4m3, e5m2) use the same pipeline with Hopper's 8-bit wgmma (k = 32 bytes per step),
+// which reads both operands K-major: for O += P V that means V with the keys contiguous. The three
+// spare warps of the producer warpgroup transpose each V block in shared memory into a V^T ring
+// (byte shuffles, no pass over global memory), keys in the order P's registers hold them, so that
+// P goes from the S accumulator to the 8-bit A operand without crossing lanes. The descale factors
+// of Q and K fold into the tile's score scale, that of V into the output's normalisation.
 //
 // Masking (flash.masking, bottom-right aligned): query row i of a sequence sees key j iff
 // j < len_k and -left <= j - i - (len_k - len_q) <= right.
@@ -45,8 +52,10 @@ constexpr float RESCALE_LOG2 = 8.f;
 constexpr float LN2 = 0.6931471805599453f;
 // Named barrier 0 is __syncthreads; the consumers' turns use 1..CONSUMERS.
 constexpr int TURN_BARRIER = 1;
+// Input element types (Shape::INPUT).
+constexpr int INPUT_F16 = 0, INPUT_BF16 = 1, INPUT_E4M3 = 2, INPUT_E5M2 = 3;
 
-template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, bool BF16_, int MASK_>
+template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_>
 struct Shape {
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
@@ -55,25 +64,34 @@ struct Shape {
   // Depth of the K and V rings: the widest tiles fill shared memory with two, and a third stage
   // measured no faster where it fits (PERF_NOTES.md).
   static constexpr int STAGES = 2;
-  static constexpr bool BF16 = BF16_;
+  static constexpr int INPUT = INPUT_;
+  static constexpr bool FP8 = INPUT == INPUT_E4M3 || INPUT == INPUT_E5M2;
+  static constexpr bool OUT_BF16 = OUT_BF16_;  // the output's type: bf16, else fp16
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (sliding window)
   static constexpr int BM = 64 * CONSUMERS;
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
-  static constexpr int SLAB = D % 64 == 0 ? 64 : 32;  // columns of one swizzle slab (a 128- or 64-byte row)
-  static constexpr int SWIZZLE = 2 * SLAB;            // bytes of a slab row, the swizzle span
-  // Shared memory (from a 1024-byte aligned base): the Q, K and V rings, then the mbarriers.
-  static constexpr int Q_BYTES = BM * D * 2;
-  static constexpr int KV_BYTES = BN * D * 2;
+  static constexpr int ELEM = FP8 ? 1 : 2;                          // bytes per input element
+  static constexpr int SWIZZLE = (D * ELEM) % 128 == 0 ? 128 : 64;  // bytes of a slab row, the swizzle span
+  static constexpr int SLAB = SWIZZLE / ELEM;                       // columns of one swizzle slab
+  // Shared memory (from a 1024-byte aligned base): the Q, K and V rings, for fp8 the V^T ring, then
+  // the mbarriers.
+  static constexpr int Q_BYTES = BM * D * ELEM;
+  static constexpr int KV_BYTES = BN * D * ELEM;
   static constexpr int K_OFFSET = Q_STAGES * Q_BYTES;
   static constexpr int V_OFFSET = K_OFFSET + STAGES * KV_BYTES;
-  static constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * KV_BYTES;
-  static constexpr int BARRIERS = 2 * Q_STAGES + 4 * STAGES;
+  static constexpr int VT_OFFSET = V_OFFSET + STAGES * KV_BYTES;
+  static constexpr int BARRIER_OFFSET = VT_OFFSET + (FP8 ? STAGES * KV_BYTES : 0);
+  static constexpr int BARRIERS = 2 * Q_STAGES + (FP8 ? 6 : 4) * STAGES;
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
-  // Register split of the 64K-register file: the producer keeps the minimum.
-  static constexpr int PRODUCER_REGISTERS = CONSUMERS == 2 ? 24 : 32;
-  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? 240 : 160;
+  // Warps 1-3 of the producer warpgroup transpose fp8 V blocks (warp 0 issues the TMA loads).
+  static constexpr int TRANSPOSERS = FP8 ? 3 : 0;
+  // Register split of the 64K-register file: the producer keeps the minimum (the transposers need a
+  // few more).
+  static constexpr int PRODUCER_REGISTERS = FP8 ? 40 : CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? 232 : 240) : (FP8 ? 152 : 160);
 
-  static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: a multiple of 32 in [64, 256]");
+  static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: whole slabs, in [64, 256]");
+  static_assert(!FP8 || BN == 64 || BN == 128, "fp8: a V^T row (BN keys) is one 64- or 128-byte swizzle span");
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
   static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two Q buffers");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
@@ -93,11 +111,13 @@ struct Acc {
   __device__ __forceinline__ float& at(int i, int row, int c) { return v[4 * i + 2 * row + c]; }
 };
 
-// A 64 x N tile of 16-bit values in wgmma's register layout of operand A. Its k16 step j is
-// v[4j .. 4j + 3], holding the same (row, column) elements as n8 tiles 2j and 2j + 1 of an Acc<N>.
-template <int N>
+// A 64 x N tile in wgmma's register layout of operand A, of ELEM-byte values. Its k step j (32
+// bytes of a row: k16 for 16-bit values, k32 for fp8) is v[4j .. 4j + 3]. 16-bit: the same (row,
+// column) elements as n8 tiles 2j and 2j + 1 of an Acc<N>. fp8: those of n8 tiles 4j .. 4j + 3,
+// keys reordered (fp8_key).
+template <int N, int ELEM>
 struct Operand {
-  u32 v[N / 4];
+  u32 v[N * ELEM / 8];
 };
 
 template <int N>
@@ -112,10 +132,10 @@ __device__ __forceinline__ void pin(Acc<N>& a) {
   for (int e = 0; e < N / 2; ++e) sm90::pin(a.v[e]);
 }
 
-template <int N>
-__device__ __forceinline__ void pin(Operand<N>& a) {
+template <int N, int ELEM>
+__device__ __forceinline__ void pin(Operand<N, ELEM>& a) {
 #pragma unroll
-  for (int e = 0; e < N / 4; ++e) sm90::pin(a.v[e]);
+  for (int e = 0; e < N * ELEM / 8; ++e) sm90::pin(a.v[e]);
 }
 
 // Each of the thread's two rows times its factor.
@@ -145,9 +165,37 @@ __device__ __forceinline__ void row_max(Acc<N>& s, float (&mx)[2]) {
 
 // Rounded to 16 bits in the operand layout (the accumulator of one product is the A of the next).
 template <bool BF16, int N>
-__device__ __forceinline__ void to_operand(Acc<N>& s, Operand<N>& p) {
+__device__ __forceinline__ void to_operand(Acc<N>& s, Operand<N, 2>& p) {
 #pragma unroll
   for (int e = 0; e < N / 4; ++e) p.v[e] = pack2<BF16>(s.v[2 * e], s.v[2 * e + 1]);
+}
+
+// Rounded to e4m3 in the 8-bit operand layout. Register r of k32 step j holds 4 keys of one of the
+// thread's rows (row r % 2): in an 8-bit A operand those are columns 4 (lane % 4) .. + 3 (r < 2) or
+// 16 + 4 (lane % 4) .. + 3 (r >= 2) of the step. The thread has the keys 8i + 2 (lane % 4) + c of n8
+// tiles i = 4j .. 4j + 3; putting tiles 4j + 2h and 4j + 2h + 1 into register 2h + row takes no
+// shuffles, and V^T stores its keys in the same order (fp8_key).
+template <bool BF16, int N>  // BF16 unused: P is e4m3 whatever the inputs' fp8 type
+__device__ __forceinline__ void to_operand(Acc<N>& s, Operand<N, 1>& p) {
+#pragma unroll
+  for (int j = 0; j < N / 32; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int row = 0; row < 2; ++row) {
+        const int i = 4 * j + 2 * h;
+        p.v[4 * j + 2 * h + row] =
+            pack4_e4m3(s.at(i, row, 0), s.at(i, row, 1), s.at(i + 1, row, 0), s.at(i + 1, row, 1));
+      }
+    }
+  }
+}
+
+// The key that column k of a k32 step of P holds, relative to the step's first key (to_operand):
+// columns 16h + 4t + m hold key 16h + 8 (m / 2) + 2t + m % 2.
+__device__ __forceinline__ int fp8_key(int k) {
+  const int h = k / 16, t = (k % 16) / 4, m = k % 4;
+  return 16 * h + 8 * (m / 2) + 2 * t + m % 2;
 }
 
 // ------------------------------------------------------------------ shared-memory tiles and products
@@ -160,12 +208,17 @@ struct SmemTile {
   static constexpr int SLAB_BYTES = ROWS * S::SWIZZLE;
   u32 base;
 
-  // K-major operand of k16 step kk: columns 16kk .. 16kk + 15 of rows row0 onwards, consecutive
-  // 8-row groups 8 rows apart (Q as A and K as B of S = Q K^T).
+  // K-major operand of k step kk: bytes 32kk .. 32kk + 31 of rows row0 onwards, consecutive 8-row
+  // groups 8 rows apart (Q as A and K as B of S = Q K^T).
   __device__ __forceinline__ u64 k_major(int row0, int kk) const {
-    const int col = 16 * kk;
-    const u32 address = base + (col / S::SLAB) * SLAB_BYTES + row0 * S::SWIZZLE + (col % S::SLAB) * 2;
+    const int byte = 32 * kk;
+    const u32 address = base + (byte / S::SWIZZLE) * SLAB_BYTES + row0 * S::SWIZZLE + byte % S::SWIZZLE;
     return smem_descriptor<S::SWIZZLE>(address, 16, 8 * S::SWIZZLE);
+  }
+
+  // The 4 bytes at (row, byte col) of the tile, col a multiple of 4 (fp8 V, read by the transposers).
+  __device__ __forceinline__ u32 word_address(int row, int col) const {
+    return base + (col / S::SWIZZLE) * SLAB_BYTES + swizzled<S::SWIZZLE>(row * S::SWIZZLE + col % S::SWIZZLE);
   }
 
   // N-major operand of k16 step kk: rows 16kk .. 16kk + 15 and every column, the slabs SLAB_BYTES
@@ -173,6 +226,16 @@ struct SmemTile {
   __device__ __forceinline__ u64 n_major(int kk) const {
     return smem_descriptor<S::SWIZZLE>(base + 16 * kk * S::SWIZZLE, SLAB_BYTES, 8 * S::SWIZZLE);
   }
+};
+
+// V^T of an fp8 key block: D rows of BN keys, one slab of BN-byte rows (the swizzle span), the keys
+// of each k32 step in fp8_key order.
+template <class S>
+struct VtTile {
+  u32 base;
+  // K-major B operand of k32 step kk: keys 32kk .. 32kk + 31 of every row.
+  __device__ __forceinline__ u64 k_major(int kk) const { return smem_descriptor<S::BN>(base + 32 * kk, 16, 8 * S::BN); }
+  __device__ __forceinline__ u32 word_address(int row, int col) const { return base + swizzled<S::BN>(row * S::BN + col); }
 };
 
 // Issue S = Q K^T for the warpgroup's 64 query rows from row0 (raw dot products: the softmax scale
@@ -183,22 +246,55 @@ __device__ __forceinline__ void issue_qk(Acc<S::BN>& s, const SmemTile<S::BM, S>
   pin(s);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < S::D / 16; ++kk) Wgmma<S::BN>::ss(s.v, q.k_major(row0, kk), k.k_major(0, kk), kk > 0);
+  for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BN>::ss(s.v, q.k_major(row0, kk), k.k_major(0, kk), kk > 0);
   wgmma_commit();
   pin(s);
 }
 
-// Issue O += P V.
+// Issue O += P V: 16-bit V read N-major in place, fp8 V from its transpose.
 template <class S>
-__device__ __forceinline__ void issue_pv(Acc<S::D>& o, const Operand<S::BN>& p, const SmemTile<S::BN, S>& v) {
+__device__ __forceinline__ void issue_pv(Acc<S::D>& o, const Operand<S::BN, S::ELEM>& p, const SmemTile<S::BN, S>& v,
+                                         const VtTile<S>& vt) {
   pin(o);
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < S::BN / 16; ++kk) {
-    Wgmma<S::D>::rs(o.v, p.v[4 * kk], p.v[4 * kk + 1], p.v[4 * kk + 2], p.v[4 * kk + 3], v.n_major(kk), 1);
+  for (int kk = 0; kk < S::BN * S::ELEM / 32; ++kk) {
+    const u64 b = S::FP8 ? vt.k_major(kk) : v.n_major(kk);
+    Wgmma<S::D>::rs(o.v, p.v[4 * kk], p.v[4 * kk + 1], p.v[4 * kk + 2], p.v[4 * kk + 3], b, 1);
   }
   wgmma_commit();
   pin(o);
+}
+
+// ------------------------------------------------------------------ fp8: V^T
+
+// out[e] byte i = in[i] byte e (a 4 x 4 byte transpose in 8 byte permutes).
+__device__ __forceinline__ void transpose4x4(const u32 (&in)[4], u32 (&out)[4]) {
+  const u32 t0 = __byte_perm(in[0], in[1], 0x5140), t1 = __byte_perm(in[0], in[1], 0x7362);
+  const u32 t2 = __byte_perm(in[2], in[3], 0x5140), t3 = __byte_perm(in[2], in[3], 0x7362);
+  out[0] = __byte_perm(t0, t2, 0x5410);
+  out[1] = __byte_perm(t0, t2, 0x7632);
+  out[2] = __byte_perm(t1, t3, 0x5410);
+  out[3] = __byte_perm(t1, t3, 0x7632);
+}
+
+// V^T of one key block, by the 32 * TRANSPOSERS threads `thread`. A warp's task is 32 keys (one k32
+// step) by 16 columns; lane (a, b) moves the 4 x 4 bytes of keys fp8_key(4a .. 4a + 3) and columns
+// 4b .. 4b + 3 of it (loads and stores each two-way bank conflicted: the swizzle leaves 4 distinct
+// rows mod 8 to the keys of one step, and 2 to 4 consecutive columns).
+template <class S>
+__device__ __forceinline__ void transpose_v(const SmemTile<S::BN, S>& v, const VtTile<S>& vt, int thread) {
+  constexpr int STEPS = S::BN / 32, TASKS = STEPS * (S::D / 16);
+  const int a = thread % 8, b = (thread % 32) / 8;
+  for (int task = thread / 32; task < TASKS; task += S::TRANSPOSERS) {
+    const int key0 = 32 * (task % STEPS), col = 16 * (task / STEPS) + 4 * b;
+    u32 in[4], out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) in[i] = ld_shared_u32(v.word_address(key0 + fp8_key(4 * a + i), col));
+    transpose4x4(in, out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) st_shared_u32(vt.word_address(col + e, key0 + 4 * a), out[e]);
+  }
 }
 
 // ------------------------------------------------------------------ softmax
@@ -258,6 +354,12 @@ struct OnlineSoftmax {
   }
 };
 
+template <int N>
+__device__ __forceinline__ void negate(Acc<N>& a) {
+#pragma unroll
+  for (int e = 0; e < N / 2; ++e) a.v[e] = -a.v[e];
+}
+
 // cap * tanh(score * scale / cap), the scale (and cap * log2(e)) left to the exponent.
 template <int N>
 __device__ __forceinline__ void softcap(Acc<N>& s, float softcap_in) {
@@ -300,6 +402,12 @@ struct Params {
   int blocks_outer;         // tile order: query blocks outermost (longest work first) instead of heads
   float score_log2;         // exponent (base 2) per unit of (capped) score: scale * log2(e), or cap * log2(e)
   float softcap_in;         // tanh argument per unit of raw score, scale / cap; 0: no softcap
+  // fp8: descale factors at [batch * stride_b + head * stride_h] (strides 0 for one per tensor; K's
+  // and V's indexed by the K/V head); null: 1 (and always for 16-bit inputs).
+  const float* q_descale;
+  const float* k_descale;
+  const float* v_descale;
+  i64 qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh;
 };
 
 // BM query rows of one (sequence, head), and the key blocks they see.
@@ -377,6 +485,7 @@ struct Smem {
   __device__ __forceinline__ SmemTile<S::BM, S> q(int stage) const { return {base + stage * S::Q_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> k(int stage) const { return {base + S::K_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> v(int stage) const { return {base + S::V_OFFSET + stage * S::KV_BYTES}; }
+  __device__ __forceinline__ VtTile<S> vt(int stage) const { return {base + S::VT_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
   __device__ __forceinline__ u32 q_full(int stage) const { return barrier(stage); }
   __device__ __forceinline__ u32 q_empty(int stage) const { return barrier(S::Q_STAGES + stage); }
@@ -384,9 +493,14 @@ struct Smem {
   __device__ __forceinline__ u32 k_empty(int stage) const { return barrier(2 * S::Q_STAGES + S::STAGES + stage); }
   __device__ __forceinline__ u32 v_full(int stage) const { return barrier(2 * S::Q_STAGES + 2 * S::STAGES + stage); }
   __device__ __forceinline__ u32 v_empty(int stage) const { return barrier(2 * S::Q_STAGES + 3 * S::STAGES + stage); }
+  __device__ __forceinline__ u32 vt_full(int stage) const { return barrier(2 * S::Q_STAGES + 4 * S::STAGES + stage); }
+  __device__ __forceinline__ u32 vt_empty(int stage) const { return barrier(2 * S::Q_STAGES + 5 * S::STAGES + stage); }
+  // The buffer O += P V reads (V, or for fp8 V^T) and its barriers.
+  __device__ __forceinline__ u32 pv_full(int stage) const { return S::FP8 ? vt_full(stage) : v_full(stage); }
+  __device__ __forceinline__ u32 pv_empty(int stage) const { return S::FP8 ? vt_empty(stage) : v_empty(stage); }
 
   // Full barriers take the producer's one arrival (plus the TMA bytes); empty ones one arrival per
-  // consumer warp, each after its own wgmma_wait.
+  // consumer warp, each after its own wgmma_wait. fp8: the transposer warps empty V and fill V^T.
   __device__ void init() const {
 #pragma unroll
     for (int st = 0; st < S::Q_STAGES; ++st) {
@@ -398,7 +512,11 @@ struct Smem {
       mbarrier_init(k_full(st), 1);
       mbarrier_init(k_empty(st), 4 * S::CONSUMERS);
       mbarrier_init(v_full(st), 1);
-      mbarrier_init(v_empty(st), 4 * S::CONSUMERS);
+      mbarrier_init(v_empty(st), S::FP8 ? S::TRANSPOSERS : 4 * S::CONSUMERS);
+      if (S::FP8) {
+        mbarrier_init(vt_full(st), S::TRANSPOSERS);
+        mbarrier_init(vt_empty(st), 4 * S::CONSUMERS);
+      }
     }
     fence_barrier_init();
   }
@@ -493,6 +611,32 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
   }
 }
 
+// ------------------------------------------------------------------ fp8: transposers
+
+// Warps 1..TRANSPOSERS of the producer warpgroup (`thread` counts from warp 1's lane 0): every V block,
+// in the producer's order, into the V^T ring.
+template <class S>
+__device__ void transpose(const Params& p, const Smem<S>& sm, int thread) {
+  Ring<S::STAGES> ring;
+  for (int round = 0; round * (int)gridDim.x < p.tiles; ++round) {
+    const int index = tile_index(round);
+    if (index >= p.tiles) continue;
+    const Tile t = make_tile<S>(p, index);
+    for (int n = t.n_hi - 1; n >= t.n_lo; --n) {
+      mbarrier_wait(sm.v_full(ring.stage), ring.phase);
+      mbarrier_wait(sm.vt_empty(ring.stage), ring.phase ^ 1);
+      transpose_v<S>(sm.v(ring.stage), sm.vt(ring.stage), thread);
+      fence_proxy_async();  // the generic-proxy stores, before wgmma reads them through the async proxy
+      __syncwarp();
+      if (thread % 32 == 0) {
+        mbarrier_arrive(sm.vt_full(ring.stage));
+        mbarrier_arrive(sm.v_empty(ring.stage));
+      }
+      ring.advance();
+    }
+  }
+}
+
 // ------------------------------------------------------------------ consumers
 
 // The consumer warpgroups' turn to issue products, passed round in order on named barriers
@@ -527,9 +671,28 @@ struct TileRows {
   // the tile's first row) or n * BN < first_free (it starts before the left edge of its last row).
   // Both fit in 32 bits: |m0|, |off| < 2^29 and window reaches <= 2^30.
   int last_free, first_free;
+  // The score scaling of this tile (the descale factors of Q and K folded in for fp8); `flip`: their
+  // product is negative, so the scores are negated and the scale made positive (the row maxima are
+  // taken before scaling).
+  float score_log2, softcap_in;
+  bool flip;
 
   __device__ __forceinline__ void set(const Params& p, int tile_index, const Tile& t, int wg, int lane_row) {
     index = tile_index;
+    score_log2 = p.score_log2;
+    softcap_in = p.softcap_in;
+    flip = false;
+    if constexpr (S::FP8) {
+      const int kv_head = t.head / p.group;
+      const float qk = (p.q_descale ? p.q_descale[t.batch * p.qd_sb + t.head * p.qd_sh] : 1.f) *
+                       (p.k_descale ? p.k_descale[t.batch * p.kd_sb + kv_head * p.kd_sh] : 1.f);
+      if (softcap_in != 0.f) {
+        softcap_in *= qk;  // the sign goes through tanh
+      } else {
+        score_log2 *= fabsf(qk);
+        flip = qk < 0.f;
+      }
+    }
     n_lo = t.n_lo;
     n_hi = t.n_hi;
     len_k = t.len_k;
@@ -553,6 +716,8 @@ struct TileRows {
 template <class S>
 __device__ __forceinline__ void store_output(const Params& p, const Tile& t, int row, int quad_col, Acc<S::D>& o,
                                              const OnlineSoftmax& sm) {
+  float v_scale = 1.f;
+  if (S::FP8 && p.v_descale) v_scale = p.v_descale[t.batch * p.vd_sb + (t.head / p.group) * p.vd_sh];
   float total[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) total[r] = quad_sum(sm.sum[r]);  // every lane: shuffles before the row branches
@@ -560,14 +725,14 @@ __device__ __forceinline__ void store_output(const Params& p, const Tile& t, int
   for (int r = 0; r < 2; ++r) {
     const int seq_row = row + 8 * r;
     if (seq_row >= t.len_q) continue;
-    const float inv = total[r] == 0.f ? 0.f : 1.f / total[r];
+    const float inv = total[r] == 0.f ? 0.f : v_scale / total[r];
     const i64 out_row = (i64)t.q_start + seq_row;
     u16* dst = p.o + t.batch * p.o_sb + out_row * p.o_ss + t.head * p.o_sh;
 #pragma unroll
     for (int i = 0; i < Acc<S::D>::TILES; ++i) {
       const int col = 8 * i + quad_col;
       if (col < p.head_dim) {
-        *reinterpret_cast<u32*>(dst + col) = pack2<S::BF16>(o.at(i, r, 0) * inv, o.at(i, r, 1) * inv);
+        *reinterpret_cast<u32*>(dst + col) = pack2<S::OUT_BF16>(o.at(i, r, 0) * inv, o.at(i, r, 1) * inv);
       }
     }
     if (quad_col == 0) {
@@ -609,7 +774,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
   Ring<S::Q_STAGES> q_ring;  // Q of the current tile
   Acc<S::D> o;
   Acc<S::BN> s;
-  Operand<S::BN> pm;
+  Operand<S::BN, S::ELEM> pm;
   OnlineSoftmax softmax;
 
   // The block's next tile that has keys; the rows of tiles without keys are written on the way.
@@ -633,9 +798,10 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
 
   // Softcap, mask, exponentiate: block n of tile w's scores becomes P.
   auto scores_to_p = [&](const TileRows<S>& w, int n) {
-    if (softcapped) softcap(s, p.softcap_in);
+    if (S::FP8 && w.flip) negate(s);
+    if (softcapped) softcap(s, w.softcap_in);
     if (w.masked(n)) mask_scores<S::MASK>(s, w.row, n * S::BN + quad_col, w.len_k, w.off, p.win_left, p.win_right);
-    softmax.update(s, p.score_log2);
+    softmax.update(s, w.score_log2);
   };
 
   // Wait for K of the block after n (if the tile has one) before waiting for O += P V: the spin
@@ -671,7 +837,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
   pin(s);
   if (warp_leader) mbarrier_arrive(sm.k_empty(ring.stage));
   scores_to_p(cur, n);
-  to_operand<S::BF16>(s, pm);
+  to_operand<S::INPUT == INPUT_BF16>(s, pm);
   ring.advance();  // from here on, V of the block whose P is in pm is at ring.prev()
 
   while (true) {
@@ -682,8 +848,8 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
       turn.wait();
       issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
       if (softmax.rescale) scale_rows(o, softmax.correction);
-      mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
-      issue_pv<S>(o, pm, sm.v(ring.prev().stage));
+      mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+      issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
       turn.pass();
       wgmma_wait<1>();
       pin(s);
@@ -693,8 +859,8 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
       wgmma_wait<0>();
       pin(pm);  // P is read until its product completes: its registers must not be reused before
       pin(o);
-      if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
-      to_operand<S::BF16>(s, pm);
+      if (warp_leader) mbarrier_arrive(sm.pv_empty(ring.prev().stage));
+      to_operand<S::INPUT == INPUT_BF16>(s, pm);
       ring.advance();
     }
     // Every Q K^T of the tile has completed: its Q buffer may take a later tile's.
@@ -713,8 +879,8 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     turn.wait();
     issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
     if (softmax.rescale) scale_rows(o, softmax.correction);
-    mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
-    issue_pv<S>(o, pm, sm.v(ring.prev().stage));
+    mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+    issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
     turn.pass();
     wgmma_wait<0>();
     pin(s);
@@ -722,24 +888,24 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     pin(o);
     if (warp_leader) {
       mbarrier_arrive(sm.k_empty(ring.stage));
-      mbarrier_arrive(sm.v_empty(ring.prev().stage));
+      mbarrier_arrive(sm.pv_empty(ring.prev().stage));
     }
     store(cur);
     cur = next;
     fill(o, 0.f);
     softmax.reset();
     scores_to_p(cur, n);
-    to_operand<S::BF16>(s, pm);
+    to_operand<S::INPUT == INPUT_BF16>(s, pm);
     ring.advance();
   }
 
   // The last tile's last block.
   if (softmax.rescale) scale_rows(o, softmax.correction);
-  mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
-  issue_pv<S>(o, pm, sm.v(ring.prev().stage));
+  mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+  issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
   wgmma_wait<0>();
   pin(o);
-  if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
+  if (warp_leader) mbarrier_arrive(sm.pv_empty(ring.prev().stage));
   store(cur);
   turn.finish();
 }
@@ -758,6 +924,7 @@ __device__ __forceinline__ void forward(const Params& p, const TensorMap* q_map,
   if (wg == 0) {
     registers_decrease<S::PRODUCER_REGISTERS>();
     if (threadIdx.x == 0) produce<S>(p, sm, q_map, k_map, v_map);
+    if (S::FP8 && threadIdx.x >= 32) transpose<S>(p, sm, threadIdx.x - 32);
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
     consume<S>(p, sm, wg - 1);

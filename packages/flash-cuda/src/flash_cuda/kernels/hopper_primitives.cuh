@@ -77,6 +77,43 @@ __device__ __forceinline__ void tma_prefetch_4d(const TensorMap* map, int c0, in
                : "memory");
 }
 
+// ---------------------------------------------------------------- shared memory by threads
+
+// Byte offset `offset` of a tile, 1024-byte aligned, that TMA or wgmma see with the SPAN-byte swizzle
+// (64 or 128): the 16-byte chunk index within each span-sized row XORed with the row's index mod 8
+// (128) or half of it mod 4 (64).
+template <int SPAN>
+__device__ __forceinline__ u32 swizzled(u32 offset) {
+  static_assert(SPAN == 128 || SPAN == 64, "128- or 64-byte swizzle");
+  return offset ^ (((offset >> 7) & (SPAN / 16 - 1)) << 4);
+}
+
+__device__ __forceinline__ u32 ld_shared_u32(u32 address) {
+  u32 x;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(x) : "r"(address) : "memory");
+  return x;
+}
+
+__device__ __forceinline__ void st_shared_u32(u32 address, u32 x) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(address), "r"(x) : "memory");
+}
+
+// Orders this thread's shared-memory writes before later reads of them by the async proxy (wgmma).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---------------------------------------------------------------- fp8 conversion
+
+// Four floats rounded to e4m3 (saturating), a in the lowest byte.
+__device__ __forceinline__ u32 pack4_e4m3(float a, float b, float c, float d) {
+  u32 out;
+  // cvt puts its first source in the upper byte of the pair
+  asm("{\n .reg .b16 lo, hi;\n cvt.rn.satfinite.e4m3x2.f32 lo, %2, %1;\n cvt.rn.satfinite.e4m3x2.f32 hi, %4, %3;\n"
+      " mov.b32 %0, {lo, hi};\n}\n"
+      : "=r"(out)
+      : "f"(a), "f"(b), "f"(c), "f"(d));
+  return out;
+}
+
 // ---------------------------------------------------------------- wgmma
 
 // Registers written by ordinary instructions must be fenced before a wgmma reads them.
@@ -107,9 +144,10 @@ __device__ __forceinline__ u64 smem_descriptor(u32 address, u32 leading_bytes, u
          (mode << 62);
 }
 
-// D (64 x N, fp32) (+)= A (64 x 16) B (16 x N), one warpgroup, asynchronous. Specialisations are
-// generated per N: ss(d, desc_a, desc_b, accumulate) with both operands K-major in shared memory,
-// rs(d, a0..a3, desc_b, accumulate) with A in registers and B N-major in shared memory.
+// D (64 x N, fp32) (+)= A (64 x k) B (k x N), k = 32 bytes (16 16-bit or 32 fp8 values), one
+// warpgroup, asynchronous. Specialisations are generated per N: ss(d, desc_a, desc_b, accumulate)
+// with both operands K-major in shared memory, rs(d, a0..a3, desc_b, accumulate) with A in registers
+// and B in shared memory (N-major for 16-bit values, K-major for fp8).
 template <int N>
 struct Wgmma;
 
