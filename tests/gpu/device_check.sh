@@ -72,7 +72,7 @@ fi
 if [ -n "$EXTRA" ]; then
   section "extra: $EXTRA"
   bash -c "$EXTRA" >"$OUT/extra.log" 2>&1 || status=1
-  tail -40 "$OUT/extra.log"
+  tail -"${EXTRA_TAIL:-40}" "$OUT/extra.log"
 fi
 if [ "$BENCH" != skip ]; then
   IFS=';' read -ra runs <<<"$BENCH"
