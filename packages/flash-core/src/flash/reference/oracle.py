@@ -53,12 +53,14 @@ def dense_attention(
     v_descale: torch.Tensor | None = None,
     masks: MaskTensors | None = None,
     sinks: torch.Tensor | None = None,
+    p_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of the caller's tensors (caller's layout) computed in ``compute_dtype``.
 
     ``masks`` holds the tensors of the spec's mask options (:mod:`flash.terms`); an additive mask
     that requires grad gets its gradient through autograd like q, k and v. ``sinks`` (heads_q,) are
     per-head logits that join every row's softmax denominator (and its LSE) without a value.
+    ``p_dtype``: the probabilities are rounded to it before P V (fp8 tensor cores take P in fp8).
     Returns ``(out, lse)`` shaped as :func:`flash.attention` returns them, both in ``compute_dtype``;
     differentiable in q, k, v and ``sinks``.
     """
@@ -108,6 +110,8 @@ def dense_attention(
                 spec.dropout_p,
             )
             p = p * keep.to(p.dtype) / (1.0 - spec.dropout_p)
+        if p_dtype is not None:
+            p = p.to(p_dtype).to(compute_dtype)
         outs.append(visible_matmul(p, vs.transpose(1, 2), seen).transpose(1, 2))  # (B, Sq, H, D)
         lses.append(lse)
     if cu_q is None:

@@ -259,7 +259,12 @@ __device__ __forceinline__ void issue_pv(Acc<S::D>& o, const Operand<S::BN, S::E
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < S::BN * S::ELEM / 32; ++kk) {
-    const u64 b = S::FP8 ? vt.k_major(kk) : v.n_major(kk);
+    u64 b;
+    if constexpr (S::FP8) {
+      b = vt.k_major(kk);
+    } else {
+      b = v.n_major(kk);
+    }
     Wgmma<S::D>::rs(o.v, p.v[4 * kk], p.v[4 * kk + 1], p.v[4 * kk + 2], p.v[4 * kk + 3], b, 1);
   }
   wgmma_commit();
@@ -924,7 +929,9 @@ __device__ __forceinline__ void forward(const Params& p, const TensorMap* q_map,
   if (wg == 0) {
     registers_decrease<S::PRODUCER_REGISTERS>();
     if (threadIdx.x == 0) produce<S>(p, sm, q_map, k_map, v_map);
-    if (S::FP8 && threadIdx.x >= 32) transpose<S>(p, sm, threadIdx.x - 32);
+    if constexpr (S::FP8) {
+      if (threadIdx.x >= 32) transpose<S>(p, sm, threadIdx.x - 32);
+    }
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
     consume<S>(p, sm, wg - 1);
