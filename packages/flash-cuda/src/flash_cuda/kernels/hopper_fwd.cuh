@@ -87,7 +87,7 @@ struct Shape {
   static constexpr int TRANSPOSERS = FP8 ? 3 : 0;
   // Register split of the 64K-register file: the producer keeps the minimum (the transposers need a
   // few more).
-  static constexpr int PRODUCER_REGISTERS = FP8 ? 40 : CONSUMERS == 2 ? 24 : 32;
+  static constexpr int PRODUCER_REGISTERS = FP8 ? 48 : CONSUMERS == 2 ? 24 : 32;
   static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? 232 : 240) : (FP8 ? 152 : 160);
 
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: whole slabs, in [64, 256]");
