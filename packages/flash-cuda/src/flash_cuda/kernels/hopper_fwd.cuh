@@ -85,10 +85,12 @@ struct Shape {
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
   // Warps 1-3 of the producer warpgroup transpose fp8 V blocks (warp 0 issues the TMA loads).
   static constexpr int TRANSPOSERS = FP8 ? 3 : 0;
-  // Register split of the 64K-register file: the producer keeps the minimum (the transposers need a
-  // few more).
-  static constexpr int PRODUCER_REGISTERS = FP8 ? 48 : CONSUMERS == 2 ? 24 : 32;
-  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? 232 : 240) : (FP8 ? 152 : 160);
+  // Register split of the 64K-register file: the producer keeps the minimum (fp8: the transposers
+  // need 40, 48 with a window's tile bounds).
+  static constexpr int PRODUCER_REGISTERS = FP8 ? (MASK == 2 ? 48 : 40) : CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? (MASK == 2 ? 224 : 232) : 240) : (FP8 ? 152 : 160);
+  // What each thread holds at launch (__launch_bounds__(THREADS, 1): the register file, in 8s).
+  static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
 
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: whole slabs, in [64, 256]");
   static_assert(!FP8 || BN == 64 || BN == 128, "fp8: a V^T row (BN keys) is one 64- or 128-byte swizzle span");
@@ -96,6 +98,10 @@ struct Shape {
   static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two Q buffers");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
+  // setmaxnreg.inc waits until the pool holds the registers it asks for: the consumers may take only
+  // what the producer gave back (asking for more hangs the kernel; seen on the H200 with 48/232).
+  static_assert((CONSUMER_REGISTERS - ENTRY_REGISTERS) * CONSUMERS <= ENTRY_REGISTERS - PRODUCER_REGISTERS,
+                "the consumers take more registers than the producer frees");
 };
 
 // ------------------------------------------------------------------ register tiles
@@ -291,6 +297,7 @@ template <class S>
 __device__ __forceinline__ void transpose_v(const SmemTile<S::BN, S>& v, const VtTile<S>& vt, int thread) {
   constexpr int STEPS = S::BN / 32, TASKS = STEPS * (S::D / 16);
   const int a = thread % 8, b = (thread % 32) / 8;
+#pragma unroll 1
   for (int task = thread / 32; task < TASKS; task += S::TRANSPOSERS) {
     const int key0 = 32 * (task % STEPS), col = 16 * (task / STEPS) + 4 * b;
     u32 in[4], out[4];
