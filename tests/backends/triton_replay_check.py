@@ -157,6 +157,16 @@ def main() -> None:
         check("bhsd forward", forward_call(bhsd, qb, kb, vb))
         check("bhsd backward", backward_call(bhsd, qb, kb, vb, db))
 
+        # Recordings keep no tensor of the recorded call alive (its memory would be pinned).
+        for recording in replay._recordings.values():
+            for launch_ in recording.launches:
+                assert not any(isinstance(a, torch.Tensor) for a in launch_.args), "a recording holds a tensor"
+
+        # Dropout gives each call a new spec (its seed): nothing to record.
+        replay.forget()
+        launches(forward_call(flash.build_spec(q, k, v, dropout_p=0.1, dropout_seed=1), q, k, v))
+        assert not replay._recordings, "a dropout call was recorded"
+
         # A hook Triton runs per launch turns replay off.
         from triton import knobs
 

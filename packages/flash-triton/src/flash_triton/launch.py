@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from flash import dropout
-from flash.backend import BackwardArgs, ForwardArgs
+from flash.backend import BackwardArgs, ForwardArgs, MaskTensors
 from flash.heuristics import KernelConfig
 from flash.spec import UNBOUNDED, AttentionSpec
 from flash_triton import replay, runtime, tma
@@ -233,11 +233,17 @@ def _key(pass_: str, spec: AttentionSpec, p: Problem, m: MaskArgs) -> tuple:
             flags)  # fmt: skip
 
 
+def _replayable(spec: AttentionSpec, masks: MaskTensors | None) -> bool:
+    """Whether a call may replay recorded launches: not with mask tensors (their block lists are made per
+    call), nor with dropout (each call's seed is a new spec, so a recording would never be used again)."""
+    return masks is None and not spec.dropout_p and replay.enabled()
+
+
 def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Tiling:
     """Fill ``args.out`` and ``args.lse``. Returns the tiling that ran."""
     tensors: replay.Tensors = (args.q, args.k, args.v, args.out, args.lse, args.cu_seqlens_q, args.cu_seqlens_k)
     tensors += (args.sinks, args.q_descale, args.k_descale, args.v_descale)
-    key = replay.signature("forward", (spec, config), tensors) if args.masks is None and replay.enabled() else None
+    key = replay.signature("forward", (spec, config), tensors) if _replayable(spec, args.masks) else None
     recorded = replay.find(key)
     if recorded is not None:
         tiling: Tiling = replay.replay(recorded, tensors)
@@ -342,7 +348,7 @@ def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> t
     lse2 = torch.empty_like(delta)
     tensors: replay.Tensors = (args.q, args.k, args.v, args.out, args.dout, args.lse, args.dq, args.dk, args.dv)
     tensors += (args.cu_seqlens_q, args.cu_seqlens_k, args.dbias, delta, lse2)
-    key = replay.signature("backward", (spec, config), tensors) if args.masks is None and replay.enabled() else None
+    key = replay.signature("backward", (spec, config), tensors) if _replayable(spec, args.masks) else None
     recorded = replay.find(key)
     if recorded is not None:
         tilings: tuple[Tiling, Tiling] = replay.replay(recorded, tensors)

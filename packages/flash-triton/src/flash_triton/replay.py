@@ -42,7 +42,7 @@ class Launch:
 
     kernel: Any  # triton.compiler.CompiledKernel
     grid: tuple[int, int, int]
-    args: tuple[Any, ...]  # every kernel parameter, in signature order, constexprs included
+    args: tuple[Any, ...]  # every kernel parameter, in signature order, constexprs included (None in slots)
     slots: tuple[tuple[int, int], ...]  # (position in args, index in the call's tensors)
 
 
@@ -174,6 +174,7 @@ class Recorder:
                     self.usable = False  # a tensor of the launch code's own (a mask's block list, a buffer)
                     return
                 slots.append((position, index))
+                bound[position] = None  # filled per call: the recording must not keep this call's memory alive
             elif not _constant(value):
                 self.usable = False  # a TMA descriptor, made per call from its tensor
                 return
