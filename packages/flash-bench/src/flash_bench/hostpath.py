@@ -134,7 +134,7 @@ def _compile_stand_in(self: Any, key: str, signature: Any, device: int, *args: A
 @contextlib.contextmanager
 def fake_triton_driver(compile_stand_in: Callable[..., Any] = _compile_stand_in) -> Iterator[None]:
     """Triton kernels "launch" on CPU tensors: the driver is faked and ``JITFunction._do_compile`` is
-    ``compile_stand_in`` (by default, one that caches a :class:`_StandInKernel`)."""
+    ``compile_stand_in`` (by default, one that caches a ``_StandInKernel``)."""
     try:
         from triton.runtime import driver
         from triton.runtime.jit import JITFunction

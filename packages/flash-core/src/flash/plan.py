@@ -136,7 +136,7 @@ def call_masks(
     score_mod_grad: Callable[..., Tensor] | None,
     mask_mod: Callable[..., Tensor] | None,
 ) -> CallMasks:
-    """The call's :class:`CallMasks`; :data:`NO_MASKS` itself when it has none (its plan key is precomputed)."""
+    """The call's :class:`CallMasks`; ``NO_MASKS`` itself when it has none (its plan key is precomputed)."""
     tensors = attn_mask is None and alibi_slopes is None and block_mask is None
     if tensors and score_mod is None and score_mod_grad is None and mask_mod is None:
         return NO_MASKS
