@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -28,8 +27,10 @@ class BoundedCache(Generic[K, V]):
             self.clear()
         found = self._data.get(key)
         if found is not None:
-            with contextlib.suppress(KeyError):  # another thread may have evicted it meanwhile
+            try:  # noqa: SIM105 (contextlib.suppress would cost a context manager on every hit)
                 self._data.move_to_end(key)
+            except KeyError:  # another thread evicted it meanwhile
+                pass
         return found
 
     def put(self, key: K, value: V) -> None:

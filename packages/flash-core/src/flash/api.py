@@ -12,7 +12,7 @@ from flash import dispatch, dropout, ops
 from flash.backend import Backend
 from flash.block_mask import BlockMask
 from flash.errors import InvalidInputError
-from flash.plan import CallMasks, plan_for, run_forward
+from flash.plan import CallMasks, call_masks, plan_for, run_forward
 from flash.registry import REGISTRY, BackendInfo
 from flash.spec import FP8_DTYPES, build_spec, check_argument_types, check_window
 
@@ -242,7 +242,7 @@ def _attention(
         )
     if not dropout_p:
         dropout_seed = None
-    masks = CallMasks(attn_mask, alibi_slopes, block_mask, score_mod, score_mod_grad, mask_mod)
+    masks = call_masks(attn_mask, alibi_slopes, block_mask, score_mod, score_mod_grad, mask_mod)
     if torch.compiler.is_compiling():
         _no_masks_when_compiling(masks)
         left, right = window or (-1, -1)

@@ -117,6 +117,32 @@ def _tensor_key(t: Tensor | None) -> tuple | None:
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
 
 
+def _optional_keys(*tensors: Tensor | None) -> tuple | None:
+    """The keys of a call's optional tensors; None when it has none (the common call, kept cheap)."""
+    for t in tensors:
+        if t is not None:
+            return tuple(_tensor_key(t) for t in tensors)
+    return None
+
+
+NO_MASKS_KEY = NO_MASKS.key()
+
+
+def call_masks(
+    attn_mask: Tensor | None,
+    alibi_slopes: Tensor | None,
+    block_mask: flash.BlockMask | None,
+    score_mod: Callable[..., Tensor] | None,
+    score_mod_grad: Callable[..., Tensor] | None,
+    mask_mod: Callable[..., Tensor] | None,
+) -> CallMasks:
+    """The call's :class:`CallMasks`; ``NO_MASKS`` itself when it has none (its plan key is precomputed)."""
+    tensors = attn_mask is None and alibi_slopes is None and block_mask is None
+    if tensors and score_mod is None and score_mod_grad is None and mask_mod is None:
+        return NO_MASKS
+    return CallMasks(attn_mask, alibi_slopes, block_mask, score_mod, score_mod_grad, mask_mod)
+
+
 def make_plan(spec: AttentionSpec, requested: str) -> Plan:
     """Dispatch the forward of ``spec`` and look its configuration up (raises NoBackendError)."""
     if spec.empty:
@@ -157,7 +183,6 @@ def plan_for(
     types too (``True == 1`` in Python, so a key without them would let ``causal=1`` through).
     Values of ``cu_seqlens`` are checked per call where ``check_values`` says so.
     """
-    tensors = (q, k, v, cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks)
 
     def spec_of(check: bool | None) -> AttentionSpec:
         return build_spec(
@@ -171,20 +196,21 @@ def plan_for(
     key: tuple | None = None
     plan: Plan | None = None
     try:
-        check = value_checks(q.device) if check_values is None else check_values
-        if cu_seqlens_q is not None and (check or max_seqlen_q is None or max_seqlen_k is None):
-            # The offsets' values belong to this call only: check them, and read the lengths, each time.
-            spec = spec_of(check)
-            max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
+        if cu_seqlens_q is not None:
+            check = value_checks(q.device) if check_values is None else check_values
+            if check or max_seqlen_q is None or max_seqlen_k is None:
+                # The offsets' values belong to this call only: check them, and read the lengths, each time.
+                spec = spec_of(check)
+                max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
         signature = (
-            *(_tensor_key(t) for t in tensors),
-            *(max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout)),
-            *(causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p)),
-            *(deterministic, type(deterministic), type(check_values), type(dropout_seed)),
-            *(sink_tokens, type(sink_tokens)),
+            _tensor_key(q), _tensor_key(k), _tensor_key(v),
+            _optional_keys(cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks),
+            max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout),
+            causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p),
+            deterministic, type(deterministic), type(check_values), type(dropout_seed), sink_tokens, type(sink_tokens),
             dispatch.forced_backend(backend),
-            *masks.key(),
-        )
+            NO_MASKS_KEY if masks is NO_MASKS else masks.key(),
+        )  # fmt: skip
         plan = _plans.get(signature)
         key = signature
     except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks below say which

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from flash import dropout
-from flash.backend import BackwardArgs, ForwardArgs
+from flash.backend import BackwardArgs, ForwardArgs, MaskTensors
 from flash.heuristics import KernelConfig
 from flash.spec import UNBOUNDED, AttentionSpec
-from flash_triton import runtime, tma
+from flash_triton import replay, runtime, tma
 from flash_triton.mask_args import MaskArgs, Walk, fit_tiling, mask_args
 
 LOG2E = math.log2(math.e)
@@ -233,8 +233,28 @@ def _key(pass_: str, spec: AttentionSpec, p: Problem, m: MaskArgs) -> tuple:
             flags)  # fmt: skip
 
 
+def _replayable(spec: AttentionSpec, masks: MaskTensors | None) -> bool:
+    """Whether a call may replay recorded launches: not with mask tensors (their block lists are made per
+    call), nor with dropout (each call's seed is a new spec, so a recording would never be used again)."""
+    return masks is None and not spec.dropout_p and replay.enabled()
+
+
 def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Tiling:
     """Fill ``args.out`` and ``args.lse``. Returns the tiling that ran."""
+    tensors: replay.Tensors = (args.q, args.k, args.v, args.out, args.lse, args.cu_seqlens_q, args.cu_seqlens_k)
+    tensors += (args.sinks, args.q_descale, args.k_descale, args.v_descale)
+    key = replay.signature("forward", (spec, config), tensors) if _replayable(spec, args.masks) else None
+    recorded = replay.find(key)
+    if recorded is not None:
+        tiling: Tiling = replay.replay(recorded, tensors)
+        return tiling
+    recorder = replay.Recorder(key, tensors)
+    tiling = _forward(spec, args, config, recorder)
+    recorder.keep((spec, config), tiling)
+    return tiling
+
+
+def _forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig, recorder: replay.Recorder) -> Tiling:
     kern = runtime.kernels().forward
     p = problem(spec)
     q, k, v, out, lse = args.q, args.k, args.v, args.out, args.lse
@@ -254,7 +274,8 @@ def forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> Til
         k_desc, *k_rc = _desc(k, k_map if use_tma else None, t.block_n, p)
         v_desc, *v_rc = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
-        kern.attention_forward_kernel[grid](
+        recorder.run(
+            kern.attention_forward_kernel, grid,
             q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(), args.sinks,
             *descales, strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
             lse_strides(lse, p.varlen), *m.strides(), descale_strides,
@@ -314,26 +335,48 @@ def backward_tilings(config: KernelConfig) -> tuple[Tiling, Tiling]:
 
 def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> tuple[Tiling, Tiling]:
     """Fill ``args.dq``, ``args.dk``, ``args.dv`` (and ``args.dbias``). Returns the tilings that ran."""
+    if spec.seqlen_q == 0 or spec.seqlen_k == 0:
+        args.dq.zero_()
+        args.dk.zero_()
+        args.dv.zero_()
+        return backward_tilings(config)
+    # Per-row buffers of the preprocessing kernel: delta = rowsum(dO * O), and the LSE in base 2.
+    rows = spec.total_q if spec.varlen else spec.seqlen_q
+    delta = torch.empty(
+        (1 if spec.varlen else spec.batch, spec.heads_q, rows), dtype=torch.float32, device=args.q.device
+    )
+    lse2 = torch.empty_like(delta)
+    tensors: replay.Tensors = (args.q, args.k, args.v, args.out, args.dout, args.lse, args.dq, args.dk, args.dv)
+    tensors += (args.cu_seqlens_q, args.cu_seqlens_k, args.dbias, delta, lse2)
+    key = replay.signature("backward", (spec, config), tensors) if _replayable(spec, args.masks) else None
+    recorded = replay.find(key)
+    if recorded is not None:
+        tilings: tuple[Tiling, Tiling] = replay.replay(recorded, tensors)
+        return tilings
+    recorder = replay.Recorder(key, tensors)
+    tilings = _backward(spec, args, config, delta, lse2, recorder)
+    recorder.keep((spec, config), tilings)
+    return tilings
+
+
+def _backward(
+    spec: AttentionSpec,
+    args: BackwardArgs,
+    config: KernelConfig,
+    delta: torch.Tensor,
+    lse2: torch.Tensor,
+    recorder: replay.Recorder,
+) -> tuple[Tiling, Tiling]:
     kern = runtime.kernels().backward
     p = problem(spec)
     q, k, v, out, dout, lse = args.q, args.k, args.v, args.out, args.dout, args.lse
     dq, dk, dv = args.dq, args.dk, args.dv
     dkdv_first, dq_first = backward_tilings(config)
-    if spec.seqlen_q == 0 or spec.seqlen_k == 0:
-        dq.zero_()
-        dk.zero_()
-        dv.zero_()
-        return dkdv_first, dq_first
-    dev = q.device
-    batch_rows = 1 if spec.varlen else spec.batch
-    rows = spec.total_q if spec.varlen else spec.seqlen_q
-    delta = torch.empty((batch_rows, spec.heads_q, rows), dtype=torch.float32, device=dev)
-    lse2 = torch.empty_like(delta)
     buf_strides = lse_strides(delta, p.varlen)
 
     grid = (triton_cdiv(spec.seqlen_q, PREPROCESS_BLOCK_M), spec.heads_q, spec.batch)
-    kern.attention_backward_preprocess_kernel[grid](
-        out, dout, lse, delta, lse2, args.cu_seqlens_q,
+    recorder.run(
+        kern.attention_backward_preprocess_kernel, grid, out, dout, lse, delta, lse2, args.cu_seqlens_q,
         *strides3(out, p.varlen), *strides3(dout, p.varlen), *lse_strides(lse, p.varlen), *buf_strides,
         spec.seqlen_q, spec.total_q,
         HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=PREPROCESS_BLOCK_M, VARLEN=p.varlen, num_warps=4,
@@ -360,7 +403,8 @@ def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> t
         q_desc, *q_rc = _desc(q, q_map if use_tma else None, t.block_m, p)
         do_desc, *do_rc = _desc(dout, do_map if use_tma else None, t.block_m, p)
         grid = (triton_cdiv(spec.seqlen_k, t.block_n), spec.heads_kv, spec.batch)
-        kern.attention_backward_dkdv_kernel[grid](
+        recorder.run(
+            kern.attention_backward_dkdv_kernel, grid,
             q, k, v, dout, dk, dv, dbias, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, q_desc, do_desc,
             *m.pointers(), strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen),
             strides3(dout, p.varlen), strides3(dk, p.varlen), strides3(dv, p.varlen), db_str, buf_strides,
@@ -378,7 +422,8 @@ def backward(spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> t
         k_desc, *k_rc = _desc(k, k_map if use_tma else None, t.block_n, p)
         v_desc, *v_rc = _desc(v, v_map if use_tma else None, t.block_n, p)
         grid = (triton_cdiv(spec.seqlen_q, t.block_m), spec.heads_q, spec.batch)
-        kern.attention_backward_dq_kernel[grid](
+        recorder.run(
+            kern.attention_backward_dq_kernel, grid,
             q, k, v, dout, dq, lse2, delta, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(),
             strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(dout, p.varlen),
             strides3(dq, p.varlen), buf_strides, *m.strides(),
