@@ -14,7 +14,7 @@ import flash
 from flash.reference.naive import naive_attention
 from flash_bench import cli
 from flash_bench.base import Report
-from flash_bench.sections import SECTIONS, attention, defaults, overhead
+from flash_bench.sections import SECTIONS, attention, defaults, fp8, overhead
 
 
 def test_cpu_and_overhead_sections_write_json_with_environment(tmp_path):
@@ -201,3 +201,54 @@ def test_the_masks_section_measures_every_part_and_reports_the_targets(monkeypat
     assert any(line.startswith("padding fwd") for line in lines) and any(
         line.startswith("sparse fwd") for line in lines
     )
+
+
+def test_the_fp8_section_is_opt_in_and_parses_its_options():
+    assert "fp8" in SECTIONS and "fp8" not in defaults(torch.device("cuda"))
+    options = cli.build_parser("bench").parse_args(
+        ["--sections", "fp8", "--fp8-head-dims", "64,128", "--fp8-causal", "no"]
+    )
+    assert (options.sections, options.fp8_head_dims, options.fp8_causal) == (["fp8"], [64, 128], "no")
+    assert cli.build_parser("bench").parse_args([]).fp8_head_dims == [64, 128, 256]
+    with pytest.raises(SystemExit):
+        cli.main(["--cpu", "--sections", "fp8"])  # it measures on a GPU
+
+
+def test_the_fp8_section_times_fp8_and_bf16_and_checks_both_against_float64(monkeypatch):
+    """Its code paths on the CPU (reference backend, tiny convention): timing stubbed, errors real."""
+
+    def once(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(fp8.timing, "measure", once)
+    assert "reference" in fp8.fp8_backends(torch.device("cpu"))  # (and triton under its interpreter)
+    rows = fp8.measure(
+        backends=["reference"], seqlens=[32], head_dims=[16], causals=[False, True], device=torch.device("cpu"),
+        tokens=64, model_dim=32,
+    )  # fmt: skip
+    by = {(r.provider, r.dtype, r.causal): r for r in rows}
+    assert set(by) == {(p, d, c) for p, d in [("reference", "fp8_e4m3"), ("reference", "bf16"), ("sdpa-cudnn", "bf16")]
+                       for c in (False, True)}  # fmt: skip
+    for causal in (False, True):
+        for dtype in ("fp8_e4m3", "bf16"):
+            row = by[("reference", dtype, causal)]
+            assert (row.batch, row.heads, row.ms) == (2, 2, 1.0) and row.tflops
+            assert 0 < row.max_error < 2**-6  # the bf16 output's rounding, against the inputs the call received
+        peer = by[("sdpa-cudnn", "bf16", causal)]
+        assert peer.ms is None and peer.note  # cuDNN takes no CPU tensors: recorded, not fatal
+
+
+def test_the_fp8_ratio_table_gives_both_ratios_and_fits_100_columns():
+    def row(provider: str, dtype: str, tflops: float | None) -> fp8.Row:
+        return fp8.Row(provider, dtype, True, 128, 16384, 1, 16, 1.0 if tflops else None, tflops)
+
+    backends = ["triton", "cuda", "another", "fourth"]
+    rows = [row("sdpa-cudnn", "bf16", 500.0)]
+    rows += [row(b, dtype, 600.0 if dtype == "bf16" else 900.0) for b in backends for dtype in ("bf16", "fp8_e4m3")]
+    rows.append(row("late", "fp8_e4m3", None))
+    table = fp8.ratio_table(rows)
+    assert max(map(len, table.splitlines())) <= 100
+    line = next(line for line in table.splitlines() if line.startswith("causal"))
+    assert line.split()[:7] == ["causal", "128", "16384", "500.0", "900.0", "1.50x", "1.80x"]
+    assert all(f"{b} fp8" in table for b in backends)

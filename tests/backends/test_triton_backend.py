@@ -110,6 +110,7 @@ def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> N
     assert any("float32" in r for r in fp32)
     fp8 = _spec(dtype=torch.float8_e4m3fn)
     assert reasons(backend, "forward", fp8) == []  # fp8 forwards run; fp8 attention has no backward
+    assert reasons(backend, "forward", _spec(dtype=torch.float8_e4m3fn, out_dtype=torch.float16)) == []
     assert any("float8_e4m3fn" in r for r in reasons(backend, "backward", fp8))
     with monkeypatch.context() as ampere:
         ampere.setattr(triton_backend, "device_capability", lambda device: (8, 0))

@@ -3,7 +3,8 @@
 Each result file is one run on one machine: its ``environment`` (GPU, date, versions) is printed
 under every plot drawn from it. GPU files carry ``rows`` (TFLOP/s per provider and case) and
 ``memory``; CPU files carry ``cpu`` rows; the ``overhead`` section (host time per call of a tiny
-problem) is shown as a table. Nothing is plotted that is not in a file.
+problem) is shown as a table; the ``fp8`` section (each backend's fp8 forward next to its bf16 one
+and cuDNN's) as plots and a table. Nothing is plotted that is not in a file.
 """
 
 from __future__ import annotations
@@ -86,21 +87,49 @@ def _providers(rows: list[dict]) -> list[str]:
     return names
 
 
+def _tflops_points(rows: list[dict]) -> list[tuple[int, float]]:
+    return sorted((r["seqlen"], r["tflops"]) for r in rows if r.get("tflops"))
+
+
 def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
+    series = []
+    for index, name in enumerate(_providers(rows)):
+        points = _tflops_points([r for r in rows if r["provider"] == name])
+        series.append((PEER_LABELS.get(name, f"flash: {name}"), points, _style(name, index)))
+    _plot_series(series, sorted({r["seqlen"] for r in rows}), title, path)
+
+
+def plot_fp8(rows: list[dict], title: str, path: Path) -> None:
+    """Each backend's fp8 forward (solid) and bf16 forward (dotted, same colour), and the bf16 peer."""
+    series = []
+    for index, name in enumerate(_providers(rows)):
+        for dtype in ("fp8_e4m3", "bf16"):
+            points = _tflops_points([r for r in rows if r["provider"] == name and r["dtype"] == dtype])
+            style = _style(name, index)
+            if name in PEERS:
+                label = f"{PEER_LABELS.get(name, name)}, bf16"
+            else:
+                label = f"flash: {name}, {'fp8 e4m3' if dtype == 'fp8_e4m3' else 'bf16'}"
+                if dtype == "bf16":
+                    style.update(linestyle=":", marker="^", linewidth=1.6)
+            series.append((label, points, style))
+    _plot_series(series, sorted({r["seqlen"] for r in rows}), title, path)
+
+
+def _plot_series(series: list[tuple[str, list, dict]], seqlens: list[int], title: str, path: Path) -> None:
+    """TFLOP/s against sequence length, one line per (label, points, style) that has points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
-    for index, name in enumerate(_providers(rows)):
-        points = sorted((r["seqlen"], r["tflops"]) for r in rows if r["provider"] == name and r.get("tflops"))
+    for label, points, style in series:
         if not points:
             continue
         xs, ys = zip(*points)
-        ax.plot(xs, ys, label=PEER_LABELS.get(name, f"flash: {name}"), **_style(name, index))
+        ax.plot(xs, ys, label=label, **style)
     ax.set_xscale("log", base=2)
-    seqlens = sorted({r["seqlen"] for r in rows})
     ax.set_xticks(seqlens, [f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens])
     ax.set_xlabel("sequence length (batch × seqlen = 16k tokens)")
     ax.set_ylabel("TFLOP/s")
@@ -257,6 +286,62 @@ def _masks_table(masks: dict, env_line: str) -> str:
     return "\n".join(text)
 
 
+def _fp8_part(fp8: dict, stem: str, outdir: Path, produced: set[str], env_line: str) -> str:
+    """Plots of the fp8 section (fp8 and bf16 of each backend, cuDNN's bf16) per mask and head dim,
+    and a table of the ratios at the longest sequence."""
+    rows = fp8["rows"]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(bool(r["causal"]), int(r["head_dim"]))].append(r)
+    text = [".. container:: flash-figure-grid", ""]
+    for (causal, head_dim), group in sorted(groups.items()):
+        label = f"fp8 forward, {'causal' if causal else 'non-causal'}, head_dim {head_dim}"
+        name = f"{stem}-fp8-{'causal' if causal else 'full'}-d{head_dim}.png"
+        plot_fp8(group, label, outdir / name)
+        produced.add(name)
+        caption = f"{esc(label)}: float8_e4m3fn with per-head descale factors (solid), bf16 (dotted). {env_line}."
+        fig = figure(f"/_generated/bench/{name}", caption, alt=f"TFLOP/s, {label}")
+        text.append("\n".join("   " + line if line else "" for line in fig.split("\n")))
+    text.append(_fp8_table(rows, fp8.get("convention", {}).get("peer", "sdpa-cudnn")))
+    return "\n".join(text)
+
+
+def _fp8_table(rows: list[dict], peer: str) -> str:
+    """fp8 TFLOP/s at the longest sequence of each case, its ratios to the same backend's bf16 and to
+    the peer's bf16, and the largest error against the float64 oracle."""
+    by = {(r["provider"], r["dtype"], bool(r["causal"]), int(r["head_dim"]), int(r["seqlen"])): r for r in rows}
+    backends = sorted({r["provider"] for r in rows if r["dtype"] == "fp8_e4m3"})
+    lines = []
+    for causal, head_dim in sorted({(bool(r["causal"]), int(r["head_dim"])) for r in rows}):
+        longest = max(int(r["seqlen"]) for r in rows if (bool(r["causal"]), int(r["head_dim"])) == (causal, head_dim))
+        base = (by.get((peer, "bf16", causal, head_dim, longest)) or {}).get("tflops")
+        cells = ["—" if not base else f"{base:.0f}"]
+        for b in backends:
+            fp8 = (by.get((b, "fp8_e4m3", causal, head_dim, longest)) or {}).get("tflops")
+            bf16 = (by.get((b, "bf16", causal, head_dim, longest)) or {}).get("tflops")
+            if not fp8:
+                cells.append("—")
+                continue
+            ratios = [f"{fp8 / bf16:.2f}× bf16"] if bf16 else []
+            ratios += [f"{fp8 / base:.2f}× cuDNN"] if base else []
+            cells.append(f"{fp8:.0f}" + (f" ({', '.join(ratios)})" if ratios else ""))
+        lines.append(["causal" if causal else "full", str(head_dim), str(longest), *cells])
+    errors = []
+    for b in backends:
+        for dtype in ("fp8_e4m3", "bf16"):
+            found = [r["max_error"] for r in rows if r["provider"] == b and r["dtype"] == dtype and r.get("max_error")]
+            if found:
+                errors.append(f"{code(b)} {dtype.replace('_', ' ')} {max(found):.1e}")
+    table = list_table(
+        ["mask", "d", "seqlen", f"{code(peer)} bf16", *(f"{code(b)} fp8" for b in backends)],
+        lines,
+        title="fp8 forward TFLOP/s at the longest sequence (ratio to the same backend's bf16, to cuDNN's bf16)",
+        classes="flash-numbers",
+    )
+    note = "Largest error against a float64 oracle on the inputs each call received: " + "; ".join(errors) + "."
+    return table + ("\n" + note + "\n" if errors else "")
+
+
 def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str]) -> str:
     data = json.loads(path.read_text())
     env = data.get("environment", {})
@@ -338,8 +423,11 @@ def render_file(path: Path, outdir: Path, docname_prefix: str, produced: set[str
     masks = data.get("masks")
     if masks and masks.get("rows"):
         text.append(_masks_table(masks, env_line))
-    if not (rows or memory or cpu or timed or decode or masks):
-        kinds = "``rows``, ``memory``, ``cpu``, ``overhead``, ``decode`` or ``masks``"
+    fp8 = data.get("fp8")
+    if fp8 and fp8.get("rows"):
+        text.append(_fp8_part(fp8, stem, outdir, produced, env_line))
+    if not (rows or memory or cpu or timed or decode or masks or fp8):
+        kinds = "``rows``, ``memory``, ``cpu``, ``overhead``, ``decode``, ``masks`` or ``fp8``"
         text.append(f"{code(path.name)} holds no {kinds} results.\n")
     return "\n".join(text)
 
@@ -360,7 +448,7 @@ class Benchmarks(SphinxDirective):
                 continue
             self.env.note_dependency(str(path))
             parsed.append((data.get("environment", {}).get("date", ""), path, data))
-        has_gpu = any(d.get("rows") or d.get("memory") for _, _, d in parsed)
+        has_gpu = any(d.get("rows") or d.get("memory") or d.get("fp8") for _, _, d in parsed)
         text = []
         if not has_gpu:
             text.append(

@@ -109,6 +109,10 @@ CASES: list[tuple[str, Callable]] = [
     ("fp64", lambda s: r(s, dtype=torch.float64)),
     ("fp8 e4m3, per-tensor descale", lambda s: r(s, dtype=torch.float8_e4m3fn, descale="tensor")),
     ("fp8 e4m3, per-head descale", lambda s: r(s, dtype=torch.float8_e4m3fn, descale="head")),
+    (
+        "fp8 e4m3, out_dtype=torch.float16",
+        lambda s: r(s, dtype=torch.float8_e4m3fn, descale="head", chosen_out_dtype=torch.float16),
+    ),
     ("head_dim 32", lambda s: _head_dim(s, 32)),
     ("head_dim 64", lambda s: _head_dim(s, 64)),
     ("head_dim 96", lambda s: _head_dim(s, 96)),

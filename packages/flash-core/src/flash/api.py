@@ -44,6 +44,7 @@ def attention(
     q_descale: Tensor | None = ...,
     k_descale: Tensor | None = ...,
     v_descale: Tensor | None = ...,
+    out_dtype: torch.dtype | None = ...,
     sinks: Tensor | None = ...,
     sink_tokens: int = ...,
     return_lse: Literal[False] = ...,
@@ -77,6 +78,7 @@ def attention(
     q_descale: Tensor | None = ...,
     k_descale: Tensor | None = ...,
     v_descale: Tensor | None = ...,
+    out_dtype: torch.dtype | None = ...,
     sinks: Tensor | None = ...,
     sink_tokens: int = ...,
     return_lse: Literal[True],
@@ -111,6 +113,7 @@ def attention(
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     sinks: Tensor | None = None,
     sink_tokens: int = 0,
     return_lse: bool = False,
@@ -145,8 +148,12 @@ def attention(
         dropout_seed: required when ``dropout_p > 0``; the mask is a pure function of
             (seed, sequence, head, query, key), see :mod:`flash.dropout`.
         q_descale, k_descale, v_descale: float32 dequantisation factors of fp8 inputs, shape ``()``
-            per tensor or (batch, heads) per head. The output of fp8 attention is bf16; fp8 attention
-            is inference-only (inputs that require grad are refused).
+            per tensor or (batch, heads) per head (:func:`flash.fp8.quantize_qkv` makes them); fp8
+            attention is inference-only (inputs that require grad are refused).
+        out_dtype: the output's dtype. ``None`` (default): the inputs' own, bf16 for fp8 inputs. fp8
+            inputs may ask for ``torch.bfloat16`` or ``torch.float16`` (fp8 outputs are not
+            supported); other inputs only for their own dtype. A backend that cannot store the
+            dtype asked for is not chosen (:func:`flash.explain` says so).
         sinks: learned per-head sink logits, float32 (heads_q,): each adds ``exp(sinks[h])`` to the
             softmax denominator of every row of head ``h`` (and to its LSE) without a value, so
             the row's weights sum to less than one (gpt-oss). Differentiable (:mod:`flash.sinks`).
@@ -183,8 +190,8 @@ def attention(
     return _attention(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout, cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
-        dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sinks=sinks,
-        sink_tokens=sink_tokens,
+        dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        out_dtype=out_dtype, sinks=sinks, sink_tokens=sink_tokens,
         return_lse=return_lse, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
         alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
         mask_mod=mask_mod, backend=backend,
@@ -210,6 +217,7 @@ def _attention(
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     sinks: Tensor | None = None,
     sink_tokens: int = 0,
     return_lse: bool = False,
@@ -233,7 +241,7 @@ def _attention(
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
             dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
             deterministic=deterministic, check_values=check_values, backend=backend, sinks=sinks,
-            sink_tokens=sink_tokens,
+            sink_tokens=sink_tokens, out_dtype=out_dtype,
         )  # fmt: skip
     grad = _needs_grad(q, k, v, sinks)
     if grad and q.dtype in FP8_DTYPES:
@@ -248,14 +256,14 @@ def _attention(
         left, right = window or (-1, -1)
         out, lse = ops.attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale,
-            sinks, layout, causal, left, right, softcap, scale, dropout_p, dropout_seed, deterministic, backend,
-            sink_tokens,
+            out_dtype, sinks, layout, causal, left, right, softcap, scale, dropout_p, dropout_seed, deterministic,
+            backend, sink_tokens,
         )  # fmt: skip
     else:
         plan, spec = plan_for(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q_descale, k_descale, v_descale, layout,
             causal, window, softcap, scale, dropout_p, dropout_seed, deterministic, backend, check_values, masks,
-            sinks, sink_tokens,
+            sinks, sink_tokens, out_dtype,
         )  # fmt: skip
         if grad or (spec.mask is not None and spec.mask.requires_grad):
             out, lse = ops.AttentionFunction.apply(
@@ -418,6 +426,7 @@ def explain(
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     sinks: Tensor | None = None,
     sink_tokens: int = 0,
     return_lse: bool = False,
@@ -439,9 +448,9 @@ def explain(
         q, k, v, causal=causal, window=window, softcap=softcap, scale=scale, layout=layout,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale,
-        v_descale=v_descale, deterministic=deterministic, check_values=check_values, attn_mask=attn_mask,
-        alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod, score_mod_grad=score_mod_grad,
-        mask_mod=mask_mod, sinks=sinks, sink_tokens=sink_tokens,
+        v_descale=v_descale, out_dtype=out_dtype, deterministic=deterministic, check_values=check_values,
+        attn_mask=attn_mask, alibi_slopes=alibi_slopes, block_mask=block_mask, score_mod=score_mod,
+        score_mod_grad=score_mod_grad, mask_mod=mask_mod, sinks=sinks, sink_tokens=sink_tokens,
     )  # fmt: skip
     return dispatch.explain(spec, backend)
 

@@ -46,10 +46,12 @@ PLUGIN_API_VERSION = 2
 
 Pass = Literal["forward", "backward", "decode"]
 
-#: Every name :meth:`flash.spec.AttentionSpec.features` can report.
+#: Every name :meth:`flash.spec.AttentionSpec.features` can report. "out_dtype": fp8 inputs with an
+#: output dtype other than the default bf16 (``spec.out_dtype``, bf16 or fp16); a forward that declares
+#: it stores ``out`` in whichever of them it is given.
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic", "sinks", "sink_tokens"}
-    | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod"}
+    | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod", "out_dtype"}
 )
 #: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
 DECODE_FEATURES = frozenset(

@@ -59,7 +59,8 @@ _OPTIONS = (
     *("dropout_p", "dropout_seed", "deterministic", "backend", "sink_tokens"),
 )
 _BACKWARD_TENSORS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-_FORWARD_TENSORS = (*_BACKWARD_TENSORS, "q_descale", "k_descale", "v_descale", "sinks")
+#: The forward's own arguments before the options (the fp8 ones and the sinks).
+_FORWARD_TENSORS = (*_BACKWARD_TENSORS, "q_descale", "k_descale", "v_descale", "out_dtype", "sinks")
 
 
 def _window(left: int, right: int) -> tuple[int, int] | None:
@@ -72,7 +73,7 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> tuple[Plan,
         named.get("q_descale"), named.get("k_descale"), named.get("v_descale"), named["layout"], named["causal"],
         _window(named["window_left"], named["window_right"]), named["softcap"], named["scale"], named["dropout_p"],
         named["dropout_seed"], named["deterministic"], named["backend"], check_values=None, sinks=named.get("sinks"),
-        sink_tokens=named["sink_tokens"],
+        sink_tokens=named["sink_tokens"], out_dtype=named.get("out_dtype"),
     )  # fmt: skip
 
 
@@ -88,6 +89,7 @@ def attention_forward(
     q_descale: Optional[Tensor],
     k_descale: Optional[Tensor],
     v_descale: Optional[Tensor],
+    out_dtype: Optional[torch.dtype],
     sinks: Optional[Tensor],
     layout: str,
     causal: bool,
@@ -113,8 +115,9 @@ def _fake_spec(q: Tensor, k: Tensor, v: Tensor, named: dict[str, Any]) -> Attent
         cu_seqlens_q=named["cu_seqlens_q"], cu_seqlens_k=named["cu_seqlens_k"], max_seqlen_q=named["max_seqlen_q"],
         max_seqlen_k=named["max_seqlen_k"], dropout_p=named["dropout_p"],
         dropout_seed=named["dropout_seed"] if named["dropout_p"] else None, q_descale=named["q_descale"],
-        k_descale=named["k_descale"], v_descale=named["v_descale"], deterministic=named["deterministic"],
-        check_values=False, sinks=named["sinks"], sink_tokens=named["sink_tokens"],
+        k_descale=named["k_descale"], v_descale=named["v_descale"], out_dtype=named["out_dtype"],
+        deterministic=named["deterministic"], check_values=False, sinks=named["sinks"],
+        sink_tokens=named["sink_tokens"],
     )  # fmt: skip
 
 

@@ -175,6 +175,7 @@ def plan_for(
     masks: CallMasks = NO_MASKS,
     sinks: Tensor | None = None,
     sink_tokens: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Plan, AttentionSpec]:
     """The plan of this call and its spec (the plan's, with this call's dropout seed).
 
@@ -190,7 +191,7 @@ def plan_for(
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, dropout_seed=dropout_seed, q_descale=q_descale,
             k_descale=k_descale, v_descale=v_descale, deterministic=deterministic, check_values=check,
-            sinks=sinks, sink_tokens=sink_tokens, **masks.options(),
+            sinks=sinks, sink_tokens=sink_tokens, out_dtype=out_dtype, **masks.options(),
         )  # fmt: skip
 
     key: tuple | None = None
@@ -208,6 +209,7 @@ def plan_for(
             max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout),
             causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p),
             deterministic, type(deterministic), type(check_values), type(dropout_seed), sink_tokens, type(sink_tokens),
+            out_dtype,
             dispatch.forced_backend(backend),
             NO_MASKS_KEY if masks is NO_MASKS else masks.key(),
         )  # fmt: skip
@@ -221,7 +223,7 @@ def plan_for(
             cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
             dropout_seed=dropout_seed, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
             deterministic=deterministic, check_values=check_values, backend=backend, sinks=sinks,
-            sink_tokens=sink_tokens,
+            sink_tokens=sink_tokens, out_dtype=out_dtype,
         )  # fmt: skip
         plan = make_plan(dataclasses.replace(spec_of(False), dropout_seed=0), backend)
         if key is not None:

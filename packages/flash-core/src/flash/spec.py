@@ -44,6 +44,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = (torch.float32, torch.float64)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SUPPORTED_DTYPES = KERNEL_DTYPES + REFERENCE_DTYPES + FP8_DTYPES
+#: Output dtypes an fp8 call may ask for (``out_dtype=``); the first is the default.
+FP8_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
 Descale = Literal["none", "tensor", "head"]
 
@@ -116,6 +118,9 @@ class AttentionSpec(Scores):
     #: The first ``sink_tokens`` keys stay visible to every row whatever the window's left reach
     #: (StreamingLLM); 0 when off, and always 0 without a bounded left reach (nothing to add then).
     sink_tokens: int = 0
+    #: The caller's ``out_dtype`` where it is not the default (fp16 output of fp8 inputs), else None,
+    #: so that equal problems have equal specs; :attr:`out_dtype` is the dtype the output has.
+    chosen_out_dtype: torch.dtype | None = None
 
     @property
     def is_fp8(self) -> bool:
@@ -124,8 +129,8 @@ class AttentionSpec(Scores):
 
     @property
     def out_dtype(self) -> torch.dtype:
-        """The output's dtype: the inputs' own, bf16 for fp8 inputs."""
-        return torch.bfloat16 if self.is_fp8 else self.dtype
+        """The output's dtype: the caller's ``out_dtype``, else the inputs' own (bf16 for fp8 inputs)."""
+        return self.chosen_out_dtype or default_out_dtype(self.dtype)
 
     @property
     def masked(self) -> bool:
@@ -190,6 +195,8 @@ class AttentionSpec(Scores):
             used.add("sinks")
         if self.sink_tokens:
             used.add("sink_tokens")
+        if self.chosen_out_dtype is not None:
+            used.add("out_dtype")
         return frozenset(used)
 
     def limit_sizes(self) -> tuple[int, int, int, int]:
@@ -328,6 +335,25 @@ def _check_descale(name: str, d: torch.Tensor | None, batch: int, heads: int, de
     )
 
 
+def default_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The output's dtype when the caller names none: the inputs' own, bf16 for fp8 inputs."""
+    return FP8_OUT_DTYPES[0] if dtype in FP8_DTYPES else dtype
+
+
+def check_out_dtype(out_dtype: object, dtype: torch.dtype) -> torch.dtype | None:
+    """Validate ``out_dtype`` for inputs of ``dtype``; None when it is the default (or not given)."""
+    if out_dtype is None or out_dtype == default_out_dtype(dtype):
+        return None
+    if dtype in FP8_DTYPES:
+        # fp8 outputs would need an output scale the kernels do not compute: refused, not approximated.
+        expected = "None, torch.bfloat16 or torch.float16 for fp8 inputs (fp8 outputs are not supported)"
+    else:
+        expected = f"None or {dtype} (the inputs' dtype; other output dtypes are for fp8 inputs only)"
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FP8_OUT_DTYPES or dtype not in FP8_DTYPES:
+        raise InvalidInputError("out_dtype", expected, repr(out_dtype))
+    return out_dtype
+
+
 def check_dropout_seed(seed: object) -> int:
     """The seed of a call with dropout: an int in [0, 2**63) (the mask is a pure function of it)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -426,6 +452,7 @@ _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
     "layout": (str,),
     "backend": (str,),
     "sink_tokens": (int,),
+    "out_dtype": (torch.dtype, type(None)),
 }
 
 
@@ -472,6 +499,7 @@ def build_spec(
     q_descale: torch.Tensor | None = None,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     deterministic: bool = False,
     check_values: bool | None = None,
     attn_mask: torch.Tensor | None = None,
@@ -577,6 +605,7 @@ def build_spec(
         if len(kinds) > 1:
             raise InvalidInputError("q_descale", "all descale factors per tensor, or all per head", "a mix")
         descale = kinds.pop() if kinds else "none"
+    chosen_out_dtype = check_out_dtype(out_dtype, q.dtype)
 
     extras = check_mask_arguments(
         batch=batch, heads=heads_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, device=q.device, varlen=varlen,
@@ -616,6 +645,7 @@ def build_spec(
         mask_mod=extras.mask_mod,
         sinks=has_sinks,
         sink_tokens=sink_count,
+        chosen_out_dtype=chosen_out_dtype,
     )
 
 

@@ -62,7 +62,8 @@ def _devices(interpreting: bool) -> frozenset[str]:
 @functools.lru_cache(maxsize=4)
 def _support(interpreting: bool, pass_: Pass) -> Support:
     dtypes = FORWARD_DTYPES if pass_ == "forward" else DTYPES
-    features = FEATURES | {"fp8"} if pass_ == "forward" else FEATURES
+    # fp8 forwards store out in the dtype asked for (the epilogue casts to the output pointer's type).
+    features = FEATURES | {"fp8", "out_dtype"} if pass_ == "forward" else FEATURES
     return Support(
         dtypes=dtypes, features=features, devices=_devices(interpreting), min_capability=(8, 0), limits=LIMITS
     )

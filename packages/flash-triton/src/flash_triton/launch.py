@@ -229,8 +229,8 @@ def _key(pass_: str, spec: AttentionSpec, p: Problem, m: MaskArgs) -> tuple:
     flags = tuple(
         sorted((name, value if isinstance(value, (int, bool)) else id(value)) for name, value in m.flags.items())
     )
-    return (pass_, spec.dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout, spec.device.type,
-            flags)  # fmt: skip
+    return (pass_, spec.dtype, spec.out_dtype, p.head_dim, p.varlen, p.has_left, p.has_right, p.softcap, p.dropout,
+            spec.device.type, flags)  # fmt: skip
 
 
 def _replayable(spec: AttentionSpec, masks: MaskTensors | None) -> bool:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 
 from flash_bench.base import Section
-from flash_bench.sections import attention, cpu, decode, masks, overhead
+from flash_bench.sections import attention, cpu, decode, fp8, masks, overhead
 
 #: Every section, by name, in the order they run.
 SECTIONS: dict[str, Section] = {
-    s.name: s for s in (attention.SECTION, decode.SECTION, overhead.SECTION, cpu.SECTION, masks.SECTION)
+    s.name: s for s in (attention.SECTION, decode.SECTION, overhead.SECTION, cpu.SECTION, masks.SECTION, fp8.SECTION)
 }
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from flash.spec import default_out_dtype
+
 
 @dataclass(frozen=True)
 class Case:
@@ -37,6 +39,8 @@ class Case:
     strided: bool = False
     #: The kind of fp8 descale factors, None, "tensor" or "head".
     descale: str | None = None
+    #: ``out_dtype=`` of an fp8 case (None: the default, bf16).
+    out_dtype: torch.dtype | None = None
     deterministic: bool = False
     #: Whether to plant a NaN in q (the outputs of that row must be NaN, the others exact).
     nan_in_q: bool = False
@@ -72,6 +76,8 @@ class Case:
             opts["deterministic"] = True
         if self.sink_tokens:
             opts["sink_tokens"] = self.sink_tokens
+        if self.out_dtype is not None:
+            opts["out_dtype"] = self.out_dtype
         return opts
 
 
@@ -142,7 +148,7 @@ def make_inputs(case: Case, device: torch.device | str, seed: int, requires_grad
     options.update(_mask_options(case, q.shape if case.layout == "bshd" else q.transpose(1, 2).shape, device, gen))
     if case.sinks:
         options["sinks"] = torch.randn(hq, generator=gen, device=device, dtype=torch.float32)
-    out_dtype = torch.bfloat16 if case.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else case.dtype
+    out_dtype = case.out_dtype or default_out_dtype(case.dtype)
     dout = torch.randn(q.shape, generator=gen, device=device, dtype=torch.float32).to(out_dtype)
     if requires_grad:
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
@@ -251,6 +257,17 @@ def cpu_cases() -> list[Case]:
             dtype=torch.float8_e4m3fn,
             descale="head",
             seqlens=((7, 9), (12, 3)),
+            backward=False,
+        ),
+        replace(
+            base,
+            name="fp8_fp16_out_head",
+            dtype=torch.float8_e4m3fn,
+            descale="head",
+            out_dtype=torch.float16,
+            heads_q=4,
+            heads_kv=2,
+            causal=True,
             backward=False,
         ),
     ]
