@@ -28,7 +28,7 @@ from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, sm
 #: Hopper kernel, see CudaBackend.extra_reasons).
 FORWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}),
-    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8"}),
+    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8", "out_dtype"}),
     head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
     min_capability=(8, 0),  # cp.async and bf16 mma.sync
     aligned16=True,
