@@ -75,7 +75,7 @@ def test_every_shipped_variant_compiles_without_spilling(compiled):
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         if variant.fp8 and variant.head_dim == 256 and variant.mask == hopper.MASK_BOTH:
-            # its consumers (224 registers: the producer keeps 48 for a window's tile bounds) spill one
+            # its consumers (224 registers: the producer keeps 48 for the transposers) spill one
             # word at the tile boundary, not inside the key-block loop (PERF_NOTES.md, fp8)
             assert res.stack_frame <= 8, f"{variant.label()}: {res}"
         else:

@@ -86,9 +86,9 @@ struct Shape {
   // Warps 1-3 of the producer warpgroup transpose fp8 V blocks (warp 0 issues the TMA loads).
   static constexpr int TRANSPOSERS = FP8 ? 3 : 0;
   // Register split of the 64K-register file: the producer keeps the minimum (fp8: the transposers
-  // need 40, 48 with a window's tile bounds).
-  static constexpr int PRODUCER_REGISTERS = FP8 ? (MASK == 2 ? 48 : 40) : CONSUMERS == 2 ? 24 : 32;
-  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? (MASK == 2 ? 224 : 232) : 240) : (FP8 ? 152 : 160);
+  // need 48, for two tasks' loads in flight and a window's tile bounds).
+  static constexpr int PRODUCER_REGISTERS = FP8 ? 48 : CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? 224 : 240) : (FP8 ? 152 : 160);
   // What each thread holds at launch (__launch_bounds__(THREADS, 1): the register file, in 8s).
   static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
 
@@ -297,15 +297,31 @@ template <class S>
 __device__ __forceinline__ void transpose_v(const SmemTile<S::BN, S>& v, const VtTile<S>& vt, int thread) {
   constexpr int STEPS = S::BN / 32, TASKS = STEPS * (S::D / 16);
   const int a = thread % 8, b = (thread % 32) / 8;
+  // Two tasks per round, both tasks' loads first: the loads of one overlap the other's latency.
 #pragma unroll 1
-  for (int task = thread / 32; task < TASKS; task += S::TRANSPOSERS) {
-    const int key0 = 32 * (task % STEPS), col = 16 * (task / STEPS) + 4 * b;
-    u32 in[4], out[4];
+  for (int task = thread / 32; task < TASKS; task += 2 * S::TRANSPOSERS) {
+    const bool second = task + S::TRANSPOSERS < TASKS;  // warp-uniform
+    u32 in[2][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) in[i] = ld_shared_u32(v.word_address(key0 + fp8_key(4 * a + i), col));
-    transpose4x4(in, out);
+    for (int t = 0; t < 2; ++t) {
+      const int id = task + t * S::TRANSPOSERS;
+      const int key0 = 32 * (id % STEPS), col = 16 * (id / STEPS) + 4 * b;
 #pragma unroll
-    for (int e = 0; e < 4; ++e) st_shared_u32(vt.word_address(col + e, key0 + 4 * a), out[e]);
+      for (int i = 0; i < 4; ++i) {
+        in[t][i] = (t == 0 || second) ? ld_shared_u32(v.word_address(key0 + fp8_key(4 * a + i), col)) : 0u;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int id = task + t * S::TRANSPOSERS;
+      const int key0 = 32 * (id % STEPS), col = 16 * (id / STEPS) + 4 * b;
+      u32 out[4];
+      transpose4x4(in[t], out);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (t == 0 || second) st_shared_u32(vt.word_address(col + e, key0 + 4 * a), out[e]);
+      }
+    }
   }
 }
 
