@@ -9,6 +9,14 @@ from typing import Any, Protocol
 import torch
 
 
+def timed_line(what: str, ms: float | None, tflops: float | None, max_error: float | None, note: str) -> str:
+    """One progress line of a timed case: ``what``, then its time and TFLOP/s (or why it failed)."""
+    if ms is None or tflops is None:
+        return f"{what} failed: {note}"
+    error = f"  err {max_error:.2e}" if max_error is not None else ""
+    return f"{what} {ms:8.3f} ms {tflops:7.1f} TFLOP/s{error}"
+
+
 def failure(error: Exception) -> str:
     """One line for a measurement that could not be made: the error's type and first line."""
     return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"

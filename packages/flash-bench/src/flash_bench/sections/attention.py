@@ -21,7 +21,7 @@ import torch
 import flash
 from flash import cli, timing
 from flash.reference.naive import naive_attention
-from flash_bench.base import Report, failure
+from flash_bench.base import Report, failure, timed_line
 from flash_bench.providers import KNOWN_PEERS, PEERS, Provider, provider
 
 DEFAULT_SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
@@ -141,10 +141,7 @@ def format_row(row: Row) -> str:
     """One progress line."""
     mask = "causal" if row.causal else "full"
     what = f"{row.provider:<11} {row.mode:<7} {mask:<6} d={row.head_dim:<3} s={row.seqlen:<6}"
-    if row.ms is None or row.tflops is None:
-        return f"{what} failed: {row.note}"
-    error = f"  err {row.max_error:.2e}" if row.max_error is not None else ""
-    return f"{what} {row.ms:8.3f} ms {row.tflops:7.1f} TFLOP/s{error}"
+    return timed_line(what, row.ms, row.tflops, row.max_error, row.note)
 
 
 def ratio_table(rows: list[Row], baseline: str = "sdpa-flash") -> str:
