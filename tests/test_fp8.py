@@ -33,6 +33,16 @@ def fp8_backends() -> list[str]:
     return names
 
 
+def gpu_fp8_backends() -> list[str]:
+    """The GPU backends that declare fp8 forwards; the test is skipped without a GPU or without one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    backends = [name for name in fp8_backends() if name != "reference"]
+    if not backends:
+        pytest.skip("no GPU backend declares fp8 forwards")
+    return backends
+
+
 def with_outliers(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     t = torch.randn(shape, generator=gen, dtype=torch.float64)
     outliers = torch.rand(shape, generator=gen, dtype=torch.float64) < 1e-3
@@ -74,11 +84,7 @@ def test_fp8_is_no_less_accurate_than_naive_fp8(causal: bool) -> None:
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_fp8_kernels_on_the_gpu(causal: bool) -> None:
     """The same accuracy test at a real size on the GPU, for the GPU backends that declare fp8."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    backends = [name for name in fp8_backends() if name != "reference"]
-    if not backends:
-        pytest.skip("no GPU backend declares fp8 forwards")
+    backends = gpu_fp8_backends()
     gen = torch.Generator().manual_seed(14)
     q, k, v = (with_outliers((2, 1000, 8, 128), gen) for _ in range(3))
     oracle = naive_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal).cpu()
@@ -287,11 +293,7 @@ def test_hadamard_lowers_the_fp8_error_on_outliers(causal: bool) -> None:
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_hadamard_on_the_gpu_kernels(causal: bool) -> None:
     """The same margin for the GPU backends that declare fp8, at a real size."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    backends = [name for name in fp8_backends() if name != "reference"]
-    if not backends:
-        pytest.skip("no GPU backend declares fp8 forwards")
+    backends = gpu_fp8_backends()
     gen = torch.Generator().manual_seed(15)
     q, k, v = (with_outliers((2, 2048, 8, 128), gen) for _ in range(3))
     oracle = naive_attention(q.cuda(), k.cuda(), v.cuda(), causal=causal).cpu()

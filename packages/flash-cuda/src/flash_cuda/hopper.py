@@ -119,7 +119,10 @@ TABLE: tuple[TableRow, ...] = (
 )
 
 
-_FP8 = "unmeasured: the bf16 tiles' shape where it fits (V^T rows of 64 or 128 keys), not yet timed"
+_FP8 = (
+    "unmeasured: the bf16 tiles' shape where it fits (V^T rows of 64 or 128 keys), the only tiles tried; "
+    "timed on the H200 2026-12-02 (PERF_NOTES.md), not compared with others"
+)
 
 #: fp8 inputs (e4m3, e5m2): key blocks of 64 or 128 (a V^T row is one swizzle span); more keys per
 #: block than for 16 bits would not fit the V^T ring.
