@@ -10,11 +10,11 @@ Also checks the table, the launcher's argument list against the kernel's, and th
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -170,33 +170,33 @@ def _kernel_parameters() -> list[str]:
     return [" ".join(p.split()) for p in signature.split(",")]
 
 
-def test_launch_arguments_match_the_kernel_signature():
-    torch = pytest.importorskip("torch")
+def test_launch_parameters_match_the_kernel_signature():
     params = _kernel_parameters()
-    b, s, h, d = 2, 100, 4, 64
-    q = torch.zeros(b, s, h, d, dtype=torch.bfloat16)
-    out = torch.zeros_like(q)
-    lse = torch.zeros(b, h, s)
-    variant = hopper.make_variant(hopper.config_for(d), d, "bf16", hopper.MASK_NONE)
-    maps = (tensor_map.TensorMap(), tensor_map.TensorMap(), tensor_map.TensorMap())
-    args = hopper.kernel_arguments(
-        variant, maps, out, lse, None, None, seqlen_q=s, seqlen_k=s, total_q=s, total_k=s, heads_q=h, heads_kv=h,
-        head_dim=d, m_blocks=1, tiles=h * b, window=(-1, 0), order="blocks", softcap=0.0, scale=0.125,
+    kinds = {"TensorMap": "map", "*": "ptr", "i64": "i64", "int": "i32", "float": "f32"}
+    declared = []
+    for param in params:
+        words = param.replace("__restrict__", "").replace("const", "").replace("__grid_constant__", "").split()
+        c_type = " ".join(words[:-1])
+        declared.append(next(kind for c, kind in kinds.items() if c in c_type.split("::")[-1]))
+    assert declared == list(hopper.PARAMETERS)
+    # The packing is C's: every parameter at its own alignment, tensor maps at 64 bytes.
+    layout = tensor_map.ParamLayout(hopper.PARAMETERS)
+    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == layout.format.size == 592
+    names = [p.split()[-1] for p in params]
+    scalars = hopper.scalar_arguments(
+        (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,
+        total_k=100, heads_q=4, heads_kv=2, head_dim=64, m_blocks=1, tiles=8, window=(-1, 0), order="blocks",
+        softcap=0.0, scale=0.125,
     )  # fmt: skip
-    assert len(args) == len(params)
-    expected = {
-        "TensorMap": tensor_map.TensorMap, "u16*": ctypes.c_uint64, "float*": ctypes.c_uint64,
-        "int*": ctypes.c_uint64, "i64": ctypes.c_int64, "int": ctypes.c_int32, "float": ctypes.c_float,
-    }  # fmt: skip
-    for param, arg in zip(params, args):
-        kind = next(k for k in expected if re.search(rf"(^|\W){re.escape(k)}(\W|$)", param.replace("__restrict__", "")))
-        assert isinstance(arg, expected[kind]), (param, arg)
-    window = dict(zip([p.split()[-1] for p in params], args))
-    assert window["win_right"].value == 0 and window["win_left"].value == hopper.UNBOUNDED_REACH
-    assert window["score_log2"].value == pytest.approx(0.125 * hopper.LOG2E)
-    assert window["softcap_in"].value == 0
-    assert window["blocks_outer"].value == 1
-    assert window["q_descale"].value == 0 and window["qd_sb"].value == 0  # 16-bit: no descale (1)
+    assert len(scalars) == names.index("q_descale") - names.index("o_sb")
+    values = dict(zip(names[names.index("o_sb") :], scalars))
+    assert values["win_right"] == 0 and values["win_left"] == hopper.UNBOUNDED_REACH
+    assert values["group"] == 2 and values["o_ss"] == 4 * 64 and values["l_sh"] == 100
+    assert values["score_log2"] == pytest.approx(0.125 * hopper.LOG2E) and values["softcap_in"] == 0
+    assert values["blocks_outer"] == 1
+    packed = (b"\1" * 128, b"\2" * 128, b"\3" * 128, 11, 12, 0, 0, *scalars, 0, 0, 0, *[0] * 6)
+    unpacked = struct.unpack_from("<q", layout.format.pack(*packed), layout.offsets[names.index("o_ss")])
+    assert unpacked == (4 * 64,)
 
 
 def test_auto_order_follows_the_balance_of_the_heads_order():

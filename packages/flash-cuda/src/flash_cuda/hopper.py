@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from flash_cuda import tensor_map
 from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_fwd_sm90"
@@ -430,8 +431,6 @@ def kernel(variant: HopperVariant, device_index: int) -> int:
         return found[0]
     import cupy
 
-    from flash_cuda import tensor_map
-
     with _lock:
         found = _kernels.get(key)
         if found is None:
@@ -474,23 +473,6 @@ def _map_strides(t: Any) -> list[int]:
     sizes, strides = t.shape[:3], t.stride()[:3]
     fallback = max([s * item for s, n in zip(strides, sizes) if n > 1] + [16 * -(-t.shape[3] * item // 16)])
     return [strides[i] * item if sizes[i] > 1 else fallback for i in (2, 1, 0)]
-
-
-@functools.lru_cache(maxsize=256)
-def _encoded_map(address: int, dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> Any:
-    from flash_cuda import tensor_map
-
-    return tensor_map.encode_tiled(address, dtype, dims, strides, box, swizzle)
-
-
-def _tensor_map(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> Any:
-    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1).
-    Encoded once per tensor geometry (the kernel copies it by value at launch)."""
-    b, s, h, d = t.shape
-    dims = (d, h, s, 1 if varlen else b)
-    dtype = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
-    box = (variant.slab, 1, rows, 1)
-    return _encoded_map(t.data_ptr(), dtype, dims, tuple(_map_strides(t)), box, variant.swizzle)
 
 
 def problem_reasons(
@@ -621,14 +603,23 @@ def unsupported_reasons(
     return reasons
 
 
-def kernel_arguments(
-    variant: HopperVariant,
-    maps: tuple[Any, Any, Any],
-    out: Any,
-    lse: Any,
-    cu_q: Any,
-    cu_k: Any,
+#: The kernel's parameters (kernels/hopper_fwd.cu) in order, as tensor_map.ParamLayout kinds.
+PARAMETERS = (
+    ("map",) * 3  # the tensor maps of q, k, v
+    + ("ptr",) * 4  # o, lse, cu_q, cu_k
+    + ("i64",) * 6  # strides of o and lse
+    + ("i32",) * 12  # seqlen_q ... blocks_outer
+    + ("f32",) * 2  # score_log2, softcap_in
+    + ("ptr",) * 3  # the descales of q, k, v
+    + ("i64",) * 6  # their (batch, head) strides
+)
+
+
+def scalar_arguments(
+    out_strides: tuple[int, ...],
+    lse_strides: tuple[int, ...],
     *,
+    varlen: bool,
     seqlen_q: int,
     seqlen_k: int,
     total_q: int,
@@ -642,49 +633,20 @@ def kernel_arguments(
     order: str,
     softcap: float,
     scale: float,
-    descales: tuple[Any, Any, Any] = (None, None, None),
-) -> list[Any]:
-    """The kernel's parameter list (kernels/hopper_fwd.cu) as ctypes values of the exact C types.
-    ``descales``: the fp8 descale tensors of q, k, v (None: 1), one value or one per (batch, head)."""
-    import ctypes
-
-    varlen = cu_q is not None
-    o_sb, o_ss, o_sh = out.stride()[:3]
-    l_sb, l_sh, l_ss = lse.stride()
+) -> tuple[int | float, ...]:
+    """The kernel's parameters from ``o_sb`` to ``softcap_in`` (``PARAMETERS[7:27]``), in order."""
+    o_sb, o_ss, o_sh = out_strides[:3]
+    l_sb, l_sh, l_ss = lse_strides
     if softcap > 0:
         score_log2, softcap_in = softcap * LOG2E, scale / softcap
     else:
         score_log2, softcap_in = scale * LOG2E, 0.0
-    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_uint64
-    return [
-        *maps,
-        ptr(out.data_ptr()),
-        ptr(lse.data_ptr()),
-        ptr(0 if cu_q is None else cu_q.data_ptr()),
-        ptr(0 if cu_k is None else cu_k.data_ptr()),
-        i64(0 if varlen else o_sb),
-        i64(o_ss),
-        i64(o_sh),
-        i64(0 if varlen else l_sb),
-        i64(l_sh),
-        i64(l_ss),
-        i32(seqlen_q),
-        i32(seqlen_k),
-        i32(total_q),
-        i32(total_k),
-        i32(heads_q),
-        i32(heads_q // heads_kv),
-        i32(head_dim),
-        i32(m_blocks),
-        i32(tiles),
-        i32(_reach(window[0])),
-        i32(_reach(window[1])),
-        i32(ORDERS.index(order)),
-        f32(score_log2),
-        f32(softcap_in),
-        *[ptr(0 if d is None else d.data_ptr()) for d in descales],
-        *[i64(s) for d in descales for s in _descale_strides(d)],
-    ]
+    return (
+        0 if varlen else o_sb, o_ss, o_sh, 0 if varlen else l_sb, l_sh, l_ss,
+        seqlen_q, seqlen_k, total_q, total_k, heads_q, heads_q // heads_kv, head_dim, m_blocks, tiles,
+        _reach(window[0]), _reach(window[1]), ORDERS.index(order),
+        score_log2, softcap_in,
+    )  # fmt: skip
 
 
 def _descale_strides(d: Any) -> tuple[int, int]:
@@ -692,6 +654,90 @@ def _descale_strides(d: Any) -> tuple[int, int]:
     if d is None or d.numel() == 1:
         return (0, 0)
     return (d.stride(0), d.stride(1))
+
+
+@dataclass(frozen=True, eq=False)
+class MapGeometry:
+    """Everything of a TMA tensor map but its address (compared by identity: a cheap cache key)."""
+
+    dtype: str
+    dims: tuple[int, ...]
+    strides: tuple[int, ...]
+    box: tuple[int, ...]
+    swizzle: int
+
+
+def _geometry(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> MapGeometry:
+    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)."""
+    b, s, h, d = t.shape
+    dtype = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
+    return MapGeometry(dtype, (d, h, s, 1 if varlen else b), tuple(_map_strides(t)), (variant.slab, 1, rows, 1),
+                       variant.swizzle)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _map_bytes(address: int, geometry: MapGeometry) -> bytes:
+    """A tensor map's 128 bytes, encoded once per address (the kernel copies it by value at launch)."""
+    g = geometry
+    return bytes(tensor_map.encode_tiled(address, g.dtype, g.dims, g.strides, g.box, g.swizzle))
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    """What one problem's launches share, decided on its first call: the kernel and its parameter
+    packing, the grid, the tensor maps' geometry and every parameter that is not an address."""
+
+    packed: tensor_map.PackedLaunch
+    grid: int
+    threads: int
+    smem: int
+    maps: tuple[MapGeometry, MapGeometry, MapGeometry]
+    scalars: tuple[int | float, ...]
+    descale_strides: tuple[int, ...]
+
+
+#: Launches by problem key (:func:`forward`); cleared when full (a key holds shapes, not tensors).
+_launches: dict[tuple, Launch | None] = {}
+MAX_LAUNCHES = 1024
+PARAMETER_LAYOUT = tensor_map.ParamLayout(PARAMETERS)
+
+
+def _plan_launch(
+    q: Any, k: Any, v: Any, out: Any, lse: Any, cu_q: Any, *, seqlen_q: int, seqlen_k: int, heads_q: int,
+    heads_kv: int, head_dim: int, window: tuple[int, int], softcap: float, scale: float, config: HopperConfig | None,
+    descales: tuple[Any, Any, Any], device: int,
+) -> Launch | None:  # fmt: skip
+    """The :class:`Launch` of a problem (None: no tiles, nothing to launch)."""
+    varlen = cu_q is not None
+    dtype = input_name(q.dtype)
+    assert dtype is not None, q.dtype  # unsupported_reasons said so
+    fp8 = dtype in FP8_INPUTS
+    config = config or config_for(head_dim, window, seqlen_k, fp8)
+    out_dtype = (input_name(out.dtype) or "") if fp8 else ""
+    variant = _variant(config, head_dim, dtype, mask_kind(window), out_dtype)
+    batch = cu_q.numel() - 1 if varlen else q.shape[0]
+    m_blocks = -(-seqlen_q // variant.block_m)
+    tiles = m_blocks * heads_q * batch
+    if tiles == 0:
+        return None
+    grid = min(tiles, _sm_count(device))
+    order = tile_order(
+        config, m_blocks=m_blocks, pairs=tiles // m_blocks, grid=grid, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        window=window, varlen=varlen,
+    )  # fmt: skip
+    scalars = scalar_arguments(
+        tuple(out.stride()), tuple(lse.stride()), varlen=varlen, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        total_q=q.shape[1], total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+        m_blocks=m_blocks, tiles=tiles, window=window, order=order, softcap=softcap, scale=scale,
+    )  # fmt: skip
+    maps = (
+        _geometry(q, variant.block_m, variant, varlen),
+        _geometry(k, variant.block_n, variant, varlen),
+        _geometry(v, variant.block_n, variant, varlen),
+    )
+    packed = tensor_map.PackedLaunch(kernel(variant, device), PARAMETER_LAYOUT)
+    strides = tuple(s for d in descales for s in _descale_strides(d))
+    return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides)
 
 
 def forward(
@@ -725,42 +771,44 @@ def forward(
     of the sequences' offsets and ``seqlen_q/k`` their maxima. ``lse``: ``(batch, heads_q, seqlen_q)``
     (varlen ``(1, heads_q, total_q)``). ``window = (left, right)``, -1 unbounded (causal: (-1, 0)).
     No host synchronisation and no allocation: CUDA-graph capturable.
+
+    The host path is the per-call cost of small problems (decoding): everything but the addresses is
+    decided once per problem (:class:`Launch`), tensor maps are encoded once per address.
     """
     import torch
 
-    from flash_cuda import tensor_map
-
-    varlen = cu_seqlens_q is not None
-    dtype = input_name(q.dtype)
-    assert dtype is not None, q.dtype  # unsupported_reasons said so
-    fp8 = dtype in FP8_INPUTS
-    config = config or config_for(head_dim, window, seqlen_k, fp8)
-    out_dtype = (input_name(out.dtype) or "") if fp8 else ""
-    variant = _variant(config, head_dim, dtype, mask_kind(window), out_dtype)
-    batch = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
-    m_blocks = -(-seqlen_q // variant.block_m)
-    tiles = m_blocks * heads_q * batch
-    if tiles == 0:
+    device = q.get_device()
+    window = (window[0], window[1])  # hashable, whatever sequence came in
+    descales = (q_descale, k_descale, v_descale)
+    cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+    cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+    key = (
+        q.dtype, out.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(),
+        None if cu_q is None else cu_q.shape, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window,
+        softcap, scale, config, device,
+        *[None if d is None else (d.shape, d.stride()) for d in descales],
+    )  # fmt: skip
+    try:
+        launch = _launches[key]
+    except KeyError:
+        if len(_launches) >= MAX_LAUNCHES:
+            _launches.clear()
+        launch = _launches[key] = _plan_launch(
+            q, k, v, out, lse, cu_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_kv=heads_kv,
+            head_dim=head_dim, window=window, softcap=softcap, scale=scale, config=config,
+            descales=descales, device=device,
+        )  # fmt: skip
+    if launch is None:
         return
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    function = kernel(variant, device)
-    cu_q = cu_seqlens_q.contiguous() if varlen else None
-    cu_k = cu_seqlens_k.contiguous() if varlen else None
-    maps = (
-        _tensor_map(q, variant.block_m, variant, varlen),
-        _tensor_map(k, variant.block_n, variant, varlen),
-        _tensor_map(v, variant.block_n, variant, varlen),
-    )
-    grid = min(tiles, _sm_count(device))
-    order = tile_order(
-        config, m_blocks=m_blocks, pairs=tiles // m_blocks, grid=grid, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-        window=window, varlen=varlen,
+    gq, gk, gv = launch.maps
+    values = (
+        _map_bytes(q.data_ptr(), gq), _map_bytes(k.data_ptr(), gk), _map_bytes(v.data_ptr(), gv),
+        out.data_ptr(), lse.data_ptr(), 0 if cu_q is None else cu_q.data_ptr(), 0 if cu_k is None else cu_k.data_ptr(),
+        *launch.scalars, *[0 if d is None else d.data_ptr() for d in descales], *launch.descale_strides,
     )  # fmt: skip
-    args = kernel_arguments(
-        variant, maps, out, lse, cu_q, cu_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
-        total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, m_blocks=m_blocks, tiles=tiles,
-        window=window, order=order, softcap=softcap, scale=scale, descales=(q_descale, k_descale, v_descale),
-    )  # fmt: skip
-    stream = torch.cuda.current_stream(q.device).cuda_stream
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    if torch._C._cuda_getDevice() == device:
+        launch.packed(launch.grid, launch.threads, launch.smem, stream, values)
+        return
     with torch.cuda.device(device):
-        tensor_map.launch(function, grid, variant.threads, variant.launch_smem, stream, args)
+        launch.packed(launch.grid, launch.threads, launch.smem, stream, values)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
+import threading
 from collections.abc import Sequence
 
 #: CUtensorMapDataType values (cuda.h); fp8 tensors move as bytes.
@@ -59,8 +61,10 @@ def driver() -> ctypes.CDLL:
         vp, ctypes.POINTER(vp), ctypes.POINTER(vp),
     ]  # fmt: skip
     lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
-    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    if hasattr(lib, "cuFuncGetParamInfo"):  # drivers of CUDA 12.4 and newer
+        sizep = ctypes.POINTER(ctypes.c_size_t)
+        lib.cuFuncGetParamInfo.argtypes = [vp, ctypes.c_size_t, sizep, sizep]
     return lib
 
 
@@ -129,18 +133,83 @@ def set_max_dynamic_shared(function: int, nbytes: int) -> None:
     )
 
 
-def launch(
-    function: int, grid: int, block: int, smem: int, stream: int, args: Sequence[ctypes._SimpleCData | ctypes.Array]
-) -> None:
-    """cuLaunchKernel of a 1-D grid in the current context; ``args`` are ctypes values of the
-    kernel's exact parameter types, in order (a TensorMap for a tensor-map parameter)."""
-    lib = driver()
-    context = ctypes.c_void_p()
-    _check(lib.cuCtxGetCurrent(ctypes.byref(context)), "cuCtxGetCurrent")
-    if not context.value:
-        raise DriverError("no current CUDA context (launch inside the device's context, e.g. after a torch CUDA call)")
-    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    code = lib.cuLaunchKernel(
-        ctypes.c_void_p(function), grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), params, None
-    )
-    _check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem})")
+#: Parameter kinds of :class:`PackedLaunch`: (struct code, bytes, alignment). A tensor map is 64-byte
+#: aligned in the kernel's parameter space (``alignas(64)`` CUtensorMap).
+PARAM_KINDS = {"map": ("128s", 128, 64), "ptr": ("Q", 8, 8), "i64": ("q", 8, 8), "i32": ("i", 4, 4), "f32": ("f", 4, 4)}
+
+
+def param_offsets(kinds: Sequence[str]) -> tuple[list[int], int]:
+    """Each parameter's byte offset in the kernel's parameter space (C layout: each aligned to its own
+    alignment, in order) and the total size."""
+    offsets, end = [], 0
+    for kind in kinds:
+        _, size, align = PARAM_KINDS[kind]
+        end += -end % align
+        offsets.append(end)
+        end += size
+    return offsets, end
+
+
+class ParamLayout:
+    """A kernel's parameter space as one ``struct`` format: ``kinds`` are its parameters in order, each
+    one of :data:`PARAM_KINDS` (a tensor map's value is its 128 bytes)."""
+
+    def __init__(self, kinds: Sequence[str]) -> None:
+        self.kinds = tuple(kinds)
+        self.offsets, self.size = param_offsets(kinds)
+        self.sizes = [PARAM_KINDS[kind][1] for kind in kinds]
+        fields, end = [], 0
+        for kind, offset, size in zip(kinds, self.offsets, self.sizes):
+            fields.append("x" * (offset - end) + PARAM_KINDS[kind][0])
+            end = offset + size
+        self.format = struct.Struct("<" + "".join(fields))
+
+
+class PackedLaunch:
+    """Launches of one kernel whose parameters a :class:`ParamLayout` packs into a buffer that
+    ``cuLaunchKernel`` reads through a pointer array made once per thread: a launch costs one
+    ``pack_into`` and one driver call, not a ctypes object per parameter. Where the driver can say
+    (``cuFuncGetParamInfo``, CUDA 12.4+), the layout is checked against the compiled kernel's, once.
+    """
+
+    def __init__(self, function: int, layout: ParamLayout) -> None:
+        self.function = function
+        self.layout = layout
+        self._local = threading.local()
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        lib, layout = driver(), self.layout
+        if not hasattr(lib, "cuFuncGetParamInfo"):
+            return
+        offset, size = ctypes.c_size_t(), ctypes.c_size_t()
+        function = ctypes.c_void_p(self.function)
+        for index, want in enumerate(zip(layout.offsets, layout.sizes)):
+            _check(lib.cuFuncGetParamInfo(function, index, ctypes.byref(offset), ctypes.byref(size)),
+                   f"cuFuncGetParamInfo(parameter {index})")  # fmt: skip
+            if (offset.value, size.value) != want:
+                raise DriverError(
+                    f"kernel parameter {index} is {size.value} bytes at offset {offset.value}; "
+                    f"the launch packs {want[1]} bytes at {want[0]}"
+                )
+        if lib.cuFuncGetParamInfo(function, len(layout.sizes), ctypes.byref(offset), ctypes.byref(size)) == 0:
+            raise DriverError(f"the kernel takes more than the {len(layout.sizes)} parameters the launch packs")
+
+    def _slot(self) -> tuple[ctypes.Array, ctypes.Array]:
+        """This thread's parameter buffer and the pointer array into it (cuLaunchKernel copies the
+        values before it returns, so one buffer per thread serves every launch)."""
+        slot = getattr(self._local, "slot", None)
+        if slot is None:
+            buffer = (ctypes.c_char * self.layout.size)()
+            base = ctypes.addressof(buffer)
+            params = (ctypes.c_void_p * len(self.layout.offsets))(*[base + off for off in self.layout.offsets])
+            slot = self._local.slot = (buffer, params)
+        return slot
+
+    def __call__(self, grid: int, block: int, smem: int, stream: int, values: Sequence[object]) -> None:
+        """One launch of a 1-D grid on ``stream`` in the current context; ``values`` in parameter order."""
+        buffer, params = self._slot()
+        self.layout.format.pack_into(buffer, 0, *values)
+        code = driver().cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, smem, stream, params, None)
+        if code:
+            _check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem}; is the kernel's device current?)")
