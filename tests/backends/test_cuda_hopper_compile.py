@@ -179,9 +179,8 @@ def test_launch_parameters_match_the_kernel_signature():
         c_type = " ".join(words[:-1])
         declared.append(next(kind for c, kind in kinds.items() if c in c_type.split("::")[-1]))
     assert declared == list(hopper.PARAMETERS)
-    # The packing is C's: every parameter at its own alignment, tensor maps at 64 bytes.
     layout = tensor_map.ParamLayout(hopper.PARAMETERS)
-    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == layout.format.size == 592
+    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
     names = [p.split()[-1] for p in params]
     scalars = hopper.scalar_arguments(
         (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,

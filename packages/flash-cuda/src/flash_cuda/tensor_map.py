@@ -133,43 +133,29 @@ def set_max_dynamic_shared(function: int, nbytes: int) -> None:
     )
 
 
-#: Parameter kinds of :class:`PackedLaunch`: (struct code, bytes, alignment). A tensor map is 64-byte
-#: aligned in the kernel's parameter space (``alignas(64)`` CUtensorMap).
-PARAM_KINDS = {"map": ("128s", 128, 64), "ptr": ("Q", 8, 8), "i64": ("q", 8, 8), "i32": ("i", 4, 4), "f32": ("f", 4, 4)}
-
-
-def param_offsets(kinds: Sequence[str]) -> tuple[list[int], int]:
-    """Each parameter's byte offset in the kernel's parameter space (C layout: each aligned to its own
-    alignment, in order) and the total size."""
-    offsets, end = [], 0
-    for kind in kinds:
-        _, size, align = PARAM_KINDS[kind]
-        end += -end % align
-        offsets.append(end)
-        end += size
-    return offsets, end
+#: Parameter kinds of :class:`ParamLayout`: (struct code, bytes).
+PARAM_KINDS = {"map": ("128s", 128), "ptr": ("Q", 8), "i64": ("q", 8), "i32": ("i", 4), "f32": ("f", 4)}
 
 
 class ParamLayout:
-    """A kernel's parameter space as one ``struct`` format: ``kinds`` are its parameters in order, each
-    one of :data:`PARAM_KINDS` (a tensor map's value is its 128 bytes)."""
+    """A kernel's parameters, in order, packed back to back by one ``struct`` format: ``kinds`` are
+    :data:`PARAM_KINDS` names (a tensor map's value is its 128 bytes). The buffer is the host's copy
+    only: the driver reads each value through its own pointer and places it where the kernel wants it."""
 
     def __init__(self, kinds: Sequence[str]) -> None:
         self.kinds = tuple(kinds)
-        self.offsets, self.size = param_offsets(kinds)
+        self.format = struct.Struct("<" + "".join(PARAM_KINDS[kind][0] for kind in kinds))
         self.sizes = [PARAM_KINDS[kind][1] for kind in kinds]
-        fields, end = [], 0
-        for kind, offset, size in zip(kinds, self.offsets, self.sizes):
-            fields.append("x" * (offset - end) + PARAM_KINDS[kind][0])
-            end = offset + size
-        self.format = struct.Struct("<" + "".join(fields))
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(kinds))]
+        self.size = self.format.size
 
 
 class PackedLaunch:
     """Launches of one kernel whose parameters a :class:`ParamLayout` packs into a buffer that
     ``cuLaunchKernel`` reads through a pointer array made once per thread: a launch costs one
     ``pack_into`` and one driver call, not a ctypes object per parameter. Where the driver can say
-    (``cuFuncGetParamInfo``, CUDA 12.4+), the layout is checked against the compiled kernel's, once.
+    (``cuFuncGetParamInfo``, CUDA 12.4+), the parameters' sizes are checked against the compiled
+    kernel's, once.
     """
 
     def __init__(self, function: int, layout: ParamLayout) -> None:
@@ -179,21 +165,21 @@ class PackedLaunch:
         self._check_layout()
 
     def _check_layout(self) -> None:
-        lib, layout = driver(), self.layout
+        """The kernel's parameters have the sizes the layout packs, and there are no more of them. (The
+        driver reads each value through its own pointer and places it at the kernel's offset, which
+        need not be the buffer's: the kernel's first tensor map sits at offset 48 on an H200.)"""
+        lib, sizes = driver(), self.layout.sizes
         if not hasattr(lib, "cuFuncGetParamInfo"):
             return
         offset, size = ctypes.c_size_t(), ctypes.c_size_t()
         function = ctypes.c_void_p(self.function)
-        for index, want in enumerate(zip(layout.offsets, layout.sizes)):
+        for index, want in enumerate(sizes):
             _check(lib.cuFuncGetParamInfo(function, index, ctypes.byref(offset), ctypes.byref(size)),
                    f"cuFuncGetParamInfo(parameter {index})")  # fmt: skip
-            if (offset.value, size.value) != want:
-                raise DriverError(
-                    f"kernel parameter {index} is {size.value} bytes at offset {offset.value}; "
-                    f"the launch packs {want[1]} bytes at {want[0]}"
-                )
-        if lib.cuFuncGetParamInfo(function, len(layout.sizes), ctypes.byref(offset), ctypes.byref(size)) == 0:
-            raise DriverError(f"the kernel takes more than the {len(layout.sizes)} parameters the launch packs")
+            if size.value != want:
+                raise DriverError(f"kernel parameter {index} is {size.value} bytes; the launch packs {want}")
+        if lib.cuFuncGetParamInfo(function, len(sizes), ctypes.byref(offset), ctypes.byref(size)) == 0:
+            raise DriverError(f"the kernel takes more than the {len(sizes)} parameters the launch packs")
 
     def _slot(self) -> tuple[ctypes.Array, ctypes.Array]:
         """This thread's parameter buffer and the pointer array into it (cuLaunchKernel copies the
