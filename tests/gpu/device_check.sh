@@ -59,7 +59,7 @@ if [ "$TESTS" != skip ]; then
   fi
   # shellcheck disable=SC2086
   # -v: every result is in the log as it happens, so a run cut by TEST_LIMIT still reports what ran.
-  timeout -k 10 "$TEST_LIMIT" python3 -m pytest $TESTS "${parallel[@]}" -v -rfEs --tb=short \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} timeout -k 10 "$TEST_LIMIT" python3 -m pytest $TESTS "${parallel[@]}" -v -rfEs --tb=short \
     -p no:cacheprovider --durations="${DURATIONS:-15}" >"$OUT/pytest.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -40
   for outcome in PASSED FAILED ERROR SKIPPED; do
