@@ -23,8 +23,9 @@ import flash
 from flash.backend import ForwardArgs
 from flash.reference import dense_attention
 from flash.registry import REGISTRY
-from flash.spec import canonical, canonical_lse
+from flash.spec import AttentionSpec, canonical, canonical_lse
 from flash.testing import Case, check_backward, check_forward, cpu_cases, declared_reasons, make_inputs
+from flash.testing.cases import Inputs
 from flash.testing.conformance import naive_dtype, poisoned_outputs, spec_of
 from flash.testing.tolerance import EPSILON, FACTOR, max_error
 from flash_cuda import launch, tune, variants
@@ -62,10 +63,11 @@ def _diagnose(what: str, got: torch.Tensor, exact: torch.Tensor, limit: float) -
     return "\n".join(lines)
 
 
-_oracles: OrderedDict[tuple[Case, int], tuple[tuple[torch.Tensor, torch.Tensor], float, float]] = OrderedDict()
+Oracle = tuple[tuple[torch.Tensor, torch.Tensor], float, float]  # float64 (out, lse), limits of out and LSE
+_oracles: OrderedDict[tuple[Case, int], Oracle] = OrderedDict()
 
 
-def _oracle(case: Case, seed: int, inputs, spec) -> tuple[tuple[torch.Tensor, torch.Tensor], float, float]:
+def _oracle(case: Case, seed: int, inputs: Inputs, spec: AttentionSpec) -> Oracle:
     """The float64 (out, lse) of a case's inputs and the rule's limits on out and LSE errors, computed
     once per (case, seed) in this process: the tuning-candidate sweep checks many kernels on one input."""
     key = (case, seed)
