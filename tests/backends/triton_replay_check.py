@@ -16,7 +16,7 @@ import torch
 import flash
 from flash.backend import BackwardArgs, ForwardArgs
 from flash.spec import AttentionSpec, canonical, canonical_lse
-from flash_bench.hostpath import fake_triton_driver, triton_config
+from flash_bench.hostpath import TRITON_ARCH, fake_triton_driver, triton_config
 from flash_triton import launch, replay
 
 LOG: list[tuple[str, tuple[int, ...], tuple[Any, ...]]] = []
@@ -127,6 +127,34 @@ def backward_call(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor, v: torc
     return call
 
 
+def decode_call(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, new: torch.Tensor | None = None, **options: Any
+) -> Any:
+    """A KV-cache step (appending ``new`` as k and a copy as v, if given) on fresh outputs and lengths,
+    returning its tensors by role."""
+    from flash.backend import DecodeArgs
+    from flash.heuristics import lookup
+    from flash.kvspec import build_kv_spec
+    from flash.registry import REGISTRY
+    from flash_triton import decode
+
+    lengths = torch.tensor([5] * q.shape[0], dtype=torch.int32)
+    new_v = None if new is None else new.clone()
+    spec = build_kv_spec(q, k_cache, v_cache, new, new_v, cache_seqlens=lengths, **options)
+    config = lookup(REGISTRY.get("triton"), TRITON_ARCH, "bf16", spec.head_dim, spec.causal, "decode").config
+    extra = {name: options[name] for name in ("block_table", "rotary_cos", "rotary_sin") if name in options}
+
+    def call() -> dict[str, torch.Tensor]:
+        seqlens = lengths.clone()  # a new tensor each step, as an int cache_seqlens makes one
+        out, lse = torch.empty(q.shape, dtype=q.dtype), torch.empty(spec.lse_shape(), dtype=torch.float32)
+        args = DecodeArgs(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=seqlens, out=out, lse=lse, k=new,
+                          v=new_v, **extra)  # fmt: skip
+        decode.decode(spec, args, config)
+        return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "seqlens": seqlens, "out": out, "lse": lse, **extra}
+
+    return call
+
+
 def main() -> None:
     assert "TRITON_INTERPRET" not in os.environ, "run without TRITON_INTERPRET: the kernels must be JIT functions"
     if not replay.enabled():
@@ -156,6 +184,16 @@ def main() -> None:
         bhsd = flash.build_spec(qb, kb, vb, layout="bhsd")
         check("bhsd forward", forward_call(bhsd, qb, kb, vb))
         check("bhsd backward", backward_call(bhsd, qb, kb, vb, db))
+
+        # KV-cache steps: append + split-KV (three kernels, a workspace of the step's own), paged, rotary.
+        cache, token = torch.randn(2, 64, 2, 64).to(torch.bfloat16), torch.randn(2, 1, 2, 64).to(torch.bfloat16)
+        q1 = torch.randn(2, 1, 8, 64).to(torch.bfloat16)
+        check("decode, append, 2 splits", decode_call(q1, cache, cache.clone(), token, num_splits=2))
+        check("decode, one split", decode_call(q1, cache, cache.clone(), num_splits=1))
+        pages, table = torch.randn(8, 16, 2, 64).to(torch.bfloat16), torch.arange(8, dtype=torch.int32).view(2, 4)
+        check("decode, paged", decode_call(q1, pages, pages.clone(), token, block_table=table, num_splits=2))
+        cos, sin = torch.rand(128, 32), torch.rand(128, 32)
+        check("decode, rotary", decode_call(q1, cache, cache.clone(), token, rotary_cos=cos, rotary_sin=sin))
 
         # Recordings keep no tensor of the recorded call alive (its memory would be pinned).
         for recording in replay._recordings.values():

@@ -1,12 +1,12 @@
 """Host side of the KV-cache kernels: arguments, grids and the split workspace.
 
 Everything here reads the spec and tensor metadata only (shapes, strides, pointers), never a tensor
-value, so a decoding step launches without synchronising and can be captured in a CUDA graph. The
-split workspace (partial outputs and LSEs) has a size fixed by the spec: the same every step of
-a batch composition.
+value, so a decoding step launches without synchronising and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -14,7 +14,7 @@ from flash.backend import DecodeArgs
 from flash.heuristics import KernelConfig
 from flash.kvspec import KVCacheSpec
 from flash.spec import UNBOUNDED
-from flash_triton import runtime
+from flash_triton import replay, runtime
 from flash_triton.launch import LOG2E, descale_strides, padded_head_dim, triton_cdiv
 
 #: Fewest rows a program's tile has (what ``tl.dot`` needs).
@@ -49,8 +49,47 @@ def stages(spec: KVCacheSpec, config: KernelConfig) -> int:
     return config.num_stages
 
 
+class Workspace(NamedTuple):
+    """Buffers a step allocates besides its outputs (None where unused): the rotated queries, and the
+    split parts' outputs and LSEs. Sizes are fixed by the spec: the same every step of a batch
+    composition (a CUDA graph's pool keeps them)."""
+
+    q_in: torch.Tensor | None
+    parts: torch.Tensor | None
+    lse_parts: torch.Tensor | None
+
+
+def workspace(spec: KVCacheSpec, q: torch.Tensor) -> Workspace:
+    q_in = torch.empty(q.shape, dtype=q.dtype, device=q.device) if spec.rotary != "none" else None
+    if spec.num_splits <= 1 or not spec.seqlen_q:
+        return Workspace(q_in, None, None)
+    splits, batch, rows, heads = spec.num_splits, spec.batch, spec.seqlen_q, spec.heads_q
+    parts = torch.empty((splits, batch, rows, heads, spec.head_dim), dtype=torch.float32, device=q.device)
+    lse_parts = torch.empty((splits, batch, heads, rows), dtype=torch.float32, device=q.device)
+    return Workspace(q_in, parts, lse_parts)
+
+
 def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
-    """Append, then fill ``args.out`` and ``args.lse``."""
+    """Append, then fill ``args.out`` and ``args.lse``. After a signature's first step, the step's
+    launches replay (:mod:`flash_triton.replay`): a decoding loop's host time is mostly launch code."""
+    work = workspace(spec, args.q)
+    tensors: replay.Tensors = (
+        args.q, args.k_cache, args.v_cache, args.cache_seqlens, args.out, args.lse, args.k, args.v, args.block_table,
+        args.cache_batch_idx, args.rotary_cos, args.rotary_sin, args.sinks, args.k_descale, args.v_descale, *work,
+    )  # fmt: skip
+    key = replay.signature("decode", (spec, config), tensors) if replay.enabled() else None
+    recorded = replay.find(key)
+    if recorded is not None:
+        replay.replay(recorded, tensors)
+        return
+    recorder = replay.Recorder(key, tensors)
+    _decode(spec, args, config, work, recorder)
+    recorder.keep((spec, config), None)
+
+
+def _decode(
+    spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig, work: Workspace, recorder: replay.Recorder
+) -> None:
     kern = runtime.kernels().decode
     d_pad = padded_head_dim(spec.head_dim)
     q = args.q
@@ -60,10 +99,11 @@ def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
     cache_k, cache_v = _strides(args.k_cache, 3), _strides(args.v_cache, 3)
     rotary = spec.rotary != "none"
     if rotary or spec.seqlen_new:
-        q_in = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else q
+        q_in = work.q_in if work.q_in is not None else q
         tokens = max(spec.seqlen_q if rotary else 0, spec.seqlen_new)
         heads = spec.heads_q if rotary else spec.heads_kv
-        kern.kv_append_kernel[(tokens, heads, spec.batch)](
+        recorder.run(
+            kern.kv_append_kernel, (tokens, heads, spec.batch),
             q, q_in, args.k, args.v, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table,
             args.cache_batch_idx, args.rotary_cos, args.rotary_sin, args.k_descale, args.v_descale,
             *_strides(q, 3), *_strides(q_in, 3), *_strides(args.k, 3), *_strides(args.v, 3), *cache_k, *cache_v,
@@ -79,15 +119,12 @@ def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
     if not spec.seqlen_q:
         return
     out, lse, splits = args.out, args.lse, spec.num_splits
-    parts = lse_parts = None
-    if splits > 1:  # one size per spec: the same allocation every step (a CUDA graph's pool keeps it)
-        parts = torch.empty((splits, spec.batch, spec.seqlen_q, spec.heads_q, spec.head_dim),
-                            dtype=torch.float32, device=q.device)  # fmt: skip
-        lse_parts = torch.empty((splits, spec.batch, spec.heads_q, spec.seqlen_q), dtype=torch.float32, device=q.device)
+    parts, lse_parts = work.parts, work.lse_parts
     block_m = row_block(spec, config)
     row_blocks = triton_cdiv(spec.group_size * spec.seqlen_q, block_m)
     left, right = spec.mask_bounds
-    kern.kv_decode_kernel[(splits, spec.heads_kv * row_blocks, spec.batch)](
+    recorder.run(
+        kern.kv_decode_kernel, (splits, spec.heads_kv * row_blocks, spec.batch),
         q, args.k_cache, args.v_cache, args.cache_seqlens, args.block_table, args.cache_batch_idx, args.sinks,
         args.k_descale, args.v_descale, out, lse, parts, lse_parts,
         *_strides(q, 3), *cache_k, *cache_v, *table_strides, index_stride, *k_desc, *v_desc,
@@ -101,7 +138,8 @@ def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
         MULTI_TOKEN=spec.seqlen_q > 1, num_warps=warps(spec, config), num_stages=stages(spec, config),
     )  # fmt: skip
     if splits > 1:
-        kern.kv_combine_kernel[(spec.seqlen_q, spec.heads_q, spec.batch)](
+        recorder.run(
+            kern.kv_combine_kernel, (spec.seqlen_q, spec.heads_q, spec.batch),
             parts, lse_parts, args.sinks, out, lse,
             *_strides(parts, 4), *_strides(lse_parts, 4), *_strides(out, 3), *_strides(lse, 3),
             HEAD_DIM=spec.head_dim, D_PAD=d_pad, NUM_SPLITS=splits, SPLITS_PAD=1 << (splits - 1).bit_length(),
