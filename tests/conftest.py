@@ -26,6 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the GPU tier); skipped without one")
     config.addinivalue_line("markers", "xdist_group(name): keep these tests in one worker under pytest-xdist")
+    config.addinivalue_line("markers", "long: tens of seconds on its own: collected first, so it is not the tail")
     # torch.nn.MultiheadAttention's own internals warn about torch.jit; not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
@@ -39,6 +40,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Parallel workers take tests in collection order: a long test collected last would be the tail.
+    items.sort(key=lambda item: "long" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="GPU tier: no CUDA GPU on this machine")

@@ -14,6 +14,7 @@ from flash.testing import Case, check_forward
 
 
 @pytest.mark.gpu
+@pytest.mark.long
 def test_autotune_on_the_gpu(backend, tmp_path, monkeypatch):
     if backend == "reference" or REGISTRY.unavailable_reasons(backend):
         pytest.skip(f"{backend}: not a usable kernel backend here")

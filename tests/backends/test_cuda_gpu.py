@@ -294,6 +294,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.long
 def test_a_second_process_loads_the_kernel_from_cupys_disk_cache(tmp_path):
     cache = tmp_path / "cupy-cache"
     env = dict(os.environ, CUPY_CACHE_DIR=str(cache))

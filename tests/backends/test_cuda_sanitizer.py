@@ -29,6 +29,7 @@ def _sanitizer() -> str | None:
 
 
 @pytest.mark.gpu
+@pytest.mark.long
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
 def test_sanitizer_is_clean(tool):
     pytest.importorskip("flash_cuda")
