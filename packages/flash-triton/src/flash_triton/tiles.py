@@ -282,8 +282,9 @@ def score_tile(
                 d_cap = 1.0 - t * t
         else:
             s = qk * scale_log2
-        if ALIBI:
-            s = s - slope_log2 * tl.abs(rows + offset - cols).to(tl.float32)
+        if ALIBI:  # positions converted as vectors, not per score (an int-to-float per score is slow)
+            distance = (rows + offset).to(tl.float32) - cols.to(tl.float32)  # exact below 2**24
+            s = s - slope_log2 * tl.abs(distance)
         if MASK == 2:
             inside = (rows < len_q) & (cols < len_k)
             bias = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=inside, other=0.0)
@@ -345,13 +346,30 @@ def visible_dot(p, v, seen, acc):
     """``acc + p @ v`` where a key a row does not see (``seen`` False, ``p`` 0) adds nothing, even a
     NaN or inf value (``0 * nan`` is NaN: one garbage value would poison every row of the tile).
 
+    A tile whose values are all finite (nearly every tile) takes the ordinary product straight from
+    the loaded tile: the guard costs one pass over the values and a reduction, not a second product.
+    Otherwise :func:`nonfinite_dot` puts IEEE's results on exactly the rows that see those values.
+    """
+    inf = float("inf")
+    wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
+    bad = (wide != wide) | (tl.abs(wide) == inf)  # noqa: PLR0124 - NaN is the one value unequal to itself
+    if tl.max(bad.to(tl.int32)) == 0:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = nonfinite_dot(p, v, wide, seen, acc)
+    return acc
+
+
+@triton.jit
+def nonfinite_dot(p, v, wide, seen, acc):
+    """:func:`visible_dot` of a tile holding a NaN or inf value (``wide`` is ``v`` in float32).
+
     Finite values take the ordinary product. Which rows see a NaN, a +inf or a -inf in each column
     is counted with one more product of 0/1 operands, the three counts packed as powers of 256 (exact in
     bf16 operands and an fp32 accumulator while a block has fewer than 256 keys); the counts put
     IEEE's results on exactly those rows: NaN wins, +inf and -inf together make NaN.
     """
     inf = float("inf")
-    wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
     nan = wide != wide  # noqa: PLR0124 - NaN is the one value unequal to itself
     pos = wide == inf
     neg = wide == -inf
