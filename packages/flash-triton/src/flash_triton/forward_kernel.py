@@ -30,6 +30,7 @@ from flash_triton.tiles import (
     LOG2E,
     block_list,
     block_range,
+    clip_to_key_runs,
     dropout_keep,
     dropout_row_hash,
     fold_sink,
@@ -142,20 +143,21 @@ def forward_epilogue(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Sinks, QD, KD, VD,
-    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str, d_str,
+    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Runs, Sinks, QD, KD, VD,
+    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str, r_str, d_str,
     seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
     scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
-    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, SINKS: tl.constexpr,
-    DESCALE: tl.constexpr,
+    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, KEY_RUNS: tl.constexpr,
+    SINKS: tl.constexpr, DESCALE: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query blocks, heads_q, batch). Strides are in elements, as (batch, token, head) tuples
     (``*_str``; batch 0 for varlen), the mask's as (batch, head, query, key), ALiBi's (batch, head),
     the block lists' as (batch, head, row[, list length]); ``*_map`` are descriptor (rb, rh, ch).
+    ``KEY_RUNS``: ``Runs`` holds a key-padding mask's visible keys per sequence (batch stride ``r_str``).
     ``DESCALE`` (fp8 inputs): ``QD``, ``KD``, ``VD`` hold the descale factors, ``d_str`` their (batch,
     head) strides, q's then k's then v's (0 for one factor per tensor)."""
     pid_m = tl.program_id(0)
@@ -200,6 +202,8 @@ def attention_forward_kernel(
     win = (left, right)
     bounds = block_range(m0, tl.minimum(m0 + BLOCK_M, len_q) - 1, len_k, len_k - len_q, left, right, HAS_LEFT,
                          HAS_RIGHT, BLOCK_N)  # fmt: skip
+    if KEY_RUNS:
+        bounds = clip_to_key_runs(bounds, Runs + b * r_str, BLOCK_N)
     carry = (tl.zeros([BLOCK_M, D_PAD], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
              tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
     ctx = (q, k_src, v_src, rows, seq, win, terms, (head_hash, drop_threshold))

@@ -394,9 +394,16 @@ def _backward(
     )  # fmt: skip
     dbias = args.dbias if args.dbias is not None else lse2
     db_str = tuple(dbias.stride()) if args.dbias is not None else (0, 0, 0, 0)
+    made: dict[tuple[Tiling, Walk], MaskArgs] = {}
+
+    def masks_for(t: Tiling, walk: Walk) -> MaskArgs:
+        """The mask arguments of a launch, summarised once per tiling (block lists, key runs)."""
+        if (t, walk) not in made:
+            made[(t, walk)] = _masks(spec, args.masks, t, walk, lse2)
+        return made[(t, walk)]
 
     def launch_dkdv(t: Tiling) -> None:
-        m = _masks(spec, args.masks, t, "queries", lse2)
+        m = masks_for(t, "queries")
         q_map = _tma_map(spec, p, q, t.block_m) if t.tma else None
         do_map = _tma_map(spec, p, dout, t.block_m) if t.tma else None
         use_tma = q_map is not None and do_map is not None
@@ -415,7 +422,7 @@ def _backward(
         )  # fmt: skip
 
     def launch_dq(t: Tiling) -> None:
-        m = _masks(spec, args.masks, t, "keys", lse2)
+        m = masks_for(t, "keys")
         k_map = _tma_map(spec, p, k, t.block_n) if t.tma else None
         v_map = _tma_map(spec, p, v, t.block_n) if t.tma else None
         use_tma = k_map is not None and v_map is not None
@@ -432,7 +439,7 @@ def _backward(
             **_options(t),
         )  # fmt: skip
 
-    probe = _masks(spec, args.masks, dkdv_first, "queries", lse2)
+    probe = masks_for(dkdv_first, "queries")
     key = _key("backward", spec, p, probe)
     ran_dkdv = launch_with_fallback((*key, "dkdv", args.dbias is not None), dkdv_first, launch_dkdv)
     ran_dq = launch_with_fallback((*key, "dq"), dq_first, launch_dq)

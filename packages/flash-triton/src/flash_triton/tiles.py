@@ -22,6 +22,9 @@ never loaded or computed. The same function serves the transposed walk of the dK
 ``j - off - right <= i <= j - off + left``, the same form with ``off -> -off`` and the two
 reaches swapped.
 
+A key-padding ``attn_mask`` (one row for all queries) clips those runs to the sequence's visible
+keys (:func:`clip_to_key_runs`, :func:`key_block_runs`): no block list, the walk stays the dense one.
+
 With a block list (a :class:`flash.BlockMask`, or the summary of a dense boolean ``attn_mask``)
 the walk visits the listed partial blocks, then the listed full ones; :func:`window_tile` still
 classifies each against causal/window, so the two masks combine.
@@ -114,6 +117,36 @@ def block_range(
     full_lo = ((lo_last + BLOCK - 1) // BLOCK) * BLOCK
     full_hi = (hi_first // BLOCK) * BLOCK
     return start, full_lo, full_hi, hi_last
+
+
+@triton.jit
+def clip_to_key_runs(bounds, runs, BLOCK: tl.constexpr):
+    """``bounds`` (:func:`block_range`'s runs of a walk over key blocks) within a key-padding mask's
+    ``runs = (lo, hi, full_lo, full_hi)`` pointer (:func:`flash_triton.mask_args.key_runs`).
+
+    Both are intervals, so their intersection is one: blocks before ``lo`` or from ``hi`` on are not
+    walked, and a block is unmasked only if it is fully visible for both.
+    """
+    start, full_lo, full_hi, end = bounds
+    lo = tl.load(runs)
+    hi = tl.load(runs + 1)
+    start = tl.maximum(start, (lo // BLOCK) * BLOCK)
+    end = tl.minimum(end, hi)
+    full_lo = tl.maximum(full_lo, ((tl.load(runs + 2) + BLOCK - 1) // BLOCK) * BLOCK)
+    full_hi = tl.minimum(full_hi, (tl.load(runs + 3) // BLOCK) * BLOCK)
+    return start, full_lo, full_hi, end
+
+
+@triton.jit
+def key_block_runs(bounds, runs, first, last):
+    """``bounds`` (:func:`block_range`'s runs of a walk over query blocks, keys ``first..last`` fixed)
+    under a key-padding mask's ``runs`` pointer: nothing to walk if no key of the block is visible,
+    every block masked unless all of them are."""
+    start, full_lo, full_hi, end = bounds
+    hidden = (last < tl.load(runs)) | (first >= tl.load(runs + 1))
+    full = (first >= tl.load(runs + 2)) & (last < tl.load(runs + 3))
+    end = tl.where(hidden, start, end)
+    return start, tl.where(full, full_lo, end), tl.where(full, full_hi, end), end
 
 
 @triton.jit
@@ -263,7 +296,8 @@ def score_tile(
     ``qk`` holds raw ``q . k`` for query ``rows`` and key ``cols`` (index tensors broadcast to the
     tile, either orientation). ``s`` is the score in the log2 domain; without terms (``TERMS``
     False) it is ``qk`` itself and the caller folds ``scale_log2`` into its ``exp2`` (one multiply-add).
-    ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile).
+    ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile), 3 document ids
+    (a :class:`flash.BlockMask` from document ids: ``mask_ptr`` holds the sequence's ids, compared in masked tiles).
     ``MASKED`` applies the masks (window, boolean mask, ``mask_mod``, sequence ends): ``seen`` is
     True where the query sees the key and ``s`` is -inf elsewhere. With ``GRAD``, ``d_mod`` is
     ``score_mod_grad`` at the score before ``score_mod`` and ``d_cap = 1 - tanh^2`` of softcap
@@ -300,6 +334,10 @@ def score_tile(
         if MASK == 1:
             keep = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=seen, other=0)
             seen = seen & (keep != 0)
+        if MASK == 3:  # document ids: one vector per axis, not a tile of mask bytes
+            q_doc = tl.load(mask_ptr + rows * mask_si, mask=rows < len_q, other=-1)
+            k_doc = tl.load(mask_ptr + cols * mask_sj, mask=cols < len_k, other=-1)
+            seen = seen & (q_doc == k_doc)
         if MASK_MOD is not None:
             seen = seen & MASK_MOD(b, h, rows, cols)
         s = tl.where(seen, s, float("-inf"))
@@ -353,7 +391,7 @@ def visible_dot(p, v, seen, acc):
     inf = float("inf")
     wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
     bad = (wide != wide) | (tl.abs(wide) == inf)  # noqa: PLR0124 - NaN is the one value unequal to itself
-    if tl.max(bad.to(tl.int32)) == 0:
+    if tl.max(bad.to(tl.int32)) == 0:  # noqa: SIM108 - a branch, not a select: run one product, not both
         acc = tl.dot(p.to(v.dtype), v, acc)
     else:
         acc = nonfinite_dot(p, v, wide, seen, acc)
