@@ -161,6 +161,11 @@ def test_explain_shows_block_density_and_mask_mod_cost() -> None:
     text = str(flash.explain(q, k, v, block_mask=mask))
     assert f"block density {mask.density:.1%} of 16x16 blocks" in text
     assert "mask_mod on every tile" in str(flash.explain(q, k, v, mask_mod=mod_examples.prefix_lm))
+    documents = BlockMask.from_document_ids(torch.arange(S) // 10, block_size=(16, 16))
+    assert "partial blocks compare document ids" in str(flash.explain(q, k, v, block_mask=documents))
+    padding = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    assert "key-padding mask" in str(flash.explain(q, k, v, attn_mask=padding))
+    assert "key-padding mask" not in str(flash.explain(q, k, v, attn_mask=padding.expand(B, 1, S, S)))
 
 
 # ----------------------------------------------------------------------------- plans

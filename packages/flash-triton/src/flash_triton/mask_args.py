@@ -128,6 +128,8 @@ def mask_args(
     mask_kind = 0 if dense is None else (2 if dense.dtype != torch.bool else 1)
     mask = dummy if dense is None else (dense.view(torch.uint8) if dense.dtype == torch.bool else dense)
     m_str: tuple[int, ...] = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
+    if mask_kind == 1 and is_key_padding(spec):
+        mask_kind = 4  # one row for every query: the kernels load a vector of keys, not a tile
     documents = block.document_ids if block is not None else None
     if documents is not None:  # (B|1, S) ids: the same vector is the query's and the key's axis
         mask_kind, mask = 3, documents

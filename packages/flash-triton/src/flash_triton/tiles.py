@@ -297,7 +297,8 @@ def score_tile(
     tile, either orientation). ``s`` is the score in the log2 domain; without terms (``TERMS``
     False) it is ``qk`` itself and the caller folds ``scale_log2`` into its ``exp2`` (one multiply-add).
     ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile), 3 document ids
-    (a :class:`flash.BlockMask` from document ids: ``mask_ptr`` holds the sequence's ids, compared in masked tiles).
+    (a :class:`flash.BlockMask` from document ids: ``mask_ptr`` holds the sequence's ids, compared in masked
+    tiles), 4 a boolean key-padding mask (one row for every query: a vector of keys, read in masked tiles).
     ``MASKED`` applies the masks (window, boolean mask, ``mask_mod``, sequence ends): ``seen`` is
     True where the query sees the key and ``s`` is -inf elsewhere. With ``GRAD``, ``d_mod`` is
     ``score_mod_grad`` at the score before ``score_mod`` and ``d_cap = 1 - tanh^2`` of softcap
@@ -333,6 +334,9 @@ def score_tile(
         seen = visible(rows, cols, len_q, len_k, offset, win[0], win[1], HAS_LEFT, HAS_RIGHT)
         if MASK == 1:
             keep = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=seen, other=0)
+            seen = seen & (keep != 0)
+        if MASK == 4:  # a key-padding mask: one row for every query, loaded as a vector of keys
+            keep = tl.load(mask_ptr + cols * mask_sj, mask=cols < len_k, other=0)
             seen = seen & (keep != 0)
         if MASK == 3:  # document ids: one vector per axis, not a tile of mask bytes
             q_doc = tl.load(mask_ptr + rows * mask_si, mask=rows < len_q, other=-1)
@@ -385,22 +389,22 @@ def visible_dot(p, v, seen, acc):
     NaN or inf value (``0 * nan`` is NaN: one garbage value would poison every row of the tile).
 
     A tile whose values are all finite (nearly every tile) takes the ordinary product straight from
-    the loaded tile: the guard costs one pass over the values and a reduction, not a second product.
-    Otherwise :func:`nonfinite_dot` puts IEEE's results on exactly the rows that see those values.
+    the loaded tile: the check costs one pass over the values and a reduction, not a second product.
+    Otherwise :func:`guarded_dot` puts IEEE's results on exactly the rows that see those values.
     """
-    inf = float("inf")
     wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
-    bad = (wide != wide) | (tl.abs(wide) == inf)  # noqa: PLR0124 - NaN is the one value unequal to itself
+    bad = (wide != wide) | (tl.abs(wide) == float("inf"))  # noqa: PLR0124 - NaN is the one value unequal to itself
     if tl.max(bad.to(tl.int32)) == 0:  # noqa: SIM108 - a branch, not a select: run one product, not both
         acc = tl.dot(p.to(v.dtype), v, acc)
     else:
-        acc = nonfinite_dot(p, v, wide, seen, acc)
+        acc = guarded_dot(p, v, seen, acc)
     return acc
 
 
 @triton.jit
-def nonfinite_dot(p, v, wide, seen, acc):
-    """:func:`visible_dot` of a tile holding a NaN or inf value (``wide`` is ``v`` in float32).
+def guarded_dot(p, v, seen, acc):
+    """:func:`visible_dot` without the all-finite shortcut (the KV-cache kernel's choice: the branch
+    costs its multi-token variant registers it does not have).
 
     Finite values take the ordinary product. Which rows see a NaN, a +inf or a -inf in each column
     is counted with one more product of 0/1 operands, the three counts packed as powers of 256 (exact in
@@ -408,6 +412,7 @@ def nonfinite_dot(p, v, wide, seen, acc):
     IEEE's results on exactly those rows: NaN wins, +inf and -inf together make NaN.
     """
     inf = float("inf")
+    wide = v.to(tl.float32)
     nan = wide != wide  # noqa: PLR0124 - NaN is the one value unequal to itself
     pos = wide == inf
     neg = wide == -inf
