@@ -209,7 +209,7 @@ def attention_forward_kernel(
     ctx = (q, k_src, v_src, rows, seq, win, terms, (head_hash, drop_threshold))
     acc, m_i, l_i = walk(forward_tile, carry, ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE, ELEMENTWISE, HEAD_DIM,
                          D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None,
-                         MASK_MOD, False)  # fmt: skip
+                         MASK_MOD, False, True)  # fmt: skip
 
     if DESCALE:  # P (v * dv) = dv * (P v)
         acc = acc * tl.load(VD + b * d_str[4] + hk * d_str[5])

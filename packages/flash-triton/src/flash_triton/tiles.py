@@ -188,7 +188,7 @@ def walk(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr,
-    MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr, AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     """The inner loop of every pass: ``carry = TILE(carry, start, ctx, MASKED, ...)`` for each walked block
     that is not hidden, masked only where it must be.
@@ -198,7 +198,9 @@ def walk(
     hide any key). With one (``lists = (partial count, full count, partial list, full list)`` of
     ``SPARSE_BLOCK``-sized blocks, ``BLOCK`` dividing it), the listed partial blocks, then the full
     ones, each still classified against the window. The constexprs after ``ELEMENTWISE`` pass
-    through to ``TILE`` unchanged.
+    through to ``TILE`` unchanged, but ``AHEAD``: read the partial list's next index one iteration
+    ahead too (the forward: Triton 3.6 made its partial loop wait for every copy, num 0 -> 1 in TTGIR,
+    sm_90; the dK/dV kernel pipelines that loop without it and spills 26 -> 152 with it).
     """
     start, full_lo, full_hi, end = bounds
     if not SPARSE:
@@ -219,8 +221,13 @@ def walk(
         # the loop pipelines as the dense one does and shared memory holds one set of buffers.
         SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK
         n_partial, n_full, partial, full = lists
+        upcoming = tl.load(partial, mask=n_partial > 0, other=0)
         for i in range(n_partial * SUBS):
-            s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if AHEAD:  # as in the full loop below
+                s = upcoming * SPARSE_BLOCK + (i % SUBS) * BLOCK
+                upcoming = tl.load(partial + (i + 1) // SUBS, mask=i + 1 < n_partial * SUBS, other=0)
+            else:
+                s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
             if HAS_LEFT or HAS_RIGHT:
                 visit, _ = window_tile(s, BLOCK, bounds)
                 if visit:
