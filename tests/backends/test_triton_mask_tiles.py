@@ -37,18 +37,20 @@ def _int(x: Any) -> int:
 
 
 @contextmanager
-def tile_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int, int, int, bool]]]:
-    """Records ``(pass, sequence, fixed block start, walked block start, masked)`` of every visited tile
-    of query head 0 (the others walk the same tiles)."""
+def tile_log(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int, int, int, bool, bool]]]:
+    """Records ``(pass, sequence, fixed block start, walked block start, masked, pass flag)`` of every
+    visited tile of query head 0 (the others walk the same tiles); the pass flag is the forward's guard
+    against non-finite values."""
     kernels = runtime.kernels()
-    log: list[tuple[str, int, int, int, bool]] = []
+    log: list[tuple[str, int, int, int, bool, bool]] = []
 
     def spy(module: Any, name: str, seq_at: int, fixed_at: int) -> None:
         real = getattr(module, name).fn
 
         def tile(carry, start, ctx, masked, *rest):  # type: ignore[no-untyped-def]
             if _int(ctx[seq_at][1]) == 0:
-                log.append((name, _int(ctx[seq_at][0]), _int(ctx[fixed_at]), _int(start), bool(masked)))
+                flag = bool(rest[-1])
+                log.append((name, _int(ctx[seq_at][0]), _int(ctx[fixed_at]), _int(start), bool(masked), flag))
             return real(carry, start, ctx, masked, *rest)
 
         monkeypatch.setattr(module, name, tile)
@@ -83,7 +85,7 @@ def test_key_padding_visits_no_padded_key_block(monkeypatch: pytest.MonkeyPatch)
         _run(mask, 64)
     for name in ("forward_tile", "dq_tile", "dkdv_tile"):
         for b, length in enumerate(lengths.tolist()):
-            tiles = [(fixed, walked, masked) for n, s, fixed, walked, masked in log if (n, s) == (name, b)]
+            tiles = [(fixed, walked, masked) for n, s, fixed, walked, masked, _ in log if (n, s) == (name, b)]
             if name == "dkdv_tile":  # keys fixed, the 4 query blocks walked
                 want = [(key, query, length % BLOCK > 0 and key == length // BLOCK * BLOCK)
                         for key in range(0, length, BLOCK) for query in range(0, 64, BLOCK)]  # fmt: skip
@@ -102,10 +104,35 @@ def test_key_padding_with_holes_walks_only_between_its_first_and_last_key(monkey
     mask = ((torch.arange(64) >= 20) & (torch.arange(64) <= 50) & (torch.arange(64) != 30))[None, None, None, :]
     with tile_log(monkeypatch) as log:
         _run(mask, 64)
-        forward = {(fixed, walked, masked) for n, _, fixed, walked, masked in log if n == "forward_tile"}
+        forward = {(fixed, walked, masked) for n, _, fixed, walked, masked, _ in log if n == "forward_tile"}
         assert forward == {(query, key, True) for query in range(0, 64, BLOCK) for key in (16, 32, 48)}
-        assert {fixed for n, _, fixed, _, _ in log if n == "dkdv_tile"} == {16, 32, 48}
+        assert {fixed for n, _, fixed, *_ in log if n == "dkdv_tile"} == {16, 32, 48}
         log.clear()
         _run(mask, 64, causal=True)
-        forward = {(fixed, walked) for n, _, fixed, walked, _ in log if n == "forward_tile"}
+        forward = {(fixed, walked) for n, _, fixed, walked, *_ in log if n == "forward_tile"}
         assert forward == {(query, key) for query in range(0, 64, BLOCK) for key in (16, 32, 48) if key <= query}
+
+
+@pytest.mark.usefixtures("square_tiles")
+def test_document_mask_guards_masked_tiles_only_when_v_holds_a_non_finite_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Documents of 10 tokens in 16 x 16 blocks (partial blocks are most): with finite values the
+    forward checks V once and skips the per-tile guard; a NaN in V puts the guard back, and it reaches
+    exactly the rows that see its key, as in the reference."""
+    mask = flash.BlockMask.from_document_ids(torch.arange(64) // 10, block_size=(BLOCK, BLOCK))
+    assert mask.partial_share > 0.5
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 64, 2, 32, generator=gen, dtype=torch.float16) for _ in range(3))
+    poisoned = v.clone()
+    poisoned[0, 25, 0, 3] = float("nan")  # document 2 (keys 20..29): rows 25..29 see it
+    with tile_log(monkeypatch) as log:
+        for values, guarded in ((v, False), (poisoned, True)):
+            log.clear()
+            got = flash.attention(q, k, values, block_mask=mask, backend="triton")
+            want = flash.attention(q, k, values, block_mask=mask, backend="reference")
+            masked = [flag for n, _, _, _, is_masked, flag in log if n == "forward_tile" and is_masked]
+            assert masked and all(flag == guarded for flag in masked)
+            assert torch.equal(got.isnan(), want.isnan())
+            torch.testing.assert_close(got[~got.isnan()], want[~want.isnan()], atol=2e-3, rtol=0)
+    assert int(got.isnan().sum()) == 5

@@ -133,8 +133,10 @@ class BlockMask:
         self.document_ids = document_ids  # int32 (B|1, S): query i sees key j only within one document
         self.states = states
         self.lists = block_lists(states, seqlen_q, block_size[0])
-        visited = (states != HIDDEN).sum().item()
+        visited, partial = torch.stack(((states != HIDDEN).sum(), (states == PARTIAL).sum())).tolist()
         self.density = float(visited) / max(1, states.numel())
+        #: The fraction of visited blocks that are partial (masked element by element).
+        self.partial_share = float(partial) / max(1, visited)
         self.info = BlockMaskInfo(
             batch=states.shape[0],
             heads=states.shape[1],

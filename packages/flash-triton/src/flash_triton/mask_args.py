@@ -20,6 +20,7 @@ import torch
 from flash.backend import MaskTensors
 from flash.block_mask import BlockLists, block_lists, block_states
 from flash.spec import AttentionSpec
+from flash.support import device_capability
 
 Walk = Literal["keys", "queries"]  # which axis a kernel walks: forward and dQ walk keys, dK/dV queries
 
@@ -54,6 +55,44 @@ class MaskArgs:
 def is_key_padding(spec: AttentionSpec) -> bool:
     """Whether the call's ``attn_mask`` is a boolean mask shared by every query and head (batch|1, 1, 1, Sk)."""
     return spec.mask is not None and spec.mask.kind == "bool" and spec.mask.shape[1:3] == (1, 1)
+
+
+#: A block mask whose visited blocks are at least this much partial has V checked once per forward.
+CHECK_VALUES_PARTIAL_SHARE = 0.1
+
+
+def _checked_tile_fits(spec: AttentionSpec) -> bool:
+    """Hopper (or the interpreter) at head dims to 128: where the per-tile check and the V-checked walk
+    compile well for sm_90 (Triton 3.6: d128 forward 50 -> 10 ldl/stl); at d256 and on sm_80 they spill
+    more than the always-guarded product (sm_90 d256 540 -> 1612, sm_80 d64 94 -> 677) and the checked
+    walk's second set of buffers passes 227 KB of shared memory at d256."""
+    capability = device_capability(spec.device)
+    return (capability is None or capability >= (9, 0)) and spec.head_dim <= 128
+
+
+def tile_guard(spec: AttentionSpec) -> int:
+    """The forward's ``TILE_GUARD``: 1, masked tiles check their V and guard only a non-finite one; 2,
+    they always take the guarded product (see :func:`_checked_tile_fits`)."""
+    return 1 if _checked_tile_fits(spec) else 2
+
+
+def checks_values(spec: AttentionSpec, masks: MaskTensors | None) -> bool:
+    """Whether a forward checks V for NaN and inf once (one reduction over V on the device) so that its
+    masked tiles can skip the per-tile guard (:func:`flash_triton.tiles.visible_dot`): worth it where
+    masked tiles are many, a block mask with many partial blocks (document masks: half), a dense
+    boolean mask, a ``mask_mod`` on every tile; not for a few diagonal or boundary tiles."""
+    if spec.is_fp8 or not _checked_tile_fits(spec):
+        return False
+    if masks is not None and masks.block_mask is not None:
+        return masks.block_mask.partial_share >= CHECK_VALUES_PARTIAL_SHARE
+    dense_bool = spec.mask is not None and spec.mask.kind == "bool" and not is_key_padding(spec)
+    return spec.mask_mod is not None or dense_bool
+
+
+def values_finite(v: torch.Tensor) -> torch.Tensor:
+    """A uint8 scalar on v's device, 1 iff ``v`` holds no NaN or inf: the sum of a NaN or inf is one (a
+    finite sum that overflows only costs the guard). One read of v, no host sync."""
+    return torch.isfinite(v.sum(dtype=torch.float32)).view(torch.uint8)
 
 
 def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:

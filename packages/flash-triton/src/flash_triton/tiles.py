@@ -188,7 +188,7 @@ def walk(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr,
-    MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr, AHEAD: tl.constexpr = False,
+    MASK_MOD: tl.constexpr, PASS_FLAG: tl.constexpr, AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     """The inner loop of every pass: ``carry = TILE(carry, start, ctx, MASKED, ...)`` for each walked block
     that is not hidden, masked only where it must be.
@@ -198,9 +198,11 @@ def walk(
     hide any key). With one (``lists = (partial count, full count, partial list, full list)`` of
     ``SPARSE_BLOCK``-sized blocks, ``BLOCK`` dividing it), the listed partial blocks, then the full
     ones, each still classified against the window. The constexprs after ``ELEMENTWISE`` pass
-    through to ``TILE`` unchanged, but ``AHEAD``: read the partial list's next index one iteration
-    ahead too (the forward: Triton 3.6 made its partial loop wait for every copy, num 0 -> 1 in TTGIR,
-    sm_90; the dK/dV kernel pipelines that loop without it and spills 26 -> 152 with it).
+    through to ``TILE`` unchanged (``PASS_FLAG`` is the pass's own switch: dK/dV's bias gradient, the
+    forward's guard of masked tiles against non-finite values). ``AHEAD``: read the partial list's next
+    index one iteration ahead too (the forward: Triton 3.6 made its partial loop wait for every copy,
+    num 0 -> 1 in TTGIR, sm_90; the dK/dV kernel pipelines that loop without it and spills 26 -> 152
+    with it).
     """
     start, full_lo, full_hi, end = bounds
     if not SPARSE:
@@ -209,13 +211,13 @@ def walk(
             full_hi = end
         for s in range(start, tl.minimum(full_lo, end), BLOCK):
             carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         for s in range(full_lo, full_hi, BLOCK):
             carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         for s in range(tl.maximum(full_lo, full_hi), end, BLOCK):
             carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
     else:
         # One flat loop per list (a block of the list is SUBS walked blocks): one tile body per loop, so
         # the loop pipelines as the dense one does and shared memory holds one set of buffers.
@@ -233,10 +235,10 @@ def walk(
                 if visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             else:
                 carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         upcoming = tl.load(full, mask=n_full > 0, other=0)
         for i in range(n_full * SUBS):
             # The block index is read one iteration ahead, into a register. Loaded where it is used,
@@ -250,20 +252,20 @@ def walk(
                 if visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             elif HAS_LEFT or HAS_RIGHT:  # full for the list, maybe not for the window: decide per block
                 visit, in_window = window_tile(s, BLOCK, bounds)
                 if in_window:
                     carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
                 elif visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             else:  # no branch: the loop pipelines like the dense one
                 carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
     return carry
 
 
