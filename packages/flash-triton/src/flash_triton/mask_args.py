@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.backend import MaskTensors
 from flash.block_mask import BlockLists, block_lists, block_states
@@ -93,6 +94,26 @@ def values_finite(v: torch.Tensor) -> torch.Tensor:
     """A uint8 scalar on v's device, 1 iff ``v`` holds no NaN or inf: the sum of a NaN or inf is one (a
     finite sum that overflows only costs the guard). One read of v, no host sync."""
     return torch.isfinite(v.sum(dtype=torch.float32)).view(torch.uint8)
+
+
+#: key_runs of each mask tensor, with the version and length they were made for: the layers of a model
+#: and the backward pass share one padding mask, so its summary is made once, not per launch.
+_runs_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shared_key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """:func:`key_runs`, made once per mask tensor while it is not changed in place (its version counter
+    says so; an inference tensor has none and is summarised every time)."""
+    try:
+        version = mask._version
+    except RuntimeError:
+        return key_runs(mask, seqlen_k)
+    made = _runs_made.get(mask)
+    if made is not None and made[:2] == (version, seqlen_k):
+        return made[2]
+    runs = key_runs(mask, seqlen_k)
+    _runs_made[mask] = (version, seqlen_k, runs)
+    return runs
 
 
 def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
@@ -180,7 +201,7 @@ def mask_args(
     mask_mod = spec.mask_mod if spec.mask_mod is not None else (block.mask_mod if block is not None else None)
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
     padding = is_key_padding(spec) and masks.attn_mask is not None
-    runs = key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
+    runs = shared_key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
     r_str = runs.stride(0) if padding and runs.shape[0] > 1 else 0
     flags: dict[str, Any] = {
         "TERMS": spec.score_terms or spec.softcap > 0,
