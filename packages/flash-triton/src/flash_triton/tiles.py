@@ -223,7 +223,8 @@ def walk(
         # the loop pipelines as the dense one does and shared memory holds one set of buffers.
         SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK
         n_partial, n_full, partial, full = lists
-        upcoming = tl.load(partial, mask=n_partial > 0, other=0)
+        if AHEAD:
+            upcoming = tl.load(partial, mask=n_partial > 0, other=0)
         for i in range(n_partial * SUBS):
             if AHEAD:  # as in the full loop below
                 s = upcoming * SPARSE_BLOCK + (i % SUBS) * BLOCK
