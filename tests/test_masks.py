@@ -106,6 +106,54 @@ def test_block_mask_from_mask_mod_equals_from_dense() -> None:
     assert "density" in repr(a)
 
 
+def test_block_mask_from_document_ids_equals_from_dense() -> None:
+    """Per-sequence ids (any order, a document need not be contiguous), causal or not: the same blocks as
+    the dense mask, and the same results on the reference backend."""
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 3, (B, 45), generator=gen)
+    rows, cols = torch.arange(45)[:, None], torch.arange(45)[None, :]
+    for causal in (True, False):
+        dense = (ids[:, None, :, None] == ids[:, None, None, :]) & ((cols <= rows) | (not causal))
+        a = BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 32))
+        b = BlockMask.from_dense(dense, block_size=(16, 32))
+        assert torch.equal(a.states, b.states) and a.info.documents and not b.info.documents
+        q, k, v = _qkv(seqlen=45)
+        got, want = (flash.attention(q, k, v, block_mask=m, backend="reference") for m in (a, b))
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "options"),
+    [
+        ("document_ids", torch.zeros(2, 3, 4, dtype=torch.int64), {}),
+        ("document_ids", torch.zeros(8), {}),
+        ("document_ids", torch.zeros(8, dtype=torch.bool), {}),
+        ("document_ids", [0, 0, 1], {}),
+        ("causal", torch.zeros(8, dtype=torch.int64), {"causal": 1}),
+        ("block_size", torch.zeros(8, dtype=torch.int64), {"block_size": (16, 24)}),
+    ],
+)
+def test_bad_document_ids_are_named(argument: str, value: object, options: dict) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        BlockMask.from_document_ids(value, **options)  # type: ignore[arg-type]
+    assert caught.value.argument == argument
+
+
+def test_document_mask_tile_counts_at_the_benchmark_size() -> None:
+    """The benchmark's document mask (8k tokens, 12 documents, causal) in 128 x 128 blocks: 340 of 4096
+    blocks visited, half of them partial. A forward tile is 128 x 64, so it walks 680 tiles per
+    (sequence, head), 340 masked; from the ids, a masked tile loads 128 + 64 ids where the dense
+    BlockMask loads 128 x 64 mask bytes (2.7 MB per (sequence, head) of a 64 MB mask)."""
+    from flash_bench.sections.masks import DOCUMENTS, _doc_ids
+
+    ids = _doc_ids(8192, "cpu")
+    assert int(ids.max()) + 1 == DOCUMENTS
+    mask = BlockMask.from_document_ids(ids, causal=True)
+    counts = [int((mask.states == kind).sum()) for kind in (HIDDEN, PARTIAL, FULL)]
+    assert counts == [3756, 170, 170]
+    assert mask.lists.kv_counts.sum(dim=(0, 1, 2)).tolist() == [170, 170]  # the forward's partial, full lists
+
+
 def test_explain_shows_block_density_and_mask_mod_cost() -> None:
     q, k, v = _qkv()
     mask = BlockMask.from_mask_mod(mod_examples.prefix_lm, batch=None, heads=None, seqlen_q=S, seqlen_k=S,
@@ -113,6 +161,11 @@ def test_explain_shows_block_density_and_mask_mod_cost() -> None:
     text = str(flash.explain(q, k, v, block_mask=mask))
     assert f"block density {mask.density:.1%} of 16x16 blocks" in text
     assert "mask_mod on every tile" in str(flash.explain(q, k, v, mask_mod=mod_examples.prefix_lm))
+    documents = BlockMask.from_document_ids(torch.arange(S) // 10, block_size=(16, 16))
+    assert "partial blocks compare document ids" in str(flash.explain(q, k, v, block_mask=documents))
+    padding = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    assert "key-padding mask" in str(flash.explain(q, k, v, attn_mask=padding))
+    assert "key-padding mask" not in str(flash.explain(q, k, v, attn_mask=padding.expand(B, 1, S, S)))
 
 
 # ----------------------------------------------------------------------------- plans

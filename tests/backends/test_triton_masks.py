@@ -112,3 +112,23 @@ def test_score_mod_without_derivative_trains_on_the_reference_backward() -> None
                                 backend="triton")  # fmt: skip
     want = torch.autograd.grad(with_grad.float().sum(), q)[0]
     torch.testing.assert_close(got, want, atol=4e-3, rtol=0)
+
+
+@pytest.mark.parametrize("capability", [None, (8, 0)])
+def test_a_nan_value_reaches_only_the_rows_that_see_it(monkeypatch: pytest.MonkeyPatch, capability) -> None:
+    """A NaN value in a partial (masked) tile reaches exactly the rows that see its key, as in the
+    reference: with the per-tile check (Hopper, the interpreter) that tile leaves the fast path and the
+    all-finite tiles stay on it; on sm_80 every masked tile takes the guarded product."""
+    from flash_triton import mask_args
+
+    monkeypatch.setattr(mask_args, "device_capability", lambda device: capability)
+    assert mask_args.tile_guard(flash.build_spec(*_qkv(seqlen=8))) == (1 if capability is None else 2)
+    q, k, v = _qkv(seqlen=40)
+    v = v.clone()
+    v[0, 5, 0, 3] = float("nan")
+    v[0, 20, 1, 4] = float("nan")
+    got = flash.attention(q, k, v, causal=True, backend="triton")
+    want = flash.attention(q, k, v, causal=True, backend="reference")
+    assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 35 + 20
+    finite = ~got.isnan()
+    torch.testing.assert_close(got[finite], want[finite], atol=2e-3, rtol=0)

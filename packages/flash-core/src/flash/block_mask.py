@@ -8,8 +8,10 @@ the lists of its partial and full key blocks, and the transposed lists for the b
 key-stationary pass, so a kernel walks only the blocks that cost work.
 
 It is built from the mask it summarises (:meth:`BlockMask.from_mask_mod`,
-:meth:`BlockMask.from_dense`) and keeps that mask for the partial blocks; build it once per
-shape and pass it to every call and layer that shares the mask. :func:`block_states` is the
+:meth:`BlockMask.from_dense`, :meth:`BlockMask.from_document_ids`) and keeps that mask for the
+partial blocks; build it once per shape and pass it to every call and layer that shares the mask.
+A document mask keeps only its document ids (one int per token): a partial block compares a few
+ids instead of reading a dense (Sq, Sk) mask. :func:`block_states` is the
 summary itself (one torch reduction), which the ``triton`` backend also runs per call for a
 dense boolean ``attn_mask``.
 """
@@ -102,6 +104,7 @@ class BlockMaskInfo:
     mask_mod: MaskMod | None
     dense: bool
     density: float
+    documents: bool = False  # partial blocks compare document ids (see BlockMask.from_document_ids)
 
 
 class BlockMask:
@@ -122,14 +125,18 @@ class BlockMask:
         *,
         mask_mod: MaskMod | None = None,
         dense: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> None:
         self.block_size = block_size
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self.mask_mod, self.dense = mask_mod, dense
+        self.document_ids = document_ids  # int32 (B|1, S): query i sees key j only within one document
         self.states = states
         self.lists = block_lists(states, seqlen_q, block_size[0])
-        visited = (states != HIDDEN).sum().item()
+        visited, partial = torch.stack(((states != HIDDEN).sum(), (states == PARTIAL).sum())).tolist()
         self.density = float(visited) / max(1, states.numel())
+        #: The fraction of visited blocks that are partial (masked element by element).
+        self.partial_share = float(partial) / max(1, visited)
         self.info = BlockMaskInfo(
             batch=states.shape[0],
             heads=states.shape[1],
@@ -139,6 +146,7 @@ class BlockMask:
             mask_mod=mask_mod,
             dense=dense is not None,
             density=round(self.density, 4),
+            documents=document_ids is not None,
         )
 
     @property
@@ -204,3 +212,42 @@ class BlockMask:
             rows.append(block_states(seen, q.shape[2], seqlen_k, block_size))
         states = torch.cat(rows, dim=2)
         return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod)
+
+    @classmethod
+    def from_document_ids(
+        cls, document_ids: torch.Tensor, *, causal: bool = True, block_size: tuple[int, int] = (128, 128)
+    ) -> BlockMask:
+        """Document masking of packed sequences: query ``i`` sees key ``j`` iff both belong to one document
+        (``document_ids[i] == document_ids[j]``) and, with ``causal``, ``j <= i``.
+
+        ``document_ids`` is an integer tensor (S,) or (B, S), one id per token (any ids; a document
+        need not be contiguous); self-attention, so ``seqlen_q = seqlen_k = S``. Only the ids are
+        kept: the kernels compare them in partial blocks, two small vector loads where a mask built
+        with :meth:`from_dense` reads ``block_size`` bytes of a dense (S, S) mask per partial block.
+        """
+        block_size = _check_block_size(block_size)
+        ids = document_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.shape[-1] < 1:
+            got = type(ids).__name__ if not isinstance(ids, torch.Tensor) else f"shape {tuple(ids.shape)}"
+            raise InvalidInputError("document_ids", "a tensor (S,) or (B, S) with S >= 1", got)
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+            raise InvalidInputError("document_ids", "an integer tensor (one id per token)", str(ids.dtype))
+        if not isinstance(causal, bool):
+            raise InvalidInputError("causal", "a bool", repr(causal))
+        ids2 = (ids if ids.dim() == 2 else ids[None]).to(torch.int32).contiguous()
+        seqlen, bm = ids2.shape[1], block_size[0]
+        keys = torch.arange(seqlen, device=ids2.device)
+        rows = []
+        for i0 in range(0, seqlen, bm):  # one block row at a time bounds the memory to (B, bm, S)
+            q = keys[i0 : i0 + bm]
+            seen = ids2[:, q, None] == ids2[:, None, :]
+            if causal:
+                seen &= keys[None, None, :] <= q[None, :, None]
+            rows.append(block_states(seen[:, None], q.shape[0], seqlen, block_size))
+        states = torch.cat(rows, dim=2)
+        return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2)
+
+
+def causal_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """The causal mask as a mask function (top-left: ``kv_idx <= q_idx``), as document masks use it."""
+    return kv_idx <= q_idx

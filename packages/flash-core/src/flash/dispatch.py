@@ -175,6 +175,10 @@ def describe(spec: Spec) -> str:
     if spec.block_mask is not None:
         bm, bn = spec.block_mask.block_size
         parts.append(f"block density {spec.block_mask.density:.1%} of {bm}x{bn} blocks")
+        if spec.block_mask.documents:
+            parts.append("partial blocks compare document ids")
+    if spec.mask is not None and spec.mask.kind == "bool" and spec.mask.shape[1:3] == (1, 1):
+        parts.append("key-padding mask (one row for every query)")
     if spec.mask_mod is not None and spec.block_mask is None:
         parts.append("mask_mod on every tile (a flash.BlockMask built from it would skip hidden tiles)")
     return ", ".join(parts)

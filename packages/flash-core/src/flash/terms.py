@@ -56,6 +56,12 @@ def _mask_block(mask: torch.Tensor, r: Region, varlen_batch: bool) -> torch.Tens
     return mask[b][:, :, i][:, :, :, j]
 
 
+def _same_document(ids: torch.Tensor, r: Region) -> torch.Tensor:
+    """True where query and key of ``r`` share a document id (``ids`` (B|1, S)), shaped (B|1, 1, R, C)."""
+    rows = ids[r.b.flatten()] if ids.shape[0] > 1 else ids
+    return (rows[:, r.i.flatten(), None] == rows[:, None, r.j.flatten()])[:, None]
+
+
 class Terms:
     """The call's terms: ``add`` rewrites scores (steps 1-4 above but softcap), ``seen`` gives the extra masks."""
 
@@ -103,6 +109,8 @@ class Terms:
         block = t.block_mask
         if block is not None and block.dense is not None:
             masks.append(_mask_block(block.dense, r, False))
+        if block is not None and block.document_ids is not None:
+            masks.append(_same_document(block.document_ids, r))
         fns = [spec.mask_mod, block.mask_mod if block is not None else None]
         masks += [fn(r.b, r.h, r.i, r.j).to(torch.bool) for fn in fns if fn is not None]
         if not masks:

@@ -39,9 +39,11 @@ from flash_triton.tiles import (
     LOG2E,
     block_list,
     block_range,
+    clip_to_key_runs,
     dropout_keep,
     dropout_row_hash,
     head_terms,
+    key_block_runs,
     score_tile,
     sequence_bounds,
     walk,
@@ -200,15 +202,16 @@ def dq_tile(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_backward_dkdv_kernel(
-    Q, K, V, DO, DK, DV, DBias, Lse2, Delta, CuQ, CuK, q_desc, do_desc, Mask, Alibi, Counts, Indices,
-    q_str, k_str, v_str, do_str, dk_str, dv_str, db_str, l_str, m_str, a_str, c_str, i_str,
+    Q, K, V, DO, DK, DV, DBias, Lse2, Delta, CuQ, CuK, q_desc, do_desc, Mask, Alibi, Counts, Indices, Runs,
+    q_str, k_str, v_str, do_str, dk_str, dv_str, db_str, l_str, m_str, a_str, c_str, i_str, r_str,
     seqlen_q, seqlen_k, total_q, total_k, group, q_map, do_map,
     scale, scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, TMA: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr,
     SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
-    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, KEY_RUNS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
 ):  # fmt: skip
     """Grid: (key blocks, heads_kv, batch). ``Lse2``/``Delta`` share the strides ``l_str``; ``DBias`` is
     (batch, heads_q, seqlen_q, seqlen_k) with strides ``db_str``. Other strides as the forward's."""
@@ -240,6 +243,8 @@ def attention_backward_dkdv_kernel(
     # Keys fixed, query blocks walked: the mask seen from the keys (offset negated, reaches swapped).
     bounds = block_range(n0, tl.minimum(n0 + BLOCK_N, len_k) - 1, len_q, -offset, right, left, HAS_RIGHT, HAS_LEFT,
                          BLOCK_M)  # fmt: skip
+    if KEY_RUNS:
+        bounds = key_block_runs(bounds, Runs + b * r_str, n0, tl.minimum(n0 + BLOCK_N, len_k) - 1)
     win = (left, right)
     for g in range(group):
         h = hk * group + g
@@ -279,8 +284,8 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_backward_dq_kernel(
-    Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices,
-    q_str, k_str, v_str, do_str, dq_str, l_str, m_str, a_str, c_str, i_str,
+    Q, K, V, DO, DQ, Lse2, Delta, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Runs,
+    q_str, k_str, v_str, do_str, dq_str, l_str, m_str, a_str, c_str, i_str, r_str,
     seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
     scale, scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -288,6 +293,7 @@ def attention_backward_dq_kernel(
     DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr,
     SPARSE: tl.constexpr, SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr,
+    KEY_RUNS: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query blocks, heads_q, batch)."""
     pid_m = tl.program_id(0)
@@ -334,6 +340,8 @@ def attention_backward_dq_kernel(
 
     bounds = block_range(m0, tl.minimum(m0 + BLOCK_M, len_q) - 1, len_k, offset, left, right, HAS_LEFT, HAS_RIGHT,
                          BLOCK_N)  # fmt: skip
+    if KEY_RUNS:
+        bounds = clip_to_key_runs(bounds, Runs + b * r_str, BLOCK_N)
     ctx = (q, do, lse2, delta, k_src, v_src, rows, (b, h, len_q, len_k, offset), (left, right), terms,
            (head_hash, drop_threshold, drop_scale))  # fmt: skip
     (dq,) = walk(dq_tile, (tl.zeros([BLOCK_M, D_PAD], tl.float32),), ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE,

@@ -20,7 +20,7 @@ about memory bandwidth:
   edges (window, causality among new tokens, the split's and the sequence's ends) and the
   sink-token tiles are masked, and their loads zero every key no row sees, so unused slots
   (garbage) are never multiplied in. With several new tokens a key some rows do not see goes
-  through :func:`flash_triton.tiles.visible_dot` (no NaN leaks across rows).
+  through :func:`flash_triton.tiles.guarded_dot` (no NaN leaks across rows).
 * **fp8 caches.** Tiles are converted to the queries' dtype in registers; the per-(sequence, head)
   descale of K is folded into the score scale and that of V into the output.
 
@@ -35,7 +35,7 @@ import triton.language as tl
 
 from flash_triton.forward_kernel import load_rows
 from flash_triton.runtime import interpreting
-from flash_triton.tiles import LN2, LOG2E, fold_sink, tanh, visible_dot
+from flash_triton.tiles import LN2, LOG2E, fold_sink, guarded_dot, tanh
 
 INTERPRETED = interpreting()
 
@@ -188,7 +188,7 @@ def _decode_tile(
     v = load_rows(v_rows[:, None] + offs_d[None, :], key_ok, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     acc = acc * alpha[:, None]
     if MASKED and MULTI_TOKEN:  # noqa: SIM108 - constexpr; a key hidden from some rows only: no NaN crosses
-        acc = visible_dot(p, v, seen, acc)
+        acc = guarded_dot(p, v, seen, acc)
     else:
         acc = tl.dot(p.to(q.dtype), v, acc)
     return acc, m_new, l_i

@@ -30,9 +30,11 @@ from flash_triton.tiles import (
     LOG2E,
     block_list,
     block_range,
+    clip_to_key_runs,
     dropout_keep,
     dropout_row_hash,
     fold_sink,
+    guarded_dot,
     head_terms,
     score_tile,
     sequence_bounds,
@@ -80,11 +82,14 @@ def forward_tile(
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr,
-    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    SCORE_MOD_GRAD: tl.constexpr, MASK_MOD: tl.constexpr, GUARD: tl.constexpr,
 ):  # fmt: skip
     """Fold the key block at ``start_n`` into ``carry = (acc, m, l)`` of the query rows.
 
-    ``ctx = (q, k_src, v_src, rows, seq, win, terms, drop)``.
+    ``ctx = (q, k_src, v_src, rows, seq, win, terms, drop)``. ``GUARD``: how a masked tile keeps a hidden
+    key's NaN or inf value from the rows: 1 checks the tile (:func:`flash_triton.tiles.visible_dot`), 2
+    always takes the guarded product (:func:`flash_triton.tiles.guarded_dot`), 0 not at all, when the
+    launch knows V holds none (the tile's V is then a plain operand, pipelined like a full tile's).
     """
     acc, m_i, l_i = carry
     q, k_src, v_src, rows, seq, win, terms, drop = ctx
@@ -108,7 +113,12 @@ def forward_tile(
     if v.dtype.is_fp8():  # fp8: Q K^T on the fp8 tensor cores; P stays bf16 (3 mantissa bits would
         v = v.to(tl.bfloat16)  # round every weight), so V is widened in registers for P V
     # Keys some rows do not see: their values must not reach those rows, not even as NaN.
-    acc = visible_dot(p, v, seen, acc) if MASKED else tl.dot(p.to(v.dtype), v, acc)
+    if MASKED and GUARD == 1:
+        acc = visible_dot(p, v, seen, acc)
+    elif MASKED and GUARD == 2:
+        acc = guarded_dot(p, v, seen, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
@@ -142,22 +152,25 @@ def forward_epilogue(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold", "left", "right"])
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Sinks, QD, KD, VD,
-    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str, d_str,
+    Q, K, V, Out, Lse, CuQ, CuK, k_desc, v_desc, Mask, Alibi, Counts, Indices, Runs, Sinks, QD, KD, VD, VFinite,
+    q_str, k_str, v_str, o_str, l_str, m_str, a_str, c_str, i_str, r_str, d_str,
     seqlen_q, seqlen_k, total_q, total_k, group, k_map, v_map,
     scale_log2, softcap_scale, softcap_log2, left, right, seed_lo, seed_hi, drop_threshold, drop_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, TMA: tl.constexpr, REVERSE: tl.constexpr, TERMS: tl.constexpr, ALIBI: tl.constexpr,
     MASK: tl.constexpr, SCORE_MOD: tl.constexpr, MASK_MOD: tl.constexpr, SPARSE: tl.constexpr,
-    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, SINKS: tl.constexpr,
-    DESCALE: tl.constexpr,
+    SPARSE_FIXED: tl.constexpr, SPARSE_WALK: tl.constexpr, ELEMENTWISE: tl.constexpr, KEY_RUNS: tl.constexpr,
+    SINKS: tl.constexpr, DESCALE: tl.constexpr, V_CHECKED: tl.constexpr, TILE_GUARD: tl.constexpr,
 ):  # fmt: skip
     """Grid: (query blocks, heads_q, batch). Strides are in elements, as (batch, token, head) tuples
     (``*_str``; batch 0 for varlen), the mask's as (batch, head, query, key), ALiBi's (batch, head),
     the block lists' as (batch, head, row[, list length]); ``*_map`` are descriptor (rb, rh, ch).
+    ``KEY_RUNS``: ``Runs`` holds a key-padding mask's visible keys per sequence (batch stride ``r_str``).
     ``DESCALE`` (fp8 inputs): ``QD``, ``KD``, ``VD`` hold the descale factors, ``d_str`` their (batch,
-    head) strides, q's then k's then v's (0 for one factor per tensor)."""
+    head) strides, q's then k's then v's (0 for one factor per tensor).
+    ``V_CHECKED``: ``VFinite`` says (nonzero) that V holds no NaN or inf: masked tiles skip the guard;
+    otherwise they guard as ``TILE_GUARD`` says (see :func:`forward_tile`)."""
     pid_m = tl.program_id(0)
     if REVERSE:  # masked problems: the longest rows first, so the short ones fill the tail
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -200,12 +213,22 @@ def attention_forward_kernel(
     win = (left, right)
     bounds = block_range(m0, tl.minimum(m0 + BLOCK_M, len_q) - 1, len_k, len_k - len_q, left, right, HAS_LEFT,
                          HAS_RIGHT, BLOCK_N)  # fmt: skip
+    if KEY_RUNS:
+        bounds = clip_to_key_runs(bounds, Runs + b * r_str, BLOCK_N)
     carry = (tl.zeros([BLOCK_M, D_PAD], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
              tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
     ctx = (q, k_src, v_src, rows, seq, win, terms, (head_hash, drop_threshold))
-    acc, m_i, l_i = walk(forward_tile, carry, ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE, ELEMENTWISE, HEAD_DIM,
-                         D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, None,
-                         MASK_MOD, False)  # fmt: skip
+    finite = False
+    if V_CHECKED:
+        finite = tl.load(VFinite) != 0
+    if finite:  # one branch per program: each walk's loops stay free of it
+        acc, m_i, l_i = walk(forward_tile, carry, ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE, ELEMENTWISE,
+                             HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK,
+                             SCORE_MOD, None, MASK_MOD, 0, True)  # fmt: skip
+    else:
+        acc, m_i, l_i = walk(forward_tile, carry, ctx, bounds, lists, BLOCK_N, SPARSE_WALK, SPARSE, ELEMENTWISE,
+                             HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS, SOFTCAP, ALIBI, MASK,
+                             SCORE_MOD, None, MASK_MOD, TILE_GUARD, True)  # fmt: skip
 
     if DESCALE:  # P (v * dv) = dv * (P v)
         acc = acc * tl.load(VD + b * d_str[4] + hk * d_str[5])

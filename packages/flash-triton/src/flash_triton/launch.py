@@ -30,7 +30,7 @@ from flash.backend import BackwardArgs, ForwardArgs, MaskTensors
 from flash.heuristics import KernelConfig
 from flash.spec import UNBOUNDED, AttentionSpec
 from flash_triton import replay, runtime, tma
-from flash_triton.mask_args import MaskArgs, Walk, fit_tiling, mask_args
+from flash_triton.mask_args import MaskArgs, Walk, checks_values, fit_tiling, mask_args, tile_guard, values_finite
 
 LOG2E = math.log2(math.e)
 PREPROCESS_BLOCK_M = 64
@@ -265,6 +265,8 @@ def _forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig, recor
     first = fit_tiling(forward_tiling(config), spec, args.masks, "keys")
     masks = _masks(spec, args.masks, first, "keys", lse)
     descales, descale_strides = _descales(spec, args)
+    checked, guard = checks_values(spec, args.masks), tile_guard(spec)
+    finite = values_finite(v) if checked else lse
 
     def launch(t: Tiling) -> None:
         m = masks if t == first else _masks(spec, args.masks, t, "keys", lse)
@@ -277,17 +279,18 @@ def _forward(spec: AttentionSpec, args: ForwardArgs, config: KernelConfig, recor
         recorder.run(
             kern.attention_forward_kernel, grid,
             q, k, v, out, lse, args.cu_seqlens_q, args.cu_seqlens_k, k_desc, v_desc, *m.pointers(), args.sinks,
-            *descales, strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen), strides3(out, p.varlen),
-            lse_strides(lse, p.varlen), *m.strides(), descale_strides,
+            *descales, finite, strides3(q, p.varlen), strides3(k, p.varlen), strides3(v, p.varlen),
+            strides3(out, p.varlen), lse_strides(lse, p.varlen), *m.strides(), descale_strides,
             spec.seqlen_q, spec.seqlen_k, spec.total_q, spec.total_k, spec.group_size, tuple(k_rc), tuple(v_rc),
             p.scale_log2, p.softcap_scale, p.softcap_log2, p.left, p.right,
             p.seed_lo, p.seed_hi, p.threshold, p.drop_scale,
             HEAD_DIM=p.head_dim, D_PAD=p.d_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n, VARLEN=p.varlen,
             HAS_LEFT=p.has_left, HAS_RIGHT=p.has_right, SOFTCAP=p.softcap, DROPOUT=p.dropout, TMA=use_tma,
-            REVERSE=p.reverse, SINKS=args.sinks is not None, DESCALE=spec.is_fp8, **m.flags, **_options(t),
+            REVERSE=p.reverse, SINKS=args.sinks is not None, DESCALE=spec.is_fp8, V_CHECKED=checked,
+            TILE_GUARD=guard, **m.flags, **_options(t),
         )  # fmt: skip
 
-    return launch_with_fallback(_key("forward", spec, p, masks), first, launch)
+    return launch_with_fallback((*_key("forward", spec, p, masks), checked, guard), first, launch)
 
 
 def _descales(spec: AttentionSpec, args: ForwardArgs) -> tuple[tuple[Any, ...], tuple[int, ...]]:
@@ -394,9 +397,16 @@ def _backward(
     )  # fmt: skip
     dbias = args.dbias if args.dbias is not None else lse2
     db_str = tuple(dbias.stride()) if args.dbias is not None else (0, 0, 0, 0)
+    made: dict[tuple[Tiling, Walk], MaskArgs] = {}
+
+    def masks_for(t: Tiling, walk: Walk) -> MaskArgs:
+        """The mask arguments of a launch, summarised once per tiling (block lists, key runs)."""
+        if (t, walk) not in made:
+            made[(t, walk)] = _masks(spec, args.masks, t, walk, lse2)
+        return made[(t, walk)]
 
     def launch_dkdv(t: Tiling) -> None:
-        m = _masks(spec, args.masks, t, "queries", lse2)
+        m = masks_for(t, "queries")
         q_map = _tma_map(spec, p, q, t.block_m) if t.tma else None
         do_map = _tma_map(spec, p, dout, t.block_m) if t.tma else None
         use_tma = q_map is not None and do_map is not None
@@ -415,7 +425,7 @@ def _backward(
         )  # fmt: skip
 
     def launch_dq(t: Tiling) -> None:
-        m = _masks(spec, args.masks, t, "keys", lse2)
+        m = masks_for(t, "keys")
         k_map = _tma_map(spec, p, k, t.block_n) if t.tma else None
         v_map = _tma_map(spec, p, v, t.block_n) if t.tma else None
         use_tma = k_map is not None and v_map is not None
@@ -432,7 +442,7 @@ def _backward(
             **_options(t),
         )  # fmt: skip
 
-    probe = _masks(spec, args.masks, dkdv_first, "queries", lse2)
+    probe = masks_for(dkdv_first, "queries")
     key = _key("backward", spec, p, probe)
     ran_dkdv = launch_with_fallback((*key, "dkdv", args.dbias is not None), dkdv_first, launch_dkdv)
     ran_dq = launch_with_fallback((*key, "dq"), dq_first, launch_dq)

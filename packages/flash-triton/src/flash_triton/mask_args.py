@@ -3,9 +3,11 @@
 Block lists come from the call's :class:`flash.BlockMask`, or, for a dense boolean ``attn_mask``,
 from :func:`flash.block_mask.block_states` run on it per call (one torch reduction over the mask,
 with the launch's own tile as the block).
-A padding mask (one row for every query, shape (batch, 1, 1, seqlen_k)) is summarised per key
-block only: padded key blocks are skipped outright, as the variable-length path would, without
-packing the tensors.
+A key-padding mask (one row for every query and head, shape (batch|1, 1, 1, seqlen_k)) needs no
+block lists: :func:`key_runs` summarises each sequence's row in four numbers on the device (no host
+sync), and the kernels clip their dense walk to them (``KEY_RUNS``): key blocks outside the visible
+keys are never loaded, the blocks inside a run of visible keys are walked unmasked, as the
+variable-length path would, without packing the tensors.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.backend import MaskTensors
 from flash.block_mask import BlockLists, block_lists, block_states
 from flash.spec import AttentionSpec
+from flash.support import device_capability
 
 Walk = Literal["keys", "queries"]  # which axis a kernel walks: forward and dQ walk keys, dK/dV queries
 
@@ -38,13 +42,94 @@ class MaskArgs:
     indices: torch.Tensor
     c_str: tuple[int, ...]  # (batch, head, row)
     i_str: tuple[int, ...]  # (batch, head, row, list length)
+    runs: torch.Tensor  # (batch|1, 4) int32 of :func:`key_runs`, or a dummy
+    r_str: int  # batch stride of ``runs``, 0 where broadcast
     flags: dict[str, Any] = field(default_factory=dict)
 
     def pointers(self) -> tuple[torch.Tensor, ...]:
-        return self.mask, self.alibi, self.counts, self.indices
+        return self.mask, self.alibi, self.counts, self.indices, self.runs
 
-    def strides(self) -> tuple[tuple[int, ...], ...]:
-        return self.m_str, self.a_str, self.c_str, self.i_str
+    def strides(self) -> tuple[Any, ...]:
+        return self.m_str, self.a_str, self.c_str, self.i_str, self.r_str
+
+
+def is_key_padding(spec: AttentionSpec) -> bool:
+    """Whether the call's ``attn_mask`` is a boolean mask shared by every query and head (batch|1, 1, 1, Sk)."""
+    return spec.mask is not None and spec.mask.kind == "bool" and spec.mask.shape[1:3] == (1, 1)
+
+
+#: A block mask whose visited blocks are at least this much partial has V checked once per forward.
+CHECK_VALUES_PARTIAL_SHARE = 0.1
+
+
+def _checked_tile_fits(spec: AttentionSpec) -> bool:
+    """Hopper (or the interpreter) at head dims to 128: where the per-tile check and the V-checked walk
+    compile well for sm_90 (Triton 3.6: d128 forward 50 -> 10 ldl/stl); at d256 and on sm_80 they spill
+    more than the always-guarded product (sm_90 d256 540 -> 1612, sm_80 d64 94 -> 677) and the checked
+    walk's second set of buffers passes 227 KB of shared memory at d256."""
+    capability = device_capability(spec.device)
+    return (capability is None or capability >= (9, 0)) and spec.head_dim <= 128
+
+
+def tile_guard(spec: AttentionSpec) -> int:
+    """The forward's ``TILE_GUARD``: 1, masked tiles check their V and guard only a non-finite one; 2,
+    they always take the guarded product (see :func:`_checked_tile_fits`)."""
+    return 1 if _checked_tile_fits(spec) else 2
+
+
+def checks_values(spec: AttentionSpec, masks: MaskTensors | None) -> bool:
+    """Whether a forward checks V for NaN and inf once (one reduction over V on the device) so that its
+    masked tiles can skip the per-tile guard (:func:`flash_triton.tiles.visible_dot`): worth it where
+    masked tiles are many, a block mask with many partial blocks (document masks: half), a dense
+    boolean mask, a ``mask_mod`` on every tile; not for a few diagonal or boundary tiles."""
+    if spec.is_fp8 or not _checked_tile_fits(spec):
+        return False
+    if masks is not None and masks.block_mask is not None:
+        return masks.block_mask.partial_share >= CHECK_VALUES_PARTIAL_SHARE
+    dense_bool = spec.mask is not None and spec.mask.kind == "bool" and not is_key_padding(spec)
+    return spec.mask_mod is not None or dense_bool
+
+
+def values_finite(v: torch.Tensor) -> torch.Tensor:
+    """A uint8 scalar on v's device, 1 iff ``v`` holds no NaN or inf: the sum of a NaN or inf is one (a
+    finite sum that overflows only costs the guard). One read of v, no host sync."""
+    return torch.isfinite(v.sum(dtype=torch.float32)).view(torch.uint8)
+
+
+#: key_runs of each mask tensor, with the version and length they were made for: the layers of a model
+#: and the backward pass share one padding mask, so its summary is made once, not per launch.
+_runs_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shared_key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """:func:`key_runs`, made once per mask tensor while it is not changed in place (its version counter
+    says so; an inference tensor has none and is summarised every time)."""
+    try:
+        version = mask._version
+    except RuntimeError:
+        return key_runs(mask, seqlen_k)
+    made = _runs_made.get(mask)
+    if made is not None and made[:2] == (version, seqlen_k):
+        return made[2]
+    runs = key_runs(mask, seqlen_k)
+    _runs_made[mask] = (version, seqlen_k, runs)
+    return runs
+
+
+def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """int32 (batch|1, 4) ``(lo, hi, full_lo, full_hi)`` of a key-padding mask (batch|1, 1, 1, Sk|1).
+
+    Sequence ``b`` sees no key outside ``[lo, hi)`` (``lo = hi = Sk`` when it sees none) and every key
+    of ``[full_lo, full_hi)``: the whole of ``[lo, hi)`` when its visible keys are contiguous (right or
+    left padding), else nothing (each block in ``[lo, hi)`` is then walked masked). A few reductions
+    on the device: the kernels read the numbers, the host never does.
+    """
+    row = mask.expand(mask.shape[0], 1, 1, seqlen_k)[:, 0, 0, :]
+    keys = torch.arange(seqlen_k, device=mask.device, dtype=torch.int32)
+    lo = torch.where(row, keys, seqlen_k).amin(dim=1)
+    hi = torch.maximum(torch.where(row, keys + 1, 0).amax(dim=1), lo)
+    contiguous = row.sum(dim=1, dtype=torch.int32) == hi - lo
+    return torch.stack((lo, hi, lo, torch.where(contiguous, hi, lo)), dim=1).to(torch.int32).contiguous()
 
 
 def sparse_block(spec: AttentionSpec, masks: MaskTensors | None) -> tuple[int, int] | None:
@@ -74,7 +159,7 @@ def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) 
     if masks.block_mask is not None:
         rows, cols = masks.block_mask.block_size
         return masks.block_mask.lists, rows, cols
-    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None:
+    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None and not is_key_padding(spec):
         states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (block_m, block_n))
         return block_lists(states, spec.seqlen_q, block_m), block_m, block_n
     return None
@@ -103,12 +188,21 @@ def mask_args(
     mask_kind = 0 if dense is None else (2 if dense.dtype != torch.bool else 1)
     mask = dummy if dense is None else (dense.view(torch.uint8) if dense.dtype == torch.bool else dense)
     m_str: tuple[int, ...] = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
+    if mask_kind == 1 and is_key_padding(spec):
+        mask_kind = 4  # one row for every query: the kernels load a vector of keys, not a tile
+    documents = block.document_ids if block is not None else None
+    if documents is not None:  # (B|1, S) ids: the same vector is the query's and the key's axis
+        mask_kind, mask = 3, documents
+        m_str = (_broadcast_strides(documents)[0], 0, 1, 1)
     alibi = masks.alibi_slopes
     a_str = (
         (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
     )
     mask_mod = spec.mask_mod if spec.mask_mod is not None else (block.mask_mod if block is not None else None)
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
+    padding = is_key_padding(spec) and masks.attn_mask is not None
+    runs = shared_key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
+    r_str = runs.stride(0) if padding and runs.shape[0] > 1 else 0
     flags: dict[str, Any] = {
         "TERMS": spec.score_terms or spec.softcap > 0,
         "ALIBI": alibi is not None,
@@ -117,11 +211,12 @@ def mask_args(
         "MASK_MOD": translate(mask_mod, "mask_mod"),
         "ELEMENTWISE": spec.mask_mod is not None,
         "SPARSE": lists is not None,
+        "KEY_RUNS": padding,
     }
     if lists is None:
         flags.update(SPARSE_FIXED=1, SPARSE_WALK=1)
         return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, dummy, dummy, (0, 0, 0),
-                        (0, 0, 0, 0), flags)  # fmt: skip
+                        (0, 0, 0, 0), runs, r_str, flags)  # fmt: skip
     found, rows, cols = lists
     if walk == "keys":
         counts, indices = found.kv_counts, found.kv_indices
@@ -130,4 +225,5 @@ def mask_args(
         counts, indices = found.q_counts, found.q_indices
         flags.update(SPARSE_FIXED=cols, SPARSE_WALK=rows)
     c_str, i_str = _dims(counts, 3)[:3], _dims(indices, 3)
-    return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, counts, indices, c_str, i_str, flags)
+    return MaskArgs(mask, m_str, alibi if alibi is not None else dummy, a_str, counts, indices, c_str, i_str, runs,
+                    r_str, flags)  # fmt: skip

@@ -22,6 +22,9 @@ never loaded or computed. The same function serves the transposed walk of the dK
 ``j - off - right <= i <= j - off + left``, the same form with ``off -> -off`` and the two
 reaches swapped.
 
+A key-padding ``attn_mask`` (one row for all queries) clips those runs to the sequence's visible
+keys (:func:`clip_to_key_runs`, :func:`key_block_runs`): no block list, the walk stays the dense one.
+
 With a block list (a :class:`flash.BlockMask`, or the summary of a dense boolean ``attn_mask``)
 the walk visits the listed partial blocks, then the listed full ones; :func:`window_tile` still
 classifies each against causal/window, so the two masks combine.
@@ -117,6 +120,36 @@ def block_range(
 
 
 @triton.jit
+def clip_to_key_runs(bounds, runs, BLOCK: tl.constexpr):
+    """``bounds`` (:func:`block_range`'s runs of a walk over key blocks) within a key-padding mask's
+    ``runs = (lo, hi, full_lo, full_hi)`` pointer (:func:`flash_triton.mask_args.key_runs`).
+
+    Both are intervals, so their intersection is one: blocks before ``lo`` or from ``hi`` on are not
+    walked, and a block is unmasked only if it is fully visible for both.
+    """
+    start, full_lo, full_hi, end = bounds
+    lo = tl.load(runs)
+    hi = tl.load(runs + 1)
+    start = tl.maximum(start, (lo // BLOCK) * BLOCK)
+    end = tl.minimum(end, hi)
+    full_lo = tl.maximum(full_lo, ((tl.load(runs + 2) + BLOCK - 1) // BLOCK) * BLOCK)
+    full_hi = tl.minimum(full_hi, (tl.load(runs + 3) // BLOCK) * BLOCK)
+    return start, full_lo, full_hi, end
+
+
+@triton.jit
+def key_block_runs(bounds, runs, first, last):
+    """``bounds`` (:func:`block_range`'s runs of a walk over query blocks, keys ``first..last`` fixed)
+    under a key-padding mask's ``runs`` pointer: nothing to walk if no key of the block is visible,
+    every block masked unless all of them are."""
+    start, full_lo, full_hi, end = bounds
+    hidden = (last < tl.load(runs)) | (first >= tl.load(runs + 1))
+    full = (first >= tl.load(runs + 2)) & (last < tl.load(runs + 3))
+    end = tl.where(hidden, start, end)
+    return start, tl.where(full, full_lo, end), tl.where(full, full_hi, end), end
+
+
+@triton.jit
 def visible(rows, cols, len_q, len_k, offset, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """True where query ``rows`` sees key ``cols`` (broadcast shapes); padding rows/cols are hidden."""
     seen = (rows < len_q) & (cols < len_k)
@@ -155,7 +188,7 @@ def walk(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, TMA: tl.constexpr, DROPOUT: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TERMS: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, MASK: tl.constexpr, SCORE_MOD: tl.constexpr, SCORE_MOD_GRAD: tl.constexpr,
-    MASK_MOD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    MASK_MOD: tl.constexpr, PASS_FLAG: tl.constexpr, AHEAD: tl.constexpr = False,
 ):  # fmt: skip
     """The inner loop of every pass: ``carry = TILE(carry, start, ctx, MASKED, ...)`` for each walked block
     that is not hidden, masked only where it must be.
@@ -165,7 +198,11 @@ def walk(
     hide any key). With one (``lists = (partial count, full count, partial list, full list)`` of
     ``SPARSE_BLOCK``-sized blocks, ``BLOCK`` dividing it), the listed partial blocks, then the full
     ones, each still classified against the window. The constexprs after ``ELEMENTWISE`` pass
-    through to ``TILE`` unchanged.
+    through to ``TILE`` unchanged (``PASS_FLAG`` is the pass's own switch: dK/dV's bias gradient, the
+    forward's guard of masked tiles against non-finite values). ``AHEAD``: read the partial list's next
+    index one iteration ahead too (the forward: Triton 3.6 made its partial loop wait for every copy,
+    num 0 -> 1 in TTGIR, sm_90; the dK/dV kernel pipelines that loop without it and spills 26 -> 152
+    with it).
     """
     start, full_lo, full_hi, end = bounds
     if not SPARSE:
@@ -174,29 +211,35 @@ def walk(
             full_hi = end
         for s in range(start, tl.minimum(full_lo, end), BLOCK):
             carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         for s in range(full_lo, full_hi, BLOCK):
             carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         for s in range(tl.maximum(full_lo, full_hi), end, BLOCK):
             carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                         SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
     else:
         # One flat loop per list (a block of the list is SUBS walked blocks): one tile body per loop, so
         # the loop pipelines as the dense one does and shared memory holds one set of buffers.
         SUBS: tl.constexpr = SPARSE_BLOCK // BLOCK
         n_partial, n_full, partial, full = lists
+        if AHEAD:
+            upcoming = tl.load(partial, mask=n_partial > 0, other=0)
         for i in range(n_partial * SUBS):
-            s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
+            if AHEAD:  # as in the full loop below
+                s = upcoming * SPARSE_BLOCK + (i % SUBS) * BLOCK
+                upcoming = tl.load(partial + (i + 1) // SUBS, mask=i + 1 < n_partial * SUBS, other=0)
+            else:
+                s = tl.load(partial + i // SUBS) * SPARSE_BLOCK + (i % SUBS) * BLOCK
             if HAS_LEFT or HAS_RIGHT:
                 visit, _ = window_tile(s, BLOCK, bounds)
                 if visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             else:
                 carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
         upcoming = tl.load(full, mask=n_full > 0, other=0)
         for i in range(n_full * SUBS):
             # The block index is read one iteration ahead, into a register. Loaded where it is used,
@@ -210,20 +253,20 @@ def walk(
                 if visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             elif HAS_LEFT or HAS_RIGHT:  # full for the list, maybe not for the window: decide per block
                 visit, in_window = window_tile(s, BLOCK, bounds)
                 if in_window:
                     carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
                 elif visit:
                     carry = TILE(carry, s, ctx, True, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT,
                                  TERMS, SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD,
-                                 BIAS_GRAD)  # fmt: skip
+                                 PASS_FLAG)  # fmt: skip
             else:  # no branch: the loop pipelines like the dense one
                 carry = TILE(carry, s, ctx, False, BLOCK, HEAD_DIM, D_PAD, TMA, DROPOUT, HAS_LEFT, HAS_RIGHT, TERMS,
-                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, BIAS_GRAD)  # fmt: skip
+                             SOFTCAP, ALIBI, MASK, SCORE_MOD, SCORE_MOD_GRAD, MASK_MOD, PASS_FLAG)  # fmt: skip
     return carry
 
 
@@ -263,7 +306,9 @@ def score_tile(
     ``qk`` holds raw ``q . k`` for query ``rows`` and key ``cols`` (index tensors broadcast to the
     tile, either orientation). ``s`` is the score in the log2 domain; without terms (``TERMS``
     False) it is ``qk`` itself and the caller folds ``scale_log2`` into its ``exp2`` (one multiply-add).
-    ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile).
+    ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile), 3 document ids
+    (a :class:`flash.BlockMask` from document ids: ``mask_ptr`` holds the sequence's ids, compared in masked
+    tiles), 4 a boolean key-padding mask (one row for every query: a vector of keys, read in masked tiles).
     ``MASKED`` applies the masks (window, boolean mask, ``mask_mod``, sequence ends): ``seen`` is
     True where the query sees the key and ``s`` is -inf elsewhere. With ``GRAD``, ``d_mod`` is
     ``score_mod_grad`` at the score before ``score_mod`` and ``d_cap = 1 - tanh^2`` of softcap
@@ -282,8 +327,9 @@ def score_tile(
                 d_cap = 1.0 - t * t
         else:
             s = qk * scale_log2
-        if ALIBI:
-            s = s - slope_log2 * tl.abs(rows + offset - cols).to(tl.float32)
+        if ALIBI:  # positions converted as vectors, not per score (an int-to-float per score is slow)
+            distance = (rows + offset).to(tl.float32) - cols.to(tl.float32)  # exact below 2**24
+            s = s - slope_log2 * tl.abs(distance)
         if MASK == 2:
             inside = (rows < len_q) & (cols < len_k)
             bias = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=inside, other=0.0)
@@ -299,6 +345,13 @@ def score_tile(
         if MASK == 1:
             keep = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=seen, other=0)
             seen = seen & (keep != 0)
+        if MASK == 4:  # a key-padding mask: one row for every query, loaded as a vector of keys
+            keep = tl.load(mask_ptr + cols * mask_sj, mask=cols < len_k, other=0)
+            seen = seen & (keep != 0)
+        if MASK == 3:  # document ids: one vector per axis, not a tile of mask bytes
+            q_doc = tl.load(mask_ptr + rows * mask_si, mask=rows < len_q, other=-1)
+            k_doc = tl.load(mask_ptr + cols * mask_sj, mask=cols < len_k, other=-1)
+            seen = seen & (q_doc == k_doc)
         if MASK_MOD is not None:
             seen = seen & MASK_MOD(b, h, rows, cols)
         s = tl.where(seen, s, float("-inf"))
@@ -345,13 +398,31 @@ def visible_dot(p, v, seen, acc):
     """``acc + p @ v`` where a key a row does not see (``seen`` False, ``p`` 0) adds nothing, even a
     NaN or inf value (``0 * nan`` is NaN: one garbage value would poison every row of the tile).
 
+    A tile whose values are all finite (nearly every tile) takes the ordinary product straight from
+    the loaded tile: the check costs one pass over the values and a reduction, not a second product.
+    Otherwise :func:`guarded_dot` puts IEEE's results on exactly the rows that see those values.
+    """
+    wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
+    bad = (wide != wide) | (tl.abs(wide) == float("inf"))  # noqa: PLR0124 - NaN is the one value unequal to itself
+    if tl.max(bad.to(tl.int32)) == 0:  # noqa: SIM108 - a branch, not a select: run one product, not both
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    else:
+        acc = guarded_dot(p, v, seen, acc)
+    return acc
+
+
+@triton.jit
+def guarded_dot(p, v, seen, acc):
+    """:func:`visible_dot` without the all-finite shortcut (the KV-cache kernel's choice: the branch
+    costs its multi-token variant registers it does not have).
+
     Finite values take the ordinary product. Which rows see a NaN, a +inf or a -inf in each column
     is counted with one more product of 0/1 operands, the three counts packed as powers of 256 (exact in
     bf16 operands and an fp32 accumulator while a block has fewer than 256 keys); the counts put
     IEEE's results on exactly those rows: NaN wins, +inf and -inf together make NaN.
     """
     inf = float("inf")
-    wide = v.to(tl.float32)  # (comparisons on bf16 tiles are not supported by Triton's interpreter)
+    wide = v.to(tl.float32)
     nan = wide != wide  # noqa: PLR0124 - NaN is the one value unequal to itself
     pos = wide == inf
     neg = wide == -inf

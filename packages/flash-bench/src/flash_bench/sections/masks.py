@@ -6,8 +6,10 @@ Three sections, each checked against the issue's targets (printed, never asserte
   causal, causal sliding window 1024, causal document mask (12 documents), prefix-LM (2048-token
   prefix), causal ALiBi, causal tanh softcap 30. flash runs each the fastest way it offers (native
   causal/window/ALiBi/softcap; a :class:`flash.BlockMask` built once for the document and prefix-LM
-  masks); FlexAttention is ``torch.compile(flex_attention)`` with ``create_block_mask`` built once.
-  Target: flash >= 1.1x FlexAttention, forward and forward+backward.
+  masks, the document one from the document ids, as Flex's mask function reads them); FlexAttention
+  is ``torch.compile(flex_attention)`` with ``create_block_mask`` built once.
+  Target: flash >= 1.1x FlexAttention, forward and forward+backward. The document mask also runs as
+  ``flash_from_dense`` (a BlockMask from the dense (S, S) mask, whose partial blocks read it).
 * **padding**: a key-padding mask (batch 8, seqlen 2048, random lengths) through
   :func:`flash.scaled_dot_product_attention` against PyTorch's SDPA with the same mask, and against
   flash's variable-length path on the same problem (K/V packed beforehand, not timed).
@@ -91,8 +93,11 @@ def _doc_ids(seqlen: int, device: str, seed: int = 0) -> torch.Tensor:
     return ids.cumsum(0).to(device)
 
 
-def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict[str, Any], tuple[Any, Any], float]]:
-    """name: (flash options, FlexAttention's (score_mod, mask_mod), visible pairs) of each example."""
+def examples(
+    seqlen: int, heads: int, device: str
+) -> dict[str, tuple[dict[str, Any], tuple[Any, Any], float, dict[str, dict[str, Any]]]]:
+    """name: (flash options, FlexAttention's (score_mod, mask_mod), visible pairs, other flash variants
+    by provider name) of each example."""
     docs = _doc_ids(seqlen, device)
     slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)], device=device)
     rows = torch.arange(seqlen, device=device)[:, None]
@@ -123,7 +128,7 @@ def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict[str, 
     ours: dict[str, dict[str, Any]] = {
         "causal": {"causal": True},
         "sliding_window": {"window": (WINDOW, 0)},
-        "document": {"block_mask": flash.BlockMask.from_dense(doc_dense)},
+        "document": {"block_mask": flash.BlockMask.from_document_ids(docs, causal=True)},
         "prefix_lm": {"block_mask": prefix_blocks},
         "alibi": {"causal": True, "alibi_slopes": slopes},
         "softcap": {"causal": True, "softcap": SOFTCAP},
@@ -144,7 +149,8 @@ def examples(seqlen: int, heads: int, device: str) -> dict[str, tuple[dict[str, 
         "alibi": float(seqlen * (seqlen + 1) // 2),
         "softcap": float(seqlen * (seqlen + 1) // 2),
     }
-    return {name: (ours[name], theirs[name], pairs[name]) for name in ours}
+    variants = {"document": {"flash_from_dense": {"block_mask": flash.BlockMask.from_dense(doc_dense)}}}
+    return {name: (ours[name], theirs[name], pairs[name], variants.get(name, {})) for name in ours}
 
 
 def _prefix_lm_mod(b, h, q_idx, kv_idx):
@@ -167,8 +173,11 @@ def bench_examples(seqlen: int, batch: int, heads: int, device: str, flex: bool)
         torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3)
     )
     out = []
-    for name, (ours, (score_mod, mask_mod), pairs) in cases.items():
-        providers: dict[str, Callable] = {"flash": lambda q, k, v, o=ours: flash.attention(q, k, v, layout="bhsd", **o)}
+    for name, (ours, (score_mod, mask_mod), pairs, variants) in cases.items():
+        providers: dict[str, Callable] = {
+            provider: lambda q, k, v, o=options: flash.attention(q, k, v, layout="bhsd", **o)
+            for provider, options in {"flash": ours, **variants}.items()
+        }
         if flex:
             providers["flex"] = _flex_runner(score_mod, mask_mod, seqlen, device)
         for provider, fn in providers.items():

@@ -46,13 +46,15 @@ class Case:
     nan_in_q: bool = False
     #: Differentiate this case (off for fp8 and NaN cases).
     backward: bool = True
-    #: A dense attn_mask: "bool" (B, 1, Sq, Sk), "bias" (1, H, Sq, Sk) float, "padding" (B, 1, 1, Sk) bool.
+    #: A dense attn_mask: "bool" (B, 1, Sq, Sk), "bias" (1, H, Sq, Sk) float, "padding" (B, 1, 1, Sk) bool
+    #: (right padding), "padding_left" (left padding, a sequence may see no key), "padding_holes" (any keys).
     mask: str | None = None
     #: ALiBi slopes per "head" or per "batch_head".
     alibi: str | None = None
     #: A score_mod (flash.testing.mod_examples.SCORE_MODS) or mask_mod (MASK_MODS) by name.
     mod: str | None = None
-    #: Build a BlockMask from this MASK_MODS entry (blocks of ``block_size``) and pass it.
+    #: Build a BlockMask from this MASK_MODS entry (blocks of ``block_size``) and pass it; "documents":
+    #: :meth:`flash.BlockMask.from_document_ids` of random documents per sequence, causal.
     block_mask: str | None = None
     block_size: tuple[int, int] = (32, 32)
     #: Learned per-head sink logits (random, float32), differentiated with q, k, v.
@@ -174,6 +176,13 @@ def _mask_options(case: Case, shape: tuple[int, ...], device: torch.device, gen:
     elif case.mask == "padding":
         lengths = torch.randint(1, sk + 1, (b,), generator=gen, device=device)
         out["attn_mask"] = (torch.arange(sk, device=device) < lengths[:, None])[:, None, None, :]
+    elif case.mask == "padding_left":
+        lengths = torch.randint(0, sk + 1, (b,), generator=gen, device=device)
+        out["attn_mask"] = (torch.arange(sk, device=device) >= sk - lengths[:, None])[:, None, None, :]
+    elif case.mask == "padding_holes":
+        out["attn_mask"] = (torch.rand((b, 1, 1, sk), generator=gen, device=device) > 0.4) | (
+            torch.arange(sk, device=device) == 0
+        )
     if case.alibi == "head":
         out["alibi_slopes"] = torch.rand((h,), generator=gen, device=device)
     elif case.alibi == "batch_head":
@@ -182,7 +191,10 @@ def _mask_options(case: Case, shape: tuple[int, ...], device: torch.device, gen:
         out["score_mod"], out["score_mod_grad"] = SCORE_MODS[case.mod]
     elif case.mod is not None:
         out["mask_mod"] = MASK_MODS[case.mod]
-    if case.block_mask is not None:
+    if case.block_mask == "documents":
+        starts = torch.rand((b, sk), generator=gen, device=device) < 0.15  # a new document at ~15% of tokens
+        out["block_mask"] = BlockMask.from_document_ids(starts.cumsum(dim=1), block_size=case.block_size)
+    elif case.block_mask is not None:
         out["block_mask"] = BlockMask.from_mask_mod(
             MASK_MODS[case.block_mask], batch=None, heads=None, seqlen_q=sq, seqlen_k=sk, block_size=case.block_size,
             device=device,
@@ -282,12 +294,15 @@ def mask_cases() -> list[Case]:
         replace(base, name="mask_bool", mask="bool", heads_kv=1),
         replace(base, name="mask_bias_window", mask="bias", window=(9, 4), dtype=bf16),
         replace(base, name="mask_padding_causal", mask="padding", causal=True, seqlen_q=37),
+        replace(base, name="mask_padding_left_window", mask="padding_left", window=(9, 4), heads_kv=1, seqlen_k=71),
+        replace(base, name="mask_padding_holes", mask="padding_holes", seqlen_q=23, seqlen_k=53, dtype=bf16),
         replace(base, name="alibi_causal", alibi="batch_head", causal=True, seqlen_k=45),
         replace(base, name="alibi_softcap", alibi="head", softcap=3.0, dtype=bf16),
         replace(base, name="score_mod_softcap", mod="softcap", dtype=bf16),
         replace(base, name="score_mod_relative_gqa", mod="relative_bias", heads_q=4, heads_kv=2, batch=1),
         replace(base, name="mask_mod_prefix_lm", mod="prefix_lm"),
         replace(base, name="block_mask_local_global", block_mask="local_global", seqlen_q=70, seqlen_k=70, batch=1),
+        replace(base, name="block_mask_documents", block_mask="documents", seqlen_q=77, seqlen_k=77, dtype=bf16),
     ]
 
 
