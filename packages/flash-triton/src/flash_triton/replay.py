@@ -68,11 +68,18 @@ def _supported() -> bool:
     return low <= version <= high
 
 
+@functools.cache
+def _gpu() -> bool:
+    """A CUDA GPU: without one there is no driver to launch through (Triton's compiler may still be
+    driven by hand, as scripts/compile_report.py does)."""
+    return torch.cuda.is_available()
+
+
 def enabled() -> bool:
     """Whether calls may replay: a supported Triton, on a GPU (never in the interpreter)."""
     from flash_triton import runtime
 
-    return _supported() and not runtime.interpreting()
+    return _supported() and _gpu() and not runtime.interpreting()
 
 
 def _knobs() -> tuple[Any, ...] | None:
