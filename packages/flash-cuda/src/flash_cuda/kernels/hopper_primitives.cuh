@@ -77,6 +77,21 @@ __device__ __forceinline__ void tma_prefetch_4d(const TensorMap* map, int c0, in
                : "memory");
 }
 
+// `bytes` contiguous bytes of global memory into shared memory at `dst` (both 16-byte aligned,
+// `bytes` a multiple of 16), counted as transaction bytes on barrier `bar` (a 1-D bulk copy).
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(reinterpret_cast<u64>(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// ---------------------------------------------------------------- global reductions
+
+// *p += (a, b) as one vectorised fp32 reduction (sm_90), no result returned.
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
 // ---------------------------------------------------------------- shared memory by threads
 
 // Byte offset `offset` of a tile, 1024-byte aligned, that TMA or wgmma see with the SPAN-byte swizzle

@@ -1,0 +1,408 @@
+// FlashAttention backward for Hopper (sm_90a): TMA loads, wgmma, a producer warp and two consumer
+// warpgroups (issue 14, first slice).
+//
+// One thread block per (batch, KV head, key block of BN = 128 keys). K and V of the block are loaded
+// once (TMA) and stay in shared memory; dK and dV accumulate in registers. The block walks every query
+// head of its KV head's GQA group and, per head, every block of BM = 64 query rows that sees one of
+// its keys, streaming Q, dO and the per-row LSE (base 2) and delta = rowsum(dO o O) through a ring of
+// STAGES buffers (TMA for the tiles, 1-D bulk copies for the rows' values).
+//
+//  * warpgroup 0, the producer: one thread issues the loads; the warpgroup gives its registers away.
+//  * warpgroups 1 and 2, the consumers: each owns 64 of the block's keys and, per query block, runs
+//      S^T  = K Q^T          (wgmma, both operands K-major in shared memory; rows are keys)
+//      dP^T = V dO^T         (likewise)
+//      P^T  = exp2(S^T * scale * log2 e - LSE_2[query])      (masked scores: -inf)
+//      dS^T = P^T o (dP^T - delta[query])
+//      dV  += P^T dO         (A = P^T from registers, B = dO N-major in shared memory)
+//      dK  += dS^T Q         (A = dS^T from registers, B = Q N-major)
+//      dQ  += dS K           (A = dS^T stored to shared memory and read M-major through the
+//                             descriptor's transpose bit, B = K N-major; one slab of head-dim
+//                             columns at a time) -> red.global.add.v2.f32 into an fp32 workspace.
+//    The accumulator of S^T already has the register layout of the A operand of dV += P^T dO (as
+//    P in the forward's O += P V), so P^T and dS^T never cross lanes.
+// The host converts the dQ workspace (times scale) to the inputs' dtype and computes LSE_2 and delta
+// before the launch (flash_cuda/hopper_bwd.py). dK is stored times scale.
+//
+// Rows past the query sequence get LSE_2 = +inf (P = 0) from the host's padded workspace, so only
+// the key bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
+// aligned): query row i sees key j iff j < len_k and -left <= j - i - (len_k - len_q) <= right.
+#pragma once
+
+#include "hopper_fwd.cuh"
+
+namespace flash_cuda {
+namespace hopper_bwd {
+
+using namespace sm90;
+using hopper::Acc;
+using hopper::Operand;
+using hopper::Ring;
+using hopper::SmemTile;
+
+template <int D_, int INPUT_, int MASK_>
+struct Shape {
+  static constexpr int D = D_;
+  static constexpr int INPUT = INPUT_;
+  static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
+  static constexpr int BN = 128;      // keys per block: 64 per consumer warpgroup
+  static constexpr int BM = 64;       // query rows per step (one 128-byte swizzle row of dS^T)
+  static constexpr int CONSUMERS = 2;
+  static constexpr int STAGES = 2;
+  static constexpr int THREADS = 128 * (CONSUMERS + 1);
+  static constexpr int ELEM = 2;
+  static constexpr bool FP8 = false;
+  static constexpr int SWIZZLE = (D * ELEM) % 128 == 0 ? 128 : 64;
+  static constexpr int SLAB = SWIZZLE / ELEM;
+  // Shared memory (1024-byte aligned base): K, V, the Q and dO rings, the consumers' dS^T tiles,
+  // the LSE_2 and delta rings, the mbarriers.
+  static constexpr int KV_BYTES = BN * D * ELEM;
+  static constexpr int Q_BYTES = BM * D * ELEM;
+  static constexpr int DS_BYTES = 64 * BM * ELEM;
+  static constexpr int ROW_BYTES = BM * 4;
+  static constexpr int K_OFFSET = 0;
+  static constexpr int V_OFFSET = KV_BYTES;
+  static constexpr int Q_OFFSET = 2 * KV_BYTES;
+  static constexpr int DO_OFFSET = Q_OFFSET + STAGES * Q_BYTES;
+  static constexpr int DS_OFFSET = DO_OFFSET + STAGES * Q_BYTES;
+  static constexpr int LSE_OFFSET = DS_OFFSET + CONSUMERS * DS_BYTES;
+  static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
+  static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
+  static constexpr int BARRIERS = 1 + 2 * STAGES;
+  static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
+  static constexpr int PRODUCER_REGISTERS = 24;
+  static constexpr int CONSUMER_REGISTERS = 240;
+  static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
+  // Per query block: Q and dO tiles, LSE_2 and delta rows.
+  static constexpr int STEP_BYTES = 2 * Q_BYTES + 2 * ROW_BYTES;
+
+  static_assert(SWIZZLE == 128, "head dims whose rows are whole 128-byte swizzle spans (64, 128, 192, 256)");
+  static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim");
+  static_assert(BM * ELEM == 128, "a dS^T row is one 128-byte swizzle span");
+  static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
+  static_assert((CONSUMER_REGISTERS - ENTRY_REGISTERS) * CONSUMERS <= ENTRY_REGISTERS - PRODUCER_REGISTERS,
+                "the consumers take more registers than the producer frees");
+};
+
+// Kernel arguments other than the tensor maps (see hopper_bwd.cu and flash_cuda/hopper_bwd.py).
+struct Params {
+  u16* dk;
+  u16* dv;
+  float* dq_acc;       // (batch, heads_q, s_pad, D) fp32, zeroed by the host
+  const float* lse2;   // (batch, heads_q, s_pad): LSE * log2(e); +inf for rows without keys or past len_q
+  const float* delta;  // (batch, heads_q, s_pad): rowsum(dO o O); 0 past len_q
+  i64 dk_sb, dk_ss, dk_sh, dv_sb, dv_ss, dv_sh;
+  int seqlen_q, seqlen_k, s_pad, heads_q, group, head_dim;
+  int win_left, win_right;  // window reach (a large value for an unbounded side)
+  float score_log2;         // scale * log2(e)
+  float scale;              // softmax scale (dK is stored times it)
+};
+
+// The key block's work: which query blocks see one of its keys.
+template <class S>
+struct Block {
+  int batch, kv_head, n0, m_lo, m_hi, off;
+
+  __device__ __forceinline__ void set(const Params& p) {
+    // blockIdx.x = (batch * heads_kv + kv_head) * key_blocks + key block
+    const int key_blocks = (p.seqlen_k + S::BN - 1) / S::BN, heads_kv = p.heads_q / p.group;
+    const int pair = (int)blockIdx.x / key_blocks;
+    n0 = ((int)blockIdx.x - pair * key_blocks) * S::BN;
+    kv_head = pair % heads_kv;
+    batch = pair / heads_kv;
+    off = p.seqlen_k - p.seqlen_q;
+    i64 q_lo = 0, q_hi = p.seqlen_q;
+    // key j is seen by query i iff j - i - off <= right (i >= j - off - right) and >= -left
+    if constexpr (S::MASK >= 1) q_lo = max((i64)0, (i64)n0 - off - p.win_right);
+    if constexpr (S::MASK == 2) {
+      const i64 last_key = min((i64)n0 + S::BN, (i64)p.seqlen_k) - 1;
+      q_hi = min(q_hi, last_key - off + p.win_left + 1);
+    }
+    m_lo = m_hi = 0;
+    if (q_hi > q_lo) {
+      m_lo = (int)(q_lo / S::BM);
+      m_hi = (int)((q_hi + S::BM - 1) / S::BM);
+    }
+  }
+
+  // Whether query block m needs the element mask (the key bound, or an edge crossing the tile).
+  __device__ __forceinline__ bool masked(const Params& p, int m) const {
+    const i64 m0 = (i64)m * S::BM;
+    bool need = n0 + S::BN > p.seqlen_k;
+    if constexpr (S::MASK >= 1) need = need || (i64)n0 + S::BN - 1 - m0 - off > p.win_right;
+    if constexpr (S::MASK == 2) need = need || (i64)n0 - (m0 + S::BM - 1) - off < -(i64)p.win_left;
+    return need;
+  }
+};
+
+template <class S>
+struct Smem {
+  u32 base;
+  __device__ __forceinline__ SmemTile<S::BN, S> k() const { return {base + S::K_OFFSET}; }
+  __device__ __forceinline__ SmemTile<S::BN, S> v() const { return {base + S::V_OFFSET}; }
+  __device__ __forceinline__ SmemTile<S::BM, S> q(int st) const { return {base + S::Q_OFFSET + st * S::Q_BYTES}; }
+  __device__ __forceinline__ SmemTile<S::BM, S> dout(int st) const { return {base + S::DO_OFFSET + st * S::Q_BYTES}; }
+  __device__ __forceinline__ u32 ds(int wg) const { return base + S::DS_OFFSET + wg * S::DS_BYTES; }
+  __device__ __forceinline__ u32 lse(int st) const { return base + S::LSE_OFFSET + st * S::ROW_BYTES; }
+  __device__ __forceinline__ u32 delta(int st) const { return base + S::DELTA_OFFSET + st * S::ROW_BYTES; }
+  __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
+  __device__ __forceinline__ u32 kv_full() const { return barrier(0); }
+  __device__ __forceinline__ u32 full(int st) const { return barrier(1 + st); }
+  __device__ __forceinline__ u32 empty(int st) const { return barrier(1 + S::STAGES + st); }
+
+  __device__ void init() const {
+    mbarrier_init(kv_full(), 1);
+#pragma unroll
+    for (int st = 0; st < S::STAGES; ++st) {
+      mbarrier_init(full(st), 1);
+      mbarrier_init(empty(st), 4 * S::CONSUMERS);
+    }
+    fence_barrier_init();
+  }
+};
+
+// ------------------------------------------------------------------ producer
+
+template <class S>
+__device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk, const TensorMap* q_map,
+                        const TensorMap* k_map, const TensorMap* v_map, const TensorMap* do_map) {
+  tma_prefetch_map(q_map);
+  tma_prefetch_map(k_map);
+  tma_prefetch_map(v_map);
+  tma_prefetch_map(do_map);
+  mbarrier_arrive_expect(sm.kv_full(), 2 * S::KV_BYTES);
+  hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
+  hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
+  Ring<S::STAGES> ring;
+  for (int g = 0; g < p.group; ++g) {
+    const int head = blk.kv_head * p.group + g;
+    const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+    for (int m = blk.m_lo; m < blk.m_hi; ++m) {
+      const int m0 = m * S::BM;
+      mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
+      const u32 bar = sm.full(ring.stage);
+      mbarrier_arrive_expect(bar, S::STEP_BYTES);
+      hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, m0, blk.batch);
+      hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, m0, blk.batch);
+      bulk_load(sm.lse(ring.stage), p.lse2 + rows + m0, S::ROW_BYTES, bar);
+      bulk_load(sm.delta(ring.stage), p.delta + rows + m0, S::ROW_BYTES, bar);
+      ring.advance();
+    }
+  }
+}
+
+// ------------------------------------------------------------------ consumers
+
+// Operand of a product whose B is read N-major from rows row0 .. of a (ROWS x D) tile, head-dim
+// columns of slab `slab` only (dQ's B: 64 keys of K, one slab of columns).
+template <int ROWS, class S>
+__device__ __forceinline__ u64 n_major_rows(const SmemTile<ROWS, S>& t, int row0, int slab) {
+  constexpr int SLAB_BYTES = SmemTile<ROWS, S>::SLAB_BYTES;
+  return smem_descriptor<S::SWIZZLE>(t.base + slab * SLAB_BYTES + row0 * S::SWIZZLE, SLAB_BYTES, 8 * S::SWIZZLE);
+}
+
+// The -inf of the scores (rows: keys, columns: queries) no query may see. `key`: the thread's row 0
+// key; `q0`: the query of its element (0, row, 0).
+template <int MASK, int N>
+__device__ __forceinline__ void mask_transposed(Acc<N>& s, int key, int q0, int len_k, int off, int left, int right) {
+#pragma unroll
+  for (int i = 0; i < Acc<N>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = key + 8 * r, q = q0 + 8 * i + c;
+        const int delta = j - q - off;
+        bool visible = j < len_k;
+        if constexpr (MASK >= 1) visible = visible && delta <= right;
+        if constexpr (MASK == 2) visible = visible && delta >= -left;
+        if (!visible) s.at(i, r, c) = neg_inf();
+      }
+    }
+  }
+}
+
+template <class S>
+__device__ __forceinline__ float ld_shared_f32(u32 address) {
+  return __uint_as_float(ld_shared_u32(address));
+}
+
+// 16-bit values of a (rows x D) accumulator (rows: the thread's two keys) to global memory, times `factor`.
+template <class S>
+__device__ __forceinline__ void store_rows(u16* base, i64 ss, int key, int len_k, int head_dim, int quad_col,
+                                           Acc<S::D>& a, float factor) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key + 8 * r;
+    if (j >= len_k) continue;
+    u16* dst = base + (i64)j * ss;
+#pragma unroll
+    for (int i = 0; i < Acc<S::D>::TILES; ++i) {
+      const int col = 8 * i + quad_col;
+      if (col < head_dim) {
+        *reinterpret_cast<u32*>(dst + col) =
+            pack2<S::INPUT == hopper::INPUT_BF16>(a.at(i, r, 0) * factor, a.at(i, r, 1) * factor);
+      }
+    }
+  }
+}
+
+template <class S>
+__device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk, int wg) {
+  constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
+  const int tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32;
+  const int lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64 keys
+  const int quad_col = 2 * (lane % 4);
+  const bool warp_leader = lane == 0;
+  const int key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
+  const u32 ds_tile = sm.ds(wg);
+
+  Acc<S::D> dk, dv;
+  hopper::fill(dk, 0.f);
+  hopper::fill(dv, 0.f);
+  Acc<S::BM> s, dp;
+  Operand<S::BM, 2> pm, dsm;
+
+  mbarrier_wait(sm.kv_full(), 0);
+  const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
+  Ring<S::STAGES> ring;
+  for (int g = 0; g < p.group; ++g) {
+    const int head = blk.kv_head * p.group + g;
+    const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+    for (int m = blk.m_lo; m < blk.m_hi; ++m) {
+      const int m0 = m * S::BM;
+      const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
+      mbarrier_wait(sm.full(ring.stage), ring.phase);
+      // S^T = K Q^T and dP^T = V dO^T, two groups.
+      hopper::pin(s);
+      hopper::pin(dp);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
+      wgmma_commit();
+#pragma unroll
+      for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
+      wgmma_commit();
+      hopper::pin(s);
+      hopper::pin(dp);
+      wgmma_wait<1>();
+      hopper::pin(s);
+      // P^T, in place
+      if (blk.masked(p, m)) {
+        mask_transposed<S::MASK>(s, key, m0 + quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
+      }
+      const u32 lse_row = sm.lse(ring.stage), delta_row = sm.delta(ring.stage);
+#pragma unroll
+      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + quad_col + c));
+#pragma unroll
+          for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
+        }
+      }
+      wgmma_wait<0>();
+      hopper::pin(dp);
+      // dS^T = P^T o (dP^T - delta), in place
+#pragma unroll
+      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + quad_col + c));
+#pragma unroll
+          for (int r = 0; r < 2; ++r) dp.at(i, r, c) = s.at(i, r, c) * (dp.at(i, r, c) - dl);
+        }
+      }
+      hopper::to_operand<BF16>(s, pm);
+      hopper::to_operand<BF16>(dp, dsm);
+      // dS^T to shared memory: row = key (64 rows of the warpgroup), 64 queries of 2 bytes per row.
+      // Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
+#pragma unroll
+      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const u32 offset = (u32)(lane_row + 8 * r) * 128u + (u32)(8 * i + quad_col) * 2u;
+          st_shared_u32(ds_tile + swizzled<128>(offset), dsm.v[2 * i + r]);
+        }
+      }
+      // dV += P^T dO, dK += dS^T Q
+      hopper::pin(dv);
+      hopper::pin(dk);
+      hopper::pin(pm);
+      hopper::pin(dsm);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < S::BM / 16; ++kk) {
+        Wgmma<S::D>::rs(dv.v, pm.v[4 * kk], pm.v[4 * kk + 1], pm.v[4 * kk + 2], pm.v[4 * kk + 3], dot.n_major(kk), 1);
+      }
+#pragma unroll
+      for (int kk = 0; kk < S::BM / 16; ++kk) {
+        Wgmma<S::D>::rs(dk.v, dsm.v[4 * kk], dsm.v[4 * kk + 1], dsm.v[4 * kk + 2], dsm.v[4 * kk + 3], qt.n_major(kk),
+                        1);
+      }
+      wgmma_commit();
+      hopper::pin(dv);
+      hopper::pin(dk);
+      // dQ += dS K over the warpgroup's 64 keys, one slab of head-dim columns at a time.
+      fence_proxy_async();
+      named_barrier_sync(1 + wg, 128);
+#pragma unroll 1
+      for (int slab = 0; slab < S::D / S::SLAB; ++slab) {
+        Acc<S::SLAB> dq;
+        hopper::pin(dq);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const u64 a = smem_descriptor<128>(ds_tile + kk * 16 * 128, S::DS_BYTES, 8 * 128);
+          Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 64 * wg + 16 * kk, slab), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        hopper::pin(dq);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int q = m0 + lane_row + 8 * r;
+          if (q >= p.seqlen_q) continue;
+          float* dst = p.dq_acc + ((rows + q) * S::D + slab * S::SLAB + quad_col);
+#pragma unroll
+          for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) red_add_v2(dst + 8 * i, dq.at(i, r, 0), dq.at(i, r, 1));
+        }
+      }
+      wgmma_wait<0>();
+      hopper::pin(dv);
+      hopper::pin(dk);
+      hopper::pin(pm);
+      hopper::pin(dsm);
+      if (warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+      ring.advance();
+    }
+  }
+  // dK (times scale) and dV of the warpgroup's keys.
+  const i64 kv_base = (i64)blk.batch;
+  store_rows<S>(p.dk + kv_base * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, key, p.seqlen_k, p.head_dim, quad_col, dk,
+                p.scale);
+  store_rows<S>(p.dv + kv_base * p.dv_sb + blk.kv_head * p.dv_sh, p.dv_ss, key, p.seqlen_k, p.head_dim, quad_col, dv,
+                1.f);
+}
+
+template <class S>
+__device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map, const TensorMap* k_map,
+                                         const TensorMap* v_map, const TensorMap* do_map) {
+  extern __shared__ __attribute__((aligned(1024))) unsigned char smem_raw[];
+  const Smem<S> sm{(shared_address(smem_raw) + 1023u) & ~1023u};  // the launch adds 1 KB of slack
+  const int wg = threadIdx.x / 128;
+  Block<S> blk;
+  blk.set(p);
+  if (threadIdx.x == 0) sm.init();
+  __syncthreads();
+  if (wg == 0) {
+    registers_decrease<S::PRODUCER_REGISTERS>();
+    if (threadIdx.x == 0) produce<S>(p, sm, blk, q_map, k_map, v_map, do_map);
+  } else {
+    registers_increase<S::CONSUMER_REGISTERS>();
+    consume<S>(p, sm, blk, wg - 1);
+  }
+}
+
+}  // namespace hopper_bwd
+}  // namespace flash_cuda
