@@ -1,6 +1,6 @@
 // Entry point of the Hopper backward kernel (issue 14). The shape arrives as -D options rendered by
 // flash_cuda/hopper_bwd.py, which also writes the variant's wgmma instructions into
-// "hopper_wgmma.cuh" (generated, not a file); one extern "C" symbol per variant.
+// "hopper_wgmma.cuh" (generated, not a file); one C-linkage symbol per variant.
 #include "hopper_bwd.cuh"
 #include "hopper_wgmma.cuh"
 

@@ -1,0 +1,183 @@
+"""Hopper backward (flash_cuda.hopper_bwd, issue 14), CPU tier: every variant compiles for sm_90a.
+
+Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant: ptxas
+reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products as
+HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
+reallocation, vectorised fp32 reductions for dQ and no local memory. Also the launch arguments
+against the kernel's signature, the declared support, and a layout replay of the dS^T tile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
+
+from flash_cuda import hopper, nvrtc  # noqa: E402
+
+
+
+def _sass(cubin: bytes) -> str:
+    """The SASS of a cubin, by cuobjdump (CUDA toolkit or Triton's wheel); skips without one."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        triton = pytest.importorskip("triton")
+        found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        if not found:
+            pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the SASS")
+        tool = found[0]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+
+
+def _compile(variant: hopper_bwd.BwdVariant) -> tuple[nvrtc.Resources, bytes]:
+    compiled = nvrtc.compile_cubin(hopper_bwd.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert hopper_bwd.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
+    return report[hopper_bwd.KERNEL_NAME], compiled.cubin
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes]]:
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    variants = hopper_bwd.shipped_variants()
+    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(variants, pool.map(_compile, variants)))
+
+
+def test_every_variant_compiles_without_spilling(compiled):
+    assert len(compiled) == len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.DTYPES) * len(hopper.MASK_NAMES)
+    for variant, (res, _) in compiled.items():
+        assert res.arch == "sm_90a"
+        assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
+        assert variant.launch_smem <= hopper.MAX_SMEM
+
+
+def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
+    for variant, (_, cubin) in compiled.items():
+        sass = _sass(cubin)
+        found = re.findall(r"HGMMA\.(64x\d+x16)\.F32(\.BF16)?\b", sass)
+        assert all((ty == ".BF16") == (variant.dtype == "bf16") for _, ty in found), f"{variant.label()}: input type"
+        kinds = {shape for shape, _ in found}
+        assert {f"64x{hopper_bwd.BLOCK_M}x16", f"64x{variant.head_dim}x16"} <= kinds, f"{variant.label()}: {kinds}"
+        assert "UTMALDG.4D" in sass and "UBLKCP" in sass, f"{variant.label()}: TMA / bulk copies missing"
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
+        assert "REDG.E.ADD.F32x2" in sass, f"{variant.label()}: dQ not reduced two floats at a time"
+        assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+
+
+def test_source_is_header_free_and_one_extern_c_kernel():
+    source = hopper_bwd.source(hopper_bwd.BwdVariant(128, "bf16", hopper.MASK_RIGHT))
+    assert "#include <" not in source
+    assert source.count('extern "C"') == 1 and hopper_bwd.KERNEL_NAME in source
+    assert "ss_t" in source and "p, 1, 1, 1, 1" in source  # dQ: A M-major and B N-major
+
+
+def test_forward_wgmma_source_is_unchanged_by_the_transposed_method():
+    # the forward's generated instructions must not depend on the backward's addition
+    for variant in hopper.shipped_variants()[:4]:
+        assert "ss_t" not in hopper.wgmma_source(variant)
+
+
+def _kernel_parameters() -> list[str]:
+    text = open(os.path.join(os.path.dirname(hopper.__file__), "kernels", hopper_bwd.ENTRY_FILE)).read()
+    signature = text[text.index(hopper_bwd.KERNEL_NAME + "(") : text.index(") {", text.index(hopper_bwd.KERNEL_NAME))]
+    return [p.strip() for p in signature.split("(", 1)[1].split(",")]
+
+
+def test_launch_arguments_match_the_kernel_signature():
+    params = _kernel_parameters()
+    assert len(params) == 4 + 5 + 6 + 8 + 2
+    assert all("TensorMap" in p for p in params[:4])
+    assert all(p.startswith("i64") for p in params[9:15])
+    assert all(p.startswith("int") for p in params[15:23])
+    assert all(p.startswith("float ") for p in params[23:])
+
+
+def test_smem_bytes_match_the_shape():
+    for variant in hopper_bwd.shipped_variants():
+        d = variant.head_dim
+        kv, qt, ds, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 4
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 2 * ds + 4 * rows + 8 * 5
+
+
+def test_problem_reasons():
+    import torch
+
+    ok = dict(
+        capability=(9, 0), dtype=torch.bfloat16, head_dim=128, heads_q=8, heads_kv=2, batch=2, seqlen_q=100,
+        seqlen_k=300, scale=0.1,
+    )  # fmt: skip
+    assert hopper_bwd.problem_reasons(**ok) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "head_dim": 40}) == []
+    for change, words in (
+        ({"capability": (10, 0)}, "sm_90"),
+        ({"capability": (8, 0)}, "sm_90"),
+        ({"dtype": torch.float8_e4m3fn}, "float16 and bfloat16"),
+        ({"head_dim": 192}, "head dims up to 128"),
+        ({"varlen": True}, "varlen"),
+        ({"softcap": 30.0}, "softcap"),
+        ({"dropout": True}, "dropout"),
+        ({"heads_kv": 3}, "multiple"),
+        ({"seqlen_k": 0}, "empty"),
+    ):
+        reasons = hopper_bwd.problem_reasons(**{**ok, **change})
+        assert any(words in r for r in reasons), (change, reasons)
+
+
+def test_backward_is_declared_and_opt_in_until_verified(monkeypatch):
+    import torch
+
+    from flash_cuda import backend
+
+    support = backend.CudaBackend.backward_support
+    assert support is not None and support.min_capability == (9, 0)
+    assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert {"varlen", "softcap", "dropout", "deterministic"}.isdisjoint(support.features)
+    if not backend.BACKWARD_VERIFIED:
+        monkeypatch.delenv(backend.BACKWARD_OPT_IN, raising=False)
+        assert not backend.backward_enabled()
+        monkeypatch.setenv(backend.BACKWARD_OPT_IN, "1")
+        assert backend.backward_enabled()
+
+
+def test_ds_tile_store_matches_the_m_major_operand_layout():
+    """Replay where the consumers store dS^T (the S^T accumulator's elements, swizzled 128-byte rows
+    of 64 queries per key) and where wgmma reads A = dS (64 queries x 16 keys per k step) through the
+    M-major descriptor (start + 16 kk rows, 8-row groups 1024 bytes apart, 128-byte swizzle): every
+    (query, key) must be read from where it was written."""
+    tile = np.full(64 * 128 // 2, -1, dtype=np.int64)  # u16 slots of the 8 KB tile
+    for warp in range(4):
+        for lane in range(32):
+            lane_row, quad_col = 16 * warp + lane // 4, 2 * (lane % 4)
+            for i in range(8):
+                for r in range(2):
+                    key, query = lane_row + 8 * r, 8 * i + quad_col
+                    offset = key * 128 + query * 2
+                    swz = offset ^ (((offset >> 7) & 7) << 4)
+                    for c in range(2):
+                        tile[swz // 2 + c] = key * 64 + query + c  # (key, query + c)
+    assert (tile >= 0).all()
+    # canonical M-major 128B-swizzle layout: element (m, k) of k step kk at
+    # start + (k // 8) * SBO + (k % 8) * 128 + m * 2, swizzled (m < 64: one swizzle row)
+    for kk in range(4):
+        start = kk * 16 * 128
+        for k in range(16):
+            for m in range(64):
+                offset = start + (k // 8) * 1024 + (k % 8) * 128 + m * 2
+                swz = offset ^ (((offset >> 7) & 7) << 4)
+                assert tile[swz // 2] == (16 * kk + k) * 64 + m
