@@ -3,7 +3,7 @@
 Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant: ptxas
 reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products as
 HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
-reallocation, vectorised fp32 reductions for dQ and no local memory. Also the launch arguments
+reallocation, dQ staged by 8-byte stores and sent by bulk reductions, and no local memory. Also the launch arguments
 against the kernel's signature, the declared support, and a layout replay of the dS^T tile.
 """
 
@@ -19,7 +19,7 @@ import pytest
 hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
 
 from flash_cuda import hopper, nvrtc  # noqa: E402
-
+from flash_cuda.sources import read_kernel_file  # noqa: E402
 
 
 def _sass(cubin: bytes) -> str:
@@ -76,7 +76,8 @@ def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
         assert {f"64x{hopper_bwd.BLOCK_M}x16", f"64x{variant.head_dim}x16"} <= kinds, f"{variant.label()}: {kinds}"
         assert "UTMALDG.4D" in sass and "UBLKCP" in sass, f"{variant.label()}: TMA / bulk copies missing"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
-        assert "REDG.E.ADD.F32x2" in sass, f"{variant.label()}: dQ not reduced two floats at a time"
+        assert "UBLKRED.G.S.ADD.F32" in sass, f"{variant.label()}: dQ not sent by bulk reductions"
+        assert "STS.64" in sass, f"{variant.label()}: dQ not staged 8 bytes per store"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
 
 
@@ -94,7 +95,7 @@ def test_forward_wgmma_source_is_unchanged_by_the_transposed_method():
 
 
 def _kernel_parameters() -> list[str]:
-    text = open(os.path.join(os.path.dirname(hopper.__file__), "kernels", hopper_bwd.ENTRY_FILE)).read()
+    text = read_kernel_file(hopper_bwd.ENTRY_FILE)
     signature = text[text.index(hopper_bwd.KERNEL_NAME + "(") : text.index(") {", text.index(hopper_bwd.KERNEL_NAME))]
     return [p.strip() for p in signature.split("(", 1)[1].split(",")]
 
@@ -111,8 +112,8 @@ def test_launch_arguments_match_the_kernel_signature():
 def test_smem_bytes_match_the_shape():
     for variant in hopper_bwd.shipped_variants():
         d = variant.head_dim
-        kv, qt, ds, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 4
-        assert variant.smem_bytes == 2 * kv + 4 * qt + 2 * ds + 4 * rows + 8 * 5
+        kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * 5
 
 
 def test_problem_reasons():
@@ -181,3 +182,60 @@ def test_ds_tile_store_matches_the_m_major_operand_layout():
                 offset = start + (k // 8) * 1024 + (k % 8) * 128 + m * 2
                 swz = offset ^ (((offset >> 7) & 7) << 4)
                 assert tile[swz // 2] == (16 * kk + k) * 64 + m
+
+
+@pytest.mark.parametrize("head_dim", hopper_bwd.HEAD_DIMS)
+def test_dq_workspace_fragment_order_is_undone(head_dim):
+    """Replay the consumers' staging stores (float ((2 i + r) * 128 + t) * 2 + c of a slab tile holds the
+    accumulator element (i, r, c) of thread t) into the workspace, then dq_rows must give every row
+    and column back."""
+    import torch
+
+    batch, heads, s_pad = 2, 3, 128
+    slabs = head_dim // 64
+    truth = torch.arange(batch * heads * s_pad * head_dim, dtype=torch.float32).view(batch, heads, s_pad, head_dim)
+    work = torch.full((batch, heads, s_pad * head_dim), -1.0)
+    for block in range(s_pad // 64):
+        for slab in range(slabs):
+            tile = (block * slabs + slab) * 64 * 64
+            for t in range(128):
+                for i in range(8):
+                    for r in range(2):
+                        for c in range(2):
+                            row = 64 * block + 16 * (t // 32) + (t % 32) // 4 + 8 * r
+                            col = 64 * slab + 8 * i + 2 * (t % 4) + c
+                            work[:, :, tile + ((2 * i + r) * 128 + t) * 2 + c] = truth[:, :, row, col]
+    assert (work >= 0).all()
+    assert torch.equal(hopper_bwd.dq_rows(work, s_pad, head_dim), truth)
+
+
+@pytest.mark.parametrize("dtype", hopper_bwd.DTYPES)
+def test_row_passes_compile_without_spilling(dtype):
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    compiled = nvrtc.compile_cubin(hopper_bwd.row_source(), (*hopper_bwd.row_options(dtype), "-Xptxas=-v"))
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert set(report) == set(hopper_bwd.ROWS_KERNELS)
+    assert all(not r.spills and r.stack_frame == 0 for r in report.values()), report
+
+
+def test_dq_pass_index_arithmetic_matches_dq_rows():
+    """flash_bwd_dq's decomposition of a float pair's index (replayed here) lands where dq_rows puts it."""
+    import torch
+
+    batch, heads, s_pad, d = 2, 3, 128, 128
+    work = torch.arange(batch * heads * s_pad * d, dtype=torch.float32).view(batch, heads, -1)
+    rows = hopper_bwd.dq_rows(work, s_pad, d)
+    flat = work.view(-1)
+    slabs, blocks = d // 64, s_pad // 64
+    for f in range(0, flat.numel() // 2, 37):
+        tile, within = divmod(f, 2048)
+        ir, t = divmod(within, 128)
+        i, r = divmod(ir, 2)
+        tb, slab = divmod(tile, slabs)
+        bh, block = divmod(tb, blocks)
+        b, h = divmod(bh, heads)
+        row = block * 64 + 16 * (t // 32) + (t % 32) // 4 + 8 * r
+        col = slab * 64 + 8 * i + 2 * (t % 4)
+        assert rows[b, h, row, col] == flat[2 * f] and rows[b, h, row, col + 1] == flat[2 * f + 1]

@@ -70,6 +70,11 @@ def check_cases() -> list[Case]:
         Case("head dim 96 -> 128", d=96, sq=190, window=(-1, 0)),
         Case("layout bhsd gqa", layout="bhsd", hq=4, hkv=2, sq=190),
         Case("many blocks causal", b=2, sq=1024, hq=4, window=(-1, 0)),
+        Case("fp16 window (16, 16) d64", d=64, dtype="fp16", sq=300, window=(16, 16)),
+        Case("sq 1, sk 1000", sq=1, sk=1000),
+        Case("sq 1000, sk 1 causal", d=64, sq=1000, sk=1, window=(-1, 0)),
+        Case("many blocks gqa d64 full", d=64, b=2, sq=700, sk=900, hq=8, hkv=2),
+        Case("window left only (100, -1)", sq=500, window=(100, -1)),
     ]
 
 
@@ -188,6 +193,10 @@ def phase_compile(args) -> None:
     from flash_cuda import hopper_bwd
 
     torch.cuda.init()
+    for dtype in hopper_bwd.DTYPES:
+        t = time.time()
+        hopper_bwd.row_kernels(dtype, 0)
+        log(f"compiled the {dtype} row passes in {time.time() - t:.1f}s")
     for v in variants_of(check_cases()):
         t = time.time()
         hopper_bwd.kernel(v, 0)
@@ -217,12 +226,7 @@ def phase_check(args) -> None:
     log(f"checks: {passed}/{len(results)} passed")
 
 
-def phase_bench(args) -> None:
-    import torch
-    import triton
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import flash
+def register_backends() -> None:
     from flash.registry import REGISTRY
     from flash_cuda.backend import CudaBackend
     from flash_triton.backend import TritonBackend
@@ -233,6 +237,79 @@ def phase_bench(args) -> None:
             REGISTRY.register(backend)
         except Exception as error:  # already registered through an entry point
             log(f"register {backend.name}: {error}")
+
+
+def phase_conformance(args) -> None:
+    """flash.testing's GPU cases through flash.attention(backend="cuda"): the Hopper forward paired
+    with this backward by dispatch, gradients against the float64 oracle with the 2x-naive rule."""
+    from flash import dispatch
+    from flash.testing import check_backward, declared_reasons, gpu_cases
+    from flash.testing.conformance import make_inputs, spec_of
+
+    register_backends()
+    passed, failed, skipped = 0, [], []
+    for i, case in enumerate(gpu_cases()):
+        if not case.backward:
+            continue
+        reasons = declared_reasons("cuda", case, "cuda", "forward")
+        spec = spec_of(make_inputs(case, "cuda", seed=0))
+        chosen = dispatch.decide(spec, "backward", "cuda").chosen
+        if reasons or chosen != "cuda":
+            why = f" (forward: {'; '.join(reasons)})" if reasons else ""
+            skipped.append(f"{case.name}: backward by {chosen}{why}")
+            continue
+        try:
+            check_backward("cuda", case, "cuda", 1000 + i)
+            passed += 1
+        except Exception as error:
+            failed.append(f"{case.name}: {str(error)[:400]}")
+    for line in failed:
+        log("FAIL", line)
+    for line in skipped:
+        log("not this backward:", line)
+    log(f"conformance: {passed} passed, {len(failed)} failed, {len(skipped)} by another backward")
+    with open(os.path.join(OUT, "bwd_conformance.json"), "w") as fh:
+        json.dump({"passed": passed, "failed": failed, "skipped": skipped}, fh, indent=1)
+
+
+def breakdown(args) -> None:
+    """Time the backward's parts at d128 8k full: the rows pass, the workspace's zeroing, the whole."""
+    import torch
+    import triton
+
+    from flash_cuda import hopper, hopper_bwd
+
+    b, s, h, d = 2, 8192, 16, 128
+    mk = lambda: torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, k, v, do = mk(), mk(), mk(), mk()
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
+    scale = d**-0.5
+    hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, scale=scale)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    stream = torch.cuda.current_stream().cuda_stream
+    rows_fn, _ = hopper_bwd.row_kernels("bf16", 0)
+    whole = triton.testing.do_bench(
+        lambda: hopper_bwd.backward(q, k, v, out, lse, do, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale)
+    )
+    rows = triton.testing.do_bench(lambda: hopper_bwd._rows(rows_fn, out, do, lse, s, h, stream, 0))
+    zeros = triton.testing.do_bench(lambda: torch.zeros(b, h, s * d, device="cuda", dtype=torch.float32))
+    flops = 2.5 * 4 * b * h * s * s * d
+    log(
+        f"breakdown d128 8k full: whole {whole:.3f} ms ({flops / whole * 1e-9:.0f} TFLOP/s), rows pass {rows:.3f} ms, "
+        f"dQ workspace zeroing {zeros:.3f} ms, main kernel + dQ pass {whole - rows - zeros:.3f} ms"
+    )
+
+
+def phase_bench(args) -> None:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flash
+
+    register_backends()
+    breakdown(args)
     rows = []
     for d, seqlen, causal in args.bench_cases:
         b, h = 16384 // seqlen, 2048 // d
@@ -298,8 +375,8 @@ def phase_bench(args) -> None:
     log(json.dumps(meta))
 
 
-PHASES = {"compile": phase_compile, "check": phase_check, "bench": phase_bench}
-LIMITS = {"compile": 60, "check": 90, "bench": 80}
+PHASES = {"compile": phase_compile, "check": phase_check, "conformance": phase_conformance, "bench": phase_bench}
+LIMITS = {"compile": 60, "check": 90, "conformance": 90, "bench": 100}
 
 
 def parse_bench(text: str) -> list[tuple[int, int, bool]]:

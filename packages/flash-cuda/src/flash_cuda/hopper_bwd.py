@@ -3,9 +3,8 @@
 The kernel (``kernels/hopper_bwd.cuh``, design comment at its top) runs one thread block per (batch,
 KV head, 128 keys): K and V stay in shared memory, dK and dV in registers, Q, dO, LSE and delta
 stream through a TMA ring, the five products are wgmma; dQ goes to an fp32 workspace by vectorised
-global reductions. What runs on the host around it (torch ops, this first slice): the LSE in base 2
-and delta = rowsum(dO o O) into padded per-row buffers, and dQ = workspace * scale in the inputs'
-dtype.
+global reductions. Two memory-bound passes around it (``kernels/hopper_bwd_rows.cu``): the LSE in base 2 and delta =
+rowsum(dO o O) into padded per-row buffers before, dQ = workspace * scale in the inputs' dtype after.
 
 Kernel-level API (what the backend wires in): :func:`problem_reasons`, :func:`layout_reasons` and
 :func:`backward`. Like :mod:`flash_cuda.hopper` this imports neither flash-core nor CuPy at import.
@@ -24,6 +23,9 @@ from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_bwd_sm90"
 ENTRY_FILE = "hopper_bwd.cu"
+#: The passes around it (LSE_2 and delta before, dQ's conversion after), one module per 16-bit type.
+ROWS_FILE = "hopper_bwd_rows.cu"
+ROWS_KERNELS = ("flash_bwd_rows", "flash_bwd_dq")
 #: Compiled head dims; a problem's head dim rounds up (zero-filled columns). 192 and 256 would need
 #: dK and dV accumulators of 192-256 registers per thread with two consumer warpgroups of 64 keys.
 HEAD_DIMS = (64, 128)
@@ -68,10 +70,11 @@ class BwdVariant:
 
     @property
     def smem_bytes(self) -> int:
-        """Shape::SMEM_BYTES: K, V, the Q and dO rings, two dS^T tiles, LSE/delta rings, 5 mbarriers."""
+        """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
+        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 5 mbarriers."""
         d = self.head_dim
-        tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 2 * 64 * BLOCK_M)
-        return tiles + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES)
+        tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES)
 
     @property
     def launch_smem(self) -> int:
@@ -160,6 +163,36 @@ def kernel(variant: BwdVariant, device_index: int) -> int:
     return found[0]
 
 
+_row_kernels: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
+
+
+def row_source() -> str:
+    return inline_includes(ROWS_FILE)
+
+
+def row_options(dtype: str) -> tuple[str, ...]:
+    return (*hopper.BASE_OPTIONS, f"-arch={hopper.ARCH}", f"-DBWD_BF16={int(dtype == 'bf16')}")
+
+
+def row_kernels(dtype: str, device_index: int) -> tuple[int, int]:
+    """The CUfunctions (rows, dq) of the passes around the main kernel for a 16-bit type."""
+    key = (dtype, device_index)
+    found = _row_kernels.get(key)
+    if found is not None:
+        return found[0]
+    import cupy
+
+    with _lock:
+        found = _row_kernels.get(key)
+        if found is None:
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(code=row_source(), options=row_options(dtype), backend="nvrtc")
+                raws = [module.get_function(name) for name in ROWS_KERNELS]
+                functions = (int(raws[0].kernel.ptr), int(raws[1].kernel.ptr))
+            found = _row_kernels[key] = (functions, (module, raws))
+    return found[0]
+
+
 # ------------------------------------------------------------------ what it takes
 
 
@@ -224,17 +257,17 @@ def _tensor_map(t: Any, rows: int, variant: BwdVariant) -> Any:
     return hopper._encoded_map(t.data_ptr(), variant.dtype, dims, tuple(hopper._map_strides(t)), box, variant.swizzle)
 
 
-def row_buffers(out: Any, dout: Any, lse: Any, s_pad: int) -> tuple[Any, Any]:
-    """(LSE * log2(e), delta = rowsum(dO o O)) as float32 (batch, heads_q, s_pad): +inf and 0 past the
-    sequence and +inf where the LSE is -inf (rows that saw no key: P = 0)."""
-    import torch
-
-    b, sq, h, _ = out.shape
-    lse2 = torch.full((b, h, s_pad), math.inf, dtype=torch.float32, device=out.device)
-    lse2[:, :, :sq] = torch.where(torch.isneginf(lse), math.inf, lse.float() * LOG2E)
-    delta = torch.zeros((b, h, s_pad), dtype=torch.float32, device=out.device)
-    delta[:, :, :sq] = (out.float() * dout.float()).sum(-1).transpose(1, 2)
-    return lse2, delta
+def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
+    """The dQ workspace (batch, heads, s_pad * D) as (batch, heads, s_pad, D) rows. The kernel writes
+    it by 64 x 64 tiles (query block, head-dim slab), each in the accumulator's fragment order:
+    float ((2 i + r) * 128 + t) * 2 + c holds row 16 (t / 32) + (t % 32) / 4 + 8 r, column
+    8 i + 2 (t % 4) + c of the tile (thread t of the warpgroup, n8 tile i, row half r)."""
+    b, h = dq_acc.shape[:2]
+    blocks, slabs = s_pad // BLOCK_M, head_dim // (SWIZZLE // 2)
+    # (b, h, block, slab, i, r, warp, lane row, lane col, c)
+    t = dq_acc.view(b, h, blocks, slabs, 8, 2, 4, 8, 4, 2)
+    # rows: warp, r, lane row; columns: slab, i, lane col, c
+    return t.permute(0, 1, 2, 6, 5, 7, 3, 4, 8, 9).reshape(b, h, s_pad, head_dim)
 
 
 def backward(
@@ -270,10 +303,14 @@ def backward(
     seqlen_k = k.shape[1]
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
+    if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
+        out = out.contiguous()  # the rows pass reads 16 bytes at a time
     s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
-    lse2, delta = row_buffers(out, dout, lse, s_pad)
-    dq_acc = torch.zeros((batch, heads_q, s_pad, variant.head_dim), dtype=torch.float32, device=q.device)
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    rows_fn, dq_fn = row_kernels(dtype, device)
+    lse2, delta = _rows(rows_fn, out, dout, lse, s_pad, heads_q, stream, device)
+    dq_acc = torch.zeros((batch, heads_q, s_pad * variant.head_dim), dtype=torch.float32, device=q.device)
     function = kernel(variant, device)
     maps = (
         _tensor_map(q, BLOCK_M, variant),
@@ -303,10 +340,39 @@ def backward(
         f32(scale),
     ]
     grid = -(-seqlen_k // BLOCK_N) * heads_kv * batch
-    stream = torch.cuda.current_stream(q.device).cuda_stream
     with torch.cuda.device(device):
         tensor_map.launch(function, grid, THREADS, variant.launch_smem, stream, args)
-    dq.copy_((dq_acc[:, :, :seqlen_q, :head_dim] * scale).transpose(1, 2))
+        pairs = dq_acc.numel() // 2
+        dq_args: list[Any] = [
+            ptr(dq_acc.data_ptr()), ptr(dq.data_ptr()), *[i64(x) for x in dq.stride()[:3]], i32(heads_q),
+            i32(seqlen_q), i32(s_pad), i32(variant.head_dim), i32(head_dim), f32(scale), i64(pairs),
+        ]  # fmt: skip
+        tensor_map.launch(dq_fn, -(-pairs // 256), 256, 0, stream, dq_args)
+
+
+def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, stream: int, device: int) -> Any:
+    """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch)."""
+    import ctypes
+
+    import torch
+
+    from flash_cuda import tensor_map
+
+    b, sq, h, d = out.shape
+    for t in (out, dout):
+        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:3]), "16-byte rows"
+    lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=out.device)
+    delta = torch.empty_like(lse2)
+    rows = b * h * s_pad
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64
+    args = [
+        ptr(out.data_ptr()), ptr(dout.data_ptr()), ptr(lse.data_ptr()), ptr(lse2.data_ptr()), ptr(delta.data_ptr()),
+        *[i64(x) for x in out.stride()[:3]], *[i64(x) for x in dout.stride()[:3]], *[i64(x) for x in lse.stride()],
+        i32(heads), i32(sq), i32(s_pad), i32(d), i64(rows),
+    ]  # fmt: skip
+    with torch.cuda.device(device):
+        tensor_map.launch(function, -(-rows // 8), 256, 0, stream, args)
+    return lse2, delta
 
 
 _variant = functools.lru_cache(maxsize=64)(BwdVariant)

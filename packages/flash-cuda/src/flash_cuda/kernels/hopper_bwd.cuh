@@ -15,12 +15,18 @@
 //      dS^T = P^T o (dP^T - delta[query])
 //      dV  += P^T dO         (A = P^T from registers, B = dO N-major in shared memory)
 //      dK  += dS^T Q         (A = dS^T from registers, B = Q N-major)
-//      dQ  += dS K           (A = dS^T stored to shared memory and read M-major through the
-//                             descriptor's transpose bit, B = K N-major; one slab of head-dim
-//                             columns at a time) -> red.global.add.v2.f32 into an fp32 workspace.
+//      dQ   = dS K           (A = dS^T of both warpgroups, stored to shared memory and read M-major
+//                             through the descriptor's transpose bit, B = K N-major: all 128 keys,
+//                             so the two warpgroups' parts are summed before they leave the SM)
+//    dQ is split by 64-column slabs of the head dim: warpgroup w takes slab w (d128); with one slab
+//    (d64) the warpgroups take turns, step by step. Order per step: dV, (both dS^T stored) dQ, dK;
+//    dQ is staged and sent while dK runs. The slab's 64 x 64 fp32 tile goes to shared
+//    memory in the accumulator's fragment order (conflict-free 8-byte stores) and from there, by one
+//    16 KB bulk reduction (cp.reduce.async.bulk .add.f32), into a workspace laid out in the same
+//    order, which the host permutes back.
 //    The accumulator of S^T already has the register layout of the A operand of dV += P^T dO (as
 //    P in the forward's O += P V), so P^T and dS^T never cross lanes.
-// The host converts the dQ workspace (times scale) to the inputs' dtype and computes LSE_2 and delta
+// The host converts the dQ workspace (times scale, fragment order undone) to the inputs' dtype and computes LSE_2 and delta
 // before the launch (flash_cuda/hopper_bwd.py). dK is stored times scale.
 //
 // Rows past the query sequence get LSE_2 = +inf (P = 0) from the host's padded workspace, so only
@@ -38,6 +44,9 @@ using hopper::Acc;
 using hopper::Operand;
 using hopper::Ring;
 using hopper::SmemTile;
+
+// Named barriers (0 is __syncthreads): 1 + w for consumer warpgroup w alone, BOTH_BARRIER for both.
+constexpr int BOTH_BARRIER = 3;
 
 template <int D_, int INPUT_, int MASK_>
 struct Shape {
@@ -57,14 +66,18 @@ struct Shape {
   // the LSE_2 and delta rings, the mbarriers.
   static constexpr int KV_BYTES = BN * D * ELEM;
   static constexpr int Q_BYTES = BM * D * ELEM;
-  static constexpr int DS_BYTES = 64 * BM * ELEM;
+  static constexpr int DS_BYTES = 64 * BM * ELEM;  // one warpgroup's dS^T (64 keys x BM queries)
+  static constexpr int SLABS = D / SLAB;
+  static constexpr int DQ_TILE = BM * SLAB;  // floats of one dQ slab tile (16 KB)
   static constexpr int ROW_BYTES = BM * 4;
   static constexpr int K_OFFSET = 0;
   static constexpr int V_OFFSET = KV_BYTES;
   static constexpr int Q_OFFSET = 2 * KV_BYTES;
   static constexpr int DO_OFFSET = Q_OFFSET + STAGES * Q_BYTES;
   static constexpr int DS_OFFSET = DO_OFFSET + STAGES * Q_BYTES;
-  static constexpr int LSE_OFFSET = DS_OFFSET + CONSUMERS * DS_BYTES;
+  // dS^T tiles: two buffers (step parity) of both warpgroups', then one dQ staging tile per warpgroup
+  static constexpr int DQ_OFFSET = DS_OFFSET + 2 * CONSUMERS * DS_BYTES;
+  static constexpr int LSE_OFFSET = DQ_OFFSET + CONSUMERS * DQ_TILE * 4;
   static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
   static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
   static constexpr int BARRIERS = 1 + 2 * STAGES;
@@ -78,6 +91,7 @@ struct Shape {
   static_assert(SWIZZLE == 128, "head dims whose rows are whole 128-byte swizzle spans (64, 128, 192, 256)");
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim");
   static_assert(BM * ELEM == 128, "a dS^T row is one 128-byte swizzle span");
+  static_assert(SLABS <= CONSUMERS, "dQ: at most one 64-column slab per consumer warpgroup");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
   static_assert((CONSUMER_REGISTERS - ENTRY_REGISTERS) * CONSUMERS <= ENTRY_REGISTERS - PRODUCER_REGISTERS,
                 "the consumers take more registers than the producer frees");
@@ -87,7 +101,7 @@ struct Shape {
 struct Params {
   u16* dk;
   u16* dv;
-  float* dq_acc;       // (batch, heads_q, s_pad, D) fp32, zeroed by the host
+  float* dq_acc;       // (batch, heads_q, s_pad / BM, D / SLAB, BM * SLAB) fp32 in fragment order, zeroed
   const float* lse2;   // (batch, heads_q, s_pad): LSE * log2(e); +inf for rows without keys or past len_q
   const float* delta;  // (batch, heads_q, s_pad): rowsum(dO o O); 0 past len_q
   i64 dk_sb, dk_ss, dk_sh, dv_sb, dv_ss, dv_sh;
@@ -141,7 +155,10 @@ struct Smem {
   __device__ __forceinline__ SmemTile<S::BN, S> v() const { return {base + S::V_OFFSET}; }
   __device__ __forceinline__ SmemTile<S::BM, S> q(int st) const { return {base + S::Q_OFFSET + st * S::Q_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BM, S> dout(int st) const { return {base + S::DO_OFFSET + st * S::Q_BYTES}; }
-  __device__ __forceinline__ u32 ds(int wg) const { return base + S::DS_OFFSET + wg * S::DS_BYTES; }
+  __device__ __forceinline__ u32 ds(int buf, int wg) const {
+    return base + S::DS_OFFSET + (buf * S::CONSUMERS + wg) * S::DS_BYTES;
+  }
+  __device__ __forceinline__ u32 dq(int wg) const { return base + S::DQ_OFFSET + wg * S::DQ_TILE * 4; }
   __device__ __forceinline__ u32 lse(int st) const { return base + S::LSE_OFFSET + st * S::ROW_BYTES; }
   __device__ __forceinline__ u32 delta(int st) const { return base + S::DELTA_OFFSET + st * S::ROW_BYTES; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
@@ -173,20 +190,20 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
   hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
   Ring<S::STAGES> ring;
-  for (int g = 0; g < p.group; ++g) {
-    const int head = blk.kv_head * p.group + g;
+  const int blocks = blk.m_hi - blk.m_lo;
+  // one loop over (query head of the group, query block): fewer values live across the steps
+  for (int it = 0; it < p.group * blocks; ++it) {
+    const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
     const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
-    for (int m = blk.m_lo; m < blk.m_hi; ++m) {
-      const int m0 = m * S::BM;
-      mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
-      const u32 bar = sm.full(ring.stage);
-      mbarrier_arrive_expect(bar, S::STEP_BYTES);
-      hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, m0, blk.batch);
-      hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, m0, blk.batch);
-      bulk_load(sm.lse(ring.stage), p.lse2 + rows + m0, S::ROW_BYTES, bar);
-      bulk_load(sm.delta(ring.stage), p.delta + rows + m0, S::ROW_BYTES, bar);
-      ring.advance();
-    }
+    const int m0 = m * S::BM;
+    mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
+    const u32 bar = sm.full(ring.stage);
+    mbarrier_arrive_expect(bar, S::STEP_BYTES);
+    hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, m0, blk.batch);
+    hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, m0, blk.batch);
+    bulk_load(sm.lse(ring.stage), p.lse2 + rows + m0, S::ROW_BYTES, bar);
+    bulk_load(sm.delta(ring.stage), p.delta + rows + m0, S::ROW_BYTES, bar);
+    ring.advance();
   }
 }
 
@@ -255,7 +272,6 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   const int quad_col = 2 * (lane % 4);
   const bool warp_leader = lane == 0;
   const int key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
-  const u32 ds_tile = sm.ds(wg);
 
   Acc<S::D> dk, dv;
   hopper::fill(dk, 0.f);
@@ -266,117 +282,137 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   mbarrier_wait(sm.kv_full(), 0);
   const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
   Ring<S::STAGES> ring;
-  for (int g = 0; g < p.group; ++g) {
-    const int head = blk.kv_head * p.group + g;
+  const int blocks = blk.m_hi - blk.m_lo;
+  // one loop over (query head of the group, query block): fewer values live across the steps
+  for (int it = 0; it < p.group * blocks; ++it) {
+    const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
     const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
-    for (int m = blk.m_lo; m < blk.m_hi; ++m) {
-      const int m0 = m * S::BM;
-      const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
-      mbarrier_wait(sm.full(ring.stage), ring.phase);
-      // S^T = K Q^T and dP^T = V dO^T, two groups.
-      hopper::pin(s);
-      hopper::pin(dp);
+    const int m0 = m * S::BM;
+    const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
+    mbarrier_wait(sm.full(ring.stage), ring.phase);
+    // S^T = K Q^T and dP^T = V dO^T, two groups.
+    hopper::pin(s);
+    hopper::pin(dp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
+    wgmma_commit();
+    hopper::pin(s);
+    hopper::pin(dp);
+    wgmma_wait<1>();
+    hopper::pin(s);
+    // P^T, in place
+    if (blk.masked(p, m)) {
+      mask_transposed<S::MASK>(s, key, m0 + quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
+    }
+    const u32 lse_row = sm.lse(ring.stage), delta_row = sm.delta(ring.stage);
+#pragma unroll
+    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + quad_col + c));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
+      }
+    }
+    wgmma_wait<0>();
+    hopper::pin(dp);
+    // dS^T = P^T o (dP^T - delta), in place
+#pragma unroll
+    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + quad_col + c));
+#pragma unroll
+        for (int r = 0; r < 2; ++r) dp.at(i, r, c) = s.at(i, r, c) * (dp.at(i, r, c) - dl);
+      }
+    }
+    hopper::to_operand<BF16>(s, pm);
+    hopper::to_operand<BF16>(dp, dsm);
+    // dS^T to shared memory: row = key (64 rows of the warpgroup), 64 queries of 2 bytes per row.
+    // Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
+    const int buf = it & 1;  // the step's dS^T buffer (both warpgroups count steps alike)
+    const u32 ds_tile = sm.ds(buf, wg);
+#pragma unroll
+    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const u32 offset = (u32)(lane_row + 8 * r) * 128u + (u32)(8 * i + quad_col) * 2u;
+        st_shared_u32(ds_tile + swizzled<128>(offset), dsm.v[2 * i + r]);
+      }
+    }
+    // dV += P^T dO; then, once both warpgroups' dS^T are in shared memory, dQ = dS K (all 128 keys,
+    // this warpgroup's slab) and dK += dS^T Q: dQ is staged and sent while dK runs.
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < S::BM / 16; ++kk) {
+      Wgmma<S::D>::rs(dv.v, pm.v[4 * kk], pm.v[4 * kk + 1], pm.v[4 * kk + 2], pm.v[4 * kk + 3], dot.n_major(kk), 1);
+    }
+    wgmma_commit();
+    hopper::pin(dv);
+    fence_proxy_async();
+    named_barrier_sync(BOTH_BARRIER, 256);
+    // d128: slab wg; d64: the one slab, the warpgroups in turn step by step (warpgroup-uniform)
+    const bool has_dq = S::SLABS == 1 ? (it & 1) == wg : true;
+    const int slab = S::SLABS == 1 ? 0 : wg;
+    Acc<S::SLAB> dq;
+    if (has_dq) {
+      hopper::pin(dq);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
+      for (int kk = 0; kk < S::BN / 16; ++kk) {
+        const u64 a = smem_descriptor<128>(sm.ds(buf, kk / 4) + (kk % 4) * 16 * 128, S::DS_BYTES, 8 * 128);
+        Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 16 * kk, slab), kk > 0);
+      }
       wgmma_commit();
+      hopper::pin(dq);
+    }
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
-      wgmma_commit();
-      hopper::pin(s);
-      hopper::pin(dp);
+    for (int kk = 0; kk < S::BM / 16; ++kk) {
+      Wgmma<S::D>::rs(dk.v, dsm.v[4 * kk], dsm.v[4 * kk + 1], dsm.v[4 * kk + 2], dsm.v[4 * kk + 3], qt.n_major(kk),
+                      1);
+    }
+    wgmma_commit();
+    hopper::pin(dk);
+    if (has_dq) {
       wgmma_wait<1>();
-      hopper::pin(s);
-      // P^T, in place
-      if (blk.masked(p, m)) {
-        mask_transposed<S::MASK>(s, key, m0 + quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
-      }
-      const u32 lse_row = sm.lse(ring.stage), delta_row = sm.delta(ring.stage);
+      hopper::pin(dq);
+      // the staging tile's last bulk reduction has read it (issued by thread 0 of the warpgroup)
+      if (tid == 0) bulk_wait_read<0>();
+      named_barrier_sync(1 + wg, 128);
+      const u32 staging = sm.dq(wg);
 #pragma unroll
-      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + quad_col + c));
-#pragma unroll
-          for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
-        }
-      }
-      wgmma_wait<0>();
-      hopper::pin(dp);
-      // dS^T = P^T o (dP^T - delta), in place
-#pragma unroll
-      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + quad_col + c));
-#pragma unroll
-          for (int r = 0; r < 2; ++r) dp.at(i, r, c) = s.at(i, r, c) * (dp.at(i, r, c) - dl);
-        }
-      }
-      hopper::to_operand<BF16>(s, pm);
-      hopper::to_operand<BF16>(dp, dsm);
-      // dS^T to shared memory: row = key (64 rows of the warpgroup), 64 queries of 2 bytes per row.
-      // Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
-#pragma unroll
-      for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+      for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const u32 offset = (u32)(lane_row + 8 * r) * 128u + (u32)(8 * i + quad_col) * 2u;
-          st_shared_u32(ds_tile + swizzled<128>(offset), dsm.v[2 * i + r]);
+          st_shared_v2_f32(staging + (u32)(((2 * i + r) * 128 + tid) * 8), dq.at(i, r, 0), dq.at(i, r, 1));
         }
       }
-      // dV += P^T dO, dK += dS^T Q
-      hopper::pin(dv);
-      hopper::pin(dk);
-      hopper::pin(pm);
-      hopper::pin(dsm);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < S::BM / 16; ++kk) {
-        Wgmma<S::D>::rs(dv.v, pm.v[4 * kk], pm.v[4 * kk + 1], pm.v[4 * kk + 2], pm.v[4 * kk + 3], dot.n_major(kk), 1);
-      }
-#pragma unroll
-      for (int kk = 0; kk < S::BM / 16; ++kk) {
-        Wgmma<S::D>::rs(dk.v, dsm.v[4 * kk], dsm.v[4 * kk + 1], dsm.v[4 * kk + 2], dsm.v[4 * kk + 3], qt.n_major(kk),
-                        1);
-      }
-      wgmma_commit();
-      hopper::pin(dv);
-      hopper::pin(dk);
-      // dQ += dS K over the warpgroup's 64 keys, one slab of head-dim columns at a time.
       fence_proxy_async();
       named_barrier_sync(1 + wg, 128);
-#pragma unroll 1
-      for (int slab = 0; slab < S::D / S::SLAB; ++slab) {
-        Acc<S::SLAB> dq;
-        hopper::pin(dq);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          const u64 a = smem_descriptor<128>(ds_tile + kk * 16 * 128, S::DS_BYTES, 8 * 128);
-          Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 64 * wg + 16 * kk, slab), kk > 0);
-        }
-        wgmma_commit();
-        wgmma_wait<0>();
-        hopper::pin(dq);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int q = m0 + lane_row + 8 * r;
-          if (q >= p.seqlen_q) continue;
-          float* dst = p.dq_acc + ((rows + q) * S::D + slab * S::SLAB + quad_col);
-#pragma unroll
-          for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) red_add_v2(dst + 8 * i, dq.at(i, r, 0), dq.at(i, r, 1));
-        }
+      if (tid == 0) {
+        const u64 tile = (u64)(((rows / S::BM) + m) * S::SLABS + slab);  // the workspace's (block, slab) tile
+        bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
+        bulk_commit();
       }
-      wgmma_wait<0>();
-      hopper::pin(dv);
-      hopper::pin(dk);
-      hopper::pin(pm);
-      hopper::pin(dsm);
-      if (warp_leader) mbarrier_arrive(sm.empty(ring.stage));
-      ring.advance();
     }
+    wgmma_wait<0>();
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    if (warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ring.advance();
   }
+  if (tid == 0) bulk_wait<0>();  // the bulk reductions, before the block's shared memory goes
   // dK (times scale) and dV of the warpgroup's keys.
   const i64 kv_base = (i64)blk.batch;
   store_rows<S>(p.dk + kv_base * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, key, p.seqlen_k, p.head_dim, quad_col, dk,
