@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "hopper_bwd_out")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +52,7 @@ class Case:
     window: tuple[int, int] = (-1, -1)
     dtype: str = "bf16"
     layout: str = "bshd"  # or bhsd (heads outer: strided canonical views)
+    pipelined: bool | None = None  # the consumer structure (None: hopper_bwd.PIPELINED)
 
 
 def check_cases() -> list[Case]:
@@ -75,6 +76,19 @@ def check_cases() -> list[Case]:
         Case("sq 1000, sk 1 causal", d=64, sq=1000, sk=1, window=(-1, 0)),
         Case("many blocks gqa d64 full", d=64, b=2, sq=700, sk=900, hq=8, hkv=2),
         Case("window left only (100, -1)", sq=500, window=(100, -1)),
+        *[
+            replace(c, name=f"pipelined: {c.name}", pipelined=True)
+            for c in (
+                Case("full d64 odd", d=64, sq=200, sk=333, hq=3),
+                Case("causal d128", sq=333, window=(-1, 0)),
+                Case("gqa 8/2 d128", hq=8, hkv=2, sq=200, sk=300),
+                Case("mqa 6/1 causal d64", d=64, hq=6, hkv=1, sq=257, window=(-1, 0)),
+                Case("window (40, 7) d128", sq=400, sk=450, window=(40, 7)),
+                Case("many blocks causal", b=2, sq=1024, hq=4, window=(-1, 0)),
+                Case("many blocks gqa d64 full", d=64, b=2, sq=700, sk=900, hq=8, hkv=2),
+                Case("sq 1000, sk 1 causal", d=64, sq=1000, sk=1, window=(-1, 0)),
+            )
+        ],
     ]
 
 
@@ -83,7 +97,8 @@ def variants_of(cases: list[Case]) -> list:
 
     out = []
     for c in cases:
-        v = hopper_bwd.BwdVariant(hopper_bwd.compiled_head_dim(c.d), c.dtype, hopper.mask_kind(c.window))
+        pipelined = hopper_bwd.PIPELINED if c.pipelined is None else c.pipelined
+        v = hopper_bwd.BwdVariant(hopper_bwd.compiled_head_dim(c.d), c.dtype, hopper.mask_kind(c.window), pipelined)
         if v not in out:
             out.append(v)
     return out
@@ -166,7 +181,7 @@ def check_case(case: Case, seed: int) -> dict:
     dq, dk, dv = (view for _, view in bufs)
     hopper_bwd.backward(
         q, k, v, out, lse, do, dq, dk, dv, heads_q=case.hq, heads_kv=hkv, head_dim=case.d, window=case.window,
-        scale=scale,
+        scale=scale, pipelined=case.pipelined,
     )  # fmt: skip
     torch.cuda.synchronize()
     entry: dict = {"case": case.name, "seed": seed, "variant": variants_of([case])[0].label(), "ok": True}
@@ -272,33 +287,57 @@ def phase_conformance(args) -> None:
         json.dump({"passed": passed, "failed": failed, "skipped": skipped}, fh, indent=1)
 
 
-def breakdown(args) -> None:
-    """Time the backward's parts at d128 8k full: the rows pass, the workspace's zeroing, the whole."""
+def kernel_ab(args) -> list[dict]:
+    """The backward alone (rows pass, main kernel, dQ pass) through hopper_bwd.backward, both consumer
+    structures, per bench case; and at the first case the rows pass and the workspace zeroing alone."""
     import torch
     import triton
 
     from flash_cuda import hopper, hopper_bwd
 
-    b, s, h, d = 2, 8192, 16, 128
-    mk = lambda: torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    q, k, v, do = mk(), mk(), mk(), mk()
-    out = torch.empty_like(q)
-    lse = torch.empty(b, h, s, device="cuda", dtype=torch.float32)
-    scale = d**-0.5
-    hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, scale=scale)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    stream = torch.cuda.current_stream().cuda_stream
-    rows_fn, _ = hopper_bwd.row_kernels("bf16", 0)
-    whole = triton.testing.do_bench(
-        lambda: hopper_bwd.backward(q, k, v, out, lse, do, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale)
-    )
-    rows = triton.testing.do_bench(lambda: hopper_bwd._rows(rows_fn, out, do, lse, s, h, stream, 0))
-    zeros = triton.testing.do_bench(lambda: torch.zeros(b, h, s * d, device="cuda", dtype=torch.float32))
-    flops = 2.5 * 4 * b * h * s * s * d
-    log(
-        f"breakdown d128 8k full: whole {whole:.3f} ms ({flops / whole * 1e-9:.0f} TFLOP/s), rows pass {rows:.3f} ms, "
-        f"dQ workspace zeroing {zeros:.3f} ms, main kernel + dQ pass {whole - rows - zeros:.3f} ms"
-    )
+    out_rows = []
+    for n, (d, seqlen, causal) in enumerate(args.bench_cases):
+        b, h = 16384 // seqlen, 2048 // d
+        mk = lambda: torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+        q, k, v, do = mk(), mk(), mk(), mk()
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, seqlen, device="cuda", dtype=torch.float32)
+        scale = d**-0.5
+        window = (-1, 0) if causal else (-1, -1)
+        hopper.forward(
+            q, k, v, out, lse, seqlen_q=seqlen, seqlen_k=seqlen, heads_q=h, heads_kv=h, head_dim=d, scale=scale,
+            window=window,
+        )  # fmt: skip
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flops = 2.5 * 4 * b * h * seqlen * seqlen * d / (2 if causal else 1)
+        row: dict = {"d": d, "seqlen": seqlen, "causal": causal}
+        for pipelined in (False, True):
+
+            def run(pipelined=pipelined):
+                hopper_bwd.backward(
+                    q, k, v, out, lse, do, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale,
+                    window=window, pipelined=pipelined,
+                )  # fmt: skip
+
+            ms = triton.testing.do_bench(run)
+            row["pipelined" if pipelined else "step_synchronous"] = {"ms": ms, "tflops": flops / ms * 1e-9}
+        if n == 0:
+            stream = torch.cuda.current_stream().cuda_stream
+            rows_fn, _ = hopper_bwd.row_kernels("bf16", 0)
+            row["rows_pass_ms"] = triton.testing.do_bench(
+                lambda: hopper_bwd._rows(rows_fn, out, do, lse, seqlen, h, stream, 0)
+            )
+            row["zeros_ms"] = triton.testing.do_bench(
+                lambda: torch.zeros(b, h, seqlen * d, device="cuda", dtype=torch.float32)
+            )
+        out_rows.append(row)
+        log(
+            f"kernel d{d} s{seqlen} {'causal' if causal else 'full'}: step-synchronous "
+            f"{row['step_synchronous']['tflops']:.0f} TFLOP/s, pipelined {row['pipelined']['tflops']:.0f}"
+            + (f"; rows pass {row['rows_pass_ms']:.3f} ms, zeroing {row['zeros_ms']:.3f} ms of "
+               f"{row['step_synchronous']['ms']:.3f}" if n == 0 else "")
+        )  # fmt: skip
+    return out_rows
 
 
 def phase_bench(args) -> None:
@@ -309,7 +348,7 @@ def phase_bench(args) -> None:
     import flash
 
     register_backends()
-    breakdown(args)
+    ab = kernel_ab(args)
     rows = []
     for d, seqlen, causal in args.bench_cases:
         b, h = 16384 // seqlen, 2048 // d
@@ -371,7 +410,7 @@ def phase_bench(args) -> None:
     except ImportError:
         pass
     with open(os.path.join(OUT, "bwd_bench.json"), "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+        json.dump({"meta": meta, "rows": rows, "kernel_ab": ab}, fh, indent=1)
     log(json.dumps(meta))
 
 

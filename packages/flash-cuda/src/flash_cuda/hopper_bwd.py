@@ -38,6 +38,8 @@ THREADS = 384
 SWIZZLE = 128
 LOG2E = hopper.LOG2E
 MAX_GRID = 2**31 - 1
+#: The consumer structure the backend launches (BwdVariant.pipelined).
+PIPELINED = False
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class BwdVariant:
     head_dim: int  # compiled (HEAD_DIMS)
     dtype: str  # "fp16" or "bf16"
     mask: int  # hopper.MASK_NONE, MASK_RIGHT (causal) or MASK_BOTH (window)
+    pipelined: bool = False  # consume_pipelined (dQ one step behind, no per-step barrier), else consume
 
     def __post_init__(self) -> None:
         problems = []
@@ -74,7 +77,7 @@ class BwdVariant:
         fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 5 mbarriers."""
         d = self.head_dim
         tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
-        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES)
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES + 4)
 
     @property
     def launch_smem(self) -> int:
@@ -85,6 +88,7 @@ class BwdVariant:
             "HOPPER_BWD_D": self.head_dim,
             "HOPPER_BWD_INPUT": hopper.INPUTS.index(self.dtype),
             "HOPPER_BWD_MASK": self.mask,
+            "HOPPER_BWD_PIPELINED": int(self.pipelined),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -93,7 +97,8 @@ class BwdVariant:
         return (*hopper.BASE_OPTIONS, f"-arch={hopper.ARCH}", *self.defines())
 
     def label(self) -> str:
-        return f"bwd {self.dtype} d{self.head_dim} {hopper.MASK_NAMES[self.mask]} {BLOCK_N}x{BLOCK_M}"
+        pipe = " pipelined" if self.pipelined else ""
+        return f"bwd {self.dtype} d{self.head_dim} {hopper.MASK_NAMES[self.mask]} {BLOCK_N}x{BLOCK_M}{pipe}"
 
 
 def compiled_head_dim(head_dim: int) -> int:
@@ -104,7 +109,14 @@ def compiled_head_dim(head_dim: int) -> int:
 
 
 def shipped_variants() -> list[BwdVariant]:
-    return [BwdVariant(d, dtype, mask) for d in HEAD_DIMS for dtype in DTYPES for mask in sorted(hopper.MASK_NAMES)]
+    """Every variant: both consumer structures (the default is PIPELINED; the other stays for A/B)."""
+    return [
+        BwdVariant(d, dtype, mask, pipelined)
+        for d in HEAD_DIMS
+        for dtype in DTYPES
+        for mask in sorted(hopper.MASK_NAMES)
+        for pipelined in (False, True)
+    ]
 
 
 # ------------------------------------------------------------------ source
@@ -286,8 +298,10 @@ def backward(
     head_dim: int,
     window: tuple[int, int] = (-1, -1),
     scale: float,
+    pipelined: bool | None = None,
 ) -> None:
-    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream. Tensors: canonical ``(batch, seqlen,
+    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
+    None: :data:`PIPELINED`). Tensors: canonical ``(batch, seqlen,
     heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
     heads_q, seqlen_q), natural log (any backend's forward)."""
     import ctypes
@@ -298,7 +312,8 @@ def backward(
 
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
-    variant = _variant(compiled_head_dim(head_dim), dtype, hopper.mask_kind(window))
+    pipelined = PIPELINED if pipelined is None else pipelined
+    variant = _variant(compiled_head_dim(head_dim), dtype, hopper.mask_kind(window), pipelined)
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):

@@ -8,7 +8,8 @@
 #error "hopper_bwd.cu is compiled through flash_cuda.hopper_bwd, which defines HOPPER_BWD_D and friends"
 #endif
 
-using BwdShape = flash_cuda::hopper_bwd::Shape<HOPPER_BWD_D, HOPPER_BWD_INPUT, HOPPER_BWD_MASK>;
+using BwdShape =
+    flash_cuda::hopper_bwd::Shape<HOPPER_BWD_D, HOPPER_BWD_INPUT, HOPPER_BWD_MASK, (HOPPER_BWD_PIPELINED != 0)>;
 static_assert(BwdShape::SMEM_BYTES == HOPPER_BWD_SMEM_BYTES, "flash_cuda/hopper_bwd.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(BwdShape::THREADS, 1)

@@ -48,8 +48,9 @@ using hopper::SmemTile;
 // Named barriers (0 is __syncthreads): 1 + w for consumer warpgroup w alone, BOTH_BARRIER for both.
 constexpr int BOTH_BARRIER = 3;
 
-template <int D_, int INPUT_, int MASK_>
+template <int D_, int INPUT_, int MASK_, bool PIPELINED_>
 struct Shape {
+  static constexpr bool PIPELINED = PIPELINED_;  // consume_pipelined, else consume
   static constexpr int D = D_;
   static constexpr int INPUT = INPUT_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
@@ -80,7 +81,7 @@ struct Shape {
   static constexpr int LSE_OFFSET = DQ_OFFSET + CONSUMERS * DQ_TILE * 4;
   static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
   static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
-  static constexpr int BARRIERS = 1 + 2 * STAGES;
+  static constexpr int BARRIERS = 1 + 2 * STAGES + 4;  // kv_full, full/empty per stage, ds_full/ds_empty x 2
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
   static constexpr int PRODUCER_REGISTERS = 24;
   static constexpr int CONSUMER_REGISTERS = 240;
@@ -165,6 +166,8 @@ struct Smem {
   __device__ __forceinline__ u32 kv_full() const { return barrier(0); }
   __device__ __forceinline__ u32 full(int st) const { return barrier(1 + st); }
   __device__ __forceinline__ u32 empty(int st) const { return barrier(1 + S::STAGES + st); }
+  __device__ __forceinline__ u32 ds_full(int buf) const { return barrier(1 + 2 * S::STAGES + buf); }
+  __device__ __forceinline__ u32 ds_empty(int buf) const { return barrier(3 + 2 * S::STAGES + buf); }
 
   __device__ void init() const {
     mbarrier_init(kv_full(), 1);
@@ -172,6 +175,11 @@ struct Smem {
     for (int st = 0; st < S::STAGES; ++st) {
       mbarrier_init(full(st), 1);
       mbarrier_init(empty(st), 4 * S::CONSUMERS);
+    }
+#pragma unroll
+    for (int buf = 0; buf < 2; ++buf) {
+      mbarrier_init(ds_full(buf), 4 * S::CONSUMERS);               // every consumer warp stored its dS^T
+      mbarrier_init(ds_empty(buf), 4 * (S::SLABS == 1 ? 1 : 2));  // the warps of the dQ products done
     }
     fence_barrier_init();
   }
@@ -263,16 +271,172 @@ __device__ __forceinline__ void store_rows(u16* base, i64 ss, int key, int len_k
   }
 }
 
+// What a consumer thread keeps about itself.
+template <class S>
+struct Lane {
+  int wg, tid, lane_row, quad_col, key;
+  bool warp_leader;
+  __device__ __forceinline__ Lane(const Block<S>& blk, int wg_) : wg(wg_) {
+    tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32;
+    lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64 keys
+    quad_col = 2 * (lane % 4);
+    warp_leader = lane == 0;
+    key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
+  }
+};
+
+// The step `it` of the (query head, query block) walk.
+template <class S>
+struct Step {
+  int m;
+  i64 rows;  // (batch * heads_q + head) * s_pad: the head's first row in the per-row buffers
+  __device__ __forceinline__ Step(const Params& p, const Block<S>& blk, int it, int blocks) {
+    const int head = blk.kv_head * p.group + it / blocks;
+    m = blk.m_lo + it % blocks;
+    rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+  }
+  // The workspace's 64 x 64 dQ tile of (this query block, head-dim slab).
+  __device__ __forceinline__ u64 dq_tile(int slab) const { return (u64)((rows / S::BM + m) * S::SLABS + slab); }
+};
+
+// Issue S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys, two groups.
+template <class S>
+__device__ __forceinline__ void issue_s_dp(Acc<S::BM>& s, Acc<S::BM>& dp, const SmemTile<S::BN, S>& kt,
+                                           const SmemTile<S::BN, S>& vt, const SmemTile<S::BM, S>& qt,
+                                           const SmemTile<S::BM, S>& dot, int wg) {
+  hopper::pin(s);
+  hopper::pin(dp);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
+  wgmma_commit();
+  hopper::pin(s);
+  hopper::pin(dp);
+}
+
+// P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first).
+template <class S>
+__device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
+                                            Acc<S::BM>& s) {
+  if (blk.masked(p, m)) {
+    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
+  }
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + ln.quad_col + c));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
+    }
+  }
+}
+
+// dS^T = P^T o (dP^T - delta), in place of dP^T.
+template <class S>
+__device__ __forceinline__ void dp_to_ds(const Lane<S>& ln, u32 delta_row, const Acc<S::BM>& pt, Acc<S::BM>& dp) {
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + ln.quad_col + c));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) dp.at(i, r, c) = pt.v[4 * i + 2 * r + c] * (dp.at(i, r, c) - dl);
+    }
+  }
+}
+
+// dS^T to the warpgroup's tile: row = key (64 rows), 64 queries of 2 bytes per row (128-byte
+// swizzle). Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
+template <class S>
+__device__ __forceinline__ void store_ds(const Lane<S>& ln, u32 tile, const Operand<S::BM, 2>& dsm) {
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const u32 offset = (u32)(ln.lane_row + 8 * r) * 128u + (u32)(8 * i + ln.quad_col) * 2u;
+      st_shared_u32(tile + swizzled<128>(offset), dsm.v[2 * i + r]);
+    }
+  }
+}
+
+// D (+)= A B with A from registers (P^T or dS^T) and B = a (BM x D) tile read N-major (dO or Q).
+template <class S>
+__device__ __forceinline__ void issue_rs(Acc<S::D>& acc, const Operand<S::BM, 2>& a, const SmemTile<S::BM, S>& b) {
+#pragma unroll
+  for (int kk = 0; kk < S::BM / 16; ++kk) {
+    Wgmma<S::D>::rs(acc.v, a.v[4 * kk], a.v[4 * kk + 1], a.v[4 * kk + 2], a.v[4 * kk + 3], b.n_major(kk), 1);
+  }
+}
+
+// Issue dQ = dS K for one slab: A = both warpgroups' dS^T of buffer `buf` read M-major, B = all
+// 128 keys of K read N-major.
+template <class S>
+__device__ __forceinline__ void issue_dq(Acc<S::SLAB>& dq, const Smem<S>& sm, int buf, const SmemTile<S::BN, S>& kt,
+                                         int slab) {
+  hopper::pin(dq);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < S::BN / 16; ++kk) {
+    const u64 a = smem_descriptor<128>(sm.ds(buf, kk / 4) + (kk % 4) * 16 * 128, S::DS_BYTES, 8 * 128);
+    Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 16 * kk, slab), kk > 0);
+  }
+  wgmma_commit();
+  hopper::pin(dq);
+}
+
+// A completed dQ slab to the workspace: staged in the fragment order (thread 0 of the warpgroup
+// first waits until its last bulk reduction has read the staging tile), then one bulk reduction.
+template <class S>
+__device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, const Lane<S>& ln, Acc<S::SLAB>& dq,
+                                        u64 tile) {
+  if (ln.tid == 0) bulk_wait_read<0>();
+  named_barrier_sync(1 + ln.wg, 128);
+  const u32 staging = sm.dq(ln.wg);
+#pragma unroll
+  for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      st_shared_v2_f32(staging + (u32)(((2 * i + r) * 128 + ln.tid) * 8), dq.at(i, r, 0), dq.at(i, r, 1));
+    }
+  }
+  fence_proxy_async();
+  named_barrier_sync(1 + ln.wg, 128);
+  if (ln.tid == 0) {
+    bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
+    bulk_commit();
+  }
+}
+
+// dK (times scale) and dV of the warpgroup's keys, after the last bulk reduction is done.
+template <class S>
+__device__ __forceinline__ void finish(const Params& p, const Block<S>& blk, const Lane<S>& ln, Acc<S::D>& dk,
+                                       Acc<S::D>& dv) {
+  if (ln.tid == 0) bulk_wait<0>();  // the bulk reductions, before the block's shared memory goes
+  store_rows<S>(p.dk + (i64)blk.batch * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, ln.key, p.seqlen_k, p.head_dim,
+                ln.quad_col, dk, p.scale);
+  store_rows<S>(p.dv + (i64)blk.batch * p.dv_sb + blk.kv_head * p.dv_sh, p.dv_ss, ln.key, p.seqlen_k, p.head_dim,
+                ln.quad_col, dv, 1.f);
+}
+
+// Which slab of dQ the warpgroup computes at step `it`, if any: d128 slab wg every step; d64 the
+// one slab, the warpgroups in turn (warpgroup-uniform).
+template <class S>
+__device__ __forceinline__ bool dq_turn(int it, int wg) {
+  return S::SLABS == 1 ? (it & 1) == wg : true;
+}
+
+// The step-synchronous consumer: per step S^T and dP^T, P^T and dS^T, dV; then (both warpgroups'
+// dS^T stored: a barrier) dQ of this step and dK, dQ staged and sent while dK runs.
 template <class S>
 __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk, int wg) {
   constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
-  const int tid = threadIdx.x % 128;
-  const int warp = tid / 32, lane = tid % 32;
-  const int lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64 keys
-  const int quad_col = 2 * (lane % 4);
-  const bool warp_leader = lane == 0;
-  const int key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
-
+  const Lane<S> ln(blk, wg);
+  const int slab = S::SLABS == 1 ? 0 : wg;
   Acc<S::D> dk, dv;
   hopper::fill(dk, 0.f);
   hopper::fill(dv, 0.f);
@@ -285,140 +449,137 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   const int blocks = blk.m_hi - blk.m_lo;
   // one loop over (query head of the group, query block): fewer values live across the steps
   for (int it = 0; it < p.group * blocks; ++it) {
-    const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
-    const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
-    const int m0 = m * S::BM;
+    const Step<S> st(p, blk, it, blocks);
     const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
     mbarrier_wait(sm.full(ring.stage), ring.phase);
-    // S^T = K Q^T and dP^T = V dO^T, two groups.
-    hopper::pin(s);
-    hopper::pin(dp);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
-    wgmma_commit();
-    hopper::pin(s);
-    hopper::pin(dp);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, wg);
     wgmma_wait<1>();
     hopper::pin(s);
-    // P^T, in place
-    if (blk.masked(p, m)) {
-      mask_transposed<S::MASK>(s, key, m0 + quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
-    }
-    const u32 lse_row = sm.lse(ring.stage), delta_row = sm.delta(ring.stage);
-#pragma unroll
-    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + quad_col + c));
-#pragma unroll
-        for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
-      }
-    }
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
     wgmma_wait<0>();
     hopper::pin(dp);
-    // dS^T = P^T o (dP^T - delta), in place
-#pragma unroll
-    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + quad_col + c));
-#pragma unroll
-        for (int r = 0; r < 2; ++r) dp.at(i, r, c) = s.at(i, r, c) * (dp.at(i, r, c) - dl);
-      }
-    }
+    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
     hopper::to_operand<BF16>(s, pm);
     hopper::to_operand<BF16>(dp, dsm);
-    // dS^T to shared memory: row = key (64 rows of the warpgroup), 64 queries of 2 bytes per row.
-    // Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
     const int buf = it & 1;  // the step's dS^T buffer (both warpgroups count steps alike)
-    const u32 ds_tile = sm.ds(buf, wg);
-#pragma unroll
-    for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const u32 offset = (u32)(lane_row + 8 * r) * 128u + (u32)(8 * i + quad_col) * 2u;
-        st_shared_u32(ds_tile + swizzled<128>(offset), dsm.v[2 * i + r]);
-      }
-    }
-    // dV += P^T dO; then, once both warpgroups' dS^T are in shared memory, dQ = dS K (all 128 keys,
-    // this warpgroup's slab) and dK += dS^T Q: dQ is staged and sent while dK runs.
+    store_ds<S>(ln, sm.ds(buf, wg), dsm);
     hopper::pin(dv);
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < S::BM / 16; ++kk) {
-      Wgmma<S::D>::rs(dv.v, pm.v[4 * kk], pm.v[4 * kk + 1], pm.v[4 * kk + 2], pm.v[4 * kk + 3], dot.n_major(kk), 1);
-    }
+    issue_rs<S>(dv, pm, dot);
     wgmma_commit();
     hopper::pin(dv);
     fence_proxy_async();
     named_barrier_sync(BOTH_BARRIER, 256);
-    // d128: slab wg; d64: the one slab, the warpgroups in turn step by step (warpgroup-uniform)
-    const bool has_dq = S::SLABS == 1 ? (it & 1) == wg : true;
-    const int slab = S::SLABS == 1 ? 0 : wg;
+    const bool has_dq = dq_turn<S>(it, wg);
     Acc<S::SLAB> dq;
-    if (has_dq) {
-      hopper::pin(dq);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < S::BN / 16; ++kk) {
-        const u64 a = smem_descriptor<128>(sm.ds(buf, kk / 4) + (kk % 4) * 16 * 128, S::DS_BYTES, 8 * 128);
-        Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 16 * kk, slab), kk > 0);
-      }
-      wgmma_commit();
-      hopper::pin(dq);
-    }
+    if (has_dq) issue_dq<S>(dq, sm, buf, kt, slab);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < S::BM / 16; ++kk) {
-      Wgmma<S::D>::rs(dk.v, dsm.v[4 * kk], dsm.v[4 * kk + 1], dsm.v[4 * kk + 2], dsm.v[4 * kk + 3], qt.n_major(kk),
-                      1);
-    }
+    issue_rs<S>(dk, dsm, qt);
     wgmma_commit();
     hopper::pin(dk);
     if (has_dq) {
       wgmma_wait<1>();
       hopper::pin(dq);
-      // the staging tile's last bulk reduction has read it (issued by thread 0 of the warpgroup)
-      if (tid == 0) bulk_wait_read<0>();
-      named_barrier_sync(1 + wg, 128);
-      const u32 staging = sm.dq(wg);
-#pragma unroll
-      for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          st_shared_v2_f32(staging + (u32)(((2 * i + r) * 128 + tid) * 8), dq.at(i, r, 0), dq.at(i, r, 1));
-        }
-      }
-      fence_proxy_async();
-      named_barrier_sync(1 + wg, 128);
-      if (tid == 0) {
-        const u64 tile = (u64)(((rows / S::BM) + m) * S::SLABS + slab);  // the workspace's (block, slab) tile
-        bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
-        bulk_commit();
-      }
+      send_dq<S>(p, sm, ln, dq, st.dq_tile(slab));
     }
     wgmma_wait<0>();
     hopper::pin(dv);
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
-    if (warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
     ring.advance();
   }
-  if (tid == 0) bulk_wait<0>();  // the bulk reductions, before the block's shared memory goes
-  // dK (times scale) and dV of the warpgroup's keys.
-  const i64 kv_base = (i64)blk.batch;
-  store_rows<S>(p.dk + kv_base * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, key, p.seqlen_k, p.head_dim, quad_col, dk,
-                p.scale);
-  store_rows<S>(p.dv + kv_base * p.dv_sb + blk.kv_head * p.dv_sh, p.dv_ss, key, p.seqlen_k, p.head_dim, quad_col, dv,
-                1.f);
+  finish<S>(p, blk, ln, dk, dv);
+}
+
+// The pipelined consumer: dQ of step it - 1 runs between dV and dK of step it and is sent while dK
+// runs, so a warpgroup needs the other's dS^T of a step only one step later: the warpgroups meet
+// through the dS^T buffers' mbarriers (ds_full: both warpgroups stored theirs; ds_empty: the dQ
+// products that read it are done) instead of a barrier per step, and drift up to a step apart
+// (one's exponentials under the other's products).
+template <class S>
+__device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Block<S>& blk, int wg) {
+  constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
+  const Lane<S> ln(blk, wg);
+  const int slab = S::SLABS == 1 ? 0 : wg;
+  Acc<S::D> dk, dv;
+  hopper::fill(dk, 0.f);
+  hopper::fill(dv, 0.f);
+  Acc<S::BM> s, dp;
+  Operand<S::BM, 2> pm, dsm;
+
+  mbarrier_wait(sm.kv_full(), 0);
+  const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
+  Ring<S::STAGES> ring;
+  const int blocks = blk.m_hi - blk.m_lo;
+  const int steps = p.group * blocks;
+  for (int it = 0; it < steps; ++it) {
+    const Step<S> st(p, blk, it, blocks);
+    const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
+    mbarrier_wait(sm.full(ring.stage), ring.phase);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, wg);
+    wgmma_wait<1>();
+    hopper::pin(s);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
+    wgmma_wait<0>();
+    hopper::pin(dp);
+    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    hopper::to_operand<BF16>(s, pm);
+    hopper::to_operand<BF16>(dp, dsm);
+    const int buf = it & 1;
+    if (it >= 2) mbarrier_wait(sm.ds_empty(buf), ((it >> 1) - 1) & 1);  // dQ of step it - 2 read it
+    store_ds<S>(ln, sm.ds(buf, wg), dsm);
+    fence_proxy_async();
+    __syncwarp();
+    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(buf));
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    wgmma_fence();
+    issue_rs<S>(dv, pm, dot);
+    wgmma_commit();
+    hopper::pin(dv);
+    // dQ of the previous step (both warpgroups' dS^T of it stored long since)
+    const bool prev_dq = it > 0 && dq_turn<S>(it - 1, wg);
+    Acc<S::SLAB> dq;
+    if (prev_dq) {
+      const int t = it - 1;
+      mbarrier_wait(sm.ds_full(t & 1), (t >> 1) & 1);
+      issue_dq<S>(dq, sm, t & 1, kt, slab);
+    }
+    wgmma_fence();
+    issue_rs<S>(dk, dsm, qt);
+    wgmma_commit();
+    hopper::pin(dk);
+    if (prev_dq) {
+      wgmma_wait<1>();
+      hopper::pin(dq);
+      if (ln.warp_leader) mbarrier_arrive(sm.ds_empty((it - 1) & 1));
+      send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, it - 1, blocks).dq_tile(slab));
+    }
+    wgmma_wait<0>();
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ring.advance();
+  }
+  if (steps > 0 && dq_turn<S>(steps - 1, wg)) {
+    const int t = steps - 1;
+    Acc<S::SLAB> dq;
+    mbarrier_wait(sm.ds_full(t & 1), (t >> 1) & 1);
+    issue_dq<S>(dq, sm, t & 1, kt, slab);
+    wgmma_wait<0>();
+    hopper::pin(dq);
+    send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, t, blocks).dq_tile(slab));
+  }
+  finish<S>(p, blk, ln, dk, dv);
 }
 
 template <class S>
@@ -436,7 +597,11 @@ __device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map
     if (threadIdx.x == 0) produce<S>(p, sm, blk, q_map, k_map, v_map, do_map);
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
-    consume<S>(p, sm, blk, wg - 1);
+    if constexpr (S::PIPELINED) {
+      consume_pipelined<S>(p, sm, blk, wg - 1);
+    } else {
+      consume<S>(p, sm, blk, wg - 1);
+    }
   }
 }
 
