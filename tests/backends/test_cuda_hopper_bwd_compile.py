@@ -42,15 +42,15 @@ def _sass(cubin: bytes) -> str:
         return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
 
 
-def _compile(variant: hopper_bwd.BwdVariant) -> tuple[nvrtc.Resources, bytes]:
+def _compile(variant: hopper_bwd.BwdVariant) -> tuple[nvrtc.Resources, bytes, str]:
     compiled = nvrtc.compile_cubin(hopper_bwd.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
     report = nvrtc.parse_ptxas(compiled.log)
     assert hopper_bwd.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
-    return report[hopper_bwd.KERNEL_NAME], compiled.cubin
+    return report[hopper_bwd.KERNEL_NAME], compiled.cubin, compiled.log
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes]]:
+def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes, str]]:
     reason = nvrtc.unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -59,16 +59,21 @@ def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes]]:
         return dict(zip(variants, pool.map(_compile, variants)))
 
 
-def test_every_variant_compiles_without_spilling(compiled):
-    assert len(compiled) == len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.DTYPES) * len(hopper.MASK_NAMES)
-    for variant, (res, _) in compiled.items():
+def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
+    structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
+    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper.MASK_NAMES)
+    for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
         assert variant.launch_smem <= hopper.MAX_SMEM
+        # C7514: a wgmma issued under a run-time condition in the loop serialises every wgmma (walk())
+        assert "C7514" not in log and "serialized" not in log, f"{variant.label()}: wgmma serialised\n{log}"
+    for d in hopper_bwd.HEAD_DIMS:
+        assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d]) in compiled
 
 
 def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
-    for variant, (_, cubin) in compiled.items():
+    for variant, (_, cubin, _) in compiled.items():
         sass = _sass(cubin)
         found = re.findall(r"HGMMA\.(64x\d+x16)\.F32(\.BF16)?\b", sass)
         assert all((ty == ".BF16") == (variant.dtype == "bf16") for _, ty in found), f"{variant.label()}: input type"
@@ -113,7 +118,7 @@ def test_smem_bytes_match_the_shape():
     for variant in hopper_bwd.shipped_variants():
         d = variant.head_dim
         kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
-        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * 5
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * 9  # 9 mbarriers
 
 
 def test_problem_reasons():
@@ -239,3 +244,48 @@ def test_dq_pass_index_arithmetic_matches_dq_rows():
         row = block * 64 + 16 * (t // 32) + (t % 32) // 4 + 8 * r
         col = slab * 64 + 8 * i + 2 * (t % 4)
         assert rows[b, h, row, col] == flat[2 * f] and rows[b, h, row, col + 1] == flat[2 * f + 1]
+
+
+def test_the_pipelined_consumer_is_refused_where_it_spills():
+    with pytest.raises(ValueError, match="spills"):
+        hopper_bwd.BwdVariant(128, "bf16", 0, True)
+
+
+def _walk(steps: int, slabs: int, wg: int, lag: int) -> list[tuple[int, bool]]:
+    """Replay of walk() in hopper_bwd.cuh: (step, computes a dQ) in order."""
+    out = []
+    if slabs == 2:
+        return [(it, True) for it in range(steps)]
+    it = 0
+    while it + 1 < steps:
+        out += [(it, wg == lag), (it + 1, wg != lag)]
+        it += 2
+    if it < steps:
+        out.append((it, wg == lag))
+    return out
+
+
+def _turn(t: int, slabs: int, wg: int) -> bool:
+    return (t & 1) == wg if slabs == 1 else True  # dq_turn (t & 1 of -1 is 1)
+
+
+@pytest.mark.parametrize("slabs", [1, 2])
+@pytest.mark.parametrize("lag", [0, 1])
+def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
+    """Each step t's dQ slab is computed exactly once (d64: by one warpgroup, in turn; d128: by both,
+    one slab each), by step t (lag 0) or by step t + 1 and the pipelined tail (lag 1), and the
+    compile-time flags equal dq_turn(it - lag) at every step."""
+    for steps in range(0, 9):
+        for wg in (0, 1):
+            walked = _walk(steps, slabs, wg, lag)
+            assert [it for it, _ in walked] == list(range(steps))
+            for it, dq in walked:
+                assert dq == _turn(it - lag, slabs, wg), (steps, wg, it)
+        done = []
+        for wg in (0, 1):
+            done += [it - lag for it, dq in _walk(steps, slabs, wg, lag) if dq]
+            if lag == 1 and steps > 0 and _turn(steps - 1, slabs, wg):
+                done.append(steps - 1)  # the tail after the walk
+        # lag 1: step 0 also computes the zero step -1 (nothing when there is no step)
+        expected = sorted(list(range(-lag if steps else 0, steps)) * (2 if slabs == 2 else 1))
+        assert sorted(done) == expected, (steps, slabs)

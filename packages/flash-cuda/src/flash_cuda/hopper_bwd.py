@@ -38,8 +38,10 @@ THREADS = 384
 SWIZZLE = 128
 LOG2E = hopper.LOG2E
 MAX_GRID = 2**31 - 1
-#: The consumer structure the backend launches (BwdVariant.pipelined).
-PIPELINED = False
+#: The consumer structure the backend launches per compiled head dim (BwdVariant.pipelined).
+PIPELINED = {64: True, 128: False}
+#: Head dims the pipelined consumer compiles for without spilling (d128: 40+ words, PERF_NOTES.md).
+PIPELINED_HEAD_DIMS = (64,)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class BwdVariant:
             problems.append(f"dtype {self.dtype!r} not in {DTYPES}")
         if self.mask not in hopper.MASK_NAMES:
             problems.append(f"mask {self.mask} not in {sorted(hopper.MASK_NAMES)}")
+        if self.pipelined and self.head_dim not in PIPELINED_HEAD_DIMS:
+            problems.append(f"the pipelined consumer spills at head_dim {self.head_dim} ({PIPELINED_HEAD_DIMS} only)")
         if problems:
             raise ValueError("invalid Hopper backward variant: " + "; ".join(problems))
 
@@ -109,13 +113,14 @@ def compiled_head_dim(head_dim: int) -> int:
 
 
 def shipped_variants() -> list[BwdVariant]:
-    """Every variant: both consumer structures (the default is PIPELINED; the other stays for A/B)."""
+    """Every variant: both consumer structures where both compile without spilling (the backend
+    launches PIPELINED's; the other stays for A/B timings)."""
     return [
         BwdVariant(d, dtype, mask, pipelined)
         for d in HEAD_DIMS
         for dtype in DTYPES
         for mask in sorted(hopper.MASK_NAMES)
-        for pipelined in (False, True)
+        for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS else (False,))
     ]
 
 
@@ -301,7 +306,7 @@ def backward(
     pipelined: bool | None = None,
 ) -> None:
     """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
-    None: :data:`PIPELINED`). Tensors: canonical ``(batch, seqlen,
+    None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
     heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
     heads_q, seqlen_q), natural log (any backend's forward)."""
     import ctypes
@@ -312,8 +317,8 @@ def backward(
 
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
-    pipelined = PIPELINED if pipelined is None else pipelined
-    variant = _variant(compiled_head_dim(head_dim), dtype, hopper.mask_kind(window), pipelined)
+    d = compiled_head_dim(head_dim)
+    variant = _variant(d, dtype, hopper.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):

@@ -112,10 +112,17 @@ struct Params {
   float scale;              // softmax scale (dK is stored times it)
 };
 
-// The key block's work: which query blocks see one of its keys.
+// Floor and ceiling of a / b for b > 0 and any sign of a.
+__device__ __forceinline__ i64 floor_div(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ i64 ceil_div(i64 a, i64 b) { return -floor_div(-a, b); }
+
+// The key block's work: which query blocks see one of its keys, and which of them need the mask.
 template <class S>
 struct Block {
-  int batch, kv_head, n0, m_lo, m_hi, off;
+  int batch, kv_head, n0, m_lo, m_hi;
+  // Query blocks m with free_lo <= m < free_hi need no element mask (every key of the block below
+  // len_k and inside both edges for every row); two bounds, so that few values stay live.
+  int free_lo, free_hi;
 
   __device__ __forceinline__ void set(const Params& p) {
     // blockIdx.x = (batch * heads_kv + kv_head) * key_blocks + key block
@@ -124,7 +131,7 @@ struct Block {
     n0 = ((int)blockIdx.x - pair * key_blocks) * S::BN;
     kv_head = pair % heads_kv;
     batch = pair / heads_kv;
-    off = p.seqlen_k - p.seqlen_q;
+    const i64 off = (i64)p.seqlen_k - p.seqlen_q;
     i64 q_lo = 0, q_hi = p.seqlen_q;
     // key j is seen by query i iff j - i - off <= right (i >= j - off - right) and >= -left
     if constexpr (S::MASK >= 1) q_lo = max((i64)0, (i64)n0 - off - p.win_right);
@@ -137,16 +144,16 @@ struct Block {
       m_lo = (int)(q_lo / S::BM);
       m_hi = (int)((q_hi + S::BM - 1) / S::BM);
     }
+    // right edge: (n0 + BN - 1) - m0 - off <= right for every element; left: n0 - (m0 + BM - 1) - off >= -left
+    i64 lo = 0, hi = (i64)1 << 30;
+    if constexpr (S::MASK >= 1) lo = ceil_div((i64)n0 + S::BN - 1 - off - p.win_right, S::BM);
+    if constexpr (S::MASK == 2) hi = floor_div((i64)n0 - off + p.win_left - S::BM + 1, S::BM) + 1;
+    if (n0 + S::BN > p.seqlen_k) lo = hi;  // keys past len_k: every block masked
+    free_lo = (int)max((i64)-1, min(lo, (i64)1 << 30));
+    free_hi = (int)max((i64)-1, min(hi, (i64)1 << 30));
   }
 
-  // Whether query block m needs the element mask (the key bound, or an edge crossing the tile).
-  __device__ __forceinline__ bool masked(const Params& p, int m) const {
-    const i64 m0 = (i64)m * S::BM;
-    bool need = n0 + S::BN > p.seqlen_k;
-    if constexpr (S::MASK >= 1) need = need || (i64)n0 + S::BN - 1 - m0 - off > p.win_right;
-    if constexpr (S::MASK == 2) need = need || (i64)n0 - (m0 + S::BM - 1) - off < -(i64)p.win_left;
-    return need;
-  }
+  __device__ __forceinline__ bool masked(int m) const { return m < free_lo || m >= free_hi; }
 };
 
 template <class S>
@@ -322,8 +329,9 @@ __device__ __forceinline__ void issue_s_dp(Acc<S::BM>& s, Acc<S::BM>& dp, const 
 template <class S>
 __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
                                             Acc<S::BM>& s) {
-  if (blk.masked(p, m)) {
-    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, p.seqlen_k, blk.off, p.win_left, p.win_right);
+  if (blk.masked(m)) {
+    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, p.seqlen_k, p.seqlen_k - p.seqlen_q, p.win_left,
+                             p.win_right);
   }
 #pragma unroll
   for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
@@ -423,20 +431,45 @@ __device__ __forceinline__ void finish(const Params& p, const Block<S>& blk, con
                 ln.quad_col, dv, 1.f);
 }
 
-// Which slab of dQ the warpgroup computes at step `it`, if any: d128 slab wg every step; d64 the
-// one slab, the warpgroups in turn (warpgroup-uniform).
-template <class S>
-__device__ __forceinline__ bool dq_turn(int it, int wg) {
-  return S::SLABS == 1 ? (it & 1) == wg : true;
+// A compile-time flag for the generic step lambdas (C++17).
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// Whether warpgroup WG computes a dQ slab of step t: always for d128 (slab WG); for d64 (one
+// slab) every other step, the warpgroups in turn (t = -1 is the pipelined consumer's zero step).
+template <class S, int WG>
+__device__ __forceinline__ bool dq_turn(int t) {
+  return S::SLABS == 1 ? (t & 1) == WG : true;
+}
+
+// Runs step(Flag<dq>, it) for it = 0 .. steps - 1, dq = dq_turn(it - LAG): with LAG = 1 (the
+// pipelined consumer) step it computes the dQ of step it - 1. Every branch on dq is resolved at
+// compile time (two steps per round for d64): ptxas serialises every wgmma of the kernel (C7514)
+// when one is issued under a run-time condition inside the loop, and peeling a step made it spill.
+template <class S, int WG, int LAG, class Step>
+__device__ __forceinline__ void walk(int steps, Step&& step) {
+  if constexpr (S::SLABS == 2) {
+    for (int it = 0; it < steps; ++it) step(Flag<true>{}, it);
+  } else {
+    // dq_turn(it - LAG) for even it: (LAG & 1) == WG
+    int it = 0;
+    for (; it + 1 < steps; it += 2) {
+      step(Flag<WG == LAG>{}, it);
+      step(Flag<WG != LAG>{}, it + 1);
+    }
+    if (it < steps) step(Flag<WG == LAG>{}, it);
+  }
 }
 
 // The step-synchronous consumer: per step S^T and dP^T, P^T and dS^T, dV; then (both warpgroups'
 // dS^T stored: a barrier) dQ of this step and dK, dQ staged and sent while dK runs.
-template <class S>
-__device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk, int wg) {
+template <class S, int WG>
+__device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
   constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
-  const Lane<S> ln(blk, wg);
-  const int slab = S::SLABS == 1 ? 0 : wg;
+  const Lane<S> ln(blk, WG);
+  constexpr int slab = S::SLABS == 1 ? 0 : WG;
   Acc<S::D> dk, dv;
   hopper::fill(dk, 0.f);
   hopper::fill(dv, 0.f);
@@ -447,12 +480,13 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
   Ring<S::STAGES> ring;
   const int blocks = blk.m_hi - blk.m_lo;
-  // one loop over (query head of the group, query block): fewer values live across the steps
-  for (int it = 0; it < p.group * blocks; ++it) {
+  // one walk over (query head of the group, query block): fewer values live across the steps
+  walk<S, WG, 0>(p.group * blocks, [&](auto has_dq, int it) {
+    constexpr bool DQ = decltype(has_dq)::value;
     const Step<S> st(p, blk, it, blocks);
     const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
     mbarrier_wait(sm.full(ring.stage), ring.phase);
-    issue_s_dp<S>(s, dp, kt, vt, qt, dot, wg);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
     scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
@@ -462,7 +496,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
     hopper::to_operand<BF16>(s, pm);
     hopper::to_operand<BF16>(dp, dsm);
     const int buf = it & 1;  // the step's dS^T buffer (both warpgroups count steps alike)
-    store_ds<S>(ln, sm.ds(buf, wg), dsm);
+    store_ds<S>(ln, sm.ds(buf, WG), dsm);
     hopper::pin(dv);
     hopper::pin(dk);
     hopper::pin(pm);
@@ -473,14 +507,13 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
     hopper::pin(dv);
     fence_proxy_async();
     named_barrier_sync(BOTH_BARRIER, 256);
-    const bool has_dq = dq_turn<S>(it, wg);
     Acc<S::SLAB> dq;
-    if (has_dq) issue_dq<S>(dq, sm, buf, kt, slab);
+    if constexpr (DQ) issue_dq<S>(dq, sm, buf, kt, slab);
     wgmma_fence();
     issue_rs<S>(dk, dsm, qt);
     wgmma_commit();
     hopper::pin(dk);
-    if (has_dq) {
+    if constexpr (DQ) {
       wgmma_wait<1>();
       hopper::pin(dq);
       send_dq<S>(p, sm, ln, dq, st.dq_tile(slab));
@@ -492,7 +525,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
     hopper::pin(dsm);
     if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
     ring.advance();
-  }
+  });
   finish<S>(p, blk, ln, dk, dv);
 }
 
@@ -500,12 +533,14 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk,
 // runs, so a warpgroup needs the other's dS^T of a step only one step later: the warpgroups meet
 // through the dS^T buffers' mbarriers (ds_full: both warpgroups stored theirs; ds_empty: the dQ
 // products that read it are done) instead of a barrier per step, and drift up to a step apart
-// (one's exponentials under the other's products).
-template <class S>
-__device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Block<S>& blk, int wg) {
+// (one's exponentials under the other's products). Step 0 computes the dQ of a step -1 whose dS^T
+// (buffer 1) is zeros, so that every step has the same shape (its zeros go to step 0's tile).
+// Buffer b's k-th use is step t with k = (t + 1) >> 1 (t = -1, 1, 3, ... for buffer 1).
+template <class S, int WG>
+__device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
   constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
-  const Lane<S> ln(blk, wg);
-  const int slab = S::SLABS == 1 ? 0 : wg;
+  const Lane<S> ln(blk, WG);
+  constexpr int slab = S::SLABS == 1 ? 0 : WG;
   Acc<S::D> dk, dv;
   hopper::fill(dk, 0.f);
   hopper::fill(dv, 0.f);
@@ -517,11 +552,20 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
   Ring<S::STAGES> ring;
   const int blocks = blk.m_hi - blk.m_lo;
   const int steps = p.group * blocks;
-  for (int it = 0; it < steps; ++it) {
+  {  // step -1: zeros in buffer 1
+    const u32 tile = sm.ds(1, WG) + ln.tid * (S::DS_BYTES / 128);
+#pragma unroll
+    for (int b = 0; b < S::DS_BYTES / 128; b += 4) st_shared_u32(tile + b, 0u);
+    fence_proxy_async();
+    __syncwarp();
+    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(1));
+  }
+  walk<S, WG, 1>(steps, [&](auto prev_dq, int it) {
+    constexpr bool DQ = decltype(prev_dq)::value;  // this step computes dQ of step it - 1
     const Step<S> st(p, blk, it, blocks);
     const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
     mbarrier_wait(sm.full(ring.stage), ring.phase);
-    issue_s_dp<S>(s, dp, kt, vt, qt, dot, wg);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
     scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
@@ -531,8 +575,8 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     hopper::to_operand<BF16>(s, pm);
     hopper::to_operand<BF16>(dp, dsm);
     const int buf = it & 1;
-    if (it >= 2) mbarrier_wait(sm.ds_empty(buf), ((it >> 1) - 1) & 1);  // dQ of step it - 2 read it
-    store_ds<S>(ln, sm.ds(buf, wg), dsm);
+    if (it >= 1) mbarrier_wait(sm.ds_empty(buf), ((it - 1) >> 1) & 1);  // dQ of step it - 2 read it
+    store_ds<S>(ln, sm.ds(buf, WG), dsm);
     fence_proxy_async();
     __syncwarp();
     if (ln.warp_leader) mbarrier_arrive(sm.ds_full(buf));
@@ -545,22 +589,21 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     wgmma_commit();
     hopper::pin(dv);
     // dQ of the previous step (both warpgroups' dS^T of it stored long since)
-    const bool prev_dq = it > 0 && dq_turn<S>(it - 1, wg);
     Acc<S::SLAB> dq;
-    if (prev_dq) {
+    if constexpr (DQ) {
       const int t = it - 1;
-      mbarrier_wait(sm.ds_full(t & 1), (t >> 1) & 1);
+      mbarrier_wait(sm.ds_full(t & 1), ((t + 1) >> 1) & 1);
       issue_dq<S>(dq, sm, t & 1, kt, slab);
     }
     wgmma_fence();
     issue_rs<S>(dk, dsm, qt);
     wgmma_commit();
     hopper::pin(dk);
-    if (prev_dq) {
+    if constexpr (DQ) {
       wgmma_wait<1>();
       hopper::pin(dq);
       if (ln.warp_leader) mbarrier_arrive(sm.ds_empty((it - 1) & 1));
-      send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, it - 1, blocks).dq_tile(slab));
+      send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, max(it - 1, 0), blocks).dq_tile(slab));
     }
     wgmma_wait<0>();
     hopper::pin(dv);
@@ -569,11 +612,11 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     hopper::pin(dsm);
     if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
     ring.advance();
-  }
-  if (steps > 0 && dq_turn<S>(steps - 1, wg)) {
+  });
+  if (steps > 0 && dq_turn<S, WG>(steps - 1)) {
     const int t = steps - 1;
     Acc<S::SLAB> dq;
-    mbarrier_wait(sm.ds_full(t & 1), (t >> 1) & 1);
+    mbarrier_wait(sm.ds_full(t & 1), ((t + 1) >> 1) & 1);
     issue_dq<S>(dq, sm, t & 1, kt, slab);
     wgmma_wait<0>();
     hopper::pin(dq);
@@ -597,10 +640,19 @@ __device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map
     if (threadIdx.x == 0) produce<S>(p, sm, blk, q_map, k_map, v_map, do_map);
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
+    // the warpgroup is a template parameter: each one's dQ turns are known at compile time
     if constexpr (S::PIPELINED) {
-      consume_pipelined<S>(p, sm, blk, wg - 1);
+      if (wg == 1) {
+        consume_pipelined<S, 0>(p, sm, blk);
+      } else {
+        consume_pipelined<S, 1>(p, sm, blk);
+      }
     } else {
-      consume<S>(p, sm, blk, wg - 1);
+      if (wg == 1) {
+        consume<S, 0>(p, sm, blk);
+      } else {
+        consume<S, 1>(p, sm, blk);
+      }
     }
   }
 }
