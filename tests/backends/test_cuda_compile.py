@@ -129,6 +129,8 @@ def test_tuning_candidates_compile():
 
 def test_every_table_entry_fits_its_gpu_exactly():
     for key, entry in heuristics.table_of(cuda_backend.CudaBackend()).items():
+        if key.pass_ != "forward":
+            continue  # the backward rows only name the Hopper backward's one tile shape (hopper_bwd.py)
         for d in BUCKET_DIMS[key.head_dim]:
             arch = TABLE_ARCHS[key.arch]
             variant = variants.make_variant(entry.config, d, True, int(key.causal), arch)

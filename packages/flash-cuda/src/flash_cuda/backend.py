@@ -1,8 +1,12 @@
-"""The ``cuda`` backend: what it supports, and the forward launch.
+"""The ``cuda`` backend: what it supports, the forward and the backward launches.
 
-Two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its own tile
-table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
+Forward, two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its
+own tile table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
 mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come from ``heuristics.json``.
+
+Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA); everything else is
+declined with a reason and dispatch pairs the forward with another backend's backward (LSE contract).
 
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
@@ -49,11 +53,13 @@ BACKWARD = Support(
     limits=Limits(tokens=hopper.MAX_SEQLEN),
 )
 
-#: The Hopper backward runs only where this environment variable is "1" until it has passed the
-#: device checks (scripts/hopper_bwd_check.py; PERF_NOTES.md, "Hopper backward (issue 14)").
+#: While BACKWARD_VERIFIED is False, the Hopper backward runs only where this environment variable
+#: is "1" (a kernel change not yet through the device checks ships that way).
 BACKWARD_OPT_IN = "FLASH_CUDA_HOPPER_BWD"
-#: Whether it is dispatched without the opt-in (set once it has been verified on a GPU).
-BACKWARD_VERIFIED = False
+#: Whether it is dispatched without the opt-in: True since device run 3 (H200, 2026-12-02: 33/33
+#: gradient checks of scripts/hopper_bwd_check.py, 23/23 conformance cases through dispatch;
+#: PERF_NOTES.md, "Hopper backward (issue 14)").
+BACKWARD_VERIFIED = True
 
 
 def backward_enabled() -> bool:
