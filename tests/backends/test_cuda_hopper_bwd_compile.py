@@ -138,6 +138,7 @@ def test_problem_reasons():
         ({"varlen": True}, "varlen"),
         ({"softcap": 30.0}, "softcap"),
         ({"dropout": True}, "dropout"),
+        ({"deterministic": True}, "atomic"),
         ({"heads_kv": 3}, "multiple"),
         ({"seqlen_k": 0}, "empty"),
     ):

@@ -220,15 +220,17 @@ def _backward_reasons(spec: AttentionSpec) -> list[str]:
 @functools.lru_cache(maxsize=1024)
 def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
     """Why the Hopper backward cannot run ``spec`` (empty: it runs it), from the spec alone (dQ, dK
-    and dV are core's contiguous allocations; dout is made unit-stride along head_dim by core)."""
-    if not torch.cuda.is_available():
-        return ("no CUDA device",)
+    and dV are core's contiguous allocations; dout is made unit-stride along head_dim by core).
+    Without a CUDA device (the docs' support table) it answers for an sm_90 one."""
+    capability = _capability(_index(spec.device)) if torch.cuda.is_available() else (9, 0)
     reasons = hopper_bwd.problem_reasons(
-        capability=_capability(_index(spec.device)), dtype=spec.dtype, head_dim=spec.head_dim,
+        capability=capability, dtype=spec.dtype, head_dim=spec.head_dim,
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
         seqlen_k=spec.seqlen_k, scale=spec.scale, varlen=spec.varlen, softcap=spec.softcap,
-        dropout=bool(spec.dropout_p),
+        dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
     )  # fmt: skip
+    if spec.varlen:
+        return tuple(reasons)  # declined already; its packed layout is not this kernel's
     item = torch.empty((), dtype=spec.dtype).element_size()
     for name, strides, heads, rows in (("q", spec.q_strides, spec.heads_q, spec.seqlen_q),
                                        ("k", spec.k_strides, spec.heads_kv, spec.seqlen_k),

@@ -227,6 +227,7 @@ def problem_reasons(
     varlen: bool = False,
     softcap: float = 0.0,
     dropout: bool = False,
+    deterministic: bool = False,
 ) -> list[str]:
     """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout."""
     reasons = []
@@ -248,6 +249,8 @@ def problem_reasons(
         reasons.append("softcap: the Hopper backward does not apply the tanh derivative yet")
     if dropout:
         reasons.append("dropout: the Hopper backward does not regenerate the core's dropout mask yet")
+    if deterministic:
+        reasons.append("deterministic: the Hopper backward sums dQ by atomic bulk reductions (order varies run to run)")
     if scale <= 0 or not math.isfinite(scale):
         reasons.append(f"scale {scale}: must be positive and finite")
     if seqlen_q == 0 or seqlen_k == 0:

@@ -1,5 +1,5 @@
-// FlashAttention backward for Hopper (sm_90a): TMA loads, wgmma, a producer warp and two consumer
-// warpgroups (issue 14, first slice).
+// FlashAttention backward for Hopper (sm_90a): TMA loads, wgmma, a producer warpgroup and two
+// consumer warpgroups (issue 14).
 //
 // One thread block per (batch, KV head, key block of BN = 128 keys). K and V of the block are loaded
 // once (TMA) and stay in shared memory; dK and dV accumulate in registers. The block walks every query
@@ -18,19 +18,23 @@
 //      dQ   = dS K           (A = dS^T of both warpgroups, stored to shared memory and read M-major
 //                             through the descriptor's transpose bit, B = K N-major: all 128 keys,
 //                             so the two warpgroups' parts are summed before they leave the SM)
-//    dQ is split by 64-column slabs of the head dim: warpgroup w takes slab w (d128); with one slab
-//    (d64) the warpgroups take turns, step by step. Order per step: dV, (both dS^T stored) dQ, dK;
-//    dQ is staged and sent while dK runs. The slab's 64 x 64 fp32 tile goes to shared
-//    memory in the accumulator's fragment order (conflict-free 8-byte stores) and from there, by one
-//    16 KB bulk reduction (cp.reduce.async.bulk .add.f32), into a workspace laid out in the same
-//    order, which the host permutes back.
 //    The accumulator of S^T already has the register layout of the A operand of dV += P^T dO (as
 //    P in the forward's O += P V), so P^T and dS^T never cross lanes.
-// The host converts the dQ workspace (times scale, fragment order undone) to the inputs' dtype and computes LSE_2 and delta
-// before the launch (flash_cuda/hopper_bwd.py). dK is stored times scale.
+//    dQ is split by 64-column slabs of the head dim: warpgroup w takes slab w (d128); with one slab
+//    (d64) the warpgroups take turns, step by step (walk(): compile-time turns). The slab's 64 x 64
+//    fp32 tile goes to shared memory in the accumulator's fragment order (conflict-free 8-byte
+//    stores) and from there, by one 16 KB bulk reduction (cp.reduce.async.bulk .add.f32), into a
+//    workspace laid out in the same order.
+//    Two consumer structures: consume (order per step: dV, a barrier for both dS^T, dQ, dK; dQ is
+//    staged and sent while dK runs) and consume_pipelined (the dQ of step t - 1 between dV and dK of
+//    step t, mbarriers on double-buffered dS^T instead of the per-step barrier; d64 only, it spills
+//    at d128).
+// Around the kernel (kernels/hopper_bwd_rows.cu): a rows pass writes LSE_2 and delta into buffers
+// padded to whole query blocks, and a dQ pass converts the workspace (times scale, fragment order
+// undone) to the inputs' dtype. dK is stored times scale.
 //
-// Rows past the query sequence get LSE_2 = +inf (P = 0) from the host's padded workspace, so only
-// the key bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
+// Rows past the query sequence get LSE_2 = +inf (P = 0) from the padded buffers, so only the key
+// bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
 // aligned): query row i sees key j iff j < len_k and -left <= j - i - (len_k - len_q) <= right.
 #pragma once
 
