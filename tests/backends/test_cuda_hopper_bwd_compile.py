@@ -291,3 +291,31 @@ def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
         # lag 1: step 0 also computes the zero step -1 (nothing when there is no step)
         expected = sorted(list(range(-lag if steps else 0, steps)) * (2 if slabs == 2 else 1))
         assert sorted(done) == expected, (steps, slabs)
+
+
+def test_launch_passes_every_argument_by_address(monkeypatch):
+    """hopper_bwd's own cuLaunchKernel (behind a fake driver): a 1-D grid, and a parameter array whose
+    entries point at the ctypes values in order."""
+    import ctypes
+
+    from flash_cuda import tensor_map
+
+    seen = {}
+
+    class FakeDriver:
+        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            seen.update(function=function.value, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem)
+            seen["stream"] = stream.value
+            seen["values"] = [
+                ctypes.cast(params[0], ctypes.POINTER(ctypes.c_uint64)).contents.value,
+                ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int32)).contents.value,
+                ctypes.cast(params[2], ctypes.POINTER(ctypes.c_float)).contents.value,
+            ]
+            return 0
+
+    monkeypatch.setattr(tensor_map, "driver", FakeDriver)
+    hopper_bwd._launch(1234, 77, 384, 5000, 99, [ctypes.c_uint64(2**40 + 3), ctypes.c_int32(-5), ctypes.c_float(0.5)])
+    assert seen == {
+        "function": 1234, "grid": (77, 1, 1), "block": (384, 1, 1), "smem": 5000, "stream": 99,
+        "values": [2**40 + 3, -5, 0.5],
+    }  # fmt: skip

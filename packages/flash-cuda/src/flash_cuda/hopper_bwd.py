@@ -270,11 +270,38 @@ def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], 
 # ------------------------------------------------------------------ launch
 
 
+# The two host helpers below are this module's own (not hopper.py's) so that the forward's launch path
+# can change without touching the backward's: a tensor map encoded once per tensor geometry, and one
+# cuLaunchKernel of a 1-D grid with ctypes parameters.
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_map(address: int, dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> Any:
+    from flash_cuda import tensor_map
+
+    return tensor_map.encode_tiled(address, dtype, dims, strides, box, swizzle)
+
+
 def _tensor_map(t: Any, rows: int, variant: BwdVariant) -> Any:
+    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)."""
     b, s, h, d = t.shape
     dims = (d, h, s, b)
     box = (variant.slab, 1, rows, 1)
-    return hopper._encoded_map(t.data_ptr(), variant.dtype, dims, tuple(hopper._map_strides(t)), box, variant.swizzle)
+    return _encoded_map(t.data_ptr(), variant.dtype, dims, tuple(hopper._map_strides(t)), box, variant.swizzle)
+
+
+def _launch(function: int, grid: int, block: int, smem: int, stream: int, args: list[Any]) -> None:
+    """cuLaunchKernel of a 1-D grid in the current context; ``args``: ctypes values of the kernel's
+    exact parameter types, in order (a TensorMap for a tensor-map parameter)."""
+    import ctypes
+
+    from flash_cuda import tensor_map
+
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    code = tensor_map.driver().cuLaunchKernel(
+        ctypes.c_void_p(function), grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), params, None
+    )
+    tensor_map._check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem})")
 
 
 def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
@@ -315,8 +342,6 @@ def backward(
     import ctypes
 
     import torch
-
-    from flash_cuda import tensor_map
 
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
@@ -364,13 +389,13 @@ def backward(
     ]
     grid = -(-seqlen_k // BLOCK_N) * heads_kv * batch
     with torch.cuda.device(device):
-        tensor_map.launch(function, grid, THREADS, variant.launch_smem, stream, args)
+        _launch(function, grid, THREADS, variant.launch_smem, stream, args)
         pairs = dq_acc.numel() // 2
         dq_args: list[Any] = [
             ptr(dq_acc.data_ptr()), ptr(dq.data_ptr()), *[i64(x) for x in dq.stride()[:3]], i32(heads_q),
             i32(seqlen_q), i32(s_pad), i32(variant.head_dim), i32(head_dim), f32(scale), i64(pairs),
         ]  # fmt: skip
-        tensor_map.launch(dq_fn, -(-pairs // 256), 256, 0, stream, dq_args)
+        _launch(dq_fn, -(-pairs // 256), 256, 0, stream, dq_args)
 
 
 def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, stream: int, device: int) -> Any:
@@ -378,8 +403,6 @@ def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, 
     import ctypes
 
     import torch
-
-    from flash_cuda import tensor_map
 
     b, sq, h, d = out.shape
     for t in (out, dout):
@@ -394,7 +417,7 @@ def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, 
         i32(heads), i32(sq), i32(s_pad), i32(d), i64(rows),
     ]  # fmt: skip
     with torch.cuda.device(device):
-        tensor_map.launch(function, -(-rows // 8), 256, 0, stream, args)
+        _launch(function, -(-rows // 8), 256, 0, stream, args)
     return lse2, delta
 
 
