@@ -1,8 +1,12 @@
-"""The ``cuda`` backend: what it supports, and the forward launch.
+"""The ``cuda`` backend: what it supports, the forward and the backward launches.
 
-Two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its own tile
-table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
+Forward, two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its
+own tile table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
 mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come from ``heuristics.json``.
+
+Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA); everything else is
+declined with a reason and dispatch pairs the forward with another backend's backward (LSE contract).
 
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
@@ -17,9 +21,9 @@ from typing import Any
 import torch
 
 from flash import heuristics
-from flash.backend import Backend, ForwardArgs, Limits, Pass, Support
+from flash.backend import Backend, BackwardArgs, ForwardArgs, Limits, Pass, Support
 from flash.spec import AttentionSpec
-from flash_cuda import hopper, launch
+from flash_cuda import hopper, hopper_bwd, launch
 from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
@@ -34,6 +38,34 @@ FORWARD = Support(
     aligned16=True,
     limits=Limits(tokens=launch.MAX_SEQLEN),  # 32-bit index arithmetic
 )
+
+
+#: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs. Not
+#: declared, so dispatch sends them to another backend's backward (the LSE contract): varlen,
+#: softcap, dropout, deterministic (dQ is summed by fp32 atomics), head dims above 128, masks and
+#: score terms beyond causal/window.
+BACKWARD = Support(
+    dtypes=frozenset({torch.float16, torch.bfloat16}),
+    features=frozenset({"causal", "window", "gqa"}),
+    head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
+    min_capability=(9, 0),
+    aligned16=True,
+    limits=Limits(tokens=hopper.MAX_SEQLEN),
+)
+
+#: While BACKWARD_VERIFIED is False, the Hopper backward runs only where this environment variable
+#: is "1" (a kernel change not yet through the device checks ships that way).
+BACKWARD_OPT_IN = "FLASH_CUDA_HOPPER_BWD"
+#: Whether it is dispatched without the opt-in: True since device run 3 (H200, 2026-12-02: 33/33
+#: gradient checks of scripts/hopper_bwd_check.py, 23/23 conformance cases through dispatch;
+#: PERF_NOTES.md, "Hopper backward (issue 14)").
+BACKWARD_VERIFIED = True
+
+
+def backward_enabled() -> bool:
+    import os
+
+    return BACKWARD_VERIFIED or os.environ.get(BACKWARD_OPT_IN, "") == "1"
 
 
 @functools.cache
@@ -79,21 +111,14 @@ class CudaBackend(Backend):
             return [f"GPU too old ({found}): the kernel needs sm_80 or newer (cp.async, bf16 mma.sync)"]
         return []
 
+    backward_support = BACKWARD
+
     def extra_reasons(self, spec: AttentionSpec, pass_: Pass) -> list[str]:
+        if pass_ == "backward":
+            return _backward_reasons(spec)
         if pass_ != "forward" or spec.device.type != "cuda":
             return []
-        if spec.is_fp8 and spec.out_dtype not in (torch.bfloat16, torch.float16):
-            return [f"fp8 output {spec.out_dtype}: the Hopper kernel writes bfloat16 or float16"]
-        if not _hopper_reasons(spec):
-            return []
-        # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
-        declines = "; ".join(_hopper_reasons(spec))
-        for needs, what in ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap")):
-            if needs:
-                return [f"{what}: only the Hopper kernel has them, and it declines: {declines}"]
-        if launch.grid_size(spec, 16) > launch.MAX_GRID:
-            return ["more than 2**31 - 1 thread blocks"]
-        return []
+        return _forward_reasons(spec)
 
     def heuristics_rows(self) -> list[dict[str, Any]]:
         return heuristics.rows_from_json("flash_cuda", "heuristics.json")
@@ -134,6 +159,12 @@ class CudaBackend(Backend):
             return
         launch.forward(spec, args, self.variant(spec, config))
 
+    def backward(self, spec: AttentionSpec, args: BackwardArgs, config: heuristics.KernelConfig) -> None:
+        hopper_bwd.backward(
+            args.q, args.k, args.v, args.out, args.lse, args.dout, args.dq, args.dk, args.dv, heads_q=spec.heads_q,
+            heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds, scale=spec.scale,
+        )  # fmt: skip
+
 
 @functools.lru_cache(maxsize=1024)
 def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
@@ -160,3 +191,50 @@ def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
 def _variant(config: heuristics.KernelConfig, head_dim: int, bf16: bool, mask: int, index: int) -> Variant:
     arch = nvrtc_arch(_capability(index))
     return make_variant(config, head_dim, bf16, mask, arch, smem_limit=_smem_optin(index))
+
+
+def _forward_reasons(spec: AttentionSpec) -> list[str]:
+    if spec.is_fp8 and spec.out_dtype not in (torch.bfloat16, torch.float16):
+        return [f"fp8 output {spec.out_dtype}: the Hopper kernel writes bfloat16 or float16"]
+    if not _hopper_reasons(spec):
+        return []
+    # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
+    declines = "; ".join(_hopper_reasons(spec))
+    for needs, what in ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap")):
+        if needs:
+            return [f"{what}: only the Hopper kernel has them, and it declines: {declines}"]
+    if launch.grid_size(spec, 16) > launch.MAX_GRID:
+        return ["more than 2**31 - 1 thread blocks"]
+    return []
+
+
+def _backward_reasons(spec: AttentionSpec) -> list[str]:
+    if not backward_enabled():
+        return [
+            f"the Hopper backward is not verified on a GPU yet: opt in with {BACKWARD_OPT_IN}=1 "
+            "(another backend's backward runs meanwhile)"
+        ]
+    return list(_hopper_bwd_reasons(spec)) if spec.device.type == "cuda" else []
+
+
+@functools.lru_cache(maxsize=1024)
+def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
+    """Why the Hopper backward cannot run ``spec`` (empty: it runs it), from the spec alone (dQ, dK
+    and dV are core's contiguous allocations; dout is made unit-stride along head_dim by core).
+    Without a CUDA device (the docs' support table) it answers for an sm_90 one."""
+    capability = _capability(_index(spec.device)) if torch.cuda.is_available() else (9, 0)
+    reasons = hopper_bwd.problem_reasons(
+        capability=capability, dtype=spec.dtype, head_dim=spec.head_dim,
+        heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
+        seqlen_k=spec.seqlen_k, scale=spec.scale, varlen=spec.varlen, softcap=spec.softcap,
+        dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
+    )  # fmt: skip
+    if spec.varlen:
+        return tuple(reasons)  # declined already; its packed layout is not this kernel's
+    item = torch.empty((), dtype=spec.dtype).element_size()
+    for name, strides, heads, rows in (("q", spec.q_strides, spec.heads_q, spec.seqlen_q),
+                                       ("k", spec.k_strides, spec.heads_kv, spec.seqlen_k),
+                                       ("v", spec.v_strides, spec.heads_kv, spec.seqlen_k)):  # fmt: skip
+        shape = (spec.batch, rows, heads, spec.head_dim)
+        reasons += hopper_bwd.layout_reasons(name, shape, strides, item, 0 if spec.aligned16 else 1)
+    return tuple(reasons)

@@ -354,8 +354,10 @@ def _operands(count: int, first: int = 0) -> str:
 _PTX_TYPES = {"fp16": "f16", "bf16": "bf16", "e4m3": "e4m3", "e5m2": "e5m2"}
 
 
-def _wgmma_method(n: int, a_type: str, b_type: str, register_a: bool) -> str:
-    """One wgmma of the variant: k = 32 bytes of A and B types ``a_type``, ``b_type`` (INPUTS)."""
+def _wgmma_method(n: int, a_type: str, b_type: str, register_a: bool, transposed: bool = False) -> str:
+    """One wgmma of the variant: k = 32 bytes of A and B types ``a_type``, ``b_type`` (INPUTS).
+    ``transposed`` (16-bit, both operands in shared memory): A M-major and B N-major, method ``ss_t``
+    (the backward's dQ = dS K)."""
     regs = n // 2
     acc = _operands(regs)
     outputs = ",\n          ".join(
@@ -373,6 +375,14 @@ def _wgmma_method(n: int, a_type: str, b_type: str, register_a: bool) -> str:
         inputs = '"r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate)'
         what = f"A (64 x {k}) from registers, B ({k} x N) {'K' if fp8 else 'N'}-major in shared memory"
         name = "rs"
+    elif transposed:
+        assert not fp8, "8-bit wgmma reads both operands K-major"
+        a, b, flag = f"%{regs}", f"%{regs + 1}", regs + 2
+        tail = "p, 1, 1, 1, 1"  # A M-major, B N-major (both transposed)
+        signature = f"float (&d)[{regs}], u64 desc_a, u64 desc_b, int accumulate"
+        inputs = '"l"(desc_a), "l"(desc_b), "r"(accumulate)'
+        what = f"A (64 x {k}) M-major and B ({k} x N) N-major in shared memory"
+        name = "ss_t"
     else:
         a, b, flag = f"%{regs}", f"%{regs + 1}", regs + 2
         tail = "p, 1, 1" if fp8 else "p, 1, 1, 0, 0"  # A and B K-major

@@ -77,6 +77,42 @@ __device__ __forceinline__ void tma_prefetch_4d(const TensorMap* map, int c0, in
                : "memory");
 }
 
+// `bytes` contiguous bytes of global memory into shared memory at `dst` (both 16-byte aligned,
+// `bytes` a multiple of 16), counted as transaction bytes on barrier `bar` (a 1-D bulk copy).
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(reinterpret_cast<u64>(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+// ---------------------------------------------------------------- bulk reductions (shared -> global)
+
+// global[dst .. + bytes) += shared[src .. + bytes) as fp32, element-wise atomic, asynchronous (a 1-D
+// bulk reduction; both 16-byte aligned, `bytes` a multiple of 16). Completes in bulk groups.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+// Wait until at most PENDING bulk groups of this thread still read their shared-memory sources.
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(PENDING) : "memory");
+}
+
+// Wait until at most PENDING bulk groups of this thread are still running.
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ void st_shared_v2_f32(u32 address, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(a), "f"(b) : "memory");
+}
+
 // ---------------------------------------------------------------- shared memory by threads
 
 // Byte offset `offset` of a tile, 1024-byte aligned, that TMA or wgmma see with the SPAN-byte swizzle

@@ -1,0 +1,476 @@
+"""GPU harness of the Hopper backward kernel (flash_cuda.hopper_bwd): compile, check, bench.
+
+Run from the repository root on an sm_90 machine, without installing anything:
+
+    PYTHONPATH=packages/flash-core/src:packages/flash-triton/src:packages/flash-cuda/src \\
+        python3 packages/flash-cuda/scripts/hopper_bwd_check.py [--phases compile,check,bench]
+
+Phases, each in its own subprocess with a time limit (a hung kernel costs one phase, not the run):
+
+1. compile -- the variants the checks use (fills CuPy's disk cache);
+2. check   -- dQ, dK, dV of each case against float64 autograd of dense attention with the tolerance
+              rule (max error <= 2 x the error of the same computation in the inputs' dtype + eps),
+              gradients poisoned with NaN inside guard bands of a sentinel that must survive;
+3. bench   -- backward and forward+backward TFLOP/s of flash's cuda backend (Hopper forward + this
+              backward), flash's triton backend and torch SDPA's cuDNN backend in the same process
+              (bf16, batch * seqlen = 16k tokens, heads * head_dim = 2048; FLOPs: forward
+              4 b h s^2 d, backward 2.5x that, causal halved; triton's do_bench medians).
+
+Logs and a JSON of the results go to $OUT (or ./hopper_bwd_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+
+OUT = os.environ.get("OUT") or os.path.join(os.getcwd(), "hopper_bwd_out")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+@dataclass
+class Case:
+    name: str
+    d: int = 128
+    b: int = 2
+    sq: int = 200
+    sk: int | None = None
+    hq: int = 2
+    hkv: int | None = None
+    window: tuple[int, int] = (-1, -1)
+    dtype: str = "bf16"
+    layout: str = "bshd"  # or bhsd (heads outer: strided canonical views)
+    pipelined: bool | None = None  # the consumer structure (None: hopper_bwd.PIPELINED)
+
+
+def _default_pipelined(d: int) -> bool:
+    from flash_cuda import hopper_bwd
+
+    return hopper_bwd.PIPELINED[hopper_bwd.compiled_head_dim(d)]
+
+
+def check_cases() -> list[Case]:
+    return [
+        Case("basic d128", b=1, sq=128, hq=1),
+        Case("full d64 odd", d=64, sq=200, sk=333, hq=3),
+        Case("full d128 odd", sq=333, sk=200),
+        Case("causal d128", sq=333, window=(-1, 0)),
+        Case("causal d64 sq<sk", d=64, sq=200, sk=333, window=(-1, 0)),
+        Case("causal sq>sk (rows without keys)", sq=300, sk=100, window=(-1, 0)),
+        Case("gqa 8/2 d128", hq=8, hkv=2, sq=200, sk=300),
+        Case("mqa 6/1 causal d64", d=64, hq=6, hkv=1, sq=257, window=(-1, 0)),
+        Case("fp16 causal d128", dtype="fp16", sq=257, sk=400, window=(-1, 0)),
+        Case("window (40, 7) d128", sq=400, sk=450, window=(40, 7)),
+        Case("head dim 40 -> 64", d=40, sq=150),
+        Case("head dim 96 -> 128", d=96, sq=190, window=(-1, 0)),
+        Case("layout bhsd gqa", layout="bhsd", hq=4, hkv=2, sq=190),
+        Case("many blocks causal", b=2, sq=1024, hq=4, window=(-1, 0)),
+        Case("fp16 window (16, 16) d64", d=64, dtype="fp16", sq=300, window=(16, 16)),
+        Case("sq 1, sk 1000", sq=1, sk=1000),
+        Case("sq 1000, sk 1 causal", d=64, sq=1000, sk=1, window=(-1, 0)),
+        Case("many blocks gqa d64 full", d=64, b=2, sq=700, sk=900, hq=8, hkv=2),
+        Case("window left only (100, -1)", sq=500, window=(100, -1)),
+        Case("one step d64", d=64, b=1, sq=64, hq=1),
+        Case("two steps d64", d=64, b=1, sq=128, sk=100, hq=1),
+        Case("three steps gqa 3/1 d64 causal", d=64, b=1, sq=64, sk=64, hq=3, hkv=1, window=(-1, 0)),
+        Case("bhsd d64 window", d=64, layout="bhsd", hq=4, hkv=2, sq=333, window=(60, 3)),
+        Case("one step d128 causal", b=1, sq=64, sk=64, hq=1, window=(-1, 0)),
+        *[
+            replace(c, name=f"{'step-synchronous' if other == 0 else 'pipelined'}: {c.name}", pipelined=bool(other))
+            for c in (
+                Case("full d64 odd", d=64, sq=200, sk=333, hq=3),
+                Case("mqa 6/1 causal d64", d=64, hq=6, hkv=1, sq=257, window=(-1, 0)),
+                Case("many blocks gqa d64 full", d=64, b=2, sq=700, sk=900, hq=8, hkv=2),
+                Case("sq 1000, sk 1 causal", d=64, sq=1000, sk=1, window=(-1, 0)),
+                Case("fp16 window (16, 16) d64", d=64, dtype="fp16", sq=300, window=(16, 16)),
+                Case("one step d64", d=64, b=1, sq=64, hq=1),
+                Case("two steps d64", d=64, b=1, sq=128, sk=100, hq=1),
+                Case("three steps gqa 3/1 d64 causal", d=64, b=1, sq=64, sk=64, hq=3, hkv=1, window=(-1, 0)),
+                Case("bhsd d64 window", d=64, layout="bhsd", hq=4, hkv=2, sq=333, window=(60, 3)),
+            )
+            for other in [int(not _default_pipelined(c.d))]
+        ],
+    ]
+
+
+def variants_of(cases: list[Case]) -> list:
+    from flash_cuda import hopper, hopper_bwd
+
+    out = []
+    for c in cases:
+        d = hopper_bwd.compiled_head_dim(c.d)
+        pipelined = hopper_bwd.PIPELINED[d] if c.pipelined is None else c.pipelined
+        v = hopper_bwd.BwdVariant(d, c.dtype, hopper.mask_kind(c.window), pipelined)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+# ------------------------------------------------------------------ reference
+
+
+def dense(q, k, v, window, scale):
+    """Dense attention of canonical (b, s, h, d) tensors (any dtype, autograd-able): out (b, s, h, d)."""
+    import torch
+
+    group = q.shape[2] // k.shape[2]
+    kk = k.repeat_interleave(group, dim=2)
+    vv = v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    lq, lk = q.shape[1], k.shape[1]
+    i = torch.arange(lq, device=q.device)[:, None]
+    j = torch.arange(lk, device=q.device)[None, :]
+    delta = j - i - (lk - lq)
+    seen = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    left, right = window
+    if right >= 0:
+        seen &= delta <= right
+    if left >= 0:
+        seen &= delta >= -left
+    s = s.masked_fill(~seen, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    lse = (torch.log(den) + m).squeeze(-1)  # (b, h, q)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+SENTINEL = 1024.0
+EPS = {"bf16": 1e-4, "fp16": 1e-5}
+
+
+def guarded_like(t):
+    """A NaN-filled view shaped and strided like contiguous `t` inside a sentinel buffer."""
+    import torch
+
+    n = t.numel()
+    buf = torch.full((n + 96,), SENTINEL, dtype=t.dtype, device=t.device)
+    view = buf[32 : 32 + n].view(t.shape)
+    view.fill_(float("nan"))
+    return buf, view
+
+
+def check_case(case: Case, seed: int) -> dict:
+    import torch
+
+    from flash_cuda import hopper_bwd
+
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float16
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hkv = case.hkv or case.hq
+    sk = case.sk or case.sq
+
+    def rnd(s, h):
+        if case.layout == "bhsd":
+            return torch.randn(case.b, h, s, case.d, generator=g, device="cuda").to(dtype).transpose(1, 2)
+        return torch.randn(case.b, s, h, case.d, generator=g, device="cuda").to(dtype)
+
+    q, k, v, do = rnd(case.sq, case.hq), rnd(sk, hkv), rnd(sk, hkv), rnd(case.sq, case.hq)
+    scale = 1.0 / math.sqrt(case.d)
+    # the oracle: float64 autograd
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64, lse64 = dense(q64, k64, v64, case.window, scale)
+    exact = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    # the naive same-precision computation
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    on, _ = dense(qn, kn, vn, case.window, scale)
+    naive = torch.autograd.grad(on, (qn, kn, vn), do)
+    out = o64.detach().to(dtype)
+    lse = lse64.detach().float()
+    bufs = [guarded_like(t.contiguous()) for t in (q, k, v)]
+    dq, dk, dv = (view for _, view in bufs)
+    hopper_bwd.backward(
+        q, k, v, out, lse, do, dq, dk, dv, heads_q=case.hq, heads_kv=hkv, head_dim=case.d, window=case.window,
+        scale=scale, pipelined=case.pipelined,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    entry: dict = {"case": case.name, "seed": seed, "variant": variants_of([case])[0].label(), "ok": True}
+    for name, got, ex, nv, (buf, _) in zip(("dq", "dk", "dv"), (dq, dk, dv), exact, naive, bufs):
+        err = (got.double() - ex).abs().nan_to_num(math.inf).max().item()
+        naive_err = (nv.double() - ex).abs().max().item()
+        limit = 2 * naive_err + EPS[case.dtype]
+        guard_ok = bool((buf[:32] == SENTINEL).all() and (buf[32 + got.numel() :] == SENTINEL).all())
+        ok = err <= limit and guard_ok
+        entry[name] = {"err": err, "naive": naive_err, "limit": limit, "guards": guard_ok, "ok": ok}
+        entry["ok"] = entry["ok"] and ok
+        if not ok:
+            bad = ((got.double() - ex).abs().nan_to_num(math.inf) > limit).nonzero()[:5].tolist()
+            entry[name]["first_bad"] = bad
+    return entry
+
+
+# ------------------------------------------------------------------ phases
+
+
+def phase_compile(args) -> None:
+    import torch
+
+    from flash_cuda import hopper_bwd
+
+    torch.cuda.init()
+    for dtype in hopper_bwd.DTYPES:
+        t = time.time()
+        hopper_bwd.row_kernels(dtype, 0)
+        log(f"compiled the {dtype} row passes in {time.time() - t:.1f}s")
+    for v in variants_of(check_cases()):
+        t = time.time()
+        hopper_bwd.kernel(v, 0)
+        log(f"compiled {v.label()} in {time.time() - t:.1f}s")
+
+
+def phase_check(args) -> None:
+    results = []
+    for case in check_cases():
+        try:
+            entry = check_case(case, seed=len(results) + 1)
+        except Exception:
+            entry = {"case": case.name, "ok": False, "error": traceback.format_exc()[-2000:]}
+        results.append(entry)
+        mark = "PASS" if entry["ok"] else "FAIL"
+        detail = " ".join(
+            f"{n} {entry[n]['err']:.2e}/{entry[n]['limit']:.2e}{'' if entry[n]['guards'] else ' GUARD'}"
+            for n in ("dq", "dk", "dv")
+            if n in entry
+        )
+        log(f"{mark} {case.name:36s} {detail} {entry.get('error', '')}")
+        if not entry["ok"] and "dq" in entry:
+            log("   ", json.dumps({n: entry[n].get("first_bad") for n in ("dq", "dk", "dv")}))
+    with open(os.path.join(OUT, "bwd_check.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+    passed = sum(r["ok"] for r in results)
+    log(f"checks: {passed}/{len(results)} passed")
+
+
+def register_backends() -> None:
+    from flash.registry import REGISTRY
+    from flash_cuda.backend import CudaBackend
+    from flash_triton.backend import TritonBackend
+
+    os.environ["FLASH_CUDA_HOPPER_BWD"] = "1"
+    for backend in (TritonBackend(), CudaBackend()):
+        try:
+            REGISTRY.register(backend)
+        except Exception as error:  # already registered through an entry point
+            log(f"register {backend.name}: {error}")
+
+
+def phase_conformance(args) -> None:
+    """flash.testing's GPU cases through flash.attention(backend="cuda"): the Hopper forward paired
+    with this backward by dispatch, gradients against the float64 oracle with the 2x-naive rule."""
+    from flash import dispatch
+    from flash.testing import check_backward, declared_reasons, gpu_cases
+    from flash.testing.conformance import make_inputs, spec_of
+
+    register_backends()
+    passed, failed, skipped = 0, [], []
+    for i, case in enumerate(gpu_cases()):
+        if not case.backward:
+            continue
+        reasons = declared_reasons("cuda", case, "cuda", "forward")
+        spec = spec_of(make_inputs(case, "cuda", seed=0))
+        chosen = dispatch.decide(spec, "backward", "cuda").chosen
+        if reasons or chosen != "cuda":
+            why = f" (forward: {'; '.join(reasons)})" if reasons else ""
+            skipped.append(f"{case.name}: backward by {chosen}{why}")
+            continue
+        try:
+            check_backward("cuda", case, "cuda", 1000 + i)
+            passed += 1
+        except Exception as error:
+            failed.append(f"{case.name}: {str(error)[:400]}")
+    for line in failed:
+        log("FAIL", line)
+    for line in skipped:
+        log("not this backward:", line)
+    log(f"conformance: {passed} passed, {len(failed)} failed, {len(skipped)} by another backward")
+    with open(os.path.join(OUT, "bwd_conformance.json"), "w") as fh:
+        json.dump({"passed": passed, "failed": failed, "skipped": skipped}, fh, indent=1)
+
+
+def kernel_ab(args) -> list[dict]:
+    """The backward alone (rows pass, main kernel, dQ pass) through hopper_bwd.backward, both consumer
+    structures, per bench case; and at the first case the rows pass and the workspace zeroing alone."""
+    import torch
+    import triton
+
+    from flash_cuda import hopper, hopper_bwd
+
+    out_rows = []
+    for n, (d, seqlen, causal) in enumerate(args.bench_cases):
+        b, h = 16384 // seqlen, 2048 // d
+        mk = lambda: torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+        q, k, v, do = mk(), mk(), mk(), mk()
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, seqlen, device="cuda", dtype=torch.float32)
+        scale = d**-0.5
+        window = (-1, 0) if causal else (-1, -1)
+        hopper.forward(
+            q, k, v, out, lse, seqlen_q=seqlen, seqlen_k=seqlen, heads_q=h, heads_kv=h, head_dim=d, scale=scale,
+            window=window,
+        )  # fmt: skip
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        flops = 2.5 * 4 * b * h * seqlen * seqlen * d / (2 if causal else 1)
+        row: dict = {"d": d, "seqlen": seqlen, "causal": causal}
+        for pipelined in (False, True) if d in hopper_bwd.PIPELINED_HEAD_DIMS else (False,):
+
+            def run(pipelined=pipelined):
+                hopper_bwd.backward(
+                    q, k, v, out, lse, do, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale,
+                    window=window, pipelined=pipelined,
+                )  # fmt: skip
+
+            ms = triton.testing.do_bench(run)
+            row["pipelined" if pipelined else "step_synchronous"] = {"ms": ms, "tflops": flops / ms * 1e-9}
+        if n == 0:
+            stream = torch.cuda.current_stream().cuda_stream
+            rows_fn, _ = hopper_bwd.row_kernels("bf16", 0)
+            row["rows_pass_ms"] = triton.testing.do_bench(
+                lambda: hopper_bwd._rows(rows_fn, out, do, lse, seqlen, h, stream, 0)
+            )
+            row["zeros_ms"] = triton.testing.do_bench(
+                lambda: torch.zeros(b, h, seqlen * d, device="cuda", dtype=torch.float32)
+            )
+        out_rows.append(row)
+        pipe = f", pipelined {row['pipelined']['tflops']:.0f}" if "pipelined" in row else ""
+        log(
+            f"kernel d{d} s{seqlen} {'causal' if causal else 'full'}: step-synchronous "
+            f"{row['step_synchronous']['tflops']:.0f} TFLOP/s{pipe}"
+            + (f"; rows pass {row['rows_pass_ms']:.3f} ms, zeroing {row['zeros_ms']:.3f} ms of "
+               f"{row['step_synchronous']['ms']:.3f}" if n == 0 else "")
+        )  # fmt: skip
+    return out_rows
+
+
+def phase_bench(args) -> None:
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flash
+
+    register_backends()
+    ab = kernel_ab(args)
+    rows = []
+    for d, seqlen, causal in args.bench_cases:
+        b, h = 16384 // seqlen, 2048 // d
+        fwd_flops = 4 * b * h * seqlen * seqlen * d / (2 if causal else 1)
+        mk = lambda: torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+        q, k, v = mk(), mk(), mk()
+        do = torch.randn(b, seqlen, h, d, device="cuda", dtype=torch.bfloat16)
+        row = {"d": d, "seqlen": seqlen, "causal": causal, "batch": b, "heads": h}
+
+        def flash_run(name):
+            return lambda: flash.attention(q, k, v, causal=causal, backend=name)
+
+        def sdpa_run():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal).transpose(1, 2)
+
+        for name, run in (("cuda", flash_run("cuda")), ("triton", flash_run("triton")), ("sdpa_cudnn", sdpa_run)):
+            try:
+                o = run()
+                grads = lambda o=o: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)  # noqa: E731
+                grads()
+                bwd_ms = triton.testing.do_bench(grads, warmup=25, rep=100)
+                fb = lambda run=run: torch.autograd.grad(run(), (q, k, v), do)  # noqa: E731
+                fb_ms = triton.testing.do_bench(fb, warmup=25, rep=100)
+                row[name] = {
+                    "bwd_ms": bwd_ms,
+                    "bwd_tflops": 2.5 * fwd_flops / bwd_ms * 1e-9,
+                    "fwd_bwd_ms": fb_ms,
+                    "fwd_bwd_tflops": 3.5 * fwd_flops / fb_ms * 1e-9,
+                }
+            except Exception as error:
+                row[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        rows.append(row)
+        parts = []
+        for name in ("cuda", "triton", "sdpa_cudnn"):
+            r = row[name]
+            parts.append(
+                f"{name} bwd {r['bwd_tflops']:.0f} f+b {r['fwd_bwd_tflops']:.0f}"
+                if "bwd_tflops" in r
+                else f"{name} ERR"
+            )
+        log(f"bench d{d} s{seqlen} {'causal' if causal else 'full'}: " + " | ".join(parts))
+        for name in ("cuda", "triton", "sdpa_cudnn"):
+            if "error" in row[name]:
+                log(f"   {name}: {row[name]['error']}")
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+    try:
+        import cupy
+
+        meta["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    with open(os.path.join(OUT, "bwd_bench.json"), "w") as fh:
+        json.dump({"meta": meta, "rows": rows, "kernel_ab": ab}, fh, indent=1)
+    log(json.dumps(meta))
+
+
+PHASES = {"compile": phase_compile, "check": phase_check, "conformance": phase_conformance, "bench": phase_bench}
+LIMITS = {"compile": 40, "check": 60, "conformance": 60, "bench": 75}
+
+
+def parse_bench(text: str) -> list[tuple[int, int, bool]]:
+    out = []
+    for item in text.split(","):
+        if not item:
+            continue
+        d, s, c = item.split(":")
+        out.append((int(d), int(s), c == "causal"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phases", default="compile,check,bench")
+    parser.add_argument("--bench", default="128:8192:full,128:8192:causal,128:4096:full,64:8192:full")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=int, default=0, help="seconds per phase (0: the defaults)")
+    args = parser.parse_args()
+    args.bench_cases = parse_bench(args.bench)
+    os.makedirs(OUT, exist_ok=True)
+    if args.phase:
+        PHASES[args.phase](args)
+        return
+    hung = False
+    for phase in args.phases.split(","):
+        if phase == "bench" and hung:
+            log("== bench skipped: an earlier phase hung (the kernel would hang the bench too)")
+            continue
+        limit = args.limit or LIMITS[phase]
+        log(f"== {phase} (limit {limit}s)")
+        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--bench", args.bench]
+        start = time.time()
+        try:
+            rc = subprocess.run(cmd, check=False, timeout=limit).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1  # timed out
+            hung = True
+        log(f"== {phase}: rc {rc} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

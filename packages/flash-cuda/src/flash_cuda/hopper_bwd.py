@@ -1,0 +1,424 @@
+"""Hopper (sm_90a) FlashAttention backward (issue 14): variants, source, compile and launch.
+
+The kernel (``kernels/hopper_bwd.cuh``, design comment at its top) runs one thread block per (batch,
+KV head, 128 keys): K and V stay in shared memory, dK and dV in registers, Q, dO, LSE and delta
+stream through a TMA ring, the five products are wgmma; dQ goes to an fp32 workspace by vectorised
+global reductions. Two memory-bound passes around it (``kernels/hopper_bwd_rows.cu``): the LSE in base 2 and delta =
+rowsum(dO o O) into padded per-row buffers before, dQ = workspace * scale in the inputs' dtype after.
+
+Kernel-level API (what the backend wires in): :func:`problem_reasons`, :func:`layout_reasons` and
+:func:`backward`. Like :mod:`flash_cuda.hopper` this imports neither flash-core nor CuPy at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from flash_cuda import hopper
+from flash_cuda.sources import inline_includes
+
+KERNEL_NAME = "flash_bwd_sm90"
+ENTRY_FILE = "hopper_bwd.cu"
+#: The passes around it (LSE_2 and delta before, dQ's conversion after), one module per 16-bit type.
+ROWS_FILE = "hopper_bwd_rows.cu"
+ROWS_KERNELS = ("flash_bwd_rows", "flash_bwd_dq")
+#: Compiled head dims; a problem's head dim rounds up (zero-filled columns). 192 and 256 would need
+#: dK and dV accumulators of 192-256 registers per thread with two consumer warpgroups of 64 keys.
+HEAD_DIMS = (64, 128)
+DTYPES = ("fp16", "bf16")
+#: Keys per thread block (two consumer warpgroups of 64) and query rows per step (Shape in the .cuh).
+BLOCK_N = 128
+BLOCK_M = 64
+STAGES = 2
+THREADS = 384
+SWIZZLE = 128
+LOG2E = hopper.LOG2E
+MAX_GRID = 2**31 - 1
+#: The consumer structure the backend launches per compiled head dim (BwdVariant.pipelined).
+PIPELINED = {64: True, 128: False}
+#: Head dims the pipelined consumer compiles for without spilling (d128: 40+ words, PERF_NOTES.md).
+PIPELINED_HEAD_DIMS = (64,)
+
+
+@dataclass(frozen=True)
+class BwdVariant:
+    """Everything that changes the compiled backward kernel."""
+
+    head_dim: int  # compiled (HEAD_DIMS)
+    dtype: str  # "fp16" or "bf16"
+    mask: int  # hopper.MASK_NONE, MASK_RIGHT (causal) or MASK_BOTH (window)
+    pipelined: bool = False  # consume_pipelined (dQ one step behind, no per-step barrier), else consume
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.head_dim not in HEAD_DIMS:
+            problems.append(f"head_dim {self.head_dim} not in {HEAD_DIMS}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} not in {DTYPES}")
+        if self.mask not in hopper.MASK_NAMES:
+            problems.append(f"mask {self.mask} not in {sorted(hopper.MASK_NAMES)}")
+        if self.pipelined and self.head_dim not in PIPELINED_HEAD_DIMS:
+            problems.append(f"the pipelined consumer spills at head_dim {self.head_dim} ({PIPELINED_HEAD_DIMS} only)")
+        if problems:
+            raise ValueError("invalid Hopper backward variant: " + "; ".join(problems))
+
+    # what hopper's TMA helpers read from a variant
+    fp8 = False
+    element_bytes = 2
+    swizzle = SWIZZLE
+    slab = SWIZZLE // 2
+    block_n = BLOCK_N
+    block_m = BLOCK_M
+    threads = THREADS
+
+    @property
+    def smem_bytes(self) -> int:
+        """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
+        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 5 mbarriers."""
+        d = self.head_dim
+        tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES + 4)
+
+    @property
+    def launch_smem(self) -> int:
+        return self.smem_bytes + hopper.SMEM_ALIGN_SLACK
+
+    def defines(self) -> tuple[str, ...]:
+        values = {
+            "HOPPER_BWD_D": self.head_dim,
+            "HOPPER_BWD_INPUT": hopper.INPUTS.index(self.dtype),
+            "HOPPER_BWD_MASK": self.mask,
+            "HOPPER_BWD_PIPELINED": int(self.pipelined),
+            "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
+        }
+        return tuple(f"-D{name}={value}" for name, value in values.items())
+
+    def options(self) -> tuple[str, ...]:
+        return (*hopper.BASE_OPTIONS, f"-arch={hopper.ARCH}", *self.defines())
+
+    def label(self) -> str:
+        pipe = " pipelined" if self.pipelined else ""
+        return f"bwd {self.dtype} d{self.head_dim} {hopper.MASK_NAMES[self.mask]} {BLOCK_N}x{BLOCK_M}{pipe}"
+
+
+def compiled_head_dim(head_dim: int) -> int:
+    for d in HEAD_DIMS:
+        if head_dim <= d:
+            return d
+    raise ValueError(f"head_dim {head_dim} > {HEAD_DIMS[-1]}")
+
+
+def shipped_variants() -> list[BwdVariant]:
+    """Every variant: both consumer structures where both compile without spilling (the backend
+    launches PIPELINED's; the other stays for A/B timings)."""
+    return [
+        BwdVariant(d, dtype, mask, pipelined)
+        for d in HEAD_DIMS
+        for dtype in DTYPES
+        for mask in sorted(hopper.MASK_NAMES)
+        for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS else (False,))
+    ]
+
+
+# ------------------------------------------------------------------ source
+
+
+def wgmma_source(variant: BwdVariant) -> str:
+    """The wgmma instructions of the variant: S^T and dP^T (N = BLOCK_M, shared-memory operands),
+    dQ = dS K (N = one 64-column slab, both operands transposed), dV and dK (N = head dim, A from
+    registers)."""
+    t = variant.dtype
+    methods: dict[int, str] = {BLOCK_M: "", variant.slab: ""}
+    methods.setdefault(variant.head_dim, "")
+    methods[BLOCK_M] += hopper._wgmma_method(BLOCK_M, t, t, register_a=False)
+    methods[variant.slab] += hopper._wgmma_method(variant.slab, t, t, register_a=False, transposed=True)
+    methods[variant.head_dim] += hopper._wgmma_method(variant.head_dim, t, t, register_a=True)
+    parts = [
+        f"// Generated by flash_cuda/hopper_bwd.py for {variant.label()}.",
+        "namespace flash_cuda {",
+        "namespace sm90 {",
+    ]
+    for n in sorted(methods):
+        parts.append(f"template <>\nstruct Wgmma<{n}> {{\n{methods[n]}}};")
+    parts += ["}  // namespace sm90", "}  // namespace flash_cuda"]
+    return "\n".join(parts)
+
+
+def source(variant: BwdVariant) -> str:
+    return inline_includes(ENTRY_FILE, {hopper.GENERATED_INCLUDE: wgmma_source(variant)})
+
+
+# ------------------------------------------------------------------ compile (CuPy)
+
+_kernels: dict[tuple[BwdVariant, int], tuple[int, Any]] = {}
+_lock = threading.Lock()
+
+
+def kernel(variant: BwdVariant, device_index: int) -> int:
+    """The CUfunction of ``variant`` on a device, compiled by NVRTC through CuPy (disk-cached)."""
+    key = (variant, device_index)
+    found = _kernels.get(key)
+    if found is not None:
+        return found[0]
+    import cupy
+
+    from flash_cuda import tensor_map
+
+    with _lock:
+        found = _kernels.get(key)
+        if found is None:
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(code=source(variant), options=variant.options(), backend="nvrtc")
+                raw = module.get_function(KERNEL_NAME)
+                function = int(raw.kernel.ptr)
+                tensor_map.set_max_dynamic_shared(function, variant.launch_smem)
+            found = _kernels[key] = (function, (module, raw))
+    return found[0]
+
+
+_row_kernels: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
+
+
+def row_source() -> str:
+    return inline_includes(ROWS_FILE)
+
+
+def row_options(dtype: str) -> tuple[str, ...]:
+    return (*hopper.BASE_OPTIONS, f"-arch={hopper.ARCH}", f"-DBWD_BF16={int(dtype == 'bf16')}")
+
+
+def row_kernels(dtype: str, device_index: int) -> tuple[int, int]:
+    """The CUfunctions (rows, dq) of the passes around the main kernel for a 16-bit type."""
+    key = (dtype, device_index)
+    found = _row_kernels.get(key)
+    if found is not None:
+        return found[0]
+    import cupy
+
+    with _lock:
+        found = _row_kernels.get(key)
+        if found is None:
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(code=row_source(), options=row_options(dtype), backend="nvrtc")
+                raws = [module.get_function(name) for name in ROWS_KERNELS]
+                functions = (int(raws[0].kernel.ptr), int(raws[1].kernel.ptr))
+            found = _row_kernels[key] = (functions, (module, raws))
+    return found[0]
+
+
+# ------------------------------------------------------------------ what it takes
+
+
+def problem_reasons(
+    *,
+    capability: tuple[int, int],
+    dtype: Any,
+    head_dim: int,
+    heads_q: int,
+    heads_kv: int,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    scale: float,
+    varlen: bool = False,
+    softcap: float = 0.0,
+    dropout: bool = False,
+    deterministic: bool = False,
+) -> list[str]:
+    """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout."""
+    reasons = []
+    if capability != (9, 0):
+        reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper backward needs sm_90 (wgmma, TMA)")
+    name = hopper.input_name(dtype)
+    if name not in DTYPES:
+        reasons.append(f"dtype {dtype}: the Hopper backward takes float16 and bfloat16")
+    if head_dim % 8 or not 8 <= head_dim <= HEAD_DIMS[-1]:
+        reasons.append(
+            f"head_dim {head_dim}: the Hopper backward has head dims up to {HEAD_DIMS[-1]} (multiples of 8); "
+            "192/256 would need more accumulator registers than two 64-key warpgroups have"
+        )
+    if heads_kv <= 0 or heads_q % heads_kv:
+        reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
+    if varlen:
+        reasons.append("varlen: not in the Hopper backward's first slice (its LSE/delta/dQ buffers are per batch row)")
+    if softcap:
+        reasons.append("softcap: the Hopper backward does not apply the tanh derivative yet")
+    if dropout:
+        reasons.append("dropout: the Hopper backward does not regenerate the core's dropout mask yet")
+    if deterministic:
+        reasons.append("deterministic: the Hopper backward sums dQ by atomic bulk reductions (order varies run to run)")
+    if scale <= 0 or not math.isfinite(scale):
+        reasons.append(f"scale {scale}: must be positive and finite")
+    if seqlen_q == 0 or seqlen_k == 0:
+        reasons.append("an empty sequence (nothing for TMA to map)")
+    if max(seqlen_q, seqlen_k) > hopper.MAX_SEQLEN:
+        reasons.append(f"sequences longer than {hopper.MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif heads_kv > 0 and -(-seqlen_k // BLOCK_N) * heads_kv * batch > MAX_GRID:
+        reasons.append("more than 2^31 - 1 thread blocks")
+    return reasons
+
+
+def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], item: int, address: int) -> list[str]:
+    """Why TMA cannot read the canonical ``(b, s, h, d)`` tensor ``name`` (empty: it can)."""
+    return hopper.layout_reasons(name, shape, strides, item, address)
+
+
+# ------------------------------------------------------------------ launch
+
+
+# The two host helpers below are this module's own (not hopper.py's) so that the forward's launch path
+# can change without touching the backward's: a tensor map encoded once per tensor geometry, and one
+# cuLaunchKernel of a 1-D grid with ctypes parameters.
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_map(address: int, dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> Any:
+    from flash_cuda import tensor_map
+
+    return tensor_map.encode_tiled(address, dtype, dims, strides, box, swizzle)
+
+
+def _tensor_map(t: Any, rows: int, variant: BwdVariant) -> Any:
+    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)."""
+    b, s, h, d = t.shape
+    dims = (d, h, s, b)
+    box = (variant.slab, 1, rows, 1)
+    return _encoded_map(t.data_ptr(), variant.dtype, dims, tuple(hopper._map_strides(t)), box, variant.swizzle)
+
+
+def _launch(function: int, grid: int, block: int, smem: int, stream: int, args: list[Any]) -> None:
+    """cuLaunchKernel of a 1-D grid in the current context; ``args``: ctypes values of the kernel's
+    exact parameter types, in order (a TensorMap for a tensor-map parameter)."""
+    import ctypes
+
+    from flash_cuda import tensor_map
+
+    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    code = tensor_map.driver().cuLaunchKernel(
+        ctypes.c_void_p(function), grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), params, None
+    )
+    tensor_map._check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem})")
+
+
+def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
+    """The dQ workspace (batch, heads, s_pad * D) as (batch, heads, s_pad, D) rows. The kernel writes
+    it by 64 x 64 tiles (query block, head-dim slab), each in the accumulator's fragment order:
+    float ((2 i + r) * 128 + t) * 2 + c holds row 16 (t / 32) + (t % 32) / 4 + 8 r, column
+    8 i + 2 (t % 4) + c of the tile (thread t of the warpgroup, n8 tile i, row half r)."""
+    b, h = dq_acc.shape[:2]
+    blocks, slabs = s_pad // BLOCK_M, head_dim // (SWIZZLE // 2)
+    # (b, h, block, slab, i, r, warp, lane row, lane col, c)
+    t = dq_acc.view(b, h, blocks, slabs, 8, 2, 4, 8, 4, 2)
+    # rows: warp, r, lane row; columns: slab, i, lane col, c
+    return t.permute(0, 1, 2, 6, 5, 7, 3, 4, 8, 9).reshape(b, h, s_pad, head_dim)
+
+
+def backward(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    dout: Any,
+    dq: Any,
+    dk: Any,
+    dv: Any,
+    *,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    window: tuple[int, int] = (-1, -1),
+    scale: float,
+    pipelined: bool | None = None,
+) -> None:
+    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
+    None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
+    heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
+    heads_q, seqlen_q), natural log (any backend's forward)."""
+    import ctypes
+
+    import torch
+
+    dtype = hopper.input_name(q.dtype)
+    assert dtype in DTYPES, q.dtype
+    d = compiled_head_dim(head_dim)
+    variant = _variant(d, dtype, hopper.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
+    if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
+        dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
+    if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
+        out = out.contiguous()  # the rows pass reads 16 bytes at a time
+    s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
+    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    rows_fn, dq_fn = row_kernels(dtype, device)
+    lse2, delta = _rows(rows_fn, out, dout, lse, s_pad, heads_q, stream, device)
+    dq_acc = torch.zeros((batch, heads_q, s_pad * variant.head_dim), dtype=torch.float32, device=q.device)
+    function = kernel(variant, device)
+    maps = (
+        _tensor_map(q, BLOCK_M, variant),
+        _tensor_map(k, BLOCK_N, variant),
+        _tensor_map(v, BLOCK_N, variant),
+        _tensor_map(dout, BLOCK_M, variant),
+    )
+    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_uint64
+    args = [
+        *maps,
+        ptr(dk.data_ptr()),
+        ptr(dv.data_ptr()),
+        ptr(dq_acc.data_ptr()),
+        ptr(lse2.data_ptr()),
+        ptr(delta.data_ptr()),
+        *[i64(x) for x in dk.stride()[:3]],
+        *[i64(x) for x in dv.stride()[:3]],
+        i32(seqlen_q),
+        i32(seqlen_k),
+        i32(s_pad),
+        i32(heads_q),
+        i32(heads_q // heads_kv),
+        i32(head_dim),
+        i32(hopper._reach(window[0])),
+        i32(hopper._reach(window[1])),
+        f32(scale * LOG2E),
+        f32(scale),
+    ]
+    grid = -(-seqlen_k // BLOCK_N) * heads_kv * batch
+    with torch.cuda.device(device):
+        _launch(function, grid, THREADS, variant.launch_smem, stream, args)
+        pairs = dq_acc.numel() // 2
+        dq_args: list[Any] = [
+            ptr(dq_acc.data_ptr()), ptr(dq.data_ptr()), *[i64(x) for x in dq.stride()[:3]], i32(heads_q),
+            i32(seqlen_q), i32(s_pad), i32(variant.head_dim), i32(head_dim), f32(scale), i64(pairs),
+        ]  # fmt: skip
+        _launch(dq_fn, -(-pairs // 256), 256, 0, stream, dq_args)
+
+
+def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, stream: int, device: int) -> Any:
+    """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch)."""
+    import ctypes
+
+    import torch
+
+    b, sq, h, d = out.shape
+    for t in (out, dout):
+        assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:3]), "16-byte rows"
+    lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=out.device)
+    delta = torch.empty_like(lse2)
+    rows = b * h * s_pad
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64
+    args = [
+        ptr(out.data_ptr()), ptr(dout.data_ptr()), ptr(lse.data_ptr()), ptr(lse2.data_ptr()), ptr(delta.data_ptr()),
+        *[i64(x) for x in out.stride()[:3]], *[i64(x) for x in dout.stride()[:3]], *[i64(x) for x in lse.stride()],
+        i32(heads), i32(sq), i32(s_pad), i32(d), i64(rows),
+    ]  # fmt: skip
+    with torch.cuda.device(device):
+        _launch(function, -(-rows // 8), 256, 0, stream, args)
+    return lse2, delta
+
+
+_variant = functools.lru_cache(maxsize=64)(BwdVariant)

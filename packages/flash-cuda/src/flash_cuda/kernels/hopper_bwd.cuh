@@ -1,0 +1,665 @@
+// FlashAttention backward for Hopper (sm_90a): TMA loads, wgmma, a producer warpgroup and two
+// consumer warpgroups (issue 14).
+//
+// One thread block per (batch, KV head, key block of BN = 128 keys). K and V of the block are loaded
+// once (TMA) and stay in shared memory; dK and dV accumulate in registers. The block walks every query
+// head of its KV head's GQA group and, per head, every block of BM = 64 query rows that sees one of
+// its keys, streaming Q, dO and the per-row LSE (base 2) and delta = rowsum(dO o O) through a ring of
+// STAGES buffers (TMA for the tiles, 1-D bulk copies for the rows' values).
+//
+//  * warpgroup 0, the producer: one thread issues the loads; the warpgroup gives its registers away.
+//  * warpgroups 1 and 2, the consumers: each owns 64 of the block's keys and, per query block, runs
+//      S^T  = K Q^T          (wgmma, both operands K-major in shared memory; rows are keys)
+//      dP^T = V dO^T         (likewise)
+//      P^T  = exp2(S^T * scale * log2 e - LSE_2[query])      (masked scores: -inf)
+//      dS^T = P^T o (dP^T - delta[query])
+//      dV  += P^T dO         (A = P^T from registers, B = dO N-major in shared memory)
+//      dK  += dS^T Q         (A = dS^T from registers, B = Q N-major)
+//      dQ   = dS K           (A = dS^T of both warpgroups, stored to shared memory and read M-major
+//                             through the descriptor's transpose bit, B = K N-major: all 128 keys,
+//                             so the two warpgroups' parts are summed before they leave the SM)
+//    The accumulator of S^T already has the register layout of the A operand of dV += P^T dO (as
+//    P in the forward's O += P V), so P^T and dS^T never cross lanes.
+//    dQ is split by 64-column slabs of the head dim: warpgroup w takes slab w (d128); with one slab
+//    (d64) the warpgroups take turns, step by step (walk(): compile-time turns). The slab's 64 x 64
+//    fp32 tile goes to shared memory in the accumulator's fragment order (conflict-free 8-byte
+//    stores) and from there, by one 16 KB bulk reduction (cp.reduce.async.bulk .add.f32), into a
+//    workspace laid out in the same order.
+//    Two consumer structures: consume (order per step: dV, a barrier for both dS^T, dQ, dK; dQ is
+//    staged and sent while dK runs) and consume_pipelined (the dQ of step t - 1 between dV and dK of
+//    step t, mbarriers on double-buffered dS^T instead of the per-step barrier; d64 only, it spills
+//    at d128).
+// Around the kernel (kernels/hopper_bwd_rows.cu): a rows pass writes LSE_2 and delta into buffers
+// padded to whole query blocks, and a dQ pass converts the workspace (times scale, fragment order
+// undone) to the inputs' dtype. dK is stored times scale.
+//
+// Rows past the query sequence get LSE_2 = +inf (P = 0) from the padded buffers, so only the key
+// bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
+// aligned): query row i sees key j iff j < len_k and -left <= j - i - (len_k - len_q) <= right.
+#pragma once
+
+#include "hopper_fwd.cuh"
+
+namespace flash_cuda {
+namespace hopper_bwd {
+
+using namespace sm90;
+using hopper::Acc;
+using hopper::Operand;
+using hopper::Ring;
+using hopper::SmemTile;
+
+// Named barriers (0 is __syncthreads): 1 + w for consumer warpgroup w alone, BOTH_BARRIER for both.
+constexpr int BOTH_BARRIER = 3;
+
+template <int D_, int INPUT_, int MASK_, bool PIPELINED_>
+struct Shape {
+  static constexpr bool PIPELINED = PIPELINED_;  // consume_pipelined, else consume
+  static constexpr int D = D_;
+  static constexpr int INPUT = INPUT_;
+  static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
+  static constexpr int BN = 128;      // keys per block: 64 per consumer warpgroup
+  static constexpr int BM = 64;       // query rows per step (one 128-byte swizzle row of dS^T)
+  static constexpr int CONSUMERS = 2;
+  static constexpr int STAGES = 2;
+  static constexpr int THREADS = 128 * (CONSUMERS + 1);
+  static constexpr int ELEM = 2;
+  static constexpr bool FP8 = false;
+  static constexpr int SWIZZLE = (D * ELEM) % 128 == 0 ? 128 : 64;
+  static constexpr int SLAB = SWIZZLE / ELEM;
+  // Shared memory (1024-byte aligned base): K, V, the Q and dO rings, the consumers' dS^T tiles,
+  // the LSE_2 and delta rings, the mbarriers.
+  static constexpr int KV_BYTES = BN * D * ELEM;
+  static constexpr int Q_BYTES = BM * D * ELEM;
+  static constexpr int DS_BYTES = 64 * BM * ELEM;  // one warpgroup's dS^T (64 keys x BM queries)
+  static constexpr int SLABS = D / SLAB;
+  static constexpr int DQ_TILE = BM * SLAB;  // floats of one dQ slab tile (16 KB)
+  static constexpr int ROW_BYTES = BM * 4;
+  static constexpr int K_OFFSET = 0;
+  static constexpr int V_OFFSET = KV_BYTES;
+  static constexpr int Q_OFFSET = 2 * KV_BYTES;
+  static constexpr int DO_OFFSET = Q_OFFSET + STAGES * Q_BYTES;
+  static constexpr int DS_OFFSET = DO_OFFSET + STAGES * Q_BYTES;
+  // dS^T tiles: two buffers (step parity) of both warpgroups', then one dQ staging tile per warpgroup
+  static constexpr int DQ_OFFSET = DS_OFFSET + 2 * CONSUMERS * DS_BYTES;
+  static constexpr int LSE_OFFSET = DQ_OFFSET + CONSUMERS * DQ_TILE * 4;
+  static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
+  static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
+  static constexpr int BARRIERS = 1 + 2 * STAGES + 4;  // kv_full, full/empty per stage, ds_full/ds_empty x 2
+  static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
+  static constexpr int PRODUCER_REGISTERS = 24;
+  static constexpr int CONSUMER_REGISTERS = 240;
+  static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
+  // Per query block: Q and dO tiles, LSE_2 and delta rows.
+  static constexpr int STEP_BYTES = 2 * Q_BYTES + 2 * ROW_BYTES;
+
+  static_assert(SWIZZLE == 128, "head dims whose rows are whole 128-byte swizzle spans (64, 128, 192, 256)");
+  static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim");
+  static_assert(BM * ELEM == 128, "a dS^T row is one 128-byte swizzle span");
+  static_assert(SLABS <= CONSUMERS, "dQ: at most one 64-column slab per consumer warpgroup");
+  static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
+  static_assert((CONSUMER_REGISTERS - ENTRY_REGISTERS) * CONSUMERS <= ENTRY_REGISTERS - PRODUCER_REGISTERS,
+                "the consumers take more registers than the producer frees");
+};
+
+// Kernel arguments other than the tensor maps (see hopper_bwd.cu and flash_cuda/hopper_bwd.py).
+struct Params {
+  u16* dk;
+  u16* dv;
+  float* dq_acc;       // (batch, heads_q, s_pad / BM, D / SLAB, BM * SLAB) fp32 in fragment order, zeroed
+  const float* lse2;   // (batch, heads_q, s_pad): LSE * log2(e); +inf for rows without keys or past len_q
+  const float* delta;  // (batch, heads_q, s_pad): rowsum(dO o O); 0 past len_q
+  i64 dk_sb, dk_ss, dk_sh, dv_sb, dv_ss, dv_sh;
+  int seqlen_q, seqlen_k, s_pad, heads_q, group, head_dim;
+  int win_left, win_right;  // window reach (a large value for an unbounded side)
+  float score_log2;         // scale * log2(e)
+  float scale;              // softmax scale (dK is stored times it)
+};
+
+// Floor and ceiling of a / b for b > 0 and any sign of a.
+__device__ __forceinline__ i64 floor_div(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ i64 ceil_div(i64 a, i64 b) { return -floor_div(-a, b); }
+
+// The key block's work: which query blocks see one of its keys, and which of them need the mask.
+template <class S>
+struct Block {
+  int batch, kv_head, n0, m_lo, m_hi;
+  // Query blocks m with free_lo <= m < free_hi need no element mask (every key of the block below
+  // len_k and inside both edges for every row); two bounds, so that few values stay live.
+  int free_lo, free_hi;
+
+  __device__ __forceinline__ void set(const Params& p) {
+    // blockIdx.x = (batch * heads_kv + kv_head) * key_blocks + key block
+    const int key_blocks = (p.seqlen_k + S::BN - 1) / S::BN, heads_kv = p.heads_q / p.group;
+    const int pair = (int)blockIdx.x / key_blocks;
+    n0 = ((int)blockIdx.x - pair * key_blocks) * S::BN;
+    kv_head = pair % heads_kv;
+    batch = pair / heads_kv;
+    const i64 off = (i64)p.seqlen_k - p.seqlen_q;
+    i64 q_lo = 0, q_hi = p.seqlen_q;
+    // key j is seen by query i iff j - i - off <= right (i >= j - off - right) and >= -left
+    if constexpr (S::MASK >= 1) q_lo = max((i64)0, (i64)n0 - off - p.win_right);
+    if constexpr (S::MASK == 2) {
+      const i64 last_key = min((i64)n0 + S::BN, (i64)p.seqlen_k) - 1;
+      q_hi = min(q_hi, last_key - off + p.win_left + 1);
+    }
+    m_lo = m_hi = 0;
+    if (q_hi > q_lo) {
+      m_lo = (int)(q_lo / S::BM);
+      m_hi = (int)((q_hi + S::BM - 1) / S::BM);
+    }
+    // right edge: (n0 + BN - 1) - m0 - off <= right for every element; left: n0 - (m0 + BM - 1) - off >= -left
+    i64 lo = 0, hi = (i64)1 << 30;
+    if constexpr (S::MASK >= 1) lo = ceil_div((i64)n0 + S::BN - 1 - off - p.win_right, S::BM);
+    if constexpr (S::MASK == 2) hi = floor_div((i64)n0 - off + p.win_left - S::BM + 1, S::BM) + 1;
+    if (n0 + S::BN > p.seqlen_k) lo = hi;  // keys past len_k: every block masked
+    free_lo = (int)max((i64)-1, min(lo, (i64)1 << 30));
+    free_hi = (int)max((i64)-1, min(hi, (i64)1 << 30));
+  }
+
+  __device__ __forceinline__ bool masked(int m) const { return m < free_lo || m >= free_hi; }
+};
+
+template <class S>
+struct Smem {
+  u32 base;
+  __device__ __forceinline__ SmemTile<S::BN, S> k() const { return {base + S::K_OFFSET}; }
+  __device__ __forceinline__ SmemTile<S::BN, S> v() const { return {base + S::V_OFFSET}; }
+  __device__ __forceinline__ SmemTile<S::BM, S> q(int st) const { return {base + S::Q_OFFSET + st * S::Q_BYTES}; }
+  __device__ __forceinline__ SmemTile<S::BM, S> dout(int st) const { return {base + S::DO_OFFSET + st * S::Q_BYTES}; }
+  __device__ __forceinline__ u32 ds(int buf, int wg) const {
+    return base + S::DS_OFFSET + (buf * S::CONSUMERS + wg) * S::DS_BYTES;
+  }
+  __device__ __forceinline__ u32 dq(int wg) const { return base + S::DQ_OFFSET + wg * S::DQ_TILE * 4; }
+  __device__ __forceinline__ u32 lse(int st) const { return base + S::LSE_OFFSET + st * S::ROW_BYTES; }
+  __device__ __forceinline__ u32 delta(int st) const { return base + S::DELTA_OFFSET + st * S::ROW_BYTES; }
+  __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
+  __device__ __forceinline__ u32 kv_full() const { return barrier(0); }
+  __device__ __forceinline__ u32 full(int st) const { return barrier(1 + st); }
+  __device__ __forceinline__ u32 empty(int st) const { return barrier(1 + S::STAGES + st); }
+  __device__ __forceinline__ u32 ds_full(int buf) const { return barrier(1 + 2 * S::STAGES + buf); }
+  __device__ __forceinline__ u32 ds_empty(int buf) const { return barrier(3 + 2 * S::STAGES + buf); }
+
+  __device__ void init() const {
+    mbarrier_init(kv_full(), 1);
+#pragma unroll
+    for (int st = 0; st < S::STAGES; ++st) {
+      mbarrier_init(full(st), 1);
+      mbarrier_init(empty(st), 4 * S::CONSUMERS);
+    }
+#pragma unroll
+    for (int buf = 0; buf < 2; ++buf) {
+      mbarrier_init(ds_full(buf), 4 * S::CONSUMERS);               // every consumer warp stored its dS^T
+      mbarrier_init(ds_empty(buf), 4 * (S::SLABS == 1 ? 1 : 2));  // the warps of the dQ products done
+    }
+    fence_barrier_init();
+  }
+};
+
+// ------------------------------------------------------------------ producer
+
+template <class S>
+__device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk, const TensorMap* q_map,
+                        const TensorMap* k_map, const TensorMap* v_map, const TensorMap* do_map) {
+  tma_prefetch_map(q_map);
+  tma_prefetch_map(k_map);
+  tma_prefetch_map(v_map);
+  tma_prefetch_map(do_map);
+  mbarrier_arrive_expect(sm.kv_full(), 2 * S::KV_BYTES);
+  hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
+  hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
+  Ring<S::STAGES> ring;
+  const int blocks = blk.m_hi - blk.m_lo;
+  // one loop over (query head of the group, query block): fewer values live across the steps
+  for (int it = 0; it < p.group * blocks; ++it) {
+    const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
+    const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+    const int m0 = m * S::BM;
+    mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
+    const u32 bar = sm.full(ring.stage);
+    mbarrier_arrive_expect(bar, S::STEP_BYTES);
+    hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, m0, blk.batch);
+    hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, m0, blk.batch);
+    bulk_load(sm.lse(ring.stage), p.lse2 + rows + m0, S::ROW_BYTES, bar);
+    bulk_load(sm.delta(ring.stage), p.delta + rows + m0, S::ROW_BYTES, bar);
+    ring.advance();
+  }
+}
+
+// ------------------------------------------------------------------ consumers
+
+// Operand of a product whose B is read N-major from rows row0 .. of a (ROWS x D) tile, head-dim
+// columns of slab `slab` only (dQ's B: 64 keys of K, one slab of columns).
+template <int ROWS, class S>
+__device__ __forceinline__ u64 n_major_rows(const SmemTile<ROWS, S>& t, int row0, int slab) {
+  constexpr int SLAB_BYTES = SmemTile<ROWS, S>::SLAB_BYTES;
+  return smem_descriptor<S::SWIZZLE>(t.base + slab * SLAB_BYTES + row0 * S::SWIZZLE, SLAB_BYTES, 8 * S::SWIZZLE);
+}
+
+// The -inf of the scores (rows: keys, columns: queries) no query may see. `key`: the thread's row 0
+// key; `q0`: the query of its element (0, row, 0).
+template <int MASK, int N>
+__device__ __forceinline__ void mask_transposed(Acc<N>& s, int key, int q0, int len_k, int off, int left, int right) {
+#pragma unroll
+  for (int i = 0; i < Acc<N>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = key + 8 * r, q = q0 + 8 * i + c;
+        const int delta = j - q - off;
+        bool visible = j < len_k;
+        if constexpr (MASK >= 1) visible = visible && delta <= right;
+        if constexpr (MASK == 2) visible = visible && delta >= -left;
+        if (!visible) s.at(i, r, c) = neg_inf();
+      }
+    }
+  }
+}
+
+template <class S>
+__device__ __forceinline__ float ld_shared_f32(u32 address) {
+  return __uint_as_float(ld_shared_u32(address));
+}
+
+// 16-bit values of a (rows x D) accumulator (rows: the thread's two keys) to global memory, times `factor`.
+template <class S>
+__device__ __forceinline__ void store_rows(u16* base, i64 ss, int key, int len_k, int head_dim, int quad_col,
+                                           Acc<S::D>& a, float factor) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = key + 8 * r;
+    if (j >= len_k) continue;
+    u16* dst = base + (i64)j * ss;
+#pragma unroll
+    for (int i = 0; i < Acc<S::D>::TILES; ++i) {
+      const int col = 8 * i + quad_col;
+      if (col < head_dim) {
+        *reinterpret_cast<u32*>(dst + col) =
+            pack2<S::INPUT == hopper::INPUT_BF16>(a.at(i, r, 0) * factor, a.at(i, r, 1) * factor);
+      }
+    }
+  }
+}
+
+// What a consumer thread keeps about itself.
+template <class S>
+struct Lane {
+  int wg, tid, lane_row, quad_col, key;
+  bool warp_leader;
+  __device__ __forceinline__ Lane(const Block<S>& blk, int wg_) : wg(wg_) {
+    tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32;
+    lane_row = 16 * warp + lane / 4;  // the thread's row 0 within the warpgroup's 64 keys
+    quad_col = 2 * (lane % 4);
+    warp_leader = lane == 0;
+    key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
+  }
+};
+
+// The step `it` of the (query head, query block) walk.
+template <class S>
+struct Step {
+  int m;
+  i64 rows;  // (batch * heads_q + head) * s_pad: the head's first row in the per-row buffers
+  __device__ __forceinline__ Step(const Params& p, const Block<S>& blk, int it, int blocks) {
+    const int head = blk.kv_head * p.group + it / blocks;
+    m = blk.m_lo + it % blocks;
+    rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+  }
+  // The workspace's 64 x 64 dQ tile of (this query block, head-dim slab).
+  __device__ __forceinline__ u64 dq_tile(int slab) const { return (u64)((rows / S::BM + m) * S::SLABS + slab); }
+};
+
+// Issue S^T = K Q^T and dP^T = V dO^T for the warpgroup's 64 keys, two groups.
+template <class S>
+__device__ __forceinline__ void issue_s_dp(Acc<S::BM>& s, Acc<S::BM>& dp, const SmemTile<S::BN, S>& kt,
+                                           const SmemTile<S::BN, S>& vt, const SmemTile<S::BM, S>& qt,
+                                           const SmemTile<S::BM, S>& dot, int wg) {
+  hopper::pin(s);
+  hopper::pin(dp);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(s.v, kt.k_major(64 * wg, kk), qt.k_major(0, kk), kk > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int kk = 0; kk < S::D * S::ELEM / 32; ++kk) Wgmma<S::BM>::ss(dp.v, vt.k_major(64 * wg, kk), dot.k_major(0, kk), kk > 0);
+  wgmma_commit();
+  hopper::pin(s);
+  hopper::pin(dp);
+}
+
+// P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first).
+template <class S>
+__device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
+                                            Acc<S::BM>& s) {
+  if (blk.masked(m)) {
+    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, p.seqlen_k, p.seqlen_k - p.seqlen_q, p.win_left,
+                             p.win_right);
+  }
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + ln.quad_col + c));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
+    }
+  }
+}
+
+// dS^T = P^T o (dP^T - delta), in place of dP^T.
+template <class S>
+__device__ __forceinline__ void dp_to_ds(const Lane<S>& ln, u32 delta_row, const Acc<S::BM>& pt, Acc<S::BM>& dp) {
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + ln.quad_col + c));
+#pragma unroll
+      for (int r = 0; r < 2; ++r) dp.at(i, r, c) = pt.v[4 * i + 2 * r + c] * (dp.at(i, r, c) - dl);
+    }
+  }
+}
+
+// dS^T to the warpgroup's tile: row = key (64 rows), 64 queries of 2 bytes per row (128-byte
+// swizzle). Operand register 2i + r holds row r, queries 8i + quad_col, + 1.
+template <class S>
+__device__ __forceinline__ void store_ds(const Lane<S>& ln, u32 tile, const Operand<S::BM, 2>& dsm) {
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const u32 offset = (u32)(ln.lane_row + 8 * r) * 128u + (u32)(8 * i + ln.quad_col) * 2u;
+      st_shared_u32(tile + swizzled<128>(offset), dsm.v[2 * i + r]);
+    }
+  }
+}
+
+// D (+)= A B with A from registers (P^T or dS^T) and B = a (BM x D) tile read N-major (dO or Q).
+template <class S>
+__device__ __forceinline__ void issue_rs(Acc<S::D>& acc, const Operand<S::BM, 2>& a, const SmemTile<S::BM, S>& b) {
+#pragma unroll
+  for (int kk = 0; kk < S::BM / 16; ++kk) {
+    Wgmma<S::D>::rs(acc.v, a.v[4 * kk], a.v[4 * kk + 1], a.v[4 * kk + 2], a.v[4 * kk + 3], b.n_major(kk), 1);
+  }
+}
+
+// Issue dQ = dS K for one slab: A = both warpgroups' dS^T of buffer `buf` read M-major, B = all
+// 128 keys of K read N-major.
+template <class S>
+__device__ __forceinline__ void issue_dq(Acc<S::SLAB>& dq, const Smem<S>& sm, int buf, const SmemTile<S::BN, S>& kt,
+                                         int slab) {
+  hopper::pin(dq);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < S::BN / 16; ++kk) {
+    const u64 a = smem_descriptor<128>(sm.ds(buf, kk / 4) + (kk % 4) * 16 * 128, S::DS_BYTES, 8 * 128);
+    Wgmma<S::SLAB>::ss_t(dq.v, a, n_major_rows(kt, 16 * kk, slab), kk > 0);
+  }
+  wgmma_commit();
+  hopper::pin(dq);
+}
+
+// A completed dQ slab to the workspace: staged in the fragment order (thread 0 of the warpgroup
+// first waits until its last bulk reduction has read the staging tile), then one bulk reduction.
+template <class S>
+__device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, const Lane<S>& ln, Acc<S::SLAB>& dq,
+                                        u64 tile) {
+  if (ln.tid == 0) bulk_wait_read<0>();
+  named_barrier_sync(1 + ln.wg, 128);
+  const u32 staging = sm.dq(ln.wg);
+#pragma unroll
+  for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      st_shared_v2_f32(staging + (u32)(((2 * i + r) * 128 + ln.tid) * 8), dq.at(i, r, 0), dq.at(i, r, 1));
+    }
+  }
+  fence_proxy_async();
+  named_barrier_sync(1 + ln.wg, 128);
+  if (ln.tid == 0) {
+    bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
+    bulk_commit();
+  }
+}
+
+// dK (times scale) and dV of the warpgroup's keys, after the last bulk reduction is done.
+template <class S>
+__device__ __forceinline__ void finish(const Params& p, const Block<S>& blk, const Lane<S>& ln, Acc<S::D>& dk,
+                                       Acc<S::D>& dv) {
+  if (ln.tid == 0) bulk_wait<0>();  // the bulk reductions, before the block's shared memory goes
+  store_rows<S>(p.dk + (i64)blk.batch * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, ln.key, p.seqlen_k, p.head_dim,
+                ln.quad_col, dk, p.scale);
+  store_rows<S>(p.dv + (i64)blk.batch * p.dv_sb + blk.kv_head * p.dv_sh, p.dv_ss, ln.key, p.seqlen_k, p.head_dim,
+                ln.quad_col, dv, 1.f);
+}
+
+// A compile-time flag for the generic step lambdas (C++17).
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
+// Whether warpgroup WG computes a dQ slab of step t: always for d128 (slab WG); for d64 (one
+// slab) every other step, the warpgroups in turn (t = -1 is the pipelined consumer's zero step).
+template <class S, int WG>
+__device__ __forceinline__ bool dq_turn(int t) {
+  return S::SLABS == 1 ? (t & 1) == WG : true;
+}
+
+// Runs step(Flag<dq>, it) for it = 0 .. steps - 1, dq = dq_turn(it - LAG): with LAG = 1 (the
+// pipelined consumer) step it computes the dQ of step it - 1. Every branch on dq is resolved at
+// compile time (two steps per round for d64): ptxas serialises every wgmma of the kernel (C7514)
+// when one is issued under a run-time condition inside the loop, and peeling a step made it spill.
+template <class S, int WG, int LAG, class Step>
+__device__ __forceinline__ void walk(int steps, Step&& step) {
+  if constexpr (S::SLABS == 2) {
+    for (int it = 0; it < steps; ++it) step(Flag<true>{}, it);
+  } else {
+    // dq_turn(it - LAG) for even it: (LAG & 1) == WG
+    int it = 0;
+    for (; it + 1 < steps; it += 2) {
+      step(Flag<WG == LAG>{}, it);
+      step(Flag<WG != LAG>{}, it + 1);
+    }
+    if (it < steps) step(Flag<WG == LAG>{}, it);
+  }
+}
+
+// The step-synchronous consumer: per step S^T and dP^T, P^T and dS^T, dV; then (both warpgroups'
+// dS^T stored: a barrier) dQ of this step and dK, dQ staged and sent while dK runs.
+template <class S, int WG>
+__device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
+  constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
+  const Lane<S> ln(blk, WG);
+  constexpr int slab = S::SLABS == 1 ? 0 : WG;
+  Acc<S::D> dk, dv;
+  hopper::fill(dk, 0.f);
+  hopper::fill(dv, 0.f);
+  Acc<S::BM> s, dp;
+  Operand<S::BM, 2> pm, dsm;
+
+  mbarrier_wait(sm.kv_full(), 0);
+  const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
+  Ring<S::STAGES> ring;
+  const int blocks = blk.m_hi - blk.m_lo;
+  // one walk over (query head of the group, query block): fewer values live across the steps
+  walk<S, WG, 0>(p.group * blocks, [&](auto has_dq, int it) {
+    constexpr bool DQ = decltype(has_dq)::value;
+    const Step<S> st(p, blk, it, blocks);
+    const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
+    mbarrier_wait(sm.full(ring.stage), ring.phase);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
+    wgmma_wait<1>();
+    hopper::pin(s);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
+    wgmma_wait<0>();
+    hopper::pin(dp);
+    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    hopper::to_operand<BF16>(s, pm);
+    hopper::to_operand<BF16>(dp, dsm);
+    const int buf = it & 1;  // the step's dS^T buffer (both warpgroups count steps alike)
+    store_ds<S>(ln, sm.ds(buf, WG), dsm);
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    wgmma_fence();
+    issue_rs<S>(dv, pm, dot);
+    wgmma_commit();
+    hopper::pin(dv);
+    fence_proxy_async();
+    named_barrier_sync(BOTH_BARRIER, 256);
+    Acc<S::SLAB> dq;
+    if constexpr (DQ) issue_dq<S>(dq, sm, buf, kt, slab);
+    wgmma_fence();
+    issue_rs<S>(dk, dsm, qt);
+    wgmma_commit();
+    hopper::pin(dk);
+    if constexpr (DQ) {
+      wgmma_wait<1>();
+      hopper::pin(dq);
+      send_dq<S>(p, sm, ln, dq, st.dq_tile(slab));
+    }
+    wgmma_wait<0>();
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ring.advance();
+  });
+  finish<S>(p, blk, ln, dk, dv);
+}
+
+// The pipelined consumer: dQ of step it - 1 runs between dV and dK of step it and is sent while dK
+// runs, so a warpgroup needs the other's dS^T of a step only one step later: the warpgroups meet
+// through the dS^T buffers' mbarriers (ds_full: both warpgroups stored theirs; ds_empty: the dQ
+// products that read it are done) instead of a barrier per step, and drift up to a step apart
+// (one's exponentials under the other's products). Step 0 computes the dQ of a step -1 whose dS^T
+// (buffer 1) is zeros, so that every step has the same shape (its zeros go to step 0's tile).
+// Buffer b's k-th use is step t with k = (t + 1) >> 1 (t = -1, 1, 3, ... for buffer 1).
+template <class S, int WG>
+__device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
+  constexpr bool BF16 = S::INPUT == hopper::INPUT_BF16;
+  const Lane<S> ln(blk, WG);
+  constexpr int slab = S::SLABS == 1 ? 0 : WG;
+  Acc<S::D> dk, dv;
+  hopper::fill(dk, 0.f);
+  hopper::fill(dv, 0.f);
+  Acc<S::BM> s, dp;
+  Operand<S::BM, 2> pm, dsm;
+
+  mbarrier_wait(sm.kv_full(), 0);
+  const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
+  Ring<S::STAGES> ring;
+  const int blocks = blk.m_hi - blk.m_lo;
+  const int steps = p.group * blocks;
+  {  // step -1: zeros in buffer 1
+    const u32 tile = sm.ds(1, WG) + ln.tid * (S::DS_BYTES / 128);
+#pragma unroll
+    for (int b = 0; b < S::DS_BYTES / 128; b += 4) st_shared_u32(tile + b, 0u);
+    fence_proxy_async();
+    __syncwarp();
+    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(1));
+  }
+  walk<S, WG, 1>(steps, [&](auto prev_dq, int it) {
+    constexpr bool DQ = decltype(prev_dq)::value;  // this step computes dQ of step it - 1
+    const Step<S> st(p, blk, it, blocks);
+    const SmemTile<S::BM, S> qt = sm.q(ring.stage), dot = sm.dout(ring.stage);
+    mbarrier_wait(sm.full(ring.stage), ring.phase);
+    issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
+    wgmma_wait<1>();
+    hopper::pin(s);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
+    wgmma_wait<0>();
+    hopper::pin(dp);
+    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    hopper::to_operand<BF16>(s, pm);
+    hopper::to_operand<BF16>(dp, dsm);
+    const int buf = it & 1;
+    if (it >= 1) mbarrier_wait(sm.ds_empty(buf), ((it - 1) >> 1) & 1);  // dQ of step it - 2 read it
+    store_ds<S>(ln, sm.ds(buf, WG), dsm);
+    fence_proxy_async();
+    __syncwarp();
+    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(buf));
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    wgmma_fence();
+    issue_rs<S>(dv, pm, dot);
+    wgmma_commit();
+    hopper::pin(dv);
+    // dQ of the previous step (both warpgroups' dS^T of it stored long since)
+    Acc<S::SLAB> dq;
+    if constexpr (DQ) {
+      const int t = it - 1;
+      mbarrier_wait(sm.ds_full(t & 1), ((t + 1) >> 1) & 1);
+      issue_dq<S>(dq, sm, t & 1, kt, slab);
+    }
+    wgmma_fence();
+    issue_rs<S>(dk, dsm, qt);
+    wgmma_commit();
+    hopper::pin(dk);
+    if constexpr (DQ) {
+      wgmma_wait<1>();
+      hopper::pin(dq);
+      if (ln.warp_leader) mbarrier_arrive(sm.ds_empty((it - 1) & 1));
+      send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, max(it - 1, 0), blocks).dq_tile(slab));
+    }
+    wgmma_wait<0>();
+    hopper::pin(dv);
+    hopper::pin(dk);
+    hopper::pin(pm);
+    hopper::pin(dsm);
+    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ring.advance();
+  });
+  if (steps > 0 && dq_turn<S, WG>(steps - 1)) {
+    const int t = steps - 1;
+    Acc<S::SLAB> dq;
+    mbarrier_wait(sm.ds_full(t & 1), ((t + 1) >> 1) & 1);
+    issue_dq<S>(dq, sm, t & 1, kt, slab);
+    wgmma_wait<0>();
+    hopper::pin(dq);
+    send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, t, blocks).dq_tile(slab));
+  }
+  finish<S>(p, blk, ln, dk, dv);
+}
+
+template <class S>
+__device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map, const TensorMap* k_map,
+                                         const TensorMap* v_map, const TensorMap* do_map) {
+  extern __shared__ __attribute__((aligned(1024))) unsigned char smem_raw[];
+  const Smem<S> sm{(shared_address(smem_raw) + 1023u) & ~1023u};  // the launch adds 1 KB of slack
+  const int wg = threadIdx.x / 128;
+  Block<S> blk;
+  blk.set(p);
+  if (threadIdx.x == 0) sm.init();
+  __syncthreads();
+  if (wg == 0) {
+    registers_decrease<S::PRODUCER_REGISTERS>();
+    if (threadIdx.x == 0) produce<S>(p, sm, blk, q_map, k_map, v_map, do_map);
+  } else {
+    registers_increase<S::CONSUMER_REGISTERS>();
+    // the warpgroup is a template parameter: each one's dQ turns are known at compile time
+    if constexpr (S::PIPELINED) {
+      if (wg == 1) {
+        consume_pipelined<S, 0>(p, sm, blk);
+      } else {
+        consume_pipelined<S, 1>(p, sm, blk);
+      }
+    } else {
+      if (wg == 1) {
+        consume<S, 0>(p, sm, blk);
+      } else {
+        consume<S, 1>(p, sm, blk);
+      }
+    }
+  }
+}
+
+}  // namespace hopper_bwd
+}  // namespace flash_cuda

@@ -1,0 +1,321 @@
+"""Hopper backward (flash_cuda.hopper_bwd, issue 14), CPU tier: every variant compiles for sm_90a.
+
+Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant: ptxas
+reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products as
+HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
+reallocation, dQ staged by 8-byte stores and sent by bulk reductions, and no local memory. Also the launch arguments
+against the kernel's signature, the declared support, and a layout replay of the dS^T tile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import pytest
+
+hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
+
+from flash_cuda import hopper, nvrtc  # noqa: E402
+from flash_cuda.sources import read_kernel_file  # noqa: E402
+
+
+def _sass(cubin: bytes) -> str:
+    """The SASS of a cubin, by cuobjdump (CUDA toolkit or Triton's wheel); skips without one."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        triton = pytest.importorskip("triton")
+        found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        if not found:
+            pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the SASS")
+        tool = found[0]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
+
+
+def _compile(variant: hopper_bwd.BwdVariant) -> tuple[nvrtc.Resources, bytes, str]:
+    compiled = nvrtc.compile_cubin(hopper_bwd.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert hopper_bwd.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
+    return report[hopper_bwd.KERNEL_NAME], compiled.cubin, compiled.log
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes, str]]:
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    variants = hopper_bwd.shipped_variants()
+    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(variants, pool.map(_compile, variants)))
+
+
+def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
+    structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
+    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper.MASK_NAMES)
+    for variant, (res, _, log) in compiled.items():
+        assert res.arch == "sm_90a"
+        assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
+        assert variant.launch_smem <= hopper.MAX_SMEM
+        # C7514: a wgmma issued under a run-time condition in the loop serialises every wgmma (walk())
+        assert "C7514" not in log and "serialized" not in log, f"{variant.label()}: wgmma serialised\n{log}"
+    for d in hopper_bwd.HEAD_DIMS:
+        assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d]) in compiled
+
+
+def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
+    for variant, (_, cubin, _) in compiled.items():
+        sass = _sass(cubin)
+        found = re.findall(r"HGMMA\.(64x\d+x16)\.F32(\.BF16)?\b", sass)
+        assert all((ty == ".BF16") == (variant.dtype == "bf16") for _, ty in found), f"{variant.label()}: input type"
+        kinds = {shape for shape, _ in found}
+        assert {f"64x{hopper_bwd.BLOCK_M}x16", f"64x{variant.head_dim}x16"} <= kinds, f"{variant.label()}: {kinds}"
+        assert "UTMALDG.4D" in sass and "UBLKCP" in sass, f"{variant.label()}: TMA / bulk copies missing"
+        assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
+        assert "UBLKRED.G.S.ADD.F32" in sass, f"{variant.label()}: dQ not sent by bulk reductions"
+        assert "STS.64" in sass, f"{variant.label()}: dQ not staged 8 bytes per store"
+        assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+
+
+def test_source_is_header_free_and_one_extern_c_kernel():
+    source = hopper_bwd.source(hopper_bwd.BwdVariant(128, "bf16", hopper.MASK_RIGHT))
+    assert "#include <" not in source
+    assert source.count('extern "C"') == 1 and hopper_bwd.KERNEL_NAME in source
+    assert "ss_t" in source and "p, 1, 1, 1, 1" in source  # dQ: A M-major and B N-major
+
+
+def test_forward_wgmma_source_is_unchanged_by_the_transposed_method():
+    # the forward's generated instructions must not depend on the backward's addition
+    for variant in hopper.shipped_variants()[:4]:
+        assert "ss_t" not in hopper.wgmma_source(variant)
+
+
+def _kernel_parameters() -> list[str]:
+    text = read_kernel_file(hopper_bwd.ENTRY_FILE)
+    signature = text[text.index(hopper_bwd.KERNEL_NAME + "(") : text.index(") {", text.index(hopper_bwd.KERNEL_NAME))]
+    return [p.strip() for p in signature.split("(", 1)[1].split(",")]
+
+
+def test_launch_arguments_match_the_kernel_signature():
+    params = _kernel_parameters()
+    assert len(params) == 4 + 5 + 6 + 8 + 2
+    assert all("TensorMap" in p for p in params[:4])
+    assert all(p.startswith("i64") for p in params[9:15])
+    assert all(p.startswith("int") for p in params[15:23])
+    assert all(p.startswith("float ") for p in params[23:])
+
+
+def test_smem_bytes_match_the_shape():
+    for variant in hopper_bwd.shipped_variants():
+        d = variant.head_dim
+        kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * 9  # 9 mbarriers
+
+
+def test_problem_reasons():
+    import torch
+
+    ok = dict(
+        capability=(9, 0), dtype=torch.bfloat16, head_dim=128, heads_q=8, heads_kv=2, batch=2, seqlen_q=100,
+        seqlen_k=300, scale=0.1,
+    )  # fmt: skip
+    assert hopper_bwd.problem_reasons(**ok) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "head_dim": 40}) == []
+    for change, words in (
+        ({"capability": (10, 0)}, "sm_90"),
+        ({"capability": (8, 0)}, "sm_90"),
+        ({"dtype": torch.float8_e4m3fn}, "float16 and bfloat16"),
+        ({"head_dim": 192}, "head dims up to 128"),
+        ({"varlen": True}, "varlen"),
+        ({"softcap": 30.0}, "softcap"),
+        ({"dropout": True}, "dropout"),
+        ({"deterministic": True}, "atomic"),
+        ({"heads_kv": 3}, "multiple"),
+        ({"seqlen_k": 0}, "empty"),
+    ):
+        reasons = hopper_bwd.problem_reasons(**{**ok, **change})
+        assert any(words in r for r in reasons), (change, reasons)
+
+
+def test_backward_is_declared_and_opt_in_while_unverified(monkeypatch):
+    import torch
+
+    from flash_cuda import backend
+
+    support = backend.CudaBackend.backward_support
+    assert support is not None and support.min_capability == (9, 0)
+    assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
+    assert {"varlen", "softcap", "dropout", "deterministic"}.isdisjoint(support.features)
+    monkeypatch.delenv(backend.BACKWARD_OPT_IN, raising=False)
+    assert backend.backward_enabled() == backend.BACKWARD_VERIFIED
+    monkeypatch.setattr(backend, "BACKWARD_VERIFIED", False)
+    assert not backend.backward_enabled()
+    monkeypatch.setenv(backend.BACKWARD_OPT_IN, "1")
+    assert backend.backward_enabled()
+
+
+def test_ds_tile_store_matches_the_m_major_operand_layout():
+    """Replay where the consumers store dS^T (the S^T accumulator's elements, swizzled 128-byte rows
+    of 64 queries per key) and where wgmma reads A = dS (64 queries x 16 keys per k step) through the
+    M-major descriptor (start + 16 kk rows, 8-row groups 1024 bytes apart, 128-byte swizzle): every
+    (query, key) must be read from where it was written."""
+    tile = np.full(64 * 128 // 2, -1, dtype=np.int64)  # u16 slots of the 8 KB tile
+    for warp in range(4):
+        for lane in range(32):
+            lane_row, quad_col = 16 * warp + lane // 4, 2 * (lane % 4)
+            for i in range(8):
+                for r in range(2):
+                    key, query = lane_row + 8 * r, 8 * i + quad_col
+                    offset = key * 128 + query * 2
+                    swz = offset ^ (((offset >> 7) & 7) << 4)
+                    for c in range(2):
+                        tile[swz // 2 + c] = key * 64 + query + c  # (key, query + c)
+    assert (tile >= 0).all()
+    # canonical M-major 128B-swizzle layout: element (m, k) of k step kk at
+    # start + (k // 8) * SBO + (k % 8) * 128 + m * 2, swizzled (m < 64: one swizzle row)
+    for kk in range(4):
+        start = kk * 16 * 128
+        for k in range(16):
+            for m in range(64):
+                offset = start + (k // 8) * 1024 + (k % 8) * 128 + m * 2
+                swz = offset ^ (((offset >> 7) & 7) << 4)
+                assert tile[swz // 2] == (16 * kk + k) * 64 + m
+
+
+@pytest.mark.parametrize("head_dim", hopper_bwd.HEAD_DIMS)
+def test_dq_workspace_fragment_order_is_undone(head_dim):
+    """Replay the consumers' staging stores (float ((2 i + r) * 128 + t) * 2 + c of a slab tile holds the
+    accumulator element (i, r, c) of thread t) into the workspace, then dq_rows must give every row
+    and column back."""
+    import torch
+
+    batch, heads, s_pad = 2, 3, 128
+    slabs = head_dim // 64
+    truth = torch.arange(batch * heads * s_pad * head_dim, dtype=torch.float32).view(batch, heads, s_pad, head_dim)
+    work = torch.full((batch, heads, s_pad * head_dim), -1.0)
+    for block in range(s_pad // 64):
+        for slab in range(slabs):
+            tile = (block * slabs + slab) * 64 * 64
+            for t in range(128):
+                for i in range(8):
+                    for r in range(2):
+                        for c in range(2):
+                            row = 64 * block + 16 * (t // 32) + (t % 32) // 4 + 8 * r
+                            col = 64 * slab + 8 * i + 2 * (t % 4) + c
+                            work[:, :, tile + ((2 * i + r) * 128 + t) * 2 + c] = truth[:, :, row, col]
+    assert (work >= 0).all()
+    assert torch.equal(hopper_bwd.dq_rows(work, s_pad, head_dim), truth)
+
+
+@pytest.mark.parametrize("dtype", hopper_bwd.DTYPES)
+def test_row_passes_compile_without_spilling(dtype):
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    compiled = nvrtc.compile_cubin(hopper_bwd.row_source(), (*hopper_bwd.row_options(dtype), "-Xptxas=-v"))
+    report = nvrtc.parse_ptxas(compiled.log)
+    assert set(report) == set(hopper_bwd.ROWS_KERNELS)
+    assert all(not r.spills and r.stack_frame == 0 for r in report.values()), report
+
+
+def test_dq_pass_index_arithmetic_matches_dq_rows():
+    """flash_bwd_dq's decomposition of a float pair's index (replayed here) lands where dq_rows puts it."""
+    import torch
+
+    batch, heads, s_pad, d = 2, 3, 128, 128
+    work = torch.arange(batch * heads * s_pad * d, dtype=torch.float32).view(batch, heads, -1)
+    rows = hopper_bwd.dq_rows(work, s_pad, d)
+    flat = work.view(-1)
+    slabs, blocks = d // 64, s_pad // 64
+    for f in range(0, flat.numel() // 2, 37):
+        tile, within = divmod(f, 2048)
+        ir, t = divmod(within, 128)
+        i, r = divmod(ir, 2)
+        tb, slab = divmod(tile, slabs)
+        bh, block = divmod(tb, blocks)
+        b, h = divmod(bh, heads)
+        row = block * 64 + 16 * (t // 32) + (t % 32) // 4 + 8 * r
+        col = slab * 64 + 8 * i + 2 * (t % 4)
+        assert rows[b, h, row, col] == flat[2 * f] and rows[b, h, row, col + 1] == flat[2 * f + 1]
+
+
+def test_the_pipelined_consumer_is_refused_where_it_spills():
+    with pytest.raises(ValueError, match="spills"):
+        hopper_bwd.BwdVariant(128, "bf16", 0, True)
+
+
+def _walk(steps: int, slabs: int, wg: int, lag: int) -> list[tuple[int, bool]]:
+    """Replay of walk() in hopper_bwd.cuh: (step, computes a dQ) in order."""
+    out = []
+    if slabs == 2:
+        return [(it, True) for it in range(steps)]
+    it = 0
+    while it + 1 < steps:
+        out += [(it, wg == lag), (it + 1, wg != lag)]
+        it += 2
+    if it < steps:
+        out.append((it, wg == lag))
+    return out
+
+
+def _turn(t: int, slabs: int, wg: int) -> bool:
+    return (t & 1) == wg if slabs == 1 else True  # dq_turn (t & 1 of -1 is 1)
+
+
+@pytest.mark.parametrize("slabs", [1, 2])
+@pytest.mark.parametrize("lag", [0, 1])
+def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
+    """Each step t's dQ slab is computed exactly once (d64: by one warpgroup, in turn; d128: by both,
+    one slab each), by step t (lag 0) or by step t + 1 and the pipelined tail (lag 1), and the
+    compile-time flags equal dq_turn(it - lag) at every step."""
+    for steps in range(0, 9):
+        for wg in (0, 1):
+            walked = _walk(steps, slabs, wg, lag)
+            assert [it for it, _ in walked] == list(range(steps))
+            for it, dq in walked:
+                assert dq == _turn(it - lag, slabs, wg), (steps, wg, it)
+        done = []
+        for wg in (0, 1):
+            done += [it - lag for it, dq in _walk(steps, slabs, wg, lag) if dq]
+            if lag == 1 and steps > 0 and _turn(steps - 1, slabs, wg):
+                done.append(steps - 1)  # the tail after the walk
+        # lag 1: step 0 also computes the zero step -1 (nothing when there is no step)
+        expected = sorted(list(range(-lag if steps else 0, steps)) * (2 if slabs == 2 else 1))
+        assert sorted(done) == expected, (steps, slabs)
+
+
+def test_launch_passes_every_argument_by_address(monkeypatch):
+    """hopper_bwd's own cuLaunchKernel (behind a fake driver): a 1-D grid, and a parameter array whose
+    entries point at the ctypes values in order."""
+    import ctypes
+
+    from flash_cuda import tensor_map
+
+    seen = {}
+
+    class FakeDriver:
+        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            seen.update(function=function.value, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem)
+            seen["stream"] = stream.value
+            seen["values"] = [
+                ctypes.cast(params[0], ctypes.POINTER(ctypes.c_uint64)).contents.value,
+                ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int32)).contents.value,
+                ctypes.cast(params[2], ctypes.POINTER(ctypes.c_float)).contents.value,
+            ]
+            return 0
+
+    monkeypatch.setattr(tensor_map, "driver", FakeDriver)
+    hopper_bwd._launch(1234, 77, 384, 5000, 99, [ctypes.c_uint64(2**40 + 3), ctypes.c_int32(-5), ctypes.c_float(0.5)])
+    assert seen == {
+        "function": 1234, "grid": (77, 1, 1), "block": (384, 1, 1), "smem": 5000, "stream": 99,
+        "values": [2**40 + 3, -5, 0.5],
+    }  # fmt: skip

@@ -1,0 +1,62 @@
+"""Hopper backward (flash_cuda.hopper_bwd, issue 14), GPU tier: gradients against the float64 oracle.
+
+Skipped without an sm_90 GPU or without CuPy. The cases, the oracle (float64 autograd of dense
+attention), the tolerance rule (max error <= 2 x the naive same-precision error + eps) and the guard
+bands are those of ``packages/flash-cuda/scripts/hopper_bwd_check.py``: one source for the device
+harness and this test. The conformance suite (tests/test_conformance.py) covers the backward through
+dispatch (``backend="cuda"``) once it is enabled (flash_cuda.backend.backward_enabled).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
+
+pytestmark = pytest.mark.gpu
+
+HARNESS = os.path.join(
+    os.path.dirname(__file__), "..", "..", "packages", "flash-cuda", "scripts", "hopper_bwd_check.py"
+)
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("hopper_bwd_check", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+hc = _harness()
+
+
+@pytest.fixture(autouse=True)
+def _hopper_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper backward needs an sm_90 GPU")
+    pytest.importorskip("cupy")
+
+
+@pytest.mark.parametrize("case", hc.check_cases(), ids=lambda c: c.name)
+def test_case_against_the_oracle(case, seed):
+    entry = hc.check_case(case, seed)
+    assert entry["ok"], entry
+
+
+def test_dispatch_pairs_the_cuda_forward_with_this_backward(monkeypatch):
+    import flash
+    from flash_cuda import backend
+
+    monkeypatch.setenv(backend.BACKWARD_OPT_IN, "1")
+    q, k, v = (torch.randn(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    explanation = str(flash.explain(q, k, v, causal=True, backend="cuda"))
+    backward = explanation[explanation.index("backward:") :]
+    assert backward.startswith("backward: cuda"), explanation
