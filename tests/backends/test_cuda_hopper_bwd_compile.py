@@ -20,6 +20,7 @@ hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
 
 from flash_cuda import hopper, nvrtc  # noqa: E402
 from flash_cuda.sources import read_kernel_file  # noqa: E402
+from tests.backends.kernel_signatures import parameter_kinds  # noqa: E402
 
 
 def _sass(cubin: bytes) -> str:
@@ -99,19 +100,12 @@ def test_forward_wgmma_source_is_unchanged_by_the_transposed_method():
         assert "ss_t" not in hopper.wgmma_source(variant)
 
 
-def _kernel_parameters() -> list[str]:
-    text = read_kernel_file(hopper_bwd.ENTRY_FILE)
-    signature = text[text.index(hopper_bwd.KERNEL_NAME + "(") : text.index(") {", text.index(hopper_bwd.KERNEL_NAME))]
-    return [p.strip() for p in signature.split("(", 1)[1].split(",")]
-
-
-def test_launch_arguments_match_the_kernel_signature():
-    params = _kernel_parameters()
-    assert len(params) == 4 + 5 + 6 + 8 + 2
-    assert all("TensorMap" in p for p in params[:4])
-    assert all(p.startswith("i64") for p in params[9:15])
-    assert all(p.startswith("int") for p in params[15:23])
-    assert all(p.startswith("float ") for p in params[23:])
+def test_launch_parameters_match_the_kernel_signatures():
+    main = read_kernel_file(hopper_bwd.ENTRY_FILE)
+    assert parameter_kinds(main, hopper_bwd.KERNEL_NAME) == list(hopper_bwd.PARAMETERS.kinds)
+    rows = read_kernel_file(hopper_bwd.ROWS_FILE)
+    assert parameter_kinds(rows, "flash_bwd_rows") == list(hopper_bwd.ROWS_PARAMETERS.kinds)
+    assert parameter_kinds(rows, "flash_bwd_dq") == list(hopper_bwd.DQ_PARAMETERS.kinds)
 
 
 def test_smem_bytes_match_the_shape():
@@ -291,31 +285,3 @@ def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
         # lag 1: step 0 also computes the zero step -1 (nothing when there is no step)
         expected = sorted(list(range(-lag if steps else 0, steps)) * (2 if slabs == 2 else 1))
         assert sorted(done) == expected, (steps, slabs)
-
-
-def test_launch_passes_every_argument_by_address(monkeypatch):
-    """hopper_bwd's own cuLaunchKernel (behind a fake driver): a 1-D grid, and a parameter array whose
-    entries point at the ctypes values in order."""
-    import ctypes
-
-    from flash_cuda import tensor_map
-
-    seen = {}
-
-    class FakeDriver:
-        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
-            seen.update(function=function.value, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem)
-            seen["stream"] = stream.value
-            seen["values"] = [
-                ctypes.cast(params[0], ctypes.POINTER(ctypes.c_uint64)).contents.value,
-                ctypes.cast(params[1], ctypes.POINTER(ctypes.c_int32)).contents.value,
-                ctypes.cast(params[2], ctypes.POINTER(ctypes.c_float)).contents.value,
-            ]
-            return 0
-
-    monkeypatch.setattr(tensor_map, "driver", FakeDriver)
-    hopper_bwd._launch(1234, 77, 384, 5000, 99, [ctypes.c_uint64(2**40 + 3), ctypes.c_int32(-5), ctypes.c_float(0.5)])
-    assert seen == {
-        "function": 1234, "grid": (77, 1, 1), "block": (384, 1, 1), "smem": 5000, "stream": 99,
-        "values": [2**40 + 3, -5, 0.5],
-    }  # fmt: skip

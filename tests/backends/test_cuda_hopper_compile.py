@@ -10,11 +10,11 @@ Also checks the table, the launcher's argument list against the kernel's, and th
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import re
 import shutil
-import struct
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +24,7 @@ import pytest
 hopper = pytest.importorskip("flash_cuda.hopper")
 
 from flash_cuda import nvrtc, tensor_map  # noqa: E402
+from tests.backends.kernel_signatures import parameter_kinds, parameter_names  # noqa: E402
 
 
 def _compile(variant: hopper.HopperVariant) -> tuple[nvrtc.Resources, bytes, str]:
@@ -164,24 +165,12 @@ def test_problem_classes():
         hopper.compiled_head_dim(264)
 
 
-def _kernel_parameters() -> list[str]:
-    text = hopper.source(hopper.shipped_variants()[0])
-    signature = re.search(r"flash_fwd_sm90\((.*?)\)\s*\{", text, re.S).group(1)
-    return [" ".join(p.split()) for p in signature.split(",")]
-
-
 def test_launch_parameters_match_the_kernel_signature():
-    params = _kernel_parameters()
-    kinds = {"TensorMap": "map", "*": "ptr", "i64": "i64", "int": "i32", "float": "f32"}
-    declared = []
-    for param in params:
-        words = param.replace("__restrict__", "").replace("const", "").replace("__grid_constant__", "").split()
-        c_type = " ".join(words[:-1])
-        declared.append(next(kind for c, kind in kinds.items() if c in c_type.split("::")[-1]))
-    assert declared == list(hopper.PARAMETERS)
+    text = hopper.source(hopper.shipped_variants()[0])
+    assert parameter_kinds(text, hopper.KERNEL_NAME) == list(hopper.PARAMETERS)
     layout = tensor_map.ParamLayout(hopper.PARAMETERS)
     assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
-    names = [p.split()[-1] for p in params]
+    names = parameter_names(text, hopper.KERNEL_NAME)
     scalars = hopper.scalar_arguments(
         (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,
         total_k=100, heads_q=4, heads_kv=2, head_dim=64, m_blocks=1, tiles=8, window=(-1, 0), order="blocks",
@@ -193,9 +182,36 @@ def test_launch_parameters_match_the_kernel_signature():
     assert values["group"] == 2 and values["o_ss"] == 4 * 64 and values["l_sh"] == 100
     assert values["score_log2"] == pytest.approx(0.125 * hopper.LOG2E) and values["softcap_in"] == 0
     assert values["blocks_outer"] == 1
-    packed = (b"\1" * 128, b"\2" * 128, b"\3" * 128, 11, 12, 0, 0, *scalars, 0, 0, 0, *[0] * 6)
-    unpacked = struct.unpack_from("<q", layout.format.pack(*packed), layout.offsets[names.index("o_ss")])
-    assert unpacked == (4 * 64,)
+
+
+def test_packed_launch_points_each_parameter_at_its_value(monkeypatch):
+    """PackedLaunch (behind a fake driver): a 1-D grid, and a parameter array whose entries point at the
+    packed values in order, of the kinds' sizes; the driver's sizes are checked where it reports them."""
+    seen: dict = {}
+
+    class FakeDriver:
+        def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            seen.update(function=function, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem, stream=stream)
+            kinds = (ctypes.c_uint64, ctypes.c_int32, ctypes.c_float, ctypes.c_int64)
+            seen["values"] = [ctypes.cast(params[i], ctypes.POINTER(k)).contents.value for i, k in enumerate(kinds)]
+            seen["map"] = ctypes.string_at(params[4], 128)
+            return 0
+
+        def cuFuncGetParamInfo(self, function, index, offset, size):
+            if index >= 5:
+                return 1  # CUDA_ERROR_INVALID_VALUE: no such parameter
+            size._obj.value = (8, 4, 4, 8, 128)[index]
+            return 0
+
+    monkeypatch.setattr(tensor_map, "driver", FakeDriver)
+    packed = tensor_map.PackedLaunch(1234, tensor_map.ParamLayout(("ptr", "i32", "f32", "i64", "map")))
+    packed(77, 384, 5000, 99, (2**40 + 3, -5, 0.5, -(2**40), b"\7" * 128))
+    assert seen == {
+        "function": 1234, "grid": (77, 1, 1), "block": (384, 1, 1), "smem": 5000, "stream": 99,
+        "values": [2**40 + 3, -5, 0.5, -(2**40)], "map": b"\7" * 128,
+    }  # fmt: skip
+    with pytest.raises(tensor_map.DriverError, match="parameter 1 is 4 bytes; the launch packs 8"):
+        tensor_map.PackedLaunch(1234, tensor_map.ParamLayout(("ptr", "i64", "f32", "i64", "map")))
 
 
 def test_auto_order_follows_the_balance_of_the_heads_order():

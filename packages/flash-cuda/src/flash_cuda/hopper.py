@@ -666,9 +666,9 @@ def _descale_strides(d: Any) -> tuple[int, int]:
     return (d.stride(0), d.stride(1))
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class MapGeometry:
-    """Everything of a TMA tensor map but its address (compared by identity: a cheap cache key)."""
+    """Everything of a TMA tensor map but its address."""
 
     dtype: str
     dims: tuple[int, ...]
@@ -677,16 +677,15 @@ class MapGeometry:
     swizzle: int
 
 
-def _geometry(t: Any, rows: int, variant: HopperVariant, varlen: bool) -> MapGeometry:
-    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)."""
+def geometry(t: Any, rows: int, dtype: str, slab: int, swizzle: int, varlen: bool = False) -> MapGeometry:
+    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)
+    (``dtype``: tensor_map's name; fp8 moves as "u8")."""
     b, s, h, d = t.shape
-    dtype = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
-    return MapGeometry(dtype, (d, h, s, 1 if varlen else b), tuple(_map_strides(t)), (variant.slab, 1, rows, 1),
-                       variant.swizzle)  # fmt: skip
+    return MapGeometry(dtype, (d, h, s, 1 if varlen else b), tuple(_map_strides(t)), (slab, 1, rows, 1), swizzle)
 
 
 @functools.lru_cache(maxsize=1024)
-def _map_bytes(address: int, geometry: MapGeometry) -> bytes:
+def map_bytes(address: int, geometry: MapGeometry) -> bytes:
     """A tensor map's 128 bytes, encoded once per address (the kernel copies it by value at launch)."""
     g = geometry
     return bytes(tensor_map.encode_tiled(address, g.dtype, g.dims, g.strides, g.box, g.swizzle))
@@ -740,10 +739,11 @@ def _plan_launch(
         total_q=q.shape[1], total_k=k.shape[1], heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
         m_blocks=m_blocks, tiles=tiles, window=window, order=order, softcap=softcap, scale=scale,
     )  # fmt: skip
+    moved = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
     maps = (
-        _geometry(q, variant.block_m, variant, varlen),
-        _geometry(k, variant.block_n, variant, varlen),
-        _geometry(v, variant.block_n, variant, varlen),
+        geometry(q, variant.block_m, moved, variant.slab, variant.swizzle, varlen),
+        geometry(k, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
+        geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
     )
     packed = tensor_map.PackedLaunch(kernel(variant, device), PARAMETER_LAYOUT)
     strides = tuple(s for d in descales for s in _descale_strides(d))
@@ -785,7 +785,6 @@ def forward(
     The host path is the per-call cost of small problems (decoding): everything but the addresses is
     decided once per problem (:class:`Launch`), tensor maps are encoded once per address.
     """
-    import torch
 
     device = q.get_device()
     window = (window[0], window[1])  # hashable, whatever sequence came in
@@ -812,13 +811,23 @@ def forward(
         return
     gq, gk, gv = launch.maps
     values = (
-        _map_bytes(q.data_ptr(), gq), _map_bytes(k.data_ptr(), gk), _map_bytes(v.data_ptr(), gv),
+        map_bytes(q.data_ptr(), gq), map_bytes(k.data_ptr(), gk), map_bytes(v.data_ptr(), gv),
         out.data_ptr(), lse.data_ptr(), 0 if cu_q is None else cu_q.data_ptr(), 0 if cu_k is None else cu_k.data_ptr(),
         *launch.scalars, *[0 if d is None else d.data_ptr() for d in descales], *launch.descale_strides,
     )  # fmt: skip
+    on_current_stream(launch.packed, device, launch.grid, launch.threads, launch.smem, values)
+
+
+def on_current_stream(
+    packed: tensor_map.PackedLaunch, device: int, grid: int, threads: int, smem: int, values: tuple
+) -> None:
+    """One launch on torch's current stream of ``device``, made the current device for it if it is not
+    (the kernel belongs to that device's context)."""
+    import torch
+
     stream = torch._C._cuda_getCurrentRawStream(device)
     if torch._C._cuda_getDevice() == device:
-        launch.packed(launch.grid, launch.threads, launch.smem, stream, values)
+        packed(grid, threads, smem, stream, values)
         return
     with torch.cuda.device(device):
-        launch.packed(launch.grid, launch.threads, launch.smem, stream, values)
+        packed(grid, threads, smem, stream, values)

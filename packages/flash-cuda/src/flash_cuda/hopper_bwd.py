@@ -18,7 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from flash_cuda import hopper
+from flash_cuda import hopper, tensor_map
+from flash_cuda.hopper import on_current_stream as run
 from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_bwd_sm90"
@@ -166,8 +167,6 @@ def kernel(variant: BwdVariant, device_index: int) -> int:
         return found[0]
     import cupy
 
-    from flash_cuda import tensor_map
-
     with _lock:
         found = _kernels.get(key)
         if found is None:
@@ -270,38 +269,26 @@ def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], 
 # ------------------------------------------------------------------ launch
 
 
-# The two host helpers below are this module's own (not hopper.py's) so that the forward's launch path
-# can change without touching the backward's: a tensor map encoded once per tensor geometry, and one
-# cuLaunchKernel of a 1-D grid with ctypes parameters.
+#: The kernels' parameters in order (kernels/hopper_bwd.cu, hopper_bwd_rows.cu), as tensor_map kinds.
+PARAMETERS = tensor_map.ParamLayout(
+    ("map",) * 4  # the tensor maps of q, k, v, dout
+    + ("ptr",) * 5  # dk, dv, dq_acc, lse2, delta
+    + ("i64",) * 6  # strides of dk and dv
+    + ("i32",) * 8  # seqlen_q ... win_right
+    + ("f32",) * 2  # score_log2, scale
+)
+ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",))
+DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64"))
 
 
 @functools.lru_cache(maxsize=256)
-def _encoded_map(address: int, dtype: str, dims: tuple, strides: tuple, box: tuple, swizzle: int) -> Any:
-    from flash_cuda import tensor_map
-
-    return tensor_map.encode_tiled(address, dtype, dims, strides, box, swizzle)
+def _packed(function: int, layout: tensor_map.ParamLayout) -> tensor_map.PackedLaunch:
+    return tensor_map.PackedLaunch(function, layout)
 
 
-def _tensor_map(t: Any, rows: int, variant: BwdVariant) -> Any:
-    """The TMA map of a canonical (b, s, h, d) view: dims (d, h, s, b), boxes of (slab, 1, rows, 1)."""
-    b, s, h, d = t.shape
-    dims = (d, h, s, b)
-    box = (variant.slab, 1, rows, 1)
-    return _encoded_map(t.data_ptr(), variant.dtype, dims, tuple(hopper._map_strides(t)), box, variant.swizzle)
-
-
-def _launch(function: int, grid: int, block: int, smem: int, stream: int, args: list[Any]) -> None:
-    """cuLaunchKernel of a 1-D grid in the current context; ``args``: ctypes values of the kernel's
-    exact parameter types, in order (a TensorMap for a tensor-map parameter)."""
-    import ctypes
-
-    from flash_cuda import tensor_map
-
-    params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    code = tensor_map.driver().cuLaunchKernel(
-        ctypes.c_void_p(function), grid, 1, 1, block, 1, 1, smem, ctypes.c_void_p(stream), params, None
-    )
-    tensor_map._check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem})")
+def _map(t: Any, rows: int, variant: BwdVariant) -> bytes:
+    """The 128 bytes of the TMA map of a canonical (b, s, h, d) view (encoded once per address)."""
+    return hopper.map_bytes(t.data_ptr(), hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle))
 
 
 def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
@@ -339,8 +326,6 @@ def backward(
     None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
     heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
     heads_q, seqlen_q), natural log (any backend's forward)."""
-    import ctypes
-
     import torch
 
     dtype = hopper.input_name(q.dtype)
@@ -354,54 +339,29 @@ def backward(
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
         out = out.contiguous()  # the rows pass reads 16 bytes at a time
     s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    stream = torch.cuda.current_stream(q.device).cuda_stream
+    device = q.get_device()
     rows_fn, dq_fn = row_kernels(dtype, device)
-    lse2, delta = _rows(rows_fn, out, dout, lse, s_pad, heads_q, stream, device)
+    lse2, delta = _rows(rows_fn, out, dout, lse, s_pad, heads_q, device)
     dq_acc = torch.zeros((batch, heads_q, s_pad * variant.head_dim), dtype=torch.float32, device=q.device)
-    function = kernel(variant, device)
-    maps = (
-        _tensor_map(q, BLOCK_M, variant),
-        _tensor_map(k, BLOCK_N, variant),
-        _tensor_map(v, BLOCK_N, variant),
-        _tensor_map(dout, BLOCK_M, variant),
-    )
-    i64, i32, f32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_uint64
-    args = [
-        *maps,
-        ptr(dk.data_ptr()),
-        ptr(dv.data_ptr()),
-        ptr(dq_acc.data_ptr()),
-        ptr(lse2.data_ptr()),
-        ptr(delta.data_ptr()),
-        *[i64(x) for x in dk.stride()[:3]],
-        *[i64(x) for x in dv.stride()[:3]],
-        i32(seqlen_q),
-        i32(seqlen_k),
-        i32(s_pad),
-        i32(heads_q),
-        i32(heads_q // heads_kv),
-        i32(head_dim),
-        i32(hopper._reach(window[0])),
-        i32(hopper._reach(window[1])),
-        f32(scale * LOG2E),
-        f32(scale),
-    ]
+    maps = (_map(q, BLOCK_M, variant), _map(k, BLOCK_N, variant), _map(v, BLOCK_N, variant),
+            _map(dout, BLOCK_M, variant))  # fmt: skip
+    values = (
+        *maps, dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
+        *dk.stride()[:3], *dv.stride()[:3], seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim,
+        hopper._reach(window[0]), hopper._reach(window[1]), scale * LOG2E, scale,
+    )  # fmt: skip
     grid = -(-seqlen_k // BLOCK_N) * heads_kv * batch
-    with torch.cuda.device(device):
-        _launch(function, grid, THREADS, variant.launch_smem, stream, args)
-        pairs = dq_acc.numel() // 2
-        dq_args: list[Any] = [
-            ptr(dq_acc.data_ptr()), ptr(dq.data_ptr()), *[i64(x) for x in dq.stride()[:3]], i32(heads_q),
-            i32(seqlen_q), i32(s_pad), i32(variant.head_dim), i32(head_dim), f32(scale), i64(pairs),
-        ]  # fmt: skip
-        _launch(dq_fn, -(-pairs // 256), 256, 0, stream, dq_args)
+    run(_packed(kernel(variant, device), PARAMETERS), device, grid, THREADS, variant.launch_smem, values)
+    pairs = dq_acc.numel() // 2
+    values = (
+        dq_acc.data_ptr(), dq.data_ptr(), *dq.stride()[:3], heads_q, seqlen_q, s_pad, variant.head_dim, head_dim,
+        scale, pairs,
+    )  # fmt: skip
+    run(_packed(dq_fn, DQ_PARAMETERS), device, -(-pairs // 256), 256, 0, values)
 
 
-def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, stream: int, device: int) -> Any:
+def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int) -> Any:
     """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch)."""
-    import ctypes
-
     import torch
 
     b, sq, h, d = out.shape
@@ -410,14 +370,11 @@ def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, 
     lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=out.device)
     delta = torch.empty_like(lse2)
     rows = b * h * s_pad
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_uint64
-    args = [
-        ptr(out.data_ptr()), ptr(dout.data_ptr()), ptr(lse.data_ptr()), ptr(lse2.data_ptr()), ptr(delta.data_ptr()),
-        *[i64(x) for x in out.stride()[:3]], *[i64(x) for x in dout.stride()[:3]], *[i64(x) for x in lse.stride()],
-        i32(heads), i32(sq), i32(s_pad), i32(d), i64(rows),
-    ]  # fmt: skip
-    with torch.cuda.device(device):
-        _launch(function, -(-rows // 8), 256, 0, stream, args)
+    values = (
+        out.data_ptr(), dout.data_ptr(), lse.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
+        *out.stride()[:3], *dout.stride()[:3], *lse.stride(), heads, sq, s_pad, d, rows,
+    )  # fmt: skip
+    run(_packed(function, ROWS_PARAMETERS), device, -(-rows // 8), 256, 0, values)
     return lse2, delta
 
 
