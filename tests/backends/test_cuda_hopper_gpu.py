@@ -7,39 +7,23 @@ Skipped without an sm_90 GPU or without CuPy. The cases, the oracle, the toleran
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
 import torch
 
 hopper = pytest.importorskip("flash_cuda.hopper")
 
+from tests.backends.hopper_harness import load_script, require_hopper  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
-HARNESS = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-cuda", "scripts", "hopper_check.py")
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("hopper_check", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
-hc = _harness()
+hc = load_script("hopper_check")
 
 
 @pytest.fixture(autouse=True)
 def _hopper_gpu():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Hopper kernel needs an sm_90 GPU")
-    pytest.importorskip("cupy")
+    require_hopper("the Hopper kernel")
 
 
 @pytest.mark.parametrize("case", hc.check_cases(), ids=lambda c: c.name)

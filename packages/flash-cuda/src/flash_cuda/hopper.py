@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from flash_cuda import tensor_map
+from flash_cuda import modules, tensor_map
 from flash_cuda.sources import inline_includes
 
 KERNEL_NAME = "flash_fwd_sm90"
@@ -429,28 +428,12 @@ def source(variant: HopperVariant) -> str:
 
 # ------------------------------------------------------------------ compile (CuPy) and launch
 
-_kernels: dict[tuple[HopperVariant, int], tuple[int, Any]] = {}
-_lock = threading.Lock()
-
 
 def kernel(variant: HopperVariant, device_index: int) -> int:
     """The CUfunction of ``variant`` on a device, compiled by NVRTC through CuPy (disk-cached)."""
-    key = (variant, device_index)
-    found = _kernels.get(key)
-    if found is not None:
-        return found[0]
-    import cupy
-
-    with _lock:
-        found = _kernels.get(key)
-        if found is None:
-            with cupy.cuda.Device(device_index):
-                module = cupy.RawModule(code=source(variant), options=variant.options(), backend="nvrtc")
-                raw = module.get_function(KERNEL_NAME)
-                function = int(raw.kernel.ptr)
-                tensor_map.set_max_dynamic_shared(function, variant.launch_smem)
-            found = _kernels[key] = (function, (module, raw))  # the module must outlive the function
-    return found[0]
+    return modules.functions(
+        variant, device_index, lambda: source(variant), variant.options(), (KERNEL_NAME,), variant.launch_smem
+    )[0]
 
 
 @functools.cache

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 from typing import Any
 
-from flash_cuda import hopper, tensor_map
+from flash_cuda import hopper, modules, tensor_map
 from flash_cuda.hopper import on_current_stream as run
 from flash_cuda.sources import inline_includes
 
@@ -155,31 +154,12 @@ def source(variant: BwdVariant) -> str:
 
 # ------------------------------------------------------------------ compile (CuPy)
 
-_kernels: dict[tuple[BwdVariant, int], tuple[int, Any]] = {}
-_lock = threading.Lock()
-
 
 def kernel(variant: BwdVariant, device_index: int) -> int:
     """The CUfunction of ``variant`` on a device, compiled by NVRTC through CuPy (disk-cached)."""
-    key = (variant, device_index)
-    found = _kernels.get(key)
-    if found is not None:
-        return found[0]
-    import cupy
-
-    with _lock:
-        found = _kernels.get(key)
-        if found is None:
-            with cupy.cuda.Device(device_index):
-                module = cupy.RawModule(code=source(variant), options=variant.options(), backend="nvrtc")
-                raw = module.get_function(KERNEL_NAME)
-                function = int(raw.kernel.ptr)
-                tensor_map.set_max_dynamic_shared(function, variant.launch_smem)
-            found = _kernels[key] = (function, (module, raw))
-    return found[0]
-
-
-_row_kernels: dict[tuple[str, int], tuple[tuple[int, int], Any]] = {}
+    return modules.functions(
+        variant, device_index, lambda: source(variant), variant.options(), (KERNEL_NAME,), variant.launch_smem
+    )[0]
 
 
 def row_source() -> str:
@@ -192,21 +172,8 @@ def row_options(dtype: str) -> tuple[str, ...]:
 
 def row_kernels(dtype: str, device_index: int) -> tuple[int, int]:
     """The CUfunctions (rows, dq) of the passes around the main kernel for a 16-bit type."""
-    key = (dtype, device_index)
-    found = _row_kernels.get(key)
-    if found is not None:
-        return found[0]
-    import cupy
-
-    with _lock:
-        found = _row_kernels.get(key)
-        if found is None:
-            with cupy.cuda.Device(device_index):
-                module = cupy.RawModule(code=row_source(), options=row_options(dtype), backend="nvrtc")
-                raws = [module.get_function(name) for name in ROWS_KERNELS]
-                functions = (int(raws[0].kernel.ptr), int(raws[1].kernel.ptr))
-            found = _row_kernels[key] = (functions, (module, raws))
-    return found[0]
+    rows, dq = modules.functions(("backward rows", dtype), device_index, row_source, row_options(dtype), ROWS_KERNELS)
+    return rows, dq
 
 
 # ------------------------------------------------------------------ what it takes
