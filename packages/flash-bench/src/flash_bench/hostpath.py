@@ -13,6 +13,10 @@
   compiled kernel is a stand-in whose launch does nothing. What is *not* timed: the C launcher
   packing the arguments and ``cuLaunchKernel``, and the GPU driver's current-device and stream
   queries (real ones run on a GPU);
+* ``cuda launch fwd`` / ``cuda launch bwd``: flash-cuda's Hopper forward and backward launches
+  (``flash_cuda.hopper.forward``, ``flash_cuda.hopper_bwd.backward``) behind a fake CUDA driver
+  (:func:`fake_cuda_driver`): every host step as on an H200 but the driver calls (tensor-map
+  encoding, ``cuLaunchKernel``), module loading and torch's stream query, which are stand-ins;
 * ``sdpa fwd`` / ``sdpa fwd+bwd``: PyTorch's attention on the same CPU tensors, for scale (its CPU
   kernel computes the tiny problem, so this is an upper bound on its host path).
 
@@ -141,14 +145,18 @@ def fake_triton_driver(compile_stand_in: Callable[..., Any] = _compile_stand_in)
     except ImportError:  # no Triton: nothing to fake (its rows are left out)
         yield
         return
-    compile_, active = JITFunction._do_compile, driver._active
+    from flash_triton import replay
+
+    compile_, active, gpu = JITFunction._do_compile, driver._active, replay._gpu
     driver.set_active(_FakeDriver())
     JITFunction._do_compile = compile_stand_in
+    replay._gpu = lambda: True  # type: ignore[assignment]  # the fake driver stands in for a GPU
     try:
         yield
     finally:
         JITFunction._do_compile = compile_
         driver._active = active  # not reset_active(): without a GPU, Triton has no default driver
+        replay._gpu = gpu
 
 
 def triton_config(spec: AttentionSpec, pass_: str) -> KernelConfig:
@@ -179,11 +187,74 @@ def triton_launches(
     }
 
 
+# ----------------------------------------------------------------------------- flash-cuda behind a fake driver
+
+
+class _FakeLibcuda:
+    """The libcuda calls of flash_cuda.tensor_map, answered without a GPU (and without doing anything)."""
+
+    def cuTensorMapEncodeTiled(self, *args: Any) -> int:
+        return 0
+
+    def cuLaunchKernel(self, *args: Any) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def fake_cuda_driver() -> Iterator[None]:
+    """flash-cuda's Hopper launches run on CPU tensors: libcuda, module loading, the SM count and torch's
+    stream query are stand-ins (a launch does nothing)."""
+    try:
+        from flash_cuda import hopper, modules, tensor_map
+    except ImportError:  # no flash-cuda: nothing to fake (its rows are left out)
+        yield
+        return
+
+    def on_current_stream(packed: Any, device: int, grid: int, threads: int, smem: int, values: tuple) -> None:
+        packed(grid, threads, smem, 0, values)
+
+    stand_ins = [
+        (tensor_map, "driver", _FakeLibcuda),
+        (modules, "functions", lambda key, device, code, options, names, smem=0: tuple(range(1, len(names) + 1))),
+        (hopper, "_sm_count", lambda device: 132),
+        (hopper, "on_current_stream", on_current_stream),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in stand_ins]
+    for module, name, value in stand_ins:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def cuda_launches(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    """flash-cuda's Hopper forward and backward launches on preallocated tensors (inside :func:`fake_cuda_driver`)."""
+    from flash_cuda import hopper, hopper_bwd
+
+    spec = flash.build_spec(q, k, v)
+    out, lse = torch.empty_like(q), torch.empty(spec.lse_shape(), dtype=torch.float32)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    h, d, scale = HEADS, HEAD_DIM, spec.scale
+    return {
+        "cuda launch fwd": lambda: hopper.forward(
+            q, k, v, out, lse, seqlen_q=SEQLEN_Q, seqlen_k=SEQLEN_K, heads_q=h, heads_kv=h, head_dim=d, scale=scale
+        ),
+        "cuda launch bwd": lambda: hopper_bwd.backward(
+            q, k, v, out, lse, dout, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale
+        ),
+    }
+
+
 # ----------------------------------------------------------------------------- the rows
 
 
 def rows() -> dict[str, Callable[[], object]]:
-    """Every row's call, by name (run them inside :func:`stub_backend` and :func:`fake_triton_driver`)."""
+    """Every row's call, by name (run them inside :func:`stub_backend`, :func:`fake_triton_driver` and
+    :func:`fake_cuda_driver`)."""
     q, k, v, dout = inputs()
     lq, lk, lv = leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     # SDPA gets its own (batch, heads, seqlen, head_dim) layout: views, made once.
@@ -200,13 +271,17 @@ def rows() -> dict[str, Callable[[], object]]:
         import triton  # noqa: F401
 
         calls.update(triton_launches(q, k, v, dout))
+    with contextlib.suppress(ImportError):
+        import flash_cuda  # noqa: F401
+
+        calls.update(cuda_launches(q, k, v, dout))
     return calls
 
 
 def measure(calls: int, repeats: int, only: str | None = None) -> dict[str, float]:
     """Microseconds per call of every row (or of the rows whose name contains ``only``)."""
     results = {}
-    with stub_backend(), fake_triton_driver():
+    with stub_backend(), fake_triton_driver(), fake_cuda_driver():
         for name, fn in rows().items():
             if only is None or only in name:
                 results[name] = per_call_us(fn, calls=calls, repeats=repeats)
@@ -218,7 +293,7 @@ def profile(name: str, calls: int) -> None:
     import cProfile
     import pstats
 
-    with stub_backend(), fake_triton_driver():
+    with stub_backend(), fake_triton_driver(), fake_cuda_driver():
         fn = rows()[name]
         for _ in range(200):
             fn()
