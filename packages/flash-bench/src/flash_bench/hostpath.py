@@ -215,7 +215,7 @@ def fake_cuda_driver() -> Iterator[None]:
 
     stand_ins = [
         (tensor_map, "driver", _FakeLibcuda),
-        (modules, "functions", lambda key, device, code, options, names, smem=0: tuple(range(1, len(names) + 1))),
+        (modules, "functions", lambda key, device, build, names, smem=0: tuple(range(1, len(names) + 1))),
         (hopper, "_sm_count", lambda device: 132),
         (hopper, "on_current_stream", on_current_stream),
     ]

@@ -431,9 +431,8 @@ def source(variant: HopperVariant) -> str:
 
 def kernel(variant: HopperVariant, device_index: int) -> int:
     """The CUfunction of ``variant`` on a device, compiled by NVRTC through CuPy (disk-cached)."""
-    return modules.functions(
-        variant, device_index, lambda: source(variant), variant.options(), (KERNEL_NAME,), variant.launch_smem
-    )[0]
+    build = lambda: (source(variant), variant.options())  # noqa: E731
+    return modules.functions(variant, device_index, build, (KERNEL_NAME,), variant.launch_smem)[0]
 
 
 @functools.cache

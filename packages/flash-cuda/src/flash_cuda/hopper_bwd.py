@@ -157,9 +157,8 @@ def source(variant: BwdVariant) -> str:
 
 def kernel(variant: BwdVariant, device_index: int) -> int:
     """The CUfunction of ``variant`` on a device, compiled by NVRTC through CuPy (disk-cached)."""
-    return modules.functions(
-        variant, device_index, lambda: source(variant), variant.options(), (KERNEL_NAME,), variant.launch_smem
-    )[0]
+    build = lambda: (source(variant), variant.options())  # noqa: E731
+    return modules.functions(variant, device_index, build, (KERNEL_NAME,), variant.launch_smem)[0]
 
 
 def row_source() -> str:
@@ -172,7 +171,8 @@ def row_options(dtype: str) -> tuple[str, ...]:
 
 def row_kernels(dtype: str, device_index: int) -> tuple[int, int]:
     """The CUfunctions (rows, dq) of the passes around the main kernel for a 16-bit type."""
-    rows, dq = modules.functions(("backward rows", dtype), device_index, row_source, row_options(dtype), ROWS_KERNELS)
+    build = lambda: (row_source(), row_options(dtype))  # noqa: E731
+    rows, dq = modules.functions(("backward rows", dtype), device_index, build, ROWS_KERNELS)
     return rows, dq
 
 

@@ -19,11 +19,12 @@ _lock = threading.Lock()
 
 
 def functions(
-    key: Hashable, device_index: int, code: Callable[[], str], options: tuple[str, ...], names: tuple[str, ...],
+    key: Hashable, device_index: int, build: Callable[[], tuple[str, tuple[str, ...]]], names: tuple[str, ...],
     smem: int = 0,
 ) -> tuple[int, ...]:  # fmt: skip
-    """The CUfunctions ``names`` of the module that ``code()`` compiles to with ``options``, on a device
-    (``key`` names that module; ``smem``: the dynamic shared memory each function opts in to)."""
+    """The CUfunctions ``names`` of the module that ``build()``'s (source, NVRTC options) compile to, on a
+    device (``key`` names that module, ``build`` runs only to compile it; ``smem``: the dynamic shared
+    memory each function opts in to)."""
     found = _loaded.get((key, device_index))
     if found is not None:
         return found[0]
@@ -32,8 +33,9 @@ def functions(
     with _lock:
         found = _loaded.get((key, device_index))
         if found is None:
+            code, options = build()
             with cupy.cuda.Device(device_index):
-                module = cupy.RawModule(code=code(), options=options, backend="nvrtc")
+                module = cupy.RawModule(code=code, options=options, backend="nvrtc")
                 raws = [module.get_function(name) for name in names]
                 handles = tuple(int(raw.kernel.ptr) for raw in raws)
                 for handle in handles if smem else ():
