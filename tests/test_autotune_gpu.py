@@ -23,9 +23,11 @@ def test_autotune_on_the_gpu(backend, tmp_path, monkeypatch):
     autotune.forget()
     chosen = REGISTRY.get(backend)
     every = chosen.tuning_candidates
+    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    if not any(every(flash.build_spec(q, k, v, causal=True), p) for p in ("forward", "backward")):
+        pytest.skip(f"{backend} has nothing to tune for this problem on this GPU (e.g. cuda's Hopper kernels)")
     # Two candidates per pass prove the mechanism; timing all of them would cost minutes of compiles.
     monkeypatch.setattr(chosen, "tuning_candidates", lambda spec, pass_: every(spec, pass_)[:2])
-    q, k, v = (torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out = flash.attention(q, k, v, causal=True, backend=backend)
     out.sum().backward()
     torch.cuda.synchronize()

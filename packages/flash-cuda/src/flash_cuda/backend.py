@@ -132,8 +132,10 @@ class CudaBackend(Backend):
         return f"cupy {cupy.__version__}; CUDA driver {cupy.cuda.runtime.driverGetVersion()}"
 
     def tuning_candidates(self, spec: AttentionSpec, pass_: Pass) -> list[heuristics.KernelConfig]:
-        """The spill-free tiles of the head-dim bucket (FLASH_AUTOTUNE=1); only the forward exists."""
-        if pass_ != "forward":
+        """The mma.sync forward's spill-free tiles of the head-dim bucket (FLASH_AUTOTUNE=1). None for
+        the Hopper kernels: they take their tiles from their own tables, not from a configuration, so
+        timing candidates would time one kernel several times."""
+        if pass_ != "forward" or self.uses_hopper(spec):
             return []
         return list(CANDIDATES.get(heuristics.head_dim_bucket(spec.head_dim), []))
 
