@@ -77,11 +77,9 @@ class CallOptions(NamedTuple):
 def _key(t: object) -> object:
     """A tensor's part of the signature (cheap: this runs every step); the type of anything else
     (None, or an int ``cache_seqlens`` whose value belongs to each call)."""
-    if t is None:
-        return None
     if isinstance(t, Tensor):
-        return (t.shape, t.stride(), t.dtype, t.device.type, t.get_device(), t.data_ptr() & 15)
-    return type(t)
+        return attention_plan.tensor_key(t)
+    return None if t is None else type(t)
 
 
 def spec_of(tensors: CallTensors, options: CallOptions) -> KVCacheSpec:

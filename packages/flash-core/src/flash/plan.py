@@ -91,7 +91,7 @@ class CallMasks:
         grad = mask is not None and mask.requires_grad and torch.is_grad_enabled()
         block_key = None if block is None else (type(block), block.info, block.device)
         return (
-            _tensor_key(mask), grad, _tensor_key(self.alibi_slopes), block_key,
+            tensor_key(mask), grad, tensor_key(self.alibi_slopes), block_key,
             self.score_mod, self.score_mod_grad, self.mask_mod,
         )  # fmt: skip
 
@@ -111,7 +111,9 @@ def forget() -> None:
     _plans.clear()
 
 
-def _tensor_key(t: Tensor | None) -> tuple | None:
+def tensor_key(t: Tensor | None) -> tuple | None:
+    """A tensor's part of a plan's key: what a spec reads off it (shape, strides, dtype, device,
+    16-byte alignment), never its values."""
     if t is None:
         return None
     return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
@@ -121,7 +123,7 @@ def _optional_keys(*tensors: Tensor | None) -> tuple | None:
     """The keys of a call's optional tensors; None when it has none (the common call, kept cheap)."""
     for t in tensors:
         if t is not None:
-            return tuple(_tensor_key(t) for t in tensors)
+            return tuple(tensor_key(t) for t in tensors)
     return None
 
 
@@ -204,7 +206,7 @@ def plan_for(
                 spec = spec_of(check)
                 max_seqlen_q, max_seqlen_k = spec.seqlen_q, spec.seqlen_k
         signature = (
-            _tensor_key(q), _tensor_key(k), _tensor_key(v),
+            tensor_key(q), tensor_key(k), tensor_key(v),
             _optional_keys(cu_seqlens_q, cu_seqlens_k, q_descale, k_descale, v_descale, sinks),
             max_seqlen_q, type(max_seqlen_q), max_seqlen_k, type(max_seqlen_k), layout, type(layout),
             causal, type(causal), window, softcap, type(softcap), scale, type(scale), dropout_p, type(dropout_p),
