@@ -7,6 +7,8 @@
   forward and backward do nothing (:class:`StubBackend`), so only core's path is timed: plan
   lookup, allocation of the outputs, the backend call;
 * ``core fwd+bwd``: ``torch.autograd.grad`` of that call (core's autograd path, both passes stubbed);
+* ``core decode step``: :func:`flash.attention_with_kvcache` appending one token to a 64-key cache,
+  the KV-cache pass stubbed likewise;
 * ``triton launch fwd`` / ``triton launch bwd``: flash-triton's host launch code on the kernels
   decorated for the GPU, behind a fake Triton driver (:func:`fake_triton_driver`): Triton's own
   ``JITFunction.run`` binds, specialises and looks the compiled kernel up as on a GPU, but the
@@ -36,12 +38,16 @@ import torch
 
 import flash
 from flash import heuristics, plan
-from flash.backend import FEATURES, Backend, BackwardArgs, ForwardArgs, Support
+from flash.backend import FEATURES, Backend, BackwardArgs, DecodeArgs, ForwardArgs, Support
 from flash.heuristics import KernelConfig
+from flash.kvspec import KVCacheSpec
+from flash.reference.backend import DECODE_FEATURES
 from flash.registry import REGISTRY
 from flash.spec import AttentionSpec, canonical, canonical_lse
 
 BATCH, SEQLEN_Q, SEQLEN_K, HEADS, HEAD_DIM = 1, 1, 16, 8, 64
+#: Keys in the cache of the ``core decode step`` row (a decoding step appending one token).
+CACHE_KEYS = 64
 DTYPE = torch.bfloat16
 #: The architecture whose heuristics-table entries the Triton launch rows use (the H200's).
 TRITON_ARCH = "sm_90"
@@ -56,11 +62,16 @@ class StubBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), features=FEATURES, devices=frozenset({"cpu"})
     )
     backward_support = forward_support
+    decode_support = Support(dtypes=frozenset({torch.float16, torch.bfloat16}), features=DECODE_FEATURES,
+                             devices=frozenset({"cpu"}))  # fmt: skip
 
     def forward(self, spec: AttentionSpec, args: ForwardArgs, config: KernelConfig) -> None:
         pass
 
     def backward(self, spec: AttentionSpec, args: BackwardArgs, config: KernelConfig) -> None:
+        pass
+
+    def decode(self, spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
         pass
 
 
@@ -261,8 +272,19 @@ def rows() -> dict[str, Callable[[], object]]:
     qt, kt, vt, dout_t = (t.transpose(1, 2) for t in (q, k, v, dout))
     tq, tk, tv = leaves_t = [t.transpose(1, 2) for t in leaves]
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    k_cache, v_cache = (torch.randn(BATCH, CACHE_KEYS, HEADS, HEAD_DIM).to(DTYPE) for _ in range(2))
+    lengths = torch.full((BATCH,), CACHE_KEYS - 1, dtype=torch.int32)
+    new_k, new_v = k[:, :1].clone(), v[:, :1].clone()
+
+    def decode_step() -> object:
+        with torch.inference_mode():
+            # check_values=False: a GPU's default (its values would need a host sync); a CPU's checks them
+            step = flash.attention_with_kvcache
+            return step(q, k_cache, v_cache, new_k, new_v, cache_seqlens=lengths, check_values=False)
+
     calls: dict[str, Callable[[], object]] = {
         "core fwd": lambda: flash.attention(q, k, v),
+        "core decode step": decode_step,
         "core fwd+bwd": lambda: torch.autograd.grad(flash.attention(lq, lk, lv), leaves, dout),
         "sdpa fwd": lambda: sdpa(qt, kt, vt),
         "sdpa fwd+bwd": lambda: torch.autograd.grad(sdpa(tq, tk, tv), leaves_t, dout_t),
