@@ -71,7 +71,14 @@ class RingConfig:
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Partial results are merged and summed in float32 (float64 for float64 inputs)."""
+    """Partial results are merged and summed in float32, in float64 for float32 and float64 inputs: a
+    float32 sum of float32 parts over the ring's steps adds roundings that one call does not make
+    (enough to break the 2x-naive-error rule for dK of MQA, where each part already sums many heads)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The returned LSE's dtype: float32, float64 for float64 inputs (what a single call returns)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -157,8 +164,9 @@ class RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kc, vc, out, lse)
         ctx.layout, ctx.config, ctx.ring = layout, config, ring
-        ctx.mark_non_differentiable(lse)
-        return _canonical(out, layout), lse
+        returned_lse = lse.to(lse_dtype(q.dtype))
+        ctx.mark_non_differentiable(returned_lse)
+        return _canonical(out, layout), returned_lse
 
     @staticmethod
     @once_differentiable
