@@ -285,3 +285,46 @@ def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
         # lag 1: step 0 also computes the zero step -1 (nothing when there is no step)
         expected = sorted(list(range(-lag if steps else 0, steps)) * (2 if slabs == 2 else 1))
         assert sorted(done) == expected, (steps, slabs)
+
+
+def test_backward_launches_what_the_kernels_take(monkeypatch):
+    """hopper_bwd.backward on CPU tensors behind stand-ins (modules, tensor maps, the launch itself): the
+    rows pass, the main kernel and the dQ conversion, in that order, each with its layout's parameters,
+    the buffers one pass writes being the ones the next reads."""
+    import torch
+
+    from flash_cuda import hopper, modules, tensor_map
+
+    launches = []
+    handles = {hopper_bwd.KERNEL_NAME: 11, "flash_bwd_rows": 22, "flash_bwd_dq": 33}
+    loaded = lambda key, device, build, names, smem=0: tuple(handles[n] for n in names)  # noqa: E731
+    monkeypatch.setattr(modules, "functions", loaded)
+    monkeypatch.setattr(tensor_map, "encode_tiled", lambda address, *rest: tensor_map.TensorMap())
+    monkeypatch.setattr(tensor_map, "driver", object)  # no cuFuncGetParamInfo: nothing to check
+    monkeypatch.setattr(hopper_bwd, "run", lambda packed, *rest: launches.append((packed, *rest)))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    b, s, h, hkv, d = 2, 100, 4, 2, 64
+    q, out, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(3))
+    k, v = (torch.randn(b, 150, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.randn(b, h, s)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    hopper_bwd.backward(q, k, v, out, lse, dout, dq, dk, dv, heads_q=h, heads_kv=hkv, head_dim=d, window=(-1, 0),
+                        scale=0.125)  # fmt: skip
+    (rows, _, rows_grid, rows_threads, _, rows_values), (main, _, grid, threads, smem, values), dq_launch = launches
+    assert smem == hopper_bwd._variant(64, "bf16", hopper.MASK_RIGHT, hopper_bwd.PIPELINED[64]).launch_smem
+    assert [p.function for p in (rows, main, dq_launch[0])] == [22, 11, 33]
+    for packed, launch_values in ((rows, rows_values), (main, values), (dq_launch[0], dq_launch[-1])):
+        assert len(launch_values) == len(packed.layout.kinds)
+        packed.layout.format.pack(*launch_values)  # every value fits its kind
+    s_pad = 128
+    assert rows_values[:3] == (out.data_ptr(), dout.data_ptr(), lse.data_ptr())
+    lse2, delta = rows_values[3:5]
+    assert rows_grid == b * h * s_pad // 8 and rows_threads == 256
+    assert values[4:9] == (dk.data_ptr(), dv.data_ptr(), values[6], lse2, delta)
+    assert values[9:15] == (*dk.stride()[:3], *dv.stride()[:3])
+    assert values[15:23] == (s, 150, s_pad, h, h // hkv, d, hopper.UNBOUNDED_REACH, 0)
+    assert values[23:] == (0.125 * hopper.LOG2E, 0.125)
+    assert grid == 2 * hkv * b and threads == hopper_bwd.THREADS
+    dq_values = dq_launch[-1]
+    assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
+    assert dq_values[2:] == (*dq.stride()[:3], h, s, s_pad, 64, d, 0.125, b * h * s_pad * 64 // 2)

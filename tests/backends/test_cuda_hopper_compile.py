@@ -260,3 +260,41 @@ def test_unsupported_reasons_without_a_gpu():
         q, q, q, q, lse, seqlen_q=8, seqlen_k=8, heads_q=2, heads_kv=2, head_dim=64, scale=0.125
     )
     assert reasons and "CUDA" in reasons[0]
+
+
+def test_forward_launches_what_the_kernel_takes(monkeypatch):
+    """hopper.forward on CPU tensors behind stand-ins (module loading, tensor maps, the launch): one launch
+    with the layout's parameters, the call's own output and LSE, the problem's sizes; decided once per
+    problem (a second call with other outputs reuses the launch and passes the new addresses)."""
+    torch = pytest.importorskip("torch")
+    from flash_cuda import modules
+
+    launches = []
+    monkeypatch.setattr(modules, "functions", lambda key, device, build, names, smem=0: (7,))
+    monkeypatch.setattr(tensor_map, "encode_tiled", lambda address, *rest: tensor_map.TensorMap())
+    monkeypatch.setattr(tensor_map, "driver", object)  # no cuFuncGetParamInfo: nothing to check
+    monkeypatch.setattr(hopper, "on_current_stream", lambda packed, *rest: launches.append((packed, *rest)))
+    monkeypatch.setattr(hopper, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(hopper, "_launches", {})
+    b, s, h, hkv, d = 2, 300, 4, 2, 128
+    q = torch.randn(b, s, h, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, 500, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    outputs = [(torch.empty_like(q), torch.empty(b, h, s)) for _ in range(2)]
+    for out, lse in outputs:
+        hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=500, heads_q=h, heads_kv=hkv, head_dim=d,
+                       window=(-1, 0), scale=0.125)  # fmt: skip
+    assert len(hopper._launches) == 1 and len(launches) == 2
+    names = parameter_names(hopper.source(hopper.shipped_variants()[0]), hopper.KERNEL_NAME)
+    for (out, lse), (packed, _, grid, threads, smem, values) in zip(outputs, launches):
+        variant = hopper.make_variant(hopper.config_for(d, (-1, 0), 500), d, "bf16", hopper.MASK_RIGHT)
+        assert (threads, smem) == (variant.threads, variant.launch_smem)
+        assert packed.function == 7 and len(values) == len(names)
+        packed.layout.format.pack(*values)  # every value fits its kind
+        named = dict(zip(names, values))
+        assert (named["o"], named["lse"], named["cu_q"], named["cu_k"]) == (out.data_ptr(), lse.data_ptr(), 0, 0)
+        assert (named["o_ss"], named["l_sh"], named["seqlen_k"], named["group"]) == (h * d, s, 500, 2)
+        assert named["win_right"] == 0 and named["score_log2"] == pytest.approx(0.125 * hopper.LOG2E)
+        m_blocks = -(-s // hopper.config_for(d, (-1, 0), 500).block_m)
+        assert named["tiles"] == m_blocks * h * b and grid == min(named["tiles"], 132)
+        assert all(len(values[i]) == 128 for i in range(3))
