@@ -303,6 +303,7 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     monkeypatch.setattr(tensor_map, "driver", object)  # no cuFuncGetParamInfo: nothing to check
     monkeypatch.setattr(hopper_bwd, "run", lambda packed, *rest: launches.append((packed, *rest)))
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(hopper_bwd, "_launches", {})
     b, s, h, hkv, d = 2, 100, 4, 2, 64
     q, out, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(3))
     k, v = (torch.randn(b, 150, hkv, d, dtype=torch.bfloat16) for _ in range(2))
@@ -328,3 +329,10 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     dq_values = dq_launch[-1]
     assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
     assert dq_values[2:] == (*dq.stride()[:3], h, s, s_pad, 64, d, 0.125, b * h * s_pad * 64 // 2)
+    # a second call of the problem: the same decisions, this call's own gradients
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    hopper_bwd.backward(q, k, v, out, lse, dout, *grads, heads_q=h, heads_kv=hkv, head_dim=d, window=(-1, 0),
+                        scale=0.125)  # fmt: skip
+    assert len(hopper_bwd._launches) == 1
+    assert launches[4][-1][4:6] == (grads[1].data_ptr(), grads[2].data_ptr())
+    assert launches[5][-1][1] == grads[0].data_ptr()

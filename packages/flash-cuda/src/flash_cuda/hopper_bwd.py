@@ -253,9 +253,49 @@ def _packed(function: int, layout: tensor_map.ParamLayout) -> tensor_map.PackedL
     return tensor_map.PackedLaunch(function, layout)
 
 
-def _map(t: Any, rows: int, variant: BwdVariant) -> bytes:
-    """The 128 bytes of the TMA map of a canonical (b, s, h, d) view (encoded once per address)."""
-    return hopper.map_bytes(t.data_ptr(), hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle))
+@dataclass(frozen=True, eq=False)
+class Launches:
+    """What one problem's backward launches share, decided on its first call: the kernels and their
+    parameter packing, the grid, the tensor maps' geometry and the size parameters."""
+
+    variant: BwdVariant
+    rows: tensor_map.PackedLaunch
+    main: tensor_map.PackedLaunch
+    dq: tensor_map.PackedLaunch
+    s_pad: int
+    grid: int
+    maps: tuple[hopper.MapGeometry, ...]  # q, k, v, dout
+    sizes: tuple[int | float, ...]  # the main kernel's parameters after the strides
+
+
+#: Launches by problem key (:func:`backward`); cleared when full (a key holds shapes, not tensors).
+_launches: dict[tuple, Launches] = {}
+MAX_LAUNCHES = 1024
+
+
+def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
+          scale: float, pipelined: bool | None, device: int) -> Launches:  # fmt: skip
+    """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
+    dtype = hopper.input_name(q.dtype)
+    assert dtype in DTYPES, q.dtype
+    d = compiled_head_dim(head_dim)
+    variant = _variant(d, dtype, hopper.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
+    s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
+    rows_fn, dq_fn = row_kernels(dtype, device)
+    maps = tuple(
+        hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle)
+        for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M))
+    )
+    sizes = (
+        seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim, hopper._reach(window[0]),
+        hopper._reach(window[1]), scale * LOG2E, scale,
+    )  # fmt: skip
+    return Launches(
+        variant, _packed(rows_fn, ROWS_PARAMETERS), _packed(kernel(variant, device), PARAMETERS),
+        _packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes,
+    )  # fmt: skip
 
 
 def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
@@ -295,39 +335,41 @@ def backward(
     heads_q, seqlen_q), natural log (any backend's forward)."""
     import torch
 
-    dtype = hopper.input_name(q.dtype)
-    assert dtype in DTYPES, q.dtype
-    d = compiled_head_dim(head_dim)
-    variant = _variant(d, dtype, hopper.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
-    batch, seqlen_q = q.shape[:2]
-    seqlen_k = k.shape[1]
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
         out = out.contiguous()  # the rows pass reads 16 bytes at a time
-    s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
     device = q.get_device()
-    rows_fn, dq_fn = row_kernels(dtype, device)
-    lse2, delta = _rows(rows_fn, out, dout, lse, s_pad, heads_q, device)
-    dq_acc = torch.zeros((batch, heads_q, s_pad * variant.head_dim), dtype=torch.float32, device=q.device)
-    maps = (_map(q, BLOCK_M, variant), _map(k, BLOCK_N, variant), _map(v, BLOCK_N, variant),
-            _map(dout, BLOCK_M, variant))  # fmt: skip
-    values = (
-        *maps, dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
-        *dk.stride()[:3], *dv.stride()[:3], seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim,
-        hopper._reach(window[0]), hopper._reach(window[1]), scale * LOG2E, scale,
+    window = (window[0], window[1])
+    key = (
+        q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
+        window, scale, pipelined, device,
     )  # fmt: skip
-    grid = -(-seqlen_k // BLOCK_N) * heads_kv * batch
-    run(_packed(kernel(variant, device), PARAMETERS), device, grid, THREADS, variant.launch_smem, values)
+    try:
+        plan = _launches[key]
+    except KeyError:
+        if len(_launches) >= MAX_LAUNCHES:
+            _launches.clear()
+        plan = _launches[key] = _plan(q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, pipelined, device)
+    batch, s_pad = q.shape[0], plan.s_pad
+    lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device)
+    dq_acc = torch.zeros((batch, heads_q, s_pad * plan.variant.head_dim), dtype=torch.float32, device=q.device)
+    gq, gk, gv, gdo = plan.maps
+    values = (
+        hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
+        hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
+        delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes,
+    )  # fmt: skip
+    run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
     values = (
-        dq_acc.data_ptr(), dq.data_ptr(), *dq.stride()[:3], heads_q, seqlen_q, s_pad, variant.head_dim, head_dim,
-        scale, pairs,
+        dq_acc.data_ptr(), dq.data_ptr(), *dq.stride()[:3], heads_q, q.shape[1], s_pad, plan.variant.head_dim,
+        head_dim, scale, pairs,
     )  # fmt: skip
-    run(_packed(dq_fn, DQ_PARAMETERS), device, -(-pairs // 256), 256, 0, values)
+    run(plan.dq, device, -(-pairs // 256), 256, 0, values)
 
 
-def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int) -> Any:
+def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int) -> Any:
     """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch)."""
     import torch
 
@@ -341,7 +383,7 @@ def _rows(function: int, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, 
         out.data_ptr(), dout.data_ptr(), lse.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
         *out.stride()[:3], *dout.stride()[:3], *lse.stride(), heads, sq, s_pad, d, rows,
     )  # fmt: skip
-    run(_packed(function, ROWS_PARAMETERS), device, -(-rows // 8), 256, 0, values)
+    run(packed, device, -(-rows // 8), 256, 0, values)
     return lse2, delta
 
 
