@@ -140,7 +140,7 @@ def test_problem_reasons():
         assert any(words in r for r in reasons), (change, reasons)
 
 
-def test_backward_is_declared_and_opt_in_while_unverified(monkeypatch):
+def test_backward_is_declared():
     import torch
 
     from flash_cuda import backend
@@ -149,12 +149,6 @@ def test_backward_is_declared_and_opt_in_while_unverified(monkeypatch):
     assert support is not None and support.min_capability == (9, 0)
     assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
     assert {"varlen", "softcap", "dropout", "deterministic"}.isdisjoint(support.features)
-    monkeypatch.delenv(backend.BACKWARD_OPT_IN, raising=False)
-    assert backend.backward_enabled() == backend.BACKWARD_VERIFIED
-    monkeypatch.setattr(backend, "BACKWARD_VERIFIED", False)
-    assert not backend.backward_enabled()
-    monkeypatch.setenv(backend.BACKWARD_OPT_IN, "1")
-    assert backend.backward_enabled()
 
 
 def test_ds_tile_store_matches_the_m_major_operand_layout():

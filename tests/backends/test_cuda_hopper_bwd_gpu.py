@@ -4,7 +4,7 @@ Skipped without an sm_90 GPU or without CuPy. The cases, the oracle (float64 aut
 attention), the tolerance rule (max error <= 2 x the naive same-precision error + eps) and the guard
 bands are those of ``packages/flash-cuda/scripts/hopper_bwd_check.py``: one source for the device
 harness and this test. The conformance suite (tests/test_conformance.py) covers the backward through
-dispatch (``backend="cuda"``) once it is enabled (flash_cuda.backend.backward_enabled).
+dispatch (``backend="cuda"``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ def test_case_against_the_oracle(case, seed):
     assert entry["ok"], entry
 
 
-def test_dispatch_pairs_the_cuda_forward_with_this_backward(monkeypatch):
+def test_dispatch_pairs_the_cuda_forward_with_this_backward():
     import flash
-    from flash_cuda import backend
 
-    monkeypatch.setenv(backend.BACKWARD_OPT_IN, "1")
     q, k, v = (torch.randn(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     explanation = str(flash.explain(q, k, v, causal=True, backend="cuda"))
     backward = explanation[explanation.index("backward:") :]

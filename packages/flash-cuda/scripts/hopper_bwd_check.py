@@ -260,7 +260,6 @@ def register_backends() -> None:
     from flash_cuda.backend import CudaBackend
     from flash_triton.backend import TritonBackend
 
-    os.environ["FLASH_CUDA_HOPPER_BWD"] = "1"
     for backend in (TritonBackend(), CudaBackend()):
         try:
             REGISTRY.register(backend)

@@ -53,20 +53,6 @@ BACKWARD = Support(
     limits=Limits(tokens=hopper.MAX_SEQLEN),
 )
 
-#: While BACKWARD_VERIFIED is False, the Hopper backward runs only where this environment variable
-#: is "1" (a kernel change not yet through the device checks ships that way).
-BACKWARD_OPT_IN = "FLASH_CUDA_HOPPER_BWD"
-#: Whether it is dispatched without the opt-in: True since device run 3 (H200, 2026-12-02: 33/33
-#: gradient checks of scripts/hopper_bwd_check.py, 23/23 conformance cases through dispatch;
-#: PERF_NOTES.md, "Hopper backward (issue 14)").
-BACKWARD_VERIFIED = True
-
-
-def backward_enabled() -> bool:
-    import os
-
-    return BACKWARD_VERIFIED or os.environ.get(BACKWARD_OPT_IN, "") == "1"
-
 
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
@@ -211,11 +197,6 @@ def _forward_reasons(spec: AttentionSpec) -> list[str]:
 
 
 def _backward_reasons(spec: AttentionSpec) -> list[str]:
-    if not backward_enabled():
-        return [
-            f"the Hopper backward is not verified on a GPU yet: opt in with {BACKWARD_OPT_IN}=1 "
-            "(another backend's backward runs meanwhile)"
-        ]
     return list(_hopper_bwd_reasons(spec)) if spec.device.type == "cuda" else []
 
 
