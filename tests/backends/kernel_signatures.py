@@ -6,12 +6,16 @@ from __future__ import annotations
 C_KINDS = {"TensorMap": "map", "*": "ptr", "i64": "i64", "int": "i32", "float": "f32"}
 
 
-def parameter_kinds(text: str, name: str) -> list[str]:
-    """The kinds of kernel ``name``'s parameters, in order, from the source ``text`` that defines it."""
+def _parameters(text: str, name: str) -> list[str]:
+    """Kernel ``name``'s parameter declarations, in order, from the source ``text`` that defines it."""
     start = text.index(name + "(")
-    signature = text[text.index("(", start) + 1 : text.index(") {", start)]
+    return text[text.index("(", start) + 1 : text.index(") {", start)].split(",")
+
+
+def parameter_kinds(text: str, name: str) -> list[str]:
+    """The kinds of kernel ``name``'s parameters, in order."""
     kinds = []
-    for param in signature.split(","):
+    for param in _parameters(text, name):
         words = param.replace("__restrict__", "").replace("const", "").replace("__grid_constant__", "").split()
         c_type = " ".join(words[:-1]).split("::")[-1]
         kinds.append(next(kind for c, kind in C_KINDS.items() if c in c_type))
@@ -19,6 +23,5 @@ def parameter_kinds(text: str, name: str) -> list[str]:
 
 
 def parameter_names(text: str, name: str) -> list[str]:
-    start = text.index(name + "(")
-    signature = text[text.index("(", start) + 1 : text.index(") {", start)]
-    return [param.split()[-1] for param in signature.split(",")]
+    """The names of kernel ``name``'s parameters, in order."""
+    return [param.split()[-1] for param in _parameters(text, name)]

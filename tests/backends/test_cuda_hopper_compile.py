@@ -167,8 +167,8 @@ def test_problem_classes():
 
 def test_launch_parameters_match_the_kernel_signature():
     text = hopper.source(hopper.shipped_variants()[0])
-    assert parameter_kinds(text, hopper.KERNEL_NAME) == list(hopper.PARAMETERS)
-    layout = tensor_map.ParamLayout(hopper.PARAMETERS)
+    assert parameter_kinds(text, hopper.KERNEL_NAME) == list(hopper.PARAMETERS.kinds)
+    layout = hopper.PARAMETERS
     assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
     names = parameter_names(text, hopper.KERNEL_NAME)
     scalars = hopper.scalar_arguments(

@@ -595,8 +595,8 @@ def unsupported_reasons(
     return reasons
 
 
-#: The kernel's parameters (kernels/hopper_fwd.cu) in order, as tensor_map.ParamLayout kinds.
-PARAMETERS = (
+#: The kernel's parameters (kernels/hopper_fwd.cu) in order, as tensor_map kinds.
+PARAMETERS = tensor_map.ParamLayout(
     ("map",) * 3  # the tensor maps of q, k, v
     + ("ptr",) * 4  # o, lse, cu_q, cu_k
     + ("i64",) * 6  # strides of o and lse
@@ -626,7 +626,7 @@ def scalar_arguments(
     softcap: float,
     scale: float,
 ) -> tuple[int | float, ...]:
-    """The kernel's parameters from ``o_sb`` to ``softcap_in`` (``PARAMETERS[7:27]``), in order."""
+    """The kernel's parameters from ``o_sb`` to ``softcap_in`` (``PARAMETERS.kinds[7:27]``), in order."""
     o_sb, o_ss, o_sh = out_strides[:3]
     l_sb, l_sh, l_ss = lse_strides
     if softcap > 0:
@@ -690,7 +690,6 @@ class Launch:
 #: Launches by problem key (:func:`forward`); cleared when full (a key holds shapes, not tensors).
 _launches: dict[tuple, Launch | None] = {}
 MAX_LAUNCHES = 1024
-PARAMETER_LAYOUT = tensor_map.ParamLayout(PARAMETERS)
 
 
 def _plan_launch(
@@ -727,7 +726,7 @@ def _plan_launch(
         geometry(k, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
         geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
     )
-    packed = tensor_map.PackedLaunch(kernel(variant, device), PARAMETER_LAYOUT)
+    packed = tensor_map.packed_launch(kernel(variant, device), PARAMETERS)
     strides = tuple(s for d in descales for s in _descale_strides(d))
     return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides)
 

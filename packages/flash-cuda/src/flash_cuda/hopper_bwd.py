@@ -248,11 +248,6 @@ ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) 
 DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64"))
 
 
-@functools.lru_cache(maxsize=256)
-def _packed(function: int, layout: tensor_map.ParamLayout) -> tensor_map.PackedLaunch:
-    return tensor_map.PackedLaunch(function, layout)
-
-
 @dataclass(frozen=True, eq=False)
 class Launches:
     """What one problem's backward launches share, decided on its first call: the kernels and their
@@ -292,9 +287,10 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
         seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim, hopper._reach(window[0]),
         hopper._reach(window[1]), scale * LOG2E, scale,
     )  # fmt: skip
+    packed = tensor_map.packed_launch
     return Launches(
-        variant, _packed(rows_fn, ROWS_PARAMETERS), _packed(kernel(variant, device), PARAMETERS),
-        _packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes,
+        variant, packed(rows_fn, ROWS_PARAMETERS), packed(kernel(variant, device), PARAMETERS),
+        packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes,
     )  # fmt: skip
 
 

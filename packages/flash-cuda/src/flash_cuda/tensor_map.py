@@ -199,3 +199,9 @@ class PackedLaunch:
         code = driver().cuLaunchKernel(self.function, grid, 1, 1, block, 1, 1, smem, stream, params, None)
         if code:
             _check(code, f"cuLaunchKernel(grid={grid}, block={block}, smem={smem}; is the kernel's device current?)")
+
+
+@functools.lru_cache(maxsize=256)
+def packed_launch(function: int, layout: ParamLayout) -> PackedLaunch:
+    """The :class:`PackedLaunch` of a kernel (its parameters checked once per function and layout)."""
+    return PackedLaunch(function, layout)
