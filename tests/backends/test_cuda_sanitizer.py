@@ -1,8 +1,10 @@
-"""CUDA backend under compute-sanitizer: memcheck (out-of-bounds, misaligned) and racecheck (shared memory).
+"""CUDA backend under compute-sanitizer: memcheck (out-of-bounds, misaligned), racecheck (shared memory)
+and synccheck (barriers).
 
-The tests run this file as a script under ``compute-sanitizer --tool memcheck|racecheck``; the
-script launches the kernel on a representative set of small shapes (odd lengths, causal, windows,
-GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick).
+The tests run this file as a script under ``compute-sanitizer --tool memcheck|racecheck|synccheck``;
+the script launches the forward on a representative set of small shapes (odd lengths, causal, windows,
+GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick), then
+the backward (the Hopper backward on sm_90) on the cases it supports.
 Skipped without a GPU or without compute-sanitizer on the PATH (or under $CUDA_HOME/bin).
 """
 
@@ -30,7 +32,7 @@ def _sanitizer() -> str | None:
 
 @pytest.mark.gpu
 @pytest.mark.long
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
 def test_sanitizer_is_clean(tool):
     pytest.importorskip("flash_cuda")
     from flash.registry import REGISTRY
@@ -48,8 +50,8 @@ def test_sanitizer_is_clean(tool):
     output = done.stdout + done.stderr
     print(output[-4000:])
     assert "SANITIZER CASES DONE" in output, output[-4000:]
-    # memcheck ends with "ERROR SUMMARY: 0 errors", racecheck with "RACECHECK SUMMARY: 0 hazards displayed ..."
-    clean = "ERROR SUMMARY: 0 errors" if tool == "memcheck" else "RACECHECK SUMMARY: 0 hazards displayed (0 errors"
+    # memcheck and synccheck end with "ERROR SUMMARY: 0 errors", racecheck with "RACECHECK SUMMARY: 0 hazards ..."
+    clean = "RACECHECK SUMMARY: 0 hazards displayed (0 errors" if tool == "racecheck" else "ERROR SUMMARY: 0 errors"
     assert done.returncode == 0 and clean in output, output[-4000:]
 
 
@@ -99,6 +101,17 @@ def main() -> None:
             launch.forward(spec, args, variant)
             torch.cuda.synchronize()
             print(f"{variant.label()}: finite {bool(torch.isfinite(out).all())}", flush=True)
+    # The backward of every case whose backward runs on the cuda backend (the others go to triton).
+    for case in _cases():
+        inputs = make_inputs(case, "cuda", seed=11)
+        explanation = str(flash.explain(inputs.q, inputs.k, inputs.v, backend="cuda", **inputs.options))
+        if not explanation[explanation.index("backward:") :].startswith("backward: cuda"):
+            continue
+        q, k, v = (t.detach().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
+        out = flash.attention(q, k, v, backend="cuda", **inputs.options)
+        grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        torch.cuda.synchronize()
+        print(f"{case.name} backward: finite {all(bool(torch.isfinite(g).all()) for g in grads)}", flush=True)
     print("SANITIZER CASES DONE", flush=True)
 
 
