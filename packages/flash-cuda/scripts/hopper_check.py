@@ -11,7 +11,9 @@ Phases, each in its own subprocess with a time limit (a hung kernel costs one ph
                naive same-precision error + eps), outputs poisoned with NaN, guard bands around out and
                LSE, fresh random inputs, a repeat run that must be bitwise identical;
 3. bench    -- TFLOP/s against torch SDPA's cuDNN and flash (FA2) backends in the same process
-               (batch * seqlen = 16k tokens, heads * head_dim = 2048, bf16, do_bench medians);
+               (batch * seqlen = 16k tokens, heads * head_dim = 2048, bf16, do_bench medians); tile A/B:
+               HOPPER_BENCH="d128 s8192 full: 2x192, 2x160; d128 s1024 causal: 3x128 auto q2" times
+               only those cases, at the table's tiles and at each candidate;
 4. sanitize -- compute-sanitizer memcheck, racecheck and synccheck on one small case.
 
 Logs go to $OUT (or ./hopper_out); the short tables come last on stdout. Imports no flash-core.
@@ -202,9 +204,27 @@ class BenchCase:
     configs: list[tuple | None] = field(default_factory=lambda: [None])  # None: the table's
 
 
-def bench_cases() -> list[BenchCase]:
+def bench_cases(selection: str | None = None) -> list[BenchCase]:
+    """Every benchmark case at the table's tiles, or the cases of ``selection``: ';'-separated
+    "d128 s8192 full: 2x192, 3x128 heads q2" (case, then candidate tiles: consumers x block_n, an
+    optional order and Q stages), each timed at the table's tiles and at its candidates."""
+    if selection:
+        return [_parse_bench_case(part) for part in selection.split(";") if part.strip()]
     cases = [BenchCase(d, s, c) for d in (128, 64, 256) for s in (8192, 4096, 1024) for c in (False, True)]
     return cases + [BenchCase(d, 8192, c) for d in (96, 192) for c in (False, True)]
+
+
+def _parse_bench_case(text: str) -> BenchCase:
+    name, _, tiles = text.partition(":")
+    d, s, mask = name.split()
+    configs: list[tuple | None] = [None]
+    for tile in filter(None, (t.strip() for t in tiles.split(","))):
+        shape, *rest = tile.split()
+        consumers, block_n = (int(x) for x in shape.split("x"))
+        order = next((word for word in rest if word in ("heads", "blocks", "auto")), "heads")
+        q_stages = next((int(word[1:]) for word in rest if word.startswith("q")), 1)
+        configs.append((consumers, block_n, order, q_stages))
+    return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs)
 
 
 # ------------------------------------------------------------------ reference
@@ -505,7 +525,7 @@ def all_variants():
     found = set(hopper.shipped_variants())
     for case in check_cases():
         found.add(case.variant())
-    for bc in bench_cases():
+    for bc in bench_cases(os.environ.get("HOPPER_BENCH")):
         window = (-1, 0) if bc.causal else (-1, -1)
         for cfg in bc.configs:
             config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(bc.d, window, bc.seqlen)
@@ -542,7 +562,7 @@ def phase_bench(args) -> int:
 
     rows = []
     tokens, width = 16384, 2048
-    for bc in bench_cases():
+    for bc in bench_cases(os.environ.get("HOPPER_BENCH")):
         b, h, s, d = tokens // bc.seqlen, width // bc.d, bc.seqlen, bc.d  # d96, d192: 21, 10 heads
         window = (-1, 0) if bc.causal else (-1, -1)
         flops = 4 * b * h * s * s * d / (2 if bc.causal else 1)
