@@ -18,7 +18,7 @@ import pytest
 
 hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
 
-from flash_cuda import hopper, nvrtc  # noqa: E402
+from flash_cuda import hopper_tiles, hopper_variants, nvrtc  # noqa: E402
 from flash_cuda.sources import read_kernel_file  # noqa: E402
 from tests.backends.kernel_signatures import parameter_kinds  # noqa: E402
 
@@ -62,11 +62,11 @@ def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes, str]
 
 def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
-    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper.MASK_NAMES)
+    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES)
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
-        assert variant.launch_smem <= hopper.MAX_SMEM
+        assert variant.launch_smem <= hopper_variants.MAX_SMEM
         # C7514: a wgmma issued under a run-time condition in the loop serialises every wgmma (walk())
         assert "C7514" not in log and "serialized" not in log, f"{variant.label()}: wgmma serialised\n{log}"
     for d in hopper_bwd.HEAD_DIMS:
@@ -88,7 +88,7 @@ def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
 
 
 def test_source_is_header_free_and_one_extern_c_kernel():
-    source = hopper_bwd.source(hopper_bwd.BwdVariant(128, "bf16", hopper.MASK_RIGHT))
+    source = hopper_bwd.source(hopper_bwd.BwdVariant(128, "bf16", hopper_tiles.MASK_RIGHT))
     assert "#include <" not in source
     assert source.count('extern "C"') == 1 and hopper_bwd.KERNEL_NAME in source
     assert "ss_t" in source and "p, 1, 1, 1, 1" in source  # dQ: A M-major and B N-major
@@ -96,8 +96,8 @@ def test_source_is_header_free_and_one_extern_c_kernel():
 
 def test_forward_wgmma_source_is_unchanged_by_the_transposed_method():
     # the forward's generated instructions must not depend on the backward's addition
-    for variant in hopper.shipped_variants()[:4]:
-        assert "ss_t" not in hopper.wgmma_source(variant)
+    for variant in hopper_variants.shipped_variants()[:4]:
+        assert "ss_t" not in hopper_variants.wgmma_source(variant)
 
 
 def test_launch_parameters_match_the_kernel_signatures():
@@ -306,7 +306,7 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     hopper_bwd.backward(q, k, v, out, lse, dout, dq, dk, dv, heads_q=h, heads_kv=hkv, head_dim=d, window=(-1, 0),
                         scale=0.125)  # fmt: skip
     (rows, _, rows_grid, rows_threads, _, rows_values), (main, _, grid, threads, smem, values), dq_launch = launches
-    assert smem == hopper_bwd._variant(64, "bf16", hopper.MASK_RIGHT, hopper_bwd.PIPELINED[64]).launch_smem
+    assert smem == hopper_bwd._variant(64, "bf16", hopper_tiles.MASK_RIGHT, hopper_bwd.PIPELINED[64]).launch_smem
     assert [p.function for p in (rows, main, dq_launch[0])] == [22, 11, 33]
     for packed, launch_values in ((rows, rows_values), (main, values), (dq_launch[0], dq_launch[-1])):
         assert len(launch_values) == len(packed.layout.kinds)

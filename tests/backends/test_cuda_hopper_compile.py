@@ -23,23 +23,23 @@ import pytest
 
 hopper = pytest.importorskip("flash_cuda.hopper")
 
-from flash_cuda import nvrtc, tensor_map  # noqa: E402
+from flash_cuda import hopper_tiles, hopper_variants, nvrtc, tensor_map  # noqa: E402
 from tests.backends.kernel_signatures import parameter_kinds, parameter_names  # noqa: E402
 
 
-def _compile(variant: hopper.HopperVariant) -> tuple[nvrtc.Resources, bytes, str]:
-    compiled = nvrtc.compile_cubin(hopper.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
+def _compile(variant: hopper_variants.HopperVariant) -> tuple[nvrtc.Resources, bytes, str]:
+    compiled = nvrtc.compile_cubin(hopper_variants.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
     report = nvrtc.parse_ptxas(compiled.log)
-    assert hopper.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
-    return report[hopper.KERNEL_NAME], compiled.cubin, compiled.log
+    assert hopper_variants.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
+    return report[hopper_variants.KERNEL_NAME], compiled.cubin, compiled.log
 
 
 @pytest.fixture(scope="module")
-def compiled() -> dict[hopper.HopperVariant, tuple[nvrtc.Resources, bytes, str]]:
+def compiled() -> dict[hopper_variants.HopperVariant, tuple[nvrtc.Resources, bytes, str]]:
     reason = nvrtc.unavailable_reason()
     if reason:
         pytest.skip(reason)
-    variants = hopper.shipped_variants()
+    variants = hopper_variants.shipped_variants()
     # Processes, not threads: ptxas's -v report reaches NVRTC's log through process-wide state.
     with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         results = dict(zip(variants, pool.map(_compile, variants)))
@@ -75,7 +75,7 @@ def _sass(cubin: bytes) -> str:
 def test_every_shipped_variant_compiles_without_spilling(compiled):
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
-        if variant.fp8 and variant.head_dim == 256 and variant.mask == hopper.MASK_BOTH:
+        if variant.fp8 and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH:
             # its consumers (224 registers: the producer keeps 48 for the transposers) spill one
             # word at the tile boundary, not inside the key-block loop (PERF_NOTES.md, fp8)
             assert res.stack_frame <= 8, f"{variant.label()}: {res}"
@@ -99,7 +99,7 @@ def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
             )
         assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
-        if not (variant.fp8 and variant.head_dim == 256 and variant.mask == hopper.MASK_BOTH):
+        if not (variant.fp8 and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH):
             assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
         # In the steady-state loop, the softmax (MUFU.EX2 of BN/2 scores per thread) runs between
         # waiting for S (wait_group 1) and waiting for O += P V (wait_group 0).
@@ -117,60 +117,60 @@ def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
 
 
 def test_source_is_header_free_and_one_extern_c_kernel():
-    variant = hopper.shipped_variants()[0]
-    text = hopper.source(variant)
+    variant = hopper_variants.shipped_variants()[0]
+    text = hopper_variants.source(variant)
     assert "#include" not in text
-    assert text.count('extern "C" __global__') == 1 and hopper.KERNEL_NAME in text
+    assert text.count('extern "C" __global__') == 1 and hopper_variants.KERNEL_NAME in text
     assert "struct Wgmma<" in text  # the generated instructions went in
 
 
 def test_table_rows_fit_and_say_where_they_come_from():
     for table, dtypes, head_dims in (
-        (hopper.TABLE, ("bf16", "fp16"), hopper.SHIPPED_HEAD_DIMS),
-        (hopper.FP8_TABLE, hopper.FP8_INPUTS, hopper.FP8_HEAD_DIMS),
+        (hopper_tiles.TABLE, ("bf16", "fp16"), hopper_tiles.SHIPPED_HEAD_DIMS),
+        (hopper_tiles.FP8_TABLE, hopper_variants.FP8_INPUTS, hopper_tiles.FP8_HEAD_DIMS),
     ):
         classes = set()
         for row in table:
             assert row.provenance.startswith(("measured:", "unmeasured:")), row
-            assert row.config.order in (*hopper.ORDERS, "auto")
+            assert row.config.order in (*hopper_tiles.ORDERS, "auto")
             for dtype in dtypes:
-                variant = hopper.make_variant(row.config, row.head_dim, dtype, row.mask)
-                assert variant.launch_smem <= hopper.MAX_SMEM
+                variant = hopper_variants.make_variant(row.config, row.head_dim, dtype, row.mask)
+                assert variant.launch_smem <= hopper_variants.MAX_SMEM
             if row.max_seqlen_k is None:
                 classes.add((row.head_dim, row.mask))
         # every (head dim, mask) has a row for any length
-        assert classes == {(d, m) for d in head_dims for m in hopper.MASK_NAMES}
+        assert classes == {(d, m) for d in head_dims for m in hopper_tiles.MASK_NAMES}
     # no dead knobs: each option of the table takes more than one value in it
-    assert {row.config.consumers for row in hopper.TABLE} == {2, 3}
-    assert len({row.config.order for row in hopper.TABLE}) > 1
-    assert {row.config.q_stages for row in hopper.TABLE} == {1, 2}
-    assert len({row.config.block_n for row in hopper.TABLE}) > 1
+    assert {row.config.consumers for row in hopper_tiles.TABLE} == {2, 3}
+    assert len({row.config.order for row in hopper_tiles.TABLE}) > 1
+    assert {row.config.q_stages for row in hopper_tiles.TABLE} == {1, 2}
+    assert len({row.config.block_n for row in hopper_tiles.TABLE}) > 1
 
 
 def test_problem_classes():
-    assert [hopper.compiled_head_dim(d) for d in (8, 64, 72, 96, 128, 136, 192, 200, 256)] == [
+    assert [hopper_tiles.compiled_head_dim(d) for d in (8, 64, 72, 96, 128, 136, 192, 200, 256)] == [
         64, 64, 96, 96, 128, 192, 192, 256, 256,
     ]  # fmt: skip
-    assert hopper.mask_kind((-1, -1)) == hopper.MASK_NONE
-    assert hopper.mask_kind((-1, 0)) == hopper.MASK_RIGHT
-    assert hopper.mask_kind((-1, 7)) == hopper.MASK_RIGHT
-    assert hopper.mask_kind((5, -1)) == hopper.MASK_BOTH
-    assert hopper.config_for(80, (-1, 0)) == hopper.table_row(96, hopper.MASK_RIGHT).config
-    short = [row for row in hopper.TABLE if row.max_seqlen_k is not None]
+    assert hopper_tiles.mask_kind((-1, -1)) == hopper_tiles.MASK_NONE
+    assert hopper_tiles.mask_kind((-1, 0)) == hopper_tiles.MASK_RIGHT
+    assert hopper_tiles.mask_kind((-1, 7)) == hopper_tiles.MASK_RIGHT
+    assert hopper_tiles.mask_kind((5, -1)) == hopper_tiles.MASK_BOTH
+    assert hopper_tiles.config_for(80, (-1, 0)) == hopper_tiles.table_row(96, hopper_tiles.MASK_RIGHT).config
+    short = [row for row in hopper_tiles.TABLE if row.max_seqlen_k is not None]
     for row in short:  # a bucketed row serves short sequences, the catch-all row long ones
-        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
-        assert hopper.table_row(row.head_dim, row.mask, row.max_seqlen_k + 1) != row
-        assert hopper.table_row(row.head_dim, row.mask).max_seqlen_k is None
+        assert hopper_tiles.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
+        assert hopper_tiles.table_row(row.head_dim, row.mask, row.max_seqlen_k + 1) != row
+        assert hopper_tiles.table_row(row.head_dim, row.mask).max_seqlen_k is None
     with pytest.raises(ValueError):
-        hopper.compiled_head_dim(264)
+        hopper_tiles.compiled_head_dim(264)
 
 
 def test_launch_parameters_match_the_kernel_signature():
-    text = hopper.source(hopper.shipped_variants()[0])
-    assert parameter_kinds(text, hopper.KERNEL_NAME) == list(hopper.PARAMETERS.kinds)
+    text = hopper_variants.source(hopper_variants.shipped_variants()[0])
+    assert parameter_kinds(text, hopper_variants.KERNEL_NAME) == list(hopper.PARAMETERS.kinds)
     layout = hopper.PARAMETERS
     assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
-    names = parameter_names(text, hopper.KERNEL_NAME)
+    names = parameter_names(text, hopper_variants.KERNEL_NAME)
     scalars = hopper.scalar_arguments(
         (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,
         total_k=100, heads_q=4, heads_kv=2, head_dim=64, m_blocks=1, tiles=8, window=(-1, 0), order="blocks",
@@ -216,27 +216,27 @@ def test_packed_launch_points_each_parameter_at_its_value(monkeypatch):
 
 def test_auto_order_follows_the_balance_of_the_heads_order():
     pytest.importorskip("torch")
-    auto = hopper.HopperConfig(2, 128, "auto")
+    auto = hopper_tiles.HopperConfig(2, 128, "auto")
     common = {"grid": 132, "varlen": False}
     # 64 query blocks x 32 (batch, head) pairs, causal: heads order balances to 0.97 -> heads
     assert (
-        hopper.tile_order(auto, m_blocks=64, pairs=32, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        hopper_tiles.tile_order(auto, m_blocks=64, pairs=32, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
         == "heads"
     )
     # 64 x 16 pairs: heads order would balance to 0.66 -> longest work first
     assert (
-        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
+        hopper_tiles.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common)
         == "blocks"
     )
     # no mask: every tile costs the same, heads order
     assert (
-        hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, -1), **common)
+        hopper_tiles.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, -1), **common)
         == "heads"
     )
-    assert hopper.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0), grid=132,
-                             varlen=True) == "blocks"  # fmt: skip
-    assert hopper.tile_order(hopper.HopperConfig(2, 128, "heads"), m_blocks=64, pairs=16, seqlen_q=8192,
-                             seqlen_k=8192, window=(-1, 0), **common) == "heads"  # fmt: skip
+    assert hopper_tiles.tile_order(auto, m_blocks=64, pairs=16, seqlen_q=8192, seqlen_k=8192, window=(-1, 0),
+                                   grid=132, varlen=True) == "blocks"  # fmt: skip
+    assert hopper_tiles.tile_order(hopper_tiles.HopperConfig(2, 128, "heads"), m_blocks=64, pairs=16,
+                                   seqlen_q=8192, seqlen_k=8192, window=(-1, 0), **common) == "heads"  # fmt: skip
 
 
 def test_tensor_map_limits_and_strides():
@@ -285,9 +285,10 @@ def test_forward_launches_what_the_kernel_takes(monkeypatch):
         hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=500, heads_q=h, heads_kv=hkv, head_dim=d,
                        window=(-1, 0), scale=0.125)  # fmt: skip
     assert len(hopper._launches) == 1 and len(launches) == 2
-    names = parameter_names(hopper.source(hopper.shipped_variants()[0]), hopper.KERNEL_NAME)
+    names = parameter_names(hopper_variants.source(hopper_variants.shipped_variants()[0]), hopper_variants.KERNEL_NAME)
+    config = hopper_tiles.config_for(d, (-1, 0), 500)
     for (out, lse), (packed, _, grid, threads, smem, values) in zip(outputs, launches):
-        variant = hopper.make_variant(hopper.config_for(d, (-1, 0), 500), d, "bf16", hopper.MASK_RIGHT)
+        variant = hopper_variants.make_variant(config, d, "bf16", hopper_tiles.MASK_RIGHT)
         assert (threads, smem) == (variant.threads, variant.launch_smem)
         assert packed.function == 7 and len(values) == len(names)
         packed.layout.format.pack(*values)  # every value fits its kind
@@ -295,6 +296,6 @@ def test_forward_launches_what_the_kernel_takes(monkeypatch):
         assert (named["o"], named["lse"], named["cu_q"], named["cu_k"]) == (out.data_ptr(), lse.data_ptr(), 0, 0)
         assert (named["o_ss"], named["l_sh"], named["seqlen_k"], named["group"]) == (h * d, s, 500, 2)
         assert named["win_right"] == 0 and named["score_log2"] == pytest.approx(0.125 * hopper.LOG2E)
-        m_blocks = -(-s // hopper.config_for(d, (-1, 0), 500).block_m)
+        m_blocks = -(-s // config.block_m)
         assert named["tiles"] == m_blocks * h * b and grid == min(named["tiles"], 132)
         assert all(len(values[i]) == 128 for i in range(3))

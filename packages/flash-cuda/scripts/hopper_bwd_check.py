@@ -106,13 +106,13 @@ def check_cases() -> list[Case]:
 
 
 def variants_of(cases: list[Case]) -> list:
-    from flash_cuda import hopper, hopper_bwd
+    from flash_cuda import hopper_bwd, hopper_tiles
 
     out = []
     for c in cases:
         d = hopper_bwd.compiled_head_dim(c.d)
         pipelined = hopper_bwd.PIPELINED[d] if c.pipelined is None else c.pipelined
-        v = hopper_bwd.BwdVariant(d, c.dtype, hopper.mask_kind(c.window), pipelined)
+        v = hopper_bwd.BwdVariant(d, c.dtype, hopper_tiles.mask_kind(c.window), pipelined)
         if v not in out:
             out.append(v)
     return out

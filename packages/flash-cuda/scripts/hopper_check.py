@@ -78,17 +78,18 @@ class Case:
         return self.dtype in ("e4m3", "e5m2")
 
     def hopper_config(self):
-        from flash_cuda import hopper
+        from flash_cuda import hopper_tiles
 
         if self.config:
-            return hopper.HopperConfig(*self.config)
-        return hopper.config_for(self.d, self.window, self.seqlen_k, self.fp8)
+            return hopper_tiles.HopperConfig(*self.config)
+        return hopper_tiles.config_for(self.d, self.window, self.seqlen_k, self.fp8)
 
     def variant(self):
-        from flash_cuda import hopper
+        from flash_cuda import hopper_tiles, hopper_variants
 
         out = self.out_dtype if self.fp8 else ""
-        return hopper.make_variant(self.hopper_config(), self.d, self.dtype, hopper.mask_kind(self.window), out)
+        mask = hopper_tiles.mask_kind(self.window)
+        return hopper_variants.make_variant(self.hopper_config(), self.d, self.dtype, mask, out)
 
 
 def check_cases() -> list[Case]:
@@ -376,10 +377,10 @@ def dequantized(t8, descale):
 
 
 def run_case(case: Case, prob: dict) -> None:
-    from flash_cuda import hopper
+    from flash_cuda import hopper, hopper_tiles
 
     scale = case.scale if case.scale is not None else 1.0 / math.sqrt(case.d)
-    config = hopper.HopperConfig(*case.config) if case.config else None
+    config = hopper_tiles.HopperConfig(*case.config) if case.config else None
     hopper.forward(
         prob["q"], prob["k"], prob["v"], prob["out"], prob["lse"], cu_seqlens_q=prob["cu_q"],
         cu_seqlens_k=prob["cu_k"], seqlen_q=prob["max_q"], seqlen_k=prob["max_k"], heads_q=case.hq,
@@ -508,9 +509,9 @@ def phase_check(args) -> int:
 def _compile_one(item):
     import cupy  # noqa: F401
 
-    from flash_cuda import hopper
+    from flash_cuda import hopper, hopper_variants
 
-    variant = hopper.HopperVariant(**item)
+    variant = hopper_variants.HopperVariant(**item)
     t = time.time()
     try:
         hopper.kernel(variant, 0)
@@ -520,19 +521,19 @@ def _compile_one(item):
 
 
 def all_variants():
-    from flash_cuda import hopper
+    from flash_cuda import hopper_tiles, hopper_variants
 
-    found = set(hopper.shipped_variants())
+    found = set(hopper_variants.shipped_variants())
     for case in check_cases():
         found.add(case.variant())
     for bc in bench_cases(os.environ.get("HOPPER_BENCH")):
         window = (-1, 0) if bc.causal else (-1, -1)
         for cfg in bc.configs:
-            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(bc.d, window, bc.seqlen)
-            found.add(hopper.make_variant(config, bc.d, "bf16", hopper.mask_kind(window)))
-        if bc.d in hopper.FP8_HEAD_DIMS:
-            fp8 = hopper.config_for(bc.d, window, bc.seqlen, fp8=True)
-            found.add(hopper.make_variant(fp8, bc.d, "e4m3", hopper.mask_kind(window)))
+            config = hopper_tiles.HopperConfig(*cfg) if cfg else hopper_tiles.config_for(bc.d, window, bc.seqlen)
+            found.add(hopper_variants.make_variant(config, bc.d, "bf16", hopper_tiles.mask_kind(window)))
+        if bc.d in hopper_tiles.FP8_HEAD_DIMS:
+            fp8 = hopper_tiles.config_for(bc.d, window, bc.seqlen, fp8=True)
+            found.add(hopper_variants.make_variant(fp8, bc.d, "e4m3", hopper_tiles.mask_kind(window)))
     return sorted(found, key=lambda v: v.label())
 
 
@@ -558,7 +559,7 @@ def phase_bench(args) -> int:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from flash_cuda import hopper
+    from flash_cuda import hopper, hopper_tiles
 
     rows = []
     tokens, width = 16384, 2048
@@ -608,7 +609,7 @@ def phase_bench(args) -> int:
         time_peers("")
         ref_out = None
         for cfg in bc.configs:
-            config = hopper.HopperConfig(*cfg) if cfg else hopper.config_for(d, window, s)
+            config = hopper_tiles.HopperConfig(*cfg) if cfg else hopper_tiles.config_for(d, window, s)
             label = (
                 "table"
                 if cfg is None
@@ -623,7 +624,7 @@ def phase_bench(args) -> int:
                 torch.cuda.synchronize()
                 if cfg is None:
                     m_blocks = -(-s // config.block_m)
-                    row["order"] = hopper.tile_order(
+                    row["order"] = hopper_tiles.tile_order(
                         config, m_blocks=m_blocks, pairs=b * h, grid=132, seqlen_q=s, seqlen_k=s, window=window,
                         varlen=False,
                     )  # fmt: skip
@@ -641,7 +642,7 @@ def phase_bench(args) -> int:
                 row[label] = None
                 log(f"  {label} failed: {type(error).__name__}: {error}")
                 traceback.print_exc()
-        if d in hopper.FP8_HEAD_DIMS:  # the same problem in e4m3 (per-head descales), bf16 out
+        if d in hopper_tiles.FP8_HEAD_DIMS:  # the same problem in e4m3 (per-head descales), bf16 out
             try:
                 (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
                 fn = lambda: hopper.forward(  # noqa: E731

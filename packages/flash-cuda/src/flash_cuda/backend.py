@@ -1,8 +1,9 @@
 """The ``cuda`` backend: what it supports, the forward and the backward launches.
 
 Forward, two kernels: on Hopper (sm_90) the wgmma/TMA kernel of :mod:`flash_cuda.hopper`, with its
-own tile table; elsewhere, and for problems the Hopper kernel declines (layouts TMA cannot read), the
-mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come from ``heuristics.json``.
+own tile table (:mod:`flash_cuda.hopper_tiles`); elsewhere, and for problems the Hopper kernel
+declines (layouts TMA cannot read), the mma.sync kernel of :mod:`flash_cuda.launch`, whose tiles come
+from ``heuristics.json``.
 
 Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
 :data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA); everything else is
