@@ -214,9 +214,11 @@ class _FakeLibcuda:
 @contextlib.contextmanager
 def fake_cuda_driver() -> Iterator[None]:
     """flash-cuda's Hopper launches run on CPU tensors: libcuda, module loading, the SM count and torch's
-    stream query are stand-ins (a launch does nothing)."""
+    stream query are stand-ins (a launch does nothing). Each stand-in replaces the name where the code
+    that calls it looks it up: the backward launches through its own import of ``on_current_stream``
+    (``hopper_bwd.run``)."""
     try:
-        from flash_cuda import hopper, modules, tensor_map
+        from flash_cuda import hopper, hopper_bwd, modules, tensor_map
     except ImportError:  # no flash-cuda: nothing to fake (its rows are left out)
         yield
         return
@@ -229,6 +231,7 @@ def fake_cuda_driver() -> Iterator[None]:
         (modules, "functions", lambda key, device, build, names, smem=0: tuple(range(1, len(names) + 1))),
         (hopper, "_sm_count", lambda device: 132),
         (hopper, "on_current_stream", on_current_stream),
+        (hopper_bwd, "run", on_current_stream),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in stand_ins]
     for module, name, value in stand_ins:
