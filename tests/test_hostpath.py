@@ -29,3 +29,19 @@ def test_every_row_runs() -> None:
             pass
     assert expected <= {name.strip() for name in rows}, done.stdout
     assert all(float(us) > 0 for us in rows.values()), done.stdout
+
+
+def test_cuda_rows_run_whatever_was_imported_first() -> None:
+    """The fake CUDA driver reaches the backward's launch even when flash_cuda.hopper_bwd (which binds
+    ``hopper.on_current_stream`` at import, as ``hopper_bwd.run``) was imported before it."""
+    pytest.importorskip("flash_cuda")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import flash_cuda.hopper_bwd\n"
+        "from flash_bench import hostpath\n"
+        "times = hostpath.measure(calls=5, repeats=1, only='cuda launch')\n"
+        "assert set(times) == {'cuda launch fwd', 'cuda launch bwd'}, times\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True,
+                          check=False, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
