@@ -295,7 +295,22 @@ struct Lane {
     warp_leader = lane == 0;
     key = blk.n0 + 64 * wg + lane_row;  // the thread's row-0 key
   }
+  // The warp's leader arrives on `bar` for the whole warp once every lane is there, so that the
+  // lanes' own shared-memory reads (LSE, delta) and writes (dS^T) come before the arrive that
+  // lets another warpgroup or the producer at that memory (compute-sanitizer racecheck: without
+  // the __syncwarp, lanes still reading were not ordered before the leader's release).
+  __device__ __forceinline__ void warp_arrive(u32 bar) const {
+    __syncwarp();
+    if (warp_leader) mbarrier_arrive(bar);
+  }
 };
+
+// A named barrier entered by converged warps: bar.sync is an aligned instruction, and a warp can
+// arrive split after an elected lane's wait or arrive (compute-sanitizer synccheck saw it split).
+__device__ __forceinline__ void converged_barrier(int id, int threads) {
+  __syncwarp();
+  named_barrier_sync(id, threads);
+}
 
 // The step `it` of the (query head, query block) walk.
 template <class S>
@@ -407,7 +422,7 @@ template <class S>
 __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, const Lane<S>& ln, Acc<S::SLAB>& dq,
                                         u64 tile) {
   if (ln.tid == 0) bulk_wait_read<0>();
-  named_barrier_sync(1 + ln.wg, 128);
+  converged_barrier(1 + ln.wg, 128);
   const u32 staging = sm.dq(ln.wg);
 #pragma unroll
   for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
@@ -417,7 +432,7 @@ __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, cons
     }
   }
   fence_proxy_async();
-  named_barrier_sync(1 + ln.wg, 128);
+  converged_barrier(1 + ln.wg, 128);
   if (ln.tid == 0) {
     bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
     bulk_commit();
@@ -510,7 +525,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     wgmma_commit();
     hopper::pin(dv);
     fence_proxy_async();
-    named_barrier_sync(BOTH_BARRIER, 256);
+    converged_barrier(BOTH_BARRIER, 256);
     Acc<S::SLAB> dq;
     if constexpr (DQ) issue_dq<S>(dq, sm, buf, kt, slab);
     wgmma_fence();
@@ -527,7 +542,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
-    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ln.warp_arrive(sm.empty(ring.stage));
     ring.advance();
   });
   finish<S>(p, blk, ln, dk, dv);
@@ -561,8 +576,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
 #pragma unroll
     for (int b = 0; b < S::DS_BYTES / 128; b += 4) st_shared_u32(tile + b, 0u);
     fence_proxy_async();
-    __syncwarp();
-    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(1));
+    ln.warp_arrive(sm.ds_full(1));
   }
   walk<S, WG, 1>(steps, [&](auto prev_dq, int it) {
     constexpr bool DQ = decltype(prev_dq)::value;  // this step computes dQ of step it - 1
@@ -582,8 +596,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     if (it >= 1) mbarrier_wait(sm.ds_empty(buf), ((it - 1) >> 1) & 1);  // dQ of step it - 2 read it
     store_ds<S>(ln, sm.ds(buf, WG), dsm);
     fence_proxy_async();
-    __syncwarp();
-    if (ln.warp_leader) mbarrier_arrive(sm.ds_full(buf));
+    ln.warp_arrive(sm.ds_full(buf));
     hopper::pin(dv);
     hopper::pin(dk);
     hopper::pin(pm);
@@ -606,7 +619,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     if constexpr (DQ) {
       wgmma_wait<1>();
       hopper::pin(dq);
-      if (ln.warp_leader) mbarrier_arrive(sm.ds_empty((it - 1) & 1));
+      ln.warp_arrive(sm.ds_empty((it - 1) & 1));
       send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, max(it - 1, 0), blocks).dq_tile(slab));
     }
     wgmma_wait<0>();
@@ -614,7 +627,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
-    if (ln.warp_leader) mbarrier_arrive(sm.empty(ring.stage));
+    ln.warp_arrive(sm.empty(ring.stage));
     ring.advance();
   });
   if (steps > 0 && dq_turn<S, WG>(steps - 1)) {
