@@ -186,6 +186,16 @@ def main() -> None:
         check("bhsd forward", forward_call(bhsd, qb, kb, vb))
         check("bhsd backward", backward_call(bhsd, qb, kb, vb, db))
 
+        # One tensor in several roles (self-attention's attention(x, x, x)) replays too, and its
+        # recording does not serve a call of the same spec whose tensors are distinct.
+        xs = [torch.randn(keys).to(torch.bfloat16) for _ in range(3)]
+        self_spec = flash.build_spec(xs[0], xs[0], xs[0])
+        check("forward, q, k and v one tensor", forward_call(self_spec, xs[0], xs[0], xs[0]))
+        distinct = forward_call(self_spec, *xs)
+        first = launches(distinct)
+        assert len(replay._recordings) == 2, "the aliased call's recording served distinct tensors"
+        assert launches(distinct) == first, "distinct tensors after an aliased recording: other launches"
+
         # KV-cache steps: append + split-KV (three kernels, a workspace of the step's own), paged, rotary.
         cache, token = torch.randn(2, 64, 2, 64).to(torch.bfloat16), torch.randn(2, 1, 2, 64).to(torch.bfloat16)
         q1 = torch.randn(2, 1, 8, 64).to(torch.bfloat16)

@@ -107,7 +107,18 @@ def signature(pass_: str, pins: tuple[Any, ...], tensors: Tensors) -> tuple | No
     if knobs is None:
         return None
     layouts = tuple(None if t is None else (t.dtype, t.stride(), t.data_ptr() % 16 == 0) for t in tensors)
-    return (pass_, *map(id, pins), _device(), knobs, layouts)
+    return (pass_, *map(id, pins), _device(), knobs, layouts, _aliases(tensors))
+
+
+def _aliases(tensors: Tensors) -> tuple[int, ...] | None:
+    """Which of a call's tensors are one object (``attention(x, x, x)``, a KV-cache step given the same
+    tensor as k and v), as each present tensor's first position; None when all are distinct. A
+    recording finds its tensors among the arguments by identity, so it serves only calls whose tensors
+    alias alike."""
+    ids = [id(t) for t in tensors if t is not None]
+    if len(set(ids)) == len(ids):
+        return None
+    return tuple(ids.index(i) for i in ids)
 
 
 def find(key: tuple | None) -> Recording | None:
@@ -149,9 +160,9 @@ class Recorder:
     """Runs a call's kernels through ``JITFunction.run``, noting each launch for :func:`replay`."""
 
     def __init__(self, key: tuple | None, tensors: Tensors) -> None:
-        present = [t for t in tensors if t is not None]
-        # Tensors are found among the arguments by identity: one object in two roles would be ambiguous.
-        self.usable = key is not None and len({id(t) for t in present}) == len(present)
+        # Tensors are found among the arguments by identity; one object in two roles goes to its first
+        # position, which is right for every call of the signature (it holds the aliasing).
+        self.usable = key is not None
         self.key, self.tensors, self.launches = key, tensors, list[Launch]()
 
     def run(self, fn: Any, grid: tuple[int, int, int], *args: Any, **kwargs: Any) -> None:

@@ -197,10 +197,10 @@ def per_call(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
     """Kernel time, eager host time per call and CUDA-graph replay time per call of one appending step."""
     step = make_step(case, device, DTYPE)
     options = dict(step.options, cache_seqlens=step.options["cache_seqlens"] - 1)  # room for the new token
-    new = torch.randn(case.batch, 1, case.heads_kv, case.head_dim, device=device, dtype=DTYPE)
+    new_k, new_v = (torch.randn(case.batch, 1, case.heads_kv, case.head_dim, device=device, dtype=DTYPE) for _ in "kv")
 
     def run() -> torch.Tensor:
-        return flash.attention_with_kvcache(step.q, k=new, v=new, **options, backend=backend)
+        return flash.attention_with_kvcache(step.q, k=new_k, v=new_v, **options, backend=backend)
 
     result: dict[str, Any] = {"case": case.label, "backend": backend}
     try:
