@@ -1,9 +1,10 @@
 """Where an eager tiny attention call spends the host's time on a GPU machine: cProfile of many
 back-to-back calls of the overhead problem (1 query, 16 keys, 8 heads, d64, bf16), forward and
 forward+backward, the top functions by own time; then per-call times of the pieces of the
-Hopper kernel's launch.
+Hopper kernel's launch; with ``--kernels``, the GPU time of each kernel of the forward+backward
+(torch.profiler), to tell a host-bound call from a device-bound one.
 
-    python3 tests/gpu/host_profile.py [--calls 2000] [--top 30]
+    python3 tests/gpu/host_profile.py [--calls 2000] [--top 30] [--kernels]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--kernels", action="store_true", help="also the GPU time per kernel (torch.profiler)")
     args = parser.parse_args()
     q, k, v = (torch.randn(1, n, 8, 64, device="cuda", dtype=torch.bfloat16) for n in (1, 16, 16))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -64,6 +66,16 @@ def main() -> None:
         torch.cuda.synchronize()
         print(f"\n==== cProfile: {name}, {args.calls} calls (times are totals)")
         pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    if args.kernels:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(50):
+                calls["flash fwd+bwd"]()
+            torch.cuda.synchronize()
+        print("\n==== torch.profiler: flash fwd+bwd, 50 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
 
 
 if __name__ == "__main__":
