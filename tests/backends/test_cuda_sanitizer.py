@@ -3,8 +3,9 @@ and synccheck (barriers).
 
 The tests run this file as a script under ``compute-sanitizer --tool memcheck|racecheck|synccheck``;
 the script launches the forward on a representative set of small shapes (odd lengths, causal, windows,
-GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick), then
-the backward (the Hopper backward on sm_90) on the cases it supports.
+GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick), or (its
+``backward`` part) the backward of the cases whose backward runs on ``cuda`` (the Hopper backward on
+sm_90). The backward's open findings are expected failures (``BACKWARD_FINDINGS``).
 Skipped without a GPU or without compute-sanitizer on the PATH (or under $CUDA_HOME/bin).
 """
 
@@ -30,10 +31,22 @@ def _sanitizer() -> str | None:
     return None
 
 
+#: What the Hopper backward is not yet clean under (H200, 2026-12-02; PERF_NOTES.md of flash-cuda,
+#: "Hopper backward: sanitizers"): strict, so that a fix shows up as an unexpected pass.
+BACKWARD_FINDINGS = {
+    "racecheck": "hazards between the producer's bulk loads of the LSE/delta ring and the consumers' reads of "
+    "an earlier use of that stage (ordered by the stage's empty/full mbarriers; unresolved whether racecheck "
+    "follows that order)",
+    "synccheck": "the two consumer warpgroups reach their shared named barrier from two instantiations of "
+    "the consumer (different instructions of bar.sync)",
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.long
+@pytest.mark.parametrize("part", ["forward", "backward"])
 @pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
-def test_sanitizer_is_clean(tool):
+def test_sanitizer_is_clean(tool, part, request):
     pytest.importorskip("flash_cuda")
     from flash.registry import REGISTRY
 
@@ -45,7 +58,9 @@ def test_sanitizer_is_clean(tool):
     sanitizer = _sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer not found")
-    command = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, __file__]
+    if part == "backward" and tool in BACKWARD_FINDINGS:
+        request.applymarker(pytest.mark.xfail(reason=BACKWARD_FINDINGS[tool], strict=True))
+    command = [sanitizer, "--tool", tool, "--error-exitcode", "99", sys.executable, __file__, part]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     output = done.stdout + done.stderr
     print(output[-4000:])
@@ -72,7 +87,7 @@ def _cases():
     ]
 
 
-def main() -> None:
+def main(part: str) -> None:
     import flash
     from flash.backend import ForwardArgs
     from flash.spec import canonical, canonical_lse
@@ -80,6 +95,9 @@ def main() -> None:
     from flash.testing.conformance import spec_of
     from flash_cuda import launch, tune, variants
 
+    if part == "backward":
+        backward_cases()
+        return
     for case in _cases():
         inputs = make_inputs(case, "cuda", seed=7)
         out = flash.attention(inputs.q, inputs.k, inputs.v, backend="cuda", **inputs.options)
@@ -101,7 +119,14 @@ def main() -> None:
             launch.forward(spec, args, variant)
             torch.cuda.synchronize()
             print(f"{variant.label()}: finite {bool(torch.isfinite(out).all())}", flush=True)
-    # The backward of every case whose backward runs on the cuda backend (the others go to triton).
+    print("SANITIZER CASES DONE", flush=True)
+
+
+def backward_cases() -> None:
+    """The backward of every case whose backward runs on the cuda backend (the others go to triton)."""
+    import flash
+    from flash.testing import make_inputs
+
     for case in _cases():
         inputs = make_inputs(case, "cuda", seed=11)
         explanation = str(flash.explain(inputs.q, inputs.k, inputs.v, backend="cuda", **inputs.options))
@@ -116,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "forward")

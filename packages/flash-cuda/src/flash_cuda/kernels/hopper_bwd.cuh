@@ -305,11 +305,12 @@ struct Lane {
   }
 };
 
-// A named barrier entered by converged warps: bar.sync is an aligned instruction, and a warp can
-// arrive split after an elected lane's wait or arrive (compute-sanitizer synccheck saw it split).
-__device__ __forceinline__ void converged_barrier(int id, int threads) {
-  __syncwarp();
-  named_barrier_sync(id, threads);
+// A named barrier that threads may reach from different instructions: the two consumer warpgroups
+// run two instantiations of one function, and bar.sync (barrier.sync.aligned) requires every thread
+// to execute the same instruction (compute-sanitizer synccheck: "divergent threads" at BOTH_BARRIER).
+// The unaligned form also takes a warp that an elected lane's wait left split.
+__device__ __forceinline__ void shared_barrier(int id, int threads) {
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // The step `it` of the (query head, query block) walk.
@@ -422,7 +423,7 @@ template <class S>
 __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, const Lane<S>& ln, Acc<S::SLAB>& dq,
                                         u64 tile) {
   if (ln.tid == 0) bulk_wait_read<0>();
-  converged_barrier(1 + ln.wg, 128);
+  shared_barrier(1 + ln.wg, 128);
   const u32 staging = sm.dq(ln.wg);
 #pragma unroll
   for (int i = 0; i < Acc<S::SLAB>::TILES; ++i) {
@@ -432,7 +433,7 @@ __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, cons
     }
   }
   fence_proxy_async();
-  converged_barrier(1 + ln.wg, 128);
+  shared_barrier(1 + ln.wg, 128);
   if (ln.tid == 0) {
     bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
     bulk_commit();
@@ -525,7 +526,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     wgmma_commit();
     hopper::pin(dv);
     fence_proxy_async();
-    converged_barrier(BOTH_BARRIER, 256);
+    shared_barrier(BOTH_BARRIER, 256);
     Acc<S::SLAB> dq;
     if constexpr (DQ) issue_dq<S>(dq, sm, buf, kt, slab);
     wgmma_fence();
