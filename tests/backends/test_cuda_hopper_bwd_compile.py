@@ -9,9 +9,7 @@ against the kernel's signature, the declared support, and a layout replay of the
 
 from __future__ import annotations
 
-import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -20,44 +18,14 @@ hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
 
 from flash_cuda import hopper_tiles, hopper_variants, nvrtc  # noqa: E402
 from flash_cuda.sources import read_kernel_file  # noqa: E402
+from tests.backends.hopper_compile import Compiled, compile_all  # noqa: E402
+from tests.backends.hopper_compile import sass as hopper_sass  # noqa: E402
 from tests.backends.kernel_signatures import parameter_kinds  # noqa: E402
 
 
-def _sass(cubin: bytes) -> str:
-    """The SASS of a cubin, by cuobjdump (CUDA toolkit or Triton's wheel); skips without one."""
-    import glob
-    import shutil
-    import subprocess
-    import tempfile
-
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        triton = pytest.importorskip("triton")
-        found = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-        if not found:
-            pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the SASS")
-        tool = found[0]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
-
-
-def _compile(variant: hopper_bwd.BwdVariant) -> tuple[nvrtc.Resources, bytes, str]:
-    compiled = nvrtc.compile_cubin(hopper_bwd.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
-    report = nvrtc.parse_ptxas(compiled.log)
-    assert hopper_bwd.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
-    return report[hopper_bwd.KERNEL_NAME], compiled.cubin, compiled.log
-
-
 @pytest.fixture(scope="module")
-def compiled() -> dict[hopper_bwd.BwdVariant, tuple[nvrtc.Resources, bytes, str]]:
-    reason = nvrtc.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    variants = hopper_bwd.shipped_variants()
-    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        return dict(zip(variants, pool.map(_compile, variants)))
+def compiled() -> dict[hopper_bwd.BwdVariant, Compiled]:
+    return compile_all(hopper_bwd.shipped_variants(), hopper_bwd.source, hopper_bwd.KERNEL_NAME)
 
 
 def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
@@ -75,7 +43,7 @@ def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
 
 def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
     for variant, (_, cubin, _) in compiled.items():
-        sass = _sass(cubin)
+        sass = hopper_sass(cubin)
         found = re.findall(r"HGMMA\.(64x\d+x16)\.F32(\.BF16)?\b", sass)
         assert all((ty == ".BF16") == (variant.dtype == "bf16") for _, ty in found), f"{variant.label()}: input type"
         kinds = {shape for shape, _ in found}

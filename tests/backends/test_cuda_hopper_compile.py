@@ -11,65 +11,25 @@ Also checks the table, the launcher's argument list against the kernel's, and th
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 import re
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
 hopper = pytest.importorskip("flash_cuda.hopper")
 
 from flash_cuda import hopper_tiles, hopper_variants, nvrtc, tensor_map  # noqa: E402
+from tests.backends.hopper_compile import Compiled, compile_all  # noqa: E402
+from tests.backends.hopper_compile import sass as hopper_sass  # noqa: E402
 from tests.backends.kernel_signatures import parameter_kinds, parameter_names  # noqa: E402
 
 
-def _compile(variant: hopper_variants.HopperVariant) -> tuple[nvrtc.Resources, bytes, str]:
-    compiled = nvrtc.compile_cubin(hopper_variants.source(variant), (*variant.options(), "-ftz=true", "-Xptxas=-v"))
-    report = nvrtc.parse_ptxas(compiled.log)
-    assert hopper_variants.KERNEL_NAME in report, f"no ptxas report for {variant.label()}:\n{compiled.log}"
-    return report[hopper_variants.KERNEL_NAME], compiled.cubin, compiled.log
-
-
 @pytest.fixture(scope="module")
-def compiled() -> dict[hopper_variants.HopperVariant, tuple[nvrtc.Resources, bytes, str]]:
-    reason = nvrtc.unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    variants = hopper_variants.shipped_variants()
-    # Processes, not threads: ptxas's -v report reaches NVRTC's log through process-wide state.
-    with ProcessPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        results = dict(zip(variants, pool.map(_compile, variants)))
+def compiled() -> dict[hopper_variants.HopperVariant, Compiled]:
+    results = compile_all(hopper_variants.shipped_variants(), hopper_variants.source, hopper_variants.KERNEL_NAME)
     print(f"\nNVRTC {nvrtc.version()}:")
     for variant, (res, _, _) in results.items():
         print(f"  {variant.label():34s} {res.registers:3d} regs at entry, smem {variant.launch_smem} B")
     return results
-
-
-def _disassembler() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-
-        candidates = glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-        return candidates[0] if candidates else None
-    except ImportError:
-        return None
-
-
-def _sass(cubin: bytes) -> str:
-    tool = _disassembler()
-    if tool is None:
-        pytest.skip("no cuobjdump (CUDA toolkit or Triton's wheel) to read the SASS")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
-        fh.write(cubin)
-        fh.flush()
-        return subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True, check=True).stdout
 
 
 def test_every_shipped_variant_compiles_without_spilling(compiled):
@@ -89,7 +49,7 @@ def test_every_shipped_variant_compiles_without_spilling(compiled):
 
 def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
     for variant, (_, cubin, _) in compiled.items():
-        sass = _sass(cubin)
+        sass = hopper_sass(cubin)
         if variant.fp8:  # 8-bit wgmma, both operands K-major (V transposed in shared memory)
             assert "QGMMA.64x" in sass and "HGMMA" not in sass, f"{variant.label()}: no fp8 wgmma"
             assert re.search(r"\bSTS\b", sass) and "PRMT" in sass, f"{variant.label()}: no V transpose"
