@@ -29,6 +29,7 @@ BENCH_LIMIT=${BENCH_LIMIT:-0}
 SAVE_CACHES=${SAVE_CACHES:-1}
 CACHES=${CACHES:-/tmp/flash-caches}
 export TRITON_CACHE_DIR="$CACHES/triton" CUPY_CACHE_DIR="$CACHES/cupy"
+export FLASH_SANITIZER_LOG="$OUT"  # tests/backends/test_cuda_sanitizer.py writes its reports here
 section() { printf '\n==== %s\n' "$*"; }
 
 section "device"

@@ -303,6 +303,13 @@ struct Lane {
     __syncwarp();
     if (warp_leader) mbarrier_arrive(bar);
   }
+  // Releases a ring stage whose LSE/delta rows the lanes read with ordinary (generic-proxy) loads
+  // to the producer, whose next bulk copy rewrites them through the async proxy: the proxy fence
+  // orders the reads before that write (racecheck reported the pair without it).
+  __device__ __forceinline__ void release_stage(u32 empty) const {
+    fence_proxy_async();
+    warp_arrive(empty);
+  }
 };
 
 // A named barrier that threads may reach from different instructions: the two consumer warpgroups
@@ -543,7 +550,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
-    ln.warp_arrive(sm.empty(ring.stage));
+    ln.release_stage(sm.empty(ring.stage));
     ring.advance();
   });
   finish<S>(p, blk, ln, dk, dv);
@@ -628,7 +635,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     hopper::pin(dk);
     hopper::pin(pm);
     hopper::pin(dsm);
-    ln.warp_arrive(sm.empty(ring.stage));
+    ln.release_stage(sm.empty(ring.stage));
     ring.advance();
   });
   if (steps > 0 && dq_turn<S, WG>(steps - 1)) {
