@@ -1,6 +1,7 @@
 """Hopper backward (flash_cuda.hopper_bwd, issue 14), CPU tier: every variant compiles for sm_90a.
 
-Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant: ptxas
+Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant (fixed
+length and packed/varlen): ptxas
 reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products as
 HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
 reallocation, dQ staged by 8-byte stores and sent by bulk reductions, and no local memory. Also the launch arguments
@@ -16,7 +17,7 @@ import pytest
 
 hopper_bwd = pytest.importorskip("flash_cuda.hopper_bwd")
 
-from flash_cuda import hopper_tiles, hopper_variants, nvrtc  # noqa: E402
+from flash_cuda import hopper, hopper_tiles, hopper_variants, nvrtc  # noqa: E402
 from flash_cuda.sources import read_kernel_file  # noqa: E402
 from tests.backends.hopper_compile import Compiled, compile_all  # noqa: E402
 from tests.backends.hopper_compile import sass as hopper_sass  # noqa: E402
@@ -30,7 +31,7 @@ def compiled() -> dict[hopper_bwd.BwdVariant, Compiled]:
 
 def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
-    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES)
+    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES) * 2  # x varlen
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
@@ -38,7 +39,8 @@ def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
         # C7514: a wgmma issued under a run-time condition in the loop serialises every wgmma (walk())
         assert "C7514" not in log and "serialized" not in log, f"{variant.label()}: wgmma serialised\n{log}"
     for d in hopper_bwd.HEAD_DIMS:
-        assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d]) in compiled
+        for varlen in (False, True):
+            assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d], varlen) in compiled
 
 
 def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
@@ -88,16 +90,21 @@ def test_problem_reasons():
 
     ok = dict(
         capability=(9, 0), dtype=torch.bfloat16, head_dim=128, heads_q=8, heads_kv=2, batch=2, seqlen_q=100,
-        seqlen_k=300, scale=0.1,
+        seqlen_k=300, total_q=200, total_k=600, scale=0.1,
     )  # fmt: skip
     assert hopper_bwd.problem_reasons(**ok) == []
     assert hopper_bwd.problem_reasons(**{**ok, "head_dim": 40}) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "varlen": True, "total_q": 150, "total_k": 301}) == []
+    big = hopper.MAX_SEQLEN - 64 * 5  # the packed rows: one padding block per sequence on top of the tokens
+    assert hopper_bwd.problem_reasons(**{**ok, "varlen": True, "batch": 4, "total_q": big}) == []
     for change, words in (
         ({"capability": (10, 0)}, "sm_90"),
         ({"capability": (8, 0)}, "sm_90"),
         ({"dtype": torch.float8_e4m3fn}, "float16 and bfloat16"),
         ({"head_dim": 192}, "head dims up to 128"),
-        ({"varlen": True}, "varlen"),
+        ({"varlen": True, "batch": 6, "total_q": big}, "padded"),
+        ({"varlen": True, "total_k": hopper.MAX_SEQLEN + 1}, "packed keys"),
+        ({"total_q": 0}, "empty"),
         ({"softcap": 30.0}, "softcap"),
         ({"dropout": True}, "dropout"),
         ({"deterministic": True}, "atomic"),
@@ -116,7 +123,8 @@ def test_backward_is_declared():
     support = backend.CudaBackend.backward_support
     assert support is not None and support.min_capability == (9, 0)
     assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
-    assert {"varlen", "softcap", "dropout", "deterministic"}.isdisjoint(support.features)
+    assert "varlen" in support.features
+    assert {"softcap", "dropout", "deterministic"}.isdisjoint(support.features)
 
 
 def test_ds_tile_store_matches_the_m_major_operand_layout():
@@ -249,15 +257,14 @@ def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
         assert sorted(done) == expected, (steps, slabs)
 
 
-def test_backward_launches_what_the_kernels_take(monkeypatch):
-    """hopper_bwd.backward on CPU tensors behind stand-ins (modules, tensor maps, the launch itself): the
-    rows pass, the main kernel and the dQ conversion, in that order, each with its layout's parameters,
-    the buffers one pass writes being the ones the next reads."""
+def _stand_ins(monkeypatch) -> list[tuple]:
+    """hopper_bwd's launches on CPU tensors behind stand-ins (modules, tensor maps, the launch itself):
+    the list each launch is appended to, as (packed launch, device, grid, threads, smem, values)."""
     import torch
 
-    from flash_cuda import hopper, modules, tensor_map
+    from flash_cuda import modules, tensor_map
 
-    launches = []
+    launches: list[tuple] = []
     handles = {hopper_bwd.KERNEL_NAME: 11, "flash_bwd_rows": 22, "flash_bwd_dq": 33}
     loaded = lambda key, device, build, names, smem=0: tuple(handles[n] for n in names)  # noqa: E731
     monkeypatch.setattr(modules, "functions", loaded)
@@ -266,6 +273,16 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     monkeypatch.setattr(hopper_bwd, "run", lambda packed, *rest: launches.append((packed, *rest)))
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     monkeypatch.setattr(hopper_bwd, "_launches", {})
+    return launches
+
+
+def test_backward_launches_what_the_kernels_take(monkeypatch):
+    """hopper_bwd.backward behind stand-ins: the rows pass, the main kernel and the dQ conversion, in
+    that order, each with its layout's parameters, the buffers one pass writes being the ones the next
+    reads."""
+    import torch
+
+    launches = _stand_ins(monkeypatch)
     b, s, h, hkv, d = 2, 100, 4, 2, 64
     q, out, dout = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(3))
     k, v = (torch.randn(b, 150, hkv, d, dtype=torch.bfloat16) for _ in range(2))
@@ -281,16 +298,18 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
         packed.layout.format.pack(*launch_values)  # every value fits its kind
     s_pad = 128
     assert rows_values[:3] == (out.data_ptr(), dout.data_ptr(), lse.data_ptr())
+    assert rows_values[-3:] == (0, 0, 0)  # fixed length: no cu_seqlens_q
     lse2, delta = rows_values[3:5]
     assert rows_grid == b * h * s_pad // 8 and rows_threads == 256
     assert values[4:9] == (dk.data_ptr(), dv.data_ptr(), values[6], lse2, delta)
     assert values[9:15] == (*dk.stride()[:3], *dv.stride()[:3])
     assert values[15:23] == (s, 150, s_pad, h, h // hkv, d, hopper.UNBOUNDED_REACH, 0)
-    assert values[23:] == (0.125 * hopper.LOG2E, 0.125)
+    assert values[23:25] == (0.125 * hopper.LOG2E, 0.125)
+    assert values[25:] == (0, 0, 0, 0)  # fixed length: no cu_seqlens, no packed token counts
     assert grid == 2 * hkv * b and threads == hopper_bwd.THREADS
     dq_values = dq_launch[-1]
     assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
-    assert dq_values[2:] == (*dq.stride()[:3], h, s, s_pad, 64, d, 0.125, b * h * s_pad * 64 // 2)
+    assert dq_values[2:] == (*dq.stride()[:3], h, s, s_pad, 64, d, 0.125, b * h * s_pad * 64 // 2, 0, 0, 0)
     # a second call of the problem: the same decisions, this call's own gradients
     grads = [torch.empty_like(t) for t in (q, k, v)]
     hopper_bwd.backward(q, k, v, out, lse, dout, *grads, heads_q=h, heads_kv=hkv, head_dim=d, window=(-1, 0),
@@ -298,3 +317,71 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     assert len(hopper_bwd._launches) == 1
     assert launches[4][-1][4:6] == (grads[1].data_ptr(), grads[2].data_ptr())
     assert launches[5][-1][1] == grads[0].data_ptr()
+
+
+def test_varlen_backward_launches_the_packed_variant(monkeypatch):
+    """A packed batch behind the stand-ins: the varlen variant, tensor maps of one batch row over the
+    packed tokens, a grid of (sequence, KV head, key block of the longest sequence), buffers of
+    packed_rows rows per head, the longest query sequence where the passes clip rows, and the offsets
+    with the token counts as each kernel's last parameters."""
+    import itertools
+
+    import torch
+
+    launches = _stand_ins(monkeypatch)
+    lengths_q, lengths_k = [70, 0, 130, 1], [90, 5, 0, 300]
+    h, hkv, d = 4, 2, 64
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32) for n in (lengths_q, lengths_k))
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q, out, dout = (torch.randn(1, tq, h, d, dtype=torch.bfloat16) for _ in range(3))
+    k, v = (torch.randn(1, tk, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.randn(1, h, tq)
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    hopper_bwd.backward(q, k, v, out, lse, dout, dq, dk, dv, heads_q=h, heads_kv=hkv, head_dim=d, scale=0.125,
+                        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=300)  # fmt: skip
+    (rows, _, rows_grid, _, _, rows_values), (main, _, grid, _, smem, values), dq_launch = launches
+    dq_pass, dq_values = dq_launch[0], dq_launch[-1]
+    for packed, launch_values in ((rows, rows_values), (main, values), (dq_pass, dq_values)):
+        packed.layout.format.pack(*launch_values)
+    (plan,) = hopper_bwd._launches.values()
+    assert plan.variant == hopper_bwd.BwdVariant(64, "bf16", hopper_tiles.MASK_NONE, hopper_bwd.PIPELINED[64], True)
+    assert smem == plan.variant.launch_smem
+    assert all(g.dims[3] == 1 and g.dims[2] == rows for g, rows in zip(plan.maps, (tq, tk, tk, tq)))
+    s_pad = hopper_bwd.packed_rows(tq, 4)
+    assert s_pad == (tq // 64 + 4) * 64 == plan.s_pad
+    assert grid == 3 * hkv * 4  # ceil(300 / 128) key blocks per (sequence, KV head)
+    assert rows_grid == h * s_pad // 8
+    assert rows_values[14:19] == (h, 130, s_pad, d, h * s_pad)
+    assert rows_values[19:] == (cu_q.data_ptr(), 4, tq)
+    assert values[15:21] == (130, 300, s_pad, h, h // hkv, d)
+    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk)
+    assert dq_values[5:7] == (h, 130) and dq_values[-3:] == (cu_q.data_ptr(), 4, tq)
+    assert dq_values[-4] == h * s_pad * 64 // 2  # float pairs of the workspace
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"cu_seqlens_k": None}, "both or neither"),
+        ({"cu_seqlens_q": "int64"}, "cu_seqlens_q: a 1-D int32"),
+        ({"cu_seqlens_k": "short"}, "cu_seqlens_k: batch + 1 offsets"),
+        ({"max_seqlen_k": None}, "max_seqlen_k"),
+        ({"q": "batch 2"}, "q: a packed batch"),
+    ],
+)
+def test_varlen_arguments_are_named_before_any_launch(monkeypatch, change, words):
+    import torch
+
+    launches = _stand_ins(monkeypatch)
+    q = torch.randn(1, 30, 2, 64, dtype=torch.float16)
+    k = torch.randn(1, 40, 2, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+    args = {"q": q, "cu_seqlens_q": cu, "cu_seqlens_k": torch.tensor([0, 0, 40], dtype=torch.int32)}
+    args |= {"max_seqlen_q": 20, "max_seqlen_k": 40}
+    fixes = {"int64": cu.long(), "short": cu[:2], "batch 2": q.expand(2, -1, -1, -1)}
+    args |= {name: fixes.get(value, value) for name, value in change.items()}
+    q = args.pop("q")
+    lse = torch.randn(q.shape[0], 2, 30)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, heads_q=2, heads_kv=2, head_dim=64, scale=0.1, **args)
+    assert launches == []

@@ -10,11 +10,14 @@ Phases, each in its own subprocess with a time limit (a hung kernel costs one ph
 1. compile -- the variants the checks use (fills CuPy's disk cache);
 2. check   -- dQ, dK, dV of each case against float64 autograd of dense attention with the tolerance
               rule (max error <= 2 x the error of the same computation in the inputs' dtype + eps),
-              gradients poisoned with NaN inside guard bands of a sentinel that must survive;
+              gradients poisoned with NaN inside guard bands of a sentinel that must survive; packed
+              (varlen) batches also against the same sequences run one by one (dK, dV bit for bit,
+              dQ up to the order of its fp32 reductions);
 3. bench   -- backward and forward+backward TFLOP/s of flash's cuda backend (Hopper forward + this
               backward), flash's triton backend and torch SDPA's cuDNN backend in the same process
               (bf16, batch * seqlen = 16k tokens, heads * head_dim = 2048; FLOPs: forward
-              4 b h s^2 d, backward 2.5x that, causal halved; triton's do_bench medians).
+              4 b h s^2 d, backward 2.5x that, causal halved; triton's do_bench medians); and the
+              backward of a packed batch against the same tokens at fixed length.
 
 Logs and a JSON of the results go to $OUT (or ./hopper_bwd_out).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -105,14 +109,45 @@ def check_cases() -> list[Case]:
     ]
 
 
-def variants_of(cases: list[Case]) -> list:
+@dataclass
+class VarlenCase:
+    """A packed batch: the sequences' query and key lengths (keys: the queries' when None)."""
+
+    name: str
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...] | None = None
+    d: int = 128
+    hq: int = 2
+    hkv: int | None = None
+    window: tuple[int, int] = (-1, -1)
+    dtype: str = "bf16"
+    pipelined: bool | None = None
+
+
+def varlen_cases() -> list[VarlenCase]:
+    return [
+        VarlenCase("varlen odd d128", (70, 1, 257, 130)),
+        VarlenCase("varlen empty middle d64", (100, 0, 200), (150, 0, 90), d=64),
+        VarlenCase("varlen causal d128", (300, 65, 128, 7), window=(-1, 0)),
+        VarlenCase("varlen causal sq>sk gqa 4/2 d64", (200, 50, 129), (90, 50, 300), d=64, hq=4, hkv=2, window=(-1, 0)),
+        VarlenCase("varlen fp16 window (40, 7) d128", (333, 0, 64), (400, 30, 0), dtype="fp16", window=(40, 7)),
+        VarlenCase("varlen fp16 mqa 6/1 causal d64", (129, 1, 64), d=64, hq=6, hkv=1, dtype="fp16", window=(-1, 0)),
+        VarlenCase("varlen no queries, keys d64", (0, 80), (100, 80), d=64),
+        VarlenCase("varlen head dim 40 -> 64", (90, 33), d=40),
+        VarlenCase("varlen 13 sequences gqa causal", tuple(range(1, 40, 3)), hq=4, hkv=2, window=(-1, 0)),
+        VarlenCase("varlen bf16 window (16, 16) d64", (300, 17, 0, 190), d=64, window=(16, 16)),
+        VarlenCase("varlen step-synchronous d64", (100, 0, 200), (150, 0, 90), d=64, pipelined=False),
+    ]
+
+
+def variants_of(cases: list[Case | VarlenCase]) -> list:
     from flash_cuda import hopper_bwd, hopper_tiles
 
     out = []
     for c in cases:
         d = hopper_bwd.compiled_head_dim(c.d)
         pipelined = hopper_bwd.PIPELINED[d] if c.pipelined is None else c.pipelined
-        v = hopper_bwd.BwdVariant(d, c.dtype, hopper_tiles.mask_kind(c.window), pipelined)
+        v = hopper_bwd.BwdVariant(d, c.dtype, hopper_tiles.mask_kind(c.window), pipelined, isinstance(c, VarlenCase))
         if v not in out:
             out.append(v)
     return out
@@ -151,6 +186,31 @@ def dense(q, k, v, window, scale):
 
 SENTINEL = 1024.0
 EPS = {"bf16": 1e-4, "fp16": 1e-5}
+
+
+def offsets(lengths) -> list[int]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+def dense_packed(q, k, v, cu_q, cu_k, window, scale):
+    """dense() sequence by sequence of packed (1, tokens, h, d) tensors: out (1, tokens, h, d), lse (1, h,
+    tokens); a sequence without queries or keys has output 0 and LSE -inf (and no gradient)."""
+    import torch
+
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        (qa, qb), (ka, kb) = cu_q[b : b + 2], cu_k[b : b + 2]
+        if qb > qa and kb > ka:
+            o, lse = dense(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], window, scale)
+        else:
+            o = q[:, qa:qb] * 0
+            lse = torch.full((1, q.shape[2], qb - qa), -math.inf, dtype=q.dtype, device=q.device)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 2)
 
 
 def guarded_like(t):
@@ -199,17 +259,79 @@ def check_case(case: Case, seed: int) -> dict:
     )  # fmt: skip
     torch.cuda.synchronize()
     entry: dict = {"case": case.name, "seed": seed, "variant": variants_of([case])[0].label(), "ok": True}
-    for name, got, ex, nv, (buf, _) in zip(("dq", "dk", "dv"), (dq, dk, dv), exact, naive, bufs):
-        err = (got.double() - ex).abs().nan_to_num(math.inf).max().item()
+    grad_errors(entry, (dq, dk, dv), exact, naive, bufs, case.dtype)
+    return entry
+
+
+def grad_errors(entry: dict, got, exact, naive, bufs, dtype: str) -> None:
+    """Per gradient: the error against the oracle, the naive same-precision error, the limit, the guard
+    bands; entry["ok"] and each gradient's "ok" updated."""
+    for name, g, ex, nv, (buf, _) in zip(("dq", "dk", "dv"), got, exact, naive, bufs):
+        err = (g.double() - ex).abs().nan_to_num(math.inf).max().item()
         naive_err = (nv.double() - ex).abs().max().item()
-        limit = 2 * naive_err + EPS[case.dtype]
-        guard_ok = bool((buf[:32] == SENTINEL).all() and (buf[32 + got.numel() :] == SENTINEL).all())
+        limit = 2 * naive_err + EPS[dtype]
+        guard_ok = bool((buf[:32] == SENTINEL).all() and (buf[32 + g.numel() :] == SENTINEL).all())
         ok = err <= limit and guard_ok
         entry[name] = {"err": err, "naive": naive_err, "limit": limit, "guards": guard_ok, "ok": ok}
         entry["ok"] = entry["ok"] and ok
         if not ok:
-            bad = ((got.double() - ex).abs().nan_to_num(math.inf) > limit).nonzero()[:5].tolist()
-            entry[name]["first_bad"] = bad
+            entry[name]["first_bad"] = ((g.double() - ex).abs().nan_to_num(math.inf) > limit).nonzero()[:5].tolist()
+
+
+def check_varlen_case(case: VarlenCase, seed: int) -> dict:
+    """A packed batch against the float64 oracle, sequence by sequence, and against the same sequences
+    run one by one at fixed length (those with queries and keys; the others' gradients are zeros)."""
+    import torch
+
+    from flash_cuda import hopper_bwd
+
+    dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float16
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hkv = case.hkv or case.hq
+    lengths_k = case.lengths_k or case.lengths_q
+    cu_q, cu_k = offsets(case.lengths_q), offsets(lengths_k)
+    rnd = lambda s, h: torch.randn(1, s, h, case.d, generator=g, device="cuda").to(dtype)  # noqa: E731
+    q, k, v, do = rnd(cu_q[-1], case.hq), rnd(cu_k[-1], hkv), rnd(cu_k[-1], hkv), rnd(cu_q[-1], case.hq)
+    scale = 1.0 / math.sqrt(case.d)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64, lse64 = dense_packed(q64, k64, v64, cu_q, cu_k, case.window, scale)
+    exact = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    on, _ = dense_packed(qn, kn, vn, cu_q, cu_k, case.window, scale)
+    naive = torch.autograd.grad(on, (qn, kn, vn), do)
+    out, lse = o64.detach().to(dtype), lse64.detach().float()
+    bufs = [guarded_like(t) for t in (q, k, v)]
+    dq, dk, dv = (view for _, view in bufs)
+    cu = [torch.tensor(c, dtype=torch.int32, device="cuda") for c in (cu_q, cu_k)]
+    common = dict(heads_q=case.hq, heads_kv=hkv, head_dim=case.d, window=case.window, scale=scale,
+                  pipelined=case.pipelined)  # fmt: skip
+    hopper_bwd.backward(
+        q, k, v, out, lse, do, dq, dk, dv, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1],
+        max_seqlen_q=max(case.lengths_q), max_seqlen_k=max(lengths_k), **common,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    entry: dict = {"case": case.name, "seed": seed, "variant": variants_of([case])[0].label(), "ok": True}
+    grad_errors(entry, (dq, dk, dv), exact, naive, bufs, case.dtype)
+    # the same sequences one by one (fixed length, batch 1)
+    eps = torch.finfo(dtype).eps
+    alone = {"dk_equal": True, "dv_equal": True, "dq_excess": 0.0}
+    for b in range(len(case.lengths_q)):
+        (qa, qb), (ka, kb) = cu_q[b : b + 2], cu_k[b : b + 2]
+        if qb == qa or kb == ka:
+            continue
+        one = [t.contiguous() for t in (q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], out[:, qa:qb], do[:, qa:qb])]
+        grads = [torch.empty_like(t) for t in one[:3]]
+        hopper_bwd.backward(*one[:4], lse[:, :, qa:qb], one[4], *grads, **common)
+        alone["dk_equal"] &= torch.equal(grads[1], dk[:, ka:kb])
+        alone["dv_equal"] &= torch.equal(grads[2], dv[:, ka:kb])
+        # dQ: fp32 bulk reductions in any order, then one rounding: at most about an ulp apart
+        ref, got = grads[0].float(), dq[:, qa:qb].float()
+        excess = ((got - ref).abs() - 2 * eps * ref.abs() - 1e-3 * ref.abs().max()).max().item()
+        alone["dq_excess"] = max(alone["dq_excess"], excess)
+    torch.cuda.synchronize()
+    alone["ok"] = alone["dk_equal"] and alone["dv_equal"] and alone["dq_excess"] <= 0
+    entry["one_by_one"] = alone
+    entry["ok"] = entry["ok"] and alone["ok"]
     return entry
 
 
@@ -226,7 +348,7 @@ def phase_compile(args) -> None:
         t = time.time()
         hopper_bwd.row_kernels(dtype, 0)
         log(f"compiled the {dtype} row passes in {time.time() - t:.1f}s")
-    for v in variants_of(check_cases()):
+    for v in variants_of([*check_cases(), *varlen_cases()]):
         t = time.time()
         hopper_bwd.kernel(v, 0)
         log(f"compiled {v.label()} in {time.time() - t:.1f}s")
@@ -234,9 +356,10 @@ def phase_compile(args) -> None:
 
 def phase_check(args) -> None:
     results = []
-    for case in check_cases():
+    for case in [*check_cases(), *varlen_cases()]:
         try:
-            entry = check_case(case, seed=len(results) + 1)
+            check = check_varlen_case if isinstance(case, VarlenCase) else check_case
+            entry = check(case, seed=len(results) + 1)
         except Exception:
             entry = {"case": case.name, "ok": False, "error": traceback.format_exc()[-2000:]}
         results.append(entry)
@@ -246,6 +369,10 @@ def phase_check(args) -> None:
             for n in ("dq", "dk", "dv")
             if n in entry
         )
+        alone = entry.get("one_by_one")
+        if alone:
+            detail += f" | one by one: dK {'=' if alone['dk_equal'] else '!='} dV {'=' if alone['dv_equal'] else '!='}"
+            detail += f" dQ excess {alone['dq_excess']:.1e}"
         log(f"{mark} {case.name:36s} {detail} {entry.get('error', '')}")
         if not entry["ok"] and "dq" in entry:
             log("   ", json.dumps({n: entry[n].get("first_bad") for n in ("dq", "dk", "dv")}))
@@ -354,6 +481,47 @@ def kernel_ab(args) -> list[dict]:
     return out_rows
 
 
+#: The packed batch of the varlen timing: 8 sequences, 16k tokens in all (the fixed batch: 8 x 2048).
+VARLEN_BENCH_LENGTHS = (4096, 512, 3072, 1024, 2048, 1536, 2560, 1536)
+
+
+def varlen_bench(d: int = 128, causal: bool = False) -> dict:
+    """The backward (rows pass, main kernel, dQ pass) of 16k tokens, bf16, heads * d = 2048: a fixed
+    batch 8 x 2048, the same 8 x 2048 packed (the varlen variant's own cost), and uneven packed lengths
+    (VARLEN_BENCH_LENGTHS, same tokens, more FLOPs: sum of len^2). TFLOP/s count each sequence's own
+    scores (2.5 x 4 h d len_q len_k, causal halved)."""
+    import torch
+    import triton
+
+    from flash_cuda import hopper, hopper_bwd
+
+    h, window, scale = 2048 // d, ((-1, 0) if causal else (-1, -1)), d**-0.5
+    row: dict = {"d": d, "causal": causal, "tokens": sum(VARLEN_BENCH_LENGTHS)}
+    for name, lengths, packed in (
+        ("fixed 8x2048", (2048,) * 8, False),
+        ("varlen 8x2048", (2048,) * 8, True),
+        ("varlen uneven", VARLEN_BENCH_LENGTHS, True),
+    ):
+        b, s = (1, sum(lengths)) if packed else (len(lengths), lengths[0])
+        q, k, v, do = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        out, lse = torch.empty_like(q), torch.empty(b, h, s, device="cuda", dtype=torch.float32)
+        longest = max(lengths)
+        cu = torch.tensor(offsets(lengths), dtype=torch.int32, device="cuda") if packed else None
+        sizes = dict(heads_q=h, heads_kv=h, head_dim=d, scale=scale, window=window)
+        hopper.forward(q, k, v, out, lse, cu_seqlens_q=cu, cu_seqlens_k=cu, seqlen_q=longest, seqlen_k=longest, **sizes)
+        sizes |= dict(max_seqlen_q=longest, max_seqlen_k=longest) if packed else {}
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        run = functools.partial(
+            hopper_bwd.backward, q, k, v, out, lse, do, *grads, cu_seqlens_q=cu, cu_seqlens_k=cu, **sizes
+        )
+        ms = triton.testing.do_bench(run)
+        flops = 2.5 * 4 * h * d * sum(n * n for n in lengths) / (2 if causal else 1)
+        row[name] = {"ms": ms, "tflops": flops / ms * 1e-9}
+    timings = [f"{n} {r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s" for n, r in row.items() if isinstance(r, dict)]
+    log(f"varlen d{d} {'causal' if causal else 'full'} 16k tokens: " + " | ".join(timings))
+    return row
+
+
 def phase_bench(args) -> None:
     import torch
     import triton
@@ -363,6 +531,7 @@ def phase_bench(args) -> None:
 
     register_backends()
     ab = kernel_ab(args)
+    varlen = [varlen_bench(128, False), varlen_bench(128, True)]
     rows = []
     for d, seqlen, causal in args.bench_cases:
         b, h = 16384 // seqlen, 2048 // d
@@ -424,12 +593,12 @@ def phase_bench(args) -> None:
     except ImportError:
         pass
     with open(os.path.join(OUT, "bwd_bench.json"), "w") as fh:
-        json.dump({"meta": meta, "rows": rows, "kernel_ab": ab}, fh, indent=1)
+        json.dump({"meta": meta, "rows": rows, "kernel_ab": ab, "varlen": varlen}, fh, indent=1)
     log(json.dumps(meta))
 
 
 PHASES = {"compile": phase_compile, "check": phase_check, "conformance": phase_conformance, "bench": phase_bench}
-LIMITS = {"compile": 40, "check": 60, "conformance": 60, "bench": 75}
+LIMITS = {"compile": 90, "check": 120, "conformance": 60, "bench": 120}  # seconds per phase
 
 
 def parse_bench(text: str) -> list[tuple[int, int, bool]]:

@@ -6,7 +6,7 @@ declines (layouts TMA cannot read), the mma.sync kernel of :mod:`flash_cuda.laun
 from ``heuristics.json``.
 
 Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
-:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA); everything else is
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, varlen); everything else is
 declined with a reason and dispatch pairs the forward with another backend's backward (LSE contract).
 
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
@@ -42,12 +42,12 @@ FORWARD = Support(
 
 
 #: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs. Not
-#: declared, so dispatch sends them to another backend's backward (the LSE contract): varlen,
-#: softcap, dropout, deterministic (dQ is summed by fp32 atomics), head dims above 128, masks and
-#: score terms beyond causal/window.
+#: declared, so dispatch sends them to another backend's backward (the LSE contract): softcap,
+#: dropout, deterministic (dQ is summed by fp32 atomics), head dims above 128, masks and score terms
+#: beyond causal/window.
 BACKWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa"}),
+    features=frozenset({"causal", "window", "gqa", "varlen"}),
     head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
     min_capability=(9, 0),
     aligned16=True,
@@ -149,9 +149,12 @@ class CudaBackend(Backend):
         launch.forward(spec, args, self.variant(spec, config))
 
     def backward(self, spec: AttentionSpec, args: BackwardArgs, config: heuristics.KernelConfig) -> None:
+        longest = (spec.seqlen_q, spec.seqlen_k) if spec.varlen else (None, None)
         hopper_bwd.backward(
             args.q, args.k, args.v, args.out, args.lse, args.dout, args.dq, args.dk, args.dv, heads_q=spec.heads_q,
             heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds, scale=spec.scale,
+            cu_seqlens_q=args.cu_seqlens_q, cu_seqlens_k=args.cu_seqlens_k, max_seqlen_q=longest[0],
+            max_seqlen_k=longest[1],
         )  # fmt: skip
 
 
@@ -210,15 +213,15 @@ def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
     reasons = hopper_bwd.problem_reasons(
         capability=capability, dtype=spec.dtype, head_dim=spec.head_dim,
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
-        seqlen_k=spec.seqlen_k, scale=spec.scale, varlen=spec.varlen, softcap=spec.softcap,
-        dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
+        seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, scale=spec.scale, varlen=spec.varlen,
+        softcap=spec.softcap, dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
     )  # fmt: skip
-    if spec.varlen:
-        return tuple(reasons)  # declined already; its packed layout is not this kernel's
     item = torch.empty((), dtype=spec.dtype).element_size()
-    for name, strides, heads, rows in (("q", spec.q_strides, spec.heads_q, spec.seqlen_q),
-                                       ("k", spec.k_strides, spec.heads_kv, spec.seqlen_k),
-                                       ("v", spec.v_strides, spec.heads_kv, spec.seqlen_k)):  # fmt: skip
-        shape = (spec.batch, rows, heads, spec.head_dim)
+    batch = 1 if spec.varlen else spec.batch  # a packed batch: one canonical row of tokens
+    rows_q, rows_k = (spec.total_q, spec.total_k) if spec.varlen else (spec.seqlen_q, spec.seqlen_k)
+    for name, strides, heads, rows in (("q", spec.q_strides, spec.heads_q, rows_q),
+                                       ("k", spec.k_strides, spec.heads_kv, rows_k),
+                                       ("v", spec.v_strides, spec.heads_kv, rows_k)):  # fmt: skip
+        shape = (batch, rows, heads, spec.head_dim)
         reasons += hopper_bwd.layout_reasons(name, shape, strides, item, 0 if spec.aligned16 else 1)
     return tuple(reasons)

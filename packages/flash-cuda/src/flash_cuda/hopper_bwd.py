@@ -5,6 +5,9 @@ KV head, 128 keys): K and V stay in shared memory, dK and dV in registers, Q, dO
 stream through a TMA ring, the five products are wgmma; dQ goes to an fp32 workspace by vectorised
 global reductions. Two memory-bound passes around it (``kernels/hopper_bwd_rows.cu``): the LSE in base 2 and delta =
 rowsum(dO o O) into padded per-row buffers before, dQ = workspace * scale in the inputs' dtype after.
+Packed (varlen) batches compile as their own variants (``BwdVariant.varlen``): the fixed-length
+kernels do not carry the offsets' code; the buffers keep each sequence on whole query blocks
+(``kernels/hopper_bwd_packed.cuh``, :func:`packed_rows`).
 
 Kernel-level API (what the backend wires in): :func:`problem_reasons`, :func:`layout_reasons` and
 :func:`backward`. Like :mod:`flash_cuda.hopper` this imports neither flash-core nor CuPy at import.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from flash_cuda import hopper, hopper_tiles, hopper_variants, modules, tensor_map
 from flash_cuda.hopper import on_current_stream as run
@@ -52,6 +55,7 @@ class BwdVariant:
     dtype: str  # "fp16" or "bf16"
     mask: int  # hopper_tiles.MASK_NONE, MASK_RIGHT (causal) or MASK_BOTH (window)
     pipelined: bool = False  # consume_pipelined (dQ one step behind, no per-step barrier), else consume
+    varlen: bool = False  # packed sequences (cu_seqlens); fixed-length batches compile without that code
 
     def __post_init__(self) -> None:
         problems = []
@@ -93,6 +97,7 @@ class BwdVariant:
             "HOPPER_BWD_INPUT": hopper_variants.INPUTS.index(self.dtype),
             "HOPPER_BWD_MASK": self.mask,
             "HOPPER_BWD_PIPELINED": int(self.pipelined),
+            "HOPPER_BWD_VARLEN": int(self.varlen),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -102,7 +107,9 @@ class BwdVariant:
 
     def label(self) -> str:
         pipe = " pipelined" if self.pipelined else ""
-        return f"bwd {self.dtype} d{self.head_dim} {hopper_tiles.MASK_NAMES[self.mask]} {BLOCK_N}x{BLOCK_M}{pipe}"
+        packed = " varlen" if self.varlen else ""
+        mask = hopper_tiles.MASK_NAMES[self.mask]
+        return f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}{pipe}{packed}"
 
 
 def compiled_head_dim(head_dim: int) -> int:
@@ -114,9 +121,10 @@ def compiled_head_dim(head_dim: int) -> int:
 
 def shipped_variants() -> list[BwdVariant]:
     """Every variant: both consumer structures where both compile without spilling (the backend
-    launches PIPELINED's; the other stays for A/B timings)."""
+    launches PIPELINED's; the other stays for A/B timings), fixed-length and packed."""
     return [
-        BwdVariant(d, dtype, mask, pipelined)
+        BwdVariant(d, dtype, mask, pipelined, varlen)
+        for varlen in (False, True)
         for d in HEAD_DIMS
         for dtype in DTYPES
         for mask in sorted(hopper_tiles.MASK_NAMES)
@@ -189,13 +197,16 @@ def problem_reasons(
     batch: int,
     seqlen_q: int,
     seqlen_k: int,
+    total_q: int,
+    total_k: int,
     scale: float,
     varlen: bool = False,
     softcap: float = 0.0,
     dropout: bool = False,
     deterministic: bool = False,
 ) -> list[str]:
-    """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout."""
+    """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout.
+    Varlen: ``batch`` sequences, ``seqlen_*`` the longest, ``total_*`` the packed tokens."""
     reasons = []
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper backward needs sm_90 (wgmma, TMA)")
@@ -209,8 +220,6 @@ def problem_reasons(
         )
     if heads_kv <= 0 or heads_q % heads_kv:
         reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
-    if varlen:
-        reasons.append("varlen: not in the Hopper backward's first slice (its LSE/delta/dQ buffers are per batch row)")
     if softcap:
         reasons.append("softcap: the Hopper backward does not apply the tanh derivative yet")
     if dropout:
@@ -219,13 +228,25 @@ def problem_reasons(
         reasons.append("deterministic: the Hopper backward sums dQ by atomic bulk reductions (order varies run to run)")
     if scale <= 0 or not math.isfinite(scale):
         reasons.append(f"scale {scale}: must be positive and finite")
-    if seqlen_q == 0 or seqlen_k == 0:
-        reasons.append("an empty sequence (nothing for TMA to map)")
+    if 0 in (seqlen_q, seqlen_k, total_q, total_k):
+        reasons.append("an empty problem (nothing for TMA to map)")
     if max(seqlen_q, seqlen_k) > hopper.MAX_SEQLEN:
         reasons.append(f"sequences longer than {hopper.MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif varlen and max(total_k, packed_rows(total_q, batch)) > hopper.MAX_SEQLEN:
+        reasons.append(
+            f"varlen: more than {hopper.MAX_SEQLEN} packed keys, or query rows padded to whole "
+            f"{BLOCK_M}-row blocks per sequence (32-bit tile arithmetic)"
+        )
     elif heads_kv > 0 and -(-seqlen_k // BLOCK_N) * heads_kv * batch > MAX_GRID:
         reasons.append("more than 2^31 - 1 thread blocks")
     return reasons
+
+
+def packed_rows(total_q: int, batch: int) -> int:
+    """Rows per head of the per-row buffers (and dQ's workspace) of a packed batch of ``batch``
+    sequences and ``total_q`` query tokens: sequence b's blocks start at block cu_q[b] // BLOCK_M + b
+    (kernels/hopper_bwd_packed.cuh), so that each starts on a whole block."""
+    return (total_q // BLOCK_M + batch) * BLOCK_M
 
 
 def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], item: int, address: int) -> list[str]:
@@ -243,9 +264,25 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("i64",) * 6  # strides of dk and dv
     + ("i32",) * 8  # seqlen_q ... win_right
     + ("f32",) * 2  # score_log2, scale
+    + ("ptr",) * 2  # cu_q, cu_k (null at fixed length)
+    + ("i32",) * 2  # total_q, total_k
 )
-ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",))
-DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64"))
+PACKED_ROWS = ("ptr", "i32", "i32")  # the passes' cu_q, batch, total_q
+ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",) + PACKED_ROWS)
+DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64") + PACKED_ROWS)
+
+
+class Queries(NamedTuple):
+    """Where the query rows lie, for the passes around the main kernel: ``seqlen`` (varlen: the
+    longest sequence), and in a packed batch the int32 offsets ``cu`` of its ``batch`` sequences."""
+
+    seqlen: int
+    cu: Any = None
+    batch: int = 0
+
+    def arguments(self, total: int) -> tuple[int, int, int]:
+        """The passes' last parameters (PACKED_ROWS): null and zeros at fixed length."""
+        return (0, 0, 0) if self.cu is None else (self.cu.data_ptr(), self.batch, total)
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,10 +294,16 @@ class Launches:
     rows: tensor_map.PackedLaunch
     main: tensor_map.PackedLaunch
     dq: tensor_map.PackedLaunch
-    s_pad: int
+    s_pad: int  # rows per (batch row, head) of the per-row buffers and dQ's workspace
     grid: int
     maps: tuple[hopper.MapGeometry, ...]  # q, k, v, dout
-    sizes: tuple[int | float, ...]  # the main kernel's parameters after the strides
+    sizes: tuple[int | float, ...]  # the main kernel's parameters after the strides, before cu_q
+    sequences: int  # the batch's sequences (packed or not)
+
+    @property
+    def seqlen_q(self) -> int:
+        """The query sequences' length (varlen: the longest), the first of :attr:`sizes`."""
+        return int(self.sizes[0])
 
 
 #: Launches by problem key (:func:`backward`); cleared when full (a key holds shapes, not tensors).
@@ -268,19 +311,52 @@ _launches: dict[tuple, Launches] = {}
 MAX_LAUNCHES = 1024
 
 
+def _check_packed(q: Any, k: Any, cu_q: Any, cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None) -> None:
+    """ValueError naming the argument where a packed (varlen) batch's arguments do not fit together."""
+    import torch
+
+    if (cu_q is None) != (cu_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k: both or neither")
+    if cu_q is None:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q/max_seqlen_k: only with cu_seqlens_q/cu_seqlens_k")
+        return
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+            found = f"{cu.dtype} {tuple(cu.shape)} on {cu.device}"
+            raise ValueError(f"{name}: a 1-D int32 tensor on {q.device}, not {found}")
+    if cu_q.numel() != cu_k.numel() or cu_q.numel() < 2:
+        raise ValueError(f"cu_seqlens_k: batch + 1 offsets like cu_seqlens_q ({cu_q.numel()}), not {cu_k.numel()}")
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[0] != 1:
+            raise ValueError(f"{name}: a packed batch is one canonical row of tokens, not batch {t.shape[0]}")
+    for name, longest in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if longest is None or longest < 1:
+            raise ValueError(f"{name}: the longest sequence of the packed batch (>= 1), not {longest}")
+
+
 def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
-          scale: float, pipelined: bool | None, device: int) -> Launches:  # fmt: skip
+          scale: float, pipelined: bool | None, device: int, cu_q: Any, cu_k: Any, max_seqlen_q: int | None,
+          max_seqlen_k: int | None) -> Launches:  # fmt: skip
     """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
+    _check_packed(q, k, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
+    varlen = cu_q is not None
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
     d = compiled_head_dim(head_dim)
-    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
-    batch, seqlen_q = q.shape[:2]
-    seqlen_k = k.shape[1]
-    s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
+    pipelined = PIPELINED[d] if pipelined is None else pipelined
+    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), pipelined, varlen)
+    if varlen:
+        assert max_seqlen_q is not None and max_seqlen_k is not None  # _check_packed said so
+        batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_seqlen_q, max_seqlen_k
+        s_pad = packed_rows(q.shape[1], batch)
+    else:
+        batch, seqlen_q = q.shape[:2]
+        seqlen_k = k.shape[1]
+        s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
     rows_fn, dq_fn = row_kernels(dtype, device)
     maps = tuple(
-        hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle)
+        hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle, varlen)
         for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M))
     )
     sizes = (
@@ -290,7 +366,7 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
     packed = tensor_map.packed_launch
     return Launches(
         variant, packed(rows_fn, ROWS_PARAMETERS), packed(kernel(variant, device), PARAMETERS),
-        packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes,
+        packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes, batch,
     )  # fmt: skip
 
 
@@ -324,11 +400,19 @@ def backward(
     window: tuple[int, int] = (-1, -1),
     scale: float,
     pipelined: bool | None = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> None:
     """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
     None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
     heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
-    heads_q, seqlen_q), natural log (any backend's forward)."""
+    heads_q, seqlen_q), natural log (any backend's forward).
+
+    Varlen: batch 1, seqlen = the packed tokens, int32 ``cu_seqlens_q/k`` (batch + 1 offsets each) and
+    ``max_seqlen_q/k`` the longest sequences (longer ones are cut there, as by the forward); ``lse``
+    (1, heads_q, total_q). Tokens outside every sequence get no gradient written."""
     import torch
 
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
@@ -337,39 +421,56 @@ def backward(
         out = out.contiguous()  # the rows pass reads 16 bytes at a time
     device = q.get_device()
     window = (window[0], window[1])
+    cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
+    cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
+    packing = None if cu_q is None and cu_k is None else (_tensor_key(cu_q), _tensor_key(cu_k))
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
-        window, scale, pipelined, device,
+        window, scale, pipelined, device, packing, max_seqlen_q, max_seqlen_k,
     )  # fmt: skip
     try:
         plan = _launches[key]
     except KeyError:
         if len(_launches) >= MAX_LAUNCHES:
             _launches.clear()
-        plan = _launches[key] = _plan(q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, pipelined, device)
+        plan = _launches[key] = _plan(
+            q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, pipelined, device, cu_q, cu_k, max_seqlen_q,
+            max_seqlen_k,
+        )  # fmt: skip
     batch, s_pad = q.shape[0], plan.s_pad
-    lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device)
+    queries = Queries(plan.seqlen_q, cu_q, plan.sequences)
+    lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device, queries)
     dq_acc = torch.zeros((batch, heads_q, s_pad * plan.variant.head_dim), dtype=torch.float32, device=q.device)
     gq, gk, gv, gdo = plan.maps
+    offsets = (0, 0, 0, 0)  # fixed length: no cu_seqlens, no packed token counts
+    if cu_q is not None and cu_k is not None:
+        offsets = (cu_q.data_ptr(), cu_k.data_ptr(), q.shape[1], k.shape[1])
     values = (
         hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
         hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
-        delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes,
+        delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes, *offsets,
     )  # fmt: skip
     run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
     values = (
-        dq_acc.data_ptr(), dq.data_ptr(), *dq.stride()[:3], heads_q, q.shape[1], s_pad, plan.variant.head_dim,
-        head_dim, scale, pairs,
+        dq_acc.data_ptr(), dq.data_ptr(), *dq.stride()[:3], heads_q, queries.seqlen, s_pad, plan.variant.head_dim,
+        head_dim, scale, pairs, *queries.arguments(q.shape[1]),
     )  # fmt: skip
     run(plan.dq, device, -(-pairs // 256), 256, 0, values)
 
 
-def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int) -> Any:
-    """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch)."""
+def _tensor_key(t: Any) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int,
+          queries: Queries | None = None) -> Any:  # fmt: skip
+    """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch); ``queries``: None
+    at fixed length (out's rows)."""
     import torch
 
     b, sq, h, d = out.shape
+    queries = queries or Queries(sq)
     for t in (out, dout):
         assert t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(x % 8 == 0 for x in t.stride()[:3]), "16-byte rows"
     lse2 = torch.empty((b, h, s_pad), dtype=torch.float32, device=out.device)
@@ -377,7 +478,8 @@ def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad:
     rows = b * h * s_pad
     values = (
         out.data_ptr(), dout.data_ptr(), lse.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
-        *out.stride()[:3], *dout.stride()[:3], *lse.stride(), heads, sq, s_pad, d, rows,
+        *out.stride()[:3], *dout.stride()[:3], *lse.stride(), heads, queries.seqlen, s_pad, d, rows,
+        *queries.arguments(sq),
     )  # fmt: skip
     run(packed, device, -(-rows // 8), 256, 0, values)
     return lse2, delta

@@ -36,8 +36,16 @@
 // Rows past the query sequence get LSE_2 = +inf (P = 0) from the padded buffers, so only the key
 // bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
 // aligned): query row i sees key j iff j < len_k and -left <= j - i - (len_k - len_q) <= right.
+//
+// Packed (varlen) batches (Shape::VARLEN): q/dO and k/v hold the sequences back to back (batch 1,
+// offsets cu_seqlens); the grid covers the longest sequence's key blocks, and a block past its own
+// sequence's keys exits before the first barrier. TMA reads at the sequence's row offset, so the
+// tiles past a sequence's end hold the next sequence's rows instead of zeros: its query rows meet
+// LSE_2 = +inf and delta = 0 (P = dS = 0 exactly, for finite inputs), its keys the key-bound mask.
+// The per-row buffers and dQ's workspace keep whole query blocks per sequence (hopper_bwd_packed.cuh).
 #pragma once
 
+#include "hopper_bwd_packed.cuh"
 #include "hopper_fwd.cuh"
 
 namespace flash_cuda {
@@ -52,9 +60,10 @@ using hopper::SmemTile;
 // Named barriers (0 is __syncthreads): 1 + w for consumer warpgroup w alone, BOTH_BARRIER for both.
 constexpr int BOTH_BARRIER = 3;
 
-template <int D_, int INPUT_, int MASK_, bool PIPELINED_>
+template <int D_, int INPUT_, int MASK_, bool PIPELINED_, bool VARLEN_ = false>
 struct Shape {
   static constexpr bool PIPELINED = PIPELINED_;  // consume_pipelined, else consume
+  static constexpr bool VARLEN = VARLEN_;        // packed sequences (Params::cu_q, cu_k)
   static constexpr int D = D_;
   static constexpr int INPUT = INPUT_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
@@ -114,6 +123,11 @@ struct Params {
   int win_left, win_right;  // window reach (a large value for an unbounded side)
   float score_log2;         // scale * log2(e)
   float scale;              // softmax scale (dK is stored times it)
+  // VARLEN: batch + 1 offsets of the sequences in the packed q/dO (total_q rows) and k/v (total_k);
+  // seqlen_q/k are then the longest, s_pad the buffers' rows per head (hopper_bwd_packed.cuh).
+  const int* cu_q;
+  const int* cu_k;
+  int total_q, total_k;
 };
 
 // Floor and ceiling of a / b for b > 0 and any sign of a.
@@ -127,6 +141,36 @@ struct Block {
   // Query blocks m with free_lo <= m < free_hi need no element mask (every key of the block below
   // len_k and inside both edges for every row); two bounds, so that few values stay live.
   int free_lo, free_hi;
+  // The sequence: its lengths, its first rows in q/dO and k/v, its first query block in the per-row
+  // buffers, and the batch index of the tensors and buffers (0, and offsets, in a packed batch).
+  int len_q, len_k, q_start, k_start, q_block0, batch_coord;
+
+  // Where the block's sequence lies (fixed length: batch row `batch`, every length the same).
+  __device__ __forceinline__ void locate(const Params& p) {
+    if constexpr (S::VARLEN) {
+      const packed::Seq sq = packed::sequence(p.cu_q, batch, p.total_q, p.seqlen_q);
+      const packed::Seq sk = packed::sequence(p.cu_k, batch, p.total_k, p.seqlen_k);
+      len_q = sq.len;
+      len_k = sk.len;
+      q_start = sq.start;
+      k_start = sk.start;
+      q_block0 = packed::first_block(sq.start, batch);
+      batch_coord = 0;
+    } else {
+      len_q = p.seqlen_q;
+      len_k = p.seqlen_k;
+      q_start = k_start = q_block0 = 0;
+      batch_coord = batch;
+    }
+  }
+
+  // Whether the block holds keys of its sequence (always at fixed length: the grid is the keys').
+  __device__ __forceinline__ bool has_keys() const { return S::VARLEN ? n0 < len_k : true; }
+
+  // The first row of (this sequence, query head `head`) in the per-row buffers; / BM: in dQ's workspace.
+  __device__ __forceinline__ i64 buffer_row(const Params& p, int head) const {
+    return ((i64)batch_coord * p.heads_q + head) * p.s_pad + (i64)q_block0 * S::BM;
+  }
 
   __device__ __forceinline__ void set(const Params& p) {
     // blockIdx.x = (batch * heads_kv + kv_head) * key_blocks + key block
@@ -135,12 +179,13 @@ struct Block {
     n0 = ((int)blockIdx.x - pair * key_blocks) * S::BN;
     kv_head = pair % heads_kv;
     batch = pair / heads_kv;
-    const i64 off = (i64)p.seqlen_k - p.seqlen_q;
-    i64 q_lo = 0, q_hi = p.seqlen_q;
+    locate(p);
+    const i64 off = (i64)len_k - len_q;
+    i64 q_lo = 0, q_hi = len_q;
     // key j is seen by query i iff j - i - off <= right (i >= j - off - right) and >= -left
     if constexpr (S::MASK >= 1) q_lo = max((i64)0, (i64)n0 - off - p.win_right);
     if constexpr (S::MASK == 2) {
-      const i64 last_key = min((i64)n0 + S::BN, (i64)p.seqlen_k) - 1;
+      const i64 last_key = min((i64)n0 + S::BN, (i64)len_k) - 1;
       q_hi = min(q_hi, last_key - off + p.win_left + 1);
     }
     m_lo = m_hi = 0;
@@ -152,7 +197,7 @@ struct Block {
     i64 lo = 0, hi = (i64)1 << 30;
     if constexpr (S::MASK >= 1) lo = ceil_div((i64)n0 + S::BN - 1 - off - p.win_right, S::BM);
     if constexpr (S::MASK == 2) hi = floor_div((i64)n0 - off + p.win_left - S::BM + 1, S::BM) + 1;
-    if (n0 + S::BN > p.seqlen_k) lo = hi;  // keys past len_k: every block masked
+    if (n0 + S::BN > len_k) lo = hi;  // keys past len_k: every block masked
     free_lo = (int)max((i64)-1, min(lo, (i64)1 << 30));
     free_hi = (int)max((i64)-1, min(hi, (i64)1 << 30));
   }
@@ -206,20 +251,20 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   tma_prefetch_map(v_map);
   tma_prefetch_map(do_map);
   mbarrier_arrive_expect(sm.kv_full(), 2 * S::KV_BYTES);
-  hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
-  hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.n0, blk.batch);
+  hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.k_start + blk.n0, blk.batch_coord);
+  hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.k_start + blk.n0, blk.batch_coord);
   Ring<S::STAGES> ring;
   const int blocks = blk.m_hi - blk.m_lo;
   // one loop over (query head of the group, query block): fewer values live across the steps
   for (int it = 0; it < p.group * blocks; ++it) {
     const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
-    const i64 rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+    const i64 rows = blk.buffer_row(p, head);
     const int m0 = m * S::BM;
     mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
     const u32 bar = sm.full(ring.stage);
     mbarrier_arrive_expect(bar, S::STEP_BYTES);
-    hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, m0, blk.batch);
-    hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, m0, blk.batch);
+    hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, blk.q_start + m0, blk.batch_coord);
+    hopper::tma_load_tile(sm.dout(ring.stage), do_map, bar, head, blk.q_start + m0, blk.batch_coord);
     bulk_load(sm.lse(ring.stage), p.lse2 + rows + m0, S::ROW_BYTES, bar);
     bulk_load(sm.delta(ring.stage), p.delta + rows + m0, S::ROW_BYTES, bar);
     ring.advance();
@@ -324,11 +369,11 @@ __device__ __forceinline__ void shared_barrier(int id, int threads) {
 template <class S>
 struct Step {
   int m;
-  i64 rows;  // (batch * heads_q + head) * s_pad: the head's first row in the per-row buffers
+  i64 rows;  // the (sequence, head)'s first row in the per-row buffers (Block::buffer_row)
   __device__ __forceinline__ Step(const Params& p, const Block<S>& blk, int it, int blocks) {
     const int head = blk.kv_head * p.group + it / blocks;
     m = blk.m_lo + it % blocks;
-    rows = ((i64)blk.batch * p.heads_q + head) * p.s_pad;
+    rows = blk.buffer_row(p, head);
   }
   // The workspace's 64 x 64 dQ tile of (this query block, head-dim slab).
   __device__ __forceinline__ u64 dq_tile(int slab) const { return (u64)((rows / S::BM + m) * S::SLABS + slab); }
@@ -357,7 +402,7 @@ template <class S>
 __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
                                             Acc<S::BM>& s) {
   if (blk.masked(m)) {
-    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, p.seqlen_k, p.seqlen_k - p.seqlen_q, p.win_left,
+    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, blk.len_k, blk.len_k - blk.len_q, p.win_left,
                              p.win_right);
   }
 #pragma unroll
@@ -452,10 +497,11 @@ template <class S>
 __device__ __forceinline__ void finish(const Params& p, const Block<S>& blk, const Lane<S>& ln, Acc<S::D>& dk,
                                        Acc<S::D>& dv) {
   if (ln.tid == 0) bulk_wait<0>();  // the bulk reductions, before the block's shared memory goes
-  store_rows<S>(p.dk + (i64)blk.batch * p.dk_sb + blk.kv_head * p.dk_sh, p.dk_ss, ln.key, p.seqlen_k, p.head_dim,
-                ln.quad_col, dk, p.scale);
-  store_rows<S>(p.dv + (i64)blk.batch * p.dv_sb + blk.kv_head * p.dv_sh, p.dv_ss, ln.key, p.seqlen_k, p.head_dim,
-                ln.quad_col, dv, 1.f);
+  const i64 key0 = blk.k_start;
+  store_rows<S>(p.dk + (i64)blk.batch_coord * p.dk_sb + key0 * p.dk_ss + blk.kv_head * p.dk_sh, p.dk_ss, ln.key,
+                blk.len_k, p.head_dim, ln.quad_col, dk, p.scale);
+  store_rows<S>(p.dv + (i64)blk.batch_coord * p.dv_sb + key0 * p.dv_ss + blk.kv_head * p.dv_sh, p.dv_ss, ln.key,
+                blk.len_k, p.head_dim, ln.quad_col, dv, 1.f);
 }
 
 // A compile-time flag for the generic step lambdas (C++17).
@@ -658,6 +704,7 @@ __device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map
   const int wg = threadIdx.x / 128;
   Block<S> blk;
   blk.set(p);
+  if (!blk.has_keys()) return;  // a packed sequence shorter than the longest: the whole block, before any barrier
   if (threadIdx.x == 0) sm.init();
   __syncthreads();
   if (wg == 0) {

@@ -6,8 +6,10 @@
 //  * flash_bwd_dq: the fp32 dQ workspace (64 x 64 tiles in the accumulator's fragment order, see
 //    hopper_bwd.cuh) times scale into dQ in the inputs' dtype, any strides.
 //
+// Packed (varlen) batches: cu_q non-null, batch 1 in the tensors and buffers, a buffer row's packed
+// row found from cu_q (hopper_bwd_packed.cuh); null: batch rows, the sequence's first seqlen_q rows.
 // BWD_BF16 (0/1) picks the 16-bit type. Like the other kernels: no CUDA header.
-#include "primitives.cuh"
+#include "hopper_bwd_packed.cuh"
 
 #ifndef BWD_BF16
 #error "compiled through flash_cuda.hopper_bwd, which defines BWD_BF16"
@@ -31,23 +33,31 @@ __device__ __forceinline__ float dot_pair(u32 a, u32 b) {
   return to_float(a & 0xffffu) * to_float(b & 0xffffu) + to_float(a >> 16) * to_float(b >> 16);
 }
 
+// The tensors' row that buffer row `row` holds, or -1 (padding).
+__device__ __forceinline__ int tensor_row(const int* cu_q, int batch, int total_q, int seqlen_q, int row) {
+  if (cu_q != nullptr) return packed::packed_row(cu_q, batch, total_q, seqlen_q, row);
+  return row < seqlen_q ? row : -1;
+}
+
 }  // namespace
 
 // grid: ceil(batch * heads * s_pad / 8) blocks of 256 threads (8 warps, one row each).
 extern "C" __global__ void __launch_bounds__(256) flash_bwd_rows(
     const u16* __restrict__ out, const u16* __restrict__ dout, const float* __restrict__ lse,
     float* __restrict__ lse2, float* __restrict__ delta, i64 o_sb, i64 o_ss, i64 o_sh, i64 do_sb, i64 do_ss,
-    i64 do_sh, i64 l_sb, i64 l_sh, i64 l_ss, int heads, int seqlen_q, int s_pad, int head_dim, i64 rows) {
+    i64 do_sh, i64 l_sb, i64 l_sh, i64 l_ss, int heads, int seqlen_q, int s_pad, int head_dim, i64 rows,
+    const int* __restrict__ cu_q, int batch, int total_q) {
   const i64 row_id = (i64)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row_id >= rows) return;  // warp-uniform
   const int row = (int)(row_id % s_pad);
   const i64 bh = row_id / s_pad;
   const int h = (int)(bh % heads), b = (int)(bh / heads);
+  const int token = tensor_row(cu_q, batch, total_q, seqlen_q, row);
   float sum = 0.f;
-  if (row < seqlen_q) {
-    const u16* o = out + b * o_sb + row * o_ss + h * o_sh;
-    const u16* g = dout + b * do_sb + row * do_ss + h * do_sh;
+  if (token >= 0) {
+    const u16* o = out + b * o_sb + token * o_ss + h * o_sh;
+    const u16* g = dout + b * do_sb + token * do_ss + h * do_sh;
     // 8 elements (16 bytes) per lane and round; head_dim is a multiple of 8
     for (int col = 8 * lane; col < head_dim; col += 256) {
       const Chunk x = *reinterpret_cast<const Chunk*>(o + col);
@@ -59,8 +69,8 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_rows(
   for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
   if (lane == 0) {
     float l2 = __int_as_float(0x7f800000);  // +inf
-    if (row < seqlen_q) {
-      const float l = lse[b * l_sb + h * l_sh + row * l_ss];
+    if (token >= 0) {
+      const float l = lse[b * l_sb + h * l_sh + token * l_ss];
       if (l != neg_inf()) l2 = l * 1.4426950408889634f;
     }
     lse2[row_id] = l2;
@@ -71,7 +81,8 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_rows(
 // grid: ceil(floats / 2 / 256) blocks of 256 threads, one pair of floats each.
 extern "C" __global__ void __launch_bounds__(256)
     flash_bwd_dq(const float* __restrict__ dq_acc, u16* __restrict__ dq, i64 q_sb, i64 q_ss, i64 q_sh, int heads,
-                 int seqlen_q, int s_pad, int d, int head_dim, float scale, i64 pairs) {
+                 int seqlen_q, int s_pad, int d, int head_dim, float scale, i64 pairs, const int* __restrict__ cu_q,
+                 int batch, int total_q) {
   const i64 f = (i64)blockIdx.x * 256 + threadIdx.x;
   if (f >= pairs) return;
   const int slabs = d / 64, blocks = s_pad / 64;
@@ -86,8 +97,10 @@ extern "C" __global__ void __launch_bounds__(256)
   const int h = (int)(bh % heads), b = (int)(bh / heads);
   const int row = block * 64 + 16 * (t / 32) + (t % 32) / 4 + 8 * r;
   const int col = slab * 64 + 8 * i + 2 * (t % 4);
-  if (row >= seqlen_q || col >= head_dim) return;
+  if (col >= head_dim) return;
+  const int token = tensor_row(cu_q, batch, total_q, seqlen_q, row);
+  if (token < 0) return;
   const float x = dq_acc[2 * f], y = dq_acc[2 * f + 1];
-  *reinterpret_cast<u32*>(dq + b * q_sb + row * q_ss + h * q_sh + col) =
+  *reinterpret_cast<u32*>(dq + b * q_sb + token * q_ss + h * q_sh + col) =
       pack2<(BWD_BF16 != 0)>(x * scale, y * scale);
 }
