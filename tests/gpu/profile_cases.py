@@ -1,8 +1,9 @@
-"""Forward calls for Nsight Compute: each case is run once to compile and warm up, then once inside
-a profiler range, so ``ncu --profile-from-start off`` sees exactly one launch per case.
+"""Forward (or backward) calls for Nsight Compute: each case is run once to compile and warm up, then
+once inside a profiler range, so ``ncu --profile-from-start off`` sees exactly one call per case.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
         python3 tests/gpu/profile_cases.py --backend cuda --cases 128:8192:full,128:1024:full
+    ncu ... -k regex:flash_bwd_sm90 python3 tests/gpu/profile_cases.py --backward --cases 128:8192:full
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main() -> None:
     parser.add_argument("--backend", default="cuda")
     parser.add_argument("--cases", default="128:8192:full", help="head_dim:seqlen:full|causal, comma-separated")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp8"))
+    parser.add_argument("--backward", action="store_true", help="profile the backward (the forward runs outside)")
     args = parser.parse_args()
     for case in args.cases.split(","):
         head_dim, seqlen, mask = case.split(":")
@@ -32,7 +34,15 @@ def main() -> None:
             (q, extra["q_descale"]), (k, extra["k_descale"]), (v, extra["v_descale"]) = (
                 flash.fp8.quantize(t) for t in (q, k, v)
             )
-        run = lambda: flash.attention(q, k, v, causal=mask == "causal", backend=args.backend, **extra)  # noqa: E731
+        if args.backward:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+        call = lambda: flash.attention(q, k, v, causal=mask == "causal", backend=args.backend, **extra)  # noqa: E731
+        if args.backward:
+            out = call()
+            dout = torch.randn_like(out)
+            run = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+        else:
+            run = call
         run()
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStart()
