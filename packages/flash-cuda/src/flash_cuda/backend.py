@@ -6,8 +6,9 @@ declines (layouts TMA cannot read), the mma.sync kernel of :mod:`flash_cuda.laun
 from ``heuristics.json``.
 
 Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
-:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA); everything else is
-declined with a reason and dispatch pairs the forward with another backend's backward (LSE contract).
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, softcap, deterministic);
+everything else is declined with a reason and dispatch pairs the forward with another backend's
+backward (LSE contract).
 
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
@@ -41,13 +42,13 @@ FORWARD = Support(
 )
 
 
-#: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs. Not
-#: declared, so dispatch sends them to another backend's backward (the LSE contract): varlen,
-#: softcap, dropout, deterministic (dQ is summed by fp32 atomics), head dims above 128, masks and
-#: score terms beyond causal/window.
+#: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs
+#: (deterministic: dQ's reductions in a fixed order of the key blocks). Not declared, so dispatch
+#: sends them to another backend's backward (the LSE contract): varlen, dropout, head dims above
+#: 128, masks and score terms beyond causal/window.
 BACKWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa"}),
+    features=frozenset({"causal", "window", "gqa", "softcap", "deterministic"}),
     head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
     min_capability=(9, 0),
     aligned16=True,
@@ -152,6 +153,7 @@ class CudaBackend(Backend):
         hopper_bwd.backward(
             args.q, args.k, args.v, args.out, args.lse, args.dout, args.dq, args.dk, args.dv, heads_q=spec.heads_q,
             heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds, scale=spec.scale,
+            softcap=spec.softcap, deterministic=spec.deterministic,
         )  # fmt: skip
 
 
@@ -211,7 +213,7 @@ def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
         capability=capability, dtype=spec.dtype, head_dim=spec.head_dim,
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
         seqlen_k=spec.seqlen_k, scale=spec.scale, varlen=spec.varlen, softcap=spec.softcap,
-        dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
+        dropout=bool(spec.dropout_p),
     )  # fmt: skip
     if spec.varlen:
         return tuple(reasons)  # declined already; its packed layout is not this kernel's

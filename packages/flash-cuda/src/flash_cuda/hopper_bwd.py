@@ -52,6 +52,8 @@ class BwdVariant:
     dtype: str  # "fp16" or "bf16"
     mask: int  # hopper_tiles.MASK_NONE, MASK_RIGHT (causal) or MASK_BOTH (window)
     pipelined: bool = False  # consume_pipelined (dQ one step behind, no per-step barrier), else consume
+    deterministic: bool = False  # dQ's reductions in a fixed order of the key blocks (DqTurns in the .cuh)
+    softcap: bool = False  # scores cap * tanh(raw * scale / cap)
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,10 +80,12 @@ class BwdVariant:
     @property
     def smem_bytes(self) -> int:
         """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
-        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 5 mbarriers."""
+        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 9 mbarriers (deterministic:
+        4 more, the dQ writer's)."""
         d = self.head_dim
         tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
-        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES + 4)
+        barriers = 1 + 2 * STAGES + 4 + (4 if self.deterministic else 0)
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * barriers
 
     @property
     def launch_smem(self) -> int:
@@ -93,6 +97,8 @@ class BwdVariant:
             "HOPPER_BWD_INPUT": hopper_variants.INPUTS.index(self.dtype),
             "HOPPER_BWD_MASK": self.mask,
             "HOPPER_BWD_PIPELINED": int(self.pipelined),
+            "HOPPER_BWD_DETERMINISTIC": int(self.deterministic),
+            "HOPPER_BWD_SOFTCAP": int(self.softcap),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -101,8 +107,10 @@ class BwdVariant:
         return (*hopper_variants.BASE_OPTIONS, f"-arch={hopper_variants.ARCH}", *self.defines())
 
     def label(self) -> str:
-        pipe = " pipelined" if self.pipelined else ""
-        return f"bwd {self.dtype} d{self.head_dim} {hopper_tiles.MASK_NAMES[self.mask]} {BLOCK_N}x{BLOCK_M}{pipe}"
+        flags = [name for name, on in (("pipelined", self.pipelined), ("deterministic", self.deterministic),
+                                       ("softcap", self.softcap)) if on]  # fmt: skip
+        mask = hopper_tiles.MASK_NAMES[self.mask]
+        return " ".join([f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}", *flags])
 
 
 def compiled_head_dim(head_dim: int) -> int:
@@ -114,13 +122,16 @@ def compiled_head_dim(head_dim: int) -> int:
 
 def shipped_variants() -> list[BwdVariant]:
     """Every variant: both consumer structures where both compile without spilling (the backend
-    launches PIPELINED's; the other stays for A/B timings)."""
+    launches PIPELINED's; the other stays for A/B timings), each with and without the deterministic
+    dQ order and softcap."""
     return [
-        BwdVariant(d, dtype, mask, pipelined)
+        BwdVariant(d, dtype, mask, pipelined, deterministic, softcap)
         for d in HEAD_DIMS
         for dtype in DTYPES
         for mask in sorted(hopper_tiles.MASK_NAMES)
         for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS else (False,))
+        for deterministic in (False, True)
+        for softcap in (False, True)
     ]
 
 
@@ -193,7 +204,6 @@ def problem_reasons(
     varlen: bool = False,
     softcap: float = 0.0,
     dropout: bool = False,
-    deterministic: bool = False,
 ) -> list[str]:
     """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout."""
     reasons = []
@@ -211,12 +221,10 @@ def problem_reasons(
         reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
     if varlen:
         reasons.append("varlen: not in the Hopper backward's first slice (its LSE/delta/dQ buffers are per batch row)")
-    if softcap:
-        reasons.append("softcap: the Hopper backward does not apply the tanh derivative yet")
+    if softcap < 0 or not math.isfinite(softcap):
+        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
     if dropout:
         reasons.append("dropout: the Hopper backward does not regenerate the core's dropout mask yet")
-    if deterministic:
-        reasons.append("deterministic: the Hopper backward sums dQ by atomic bulk reductions (order varies run to run)")
     if scale <= 0 or not math.isfinite(scale):
         reasons.append(f"scale {scale}: must be positive and finite")
     if seqlen_q == 0 or seqlen_k == 0:
@@ -243,6 +251,7 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("i64",) * 6  # strides of dk and dv
     + ("i32",) * 8  # seqlen_q ... win_right
     + ("f32",) * 2  # score_log2, scale
+    + ("ptr", "f32", "f32")  # dq_turns, softcap_in, softcap_t2
 )
 ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",))
 DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64"))
@@ -260,7 +269,8 @@ class Launches:
     s_pad: int
     grid: int
     maps: tuple[hopper.MapGeometry, ...]  # q, k, v, dout
-    sizes: tuple[int | float, ...]  # the main kernel's parameters after the strides
+    sizes: tuple[int | float, ...]  # the main kernel's parameters from seqlen_q to scale
+    softcap: tuple[float, float]  # its last parameters, softcap_in and softcap_t2 (0 without softcap)
 
 
 #: Launches by problem key (:func:`backward`); cleared when full (a key holds shapes, not tensors).
@@ -269,12 +279,14 @@ MAX_LAUNCHES = 1024
 
 
 def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
-          scale: float, pipelined: bool | None, device: int) -> Launches:  # fmt: skip
+          scale: float, softcap: float, deterministic: bool, pipelined: bool | None,
+          device: int) -> Launches:  # fmt: skip
     """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
     d = compiled_head_dim(head_dim)
-    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), PIPELINED[d] if pipelined is None else pipelined)
+    structure = PIPELINED[d] if pipelined is None else pipelined
+    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), structure, deterministic, softcap > 0)
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
     s_pad = -(-seqlen_q // BLOCK_M) * BLOCK_M
@@ -283,15 +295,26 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
         hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle)
         for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M))
     )
+    score_log2, softcap_in, softcap_t2 = score_constants(scale, softcap)
     sizes = (
         seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim, hopper._reach(window[0]),
-        hopper._reach(window[1]), scale * LOG2E, scale,
+        hopper._reach(window[1]), score_log2, scale,
     )  # fmt: skip
     packed = tensor_map.packed_launch
     return Launches(
         variant, packed(rows_fn, ROWS_PARAMETERS), packed(kernel(variant, device), PARAMETERS),
         packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes,
+        (softcap_in, softcap_t2),
     )  # fmt: skip
+
+
+def score_constants(scale: float, softcap: float) -> tuple[float, float, float]:
+    """The kernel's (score_log2, softcap_in, softcap_t2). Without softcap P = exp2(raw * scale log2 e -
+    LSE_2); with it, as the forward's, P = exp2(t * cap log2 e - LSE_2) with t = tanh(raw * scale / cap),
+    and dS's factor 1 - t^2 takes t^2 = (log2 P + LSE_2)^2 / (cap log2 e)^2."""
+    if softcap > 0:
+        return softcap * LOG2E, scale / softcap, (softcap * LOG2E) ** -2
+    return scale * LOG2E, 0.0, 0.0
 
 
 def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
@@ -323,14 +346,15 @@ def backward(
     head_dim: int,
     window: tuple[int, int] = (-1, -1),
     scale: float,
+    softcap: float = 0.0,
+    deterministic: bool = False,
     pipelined: bool | None = None,
 ) -> None:
-    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
-    None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
-    heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
-    heads_q, seqlen_q), natural log (any backend's forward)."""
-    import torch
-
+    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``softcap``: the forward's, 0 for none;
+    ``deterministic``: dQ bit-identical run to run; ``pipelined``: the consumer structure, None:
+    :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen, heads, head_dim)``
+    views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch, heads_q, seqlen_q),
+    natural log (any backend's forward)."""
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
@@ -339,22 +363,25 @@ def backward(
     window = (window[0], window[1])
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
-        window, scale, pipelined, device,
+        window, scale, softcap, deterministic, pipelined, device,
     )  # fmt: skip
     try:
         plan = _launches[key]
     except KeyError:
         if len(_launches) >= MAX_LAUNCHES:
             _launches.clear()
-        plan = _launches[key] = _plan(q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, pipelined, device)
+        plan = _launches[key] = _plan(
+            q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, softcap, deterministic, pipelined, device
+        )
     batch, s_pad = q.shape[0], plan.s_pad
     lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device)
-    dq_acc = torch.zeros((batch, heads_q, s_pad * plan.variant.head_dim), dtype=torch.float32, device=q.device)
+    dq_acc, turns = workspace(batch, heads_q, s_pad, plan.variant.head_dim, deterministic, q.device)
     gq, gk, gv, gdo = plan.maps
     values = (
         hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
         hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
-        delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes,
+        delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes, 0 if turns is None else turns.data_ptr(),
+        *plan.softcap,
     )  # fmt: skip
     run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
@@ -363,6 +390,19 @@ def backward(
         head_dim, scale, pairs,
     )  # fmt: skip
     run(plan.dq, device, -(-pairs // 256), 256, 0, values)
+
+
+def workspace(batch: int, heads: int, s_pad: int, d: int, deterministic: bool, device: Any) -> tuple[Any, Any]:
+    """The zeroed fp32 dQ workspace (batch, heads, s_pad * d) and, in deterministic mode, the kernel's
+    turn counters (one int32 per 64 x 64 dQ tile, indexed like the tiles; else None), zeroed by the
+    same fill: they follow the workspace in one allocation."""
+    import torch
+
+    floats = batch * heads * s_pad * d
+    tiles = floats // (BLOCK_M * SWIZZLE // 2) if deterministic else 0
+    buffer = torch.zeros(floats + tiles, dtype=torch.float32, device=device)
+    turns = buffer[floats:].view(torch.int32) if deterministic else None
+    return buffer[:floats].view(batch, heads, s_pad * d), turns
 
 
 def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int) -> Any:

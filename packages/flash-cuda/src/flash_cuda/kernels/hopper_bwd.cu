@@ -9,7 +9,8 @@
 #endif
 
 using BwdShape =
-    flash_cuda::hopper_bwd::Shape<HOPPER_BWD_D, HOPPER_BWD_INPUT, HOPPER_BWD_MASK, (HOPPER_BWD_PIPELINED != 0)>;
+    flash_cuda::hopper_bwd::Shape<HOPPER_BWD_D, HOPPER_BWD_INPUT, HOPPER_BWD_MASK, (HOPPER_BWD_PIPELINED != 0),
+                                  (HOPPER_BWD_DETERMINISTIC != 0), (HOPPER_BWD_SOFTCAP != 0)>;
 static_assert(BwdShape::SMEM_BYTES == HOPPER_BWD_SMEM_BYTES, "flash_cuda/hopper_bwd.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(BwdShape::THREADS, 1)
@@ -20,9 +21,11 @@ flash_bwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
                u16* __restrict__ dv, float* __restrict__ dq_acc, const float* __restrict__ lse2,
                const float* __restrict__ delta, i64 dk_sb, i64 dk_ss, i64 dk_sh, i64 dv_sb, i64 dv_ss, i64 dv_sh,
                int seqlen_q, int seqlen_k, int s_pad, int heads_q, int group, int head_dim, int win_left,
-               int win_right, float score_log2, float scale) {
+               int win_right, float score_log2, float scale, int* __restrict__ dq_turns, float softcap_in,
+               float softcap_t2) {
   const flash_cuda::hopper_bwd::Params params{dk,       dv,       dq_acc,    lse2,     delta,    dk_sb,   dk_ss,
                                               dk_sh,    dv_sb,    dv_ss,     dv_sh,    seqlen_q, seqlen_k, s_pad,
-                                              heads_q,  group,    head_dim,  win_left, win_right, score_log2, scale};
+                                              heads_q,  group,    head_dim,  win_left, win_right, score_log2, scale,
+                                              dq_turns, softcap_in, softcap_t2};
   flash_cuda::hopper_bwd::backward<BwdShape>(params, &q_map, &k_map, &v_map, &do_map);
 }
