@@ -1,15 +1,18 @@
 """Hopper backward (flash_cuda.hopper_bwd, issue 14), CPU tier: every variant compiles for sm_90a.
 
 Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant (fixed
-length and packed/varlen): ptxas
-reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products as
-HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
-reallocation, dQ staged by 8-byte stores and sent by bulk reductions, and no local memory. Also the launch arguments
-against the kernel's signature, the declared support, and a layout replay of the dS^T tile.
+length and packed/varlen, with and without the deterministic dQ order and softcap: hopper_bwd.OPTIONS):
+ptxas reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products
+as HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
+reallocation, dQ staged by 8-byte stores and sent by bulk reductions (deterministic: behind an acquire
+spin, then a released increment), tanh and log2 with softcap, and no local memory. Also the launch
+arguments against the kernel's signature, the declared support, layout replays of the dS^T tile, and
+replays of the deterministic turns.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -31,7 +34,9 @@ def compiled() -> dict[hopper_bwd.BwdVariant, Compiled]:
 
 def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
-    assert len(compiled) == structures * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES) * 2  # x varlen
+    with_options = (len(hopper_bwd.OPTIONS) - 1) * len(hopper_bwd.HEAD_DIMS)  # the launched structure only
+    combinations = structures + with_options
+    assert len(compiled) == combinations * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES)
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
@@ -39,8 +44,8 @@ def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
         # C7514: a wgmma issued under a run-time condition in the loop serialises every wgmma (walk())
         assert "C7514" not in log and "serialized" not in log, f"{variant.label()}: wgmma serialised\n{log}"
     for d in hopper_bwd.HEAD_DIMS:
-        for varlen in (False, True):
-            assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d], varlen) in compiled
+        for options in hopper_bwd.OPTIONS:
+            assert hopper_bwd.BwdVariant(d, "bf16", 0, hopper_bwd.PIPELINED[d], *options) in compiled
 
 
 def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
@@ -55,6 +60,11 @@ def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
         assert "UBLKRED.G.S.ADD.F32" in sass, f"{variant.label()}: dQ not sent by bulk reductions"
         assert "STS.64" in sass, f"{variant.label()}: dQ not staged 8 bytes per store"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+        # deterministic: the dQ writer's acquire spin and released increment of the turn counters
+        ordered = "LDG.E.STRONG.GPU" in sass and "REDG.E.ADD.S32.STRONG.GPU" in sass
+        assert ordered == variant.deterministic, f"{variant.label()}: turn counters"
+        capped = "MUFU.TANH" in sass and "MUFU.LG2" in sass
+        assert capped == variant.softcap, f"{variant.label()}: softcap's tanh and log2"
 
 
 def test_source_is_header_free_and_one_extern_c_kernel():
@@ -82,7 +92,8 @@ def test_smem_bytes_match_the_shape():
     for variant in hopper_bwd.shipped_variants():
         d = variant.head_dim
         kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
-        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * 9  # 9 mbarriers
+        barriers = 9 + (4 if variant.deterministic else 0)  # the dQ writer's full/empty per consumer
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * barriers
 
 
 def test_problem_reasons():
@@ -97,6 +108,7 @@ def test_problem_reasons():
     assert hopper_bwd.problem_reasons(**{**ok, "varlen": True, "total_q": 150, "total_k": 301}) == []
     big = hopper.MAX_SEQLEN - 64 * 5  # the packed rows: one padding block per sequence on top of the tokens
     assert hopper_bwd.problem_reasons(**{**ok, "varlen": True, "batch": 4, "total_q": big}) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "softcap": 30.0}) == []
     for change, words in (
         ({"capability": (10, 0)}, "sm_90"),
         ({"capability": (8, 0)}, "sm_90"),
@@ -104,10 +116,11 @@ def test_problem_reasons():
         ({"head_dim": 192}, "head dims up to 128"),
         ({"varlen": True, "batch": 6, "total_q": big}, "padded"),
         ({"varlen": True, "total_k": hopper.MAX_SEQLEN + 1}, "packed keys"),
+        ({"varlen": True, "deterministic": True, "total_q": 150, "total_k": 301}, "deterministic with varlen"),
         ({"total_q": 0}, "empty"),
-        ({"softcap": 30.0}, "softcap"),
+        ({"softcap": -1.0}, "softcap"),
+        ({"softcap": math.inf}, "softcap"),
         ({"dropout": True}, "dropout"),
-        ({"deterministic": True}, "atomic"),
         ({"heads_kv": 3}, "multiple"),
         ({"seqlen_k": 0}, "empty"),
     ):
@@ -123,8 +136,8 @@ def test_backward_is_declared():
     support = backend.CudaBackend.backward_support
     assert support is not None and support.min_capability == (9, 0)
     assert support.dtypes == frozenset({torch.float16, torch.bfloat16})
-    assert "varlen" in support.features
-    assert {"softcap", "dropout", "deterministic"}.isdisjoint(support.features)
+    assert {"varlen", "softcap", "deterministic"} <= support.features
+    assert "dropout" not in support.features
 
 
 def test_ds_tile_store_matches_the_m_major_operand_layout():
@@ -257,6 +270,37 @@ def test_walk_gives_every_step_one_dq_per_slab(slabs, lag):
         assert sorted(done) == expected, (steps, slabs)
 
 
+def _dq_sends(t: int, slabs: int) -> int:
+    return t if slabs == 2 else t >> 1  # dq_sends in hopper_bwd.cuh
+
+
+@pytest.mark.parametrize("slabs", [1, 2])
+@pytest.mark.parametrize("lag", [0, 1])
+def test_the_dq_writer_takes_the_slabs_in_the_order_the_consumers_send_them(slabs, lag):
+    """Deterministic mode: each consumer warpgroup's sends (consume: the walk's dQ steps; the
+    pipelined consumer: step it - 1's slab at step it, not the zero step, then the tail) reach its
+    staging tile as uses k = 0, 1, 2, ... (the parity of its dq_full/dq_empty waits), in the order
+    write_dq takes them: per step t, warpgroup slab (d128) or t % 2 (d64)."""
+    if slabs == 2 and lag == 1:
+        return  # the pipelined consumer is d64 only
+    for steps in range(0, 9):
+        for wg in (0, 1):
+            sent = []
+            for it, dq in _walk(steps, slabs, wg, lag):
+                if dq and it - lag >= 0:
+                    sent.append((it - lag, _dq_sends(it - lag, slabs)))
+            if lag == 1 and steps > 0 and _turn(steps - 1, slabs, wg):
+                sent.append((steps - 1, _dq_sends(steps - 1, slabs)))
+            writer = [
+                (t, _dq_sends(t, slabs))
+                for t in range(steps)
+                for slab in range(slabs)
+                if (slab if slabs == 2 else t & 1) == wg
+            ]
+            assert sent == writer, (steps, wg, sent, writer)
+            assert [k for _, k in sent] == list(range(len(sent))), (steps, wg, sent)
+
+
 def _stand_ins(monkeypatch) -> list[tuple]:
     """hopper_bwd's launches on CPU tensors behind stand-ins (modules, tensor maps, the launch itself):
     the list each launch is appended to, as (packed launch, device, grid, threads, smem, values)."""
@@ -305,7 +349,7 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     assert values[9:15] == (*dk.stride()[:3], *dv.stride()[:3])
     assert values[15:23] == (s, 150, s_pad, h, h // hkv, d, hopper.UNBOUNDED_REACH, 0)
     assert values[23:25] == (0.125 * hopper.LOG2E, 0.125)
-    assert values[25:] == (0, 0, 0, 0)  # fixed length: no cu_seqlens, no packed token counts
+    assert values[25:] == (0, 0, 0, 0, 0, 0.0, 0.0)  # fixed length: no cu_seqlens, no turn counters, no softcap
     assert grid == 2 * hkv * b and threads == hopper_bwd.THREADS
     dq_values = dq_launch[-1]
     assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
@@ -317,6 +361,18 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     assert len(hopper_bwd._launches) == 1
     assert launches[4][-1][4:6] == (grads[1].data_ptr(), grads[2].data_ptr())
     assert launches[5][-1][1] == grads[0].data_ptr()
+    # softcap and the deterministic order: another variant, the cap in the exponent's factor, the
+    # turn counters right after the workspace (zeroed with it)
+    hopper_bwd.backward(q, k, v, out, lse, dout, dq, dk, dv, heads_q=h, heads_kv=hkv, head_dim=d, window=(-1, 0),
+                        scale=0.125, softcap=30.0, deterministic=True)  # fmt: skip
+    assert len(hopper_bwd._launches) == 2
+    _, (main, _, _, _, smem, values), dq_launch = launches[6:]
+    variant = hopper_bwd._variant(64, "bf16", hopper_tiles.MASK_RIGHT, hopper_bwd.PIPELINED[64], False, True, True)
+    assert smem == variant.launch_smem and smem > launches[1][4]
+    main.layout.format.pack(*values)
+    assert values[23:25] == (30.0 * hopper.LOG2E, 0.125) and values[30:] == (0.125 / 30.0, values[23] ** -2)
+    assert values[29] == values[6] + b * h * s_pad * 64 * 4
+    assert dq_launch[-1][0] == values[6]
 
 
 def test_varlen_backward_launches_the_packed_variant(monkeypatch):
@@ -354,7 +410,7 @@ def test_varlen_backward_launches_the_packed_variant(monkeypatch):
     assert rows_values[14:19] == (h, 130, s_pad, d, h * s_pad)
     assert rows_values[19:] == (cu_q.data_ptr(), 4, tq)
     assert values[15:21] == (130, 300, s_pad, h, h // hkv, d)
-    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk)
+    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk, 0, 0.0, 0.0)
     assert dq_values[5:7] == (h, 130) and dq_values[-3:] == (cu_q.data_ptr(), 4, tq)
     assert dq_values[-4] == h * s_pad * 64 // 2  # float pairs of the workspace
 
@@ -385,3 +441,102 @@ def test_varlen_arguments_are_named_before_any_launch(monkeypatch, change, words
     with pytest.raises(ValueError, match=re.escape(words)):
         hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, heads_q=2, heads_kv=2, head_dim=64, scale=0.1, **args)
     assert launches == []
+
+
+def test_workspace_holds_the_turn_counters_after_dq():
+    import torch
+
+    dq_acc, turns = hopper_bwd.workspace(2, 3, 128, 128, False, "cpu")
+    assert dq_acc.shape == (2, 3, 128 * 128) and turns is None and not dq_acc.any()
+    dq_acc, turns = hopper_bwd.workspace(2, 3, 128, 128, True, "cpu")
+    assert dq_acc.shape == (2, 3, 128 * 128) and turns.dtype == torch.int32
+    assert turns.numel() == 2 * 3 * (128 // 64) * (128 // 64)  # one per 64 x 64 dQ tile
+    assert turns.data_ptr() == dq_acc.data_ptr() + dq_acc.numel() * 4 and not turns.any()
+
+
+def _key_block_range(sq: int, sk: int, window: tuple[int, int], mask: int, n0: int) -> tuple[int, int]:
+    """Replay of Block::set: the query blocks [m_lo, m_hi) that key block n0 / 128 walks."""
+    off = sk - sq
+    left, right = (hopper.UNBOUNDED_REACH if w < 0 else w for w in window)
+    q_lo, q_hi = 0, sq
+    if mask >= 1:
+        q_lo = max(0, n0 - off - right)
+    if mask == 2:
+        q_hi = min(q_hi, min(n0 + 128, sk) - 1 - off + left + 1)
+    return (q_lo // 64, -(-q_hi // 64)) if q_hi > q_lo else (0, 0)
+
+
+def _block_turn(sq: int, sk: int, window: tuple[int, int], mask: int, kb: int, m: int) -> int:
+    """Replay of Block::turn."""
+    last = -(-sk // 128) - 1
+    if mask >= 1:
+        right = hopper.UNBOUNDED_REACH if window[1] < 0 else window[1]
+        last = min(last, -(-((m + 1) * 64 + sk - sq + right) // 128) - 1)
+    return last - kb
+
+
+TURN_CASES = [
+    (sq, sk, window)
+    for sq, sk in ((1, 1), (64, 64), (100, 300), (300, 100), (333, 200), (1000, 1), (1, 1000), (700, 900), (513, 640))
+    for window in ((-1, -1), (-1, 0), (40, 7), (16, 16), (100, -1), (60, 3), (0, 0), (-1, 200), (300, 0))
+]
+
+
+@pytest.mark.parametrize("sq, sk, window", TURN_CASES)
+def test_deterministic_turns_follow_the_launch_order(sq, sk, window):
+    """Per query block, the key blocks that add to its dQ tiles (Block::set's ranges) take turns 0, 1,
+    ... in the order their thread blocks are launched (key_block: reversed), so that the counter
+    reaches every turn and a block only ever waits for lower blockIdx.x (no deadlock)."""
+    mask = hopper_tiles.mask_kind(window)
+    key_blocks = -(-sk // 128)
+    seen: dict[int, list[tuple[int, int]]] = {}  # m -> (position in the launch order, turn)
+    for position in range(key_blocks):
+        kb = key_blocks - 1 - position  # key_block() in deterministic mode
+        m_lo, m_hi = _key_block_range(sq, sk, window, mask, kb * 128)
+        for m in range(m_lo, m_hi):
+            seen.setdefault(m, []).append((position, _block_turn(sq, sk, window, mask, kb, m)))
+    for m, pairs in seen.items():
+        assert [turn for _, turn in sorted(pairs)] == list(range(len(pairs))), (m, pairs)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 2.0])
+def test_the_kernels_score_arithmetic_gives_the_oracles_gradients(softcap):
+    """The consumers' arithmetic replayed in float64 with the host's constants (score_constants):
+    S^T -> t = tanh(S^T softcap_in) -> masked -> P^T = exp2(t score_log2 - LSE_2); dS^T = P^T (dP^T -
+    delta) (1 - t^2), t^2 from log2 P^T + LSE_2 (capped_dp_to_ds: max(., 0) where P^T = 0, NaN included);
+    dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO. Rows past the sequence: LSE_2 = +inf. Against
+    float64 autograd of softcapped, causally masked attention."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    sq, sk, d, scale = 40, 56, 16, 0.7
+    q, k, v, do = (torch.randn(n, d, generator=g, dtype=torch.float64) for n in (sq, sk, sk, sq))
+    seen = (torch.arange(sk)[None, :] - torch.arange(sq)[:, None] - (sk - sq)) <= 0  # causal
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    s = qa @ ka.T * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    out = torch.softmax(s.masked_fill(~seen, -math.inf), -1) @ va
+    lse = torch.logsumexp(s.masked_fill(~seen, -math.inf), -1).detach()
+    exact = torch.autograd.grad(out, (qa, ka, va), do)
+
+    score_log2, softcap_in, softcap_t2 = hopper_bwd.score_constants(scale, softcap)
+    lse2 = torch.cat([lse * hopper.LOG2E, torch.full((8,), math.inf, dtype=torch.float64)])  # 8 padded rows
+    qp, dop = torch.cat([q, torch.zeros(8, d, dtype=q.dtype)]), torch.cat([do, torch.zeros(8, d, dtype=q.dtype)])
+    seen_p = torch.cat([seen, torch.ones(8, sk, dtype=torch.bool)])
+    st = k @ qp.T  # S^T: keys x queries
+    if softcap:
+        st = torch.tanh(st * softcap_in)
+    st = st.masked_fill(~seen_p.T, -math.inf)
+    pt = torch.exp2(st * score_log2 - lse2[None, :])
+    delta = (dop * torch.cat([out.detach(), torch.zeros(8, d, dtype=q.dtype)])).sum(-1)
+    dpt = v @ dop.T
+    factor = torch.ones_like(pt)
+    if softcap:
+        u = torch.log2(pt) + lse2[None, :]
+        factor = torch.clamp(1 - u * u * softcap_t2, min=0).nan_to_num(0.0)
+    dst = pt * (dpt - delta[None, :]) * factor
+    assert torch.isfinite(dst).all()
+    got = (scale * dst.T @ k)[:sq], scale * dst @ qp, pt @ dop
+    for name, a, b in zip(("dq", "dk", "dv"), got, exact):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), name

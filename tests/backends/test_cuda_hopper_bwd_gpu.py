@@ -39,11 +39,12 @@ def test_varlen_case_against_the_oracle_and_one_by_one(case, seed):
     assert entry["ok"], entry
 
 
-def test_dispatch_pairs_the_cuda_forward_with_this_backward():
+@pytest.mark.parametrize("options", [{}, {"softcap": 30.0}, {"deterministic": True}], ids=str)
+def test_dispatch_pairs_the_cuda_forward_with_this_backward(options):
     import flash
 
     q, k, v = (torch.randn(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    explanation = str(flash.explain(q, k, v, causal=True, backend="cuda"))
+    explanation = str(flash.explain(q, k, v, causal=True, backend="cuda", **options))
     backward = explanation[explanation.index("backward:") :]
     assert backward.startswith("backward: cuda"), explanation
 
@@ -72,3 +73,21 @@ def test_varlen_through_the_api_runs_this_backward():
         # the forwards and dQ's fp32 reductions may differ in the last bits; the wiring would not
         for packed, single in zip(grads, torch.autograd.grad(one, alone, dout[a:b].unsqueeze(0))):
             torch.testing.assert_close(packed[a:b], single[0], rtol=1e-2, atol=2e-2)
+
+
+def test_deterministic_gradients_through_the_public_api_are_bit_identical():
+    """flash.attention(deterministic=True, backend="cuda"): the backend hands the flag to this kernel
+    (dQ of a GQA causal problem, many key blocks per query block, bit for bit the same five times)."""
+    import flash
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k, v = (torch.randn(2, 1000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+            for _ in range(2))  # fmt: skip
+    do = torch.randn(2, 1000, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    runs = []
+    for _ in range(5):
+        out = flash.attention(q, k, v, causal=True, softcap=20.0, deterministic=True, backend="cuda")
+        runs.append(torch.autograd.grad(out, (q, k, v), do))
+    for grads in runs[1:]:
+        assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(grads, runs[0]))

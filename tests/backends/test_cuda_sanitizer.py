@@ -86,6 +86,8 @@ def _cases():
         replace(base, name="d40_strided_bhsd", head_dim=40, strided=True, layout="bhsd", seqlen_q=50, seqlen_k=61),
         replace(base, name="varlen", seqlens=((1, 1), (130, 70), (0, 9), (65, 0), (33, 200))),
         replace(base, name="one_query", seqlen_q=1, seqlen_k=300, causal=True),
+        replace(base, name="softcap_causal", softcap=5.0, causal=True, seqlen_q=150, seqlen_k=290),
+        replace(base, name="deterministic_d128", head_dim=128, deterministic=True, seqlen_q=130, seqlen_k=400),
     ]
 
 

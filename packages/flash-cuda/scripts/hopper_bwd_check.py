@@ -10,14 +10,16 @@ Phases, each in its own subprocess with a time limit (a hung kernel costs one ph
 1. compile -- the variants the checks use (fills CuPy's disk cache);
 2. check   -- dQ, dK, dV of each case against float64 autograd of dense attention with the tolerance
               rule (max error <= 2 x the error of the same computation in the inputs' dtype + eps),
-              gradients poisoned with NaN inside guard bands of a sentinel that must survive; packed
+              gradients poisoned with NaN inside guard bands of a sentinel that must survive;
+              deterministic cases run RUNS times and must give bit-identical gradients; packed
               (varlen) batches also against the same sequences run one by one (dK, dV bit for bit,
               dQ up to the order of its fp32 reductions);
 3. bench   -- backward and forward+backward TFLOP/s of flash's cuda backend (Hopper forward + this
               backward), flash's triton backend and torch SDPA's cuDNN backend in the same process
               (bf16, batch * seqlen = 16k tokens, heads * head_dim = 2048; FLOPs: forward
-              4 b h s^2 d, backward 2.5x that, causal halved; triton's do_bench medians); and the
-              backward of a packed batch against the same tokens at fixed length.
+              4 b h s^2 d, backward 2.5x that, causal halved; triton's do_bench medians); the
+              kernel alone per consumer structure, and deterministic against not; the backward of a
+              packed batch against the same tokens at fixed length.
 
 Logs and a JSON of the results go to $OUT (or ./hopper_bwd_out).
 """
@@ -57,6 +59,8 @@ class Case:
     dtype: str = "bf16"
     layout: str = "bshd"  # or bhsd (heads outer: strided canonical views)
     pipelined: bool | None = None  # the consumer structure (None: hopper_bwd.PIPELINED)
+    softcap: float = 0.0
+    deterministic: bool = False  # also: RUNS runs, bit-identical gradients
 
 
 def _default_pipelined(d: int) -> bool:
@@ -91,6 +95,25 @@ def check_cases() -> list[Case]:
         Case("three steps gqa 3/1 d64 causal", d=64, b=1, sq=64, sk=64, hq=3, hkv=1, window=(-1, 0)),
         Case("bhsd d64 window", d=64, layout="bhsd", hq=4, hkv=2, sq=333, window=(60, 3)),
         Case("one step d128 causal", b=1, sq=64, sk=64, hq=1, window=(-1, 0)),
+        # softcap: cap 30 (Gemma-like, tanh nearly linear) and cap 2 (the derivative far from 1)
+        Case("softcap 30 full d128 odd", sq=333, sk=200, softcap=30.0),
+        Case("softcap 2 full d64 odd", d=64, sq=200, sk=333, hq=3, softcap=2.0),
+        Case("softcap 2 causal d128", sq=333, window=(-1, 0), softcap=2.0),
+        Case("softcap 2 causal d64 sq>sk", d=64, sq=300, sk=100, window=(-1, 0), softcap=2.0),
+        Case("softcap 5 gqa 8/2 d128 causal", hq=8, hkv=2, sq=200, sk=300, window=(-1, 0), softcap=5.0),
+        Case("softcap 5 mqa 6/1 d64", d=64, hq=6, hkv=1, sq=257, softcap=5.0),
+        Case("softcap 2 fp16 window (40, 7) d128", dtype="fp16", sq=400, sk=450, window=(40, 7), softcap=2.0),
+        Case("softcap 2 head dim 40 -> 64", d=40, sq=150, softcap=2.0),
+        # deterministic: several key blocks add to every query block's dQ
+        Case("deterministic full d128", sq=500, sk=900, deterministic=True),
+        Case("deterministic causal d128", sq=900, window=(-1, 0), deterministic=True),
+        Case("deterministic gqa 8/2 d128 causal", hq=8, hkv=2, sq=300, sk=700, window=(-1, 0), deterministic=True),
+        Case("deterministic full d64", d=64, sq=700, sk=900, hq=3, deterministic=True),
+        Case("deterministic gqa 8/2 d64 causal", d=64, hq=8, hkv=2, sq=1000, window=(-1, 0), deterministic=True),
+        Case("deterministic window (200, 30) d64", d=64, sq=800, sk=900, window=(200, 30), deterministic=True),
+        Case("deterministic fp16 window (300, 0) d128", dtype="fp16", sq=700, window=(300, 0), deterministic=True),
+        Case("deterministic softcap 5 causal d128", sq=700, window=(-1, 0), softcap=5.0, deterministic=True),
+        Case("deterministic sq 1, sk 1000", sq=1, sk=1000, deterministic=True),
         *[
             replace(c, name=f"{'step-synchronous' if other == 0 else 'pipelined'}: {c.name}", pipelined=bool(other))
             for c in (
@@ -103,6 +126,9 @@ def check_cases() -> list[Case]:
                 Case("two steps d64", d=64, b=1, sq=128, sk=100, hq=1),
                 Case("three steps gqa 3/1 d64 causal", d=64, b=1, sq=64, sk=64, hq=3, hkv=1, window=(-1, 0)),
                 Case("bhsd d64 window", d=64, layout="bhsd", hq=4, hkv=2, sq=333, window=(60, 3)),
+                Case("softcap 2 causal d64 sq>sk", d=64, sq=300, sk=100, window=(-1, 0), softcap=2.0),
+                Case("deterministic full d64", d=64, sq=700, sk=900, hq=3, deterministic=True),
+                Case("deterministic mqa 4/1 d64 causal", d=64, hq=4, hkv=1, sq=900, window=(-1, 0), deterministic=True),
             )
             for other in [int(not _default_pipelined(c.d))]
         ],
@@ -147,7 +173,10 @@ def variants_of(cases: list[Case | VarlenCase]) -> list:
     for c in cases:
         d = hopper_bwd.compiled_head_dim(c.d)
         pipelined = hopper_bwd.PIPELINED[d] if c.pipelined is None else c.pipelined
-        v = hopper_bwd.BwdVariant(d, c.dtype, hopper_tiles.mask_kind(c.window), pipelined, isinstance(c, VarlenCase))
+        mask = hopper_tiles.mask_kind(c.window)
+        packed = isinstance(c, VarlenCase)
+        v = hopper_bwd.BwdVariant(d, c.dtype, mask, pipelined, packed, not packed and c.deterministic,
+                                  not packed and c.softcap > 0)  # fmt: skip
         if v not in out:
             out.append(v)
     return out
@@ -156,7 +185,7 @@ def variants_of(cases: list[Case | VarlenCase]) -> list:
 # ------------------------------------------------------------------ reference
 
 
-def dense(q, k, v, window, scale):
+def dense(q, k, v, window, scale, softcap=0.0):
     """Dense attention of canonical (b, s, h, d) tensors (any dtype, autograd-able): out (b, s, h, d)."""
     import torch
 
@@ -164,6 +193,8 @@ def dense(q, k, v, window, scale):
     kk = k.repeat_interleave(group, dim=2)
     vv = v.repeat_interleave(group, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     lq, lk = q.shape[1], k.shape[1]
     i = torch.arange(lq, device=q.device)[:, None]
     j = torch.arange(lk, device=q.device)[None, :]
@@ -186,6 +217,7 @@ def dense(q, k, v, window, scale):
 
 SENTINEL = 1024.0
 EPS = {"bf16": 1e-4, "fp16": 1e-5}
+RUNS = 5  # of a deterministic case, bit-identical
 
 
 def offsets(lengths) -> list[int]:
@@ -243,22 +275,29 @@ def check_case(case: Case, seed: int) -> dict:
     scale = 1.0 / math.sqrt(case.d)
     # the oracle: float64 autograd
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    o64, lse64 = dense(q64, k64, v64, case.window, scale)
+    o64, lse64 = dense(q64, k64, v64, case.window, scale, case.softcap)
     exact = torch.autograd.grad(o64, (q64, k64, v64), do.double())
     # the naive same-precision computation
     qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    on, _ = dense(qn, kn, vn, case.window, scale)
+    on, _ = dense(qn, kn, vn, case.window, scale, case.softcap)
     naive = torch.autograd.grad(on, (qn, kn, vn), do)
     out = o64.detach().to(dtype)
     lse = lse64.detach().float()
     bufs = [guarded_like(t.contiguous()) for t in (q, k, v)]
     dq, dk, dv = (view for _, view in bufs)
-    hopper_bwd.backward(
-        q, k, v, out, lse, do, dq, dk, dv, heads_q=case.hq, heads_kv=hkv, head_dim=case.d, window=case.window,
-        scale=scale, pipelined=case.pipelined,
-    )  # fmt: skip
+
+    def run(grads):
+        hopper_bwd.backward(
+            q, k, v, out, lse, do, *grads, heads_q=case.hq, heads_kv=hkv, head_dim=case.d, window=case.window,
+            scale=scale, softcap=case.softcap, deterministic=case.deterministic, pipelined=case.pipelined,
+        )  # fmt: skip
+
+    run((dq, dk, dv))
     torch.cuda.synchronize()
     entry: dict = {"case": case.name, "seed": seed, "variant": variants_of([case])[0].label(), "ok": True}
+    if case.deterministic:
+        entry["bitwise"] = bitwise_repeats(run, (dq, dk, dv))
+        entry["ok"] = entry["bitwise"]
     grad_errors(entry, (dq, dk, dv), exact, naive, bufs, case.dtype)
     return entry
 
@@ -335,6 +374,19 @@ def check_varlen_case(case: VarlenCase, seed: int) -> dict:
     return entry
 
 
+def bitwise_repeats(run, first) -> bool:
+    """Whether RUNS - 1 more runs of ``run(grads)`` give gradients bit for bit equal to ``first``."""
+    import torch
+
+    for _ in range(RUNS - 1):
+        again = [torch.empty_like(t) for t in first]
+        run(again)
+        torch.cuda.synchronize()
+        if not all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(again, first)):
+            return False
+    return True
+
+
 # ------------------------------------------------------------------ phases
 
 
@@ -373,7 +425,8 @@ def phase_check(args) -> None:
         if alone:
             detail += f" | one by one: dK {'=' if alone['dk_equal'] else '!='} dV {'=' if alone['dv_equal'] else '!='}"
             detail += f" dQ excess {alone['dq_excess']:.1e}"
-        log(f"{mark} {case.name:36s} {detail} {entry.get('error', '')}")
+        bits = "" if "bitwise" not in entry else " bitwise" if entry["bitwise"] else " NOT BITWISE"
+        log(f"{mark} {case.name:36s} {detail}{bits} {entry.get('error', '')}")
         if not entry["ok"] and "dq" in entry:
             log("   ", json.dumps({n: entry[n].get("first_bad") for n in ("dq", "dk", "dv")}))
     with open(os.path.join(OUT, "bwd_check.json"), "w") as fh:
@@ -429,7 +482,8 @@ def phase_conformance(args) -> None:
 
 def kernel_ab(args) -> list[dict]:
     """The backward alone (rows pass, main kernel, dQ pass) through hopper_bwd.backward, both consumer
-    structures, per bench case; and at the first case the rows pass and the workspace zeroing alone."""
+    structures and the launched one in deterministic mode, per bench case; and at the first case the
+    rows pass and the workspace zeroing alone."""
     import torch
     import triton
 
@@ -451,16 +505,20 @@ def kernel_ab(args) -> list[dict]:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         flops = 2.5 * 4 * b * h * seqlen * seqlen * d / (2 if causal else 1)
         row: dict = {"d": d, "seqlen": seqlen, "causal": causal}
-        for pipelined in (False, True) if d in hopper_bwd.PIPELINED_HEAD_DIMS else (False,):
+        launched = hopper_bwd.PIPELINED[d]
+        configs = {"step_synchronous": (False, False), "deterministic": (launched, True)}  # (pipelined, det.)
+        if d in hopper_bwd.PIPELINED_HEAD_DIMS:
+            configs["pipelined"] = (True, False)
+        for name, (pipelined, deterministic) in configs.items():
 
-            def run(pipelined=pipelined):
+            def run(pipelined=pipelined, deterministic=deterministic):
                 hopper_bwd.backward(
                     q, k, v, out, lse, do, dq, dk, dv, heads_q=h, heads_kv=h, head_dim=d, scale=scale,
-                    window=window, pipelined=pipelined,
+                    window=window, deterministic=deterministic, pipelined=pipelined,
                 )  # fmt: skip
 
             ms = triton.testing.do_bench(run)
-            row["pipelined" if pipelined else "step_synchronous"] = {"ms": ms, "tflops": flops / ms * 1e-9}
+            row[name] = {"ms": ms, "tflops": flops / ms * 1e-9}
         if n == 0:
             rows_fn, _ = hopper_bwd.row_kernels("bf16", 0)
             rows_launch = tensor_map.packed_launch(rows_fn, hopper_bwd.ROWS_PARAMETERS)
@@ -472,9 +530,11 @@ def kernel_ab(args) -> list[dict]:
             )
         out_rows.append(row)
         pipe = f", pipelined {row['pipelined']['tflops']:.0f}" if "pipelined" in row else ""
+        plain = row["pipelined" if launched else "step_synchronous"]["ms"]
+        det = f"; deterministic {row['deterministic']['tflops']:.0f} ({plain / row['deterministic']['ms']:.2f}x)"
         log(
             f"kernel d{d} s{seqlen} {'causal' if causal else 'full'}: step-synchronous "
-            f"{row['step_synchronous']['tflops']:.0f} TFLOP/s{pipe}"
+            f"{row['step_synchronous']['tflops']:.0f} TFLOP/s{pipe}{det}"
             + (f"; rows pass {row['rows_pass_ms']:.3f} ms, zeroing {row['zeros_ms']:.3f} ms of "
                f"{row['step_synchronous']['ms']:.3f}" if n == 0 else "")
         )  # fmt: skip
@@ -598,7 +658,7 @@ def phase_bench(args) -> None:
 
 
 PHASES = {"compile": phase_compile, "check": phase_check, "conformance": phase_conformance, "bench": phase_bench}
-LIMITS = {"compile": 90, "check": 120, "conformance": 60, "bench": 120}  # seconds per phase
+LIMITS = {"compile": 120, "check": 150, "conformance": 90, "bench": 120}  # seconds per phase
 
 
 def parse_bench(text: str) -> list[tuple[int, int, bool]]:

@@ -6,8 +6,9 @@ declines (layouts TMA cannot read), the mma.sync kernel of :mod:`flash_cuda.laun
 from ``heuristics.json``.
 
 Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
-:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, varlen); everything else is
-declined with a reason and dispatch pairs the forward with another backend's backward (LSE contract).
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, varlen, softcap, deterministic);
+everything else is declined with a reason and dispatch pairs the forward with another backend's
+backward (LSE contract).
 
 Registered through the ``flash.backends`` entry point ``cuda = "flash_cuda.backend:CudaBackend"``.
 Importing this module imports neither CuPy nor NVRTC: :meth:`CudaBackend.unavailable_reasons`
@@ -41,13 +42,14 @@ FORWARD = Support(
 )
 
 
-#: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs. Not
-#: declared, so dispatch sends them to another backend's backward (the LSE contract): softcap,
-#: dropout, deterministic (dQ is summed by fp32 atomics), head dims above 128, masks and score terms
-#: beyond causal/window.
+#: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs
+#: (deterministic: dQ's reductions in a fixed order of the key blocks; not with varlen, a reason
+#: from hopper_bwd.problem_reasons). Not declared, so dispatch sends them to another backend's
+#: backward (the LSE contract): dropout, head dims above 128, masks and score terms beyond
+#: causal/window.
 BACKWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa", "varlen"}),
+    features=frozenset({"causal", "window", "gqa", "varlen", "softcap", "deterministic"}),
     head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
     min_capability=(9, 0),
     aligned16=True,
@@ -154,7 +156,7 @@ class CudaBackend(Backend):
             args.q, args.k, args.v, args.out, args.lse, args.dout, args.dq, args.dk, args.dv, heads_q=spec.heads_q,
             heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds, scale=spec.scale,
             cu_seqlens_q=args.cu_seqlens_q, cu_seqlens_k=args.cu_seqlens_k, max_seqlen_q=longest[0],
-            max_seqlen_k=longest[1],
+            max_seqlen_k=longest[1], softcap=spec.softcap, deterministic=spec.deterministic,
         )  # fmt: skip
 
 

@@ -56,6 +56,8 @@ class BwdVariant:
     mask: int  # hopper_tiles.MASK_NONE, MASK_RIGHT (causal) or MASK_BOTH (window)
     pipelined: bool = False  # consume_pipelined (dQ one step behind, no per-step barrier), else consume
     varlen: bool = False  # packed sequences (cu_seqlens); fixed-length batches compile without that code
+    deterministic: bool = False  # dQ's reductions in a fixed order of the key blocks (DqTurns in the .cuh)
+    softcap: bool = False  # scores cap * tanh(raw * scale / cap)
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +67,8 @@ class BwdVariant:
             problems.append(f"dtype {self.dtype!r} not in {DTYPES}")
         if self.mask not in hopper_tiles.MASK_NAMES:
             problems.append(f"mask {self.mask} not in {sorted(hopper_tiles.MASK_NAMES)}")
+        if self.varlen and self.deterministic:
+            problems.append("varlen with deterministic (the dQ turns assume one length per batch)")
         if self.pipelined and self.head_dim not in PIPELINED_HEAD_DIMS:
             problems.append(f"the pipelined consumer spills at head_dim {self.head_dim} ({PIPELINED_HEAD_DIMS} only)")
         if problems:
@@ -82,10 +86,12 @@ class BwdVariant:
     @property
     def smem_bytes(self) -> int:
         """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
-        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 5 mbarriers."""
+        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 9 mbarriers (deterministic:
+        4 more, the dQ writer's)."""
         d = self.head_dim
         tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
-        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * (1 + 2 * STAGES + 4)
+        barriers = 1 + 2 * STAGES + 4 + (4 if self.deterministic else 0)
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * barriers
 
     @property
     def launch_smem(self) -> int:
@@ -98,6 +104,8 @@ class BwdVariant:
             "HOPPER_BWD_MASK": self.mask,
             "HOPPER_BWD_PIPELINED": int(self.pipelined),
             "HOPPER_BWD_VARLEN": int(self.varlen),
+            "HOPPER_BWD_DETERMINISTIC": int(self.deterministic),
+            "HOPPER_BWD_SOFTCAP": int(self.softcap),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -106,10 +114,11 @@ class BwdVariant:
         return (*hopper_variants.BASE_OPTIONS, f"-arch={hopper_variants.ARCH}", *self.defines())
 
     def label(self) -> str:
-        pipe = " pipelined" if self.pipelined else ""
-        packed = " varlen" if self.varlen else ""
+        options = {"pipelined": self.pipelined, "varlen": self.varlen, "deterministic": self.deterministic,
+                   "softcap": self.softcap}  # fmt: skip
+        flags = [name for name, on in options.items() if on]
         mask = hopper_tiles.MASK_NAMES[self.mask]
-        return f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}{pipe}{packed}"
+        return " ".join([f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}", *flags])
 
 
 def compiled_head_dim(head_dim: int) -> int:
@@ -119,16 +128,29 @@ def compiled_head_dim(head_dim: int) -> int:
     raise ValueError(f"head_dim {head_dim} > {HEAD_DIMS[-1]}")
 
 
+#: The option combinations compiled, as (varlen, deterministic, softcap): each alone, and softcap with
+#: either of the others (deterministic turns assume one length per batch: no varlen with it).
+OPTIONS = (
+    (False, False, False),
+    (True, False, False),
+    (False, True, False),
+    (False, False, True),
+    (True, False, True),
+    (False, True, True),
+)
+
+
 def shipped_variants() -> list[BwdVariant]:
     """Every variant: both consumer structures where both compile without spilling (the backend
-    launches PIPELINED's; the other stays for A/B timings), fixed-length and packed."""
+    launches PIPELINED's; the other stays for A/B timings) without options, and the launched
+    structure for each combination of :data:`OPTIONS`."""
     return [
-        BwdVariant(d, dtype, mask, pipelined, varlen)
-        for varlen in (False, True)
+        BwdVariant(d, dtype, mask, pipelined, *options)
+        for options in OPTIONS
         for d in HEAD_DIMS
         for dtype in DTYPES
         for mask in sorted(hopper_tiles.MASK_NAMES)
-        for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS else (False,))
+        for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS and not any(options) else (PIPELINED[d],))
     ]
 
 
@@ -220,12 +242,12 @@ def problem_reasons(
         )
     if heads_kv <= 0 or heads_q % heads_kv:
         reasons.append(f"heads_q {heads_q} is not a multiple of heads_kv {heads_kv}")
-    if softcap:
-        reasons.append("softcap: the Hopper backward does not apply the tanh derivative yet")
+    if softcap < 0 or not math.isfinite(softcap):
+        reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
+    if varlen and deterministic:
+        reasons.append("deterministic with varlen: the deterministic dQ order assumes one length per batch")
     if dropout:
         reasons.append("dropout: the Hopper backward does not regenerate the core's dropout mask yet")
-    if deterministic:
-        reasons.append("deterministic: the Hopper backward sums dQ by atomic bulk reductions (order varies run to run)")
     if scale <= 0 or not math.isfinite(scale):
         reasons.append(f"scale {scale}: must be positive and finite")
     if 0 in (seqlen_q, seqlen_k, total_q, total_k):
@@ -266,6 +288,7 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("f32",) * 2  # score_log2, scale
     + ("ptr",) * 2  # cu_q, cu_k (null at fixed length)
     + ("i32",) * 2  # total_q, total_k
+    + ("ptr", "f32", "f32")  # dq_turns, softcap_in, softcap_t2
 )
 PACKED_ROWS = ("ptr", "i32", "i32")  # the passes' cu_q, batch, total_q
 ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",) + PACKED_ROWS)
@@ -297,8 +320,9 @@ class Launches:
     s_pad: int  # rows per (batch row, head) of the per-row buffers and dQ's workspace
     grid: int
     maps: tuple[hopper.MapGeometry, ...]  # q, k, v, dout
-    sizes: tuple[int | float, ...]  # the main kernel's parameters after the strides, before cu_q
+    sizes: tuple[int | float, ...]  # the main kernel's parameters from seqlen_q to scale
     sequences: int  # the batch's sequences (packed or not)
+    softcap: tuple[float, float]  # its last parameters, softcap_in and softcap_t2 (0 without softcap)
 
     @property
     def seqlen_q(self) -> int:
@@ -336,16 +360,16 @@ def _check_packed(q: Any, k: Any, cu_q: Any, cu_k: Any, max_seqlen_q: int | None
 
 
 def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
-          scale: float, pipelined: bool | None, device: int, cu_q: Any, cu_k: Any, max_seqlen_q: int | None,
-          max_seqlen_k: int | None) -> Launches:  # fmt: skip
+          scale: float, softcap: float, deterministic: bool, pipelined: bool | None, device: int, cu_q: Any,
+          cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None) -> Launches:  # fmt: skip
     """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
     _check_packed(q, k, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
     varlen = cu_q is not None
     dtype = hopper.input_name(q.dtype)
     assert dtype in DTYPES, q.dtype
     d = compiled_head_dim(head_dim)
-    pipelined = PIPELINED[d] if pipelined is None else pipelined
-    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), pipelined, varlen)
+    structure = PIPELINED[d] if pipelined is None else pipelined
+    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), structure, varlen, deterministic, softcap > 0)
     if varlen:
         assert max_seqlen_q is not None and max_seqlen_k is not None  # _check_packed said so
         batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_seqlen_q, max_seqlen_k
@@ -359,15 +383,26 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
         hopper.geometry(t, rows, variant.dtype, variant.slab, variant.swizzle, varlen)
         for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M))
     )
+    score_log2, softcap_in, softcap_t2 = score_constants(scale, softcap)
     sizes = (
         seqlen_q, seqlen_k, s_pad, heads_q, heads_q // heads_kv, head_dim, hopper._reach(window[0]),
-        hopper._reach(window[1]), scale * LOG2E, scale,
+        hopper._reach(window[1]), score_log2, scale,
     )  # fmt: skip
     packed = tensor_map.packed_launch
     return Launches(
         variant, packed(rows_fn, ROWS_PARAMETERS), packed(kernel(variant, device), PARAMETERS),
         packed(dq_fn, DQ_PARAMETERS), s_pad, -(-seqlen_k // BLOCK_N) * heads_kv * batch, maps, sizes, batch,
+        (softcap_in, softcap_t2),
     )  # fmt: skip
+
+
+def score_constants(scale: float, softcap: float) -> tuple[float, float, float]:
+    """The kernel's (score_log2, softcap_in, softcap_t2). Without softcap P = exp2(raw * scale log2 e -
+    LSE_2); with it, as the forward's, P = exp2(t * cap log2 e - LSE_2) with t = tanh(raw * scale / cap),
+    and dS's factor 1 - t^2 takes t^2 = (log2 P + LSE_2)^2 / (cap log2 e)^2."""
+    if softcap > 0:
+        return softcap * LOG2E, scale / softcap, (softcap * LOG2E) ** -2
+    return scale * LOG2E, 0.0, 0.0
 
 
 def dq_rows(dq_acc: Any, s_pad: int, head_dim: int) -> Any:
@@ -399,22 +434,23 @@ def backward(
     head_dim: int,
     window: tuple[int, int] = (-1, -1),
     scale: float,
+    softcap: float = 0.0,
+    deterministic: bool = False,
     pipelined: bool | None = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
 ) -> None:
-    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``pipelined``: the consumer structure,
-    None: :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen,
-    heads, head_dim)`` views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch,
-    heads_q, seqlen_q), natural log (any backend's forward).
+    """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``softcap``: the forward's, 0 for none;
+    ``deterministic``: dQ bit-identical run to run; ``pipelined``: the consumer structure, None:
+    :data:`PIPELINED`'s for the head dim). Tensors: canonical ``(batch, seqlen, heads, head_dim)``
+    views TMA can read (``q``, ``k``, ``v``, ``dout``); ``lse``: float32 (batch, heads_q, seqlen_q),
+    natural log (any backend's forward).
 
     Varlen: batch 1, seqlen = the packed tokens, int32 ``cu_seqlens_q/k`` (batch + 1 offsets each) and
     ``max_seqlen_q/k`` the longest sequences (longer ones are cut there, as by the forward); ``lse``
     (1, heads_q, total_q). Tokens outside every sequence get no gradient written."""
-    import torch
-
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
@@ -426,7 +462,7 @@ def backward(
     packing = None if cu_q is None and cu_k is None else (_tensor_key(cu_q), _tensor_key(cu_k))
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
-        window, scale, pipelined, device, packing, max_seqlen_q, max_seqlen_k,
+        window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k,
     )  # fmt: skip
     try:
         plan = _launches[key]
@@ -434,13 +470,13 @@ def backward(
         if len(_launches) >= MAX_LAUNCHES:
             _launches.clear()
         plan = _launches[key] = _plan(
-            q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, pipelined, device, cu_q, cu_k, max_seqlen_q,
-            max_seqlen_k,
+            q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, softcap, deterministic, pipelined, device, cu_q,
+            cu_k, max_seqlen_q, max_seqlen_k,
         )  # fmt: skip
     batch, s_pad = q.shape[0], plan.s_pad
     queries = Queries(plan.seqlen_q, cu_q, plan.sequences)
     lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device, queries)
-    dq_acc = torch.zeros((batch, heads_q, s_pad * plan.variant.head_dim), dtype=torch.float32, device=q.device)
+    dq_acc, turns = workspace(batch, heads_q, s_pad, plan.variant.head_dim, deterministic, q.device)
     gq, gk, gv, gdo = plan.maps
     offsets = (0, 0, 0, 0)  # fixed length: no cu_seqlens, no packed token counts
     if cu_q is not None and cu_k is not None:
@@ -449,6 +485,7 @@ def backward(
         hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
         hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
         delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes, *offsets,
+        0 if turns is None else turns.data_ptr(), *plan.softcap,
     )  # fmt: skip
     run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
@@ -461,6 +498,19 @@ def backward(
 
 def _tensor_key(t: Any) -> tuple | None:
     return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def workspace(batch: int, heads: int, s_pad: int, d: int, deterministic: bool, device: Any) -> tuple[Any, Any]:
+    """The zeroed fp32 dQ workspace (batch, heads, s_pad * d) and, in deterministic mode, the kernel's
+    turn counters (one int32 per 64 x 64 dQ tile, indexed like the tiles; else None), zeroed by the
+    same fill: they follow the workspace in one allocation."""
+    import torch
+
+    floats = batch * heads * s_pad * d
+    tiles = floats // (BLOCK_M * SWIZZLE // 2) if deterministic else 0
+    buffer = torch.zeros(floats + tiles, dtype=torch.float32, device=device)
+    turns = buffer[floats:].view(torch.int32) if deterministic else None
+    return buffer[:floats].view(batch, heads, s_pad * d), turns
 
 
 def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int,

@@ -29,6 +29,10 @@
 //    staged and sent while dK runs) and consume_pipelined (the dQ of step t - 1 between dV and dK of
 //    step t, mbarriers on double-buffered dS^T instead of the per-step barrier; d64 only, it spills
 //    at d128).
+// Two compile-time options (Shape): SOFTCAP (scores cap * tanh(raw * scale / cap): tanh before the
+// exponential, dS^T times 1 - t^2 with t recovered from P^T, capped_dp_to_ds) and DETERMINISTIC
+// (dQ's bulk reductions into each tile in a fixed order of the key blocks: the consumers only stage
+// their slab, a writer thread of the producer warpgroup issues the reductions in turn, write_dq).
 // Around the kernel (kernels/hopper_bwd_rows.cu): a rows pass writes LSE_2 and delta into buffers
 // padded to whole query blocks, and a dQ pass converts the workspace (times scale, fragment order
 // undone) to the inputs' dtype. dK is stored times scale.
@@ -60,10 +64,14 @@ using hopper::SmemTile;
 // Named barriers (0 is __syncthreads): 1 + w for consumer warpgroup w alone, BOTH_BARRIER for both.
 constexpr int BOTH_BARRIER = 3;
 
-template <int D_, int INPUT_, int MASK_, bool PIPELINED_, bool VARLEN_ = false>
+template <int D_, int INPUT_, int MASK_, bool PIPELINED_, bool VARLEN_ = false, bool DETERMINISTIC_ = false,
+          bool SOFTCAP_ = false>
 struct Shape {
-  static constexpr bool PIPELINED = PIPELINED_;  // consume_pipelined, else consume
-  static constexpr bool VARLEN = VARLEN_;        // packed sequences (Params::cu_q, cu_k)
+  static constexpr bool PIPELINED = PIPELINED_;          // consume_pipelined, else consume
+  static constexpr bool VARLEN = VARLEN_;                // packed sequences (Params::cu_q, cu_k)
+  static constexpr bool DETERMINISTIC = DETERMINISTIC_;  // dQ's reductions in a fixed order (write_dq)
+  static constexpr bool SOFTCAP = SOFTCAP_;              // scores cap * tanh(raw * scale / cap)
+  static_assert(!(VARLEN && DETERMINISTIC), "the deterministic turns (Block::turn) assume one length per batch");
   static constexpr int D = D_;
   static constexpr int INPUT = INPUT_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
@@ -95,7 +103,8 @@ struct Shape {
   static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
   static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
   static constexpr int BARRIERS = 1 + 2 * STAGES + 4;  // kv_full, full/empty per stage, ds_full/ds_empty x 2
-  static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
+  static constexpr int DQ_BARRIERS = DETERMINISTIC ? 2 * CONSUMERS : 0;  // dq_full/dq_empty per consumer
+  static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * (BARRIERS + DQ_BARRIERS);
   static constexpr int PRODUCER_REGISTERS = 24;
   static constexpr int CONSUMER_REGISTERS = 240;
   static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
@@ -121,18 +130,31 @@ struct Params {
   i64 dk_sb, dk_ss, dk_sh, dv_sb, dv_ss, dv_sh;
   int seqlen_q, seqlen_k, s_pad, heads_q, group, head_dim;
   int win_left, win_right;  // window reach (a large value for an unbounded side)
-  float score_log2;         // scale * log2(e)
+  float score_log2;         // scale * log2(e); softcap: cap * log2(e)
   float scale;              // softmax scale (dK is stored times it)
   // VARLEN: batch + 1 offsets of the sequences in the packed q/dO (total_q rows) and k/v (total_k);
   // seqlen_q/k are then the longest, s_pad the buffers' rows per head (hopper_bwd_packed.cuh).
   const int* cu_q;
   const int* cu_k;
   int total_q, total_k;
+  int* dq_turns;            // deterministic: per dQ tile (indexed like dq_acc's), the reductions done; zeroed
+  float softcap_in;         // softcap: tanh argument per unit of raw score, scale / cap
+  float softcap_t2;         // softcap: 1 / (cap log2 e)^2, t^2 per squared log2 P + LSE_2 (capped_dp_to_ds)
 };
 
 // Floor and ceiling of a / b for b > 0 and any sign of a.
 __device__ __forceinline__ i64 floor_div(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 __device__ __forceinline__ i64 ceil_div(i64 a, i64 b) { return -floor_div(-a, b); }
+
+// The key block of the thread block at `position` among its (batch, KV head)'s: in order, reversed in
+// deterministic mode, where the key blocks take their turns at a query block's dQ from the last to
+// the first (write_dq): under a causal or window mask the later key blocks reach a query block
+// first (fewer query blocks before it), and launching them first keeps a waiting block from
+// waiting for one not yet launched.
+template <class S>
+__device__ __forceinline__ int key_block(int position, int key_blocks) {
+  return S::DETERMINISTIC ? key_blocks - 1 - position : position;
+}
 
 // The key block's work: which query blocks see one of its keys, and which of them need the mask.
 template <class S>
@@ -176,7 +198,7 @@ struct Block {
     // blockIdx.x = (batch * heads_kv + kv_head) * key_blocks + key block
     const int key_blocks = (p.seqlen_k + S::BN - 1) / S::BN, heads_kv = p.heads_q / p.group;
     const int pair = (int)blockIdx.x / key_blocks;
-    n0 = ((int)blockIdx.x - pair * key_blocks) * S::BN;
+    n0 = key_block<S>((int)blockIdx.x - pair * key_blocks, key_blocks) * S::BN;
     kv_head = pair % heads_kv;
     batch = pair / heads_kv;
     locate(p);
@@ -203,6 +225,22 @@ struct Block {
   }
 
   __device__ __forceinline__ bool masked(int m) const { return m < free_lo || m >= free_hi; }
+
+  // Deterministic mode: how many key blocks add to query block m's dQ before this one, i.e. those
+  // after it (key_block) that see a row of m. Those are consecutive (set's q_lo and q_hi do not
+  // decrease with n0, and q_lo < q_hi for every key block past one that sees a row), so they run
+  // up to the last whose q_lo is below m's end (m >= its m_lo), or the last of all (replayed
+  // against set's ranges in tests/backends/test_cuda_hopper_bwd_compile.py).
+  __device__ __forceinline__ int turn(const Params& p, int m) const {
+    const int key_blocks = (p.seqlen_k + S::BN - 1) / S::BN;
+    i64 last = key_blocks - 1;
+    if constexpr (S::MASK >= 1) {
+      // n0' - off - right < (m + 1) BM
+      const i64 bound = (i64)(m + 1) * S::BM + ((i64)p.seqlen_k - p.seqlen_q) + p.win_right;
+      last = min(last, ceil_div(bound, S::BN) - 1);
+    }
+    return (int)last - n0 / S::BN;
+  }
 };
 
 template <class S>
@@ -224,6 +262,9 @@ struct Smem {
   __device__ __forceinline__ u32 empty(int st) const { return barrier(1 + S::STAGES + st); }
   __device__ __forceinline__ u32 ds_full(int buf) const { return barrier(1 + 2 * S::STAGES + buf); }
   __device__ __forceinline__ u32 ds_empty(int buf) const { return barrier(3 + 2 * S::STAGES + buf); }
+  // deterministic mode: warpgroup wg's dQ staging tile filled (for the writer) and read (for wg)
+  __device__ __forceinline__ u32 dq_full(int wg) const { return barrier(S::BARRIERS + wg); }
+  __device__ __forceinline__ u32 dq_empty(int wg) const { return barrier(S::BARRIERS + S::CONSUMERS + wg); }
 
   __device__ void init() const {
     mbarrier_init(kv_full(), 1);
@@ -236,6 +277,13 @@ struct Smem {
     for (int buf = 0; buf < 2; ++buf) {
       mbarrier_init(ds_full(buf), 4 * S::CONSUMERS);               // every consumer warp stored its dS^T
       mbarrier_init(ds_empty(buf), 4 * (S::SLABS == 1 ? 1 : 2));  // the warps of the dQ products done
+    }
+    if constexpr (S::DETERMINISTIC) {
+#pragma unroll
+      for (int wg = 0; wg < S::CONSUMERS; ++wg) {
+        mbarrier_init(dq_full(wg), 1);
+        mbarrier_init(dq_empty(wg), 1);
+      }
     }
     fence_barrier_init();
   }
@@ -397,10 +445,12 @@ __device__ __forceinline__ void issue_s_dp(Acc<S::BM>& s, Acc<S::BM>& dp, const 
   hopper::pin(dp);
 }
 
-// P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first).
+// P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first). Softcap: the scores are
+// cap * t, t = tanh(raw * scale / cap), and p.score_log2 = cap log2 e; t replaces S^T first.
 template <class S>
 __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
                                             Acc<S::BM>& s) {
+  if constexpr (S::SOFTCAP) hopper::softcap(s, p.softcap_in);
   if (blk.masked(m)) {
     mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, blk.len_k, blk.len_k - blk.len_q, p.win_left,
                              p.win_right);
@@ -426,6 +476,31 @@ __device__ __forceinline__ void dp_to_ds(const Lane<S>& ln, u32 delta_row, const
       const float dl = ld_shared_f32<S>(delta_row + 4 * (8 * i + ln.quad_col + c));
 #pragma unroll
       for (int r = 0; r < 2; ++r) dp.at(i, r, c) = pt.v[4 * i + 2 * r + c] * (dp.at(i, r, c) - dl);
+    }
+  }
+}
+
+// Softcap: dS^T = P^T o (dP^T - delta) o (1 - t^2), the derivative of cap * tanh(raw * scale / cap)
+// (its factor scale is applied to dQ and dK at the end, as without softcap). t is not kept beside
+// P^T (32 more registers; keeping 1 - t^2 packed beside it spilled 72 bytes at d128): it comes back
+// from P^T, t * cap log2 e = log2(P^T) + LSE_2, one more MUFU op per element (p.softcap_t2 is the
+// host's 1 / (cap log2 e)^2: a division here took a register d128's window variant did not have).
+// Where P^T = 0 (masked, or a row past the sequence: LSE_2 = +inf) the factor is -inf or NaN, which
+// max(., 0) turns into 0 (max returns its non-NaN operand).
+template <class S>
+__device__ __forceinline__ void capped_dp_to_ds(const Params& p, const Lane<S>& ln, u32 lse_row, u32 delta_row,
+                                                const Acc<S::BM>& pt, Acc<S::BM>& dp) {
+#pragma unroll
+  for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int q = 8 * i + ln.quad_col + c;
+      const float l = ld_shared_f32<S>(lse_row + 4 * q), dl = ld_shared_f32<S>(delta_row + 4 * q);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float pr = pt.v[4 * i + 2 * r + c], u = log2_approx(pr) + l;  // u = t * cap log2 e
+        dp.at(i, r, c) = pr * fmaxf(fmaf(-u * u, p.softcap_t2, 1.f), 0.f) * (dp.at(i, r, c) - dl);
+      }
     }
   }
 }
@@ -471,10 +546,18 @@ __device__ __forceinline__ void issue_dq(Acc<S::SLAB>& dq, const Smem<S>& sm, in
 
 // A completed dQ slab to the workspace: staged in the fragment order (thread 0 of the warpgroup
 // first waits until its last bulk reduction has read the staging tile), then one bulk reduction.
+// Deterministic mode: the dQ writer (write_dq) issues the reduction; `k`: the warpgroup's k-th
+// slab sent, that is the use of its staging tile (dq_sends).
 template <class S>
 __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, const Lane<S>& ln, Acc<S::SLAB>& dq,
-                                        u64 tile) {
-  if (ln.tid == 0) bulk_wait_read<0>();
+                                        u64 tile, int k) {
+  if (ln.tid == 0) {
+    if constexpr (S::DETERMINISTIC) {
+      mbarrier_wait(sm.dq_empty(ln.wg), (k & 1) ^ 1);  // the writer has read use k - 1
+    } else {
+      bulk_wait_read<0>();
+    }
+  }
   shared_barrier(1 + ln.wg, 128);
   const u32 staging = sm.dq(ln.wg);
 #pragma unroll
@@ -487,8 +570,64 @@ __device__ __forceinline__ void send_dq(const Params& p, const Smem<S>& sm, cons
   fence_proxy_async();
   shared_barrier(1 + ln.wg, 128);
   if (ln.tid == 0) {
-    bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
-    bulk_commit();
+    if constexpr (S::DETERMINISTIC) {
+      mbarrier_arrive(sm.dq_full(ln.wg));
+    } else {
+      bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, staging, S::DQ_TILE * 4);
+      bulk_commit();
+    }
+  }
+}
+
+// How many dQ slabs a consumer warpgroup has sent before step t's: one per step at d128 (its own
+// slab), one every other step at d64 (the steps t with t % 2 == its index, dq_turn).
+template <class S>
+__device__ __forceinline__ int dq_sends(int t) {
+  return S::SLABS == 2 ? t : t >> 1;
+}
+
+// Deterministic mode (S::DETERMINISTIC): the dQ writer, one thread of the producer warpgroup. The key
+// blocks' bulk reductions into a dQ tile (query block, head-dim slab) happen in a fixed order, so
+// that its fp32 sums are bit-identical run to run. Per tile a counter (p.dq_turns, zeroed, indexed
+// like the tiles) holds how many key blocks' reductions into it have completed. Per step, in the
+// consumers' order, the writer takes each slab the consumers staged (dq_full), spins (acquire)
+// until the tile's counter equals the key block's turn (Block::turn), issues the reduction, hands
+// the staging tile back once read (dq_empty), and once the reduction has COMPLETED (not only read
+// shared memory) increments the counter (release). The consumers only stage and signal: waiting in
+// their own threads took registers that d128's consumers do not have (ptxas spilled 176 bytes), and
+// it would stall their products.
+// Within a block every tile gets one reduction per slab: the steps are distinct (query head, query
+// block) pairs; at d128 the warpgroups' slabs are different tiles with their own counters; at d64
+// one warpgroup sends a step's slab (the pipelined consumer's zero step -1, whose zeros would go to
+// step 0's tile, is not sent in this mode).
+// Deadlock freedom: a block waits only for the key blocks after its own that see the query block,
+// which have lower blockIdx.x of the same (batch, KV head) (key_block: reversed order). The hardware
+// dispatches thread blocks in increasing blockIdx.x, so those are running or done, and they wait in
+// turn only for lower ones: the lowest of a (batch, KV head) waits for none.
+template <class S>
+__device__ void write_dq(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
+  const int blocks = blk.m_hi - blk.m_lo;
+  for (int t = 0; t < p.group * blocks; ++t) {
+    const Step<S> st(p, blk, t, blocks);
+    const int turn = blk.turn(p, st.m), k = dq_sends<S>(t);
+#pragma unroll
+    for (int slab = 0; slab < S::SLABS; ++slab) {
+      const int wg = S::SLABS == 2 ? slab : t & 1;
+      const u64 tile = st.dq_tile(slab);
+      mbarrier_wait(sm.dq_full(wg), k & 1);
+      while (ld_acquire_gpu(p.dq_turns + tile) != turn) {
+      }
+      fence_proxy_async_global();  // the reduction (async proxy) after the acquire
+      bulk_reduce_add_f32(p.dq_acc + tile * S::DQ_TILE, sm.dq(wg), S::DQ_TILE * 4);
+      bulk_commit();
+    }
+    bulk_wait_read<0>();
+#pragma unroll
+    for (int slab = 0; slab < S::SLABS; ++slab) mbarrier_arrive(sm.dq_empty(S::SLABS == 2 ? slab : t & 1));
+    bulk_wait<0>();
+    fence_proxy_async_global();  // the reductions' writes before the release
+#pragma unroll
+    for (int slab = 0; slab < S::SLABS; ++slab) red_release_gpu_inc(p.dq_turns + st.dq_tile(slab));
   }
 }
 
@@ -565,7 +704,11 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
     wgmma_wait<0>();
     hopper::pin(dp);
-    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    if constexpr (S::SOFTCAP) {
+      capped_dp_to_ds<S>(p, ln, sm.lse(ring.stage), sm.delta(ring.stage), s, dp);
+    } else {
+      dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    }
     hopper::to_operand<BF16>(s, pm);
     hopper::to_operand<BF16>(dp, dsm);
     const int buf = it & 1;  // the step's dS^T buffer (both warpgroups count steps alike)
@@ -589,7 +732,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     if constexpr (DQ) {
       wgmma_wait<1>();
       hopper::pin(dq);
-      send_dq<S>(p, sm, ln, dq, st.dq_tile(slab));
+      send_dq<S>(p, sm, ln, dq, st.dq_tile(slab), dq_sends<S>(it));
     }
     wgmma_wait<0>();
     hopper::pin(dv);
@@ -643,7 +786,11 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
     wgmma_wait<0>();
     hopper::pin(dp);
-    dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    if constexpr (S::SOFTCAP) {
+      capped_dp_to_ds<S>(p, ln, sm.lse(ring.stage), sm.delta(ring.stage), s, dp);
+    } else {
+      dp_to_ds<S>(ln, sm.delta(ring.stage), s, dp);
+    }
     hopper::to_operand<BF16>(s, pm);
     hopper::to_operand<BF16>(dp, dsm);
     const int buf = it & 1;
@@ -674,7 +821,10 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
       wgmma_wait<1>();
       hopper::pin(dq);
       ln.warp_arrive(sm.ds_empty((it - 1) & 1));
-      send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, max(it - 1, 0), blocks).dq_tile(slab));
+      // deterministic: not step -1's zeros (the writer takes one slab per step and tile)
+      if (!S::DETERMINISTIC || it >= 1) {
+        send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, max(it - 1, 0), blocks).dq_tile(slab), dq_sends<S>(it - 1));
+      }
     }
     wgmma_wait<0>();
     hopper::pin(dv);
@@ -691,7 +841,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     issue_dq<S>(dq, sm, t & 1, kt, slab);
     wgmma_wait<0>();
     hopper::pin(dq);
-    send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, t, blocks).dq_tile(slab));
+    send_dq<S>(p, sm, ln, dq, Step<S>(p, blk, t, blocks).dq_tile(slab), dq_sends<S>(t));
   }
   finish<S>(p, blk, ln, dk, dv);
 }
@@ -710,6 +860,9 @@ __device__ __forceinline__ void backward(const Params& p, const TensorMap* q_map
   if (wg == 0) {
     registers_decrease<S::PRODUCER_REGISTERS>();
     if (threadIdx.x == 0) produce<S>(p, sm, blk, q_map, k_map, v_map, do_map);
+    if constexpr (S::DETERMINISTIC) {
+      if (threadIdx.x == 32) write_dq<S>(p, sm, blk);  // another warp: its waits do not hold up the loads
+    }
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
     // the warpgroup is a template parameter: each one's dQ turns are known at compile time

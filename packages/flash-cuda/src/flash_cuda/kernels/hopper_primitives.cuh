@@ -109,6 +109,26 @@ __device__ __forceinline__ void bulk_wait() {
   asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(PENDING) : "memory");
 }
 
+// ---------------------------------------------------------------- counters between thread blocks
+
+// A GPU-scope acquire load: later accesses of this thread see what the releasing writer had seen.
+__device__ __forceinline__ int ld_acquire_gpu(const int* address) {
+  int x;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(x) : "l"(address) : "memory");
+  return x;
+}
+
+// *address += 1 at GPU scope, released: ordered after every access this thread saw before it.
+__device__ __forceinline__ void red_release_gpu_inc(int* address) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(address) : "memory");
+}
+
+// Orders this thread's global-memory accesses of the generic proxy (the counters) with those of
+// the async proxy (bulk reductions), both ways.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void st_shared_v2_f32(u32 address, float a, float b) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address), "f"(a), "f"(b) : "memory");
 }
