@@ -2,10 +2,11 @@
 
 Needs only libnvrtc (``pip install flash-cuda[nvrtc]``); skipped with the reason when it is missing.
 For every variant the table can launch: ptxas's report shows no spill and no stack frame; with a
-disassembler at hand (cuobjdump on PATH or in Triton's wheel), the SASS shows wgmma (HGMMA), TMA loads
-(UTMALDG), register reallocation (USETMAXREG, i.e. no warning C7508), no local memory, and the softmax
-of a key block still scheduled between the two wgmma waits (the intra-warpgroup overlap survived ptxas).
-Also checks the table, the launcher's argument list against the kernel's, and the host-side helpers.
+disassembler at hand (cuobjdump on PATH or in Triton's wheel), the SASS shows wgmma (HGMMA, fp8
+QGMMA), TMA loads (UTMALDG), register reallocation (USETMAXREG, i.e. no warning C7508), no local
+memory, and the softmax of a key block still scheduled between the two wgmma waits (the
+intra-warpgroup overlap survived ptxas). The same for the fp8 V^T pre-pass. Also checks the table, the
+launchers' argument lists against the kernels', and the host-side helpers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 hopper = pytest.importorskip("flash_cuda.hopper")
 
 from flash_cuda import hopper_tiles, hopper_variants, nvrtc, tensor_map  # noqa: E402
+from flash_cuda.sources import read_kernel_file  # noqa: E402
 from tests.backends.hopper_compile import Compiled, compile_all  # noqa: E402
 from tests.backends.hopper_compile import sass as hopper_sass  # noqa: E402
 from tests.backends.kernel_signatures import parameter_kinds, parameter_names  # noqa: E402
@@ -32,12 +34,17 @@ def compiled() -> dict[hopper_variants.HopperVariant, Compiled]:
     return results
 
 
+def _spills_a_word(variant: hopper_variants.HopperVariant) -> bool:
+    """The in-kernel transpose's d256 window variant: its consumers (224 registers: the producer keeps
+    48 for the transposers) spill one word at the tile boundary, not inside the key-block loop
+    (PERF_NOTES.md, fp8)."""
+    return variant.transpose_v and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH
+
+
 def test_every_shipped_variant_compiles_without_spilling(compiled):
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
-        if variant.fp8 and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH:
-            # its consumers (224 registers: the producer keeps 48 for the transposers) spill one
-            # word at the tile boundary, not inside the key-block loop (PERF_NOTES.md, fp8)
+        if _spills_a_word(variant):
             assert res.stack_frame <= 8, f"{variant.label()}: {res}"
         else:
             assert not res.spills and not res.stack_frame, f"{variant.label()}: {res}"
@@ -50,16 +57,18 @@ def test_every_shipped_variant_compiles_without_spilling(compiled):
 def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
     for variant, (_, cubin, _) in compiled.items():
         sass = hopper_sass(cubin)
-        if variant.fp8:  # 8-bit wgmma, both operands K-major (V transposed in shared memory)
+        if variant.fp8:  # 8-bit wgmma, both operands K-major
             assert "QGMMA.64x" in sass and "HGMMA" not in sass, f"{variant.label()}: no fp8 wgmma"
-            assert re.search(r"\bSTS\b", sass) and "PRMT" in sass, f"{variant.label()}: no V transpose"
+            # V^T made here (byte permutes, shared stores), or TMA-loaded from the pre-pass (no stores)
+            transposed = bool(re.search(r"\bSTS\b", sass)) and "PRMT" in sass
+            assert transposed == variant.transpose_v, f"{variant.label()}: V transposed here: {transposed}"
         else:
             assert "HGMMA.64x" in sass and ".tnspB" in sass, (
                 f"{variant.label()}: no wgmma (S from smem, P V with N-major V)"
             )
         assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
-        if not (variant.fp8 and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH):
+        if not _spills_a_word(variant):
             assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
         # In the steady-state loop, the softmax (MUFU.EX2 of BN/2 scores per thread) runs between
         # waiting for S (wait_group 1) and waiting for O += P V (wait_group 0).
@@ -128,6 +137,8 @@ def test_problem_classes():
 def test_launch_parameters_match_the_kernel_signature():
     text = hopper_variants.source(hopper_variants.shipped_variants()[0])
     assert parameter_kinds(text, hopper_variants.KERNEL_NAME) == list(hopper.PARAMETERS.kinds)
+    vt = read_kernel_file(hopper.VT_FILE)
+    assert parameter_kinds(vt, hopper.VT_KERNEL) == list(hopper.VT_PARAMETERS.kinds)
     layout = hopper.PARAMETERS
     assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
     names = parameter_names(text, hopper_variants.KERNEL_NAME)
@@ -222,21 +233,37 @@ def test_unsupported_reasons_without_a_gpu():
     assert reasons and "CUDA" in reasons[0]
 
 
-def test_forward_launches_what_the_kernel_takes(monkeypatch):
-    """hopper.forward on CPU tensors behind stand-ins (module loading, tensor maps, the launch): one launch
-    with the layout's parameters, the call's own output and LSE, the problem's sizes; decided once per
-    problem (a second call with other outputs reuses the launch and passes the new addresses)."""
-    torch = pytest.importorskip("torch")
+def _fake_driver(monkeypatch, torch) -> tuple[list, list]:
+    """hopper.forward's module loading, tensor maps and launches replaced by stand-ins for CPU tensors:
+    the launches (packed, device, grid, threads, smem, values) and the encoded maps (address, dtype,
+    dims, strides, box, swizzle) it made. The forward kernel's function is 7, the pre-pass's 8."""
     from flash_cuda import modules
 
-    launches = []
-    monkeypatch.setattr(modules, "functions", lambda key, device, build, names, smem=0: (7,))
-    monkeypatch.setattr(tensor_map, "encode_tiled", lambda address, *rest: tensor_map.TensorMap())
+    launches: list = []
+    maps: list = []
+
+    def encode(address, dtype, dims, strides, box, swizzle):
+        maps.append((address, dtype, tuple(dims), tuple(strides), tuple(box), swizzle))
+        return tensor_map.TensorMap()
+
+    functions = lambda key, device, build, names, smem=0: (8,) if names == (hopper.VT_KERNEL,) else (7,)  # noqa: E731
+    monkeypatch.setattr(modules, "functions", functions)
+    monkeypatch.setattr(tensor_map, "encode_tiled", encode)
     monkeypatch.setattr(tensor_map, "driver", object)  # no cuFuncGetParamInfo: nothing to check
     monkeypatch.setattr(hopper, "on_current_stream", lambda packed, *rest: launches.append((packed, *rest)))
     monkeypatch.setattr(hopper, "_sm_count", lambda device: 132)
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     monkeypatch.setattr(hopper, "_launches", {})
+    hopper.map_bytes.cache_clear()
+    return launches, maps
+
+
+def test_forward_launches_what_the_kernel_takes(monkeypatch):
+    """hopper.forward on CPU tensors behind stand-ins (module loading, tensor maps, the launch): one launch
+    with the layout's parameters, the call's own output and LSE, the problem's sizes; decided once per
+    problem (a second call with other outputs reuses the launch and passes the new addresses)."""
+    torch = pytest.importorskip("torch")
+    launches, _ = _fake_driver(monkeypatch, torch)
     b, s, h, hkv, d = 2, 300, 4, 2, 128
     q = torch.randn(b, s, h, d, dtype=torch.bfloat16)
     k, v = (torch.randn(b, 500, hkv, d, dtype=torch.bfloat16) for _ in range(2))
@@ -259,3 +286,70 @@ def test_forward_launches_what_the_kernel_takes(monkeypatch):
         m_blocks = -(-s // config.block_m)
         assert named["tiles"] == m_blocks * h * b and grid == min(named["tiles"], 132)
         assert all(len(values[i]) == 128 for i in range(3))
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fp8_forward_launches_the_prepass_then_the_kernel_on_its_v_transpose(monkeypatch, varlen):
+    """fp8: the V^T pre-pass first (its parameters as the kernel declares them, V's strides and sizes,
+    V^T's row of whole 32-key steps), then the forward, whose V map is V^T at the pre-pass's output:
+    boxes of block_n keys by the compiled head dim, swizzled by block_n bytes. With transpose_v (the A/B
+    switch) one launch on V itself."""
+    torch = pytest.importorskip("torch")
+    launches, maps = _fake_driver(monkeypatch, torch)
+    hq, hkv, d, sk = 4, 2, 120, 500
+    lengths = [200, 13, 287]
+    b, sq = (1, sum(lengths)) if varlen else (2, 300)
+    cu = torch.tensor([0, 200, 213, 500], dtype=torch.int32) if varlen else None
+    q = torch.randn(b, sq, hq, d).to(torch.float8_e4m3fn)
+    k, v = (torch.randn(b, sk, hkv, d).to(torch.float8_e4m3fn) for _ in range(2))
+    out, lse = torch.empty(b, sq, hq, d, dtype=torch.bfloat16), torch.empty(b, hq, sq)
+    common = {"seqlen_q": 287 if varlen else sq, "seqlen_k": 287 if varlen else sk, "heads_q": hq, "heads_kv": hkv,
+              "head_dim": d, "window": (-1, 0), "scale": 0.1, "cu_seqlens_q": cu, "cu_seqlens_k": cu}  # fmt: skip
+    hopper.forward(q, k, v, out, lse, **common)
+    (pre, _, grid, threads, smem, values), (main, *_, main_values) = launches
+    assert (pre.function, main.function, threads, smem) == (8, 7, hopper.VT_THREADS, 0)
+    pre.layout.format.pack(*values)  # every value fits its kind
+    named = dict(zip(parameter_names(read_kernel_file(hopper.VT_FILE), hopper.VT_KERNEL), values))
+    columns = 32 * (-(-sk // 32) + 3) if varlen else 512
+    chunks = hopper.vt_chunks(common["seqlen_k"], varlen)
+    assert (named["v"], named["cu_k"]) == (v.data_ptr(), cu.data_ptr() if varlen else 0)
+    assert (named["v_ss"], named["v_sh"], named["vt_row"], named["total_k"]) == (hkv * d, d, columns, sk)
+    sequences = 3 if varlen else b
+    assert (named["sequences"], named["chunks"], named["items"]) == (sequences, chunks, sequences * hkv * chunks)
+    assert grid == min(named["items"], hopper.VT_BLOCKS_PER_SM * 132)
+    variant = hopper_variants.make_variant(hopper_tiles.config_for(d, (-1, 0), common["seqlen_k"], True), d, "e4m3",
+                                           hopper_tiles.MASK_RIGHT)  # fmt: skip
+    vt_batches = 1 if varlen else b
+    assert (named["vt"], "u8", (columns, d, hkv, vt_batches), (columns, d * columns, hkv * d * columns),
+            (variant.block_n, 128, 1, 1), variant.block_n) in maps  # fmt: skip
+    assert launches[1][4] == variant.launch_smem and len(main_values) == len(hopper.PARAMETERS.kinds)
+
+    launches.clear()
+    hopper.forward(q, k, v, out, lse, **common, transpose_v=True)
+    ((main, *_, smem, _),) = launches
+    in_kernel = hopper_variants.make_variant(hopper_tiles.config_for(d, (-1, 0), common["seqlen_k"], True), d,
+                                             "e4m3", hopper_tiles.MASK_RIGHT, transpose_v=True)  # fmt: skip
+    assert smem == in_kernel.launch_smem > variant.launch_smem
+    assert maps[-1][:2] == (v.data_ptr(), "u8") and maps[-1][4] == (in_kernel.slab, 1, in_kernel.block_n, 1)
+
+
+def test_prepass_compiles_without_spilling_and_moves_16_bytes_at_a_time():
+    reason = nvrtc.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    compiled = nvrtc.compile_cubin(hopper.vt_source(), (*hopper.vt_options(), "-Xptxas=-v"))
+    (res,) = nvrtc.parse_ptxas(compiled.log).values()
+    assert res.function == hopper.VT_KERNEL and res.arch == "sm_90a"
+    assert not res.spills and not res.stack_frame, res
+    sass = hopper_sass(compiled.cubin)
+    assert re.search(r"LDG\.E\.128", sass) and re.search(r"STG\.E\.128", sass) and "STS.128" in sass, sass
+
+
+def test_fp8_problem_reasons_bound_the_v_transpose():
+    common = {"capability": (9, 0), "head_dim": 128, "heads_q": 1, "heads_kv": 1, "seqlen_q": 1, "seqlen_k": 1,
+              "total_q": 1, "total_k": 1, "scale": 0.1}  # fmt: skip
+    torch = pytest.importorskip("torch")
+    assert hopper.problem_reasons(dtype=torch.float8_e4m3fn, batch=2**25 - 1, **common) == []
+    reasons = hopper.problem_reasons(dtype=torch.float8_e4m3fn, batch=2**25, **common)
+    assert len(reasons) == 1 and "V^T" in reasons[0]
+    assert hopper.problem_reasons(dtype=torch.bfloat16, batch=2**25, **common) == []

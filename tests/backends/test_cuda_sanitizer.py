@@ -3,7 +3,7 @@ and synccheck (barriers).
 
 The tests run this file as a script under ``compute-sanitizer --tool memcheck|racecheck|synccheck``;
 the script launches the forward on a representative set of small shapes (odd lengths, causal, windows,
-GQA/MQA, varlen, strided layouts, every head-dim bucket, and every variant the tuner may pick), or (its
+GQA/MQA, varlen, strided layouts, every head-dim bucket, fp8, and every variant the tuner may pick), or (its
 ``backward`` part) the backward of the cases whose backward runs on ``cuda`` (the Hopper backward on
 sm_90). The backward's open findings are expected failures (``BACKWARD_FINDINGS``).
 Skipped without a GPU or without compute-sanitizer on the PATH (or under $CUDA_HOME/bin).
@@ -76,6 +76,7 @@ def _cases():
     from flash.testing import Case
 
     base = Case("san", batch=2, heads_q=4, heads_kv=2, head_dim=64, dtype=torch.bfloat16)
+    fp8 = replace(base, dtype=torch.float8_e4m3fn, descale="head", backward=False)
     return [
         replace(base, name="odd_full", seqlen_q=77, seqlen_k=131),
         replace(base, name="odd_causal", causal=True, seqlen_q=131, seqlen_k=77),
@@ -88,6 +89,9 @@ def _cases():
         replace(base, name="one_query", seqlen_q=1, seqlen_k=300, causal=True),
         replace(base, name="softcap_causal", softcap=5.0, causal=True, seqlen_q=150, seqlen_k=290),
         replace(base, name="deterministic_d128", head_dim=128, deterministic=True, seqlen_q=130, seqlen_k=400),
+        # fp8: the V^T pre-pass too (varlen sequences off 32-key steps, an empty one; a strided layout)
+        replace(fp8, name="fp8_varlen", descale="tensor", seqlens=((1, 1), (130, 70), (0, 9), (65, 0), (33, 200))),
+        replace(fp8, name="fp8_d128_causal_bhsd", head_dim=128, layout="bhsd", causal=True, seqlen_q=131, seqlen_k=77),
     ]
 
 

@@ -13,7 +13,9 @@ Phases, each in its own subprocess with a time limit (a hung kernel costs one ph
 3. bench    -- TFLOP/s against torch SDPA's cuDNN and flash (FA2) backends in the same process
                (batch * seqlen = 16k tokens, heads * head_dim = 2048, bf16, do_bench medians); tile A/B:
                HOPPER_BENCH="d128 s8192 full: 2x192, 2x160; d128 s1024 causal: 3x128 auto q2" times
-               only those cases, at the table's tiles and at each candidate;
+               only those cases, at the table's tiles and at each candidate; the candidate "fp8ab"
+               times the fp8 forward both ways (V^T from the pre-pass, which the call includes, and
+               the in-kernel transpose of the measurement switch) and the pre-pass alone;
 4. sanitize -- compute-sanitizer memcheck, racecheck and synccheck on one small case.
 
 Logs go to $OUT (or ./hopper_out); the short tables come last on stdout. Imports no flash-core.
@@ -65,6 +67,7 @@ class Case:
     layout: str = "bshd"  # bshd, bhsd (heads outer), padded (rows wider than head_dim)
     scale: float | None = None
     config: tuple | None = None  # (consumers, block_n[, order]) instead of the table's
+    transpose_v: bool = False  # fp8: the in-kernel V transpose (the A/B measurement switch)
 
     @property
     def seqlen_k(self) -> int:
@@ -89,7 +92,7 @@ class Case:
 
         out = self.out_dtype if self.fp8 else ""
         mask = hopper_tiles.mask_kind(self.window)
-        return hopper_variants.make_variant(self.hopper_config(), self.d, self.dtype, mask, out)
+        return hopper_variants.make_variant(self.hopper_config(), self.d, self.dtype, mask, out, self.transpose_v)
 
 
 def check_cases() -> list[Case]:
@@ -194,6 +197,21 @@ def fp8_cases() -> list[Case]:
         ),
         Case("fp8 many tiles causal", d=128, b=2, sq=2048, hq=16, window=(-1, 0), dtype="e4m3"),
         Case("fp8 many tiles full d256", d=256, b=1, sq=1500, hq=12, dtype="e4m3"),
+        # the pre-pass's V^T: sequences starting off a 32-key step, an empty one, one key, gaps
+        Case("fp8 varlen d64 window", d=64, varlen=[130, 0, 1, 260, 33], window=(16, 16), dtype="e4m3"),
+        Case("fp8 varlen d256 full e5m2", d=256, varlen=[100, 333, 31], varlen_k=[77, 500, 1], dtype="e5m2"),
+        Case("fp8 varlen d192 causal", d=192, varlen=[65, 190, 7], hq=4, hkv=1, window=(-1, 0), dtype="e4m3"),
+        Case("fp8 sk 1", sq=100, sk=1, dtype="e4m3"),
+        Case("fp8 layout bhsd gqa", layout="bhsd", hq=4, hkv=2, sq=190, sk=250, dtype="e4m3"),
+        # the in-kernel transpose (the A/B measurement switch), while it exists
+        *(
+            Case(f"fp8 vt-in-kernel {name}", **kwargs, dtype="e4m3", transpose_v=True)
+            for name, kwargs in (
+                ("full d128", {"sq": 300, "sk": 517, "hq": 3}),
+                ("causal d256", {"d": 256, "sq": 333, "window": (-1, 0)}),
+                ("varlen causal gqa", {"varlen": [200, 1, 77, 513], "hq": 4, "hkv": 2, "window": (-1, 0)}),
+            )
+        ),
     ]
 
 
@@ -203,12 +221,14 @@ class BenchCase:
     seqlen: int
     causal: bool
     configs: list[tuple | None] = field(default_factory=lambda: [None])  # None: the table's
+    fp8_ab: bool = False  # fp8 also with the in-kernel V transpose, and the V^T pre-pass alone
 
 
 def bench_cases(selection: str | None = None) -> list[BenchCase]:
     """Every benchmark case at the table's tiles, or the cases of ``selection``: ';'-separated
-    "d128 s8192 full: 2x192, 3x128 heads q2" (case, then candidate tiles: consumers x block_n, an
-    optional order and Q stages), each timed at the table's tiles and at its candidates."""
+    "d128 s8192 full: 2x192, 3x128 heads q2, fp8ab" (case, then candidate tiles: consumers x block_n,
+    an optional order and Q stages; "fp8ab": the fp8 A/B), each timed at the table's tiles and at its
+    candidates."""
     if selection:
         return [_parse_bench_case(part) for part in selection.split(";") if part.strip()]
     cases = [BenchCase(d, s, c) for d in (128, 64, 256) for s in (8192, 4096, 1024) for c in (False, True)]
@@ -219,13 +239,17 @@ def _parse_bench_case(text: str) -> BenchCase:
     name, _, tiles = text.partition(":")
     d, s, mask = name.split()
     configs: list[tuple | None] = [None]
+    fp8_ab = False
     for tile in filter(None, (t.strip() for t in tiles.split(","))):
+        if tile == "fp8ab":
+            fp8_ab = True
+            continue
         shape, *rest = tile.split()
         consumers, block_n = (int(x) for x in shape.split("x"))
         order = next((word for word in rest if word in ("heads", "blocks", "auto")), "heads")
         q_stages = next((int(word[1:]) for word in rest if word.startswith("q")), 1)
         configs.append((consumers, block_n, order, q_stages))
-    return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs)
+    return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs, fp8_ab)
 
 
 # ------------------------------------------------------------------ reference
@@ -386,7 +410,23 @@ def run_case(case: Case, prob: dict) -> None:
         cu_seqlens_k=prob["cu_k"], seqlen_q=prob["max_q"], seqlen_k=prob["max_k"], heads_q=case.hq,
         heads_kv=prob["hkv"], head_dim=case.d, window=case.window, softcap=case.softcap, scale=scale, config=config,
         q_descale=prob["descales"][0], k_descale=prob["descales"][1], v_descale=prob["descales"][2],
+        transpose_v=case.transpose_v,
     )  # fmt: skip
+
+
+def poison_vt_allocation(case: Case, prob: dict) -> None:
+    """fp8: leave a freed block of NaN bytes (0xff in e4m3 and e5m2) of V^T's size in torch's caching
+    allocator, which the pre-pass's V^T then gets: a column it did not write would poison O."""
+    import torch
+
+    from flash_cuda import hopper
+
+    v = prob["v"]
+    varlen = prob["cu_q"] is not None
+    sequences = prob["cu_q"].numel() - 1 if varlen else v.shape[0]
+    columns = hopper.vt_columns(prob["max_k"], v.shape[1], sequences, varlen)
+    nbytes = (1 if varlen else sequences) * prob["hkv"] * case.d * columns
+    torch.full((nbytes,), 0xFF, dtype=torch.uint8, device=v.device)  # freed at once, kept by the allocator
 
 
 def diagnose(what, got, exact, limit) -> str:
@@ -413,6 +453,29 @@ def diagnose(what, got, exact, limit) -> str:
     return "\n".join(lines)
 
 
+def oracle(case: Case, prob: dict, scale: float):
+    """(out, lse) of the float64 oracle and the limits of the tolerance rule on them: 2 x the naive
+    same-precision error + eps. fp8: the oracle of the dequantised values; naive: bf16 with P rounded
+    to e4m3, as the conformance suite defines it (fp32 would be stricter than the fp8 tensor cores' own
+    accumulation, whose scores carry ~1e-4 relative error: the first run's LSEs were 1.5-7e-4 off,
+    outputs well inside)."""
+    import torch
+
+    if case.fp8:
+        qkv = [dequantized(t, d) for t, d in zip((prob["q"], prob["k"], prob["v"]), prob["descales"])]
+        args = (*qkv, case, prob["cu_q"], prob["cu_k"], scale)
+        ex_o, ex_l = dense_reference(*args, torch.float64)
+        nv_o, nv_l = dense_reference(*args, torch.bfloat16, p_dtype=torch.float8_e4m3fn)
+        nv_o = nv_o.to(prob["out"].dtype)
+    else:
+        args = (prob["q"], prob["k"], prob["v"], case, prob["cu_q"], prob["cu_k"], scale)
+        ex_o, ex_l = dense_reference(*args, torch.float64)
+        nv_o, nv_l = dense_reference(*args, torch.bfloat16 if case.dtype == "bf16" else torch.float16)
+    lim_o = 2 * max_error(nv_o, ex_o) + EPS[case.dtype]
+    lim_l = 2 * max_error(nv_l, ex_l) + EPS[case.dtype]
+    return ex_o, ex_l, lim_o, lim_l
+
+
 def check_case(case: Case, seed: int) -> dict:
     """One case against the float64 oracle with the tolerance rule; guard bands; a bitwise repeat."""
     import torch
@@ -432,25 +495,13 @@ def check_case(case: Case, seed: int) -> dict:
     )  # fmt: skip
     if reasons:
         raise RuntimeError("declared unsupported: " + "; ".join(reasons))
+    if case.fp8:
+        poison_vt_allocation(case, prob)
     run_case(case, prob)
     torch.cuda.synchronize()
     out1, lse1 = prob["out"].clone(), prob["lse"].clone()
-    # fp8: the oracle of the dequantised values; naive: bf16 with P rounded to e4m3, as the conformance
-    # suite defines it (fp32 would be stricter than the fp8 tensor cores' own accumulation, whose
-    # scores carry ~1e-4 relative error: the first run's LSEs were 1.5-7e-4 off, outputs well inside)
-    if case.fp8:
-        qkv = [dequantized(t, d) for t, d in zip((prob["q"], prob["k"], prob["v"]), prob["descales"])]
-        args = (*qkv, case, prob["cu_q"], prob["cu_k"], scale)
-        ex_o, ex_l = dense_reference(*args, torch.float64)
-        nv_o, nv_l = dense_reference(*args, torch.bfloat16, p_dtype=torch.float8_e4m3fn)
-        nv_o = nv_o.to(out1.dtype)
-    else:
-        args = (prob["q"], prob["k"], prob["v"], case, prob["cu_q"], prob["cu_k"], scale)
-        ex_o, ex_l = dense_reference(*args, torch.float64)
-        nv_o, nv_l = dense_reference(*args, torch.bfloat16 if case.dtype == "bf16" else torch.float16)
+    ex_o, ex_l, lim_o, lim_l = oracle(case, prob, scale)
     err_o, err_l = max_error(out1, ex_o), max_error(lse1, ex_l)
-    lim_o = 2 * max_error(nv_o, ex_o) + EPS[case.dtype]
-    lim_l = 2 * max_error(nv_l, ex_l) + EPS[case.dtype]
     guard_o = bool((prob["o_buf"][prob["o_guard"]] == SENTINEL).all())
     guard_l = bool((prob["l_buf"][prob["l_guard"]] == SENTINEL).all())
     # a second run on the same inputs must give the same bits (a moving result is a race)
@@ -472,13 +523,17 @@ def check_case(case: Case, seed: int) -> dict:
     return entry
 
 
+def selected_cases(only: str | None) -> list[Case]:
+    """The check cases whose names contain one of the comma-separated substrings of ``only`` (None: all)."""
+    cases = check_cases()
+    return [c for c in cases if any(o in c.name for o in only.split(","))] if only else cases
+
+
 def phase_check(args) -> int:
     import torch
 
     results = []
-    cases = check_cases()
-    if args.only:
-        cases = [c for c in cases if any(o in c.name for o in args.only.split(","))]
+    cases = selected_cases(args.only)
     failures = 0
     for index, case in enumerate(cases):
         seed = 1000 + index + int(time.time()) % 1000
@@ -520,20 +575,24 @@ def _compile_one(item):
         return variant.label(), round(time.time() - t, 1), f"{type(error).__name__}: {str(error)[:3000]}"
 
 
-def all_variants():
+def all_variants(only: str | None = None):
+    """The variants of the run: every shipped one (with ``only``: none), the selected check cases' and
+    the bench cases'."""
     from flash_cuda import hopper_tiles, hopper_variants
 
-    found = set(hopper_variants.shipped_variants())
-    for case in check_cases():
+    found = set() if only else set(hopper_variants.shipped_variants())
+    for case in selected_cases(only):
         found.add(case.variant())
     for bc in bench_cases(os.environ.get("HOPPER_BENCH")):
         window = (-1, 0) if bc.causal else (-1, -1)
+        mask = hopper_tiles.mask_kind(window)
         for cfg in bc.configs:
             config = hopper_tiles.HopperConfig(*cfg) if cfg else hopper_tiles.config_for(bc.d, window, bc.seqlen)
-            found.add(hopper_variants.make_variant(config, bc.d, "bf16", hopper_tiles.mask_kind(window)))
+            found.add(hopper_variants.make_variant(config, bc.d, "bf16", mask))
         if bc.d in hopper_tiles.FP8_HEAD_DIMS:
             fp8 = hopper_tiles.config_for(bc.d, window, bc.seqlen, fp8=True)
-            found.add(hopper_variants.make_variant(fp8, bc.d, "e4m3", hopper_tiles.mask_kind(window)))
+            for transpose_v in (False, True)[: 2 if bc.fp8_ab else 1]:
+                found.add(hopper_variants.make_variant(fp8, bc.d, "e4m3", mask, transpose_v=transpose_v))
     return sorted(found, key=lambda v: v.label())
 
 
@@ -541,7 +600,7 @@ def phase_compile(args) -> int:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    variants = all_variants()
+    variants = all_variants(args.only)
     log(f"compiling {len(variants)} variants")
     bad = 0
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 4), mp_context=get_context("spawn")) as pool:
@@ -642,23 +701,8 @@ def phase_bench(args) -> int:
                 row[label] = None
                 log(f"  {label} failed: {type(error).__name__}: {error}")
                 traceback.print_exc()
-        if d in hopper_tiles.FP8_HEAD_DIMS:  # the same problem in e4m3 (per-head descales), bf16 out
-            try:
-                (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
-                fn = lambda: hopper.forward(  # noqa: E731
-                    q8, k8, v8, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
-                    scale=scale, q_descale=qd, k_descale=kd, v_descale=vd,
-                )  # fmt: skip
-                fn()
-                torch.cuda.synchronize()
-                row["fp8"] = tflops(fn)
-                row["fp8 maxdiff"] = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
-                log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} fp8 e4m3: {row['fp8']:.1f} TFLOP/s, "
-                    f"max |out - cuDNN bf16| {row['fp8 maxdiff']:.3g}")  # fmt: skip
-            except Exception as error:
-                row["fp8"] = None
-                log(f"  fp8 failed: {type(error).__name__}: {error}")
-                traceback.print_exc()
+        if d in hopper_tiles.FP8_HEAD_DIMS:
+            bench_fp8(row, bc, (q, k, v, out, lse), ref_out, tflops)
         time_peers(" again")  # cuDNN's speed moved by up to 13% between processes: timed before and after ours
         rows.append(row)
         log(json.dumps(row))
@@ -684,7 +728,88 @@ def phase_bench(args) -> int:
         fp8 = r.get("fp8")
         over_bf16 = f"{fp8 / ours:.2f}" if fp8 and ours else "-"
         log(f"{case:22s} {fmt(ours)} {fmt(cudnn)} {fmt(fa2)} {ratio:>6s} {fmt(fp8)} {over_bf16:>6s}  {cands}")
+    log_fp8_ab(rows)
     return 0
+
+
+def bench_fp8(row: dict, bc: BenchCase, tensors: tuple, ref_out, tflops) -> None:
+    """The bench case in e4m3 (per-head descales), bf16 out, into ``row``: "fp8" (the call, V^T
+    pre-pass included); with fp8_ab also "fp8 vt-in-kernel" (the measurement switch) and the
+    pre-pass alone (its time, bytes moved, and its output against the torch reference)."""
+    import torch
+    import triton
+
+    from flash_cuda import hopper
+
+    q, k, v, out, lse = tensors
+    b, s, h, d = q.shape
+    window = (-1, 0) if bc.causal else (-1, -1)
+    (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
+    for name, transpose_v in (("fp8", False), ("fp8 vt-in-kernel", True))[: 2 if bc.fp8_ab else 1]:
+        try:
+            fn = lambda transpose_v=transpose_v: hopper.forward(  # noqa: E731
+                q8, k8, v8, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
+                scale=1 / math.sqrt(d), q_descale=qd, k_descale=kd, v_descale=vd, transpose_v=transpose_v,
+            )  # fmt: skip
+            fn()
+            torch.cuda.synchronize()
+            row[name] = tflops(fn)
+            row[name + " maxdiff"] = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
+            log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} {name} e4m3: {row[name]:.1f} TFLOP/s, "
+                f"max |out - cuDNN bf16| {row[name + ' maxdiff']:.3g}")  # fmt: skip
+        except Exception as error:
+            row[name] = None
+            log(f"  {name} failed: {type(error).__name__}: {error}")
+            traceback.print_exc()
+    if not bc.fp8_ab:
+        return
+    prepass = hopper.plan_vt(v8, False, b, s, h, d, v8.get_device())
+    vt = torch.empty(prepass.shape, dtype=v8.dtype, device=v8.device)
+    fn = lambda: hopper.transpose_v_into(prepass, v8, None, vt, v8.get_device())  # noqa: E731
+    fn()
+    same = torch.equal(vt.view(torch.uint8), vt_reference(v8, None, s, prepass.shape).view(torch.uint8))
+    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    row.update({"prepass us": ms * 1e3, "prepass MB": prepass.bytes_moved / 1e6,
+                "prepass GB/s": prepass.bytes_moved / ms / 1e6, "prepass exact": same})  # fmt: skip
+    log(f"  pre-pass: {ms * 1e3:.1f} us, {prepass.bytes_moved / 1e6:.1f} MB moved "
+        f"({row['prepass GB/s']:.0f} GB/s), as the torch reference: {same}")  # fmt: skip
+
+
+def log_fp8_ab(rows: list[dict]) -> None:
+    """The fp8 A/B's table: the call with the pre-pass against the in-kernel transpose."""
+    rows = [r for r in rows if "fp8 vt-in-kernel" in r]
+    if not rows:
+        return
+    log("\nfp8 A/B (e4m3, TFLOP/s of the call; pre-pass: its own time and traffic, counted in the call)")
+    log(f"{'case':22s} {'bf16':>7s} {'pre-pass':>9s} {'in-kernel':>9s} {'x bf16':>6s}  pre-pass us / MB / GB/s")
+    for r in rows:
+        case = f"d{r['d']} s{r['seqlen']} {'causal' if r['causal'] else 'full'}"
+        ours, fp8, kernel = r.get("table") or 0, r.get("fp8") or 0, r.get("fp8 vt-in-kernel") or 0
+        over = f"{fp8 / ours:.2f}" if fp8 and ours else "-"
+        prepass = "{:.1f} / {:.1f} / {:.0f}".format(*(r.get(f"prepass {x}", 0) for x in ("us", "MB", "GB/s")))
+        log(f"{case:22s} {ours:7.1f} {fp8:9.1f} {kernel:9.1f} {over:>6s}  {prepass}")
+
+
+def vt_reference(v, cu_k, seqlen_k: int, shape: tuple[int, int, int, int]):
+    """What the fp8 forward's V^T pre-pass writes, by torch ops: per (sequence, KV head) head_dim rows of
+    the keys, padded with zeros to whole 32-key steps, each step's column 16h + 4t + 2a + c holding its
+    key 16h + 8a + 2t + c (P's register order); varlen (consistent cu_k): sequence i from column
+    32 (ceil(start / 32) + i), zeros between sequences."""
+    import torch
+
+    vt = torch.zeros(shape, dtype=torch.uint8, device=v.device)
+    if cu_k is None:
+        spans = [(i, 0, min(seqlen_k, v.shape[1]), 0) for i in range(v.shape[0])]
+    else:
+        cu = cu_k.tolist()
+        spans = [(0, cu[i], min(cu[i + 1] - cu[i], seqlen_k), 32 * (-(-cu[i] // 32) + i)) for i in range(len(cu) - 1)]
+    for batch, start, length, column in spans:
+        keys = v[batch, start : start + length].view(torch.uint8).permute(1, 2, 0)  # (heads, head_dim, keys)
+        padded = torch.nn.functional.pad(keys, (0, 32 * -(-length // 32) - length))
+        # a step's keys as digits (h, a, t, c), reordered to the columns' (h, t, a, c)
+        steps = padded.reshape(*padded.shape[:2], -1, 2, 2, 4, 2).permute(0, 1, 2, 3, 5, 4, 6).flatten(2)
+        vt[0 if cu_k is not None else batch, :, :, column : column + steps.shape[-1]] = steps
+    return vt.view(v.dtype)
 
 
 # ------------------------------------------------------------------ sanitizer
@@ -775,7 +900,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=sorted(PHASES), help="run one phase in this process")
     parser.add_argument("--phases", default="compile,smoke,check,bench,sanitize")
-    parser.add_argument("--only", help="check: comma-separated substrings of case names")
+    parser.add_argument("--only", help="check (and compile): comma-separated substrings of case names")
     parser.add_argument("--timeout", type=int, help="seconds per phase (default: LIMITS)")
     parser.add_argument("--sanitize-timeout", type=int, default=45)
     args = parser.parse_args()

@@ -12,7 +12,8 @@ Kernel-level API (what the backend wires in):
 - :func:`flash_cuda.hopper_tiles.config_for` -- the tile configuration of a problem class, from its
   table;
 - :func:`unsupported_reasons` -- why the kernel cannot take a problem (empty list: it can);
-- :func:`forward` -- fill ``out`` and ``lse`` with one launch on torch's current stream.
+- :func:`forward` -- fill ``out`` and ``lse`` with one launch on torch's current stream (fp8: two,
+  the V^T pre-pass first).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flash_cuda import hopper_tiles, hopper_variants, modules, tensor_map
+from flash_cuda.sources import inline_includes
 
 #: Torch names of the input types (:data:`flash_cuda.hopper_variants.INPUTS`).
 TORCH_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
@@ -31,6 +33,15 @@ UNBOUNDED_REACH = 1 << 30
 MAX_SEQLEN = (1 << 29) - 1
 MAX_TILES = 2**31 - 1
 LOG2E = 1.4426950408889634
+#: fp8: the V^T pre-pass (kernels/hopper_fwd_vt.cu): its chunk of keys and its block size.
+VT_FILE = "hopper_fwd_vt.cu"
+VT_KERNEL = "flash_fwd_vt"
+VT_CHUNK = 64
+VT_THREADS = 256
+#: Pre-pass blocks per SM (each loops over its share of chunks).
+VT_BLOCKS_PER_SM = 16
+#: A V^T row's columns (keys plus padding) stay below this: 32-bit TMA coordinates with room for a block.
+MAX_VT_COLUMNS = 1 << 30
 
 
 # ------------------------------------------------------------------ compile (CuPy) and launch
@@ -41,6 +52,20 @@ def kernel(variant: hopper_variants.HopperVariant, device_index: int) -> int:
     build = lambda: (hopper_variants.source(variant), variant.options())  # noqa: E731
     kernel_name = hopper_variants.KERNEL_NAME
     return modules.functions(variant, device_index, build, (kernel_name,), variant.launch_smem)[0]
+
+
+def vt_source() -> str:
+    return inline_includes(VT_FILE)
+
+
+def vt_options() -> tuple[str, ...]:
+    return (*hopper_variants.BASE_OPTIONS, f"-arch={hopper_variants.ARCH}")
+
+
+def vt_kernel(device_index: int) -> int:
+    """The CUfunction of the fp8 V^T pre-pass on a device."""
+    build = lambda: (vt_source(), vt_options())  # noqa: E731
+    return modules.functions("fp8 V^T pre-pass", device_index, build, (VT_KERNEL,))[0]
 
 
 #: The variant of a problem class (:func:`flash_cuda.hopper_variants.make_variant`), made once.
@@ -121,6 +146,8 @@ def problem_reasons(
         reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
         reasons.append(f"sequences longer than {MAX_SEQLEN} tokens (32-bit tile arithmetic)")
+    elif fp8 and vt_columns(seqlen_k, total_k, batch, varlen=True) > MAX_VT_COLUMNS:
+        reasons.append(f"fp8: keys plus 32 per sequence past {MAX_VT_COLUMNS} (the V^T pre-pass's columns)")
     elif head_dim <= widest and heads_kv > 0:
         config = hopper_tiles.config_for(head_dim, window, seqlen_k, fp8)
         if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
@@ -214,13 +241,20 @@ def unsupported_reasons(
 
 #: The kernel's parameters (kernels/hopper_fwd.cu) in order, as tensor_map kinds.
 PARAMETERS = tensor_map.ParamLayout(
-    ("map",) * 3  # the tensor maps of q, k, v
+    ("map",) * 3  # the tensor maps of q, k, v (fp8: the pre-pass's V^T)
     + ("ptr",) * 4  # o, lse, cu_q, cu_k
     + ("i64",) * 6  # strides of o and lse
     + ("i32",) * 12  # seqlen_q ... blocks_outer
     + ("f32",) * 2  # score_log2, softcap_in
     + ("ptr",) * 3  # the descales of q, k, v
     + ("i64",) * 6  # their (batch, head) strides
+)
+#: The fp8 V^T pre-pass's parameters (kernels/hopper_fwd_vt.cu) in order.
+VT_PARAMETERS = tensor_map.ParamLayout(
+    ("ptr",) * 3  # v, vt, cu_k
+    + ("i64",) * 4  # strides of v, vt's row
+    + ("i32",) * 6  # seqlen_k ... chunks
+    + ("i64",)  # items
 )
 
 
@@ -283,6 +317,15 @@ def geometry(t: Any, rows: int, dtype: str, slab: int, swizzle: int, varlen: boo
     return MapGeometry(dtype, (d, h, s, 1 if varlen else b), tuple(_map_strides(t)), (slab, 1, rows, 1), swizzle)
 
 
+def vt_geometry(shape: tuple[int, int, int, int], variant: hopper_variants.HopperVariant) -> MapGeometry:
+    """The TMA map of the pre-pass's contiguous V^T ``(batch, heads_kv, head_dim, columns)``: dims
+    (columns, head_dim, heads, batch), boxes of one key block by the compiled head dim, swizzled by
+    the block's row of block_n bytes."""
+    b, h, d, n = shape
+    return MapGeometry("u8", (n, d, h, b), (n, d * n, h * d * n), (variant.block_n, variant.head_dim, 1, 1),
+                       variant.block_n)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=1024)
 def map_bytes(address: int, geometry: MapGeometry) -> bytes:
     """A tensor map's 128 bytes, encoded once per address (the kernel copies it by value at launch)."""
@@ -290,10 +333,64 @@ def map_bytes(address: int, geometry: MapGeometry) -> bytes:
     return bytes(tensor_map.encode_tiled(address, g.dtype, g.dims, g.strides, g.box, g.swizzle))
 
 
+# ------------------------------------------------------------------ fp8: the V^T pre-pass
+
+
+def vt_columns(seqlen_k: int, total_k: int, sequences: int, varlen: bool) -> int:
+    """Columns of a row of the pre-pass's V^T: the keys in whole 32-key steps (at least one: a TMA
+    dimension is never empty); varlen: each sequence from a step boundary, at most 32 columns past the
+    previous one's end (vt_sequence_start in kernels/hopper_vt.cuh)."""
+    if varlen:
+        return 32 * (-(-total_k // 32) + sequences)
+    return 32 * max(1, -(-seqlen_k // 32))
+
+
+def vt_chunks(seqlen_k: int, varlen: bool) -> int:
+    """The pre-pass's chunks per (sequence, KV head): they cover a sequence's usual columns, its padded
+    keys and (varlen) up to a step of gap; the kernel loops over longer ones."""
+    return -(-(32 * -(-seqlen_k // 32) + (32 if varlen else 0)) // VT_CHUNK)
+
+
+@dataclass(frozen=True, eq=False)
+class VtPrepass:
+    """One problem's V^T pre-pass: V into ``shape`` = (batch (varlen: 1), heads_kv, head_dim, columns)."""
+
+    packed: tensor_map.PackedLaunch
+    grid: int
+    shape: tuple[int, int, int, int]
+    scalars: tuple[int, ...]  # the parameters from V's strides on
+    bytes_moved: int  # global memory read (V's keys once; varlen: at most) and written (all of V^T)
+
+
+def plan_vt(v: Any, varlen: bool, sequences: int, seqlen_k: int, heads_kv: int, head_dim: int,
+            device: int) -> VtPrepass:  # fmt: skip
+    """The pre-pass of V (a canonical (b, s, h, d) view; varlen: batch 1 of ``sequences``)."""
+    columns = vt_columns(seqlen_k, v.shape[1], sequences, varlen)
+    chunks = vt_chunks(seqlen_k, varlen)
+    items = sequences * heads_kv * chunks
+    scalars = (*v.stride()[:3], columns, seqlen_k, v.shape[1], heads_kv, head_dim, sequences, chunks, items)
+    shape = (1 if varlen else sequences, heads_kv, head_dim, columns)
+    grid = min(items, VT_BLOCKS_PER_SM * _sm_count(device))
+    keys = v.shape[1] if varlen else sequences * min(seqlen_k, v.shape[1])
+    moved = keys * heads_kv * head_dim + math.prod(shape)
+    return VtPrepass(tensor_map.packed_launch(vt_kernel(device), VT_PARAMETERS), grid, shape, scalars, moved)
+
+
+def transpose_v_into(prepass: VtPrepass, v: Any, cu_k: Any, vt: Any, device: int) -> None:
+    """Fill ``vt`` (``prepass.shape``, contiguous) with V^T on torch's current stream: every column,
+    zeros past each sequence's keys."""
+    values = (v.data_ptr(), vt.data_ptr(), 0 if cu_k is None else cu_k.data_ptr(), *prepass.scalars)
+    on_current_stream(prepass.packed, device, prepass.grid, VT_THREADS, 0, values)
+
+
+# ------------------------------------------------------------------ the forward
+
+
 @dataclass(frozen=True, eq=False)
 class Launch:
     """What one problem's launches share, decided on its first call: the kernel and its parameter
-    packing, the grid, the tensor maps' geometry and every parameter that is not an address."""
+    packing, the grid, the tensor maps' geometry and every parameter that is not an address; fp8:
+    the V^T pre-pass (None: the kernel reads V itself)."""
 
     packed: tensor_map.PackedLaunch
     grid: int
@@ -302,6 +399,7 @@ class Launch:
     maps: tuple[MapGeometry, MapGeometry, MapGeometry]
     scalars: tuple[int | float, ...]
     descale_strides: tuple[int, ...]
+    prepass: VtPrepass | None
 
 
 #: Launches by problem key (:func:`forward`); cleared when full (a key holds shapes, not tensors).
@@ -312,7 +410,7 @@ MAX_LAUNCHES = 1024
 def _plan_launch(
     q: Any, k: Any, v: Any, out: Any, lse: Any, cu_q: Any, *, seqlen_q: int, seqlen_k: int, heads_q: int,
     heads_kv: int, head_dim: int, window: tuple[int, int], softcap: float, scale: float,
-    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], device: int,
+    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], transpose_v: bool, device: int,
 ) -> Launch | None:  # fmt: skip
     """The :class:`Launch` of a problem (None: no tiles, nothing to launch)."""
     varlen = cu_q is not None
@@ -321,7 +419,7 @@ def _plan_launch(
     fp8 = dtype in hopper_variants.FP8_INPUTS
     config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8)
     out_dtype = (input_name(out.dtype) or "") if fp8 else ""
-    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window), out_dtype)
+    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window), out_dtype, fp8 and transpose_v)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -338,14 +436,19 @@ def _plan_launch(
         m_blocks=m_blocks, tiles=tiles, window=window, order=order, softcap=softcap, scale=scale,
     )  # fmt: skip
     moved = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
+    prepass = None
+    v_map = geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen)
+    if fp8 and not variant.transpose_v:
+        prepass = plan_vt(v, varlen, batch, seqlen_k, heads_kv, head_dim, device)
+        v_map = vt_geometry(prepass.shape, variant)
     maps = (
         geometry(q, variant.block_m, moved, variant.slab, variant.swizzle, varlen),
         geometry(k, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
-        geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
+        v_map,
     )
     packed = tensor_map.packed_launch(kernel(variant, device), PARAMETERS)
     strides = tuple(s for d in descales for s in _descale_strides(d))
-    return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides)
+    return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides, prepass)
 
 
 def forward(
@@ -369,16 +472,19 @@ def forward(
     q_descale: Any = None,
     k_descale: Any = None,
     v_descale: Any = None,
+    transpose_v: bool = False,
 ) -> None:
     """Fill ``out`` (the inputs' dtype; bf16 or fp16 for fp8 inputs) and ``lse`` (float32) with one
     launch on torch's current stream. fp8 inputs: the values are ``q * q_descale`` and so on (float32
-    descale factors, one value or one per (batch, head); None: 1).
+    descale factors, one value or one per (batch, head); None: 1); a pre-pass launched first writes V^T
+    into a buffer of torch's caching allocator (:class:`VtPrepass`). ``transpose_v`` (fp8): the kernel
+    transposes V in shared memory instead, a measurement switch for one device A/B (the loser goes).
 
     ``q, k, v, out``: canonical ``(batch, seqlen, heads, head_dim)`` views, any strides TMA takes
     (:func:`unsupported_reasons`); varlen: batch 1, seqlen = total tokens, int32 ``cu_seqlens_*``
     of the sequences' offsets and ``seqlen_q/k`` their maxima. ``lse``: ``(batch, heads_q, seqlen_q)``
     (varlen ``(1, heads_q, total_q)``). ``window = (left, right)``, -1 unbounded (causal: (-1, 0)).
-    No host synchronisation and no allocation: CUDA-graph capturable.
+    No host synchronisation and no allocation but fp8's V^T: CUDA-graph capturable.
 
     The host path is the per-call cost of small problems (decoding): everything but the addresses is
     decided once per problem (:class:`Launch`), tensor maps are encoded once per address.
@@ -392,7 +498,7 @@ def forward(
     key = (
         q.dtype, out.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(),
         None if cu_q is None else cu_q.shape, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window,
-        softcap, scale, config, device,
+        softcap, scale, config, transpose_v, device,
         *[None if d is None else (d.shape, d.stride()) for d in descales],
     )  # fmt: skip
     try:
@@ -403,13 +509,20 @@ def forward(
         launch = _launches[key] = _plan_launch(
             q, k, v, out, lse, cu_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_kv=heads_kv,
             head_dim=head_dim, window=window, softcap=softcap, scale=scale, config=config,
-            descales=descales, device=device,
+            descales=descales, transpose_v=transpose_v, device=device,
         )  # fmt: skip
     if launch is None:
         return
+    v_address = v.data_ptr()
+    if launch.prepass is not None:
+        import torch
+
+        vt = torch.empty(launch.prepass.shape, dtype=v.dtype, device=v.device)  # lives until both are enqueued
+        transpose_v_into(launch.prepass, v, cu_k, vt, device)
+        v_address = vt.data_ptr()
     gq, gk, gv = launch.maps
     values = (
-        map_bytes(q.data_ptr(), gq), map_bytes(k.data_ptr(), gk), map_bytes(v.data_ptr(), gv),
+        map_bytes(q.data_ptr(), gq), map_bytes(k.data_ptr(), gk), map_bytes(v_address, gv),
         out.data_ptr(), lse.data_ptr(), 0 if cu_q is None else cu_q.data_ptr(), 0 if cu_k is None else cu_k.data_ptr(),
         *launch.scalars, *[0 if d is None else d.data_ptr() for d in descales], *launch.descale_strides,
     )  # fmt: skip

@@ -89,8 +89,7 @@ _FP8 = (
     "timed on the H200 2026-12-02 (PERF_NOTES.md), not compared with others"
 )
 
-#: fp8 inputs (e4m3, e5m2): key blocks of 64 or 128 (a V^T row is one swizzle span); more keys per
-#: block than for 16 bits would not fit the V^T ring.
+#: fp8 inputs (e4m3, e5m2): key blocks of 64 or 128 (a V^T row is one swizzle span, one TMA box row).
 FP8_TABLE: tuple[TableRow, ...] = (
     TableRow(64, MASK_NONE, None, HopperConfig(2, 128), _FP8),
     TableRow(64, MASK_RIGHT, None, HopperConfig(2, 128, "auto"), _FP8),

@@ -30,17 +30,20 @@
 // skipped.
 //
 // fp8 inputs (e4m3, e5m2) use the same pipeline with Hopper's 8-bit wgmma (k = 32 bytes per step),
-// which reads both operands K-major: for O += P V that means V with the keys contiguous. The three
-// spare warps of the producer warpgroup transpose each V block in shared memory into a V^T ring
-// (byte shuffles, no pass over global memory), keys in the order P's registers hold them, so that
-// P goes from the S accumulator to the 8-bit A operand without crossing lanes. The descale factors
-// of Q and K fold into the tile's score scale, that of V into the output's normalisation.
+// which reads both operands K-major: for O += P V that means V with the keys contiguous, in the order
+// P's registers hold them (fp8_key), so that P goes from the S accumulator to the 8-bit A operand
+// without crossing lanes. A pre-pass (hopper_fwd_vt.cu) writes that V^T to global memory and the
+// producer TMA-loads its tiles into the V ring. Measurement switch (TRANSPOSE_V, one device A/B; the
+// loser goes): the three spare warps of the producer warpgroup transpose each V block in shared
+// memory into a V^T ring instead. The descale factors of Q and K fold into the tile's score scale,
+// that of V into the output's normalisation.
 //
 // Masking (flash.masking, bottom-right aligned): query row i of a sequence sees key j iff
 // j < len_k and -left <= j - i - (len_k - len_q) <= right.
 #pragma once
 
 #include "hopper_primitives.cuh"
+#include "hopper_vt.cuh"
 
 namespace flash_cuda {
 namespace hopper {
@@ -55,7 +58,7 @@ constexpr int TURN_BARRIER = 1;
 // Input element types (Shape::INPUT).
 constexpr int INPUT_F16 = 0, INPUT_BF16 = 1, INPUT_E4M3 = 2, INPUT_E5M2 = 3;
 
-template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_>
+template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_, bool TRANSPOSE_V_>
 struct Shape {
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
@@ -66,6 +69,9 @@ struct Shape {
   static constexpr int STAGES = 2;
   static constexpr int INPUT = INPUT_;
   static constexpr bool FP8 = INPUT == INPUT_E4M3 || INPUT == INPUT_E5M2;
+  // fp8: V is transposed here, by the producer's spare warps, not by the pre-pass (a measurement
+  // switch for one device A/B: the loser goes).
+  static constexpr bool TRANSPOSE_V = FP8 && TRANSPOSE_V_;
   static constexpr bool OUT_BF16 = OUT_BF16_;  // the output's type: bf16, else fp16
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (sliding window)
   static constexpr int BM = 64 * CONSUMERS;
@@ -73,22 +79,23 @@ struct Shape {
   static constexpr int ELEM = FP8 ? 1 : 2;                          // bytes per input element
   static constexpr int SWIZZLE = (D * ELEM) % 128 == 0 ? 128 : 64;  // bytes of a slab row, the swizzle span
   static constexpr int SLAB = SWIZZLE / ELEM;                       // columns of one swizzle slab
-  // Shared memory (from a 1024-byte aligned base): the Q, K and V rings, for fp8 the V^T ring, then
-  // the mbarriers.
+  // Shared memory (from a 1024-byte aligned base): the Q, K and V rings (fp8: V^T tiles as the
+  // pre-pass wrote them), with TRANSPOSE_V the V^T ring, then the mbarriers.
   static constexpr int Q_BYTES = BM * D * ELEM;
   static constexpr int KV_BYTES = BN * D * ELEM;
   static constexpr int K_OFFSET = Q_STAGES * Q_BYTES;
   static constexpr int V_OFFSET = K_OFFSET + STAGES * KV_BYTES;
-  static constexpr int VT_OFFSET = V_OFFSET + STAGES * KV_BYTES;
-  static constexpr int BARRIER_OFFSET = VT_OFFSET + (FP8 ? STAGES * KV_BYTES : 0);
-  static constexpr int BARRIERS = 2 * Q_STAGES + (FP8 ? 6 : 4) * STAGES;
+  static constexpr int VT_OFFSET = TRANSPOSE_V ? V_OFFSET + STAGES * KV_BYTES : V_OFFSET;
+  static constexpr int BARRIER_OFFSET = VT_OFFSET + STAGES * KV_BYTES;
+  static constexpr int BARRIERS = 2 * Q_STAGES + (TRANSPOSE_V ? 6 : 4) * STAGES;
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
-  // Warps 1-3 of the producer warpgroup transpose fp8 V blocks (warp 0 issues the TMA loads).
-  static constexpr int TRANSPOSERS = FP8 ? 3 : 0;
-  // Register split of the 64K-register file: the producer keeps the minimum (fp8: the transposers
-  // need 48, for two tasks' loads in flight and a window's tile bounds).
-  static constexpr int PRODUCER_REGISTERS = FP8 ? 48 : CONSUMERS == 2 ? 24 : 32;
-  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (FP8 ? 224 : 240) : (FP8 ? 152 : 160);
+  // With TRANSPOSE_V, warps 1-3 of the producer warpgroup transpose V blocks (warp 0 issues the TMA
+  // loads).
+  static constexpr int TRANSPOSERS = TRANSPOSE_V ? 3 : 0;
+  // Register split of the 64K-register file: the producer keeps the minimum (the transposers need
+  // 48, for two tasks' loads in flight and a window's tile bounds).
+  static constexpr int PRODUCER_REGISTERS = TRANSPOSE_V ? 48 : CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (TRANSPOSE_V ? 224 : 240) : (TRANSPOSE_V ? 152 : 160);
   // What each thread holds at launch (__launch_bounds__(THREADS, 1): the register file, in 8s).
   static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
 
@@ -197,13 +204,6 @@ __device__ __forceinline__ void to_operand(Acc<N>& s, Operand<N, 1>& p) {
   }
 }
 
-// The key that column k of a k32 step of P holds, relative to the step's first key (to_operand):
-// columns 16h + 4t + m hold key 16h + 8 (m / 2) + 2t + m % 2.
-__device__ __forceinline__ int fp8_key(int k) {
-  const int h = k / 16, t = (k % 16) / 4, m = k % 4;
-  return 16 * h + 8 * (m / 2) + 2 * t + m % 2;
-}
-
 // ------------------------------------------------------------------ shared-memory tiles and products
 
 // A (ROWS x D) tile as TMA leaves it: D / SLAB slabs of ROWS rows of SWIZZLE bytes, the 16-byte
@@ -235,7 +235,7 @@ struct SmemTile {
 };
 
 // V^T of an fp8 key block: D rows of BN keys, one slab of BN-byte rows (the swizzle span), the keys
-// of each k32 step in fp8_key order.
+// of each k32 step in fp8_key order (as TMA leaves a box of the pre-pass's V^T, or the transposers).
 template <class S>
 struct VtTile {
   u32 base;
@@ -476,11 +476,12 @@ __device__ __forceinline__ Tile make_tile(const Params& p, int index) {
   t.len_q = p.seqlen_q;
   t.len_k = p.seqlen_k;
   if (p.cu_q != nullptr) {
-    // Offsets clamped into the packed tensors: inconsistent cu_seqlens never address outside them.
-    t.q_start = min(max(p.cu_q[t.batch], 0), p.total_q);
-    t.k_start = min(max(p.cu_k[t.batch], 0), p.total_k);
-    t.len_q = min(min(max(p.cu_q[t.batch + 1], t.q_start), p.total_q) - t.q_start, p.seqlen_q);
-    t.len_k = min(min(max(p.cu_k[t.batch + 1], t.k_start), p.total_k) - t.k_start, p.seqlen_k);
+    const PackedRange q = packed_range(p.cu_q, t.batch, p.total_q, p.seqlen_q);
+    const PackedRange k = packed_range(p.cu_k, t.batch, p.total_k, p.seqlen_k);
+    t.q_start = q.start;
+    t.len_q = q.len;
+    t.k_start = k.start;
+    t.len_k = k.len;
     t.batch_coord = 0;
   }
   t.n_lo = t.n_hi = 0;
@@ -523,12 +524,15 @@ struct Smem {
   __device__ __forceinline__ u32 v_empty(int stage) const { return barrier(2 * S::Q_STAGES + 3 * S::STAGES + stage); }
   __device__ __forceinline__ u32 vt_full(int stage) const { return barrier(2 * S::Q_STAGES + 4 * S::STAGES + stage); }
   __device__ __forceinline__ u32 vt_empty(int stage) const { return barrier(2 * S::Q_STAGES + 5 * S::STAGES + stage); }
-  // The buffer O += P V reads (V, or for fp8 V^T) and its barriers.
-  __device__ __forceinline__ u32 pv_full(int stage) const { return S::FP8 ? vt_full(stage) : v_full(stage); }
-  __device__ __forceinline__ u32 pv_empty(int stage) const { return S::FP8 ? vt_empty(stage) : v_empty(stage); }
+  // The barriers of the buffer O += P V reads: V's, or the V^T ring's when V is transposed here.
+  __device__ __forceinline__ u32 pv_full(int stage) const { return S::TRANSPOSE_V ? vt_full(stage) : v_full(stage); }
+  __device__ __forceinline__ u32 pv_empty(int stage) const {
+    return S::TRANSPOSE_V ? vt_empty(stage) : v_empty(stage);
+  }
 
   // Full barriers take the producer's one arrival (plus the TMA bytes); empty ones one arrival per
-  // consumer warp, each after its own wgmma_wait. fp8: the transposer warps empty V and fill V^T.
+  // consumer warp, each after its own wgmma_wait. TRANSPOSE_V: the transposer warps empty V and fill
+  // V^T.
   __device__ void init() const {
 #pragma unroll
     for (int st = 0; st < S::Q_STAGES; ++st) {
@@ -540,8 +544,8 @@ struct Smem {
       mbarrier_init(k_full(st), 1);
       mbarrier_init(k_empty(st), 4 * S::CONSUMERS);
       mbarrier_init(v_full(st), 1);
-      mbarrier_init(v_empty(st), S::FP8 ? S::TRANSPOSERS : 4 * S::CONSUMERS);
-      if (S::FP8) {
+      mbarrier_init(v_empty(st), S::TRANSPOSE_V ? S::TRANSPOSERS : 4 * S::CONSUMERS);
+      if (S::TRANSPOSE_V) {
         mbarrier_init(vt_full(st), S::TRANSPOSERS);
         mbarrier_init(vt_empty(st), 4 * S::CONSUMERS);
       }
@@ -612,6 +616,8 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
     const Tile t = make_tile<S>(p, index);
     if (!t.has_keys()) continue;
     const int kv_head = t.head / p.group;
+    // fp8: the pre-pass's V^T column of the tile's first key
+    const int vt_start = p.cu_q != nullptr ? (int)vt_sequence_start(t.k_start, t.batch) : 0;
     auto load_kv = [&](int n) {
       const int row = t.k_start + n * S::BN;
       mbarrier_wait(sm.k_empty(ring.stage), ring.phase ^ 1);
@@ -619,7 +625,13 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
       tma_load_tile(sm.k(ring.stage), k_map, sm.k_full(ring.stage), kv_head, row, t.batch_coord);
       mbarrier_wait(sm.v_empty(ring.stage), ring.phase ^ 1);
       mbarrier_arrive_expect(sm.v_full(ring.stage), S::KV_BYTES);
-      tma_load_tile(sm.v(ring.stage), v_map, sm.v_full(ring.stage), kv_head, row, t.batch_coord);
+      if constexpr (S::FP8 && !S::TRANSPOSE_V) {
+        // one box of V^T: D rows (head dims) of BN keys
+        tma_load_4d(sm.vt(ring.stage).base, v_map, sm.v_full(ring.stage), vt_start + n * S::BN, 0, kv_head,
+                    t.batch_coord);
+      } else {
+        tma_load_tile(sm.v(ring.stage), v_map, sm.v_full(ring.stage), kv_head, row, t.batch_coord);
+      }
       ring.advance();
     };
     // With one Q buffer, Q frees only when the consumers have issued the previous tile's last
@@ -639,7 +651,7 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
   }
 }
 
-// ------------------------------------------------------------------ fp8: transposers
+// ------------------------------------------------------------------ fp8: transposers (TRANSPOSE_V)
 
 // Warps 1..TRANSPOSERS of the producer warpgroup (`thread` counts from warp 1's lane 0): every V block,
 // in the producer's order, into the V^T ring.
@@ -952,7 +964,7 @@ __device__ __forceinline__ void forward(const Params& p, const TensorMap* q_map,
   if (wg == 0) {
     registers_decrease<S::PRODUCER_REGISTERS>();
     if (threadIdx.x == 0) produce<S>(p, sm, q_map, k_map, v_map);
-    if constexpr (S::FP8) {
+    if constexpr (S::TRANSPOSE_V) {
       if (threadIdx.x >= 32) transpose<S>(p, sm, threadIdx.x - 32);
     }
   } else {
