@@ -148,6 +148,27 @@ def test_inference_only() -> None:
         _call(q=torch.randn(2, 1, 4, 16, dtype=torch.float16, requires_grad=True))
 
 
+#: Page sizes against the triton kernel's tiles (16 keys in the interpreter, 64 on an H200): several
+#: pages per tile, one, a tile per page or several; powers of two take the kernel's per-page path,
+#: the others its per-key one.
+PAGE_SIZES = (1, 4, 16, 64, 256, 12)
+PAGED_BASE = KVCase("pages", lengths=(37, 0, 70, 5), capacity=80, seqlen_q=2, seqlen_new=2, causal=True,
+                    num_splits=3, dtype=torch.bfloat16)  # fmt: skip
+PAGED_OPTIONS = {"splits": {}, "window_sink_tokens": {"window": (20, 0), "sink_tokens": 3, "num_splits": 2}}
+
+
+@pytest.mark.parametrize("options", PAGED_OPTIONS, ids=list(PAGED_OPTIONS))
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_page_sizes(backend: str, page_size: int, options: str, seed: int) -> None:
+    """Every page size against the oracle with guarded caches: tiles that span pages, start them, or
+    lie inside one; full and masked tiles, splits and a window's edges among them."""
+    case = dataclasses.replace(PAGED_BASE, name=f"pages_{page_size}", page_size=page_size, **PAGED_OPTIONS[options])
+    require_usable(backend)
+    if kv_declared_reasons(backend, case, "cpu"):
+        pytest.skip(f"{backend} has no KV-cache pass for this case")
+    check_kvcache(backend, case, "cpu", seed)
+
+
 CLAMP_BASE = KVCase("clamp", lengths=(22, 0, 17), capacity=24, seqlen_new=2, seqlen_q=2, causal=True)
 
 
@@ -159,6 +180,12 @@ CLAMPED = [  # (case, what replaces a checked argument: a function of the checke
     (dataclasses.replace(CLAMP_BASE, name="lengths"), "cache_seqlens", lambda t: _int32(1 << 30, -7, 17)),
     (dataclasses.replace(CLAMP_BASE, name="pages", page_size=5), "block_table",
      lambda t: torch.where(torch.arange(t.shape[1]) % 2 == 0, t, _int32(1 << 30, -3, 99)[:, None])),
+    (dataclasses.replace(CLAMP_BASE, name="pages_4", page_size=4), "block_table",
+     lambda t: torch.where(torch.arange(t.shape[1]) % 2 == 0, t, _int32(1 << 30, -3, 99)[:, None])),
+    (dataclasses.replace(CLAMP_BASE, name="pages_16", page_size=16), "block_table",
+     lambda t: torch.where(torch.arange(t.shape[1]) % 2 == 0, t, _int32(1 << 30, -3, 99)[:, None])),
+    (dataclasses.replace(CLAMP_BASE, name="pages_64", page_size=64), "block_table",  # one page: all bad
+     lambda t: _int32(1 << 30, -3, 99)[:, None].expand_as(t).contiguous()),
     (dataclasses.replace(CLAMP_BASE, name="rows", batch_idx=True), "cache_batch_idx", lambda t: _int32(-4, 99, 1)),
 ]  # fmt: skip
 

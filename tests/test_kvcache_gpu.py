@@ -35,6 +35,29 @@ def test_conformance_gpu(backend: str, case: KVCase) -> None:
     torch.cuda.synchronize()
 
 
+#: Page sizes against the triton kernel's 64-key tiles at real sizes: several pages per tile, a tile
+#: per page, several tiles per page (per-page path), and one that is not a power of two (per key).
+GPU_PAGES = [
+    pytest.param(page, id=f"pages_{page}", marks=pytest.mark.xdist_group(f"kv-pages-{page}"))
+    for page in (1, 16, 64, 256, 48)
+]
+
+
+@pytest.mark.parametrize("page_size", GPU_PAGES)
+def test_page_sizes_gpu(backend: str, page_size: int) -> None:
+    if backend == "reference":
+        pytest.skip("the reference backend is checked on the CPU tier")
+    case = KVCase("pages", lengths=(4095, 17, 5000, 0), capacity=5120, heads_q=32, heads_kv=8, head_dim=128,
+                  dtype=torch.bfloat16, seqlen_q=2, seqlen_new=2, causal=True, window=(3000, 0), sink_tokens=5,
+                  page_size=page_size)  # fmt: skip
+    require_usable(backend)
+    reasons = kv_declared_reasons(backend, case, "cuda")
+    if reasons:
+        pytest.skip(f"{backend} declares: {'; '.join(reasons)}")
+    check_kvcache(backend, case, "cuda", seed_for(f"pages-{page_size}"))
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("case, argument, bad", CLAMPED, ids=[case.name for case, _, _ in CLAMPED])
 def test_unchecked_values_are_clamped_on_the_gpu(backend: str, case: KVCase, argument: str, bad) -> None:
     if backend == "reference":

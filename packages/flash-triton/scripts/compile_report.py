@@ -42,6 +42,55 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 RESULTS: list[dict] = []
 
 
+def ptx_loops(ptx: str) -> list[dict]:
+    """Per-thread costs of each loop of the PTX that holds a matrix product (a kernel's tile loops, in
+    order): instructions; 16-byte asynchronous copies (K/V rows) and 4-byte ones (block-table
+    entries); synchronous global loads; copy groups committed per iteration and the ``wait_group``
+    count (groups left in flight while a tile is used: over the groups per tile, the tiles ahead);
+    integer divisions/remainders and 64-bit multiplies (address arithmetic)."""
+    lines = ptx.splitlines()
+    labels: dict[str, int] = {}
+    found = []
+    for i, line in enumerate(lines):
+        label = re.match(r"^(\$L__BB\d+_\d+):", line)
+        if label:
+            labels[label.group(1)] = i
+        back = re.search(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if not back or labels.get(back.group(1), i) >= i:
+            continue
+        body = lines[labels[back.group(1)] : i + 1]
+        text = "\n".join(body)
+        if "mma.sync" not in text:
+            continue
+        waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", text)]
+        found.append(
+            {
+                "instructions": sum(1 for x in body if x.strip() and not x.strip().startswith(("//", "$", "{", "}"))),
+                "copies_16B": len(re.findall(r"cp\.async\.cg\.shared\.global[^\n]*, 0x10", text)),
+                "copies_4B": len(re.findall(r"cp\.async\.ca\.shared\.global[^\n]*, 0x4", text)),
+                "ld_global": len(re.findall(r"\bld\.global", text)),
+                "groups": len(re.findall(r"cp\.async\.commit_group", text)),
+                "wait_group": min(waits) if waits else -1,
+                "div_rem": len(re.findall(r"\b(?:div|rem)\.[su](?:32|64)", text)),
+                "mul64": len(re.findall(r"\bmul\.(?:wide\.[su]32|lo\.[su]64)", text)),
+            }
+        )
+    return found
+
+
+def sass_loop_sizes(sass: str) -> list[int]:
+    """SASS instructions in each loop that holds a matrix product (HMMA/HGMMA), in order."""
+    code = [(int(a, 16), t) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    sizes = []
+    for address, text in code:
+        back = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", text)
+        if back and int(back.group(1), 16) < address:
+            body = [t for a, t in code if int(back.group(1), 16) <= a <= address]
+            if any(re.search(r"\bH(?:G)?MMA\b", t) for t in body):
+                sizes.append(len(body))
+    return sizes
+
+
 def resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
         fh.write(cubin)
@@ -67,6 +116,7 @@ def resources(cubin: bytes) -> dict:
         "hmma": len(re.findall(r"\bHMMA\b", sass)),
         "ldl_stl": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
         "tma": len(re.findall(r"\bUTMALDG\b", sass)),
+        "sass_loops": sass_loop_sizes(sass),
     }
 
 
@@ -98,6 +148,7 @@ class _Compiler:
                 **{k: v for k, v in kwargs.items() if k.isupper()},
             }
             row.update(resources(kernel.asm["cubin"]))
+            row["loops"] = ptx_loops(kernel.asm["ptx"])
             dump = os.environ.get("FLASH_COMPILE_REPORT_DUMP")
             if dump:  # the TTGIR of each kernel, to see what the software pipeliner made of its loads
                 path = os.path.join(dump, f"{self.fn.__name__}-{self.label.replace(' ', '_')}.ttgir")
@@ -157,9 +208,11 @@ def _shim(arch: int, label: str):
 DECODE_KERNELS = ("kv_append_kernel", "kv_decode_kernel", "kv_combine_kernel")
 
 
-def run_decode(arch: int, label: str, head_dim: int = 128, splits: int = 4, **options) -> None:
+def run_decode(arch: int, label: str, head_dim: int = 128, splits: int = 4, knobs: dict | None = None,
+               **options) -> None:  # fmt: skip
     """Compile the KV-cache kernels of a bf16 call: batch 16, GQA 32/8, 4096 keys, one new token;
-    ``options`` are :func:`flash.attention_with_kvcache`'s (``page_size`` makes the cache paged)."""
+    ``options`` are :func:`flash.attention_with_kvcache`'s (``page_size`` makes the cache paged),
+    ``knobs`` change the table's configuration."""
     from flash import heuristics
     from flash.backend import DecodeArgs
     from flash.heuristics import decode as decode_heuristics
@@ -188,6 +241,7 @@ def run_decode(arch: int, label: str, head_dim: int = 128, splits: int = 4, **op
                                                                     "rotary_sin", "sinks")})  # fmt: skip
     spec = __import__("dataclasses").replace(spec, device=torch.device("cuda"))
     config = heuristics.lookup(TritonBackend(), f"sm_{arch}", "bf16", head_dim, spec.causal, "decode").config
+    config = KernelConfig.from_json({**config.to_json(), **(knobs or {})})
     del decode_heuristics
     out = torch.empty_like(q)
     lse = torch.empty(spec.lse_shape(), dtype=torch.float32)
@@ -214,6 +268,36 @@ def decode_matrix(arch: int) -> int:
     run_decode(arch, "decode fp8 e4m3", cache_dtype=torch.float8_e4m3fn)
     run_decode(arch, "decode window sinks", window=(1000, 0), sink_tokens=4, sinks=True, causal=True)
     run_decode(arch, "decode 8 tokens softcap", seqlen_q=8, causal=True, softcap=30.0)
+    return 0
+
+
+#: The paged layouts :func:`decode_paged` compares with the contiguous cache: page sizes below, at and
+#: above the 64-key tile, one that is not a power of two, and the per-key path (TEMPORARY switch).
+PAGED_CASES = {
+    "contiguous": {},
+    "paged 1": {"page_size": 1},
+    "paged 16": {"page_size": 16},
+    "paged 64": {"page_size": 64},
+    "paged 256": {"page_size": 256},
+    "paged 48 (per key)": {"page_size": 48},
+    "paged 16 per-key switch": {"page_size": 16, "knobs": {"paged_per_key": True}},
+    "paged 64 per-key switch": {"page_size": 64, "knobs": {"paged_per_key": True}},
+}
+
+
+def decode_paged(arch: int) -> int:
+    """The decoding kernel's unmasked tile loop, per thread, for each of :data:`PAGED_CASES` (d128):
+    what a paged tile costs against a contiguous one (:func:`ptx_loops`)."""
+    for label, options in PAGED_CASES.items():
+        run_decode(arch, label, **options)
+    print(f"{'unmasked loop, per thread':<28} {'SASS':>5} {'PTX':>5} {'K/V 16B':>7} {'table 4B':>8} {'ld':>3} "
+          f"{'groups':>6} {'wait':>4} {'div/rem':>7} {'mul64':>5}")  # fmt: skip
+    for row in RESULTS:
+        if row["kernel"] == "kv_decode_kernel" and len(row["loops"]) == 3:
+            loop = row["loops"][1]  # masked edge, unmasked run, masked edge
+            cells = (row["sass_loops"][1], loop["instructions"], loop["copies_16B"], loop["copies_4B"],
+                     loop["ld_global"], loop["groups"], loop["wait_group"], loop["div_rem"], loop["mul64"])  # fmt: skip
+            print(f"{row['case']:<28} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, (5, 5, 7, 8, 3, 6, 4, 7, 5))))
     return 0
 
 
@@ -393,6 +477,9 @@ def main(argv=None):
     )
     parser.add_argument("--decode", action="store_true", help="compile the KV-cache kernels with every option")
     parser.add_argument(
+        "--decode-paged", action="store_true", help="the decoding loop's per-tile costs, contiguous vs paged layouts"
+    )
+    parser.add_argument(
         "--matrix",
         action="store_true",
         help="compile every feature (dtypes, fp8, odd head dims, masks, softcap, dropout, varlen, "
@@ -411,6 +498,8 @@ def main(argv=None):
         return masks_matrix(args.arch)
     if args.decode:
         return decode_matrix(args.arch)
+    if args.decode_paged:
+        return decode_paged(args.arch)
 
     from flash import heuristics
 

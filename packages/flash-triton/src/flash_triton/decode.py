@@ -40,6 +40,19 @@ def warps(spec: KVCacheSpec, config: KernelConfig) -> int:
     return config.num_warps
 
 
+def page_constant(spec: KVCacheSpec, config: KernelConfig) -> int:
+    """The decoding kernel's ``PAGE``: a paged cache's page size where it is a power of two (a tile's
+    keys share their page numbers' reads and their slots are fixed by their place in the tile), else
+    0 (each key divides its position by the page size and reads its own page number).
+
+    ``paged_per_key`` is TEMPORARY, a measurement switch for one device A/B of the two paths (set
+    by the ``decode`` benchmark section's ``--decode-per-key``, removed with it): it forces 0."""
+    size = spec.page_size
+    if not spec.paged or size & (size - 1) or config.option("paged_per_key", False):
+        return 0
+    return size
+
+
 def stages(spec: KVCacheSpec, config: KernelConfig) -> int:
     """Pipeline stages of the decoding kernel: the configuration's, or its ``paged_num_stages`` for a
     paged cache (a load that takes its address from the block table's load is scheduled a stage
@@ -133,8 +146,8 @@ def _decode(
         max(left, 0), max(right, 0), spec.sink_tokens, spec.scale * LOG2E,
         spec.scale / spec.softcap if spec.softcap else 0.0, spec.softcap * LOG2E,
         HEAD_DIM=spec.head_dim, D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=config.block_n, NUM_SPLITS=splits,
-        PAGED=spec.paged, BATCH_IDX=spec.batch_idx, HAS_LEFT=left != UNBOUNDED, HAS_RIGHT=right != UNBOUNDED,
-        SOFTCAP=spec.softcap > 0, SINKS=spec.sinks, DESCALE=args.k_descale is not None,
+        PAGED=spec.paged, PAGE=page_constant(spec, config), BATCH_IDX=spec.batch_idx, HAS_LEFT=left != UNBOUNDED,
+        HAS_RIGHT=right != UNBOUNDED, SOFTCAP=spec.softcap > 0, SINKS=spec.sinks, DESCALE=args.k_descale is not None,
         MULTI_TOKEN=spec.seqlen_q > 1, num_warps=warps(spec, config), num_stages=stages(spec, config),
     )  # fmt: skip
     if splits > 1:

@@ -13,9 +13,13 @@ about memory bandwidth:
   :func:`kv_combine_kernel` merges them exactly (the math of :func:`flash.merge_states`) and adds
   the sink logits. With one split the decode kernel writes the output itself.
 * **Paged loads.** A contiguous cache is a paged one with one page per sequence. Each key's row is
-  found through the block table (a gathered load per tile, page numbers clamped into the pool),
-  the head dim stays contiguous, so every row is a 16-byte vector load; ``num_stages`` keeps
-  several tiles of loads in flight.
+  found through the block table (page numbers clamped into the pool), the head dim stays
+  contiguous, so every row is a 16-byte vector load; ``num_stages`` keeps several tiles of loads in
+  flight, the table's entries a stage ahead of the rows they locate. A page size that is a power
+  of two is a compile-time constant (:func:`page_rows`): a page holding the whole tile is one
+  table entry and one base address, a smaller page's keys take their entries at a shift of their
+  position and their slots from their place in the tile, so the loop does no division and about a
+  contiguous tile's address arithmetic. Other page sizes divide each key's position (:func:`locate`).
 * **Masks only where needed.** A tile whose keys every row sees runs without masks; tiles at the
   edges (window, causality among new tokens, the split's and the sequence's ends) and the
   sink-token tiles are masked, and their loads zero every key no row sees, so unused slots
@@ -63,6 +67,41 @@ def locate(
             page = b
         slot = positions
     return page.to(tl.int64), slot.to(tl.int64)
+
+
+@triton.jit
+def page_rows(
+    j0, key_ok, cache, offs_n,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """K and V row pointers of the keys ``j0 + offs_n`` (``j0`` a multiple of ``BLOCK_N``) of a paged cache
+    whose pages hold ``PAGE`` keys, a power of two. A page holding the whole tile is one table entry
+    and one base for every row; smaller pages take each key's entry at a shift of its position and
+    its slot from its place in the tile: no division, and the slots' offsets do not change from tile
+    to tile. Page numbers are clamped into the pool; a masked tile reads the table only for its
+    ``key_ok`` keys (the others may lie past the table's row)."""
+    b, hk, KCache, VCache, BlockTable, _, k_str, v_str, sbtb, sbtp, _, _, pages = cache
+    table_row = BlockTable + b.to(tl.int64) * sbtb
+    if PAGE >= BLOCK_N:  # j0 < the sequence's length <= the table's keys: its entry is in the row
+        entry = tl.load(table_row + (j0 // PAGE) * sbtp)
+    else:
+        entries = table_row + (j0 // PAGE + offs_n // PAGE) * sbtp
+        entry = tl.load(entries, mask=key_ok, other=0) if MASKED else tl.load(entries)
+    page = tl.maximum(tl.minimum(entry, pages - 1), 0).to(tl.int64)
+    k_rows = _rows_in_pages(KCache, page, j0, k_str, hk, offs_n, PAGE, BLOCK_N)
+    v_rows = _rows_in_pages(VCache, page, j0, v_str, hk, offs_n, PAGE, BLOCK_N)
+    return k_rows, v_rows
+
+
+@triton.jit
+def _rows_in_pages(Cache, page, j0, strides, hk, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`page_rows` for one cache (``page``: the tile's page, or each key's)."""
+    if PAGE >= BLOCK_N:
+        base = Cache + page * strides[0] + tl.cast(j0 % PAGE, tl.int64) * strides[1] + hk * strides[2]
+        rows = base + offs_n.to(tl.int64) * strides[1]
+    else:  # j0 starts a page
+        rows = Cache + page * strides[0] + ((offs_n % PAGE).to(tl.int64) * strides[1] + hk * strides[2])
+    return rows
 
 
 @triton.jit
@@ -137,11 +176,12 @@ def kv_append_kernel(
 @triton.jit
 def _decode_tile(
     carry, j0, ctx,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, MASKED: tl.constexpr, PAGED: tl.constexpr,
-    BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    MULTI_TOKEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MULTI_TOKEN: tl.constexpr,
 ):  # fmt: skip
     """Fold the keys ``j0 .. j0 + BLOCK_N - 1`` into the rows' running ``carry = (acc, m, l)``, log2 domain.
+    ``PAGE``: :func:`kv_decode_kernel`'s.
 
     The values travel as tuples, ``ctx = (q, cache, rows, bounds, scores, offs)``: ``cache`` (b, hk,
     KCache, VCache, BlockTable, BatchIdx, the caches' (page, slot, head) strides, the table's and the
@@ -163,9 +203,13 @@ def _decode_tile(
             key_ok = key_ok & ((cols >= lo) | (cols < sink_tokens))
     else:
         key_ok = cols >= 0
-    page, slot = locate(cols, key_ok, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages, PAGED, BATCH_IDX)
-    k_rows = KCache + page * k_str[0] + slot * k_str[1] + hk * k_str[2]
-    v_rows = VCache + page * v_str[0] + slot * v_str[1] + hk * v_str[2]
+    if PAGED and PAGE > 0:
+        k_rows, v_rows = page_rows(j0, key_ok, cache, offs_n, PAGE, BLOCK_N, MASKED)
+    else:
+        page, slot = locate(cols, key_ok, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages, PAGED,
+                            BATCH_IDX)  # fmt: skip
+        k_rows = KCache + page * k_str[0] + slot * k_str[1] + hk * k_str[2]
+        v_rows = VCache + page * v_str[0] + slot * v_str[1] + hk * v_str[2]
     # full tiles load unmasked: 16-byte vector loads along the head dim
     k = load_rows(k_rows[:, None] + offs_d[None, :], key_ok, d_ok, HEAD_DIM, D_PAD, MASKED).to(q.dtype)
     qk = tl.dot(q, tl.trans(k))
@@ -202,11 +246,13 @@ def kv_decode_kernel(
     seqlen_q, seqlen_new, group, row_blocks, capacity, page_size, pages,
     left, right, sink_tokens, scale_log2, softcap_scale, softcap_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, DESCALE: tl.constexpr,
-    MULTI_TOKEN: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, BATCH_IDX: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+    DESCALE: tl.constexpr, MULTI_TOKEN: tl.constexpr,
 ):  # fmt: skip
-    """Grid: (splits, heads_kv * row_blocks, batch)."""
+    """Grid: (splits, heads_kv * row_blocks, batch). ``PAGE``: the page size of a paged cache whose pages
+    hold a power of two of keys, a compile-time constant (:func:`page_rows`), or 0: each key finds
+    its page with a division (:func:`locate`)."""
     split = tl.program_id(0)
     hk = tl.program_id(1) // row_blocks
     row0 = (tl.program_id(1) % row_blocks) * BLOCK_M
@@ -266,17 +312,17 @@ def kv_decode_kernel(
     if HAS_LEFT:  # the sink-token tiles before the window: split 0's
         sink_end = tl.where(split == 0, tl.minimum(tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N, start), 0)
         for j0 in range(0, sink_end, BLOCK_N):
-            carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
-                                 SOFTCAP, MULTI_TOKEN)  # fmt: skip
+            carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+                                 HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(first, full_lo, BLOCK_N):  # masked: the window's (or the keys') edge
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
-                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+                             HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(full_lo, full_hi, BLOCK_N):  # every row sees every key: no mask at all
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, False, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
-                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, False, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+                             HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(full_hi, end, BLOCK_N):  # masked: causality among new tokens, the sequence's end
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, True, PAGED, BATCH_IDX, HAS_LEFT, HAS_RIGHT,
-                             SOFTCAP, MULTI_TOKEN)  # fmt: skip
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+                             HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     acc, m_i, l_i = carry
 
     if NUM_SPLITS == 1 and SINKS:  # the sink logit joins the denominator with no value (splits: the combine's)

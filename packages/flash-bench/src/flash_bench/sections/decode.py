@@ -16,11 +16,14 @@ median time of a step (:func:`flash.timing.measure`, L2 flushed). The same run m
   step appending one token (at a fixed position, so that any number of calls fits).
 
 ``--decode-sweep`` also times kernel configurations of the ``triton`` backend (tile keys, stages,
-warps) on the first case, for its heuristics table. Targets (issue 10; reported, never asserted):
-batch 16, GQA 32/8, d128, bf16 at 32k keys at least SDPA cuDNN's GB/s and 90% of the copy
-bandwidth; at 4k keys at least cuDNN; batch 1 at 128k keys 80% of the copy bandwidth; paged caches
-(pages of 16 and 64) within 10% of contiguous; a replayed step at most 15 us per call above the
-kernel time.
+warps) on the first case, for its heuristics table. ``--decode-per-key`` (TEMPORARY, for one device
+A/B of issue 10, removed with the switch it sets) also times, on each paged case, the ``triton``
+kernel's per-key path (every key reads its own page number: the kernel before the per-page path for
+power-of-two page sizes) as provider ``triton-per-key``, compared with the contiguous ``triton``
+row. Targets (issue 10; reported, never asserted): batch 16, GQA 32/8, d128, bf16 at 32k keys at
+least SDPA cuDNN's GB/s and 90% of the copy bandwidth; at 4k keys at least cuDNN; batch 1 at 128k
+keys 80% of the copy bandwidth; paged caches (pages of 16 and 64) within 10% of contiguous; a
+replayed step at most 15 us per call above the kernel time.
 
 Results JSON: ``decode`` with ``copy_gbps``, ``rows`` (one per case and provider), ``per_call``
 and ``sweep``.
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,6 +49,8 @@ from flash_bench.base import Report, failure
 from flash_bench.providers import compiled_flex_attention, sdpa_context
 
 PEERS = ("sdpa-flash", "sdpa-cudnn", "flex")
+#: TEMPORARY (``--decode-per-key``): the triton kernel's per-key paged path, and the row it compares with.
+PER_KEY = "triton-per-key"
 DTYPE = torch.bfloat16
 #: Bytes of the copy that measures the device's bandwidth.
 COPY_BYTES = 2 * 2**30
@@ -168,9 +172,10 @@ def _time(case: Case, name: str, run: Callable[[], torch.Tensor], reference: tor
 
 
 def throughput(
-    cases: list[Case], backends: list[str], peers: list[str], device: torch.device, copy: float
+    cases: list[Case], backends: list[str], peers: list[str], device: torch.device, copy: float, per_key: bool = False
 ) -> list[Row]:
-    """Every provider on every case (peers on contiguous caches only: they have no paged layout)."""
+    """Every provider on every case (peers on contiguous caches only: they have no paged layout);
+    ``per_key``: also the triton kernel's per-key paged path on paged cases (TEMPORARY)."""
     rows = []
     for case in cases:
         step = make_step(case, device, DTYPE)
@@ -179,6 +184,9 @@ def throughput(
             reference = _sdpa(step, "sdpa-flash" if device.type == "cuda" else "sdpa")().float()
         for name in backends:
             rows.append(_time(case, name, _flash(step, name), reference, copy))
+        if per_key and case.page_size and "triton" in backends:
+            call, _ = _triton_direct(step, device)
+            rows.append(_time(case, PER_KEY, call({"paged_per_key": True}), reference, copy))
         for peer in [] if case.page_size else peers:
             try:
                 run = _flex(step) if peer == "flex" else _sdpa(step, peer)
@@ -237,10 +245,12 @@ def _graph(run: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
-def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]:
-    """The ``triton`` backend's KV-cache kernel under other configurations (tile keys, pipeline
-    stages, warps), on ``case``: what its heuristics table should say."""
-    step = make_step(case, device, DTYPE)
+def _triton_direct(
+    step: Step, device: torch.device
+) -> tuple[Callable[[dict[str, Any]], Callable[[], torch.Tensor]], dict[str, Any]]:
+    """The ``triton`` backend's KV-cache kernel on ``step`` under changed knobs, called directly (spec
+    and outputs made once): ``(call, base)``, ``call(knobs)`` giving the step with ``knobs`` over
+    the table's configuration ``base`` (JSON); the step returns the output."""
     spec = kvplan.spec_of(
         kvplan.CallTensors(step.q, step.options["k_cache"], step.options["v_cache"], None, None,
                            step.options["cache_seqlens"], step.options.get("block_table"), None, None, None, None,
@@ -253,15 +263,31 @@ def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]
     lse = torch.empty(spec.lse_shape(), dtype=torch.float32, device=device)
     args = flash.DecodeArgs(step.q, step.options["k_cache"], step.options["v_cache"], step.options["cache_seqlens"],
                             out, lse, block_table=step.options.get("block_table"))  # fmt: skip
+
+    def call(knobs: dict[str, Any]) -> Callable[[], torch.Tensor]:
+        config = KernelConfig.from_json({**base, **knobs})
+
+        def step() -> torch.Tensor:
+            backend.decode(spec, args, config)
+            return out
+
+        return step
+
+    return call, base
+
+
+def sweep(case: Case, device: torch.device, copy: float) -> list[dict[str, Any]]:
+    """The ``triton`` backend's KV-cache kernel under other configurations (tile keys, pipeline
+    stages, warps), on ``case``: what its heuristics table should say."""
+    call, _ = _triton_direct(make_step(case, device, DTYPE), device)
     rows = []
     for block_n in (32, 64, 128):
         for stages in (3, 4, 6, 8):
             for warps in (4, 8) if block_n == 64 else (4,):
                 knobs = {"block_n": block_n, "num_stages": stages, "paged_num_stages": stages, "num_warps": warps}
-                config = KernelConfig.from_json({**base, **knobs})
                 entry: dict[str, Any] = {"case": case.label, **knobs}
                 try:
-                    entry["ms"] = timing.measure(functools.partial(backend.decode, spec, args, config), device=device)
+                    entry["ms"] = timing.measure(call(knobs), device=device)
                     entry["gbps"] = step_bytes(case) / entry["ms"] / 1e6
                     entry["copy_fraction"] = entry["gbps"] / copy
                 except Exception as error:  # out of shared memory, say
@@ -316,7 +342,8 @@ def summary(result: dict[str, Any]) -> str:
             if cudnn and cudnn["gbps"]:
                 notes.append(f"{r['gbps'] / cudnn['gbps']:.2f}x cuDNN")
             if "paged" in case:
-                contiguous = by.get((case.split(" paged")[0] + " contiguous", r["provider"]))
+                baseline = "triton" if r["provider"] == PER_KEY else r["provider"]
+                contiguous = by.get((case.split(" paged")[0] + " contiguous", baseline))
                 if contiguous and contiguous["gbps"]:
                     slower = 1 - r["gbps"] / contiguous["gbps"]
                     verdict = "within" if slower <= TARGET_PAGED_SLOWDOWN else "beyond"
@@ -350,7 +377,13 @@ def default_cases(lengths: list[int], batch: int, pages: list[int], long: int) -
 
 
 def measure(
-    *, cases: list[Case], backends: list[str], peers: list[str], device: torch.device, do_sweep: bool
+    *,
+    cases: list[Case],
+    backends: list[str],
+    peers: list[str],
+    device: torch.device,
+    do_sweep: bool,
+    per_key: bool = False,
 ) -> dict[str, Any]:
     copy = copy_gbps(device, COPY_BYTES if device.type == "cuda" else 2**24)
     print(f"copy bandwidth: {copy:.1f} GB/s (bytes read + written)", flush=True)
@@ -358,7 +391,7 @@ def measure(
     explained = [str(flash.explain_kvcache(first.q, **first.options, backend=name)) for name in backends]
     del first
     print("\n".join(explained), flush=True)
-    rows = throughput(cases, backends, peers, device, copy)
+    rows = throughput(cases, backends, peers, device, copy, per_key)
     calls = [per_call(cases[0], name, device) for name in backends]
     swept = []
     if do_sweep and "triton" in backends and device.type == "cuda":  # a contiguous and a paged cache
@@ -405,12 +438,22 @@ class Decode:
             "--decode-long", type=int, default=131072, help="keys of the batch-1 case (default 131072; 0: none)"
         )
         group.add_argument("--decode-sweep", action="store_true", help="also sweep the triton kernel's configuration")
+        group.add_argument(
+            "--decode-per-key",
+            action="store_true",
+            help="TEMPORARY (issue 10 A/B): also time the triton kernel's per-key paged path on paged cases",
+        )
 
     def run(self, options: argparse.Namespace, device: torch.device) -> Report:
         backends = options.backends or decode_backends(device)
         cases = default_cases(options.decode_lengths, options.decode_batch, options.decode_pages, options.decode_long)
         result = measure(
-            cases=cases, backends=backends, peers=list(PEERS), device=device, do_sweep=options.decode_sweep
+            cases=cases,
+            backends=backends,
+            peers=list(PEERS),
+            device=device,
+            do_sweep=options.decode_sweep,
+            per_key=options.decode_per_key,
         )
         return Report({"decode": result}, summary(result))
 
