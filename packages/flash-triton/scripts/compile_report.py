@@ -272,7 +272,7 @@ def decode_matrix(arch: int) -> int:
 
 
 #: The paged layouts :func:`decode_paged` compares with the contiguous cache: page sizes below, at and
-#: above the 64-key tile, one that is not a power of two, and the per-key path (TEMPORARY switch).
+#: above the 64-key tile, and one that is not a power of two (the per-key path).
 PAGED_CASES = {
     "contiguous": {},
     "paged 1": {"page_size": 1},
@@ -280,8 +280,6 @@ PAGED_CASES = {
     "paged 64": {"page_size": 64},
     "paged 256": {"page_size": 256},
     "paged 48 (per key)": {"page_size": 48},
-    "paged 16 per-key switch": {"page_size": 16, "knobs": {"paged_per_key": True}},
-    "paged 64 per-key switch": {"page_size": 64, "knobs": {"paged_per_key": True}},
 }
 
 

@@ -16,14 +16,10 @@ median time of a step (:func:`flash.timing.measure`, L2 flushed). The same run m
   step appending one token (at a fixed position, so that any number of calls fits).
 
 ``--decode-sweep`` also times kernel configurations of the ``triton`` backend (tile keys, stages,
-warps) on the first case, for its heuristics table. ``--decode-per-key`` (TEMPORARY, for one device
-A/B of issue 10, removed with the switch it sets) also times, on each paged case, the ``triton``
-kernel's per-key path (every key reads its own page number: the kernel before the per-page path for
-power-of-two page sizes) as provider ``triton-per-key``, compared with the contiguous ``triton``
-row. Targets (issue 10; reported, never asserted): batch 16, GQA 32/8, d128, bf16 at 32k keys at
-least SDPA cuDNN's GB/s and 90% of the copy bandwidth; at 4k keys at least cuDNN; batch 1 at 128k
-keys 80% of the copy bandwidth; paged caches (pages of 16 and 64) within 10% of contiguous; a
-replayed step at most 15 us per call above the kernel time.
+warps) on the first case, for its heuristics table. Targets (issue 10; reported, never asserted):
+batch 16, GQA 32/8, d128, bf16 at 32k keys at least SDPA cuDNN's GB/s and 90% of the copy
+bandwidth; at 4k keys at least cuDNN; batch 1 at 128k keys 80% of the copy bandwidth; paged caches
+(pages of 16 and 64) within 10% of contiguous; a replayed step at most 15 us per call above the kernel time.
 
 Results JSON: ``decode`` with ``copy_gbps``, ``rows`` (one per case and provider), ``per_call``
 and ``sweep``.
@@ -49,8 +45,6 @@ from flash_bench.base import Report, failure
 from flash_bench.providers import compiled_flex_attention, sdpa_context
 
 PEERS = ("sdpa-flash", "sdpa-cudnn", "flex")
-#: TEMPORARY (``--decode-per-key``): the triton kernel's per-key paged path, and the row it compares with.
-PER_KEY = "triton-per-key"
 DTYPE = torch.bfloat16
 #: Bytes of the copy that measures the device's bandwidth.
 COPY_BYTES = 2 * 2**30
@@ -172,10 +166,9 @@ def _time(case: Case, name: str, run: Callable[[], torch.Tensor], reference: tor
 
 
 def throughput(
-    cases: list[Case], backends: list[str], peers: list[str], device: torch.device, copy: float, per_key: bool = False
+    cases: list[Case], backends: list[str], peers: list[str], device: torch.device, copy: float
 ) -> list[Row]:
-    """Every provider on every case (peers on contiguous caches only: they have no paged layout);
-    ``per_key``: also the triton kernel's per-key paged path on paged cases (TEMPORARY)."""
+    """Every provider on every case (peers on contiguous caches only: they have no paged layout)."""
     rows = []
     for case in cases:
         step = make_step(case, device, DTYPE)
@@ -184,9 +177,6 @@ def throughput(
             reference = _sdpa(step, "sdpa-flash" if device.type == "cuda" else "sdpa")().float()
         for name in backends:
             rows.append(_time(case, name, _flash(step, name), reference, copy))
-        if per_key and case.page_size and "triton" in backends:
-            call, _ = _triton_direct(step, device)
-            rows.append(_time(case, PER_KEY, call({"paged_per_key": True}), reference, copy))
         for peer in [] if case.page_size else peers:
             try:
                 run = _flex(step) if peer == "flex" else _sdpa(step, peer)
@@ -342,8 +332,7 @@ def summary(result: dict[str, Any]) -> str:
             if cudnn and cudnn["gbps"]:
                 notes.append(f"{r['gbps'] / cudnn['gbps']:.2f}x cuDNN")
             if "paged" in case:
-                baseline = "triton" if r["provider"] == PER_KEY else r["provider"]
-                contiguous = by.get((case.split(" paged")[0] + " contiguous", baseline))
+                contiguous = by.get((case.split(" paged")[0] + " contiguous", r["provider"]))
                 if contiguous and contiguous["gbps"]:
                     slower = 1 - r["gbps"] / contiguous["gbps"]
                     verdict = "within" if slower <= TARGET_PAGED_SLOWDOWN else "beyond"
@@ -383,7 +372,6 @@ def measure(
     peers: list[str],
     device: torch.device,
     do_sweep: bool,
-    per_key: bool = False,
 ) -> dict[str, Any]:
     copy = copy_gbps(device, COPY_BYTES if device.type == "cuda" else 2**24)
     print(f"copy bandwidth: {copy:.1f} GB/s (bytes read + written)", flush=True)
@@ -391,7 +379,7 @@ def measure(
     explained = [str(flash.explain_kvcache(first.q, **first.options, backend=name)) for name in backends]
     del first
     print("\n".join(explained), flush=True)
-    rows = throughput(cases, backends, peers, device, copy, per_key)
+    rows = throughput(cases, backends, peers, device, copy)
     calls = [per_call(cases[0], name, device) for name in backends]
     swept = []
     if do_sweep and "triton" in backends and device.type == "cuda":  # a contiguous and a paged cache
@@ -438,11 +426,6 @@ class Decode:
             "--decode-long", type=int, default=131072, help="keys of the batch-1 case (default 131072; 0: none)"
         )
         group.add_argument("--decode-sweep", action="store_true", help="also sweep the triton kernel's configuration")
-        group.add_argument(
-            "--decode-per-key",
-            action="store_true",
-            help="TEMPORARY (issue 10 A/B): also time the triton kernel's per-key paged path on paged cases",
-        )
 
     def run(self, options: argparse.Namespace, device: torch.device) -> Report:
         backends = options.backends or decode_backends(device)
@@ -453,7 +436,6 @@ class Decode:
             peers=list(PEERS),
             device=device,
             do_sweep=options.decode_sweep,
-            per_key=options.decode_per_key,
         )
         return Report({"decode": result}, summary(result))
 
