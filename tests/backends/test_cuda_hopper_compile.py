@@ -34,20 +34,10 @@ def compiled() -> dict[hopper_variants.HopperVariant, Compiled]:
     return results
 
 
-def _spills_a_word(variant: hopper_variants.HopperVariant) -> bool:
-    """The in-kernel transpose's d256 window variant: its consumers (224 registers: the producer keeps
-    48 for the transposers) spill one word at the tile boundary, not inside the key-block loop
-    (PERF_NOTES.md, fp8)."""
-    return variant.transpose_v and variant.head_dim == 256 and variant.mask == hopper_tiles.MASK_BOTH
-
-
 def test_every_shipped_variant_compiles_without_spilling(compiled):
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
-        if _spills_a_word(variant):
-            assert res.stack_frame <= 8, f"{variant.label()}: {res}"
-        else:
-            assert not res.spills and not res.stack_frame, f"{variant.label()}: {res}"
+        assert not res.spills and not res.stack_frame, f"{variant.label()}: {res}"
         # __launch_bounds__(threads, 1): the whole register file at entry, before setmaxnreg
         assert res.registers == min(255, 65536 // variant.threads // 8 * 8), variant.label()
         assert "C7508" not in log and "setmaxnreg" not in log.lower(), f"setmaxnreg ignored: {log}"
@@ -59,17 +49,15 @@ def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
         sass = hopper_sass(cubin)
         if variant.fp8:  # 8-bit wgmma, both operands K-major
             assert "QGMMA.64x" in sass and "HGMMA" not in sass, f"{variant.label()}: no fp8 wgmma"
-            # V^T made here (byte permutes, shared stores), or TMA-loaded from the pre-pass (no stores)
-            transposed = bool(re.search(r"\bSTS\b", sass)) and "PRMT" in sass
-            assert transposed == variant.transpose_v, f"{variant.label()}: V transposed here: {transposed}"
+            # V^T is TMA-loaded from the pre-pass: no shared-memory stores
+            assert not re.search(r"\bSTS\b", sass), f"{variant.label()}: shared stores"
         else:
             assert "HGMMA.64x" in sass and ".tnspB" in sass, (
                 f"{variant.label()}: no wgmma (S from smem, P V with N-major V)"
             )
         assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
-        if not _spills_a_word(variant):
-            assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+        assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
         # In the steady-state loop, the softmax (MUFU.EX2 of BN/2 scores per thread) runs between
         # waiting for S (wait_group 1) and waiting for O += P V (wait_group 0).
         ops = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([01])|(MUFU\.EX2)", sass)
@@ -292,8 +280,7 @@ def test_forward_launches_what_the_kernel_takes(monkeypatch):
 def test_fp8_forward_launches_the_prepass_then_the_kernel_on_its_v_transpose(monkeypatch, varlen):
     """fp8: the V^T pre-pass first (its parameters as the kernel declares them, V's strides and sizes,
     V^T's row of whole 32-key steps), then the forward, whose V map is V^T at the pre-pass's output:
-    boxes of block_n keys by the compiled head dim, swizzled by block_n bytes. With transpose_v (the A/B
-    switch) one launch on V itself."""
+    boxes of block_n keys by the compiled head dim, swizzled by block_n bytes."""
     torch = pytest.importorskip("torch")
     launches, maps = _fake_driver(monkeypatch, torch)
     hq, hkv, d, sk = 4, 2, 120, 500
@@ -323,14 +310,6 @@ def test_fp8_forward_launches_the_prepass_then_the_kernel_on_its_v_transpose(mon
     assert (named["vt"], "u8", (columns, d, hkv, vt_batches), (columns, d * columns, hkv * d * columns),
             (variant.block_n, 128, 1, 1), variant.block_n) in maps  # fmt: skip
     assert launches[1][4] == variant.launch_smem and len(main_values) == len(hopper.PARAMETERS.kinds)
-
-    launches.clear()
-    hopper.forward(q, k, v, out, lse, **common, transpose_v=True)
-    ((main, *_, smem, _),) = launches
-    in_kernel = hopper_variants.make_variant(hopper_tiles.config_for(d, (-1, 0), common["seqlen_k"], True), d,
-                                             "e4m3", hopper_tiles.MASK_RIGHT, transpose_v=True)  # fmt: skip
-    assert smem == in_kernel.launch_smem > variant.launch_smem
-    assert maps[-1][:2] == (v.data_ptr(), "u8") and maps[-1][4] == (in_kernel.slab, 1, in_kernel.block_n, 1)
 
 
 def test_prepass_compiles_without_spilling_and_moves_16_bytes_at_a_time():

@@ -3,8 +3,7 @@
 Skipped without an sm_90 GPU or without CuPy. The cases, the oracle, the tolerance rule (max error
 <= 2 x the naive same-precision error + eps), the guard bands and the bitwise repeat are those of
 ``packages/flash-cuda/scripts/hopper_check.py``: one source for the device harness and this test.
-The fp8 cases run both V^T paths (the pre-pass, and the in-kernel transpose of the A/B switch); the
-pre-pass alone is compared byte for byte with the harness's torch reference.
+The fp8 V^T pre-pass alone is compared byte for byte with the harness's torch reference.
 """
 
 from __future__ import annotations

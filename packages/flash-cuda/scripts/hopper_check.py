@@ -13,9 +13,9 @@ Phases, each in its own subprocess with a time limit (a hung kernel costs one ph
 3. bench    -- TFLOP/s against torch SDPA's cuDNN and flash (FA2) backends in the same process
                (batch * seqlen = 16k tokens, heads * head_dim = 2048, bf16, do_bench medians); tile A/B:
                HOPPER_BENCH="d128 s8192 full: 2x192, 2x160; d128 s1024 causal: 3x128 auto q2" times
-               only those cases, at the table's tiles and at each candidate; the candidate "fp8ab"
-               times the fp8 forward both ways (V^T from the pre-pass, which the call includes, and
-               the in-kernel transpose of the measurement switch) and the pre-pass alone;
+               only those cases, at the table's tiles and at each candidate; the candidate "prepass"
+               also times the fp8 forward's V^T pre-pass alone (the fp8 call includes it) and checks
+               its output against a torch reference;
 4. sanitize -- compute-sanitizer memcheck, racecheck and synccheck on one small case.
 
 Logs go to $OUT (or ./hopper_out); the short tables come last on stdout. Imports no flash-core.
@@ -67,7 +67,6 @@ class Case:
     layout: str = "bshd"  # bshd, bhsd (heads outer), padded (rows wider than head_dim)
     scale: float | None = None
     config: tuple | None = None  # (consumers, block_n[, order]) instead of the table's
-    transpose_v: bool = False  # fp8: the in-kernel V transpose (the A/B measurement switch)
 
     @property
     def seqlen_k(self) -> int:
@@ -92,7 +91,7 @@ class Case:
 
         out = self.out_dtype if self.fp8 else ""
         mask = hopper_tiles.mask_kind(self.window)
-        return hopper_variants.make_variant(self.hopper_config(), self.d, self.dtype, mask, out, self.transpose_v)
+        return hopper_variants.make_variant(self.hopper_config(), self.d, self.dtype, mask, out)
 
 
 def check_cases() -> list[Case]:
@@ -203,15 +202,6 @@ def fp8_cases() -> list[Case]:
         Case("fp8 varlen d192 causal", d=192, varlen=[65, 190, 7], hq=4, hkv=1, window=(-1, 0), dtype="e4m3"),
         Case("fp8 sk 1", sq=100, sk=1, dtype="e4m3"),
         Case("fp8 layout bhsd gqa", layout="bhsd", hq=4, hkv=2, sq=190, sk=250, dtype="e4m3"),
-        # the in-kernel transpose (the A/B measurement switch), while it exists
-        *(
-            Case(f"fp8 vt-in-kernel {name}", **kwargs, dtype="e4m3", transpose_v=True)
-            for name, kwargs in (
-                ("full d128", {"sq": 300, "sk": 517, "hq": 3}),
-                ("causal d256", {"d": 256, "sq": 333, "window": (-1, 0)}),
-                ("varlen causal gqa", {"varlen": [200, 1, 77, 513], "hq": 4, "hkv": 2, "window": (-1, 0)}),
-            )
-        ),
     ]
 
 
@@ -221,14 +211,14 @@ class BenchCase:
     seqlen: int
     causal: bool
     configs: list[tuple | None] = field(default_factory=lambda: [None])  # None: the table's
-    fp8_ab: bool = False  # fp8 also with the in-kernel V transpose, and the V^T pre-pass alone
+    time_prepass: bool = False  # fp8: also the V^T pre-pass alone
 
 
 def bench_cases(selection: str | None = None) -> list[BenchCase]:
     """Every benchmark case at the table's tiles, or the cases of ``selection``: ';'-separated
-    "d128 s8192 full: 2x192, 3x128 heads q2, fp8ab" (case, then candidate tiles: consumers x block_n,
-    an optional order and Q stages; "fp8ab": the fp8 A/B), each timed at the table's tiles and at its
-    candidates."""
+    "d128 s8192 full: 2x192, 3x128 heads q2, prepass" (case, then candidate tiles: consumers x block_n,
+    an optional order and Q stages; "prepass": the fp8 V^T pre-pass alone too), each timed at the
+    table's tiles and at its candidates."""
     if selection:
         return [_parse_bench_case(part) for part in selection.split(";") if part.strip()]
     cases = [BenchCase(d, s, c) for d in (128, 64, 256) for s in (8192, 4096, 1024) for c in (False, True)]
@@ -239,17 +229,17 @@ def _parse_bench_case(text: str) -> BenchCase:
     name, _, tiles = text.partition(":")
     d, s, mask = name.split()
     configs: list[tuple | None] = [None]
-    fp8_ab = False
+    time_prepass = False
     for tile in filter(None, (t.strip() for t in tiles.split(","))):
-        if tile == "fp8ab":
-            fp8_ab = True
+        if tile == "prepass":
+            time_prepass = True
             continue
         shape, *rest = tile.split()
         consumers, block_n = (int(x) for x in shape.split("x"))
         order = next((word for word in rest if word in ("heads", "blocks", "auto")), "heads")
         q_stages = next((int(word[1:]) for word in rest if word.startswith("q")), 1)
         configs.append((consumers, block_n, order, q_stages))
-    return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs, fp8_ab)
+    return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs, time_prepass)
 
 
 # ------------------------------------------------------------------ reference
@@ -410,7 +400,6 @@ def run_case(case: Case, prob: dict) -> None:
         cu_seqlens_k=prob["cu_k"], seqlen_q=prob["max_q"], seqlen_k=prob["max_k"], heads_q=case.hq,
         heads_kv=prob["hkv"], head_dim=case.d, window=case.window, softcap=case.softcap, scale=scale, config=config,
         q_descale=prob["descales"][0], k_descale=prob["descales"][1], v_descale=prob["descales"][2],
-        transpose_v=case.transpose_v,
     )  # fmt: skip
 
 
@@ -591,8 +580,7 @@ def all_variants(only: str | None = None):
             found.add(hopper_variants.make_variant(config, bc.d, "bf16", mask))
         if bc.d in hopper_tiles.FP8_HEAD_DIMS:
             fp8 = hopper_tiles.config_for(bc.d, window, bc.seqlen, fp8=True)
-            for transpose_v in (False, True)[: 2 if bc.fp8_ab else 1]:
-                found.add(hopper_variants.make_variant(fp8, bc.d, "e4m3", mask, transpose_v=transpose_v))
+            found.add(hopper_variants.make_variant(fp8, bc.d, "e4m3", mask))
     return sorted(found, key=lambda v: v.label())
 
 
@@ -728,41 +716,49 @@ def phase_bench(args) -> int:
         fp8 = r.get("fp8")
         over_bf16 = f"{fp8 / ours:.2f}" if fp8 and ours else "-"
         log(f"{case:22s} {fmt(ours)} {fmt(cudnn)} {fmt(fa2)} {ratio:>6s} {fmt(fp8)} {over_bf16:>6s}  {cands}")
-    log_fp8_ab(rows)
+    log_prepass(rows)
     return 0
 
 
 def bench_fp8(row: dict, bc: BenchCase, tensors: tuple, ref_out, tflops) -> None:
     """The bench case in e4m3 (per-head descales), bf16 out, into ``row``: "fp8" (the call, V^T
-    pre-pass included); with fp8_ab also "fp8 vt-in-kernel" (the measurement switch) and the
-    pre-pass alone (its time, bytes moved, and its output against the torch reference)."""
+    pre-pass included); with time_prepass also the pre-pass alone."""
+    import torch
+
+    from flash_cuda import hopper
+
+    q, k, v, out, lse = tensors
+    _, s, h, d = q.shape
+    window = (-1, 0) if bc.causal else (-1, -1)
+    (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
+    try:
+        fn = lambda: hopper.forward(  # noqa: E731
+            q8, k8, v8, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
+            scale=1 / math.sqrt(d), q_descale=qd, k_descale=kd, v_descale=vd,
+        )  # fmt: skip
+        fn()
+        torch.cuda.synchronize()
+        row["fp8"] = tflops(fn)
+        row["fp8 maxdiff"] = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
+        log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} fp8 e4m3: {row['fp8']:.1f} TFLOP/s, "
+            f"max |out - cuDNN bf16| {row['fp8 maxdiff']:.3g}")  # fmt: skip
+    except Exception as error:
+        row["fp8"] = None
+        log(f"  fp8 failed: {type(error).__name__}: {error}")
+        traceback.print_exc()
+    if bc.time_prepass:
+        bench_prepass(row, v8)
+
+
+def bench_prepass(row: dict, v8) -> None:
+    """The fp8 V^T pre-pass of ``v8`` alone into ``row``: its time, bytes moved, and its output against
+    the torch reference."""
     import torch
     import triton
 
     from flash_cuda import hopper
 
-    q, k, v, out, lse = tensors
-    b, s, h, d = q.shape
-    window = (-1, 0) if bc.causal else (-1, -1)
-    (q8, qd), (k8, kd), (v8, vd) = (quantize(t, "e4m3", per_head=True) for t in (q, k, v))
-    for name, transpose_v in (("fp8", False), ("fp8 vt-in-kernel", True))[: 2 if bc.fp8_ab else 1]:
-        try:
-            fn = lambda transpose_v=transpose_v: hopper.forward(  # noqa: E731
-                q8, k8, v8, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, window=window,
-                scale=1 / math.sqrt(d), q_descale=qd, k_descale=kd, v_descale=vd, transpose_v=transpose_v,
-            )  # fmt: skip
-            fn()
-            torch.cuda.synchronize()
-            row[name] = tflops(fn)
-            row[name + " maxdiff"] = (out.transpose(1, 2).float() - ref_out.float()).abs().max().item()
-            log(f"  d{d} s{s} {'causal' if bc.causal else 'full'} {name} e4m3: {row[name]:.1f} TFLOP/s, "
-                f"max |out - cuDNN bf16| {row[name + ' maxdiff']:.3g}")  # fmt: skip
-        except Exception as error:
-            row[name] = None
-            log(f"  {name} failed: {type(error).__name__}: {error}")
-            traceback.print_exc()
-    if not bc.fp8_ab:
-        return
+    b, s, h, d = v8.shape
     prepass = hopper.plan_vt(v8, False, b, s, h, d, v8.get_device())
     vt = torch.empty(prepass.shape, dtype=v8.dtype, device=v8.device)
     fn = lambda: hopper.transpose_v_into(prepass, v8, None, vt, v8.get_device())  # noqa: E731
@@ -775,19 +771,19 @@ def bench_fp8(row: dict, bc: BenchCase, tensors: tuple, ref_out, tflops) -> None
         f"({row['prepass GB/s']:.0f} GB/s), as the torch reference: {same}")  # fmt: skip
 
 
-def log_fp8_ab(rows: list[dict]) -> None:
-    """The fp8 A/B's table: the call with the pre-pass against the in-kernel transpose."""
-    rows = [r for r in rows if "fp8 vt-in-kernel" in r]
+def log_prepass(rows: list[dict]) -> None:
+    """The fp8 pre-pass's table: its own time and traffic, next to the call that includes it."""
+    rows = [r for r in rows if "prepass us" in r]
     if not rows:
         return
-    log("\nfp8 A/B (e4m3, TFLOP/s of the call; pre-pass: its own time and traffic, counted in the call)")
-    log(f"{'case':22s} {'bf16':>7s} {'pre-pass':>9s} {'in-kernel':>9s} {'x bf16':>6s}  pre-pass us / MB / GB/s")
+    log("\nfp8 V^T pre-pass (e4m3; the call's TFLOP/s include it)")
+    log(f"{'case':22s} {'bf16':>7s} {'fp8':>7s} {'x bf16':>6s}  pre-pass us / MB / GB/s, exact")
     for r in rows:
         case = f"d{r['d']} s{r['seqlen']} {'causal' if r['causal'] else 'full'}"
-        ours, fp8, kernel = r.get("table") or 0, r.get("fp8") or 0, r.get("fp8 vt-in-kernel") or 0
+        ours, fp8 = r.get("table") or 0, r.get("fp8") or 0
         over = f"{fp8 / ours:.2f}" if fp8 and ours else "-"
-        prepass = "{:.1f} / {:.1f} / {:.0f}".format(*(r.get(f"prepass {x}", 0) for x in ("us", "MB", "GB/s")))
-        log(f"{case:22s} {ours:7.1f} {fp8:9.1f} {kernel:9.1f} {over:>6s}  {prepass}")
+        prepass = "{:.1f} / {:.1f} / {:.0f}".format(*(r[f"prepass {x}"] for x in ("us", "MB", "GB/s")))
+        log(f"{case:22s} {ours:7.1f} {fp8:7.1f} {over:>6s}  {prepass}, {r['prepass exact']}")
 
 
 def vt_reference(v, cu_k, seqlen_k: int, shape: tuple[int, int, int, int]):

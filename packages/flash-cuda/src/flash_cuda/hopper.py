@@ -390,7 +390,7 @@ def transpose_v_into(prepass: VtPrepass, v: Any, cu_k: Any, vt: Any, device: int
 class Launch:
     """What one problem's launches share, decided on its first call: the kernel and its parameter
     packing, the grid, the tensor maps' geometry and every parameter that is not an address; fp8:
-    the V^T pre-pass (None: the kernel reads V itself)."""
+    the V^T pre-pass (None for 16-bit inputs: the kernel reads V itself)."""
 
     packed: tensor_map.PackedLaunch
     grid: int
@@ -410,7 +410,7 @@ MAX_LAUNCHES = 1024
 def _plan_launch(
     q: Any, k: Any, v: Any, out: Any, lse: Any, cu_q: Any, *, seqlen_q: int, seqlen_k: int, heads_q: int,
     heads_kv: int, head_dim: int, window: tuple[int, int], softcap: float, scale: float,
-    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], transpose_v: bool, device: int,
+    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], device: int,
 ) -> Launch | None:  # fmt: skip
     """The :class:`Launch` of a problem (None: no tiles, nothing to launch)."""
     varlen = cu_q is not None
@@ -419,7 +419,7 @@ def _plan_launch(
     fp8 = dtype in hopper_variants.FP8_INPUTS
     config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8)
     out_dtype = (input_name(out.dtype) or "") if fp8 else ""
-    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window), out_dtype, fp8 and transpose_v)
+    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window), out_dtype)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -437,10 +437,11 @@ def _plan_launch(
     )  # fmt: skip
     moved = "u8" if variant.fp8 else variant.dtype  # TMA moves fp8 as bytes
     prepass = None
-    v_map = geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen)
-    if fp8 and not variant.transpose_v:
+    if fp8:
         prepass = plan_vt(v, varlen, batch, seqlen_k, heads_kv, head_dim, device)
         v_map = vt_geometry(prepass.shape, variant)
+    else:
+        v_map = geometry(v, variant.block_n, moved, variant.slab, variant.swizzle, varlen)
     maps = (
         geometry(q, variant.block_m, moved, variant.slab, variant.swizzle, varlen),
         geometry(k, variant.block_n, moved, variant.slab, variant.swizzle, varlen),
@@ -472,13 +473,11 @@ def forward(
     q_descale: Any = None,
     k_descale: Any = None,
     v_descale: Any = None,
-    transpose_v: bool = False,
 ) -> None:
     """Fill ``out`` (the inputs' dtype; bf16 or fp16 for fp8 inputs) and ``lse`` (float32) with one
     launch on torch's current stream. fp8 inputs: the values are ``q * q_descale`` and so on (float32
     descale factors, one value or one per (batch, head); None: 1); a pre-pass launched first writes V^T
-    into a buffer of torch's caching allocator (:class:`VtPrepass`). ``transpose_v`` (fp8): the kernel
-    transposes V in shared memory instead, a measurement switch for one device A/B (the loser goes).
+    into a buffer of torch's caching allocator (:class:`VtPrepass`).
 
     ``q, k, v, out``: canonical ``(batch, seqlen, heads, head_dim)`` views, any strides TMA takes
     (:func:`unsupported_reasons`); varlen: batch 1, seqlen = total tokens, int32 ``cu_seqlens_*``
@@ -498,7 +497,7 @@ def forward(
     key = (
         q.dtype, out.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(),
         None if cu_q is None else cu_q.shape, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window,
-        softcap, scale, config, transpose_v, device,
+        softcap, scale, config, device,
         *[None if d is None else (d.shape, d.stride()) for d in descales],
     )  # fmt: skip
     try:
@@ -509,7 +508,7 @@ def forward(
         launch = _launches[key] = _plan_launch(
             q, k, v, out, lse, cu_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_kv=heads_kv,
             head_dim=head_dim, window=window, softcap=softcap, scale=scale, config=config,
-            descales=descales, transpose_v=transpose_v, device=device,
+            descales=descales, device=device,
         )  # fmt: skip
     if launch is None:
         return

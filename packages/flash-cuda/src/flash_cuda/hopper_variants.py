@@ -51,9 +51,6 @@ class HopperVariant:
     dtype: str  # the inputs' (INPUTS)
     mask: int
     out_dtype: str = ""  # "bf16" or "fp16"; default: the inputs' (bf16 for fp8 inputs)
-    # fp8: the kernel transposes V in shared memory instead of TMA-loading the pre-pass's V^T. A
-    # measurement switch for one device A/B (PERF_NOTES.md, fp8); the loser goes.
-    transpose_v: bool = False
 
     def __post_init__(self) -> None:
         if not self.out_dtype:
@@ -67,8 +64,6 @@ class HopperVariant:
             problems.append(f"head_dim {self.head_dim} not in {FP8_HEAD_DIMS if self.fp8 else SHIPPED_HEAD_DIMS}")
         if self.fp8 and self.block_n not in (64, 128):
             problems.append(f"block_n {self.block_n}: fp8 V^T rows are 64 or 128 keys")
-        if self.transpose_v and not self.fp8:
-            problems.append("transpose_v: only fp8 inputs have V transposed")
         if self.consumers not in (2, 3):
             problems.append(f"consumers {self.consumers} not 2 or 3")
         if self.block_n % 16 or not 16 <= self.block_n <= 256:
@@ -110,10 +105,9 @@ class HopperVariant:
 
     @property
     def smem_bytes(self) -> int:
-        """Shape::SMEM_BYTES of the kernel: the Q, K and V rings (transpose_v: and V^T's), the mbarriers."""
-        kv_rings = 3 if self.transpose_v else 2
-        tiles = self.element_bytes * self.head_dim * (self.q_stages * self.block_m + kv_rings * STAGES * self.block_n)
-        return tiles + 8 * (2 * self.q_stages + (6 if self.transpose_v else 4) * STAGES)
+        """Shape::SMEM_BYTES of the kernel: the Q, K and V rings (fp8: V^T in the V ring), the mbarriers."""
+        tiles = self.element_bytes * self.head_dim * (self.q_stages * self.block_m + 2 * STAGES * self.block_n)
+        return tiles + 8 * (2 * self.q_stages + 4 * STAGES)
 
     @property
     def launch_smem(self) -> int:
@@ -128,7 +122,6 @@ class HopperVariant:
             "HOPPER_INPUT": INPUTS.index(self.dtype),
             "HOPPER_OUT_BF16": int(self.out_dtype == "bf16"),
             "HOPPER_MASK": self.mask,
-            "HOPPER_TRANSPOSE_V": int(self.transpose_v),
             "HOPPER_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -138,31 +131,22 @@ class HopperVariant:
 
     def label(self) -> str:
         out = f"->{self.out_dtype}" if self.fp8 else ""
-        transpose = " vt-in-kernel" if self.transpose_v else ""
         return (
             f"{self.dtype}{out} d{self.head_dim} {MASK_NAMES[self.mask]} "
-            f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}{transpose}"
+            f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}"
         )
 
 
-def make_variant(
-    config: HopperConfig, head_dim: int, dtype: str, mask: int, out_dtype: str = "", transpose_v: bool = False
-) -> HopperVariant:
+def make_variant(config: HopperConfig, head_dim: int, dtype: str, mask: int, out_dtype: str = "") -> HopperVariant:
     d = compiled_head_dim(head_dim, dtype in FP8_INPUTS)
-    return HopperVariant(d, config.consumers, config.block_n, config.q_stages, dtype, mask, out_dtype, transpose_v)
+    return HopperVariant(d, config.consumers, config.block_n, config.q_stages, dtype, mask, out_dtype)
 
 
 def shipped_variants() -> list[HopperVariant]:
-    """Every variant the tables can launch: one per 16-bit row and dtype, two per fp8 row and fp8
-    type (V^T from the pre-pass, and the in-kernel transpose of the A/B switch) with a bf16 output
-    (an fp16 output changes only the final rounding)."""
+    """Every variant the tables can launch: one per 16-bit row and dtype, one per fp8 row and fp8 type
+    with a bf16 output (an fp16 output changes only the final rounding)."""
     sixteen = [make_variant(row.config, row.head_dim, dtype, row.mask) for row in TABLE for dtype in ("bf16", "fp16")]
-    fp8 = [
-        make_variant(row.config, row.head_dim, dtype, row.mask, transpose_v=transpose_v)
-        for row in FP8_TABLE
-        for dtype in FP8_INPUTS
-        for transpose_v in (False, True)
-    ]
+    fp8 = [make_variant(row.config, row.head_dim, dtype, row.mask) for row in FP8_TABLE for dtype in FP8_INPUTS]
     return sixteen + fp8
 
 

@@ -2,8 +2,7 @@
 // flash_cuda/hopper.py, which also writes the wgmma instructions of the variant's tile widths into
 // "hopper_wgmma.cuh" (generated, not a file); every variant is one extern "C" symbol, so CuPy needs
 // no name expressions and its disk cache serves later processes. fp8 inputs: v_map maps the
-// pre-pass's V^T (hopper_fwd_vt.cu), unless HOPPER_TRANSPOSE_V (the A/B measurement switch) has the
-// kernel transpose V itself.
+// pre-pass's V^T (hopper_fwd_vt.cu).
 #include "hopper_fwd.cuh"
 #include "hopper_wgmma.cuh"
 
@@ -12,7 +11,7 @@
 #endif
 
 using HopperShape = flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, HOPPER_INPUT,
-                                              (HOPPER_OUT_BF16 != 0), HOPPER_MASK, (HOPPER_TRANSPOSE_V != 0)>;
+                                              (HOPPER_OUT_BF16 != 0), HOPPER_MASK>;
 static_assert(HopperShape::SMEM_BYTES == HOPPER_SMEM_BYTES, "flash_cuda/hopper.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(HopperShape::THREADS, 1)

@@ -33,10 +33,9 @@
 // which reads both operands K-major: for O += P V that means V with the keys contiguous, in the order
 // P's registers hold them (fp8_key), so that P goes from the S accumulator to the 8-bit A operand
 // without crossing lanes. A pre-pass (hopper_fwd_vt.cu) writes that V^T to global memory and the
-// producer TMA-loads its tiles into the V ring. Measurement switch (TRANSPOSE_V, one device A/B; the
-// loser goes): the three spare warps of the producer warpgroup transpose each V block in shared
-// memory into a V^T ring instead. The descale factors of Q and K fold into the tile's score scale,
-// that of V into the output's normalisation.
+// producer TMA-loads its tiles into the V ring (measured faster than transposing V in shared memory
+// with the producer's spare warps, PERF_NOTES.md). The descale factors of Q and K fold into the
+// tile's score scale, that of V into the output's normalisation.
 //
 // Masking (flash.masking, bottom-right aligned): query row i of a sequence sees key j iff
 // j < len_k and -left <= j - i - (len_k - len_q) <= right.
@@ -58,7 +57,7 @@ constexpr int TURN_BARRIER = 1;
 // Input element types (Shape::INPUT).
 constexpr int INPUT_F16 = 0, INPUT_BF16 = 1, INPUT_E4M3 = 2, INPUT_E5M2 = 3;
 
-template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_, bool TRANSPOSE_V_>
+template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_>
 struct Shape {
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
@@ -69,9 +68,6 @@ struct Shape {
   static constexpr int STAGES = 2;
   static constexpr int INPUT = INPUT_;
   static constexpr bool FP8 = INPUT == INPUT_E4M3 || INPUT == INPUT_E5M2;
-  // fp8: V is transposed here, by the producer's spare warps, not by the pre-pass (a measurement
-  // switch for one device A/B: the loser goes).
-  static constexpr bool TRANSPOSE_V = FP8 && TRANSPOSE_V_;
   static constexpr bool OUT_BF16 = OUT_BF16_;  // the output's type: bf16, else fp16
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (sliding window)
   static constexpr int BM = 64 * CONSUMERS;
@@ -80,22 +76,17 @@ struct Shape {
   static constexpr int SWIZZLE = (D * ELEM) % 128 == 0 ? 128 : 64;  // bytes of a slab row, the swizzle span
   static constexpr int SLAB = SWIZZLE / ELEM;                       // columns of one swizzle slab
   // Shared memory (from a 1024-byte aligned base): the Q, K and V rings (fp8: V^T tiles as the
-  // pre-pass wrote them), with TRANSPOSE_V the V^T ring, then the mbarriers.
+  // pre-pass wrote them), then the mbarriers.
   static constexpr int Q_BYTES = BM * D * ELEM;
   static constexpr int KV_BYTES = BN * D * ELEM;
   static constexpr int K_OFFSET = Q_STAGES * Q_BYTES;
   static constexpr int V_OFFSET = K_OFFSET + STAGES * KV_BYTES;
-  static constexpr int VT_OFFSET = TRANSPOSE_V ? V_OFFSET + STAGES * KV_BYTES : V_OFFSET;
-  static constexpr int BARRIER_OFFSET = VT_OFFSET + STAGES * KV_BYTES;
-  static constexpr int BARRIERS = 2 * Q_STAGES + (TRANSPOSE_V ? 6 : 4) * STAGES;
+  static constexpr int BARRIER_OFFSET = V_OFFSET + STAGES * KV_BYTES;
+  static constexpr int BARRIERS = 2 * Q_STAGES + 4 * STAGES;
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * BARRIERS;
-  // With TRANSPOSE_V, warps 1-3 of the producer warpgroup transpose V blocks (warp 0 issues the TMA
-  // loads).
-  static constexpr int TRANSPOSERS = TRANSPOSE_V ? 3 : 0;
-  // Register split of the 64K-register file: the producer keeps the minimum (the transposers need
-  // 48, for two tasks' loads in flight and a window's tile bounds).
-  static constexpr int PRODUCER_REGISTERS = TRANSPOSE_V ? 48 : CONSUMERS == 2 ? 24 : 32;
-  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? (TRANSPOSE_V ? 224 : 240) : (TRANSPOSE_V ? 152 : 160);
+  // Register split of the 64K-register file: the producer keeps the minimum.
+  static constexpr int PRODUCER_REGISTERS = CONSUMERS == 2 ? 24 : 32;
+  static constexpr int CONSUMER_REGISTERS = CONSUMERS == 2 ? 240 : 160;
   // What each thread holds at launch (__launch_bounds__(THREADS, 1): the register file, in 8s).
   static constexpr int ENTRY_REGISTERS = (65536 / THREADS) / 8 * 8;
 
@@ -222,11 +213,6 @@ struct SmemTile {
     return smem_descriptor<S::SWIZZLE>(address, 16, 8 * S::SWIZZLE);
   }
 
-  // The 4 bytes at (row, byte col) of the tile, col a multiple of 4 (fp8 V, read by the transposers).
-  __device__ __forceinline__ u32 word_address(int row, int col) const {
-    return base + (col / S::SWIZZLE) * SLAB_BYTES + swizzled<S::SWIZZLE>(row * S::SWIZZLE + col % S::SWIZZLE);
-  }
-
   // N-major operand of k16 step kk: rows 16kk .. 16kk + 15 and every column, the slabs SLAB_BYTES
   // apart (V as B of O += P V, in its natural (key, head dim) layout).
   __device__ __forceinline__ u64 n_major(int kk) const {
@@ -235,13 +221,12 @@ struct SmemTile {
 };
 
 // V^T of an fp8 key block: D rows of BN keys, one slab of BN-byte rows (the swizzle span), the keys
-// of each k32 step in fp8_key order (as TMA leaves a box of the pre-pass's V^T, or the transposers).
+// of each k32 step in fp8_key order (as TMA leaves a box of the pre-pass's V^T).
 template <class S>
 struct VtTile {
   u32 base;
   // K-major B operand of k32 step kk: keys 32kk .. 32kk + 31 of every row.
   __device__ __forceinline__ u64 k_major(int kk) const { return smem_descriptor<S::BN>(base + 32 * kk, 16, 8 * S::BN); }
-  __device__ __forceinline__ u32 word_address(int row, int col) const { return base + swizzled<S::BN>(row * S::BN + col); }
 };
 
 // Issue S = Q K^T for the warpgroup's 64 query rows from row0 (raw dot products: the softmax scale
@@ -275,54 +260,6 @@ __device__ __forceinline__ void issue_pv(Acc<S::D>& o, const Operand<S::BN, S::E
   }
   wgmma_commit();
   pin(o);
-}
-
-// ------------------------------------------------------------------ fp8: V^T
-
-// out[e] byte i = in[i] byte e (a 4 x 4 byte transpose in 8 byte permutes).
-__device__ __forceinline__ void transpose4x4(const u32 (&in)[4], u32 (&out)[4]) {
-  const u32 t0 = __byte_perm(in[0], in[1], 0x5140), t1 = __byte_perm(in[0], in[1], 0x7362);
-  const u32 t2 = __byte_perm(in[2], in[3], 0x5140), t3 = __byte_perm(in[2], in[3], 0x7362);
-  out[0] = __byte_perm(t0, t2, 0x5410);
-  out[1] = __byte_perm(t0, t2, 0x7632);
-  out[2] = __byte_perm(t1, t3, 0x5410);
-  out[3] = __byte_perm(t1, t3, 0x7632);
-}
-
-// V^T of one key block, by the 32 * TRANSPOSERS threads `thread`. A warp's task is 32 keys (one k32
-// step) by 16 columns; lane (a, b) moves the 4 x 4 bytes of keys fp8_key(4a .. 4a + 3) and columns
-// 4b .. 4b + 3 of it (loads and stores each two-way bank conflicted: the swizzle leaves 4 distinct
-// rows mod 8 to the keys of one step, and 2 to 4 consecutive columns).
-template <class S>
-__device__ __forceinline__ void transpose_v(const SmemTile<S::BN, S>& v, const VtTile<S>& vt, int thread) {
-  constexpr int STEPS = S::BN / 32, TASKS = STEPS * (S::D / 16);
-  const int a = thread % 8, b = (thread % 32) / 8;
-  // Two tasks per round, both tasks' loads first: the loads of one overlap the other's latency.
-#pragma unroll 1
-  for (int task = thread / 32; task < TASKS; task += 2 * S::TRANSPOSERS) {
-    const bool second = task + S::TRANSPOSERS < TASKS;  // warp-uniform
-    u32 in[2][4];
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int id = task + t * S::TRANSPOSERS;
-      const int key0 = 32 * (id % STEPS), col = 16 * (id / STEPS) + 4 * b;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        in[t][i] = (t == 0 || second) ? ld_shared_u32(v.word_address(key0 + fp8_key(4 * a + i), col)) : 0u;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int id = task + t * S::TRANSPOSERS;
-      const int key0 = 32 * (id % STEPS), col = 16 * (id / STEPS) + 4 * b;
-      u32 out[4];
-      transpose4x4(in[t], out);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if (t == 0 || second) st_shared_u32(vt.word_address(col + e, key0 + 4 * a), out[e]);
-      }
-    }
-  }
 }
 
 // ------------------------------------------------------------------ softmax
@@ -514,7 +451,8 @@ struct Smem {
   __device__ __forceinline__ SmemTile<S::BM, S> q(int stage) const { return {base + stage * S::Q_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> k(int stage) const { return {base + S::K_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ SmemTile<S::BN, S> v(int stage) const { return {base + S::V_OFFSET + stage * S::KV_BYTES}; }
-  __device__ __forceinline__ VtTile<S> vt(int stage) const { return {base + S::VT_OFFSET + stage * S::KV_BYTES}; }
+  // fp8: the V ring's buffer holds V^T as the pre-pass wrote it.
+  __device__ __forceinline__ VtTile<S> vt(int stage) const { return {base + S::V_OFFSET + stage * S::KV_BYTES}; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
   __device__ __forceinline__ u32 q_full(int stage) const { return barrier(stage); }
   __device__ __forceinline__ u32 q_empty(int stage) const { return barrier(S::Q_STAGES + stage); }
@@ -522,17 +460,9 @@ struct Smem {
   __device__ __forceinline__ u32 k_empty(int stage) const { return barrier(2 * S::Q_STAGES + S::STAGES + stage); }
   __device__ __forceinline__ u32 v_full(int stage) const { return barrier(2 * S::Q_STAGES + 2 * S::STAGES + stage); }
   __device__ __forceinline__ u32 v_empty(int stage) const { return barrier(2 * S::Q_STAGES + 3 * S::STAGES + stage); }
-  __device__ __forceinline__ u32 vt_full(int stage) const { return barrier(2 * S::Q_STAGES + 4 * S::STAGES + stage); }
-  __device__ __forceinline__ u32 vt_empty(int stage) const { return barrier(2 * S::Q_STAGES + 5 * S::STAGES + stage); }
-  // The barriers of the buffer O += P V reads: V's, or the V^T ring's when V is transposed here.
-  __device__ __forceinline__ u32 pv_full(int stage) const { return S::TRANSPOSE_V ? vt_full(stage) : v_full(stage); }
-  __device__ __forceinline__ u32 pv_empty(int stage) const {
-    return S::TRANSPOSE_V ? vt_empty(stage) : v_empty(stage);
-  }
 
   // Full barriers take the producer's one arrival (plus the TMA bytes); empty ones one arrival per
-  // consumer warp, each after its own wgmma_wait. TRANSPOSE_V: the transposer warps empty V and fill
-  // V^T.
+  // consumer warp, each after its own wgmma_wait.
   __device__ void init() const {
 #pragma unroll
     for (int st = 0; st < S::Q_STAGES; ++st) {
@@ -544,11 +474,7 @@ struct Smem {
       mbarrier_init(k_full(st), 1);
       mbarrier_init(k_empty(st), 4 * S::CONSUMERS);
       mbarrier_init(v_full(st), 1);
-      mbarrier_init(v_empty(st), S::TRANSPOSE_V ? S::TRANSPOSERS : 4 * S::CONSUMERS);
-      if (S::TRANSPOSE_V) {
-        mbarrier_init(vt_full(st), S::TRANSPOSERS);
-        mbarrier_init(vt_empty(st), 4 * S::CONSUMERS);
-      }
+      mbarrier_init(v_empty(st), 4 * S::CONSUMERS);
     }
     fence_barrier_init();
   }
@@ -625,7 +551,7 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
       tma_load_tile(sm.k(ring.stage), k_map, sm.k_full(ring.stage), kv_head, row, t.batch_coord);
       mbarrier_wait(sm.v_empty(ring.stage), ring.phase ^ 1);
       mbarrier_arrive_expect(sm.v_full(ring.stage), S::KV_BYTES);
-      if constexpr (S::FP8 && !S::TRANSPOSE_V) {
+      if constexpr (S::FP8) {
         // one box of V^T: D rows (head dims) of BN keys
         tma_load_4d(sm.vt(ring.stage).base, v_map, sm.v_full(ring.stage), vt_start + n * S::BN, 0, kv_head,
                     t.batch_coord);
@@ -648,32 +574,6 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
       if (u.has_keys()) prefetch_q<S>(q_map, u);
     }
     for (int n = t.n_hi - (S::Q_STAGES == 1 ? 2 : 1); n >= t.n_lo; --n) load_kv(n);
-  }
-}
-
-// ------------------------------------------------------------------ fp8: transposers (TRANSPOSE_V)
-
-// Warps 1..TRANSPOSERS of the producer warpgroup (`thread` counts from warp 1's lane 0): every V block,
-// in the producer's order, into the V^T ring.
-template <class S>
-__device__ void transpose(const Params& p, const Smem<S>& sm, int thread) {
-  Ring<S::STAGES> ring;
-  for (int round = 0; round * (int)gridDim.x < p.tiles; ++round) {
-    const int index = tile_index(round);
-    if (index >= p.tiles) continue;
-    const Tile t = make_tile<S>(p, index);
-    for (int n = t.n_hi - 1; n >= t.n_lo; --n) {
-      mbarrier_wait(sm.v_full(ring.stage), ring.phase);
-      mbarrier_wait(sm.vt_empty(ring.stage), ring.phase ^ 1);
-      transpose_v<S>(sm.v(ring.stage), sm.vt(ring.stage), thread);
-      fence_proxy_async();  // the generic-proxy stores, before wgmma reads them through the async proxy
-      __syncwarp();
-      if (thread % 32 == 0) {
-        mbarrier_arrive(sm.vt_full(ring.stage));
-        mbarrier_arrive(sm.v_empty(ring.stage));
-      }
-      ring.advance();
-    }
   }
 }
 
@@ -888,7 +788,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
       turn.wait();
       issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
       if (softmax.rescale) scale_rows(o, softmax.correction);
-      mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+      mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
       issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
       turn.pass();
       wgmma_wait<1>();
@@ -899,7 +799,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
       wgmma_wait<0>();
       pin(pm);  // P is read until its product completes: its registers must not be reused before
       pin(o);
-      if (warp_leader) mbarrier_arrive(sm.pv_empty(ring.prev().stage));
+      if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
       to_operand<S::INPUT == INPUT_BF16>(s, pm);
       ring.advance();
     }
@@ -919,7 +819,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     turn.wait();
     issue_qk<S>(s, sm.q(q_ring.stage), 64 * wg, sm.k(ring.stage));
     if (softmax.rescale) scale_rows(o, softmax.correction);
-    mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+    mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
     issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
     turn.pass();
     wgmma_wait<0>();
@@ -928,7 +828,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     pin(o);
     if (warp_leader) {
       mbarrier_arrive(sm.k_empty(ring.stage));
-      mbarrier_arrive(sm.pv_empty(ring.prev().stage));
+      mbarrier_arrive(sm.v_empty(ring.prev().stage));
     }
     store(cur);
     cur = next;
@@ -941,11 +841,11 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
 
   // The last tile's last block.
   if (softmax.rescale) scale_rows(o, softmax.correction);
-  mbarrier_wait(sm.pv_full(ring.prev().stage), ring.prev().phase);
+  mbarrier_wait(sm.v_full(ring.prev().stage), ring.prev().phase);
   issue_pv<S>(o, pm, sm.v(ring.prev().stage), sm.vt(ring.prev().stage));
   wgmma_wait<0>();
   pin(o);
-  if (warp_leader) mbarrier_arrive(sm.pv_empty(ring.prev().stage));
+  if (warp_leader) mbarrier_arrive(sm.v_empty(ring.prev().stage));
   store(cur);
   turn.finish();
 }
@@ -964,9 +864,6 @@ __device__ __forceinline__ void forward(const Params& p, const TensorMap* q_map,
   if (wg == 0) {
     registers_decrease<S::PRODUCER_REGISTERS>();
     if (threadIdx.x == 0) produce<S>(p, sm, q_map, k_map, v_map);
-    if constexpr (S::TRANSPOSE_V) {
-      if (threadIdx.x >= 32) transpose<S>(p, sm, threadIdx.x - 32);
-    }
   } else {
     registers_increase<S::CONSUMER_REGISTERS>();
     consume<S>(p, sm, wg - 1);
