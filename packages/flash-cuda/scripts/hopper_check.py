@@ -216,9 +216,8 @@ class BenchCase:
 
 def bench_cases(selection: str | None = None) -> list[BenchCase]:
     """Every benchmark case at the table's tiles, or the cases of ``selection``: ';'-separated
-    "d128 s8192 full: 2x192, 3x128 heads q2, 2x176 e4, prepass" (case, then candidate tiles: consumers x
-    block_n, an optional order, Q stages and share of exponentials on the FMA pipe (e4: every 4th);
-    "prepass": the fp8 V^T pre-pass alone too), each timed at the
+    "d128 s8192 full: 2x192, 3x128 heads q2, prepass" (case, then candidate tiles: consumers x block_n,
+    an optional order and Q stages; "prepass": the fp8 V^T pre-pass alone too), each timed at the
     table's tiles and at its candidates."""
     if selection:
         return [_parse_bench_case(part) for part in selection.split(";") if part.strip()]
@@ -239,8 +238,7 @@ def _parse_bench_case(text: str) -> BenchCase:
         consumers, block_n = (int(x) for x in shape.split("x"))
         order = next((word for word in rest if word in ("heads", "blocks", "auto")), "heads")
         q_stages = next((int(word[1:]) for word in rest if word.startswith("q")), 1)
-        poly_exp2 = next((int(word[1:]) for word in rest if word.startswith("e")), 0)
-        configs.append((consumers, block_n, order, q_stages, poly_exp2))
+        configs.append((consumers, block_n, order, q_stages))
     return BenchCase(int(d.lstrip("d")), int(s.lstrip("s")), mask == "causal", configs, time_prepass)
 
 

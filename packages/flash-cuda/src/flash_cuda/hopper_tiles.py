@@ -37,7 +37,6 @@ class HopperConfig:
     block_n: int
     order: str = "heads"
     q_stages: int = 1  # Q buffers: 2 loads the next tile's Q while this one runs (short sequences)
-    poly_exp2: int = 0  # every poly_exp2-th exponential of a block on the FMA pipe (0: all on the MUFU)
 
     @property
     def block_m(self) -> int:

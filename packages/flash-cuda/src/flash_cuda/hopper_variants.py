@@ -38,8 +38,6 @@ MAX_SMEM = 227 * 1024
 STAGES = 2
 #: Slack for aligning the shared-memory base to the 1024-byte swizzle period inside the kernel.
 SMEM_ALIGN_SLACK = 1024
-#: Shares of a block's exponentials the kernel can move to the FMA pipe: none, or every 2nd .. 8th.
-POLY_EXP2 = (0, 2, 3, 4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,6 @@ class HopperVariant:
     dtype: str  # the inputs' (INPUTS)
     mask: int
     out_dtype: str = ""  # "bf16" or "fp16"; default: the inputs' (bf16 for fp8 inputs)
-    poly_exp2: int = 0  # every poly_exp2-th exponential on the FMA pipe (HopperConfig.poly_exp2)
 
     def __post_init__(self) -> None:
         if not self.out_dtype:
@@ -75,8 +72,6 @@ class HopperVariant:
             problems.append(f"q_stages {self.q_stages} not 1 or 2")
         if self.mask not in MASK_NAMES:
             problems.append(f"mask {self.mask} not in {sorted(MASK_NAMES)}")
-        if self.poly_exp2 not in POLY_EXP2:
-            problems.append(f"poly_exp2 {self.poly_exp2} not in {POLY_EXP2}")
         if self.launch_smem > MAX_SMEM:
             problems.append(f"{self.launch_smem} bytes of shared memory > {MAX_SMEM}")
         if problems:
@@ -127,7 +122,6 @@ class HopperVariant:
             "HOPPER_INPUT": INPUTS.index(self.dtype),
             "HOPPER_OUT_BF16": int(self.out_dtype == "bf16"),
             "HOPPER_MASK": self.mask,
-            "HOPPER_POLY_EXP2": self.poly_exp2,
             "HOPPER_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -140,13 +134,12 @@ class HopperVariant:
         return (
             f"{self.dtype}{out} d{self.head_dim} {MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}"
-            + (f" e{self.poly_exp2}" if self.poly_exp2 else "")
         )
 
 
 def make_variant(config: HopperConfig, head_dim: int, dtype: str, mask: int, out_dtype: str = "") -> HopperVariant:
     d = compiled_head_dim(head_dim, dtype in FP8_INPUTS)
-    return HopperVariant(d, config.consumers, config.block_n, config.q_stages, dtype, mask, out_dtype, config.poly_exp2)
+    return HopperVariant(d, config.consumers, config.block_n, config.q_stages, dtype, mask, out_dtype)
 
 
 def shipped_variants() -> list[HopperVariant]:

@@ -11,7 +11,7 @@
 #endif
 
 using HopperShape = flash_cuda::hopper::Shape<HOPPER_D, HOPPER_CONSUMERS, HOPPER_BN, HOPPER_Q_STAGES, HOPPER_INPUT,
-                                              (HOPPER_OUT_BF16 != 0), HOPPER_MASK, HOPPER_POLY_EXP2>;
+                                              (HOPPER_OUT_BF16 != 0), HOPPER_MASK>;
 static_assert(HopperShape::SMEM_BYTES == HOPPER_SMEM_BYTES, "flash_cuda/hopper.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(HopperShape::THREADS, 1)

@@ -57,11 +57,8 @@ constexpr int TURN_BARRIER = 1;
 // Input element types (Shape::INPUT).
 constexpr int INPUT_F16 = 0, INPUT_BF16 = 1, INPUT_E4M3 = 2, INPUT_E5M2 = 3;
 
-template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_, int POLY_EXP2_ = 0>
+template <int D_, int CONSUMERS_, int BN_, int Q_STAGES_, int INPUT_, bool OUT_BF16_, int MASK_>
 struct Shape {
-  // Every POLY_EXP2-th exponential of a block by exp2_fma (0: all on the MUFU): the heuristics
-  // table's choice per problem class.
-  static constexpr int POLY_EXP2 = POLY_EXP2_;
   static constexpr int D = D_;                  // head dim as compiled (>= the problem's)
   static constexpr int CONSUMERS = CONSUMERS_;  // consumer warpgroups, 64 query rows each
   static constexpr int BN = BN_;                // keys per block
@@ -288,7 +285,7 @@ struct OnlineSoftmax {
   // moves only past the margin (so P stays <= 2^RESCALE_LOG2, harmless in fp32 and 16 bits); the
   // O correction it implies waits in `correction` for the next product, and one warp vote decides
   // whether that rescale runs at all.
-  template <int POLY, int N>
+  template <int N>
   __device__ __forceinline__ void update(Acc<N>& s, float score_log2) {
     float mx[2];
     row_max(s, mx);
@@ -312,8 +309,7 @@ struct OnlineSoftmax {
       for (int i = 0; i < Acc<N>::TILES; ++i) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const float x = fmaf(s.at(i, row, c), score_log2, -shift[row]);
-          const float p = POLY > 0 && (2 * i + c) % POLY == POLY - 1 ? exp2_fma(x) : exp2_approx(x);
+          const float p = exp2_approx(fmaf(s.at(i, row, c), score_log2, -shift[row]));
           s.at(i, row, c) = p;
           part += p;
         }
@@ -745,7 +741,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
     if (S::FP8 && w.flip) negate(s);
     if (softcapped) softcap(s, w.softcap_in);
     if (w.masked(n)) mask_scores<S::MASK>(s, w.row, n * S::BN + quad_col, w.len_k, w.off, p.win_left, p.win_right);
-    softmax.update<S::POLY_EXP2>(s, w.score_log2);
+    softmax.update(s, w.score_log2);
   };
 
   // Wait for K of the block after n (if the tile has one) before waiting for O += P V: the spin

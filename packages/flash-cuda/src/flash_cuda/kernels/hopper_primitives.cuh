@@ -189,22 +189,6 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void pin(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
 
-// 2^x on the FMA and integer pipes instead of the MUFU, whose 16 lanes per SM set the pace of the
-// softmax (FlashAttention-4 moves a share of its exponentials off the MUFU the same way). x = j + f
-// with j = round(x) (adding 1.5 * 2^23 leaves j in the low mantissa bits) and f in [-0.5, 0.5]; 2^f
-// by a cubic fitted for relative error (7.5e-5: under half an fp16 or bf16 ulp of P); j added to
-// the exponent field. Below -126 (masked scores' -inf included) the result is 0, as ex2.approx.ftz
-// gives; NaN stays NaN.
-__device__ __forceinline__ float exp2_fma(float x) {
-  constexpr float ROUND = 12582912.f;  // 1.5 * 2^23
-  const float clamped = fmaxf(x, -127.f);
-  const float t = clamped + ROUND;
-  const float f = clamped - (t - ROUND);
-  const float p = fmaf(fmaf(fmaf(0.0551711656f, f, 0.242611110f), f, 0.693261087f), f, 0.999928057f);
-  const float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-  return x >= -126.f ? r : (x < -126.f ? 0.f : x);
-}
-
 // Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address, leading and
 // stride byte offsets (all >> 4) and the swizzle mode. Tiles start on a swizzle-pattern boundary,
 // so the base-offset field stays 0.
