@@ -91,3 +91,31 @@ def test_deterministic_gradients_through_the_public_api_are_bit_identical():
         runs.append(torch.autograd.grad(out, (q, k, v), do))
     for grads in runs[1:]:
         assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(grads, runs[0]))
+
+
+@pytest.mark.parametrize("forward", ["cuda", "triton", "reference"])
+def test_this_backward_after_each_forward(forward):
+    """Cross-pairing through the LSE contract: out and LSE from ``forward``'s kernel (public API), the
+    gradients from this backward, against the float64 oracle with the tolerance rule (GQA 8/2, causal,
+    odd lengths, d128). The reverse pairing (another backward after the cuda forward) is what dispatch
+    does for what this backward declines (test_dispatch_pairs_the_cuda_forward_with_this_backward)."""
+    import flash
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    b, sq, sk, hq, hkv, d = 2, 333, 457, 8, 2, 128
+    q = torch.randn(b, sq, hq, d, generator=g, device="cuda").to(torch.bfloat16)
+    k, v = (torch.randn(b, sk, hkv, d, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+    do = torch.randn(b, sq, hq, d, generator=g, device="cuda").to(torch.bfloat16)
+    scale, window = d**-0.5, (-1, 0)
+    out, lse = flash.attention(q, k, v, causal=True, return_lse=True, backend=forward)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    hopper_bwd.backward(q, k, v, out, lse.float(), do, dq, dk, dv, heads_q=hq, heads_kv=hkv, head_dim=d,
+                        window=window, scale=scale)  # fmt: skip
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    exact = torch.autograd.grad(hc.dense(q64, k64, v64, window, scale)[0], (q64, k64, v64), do.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive = torch.autograd.grad(hc.dense(qn, kn, vn, window, scale)[0], (qn, kn, vn), do)
+    for name, got, ex, nv in zip(("dq", "dk", "dv"), (dq, dk, dv), exact, naive):
+        err = (got.double() - ex).abs().nan_to_num(float("inf")).max().item()
+        limit = 2 * (nv.double() - ex).abs().max().item() + hc.EPS["bf16"]
+        assert err <= limit, (forward, name, err, limit)
