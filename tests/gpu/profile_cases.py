@@ -4,6 +4,7 @@ once inside a profiler range, so ``ncu --profile-from-start off`` sees exactly o
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
         python3 tests/gpu/profile_cases.py --backend cuda --cases 128:8192:full,128:1024:full
     ncu ... -k regex:flash_bwd_sm90 python3 tests/gpu/profile_cases.py --backward --cases 128:8192:full
+    ncu ... python3 tests/gpu/profile_cases.py --decode 32768,4096   # one decoding step each, then SDPA cuDNN's
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ def main() -> None:
     parser.add_argument("--cases", default="128:8192:full", help="head_dim:seqlen:full|causal, comma-separated")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--backward", action="store_true", help="profile the backward (the forward runs outside)")
+    parser.add_argument("--decode", help="KV lengths: a decoding step (batch 16, GQA 32/8, d128) and cuDNN's")
     args = parser.parse_args()
+    if args.decode:
+        for length in args.decode.split(","):
+            profile_decode(int(length), args.backend)
+        return
     for case in args.cases.split(","):
         head_dim, seqlen, mask = case.split(":")
         batch, heads = timing.convention_shape(seqlen=int(seqlen), head_dim=int(head_dim))
@@ -50,6 +56,33 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
         print("profiled", case, flush=True)
+
+
+def profile_decode(length: int, backend: str) -> None:
+    """One decoding step of flash (KV cache) and of SDPA's cuDNN kernel on the same cache, profiled."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads_q, heads_kv, d = 16, 32, 8, 128
+    q = torch.randn(batch, 1, heads_q, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, length, heads_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+
+    def ours() -> torch.Tensor:
+        return flash.attention_with_kvcache(q, k, v, cache_seqlens=lengths, backend=backend)
+
+    def cudnn() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+    for run in (ours, cudnn):
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    print("profiled decode", length, flush=True)
 
 
 if __name__ == "__main__":
