@@ -122,6 +122,21 @@ def test_block_mask_from_document_ids_equals_from_dense() -> None:
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+def test_document_runs_are_each_querys_visible_keys() -> None:
+    """Documents that are runs of tokens: each query's run is exactly the keys its dense row shows (causal
+    or not); a document split in two has no runs (the kernels then compare ids)."""
+    ids = torch.tensor([[0, 0, 0, 7, 7, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 1, 1, 1]])
+    rows, cols = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    for causal in (True, False):
+        runs = BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 16)).document_runs
+        assert runs is not None and runs.dtype == torch.int32
+        dense = (ids[:, :, None] == ids[:, None, :]) & ((cols <= rows) | (not causal))
+        inside = (cols >= runs[:, 0, :, None]) & (cols < runs[:, 1, :, None])
+        assert torch.equal(inside, dense)
+    split = BlockMask.from_document_ids(torch.tensor([0, 0, 1, 1, 0]))
+    assert split.document_runs is None and split.document_ids is not None
+
+
 @pytest.mark.parametrize(
     ("argument", "value", "options"),
     [

@@ -132,3 +132,25 @@ def test_a_nan_value_reaches_only_the_rows_that_see_it(monkeypatch: pytest.Monke
     assert torch.equal(got.isnan(), want.isnan()) and int(got.isnan().sum()) == 35 + 20
     finite = ~got.isnan()
     torch.testing.assert_close(got[finite], want[finite], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_document_runs_match_the_dense_mask(causal: bool) -> None:
+    """Documents that are runs of tokens take the kernels' one-interval test (``MASK == 5``); a sequence
+    of 45 (tiles past its end) and two sequences with their own documents: forward and every gradient
+    as with the same mask read from a dense tensor."""
+    ids = torch.tensor([[0] * 7 + [1] * 20 + [2] * 18, [4] * 30 + [9] * 15])
+    runs_mask = flash.BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 32))
+    assert runs_mask.document_runs is not None
+    rows, cols = torch.arange(45)[:, None], torch.arange(45)[None, :]
+    dense = (ids[:, None, :, None] == ids[:, None, None, :]) & ((cols <= rows) | (not causal))
+    gen = torch.Generator().manual_seed(3)
+    ins = [torch.randn(2, 45, 2, 32, generator=gen).to(torch.float16) for _ in range(3)]
+    dout = torch.randn(2, 45, 2, 32, generator=gen).to(torch.float16)
+    results = []
+    for mask in (runs_mask, flash.BlockMask.from_dense(dense, block_size=(16, 32))):
+        q, k, v = (t.clone().requires_grad_() for t in ins)
+        out = flash.attention(q, k, v, block_mask=mask, backend="triton")
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

@@ -407,6 +407,9 @@ MASK_CASES = {
         "block_mask": BlockMask.from_mask_mod(_prefix_lm, batch=None, heads=None, seqlen_q=shape[1], seqlen_k=shape[1])
     },
     "document ids": lambda shape: {"block_mask": BlockMask.from_document_ids(torch.arange(shape[1]) // 200)},
+    "document ids (split)": lambda shape: {  # a document in two runs: partial tiles compare ids
+        "block_mask": BlockMask.from_document_ids(torch.arange(shape[1]) // 200 % 3)
+    },
 }
 
 

@@ -126,11 +126,15 @@ class BlockMask:
         mask_mod: MaskMod | None = None,
         dense: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        document_runs: torch.Tensor | None = None,
     ) -> None:
         self.block_size = block_size
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self.mask_mod, self.dense = mask_mod, dense
         self.document_ids = document_ids  # int32 (B|1, S): query i sees key j only within one document
+        #: int32 (B|1, 2, S) or None: where every document is one run of tokens, query i sees exactly the
+        #: keys [runs[:, 0, i], runs[:, 1, i]) (its document's start; its end, or i + 1 when causal)
+        self.document_runs = document_runs
         self.states = states
         self.lists = block_lists(states, seqlen_q, block_size[0])
         visited, partial = torch.stack(((states != HIDDEN).sum(), (states == PARTIAL).sum())).tolist()
@@ -245,7 +249,31 @@ class BlockMask:
                 seen &= keys[None, None, :] <= q[None, :, None]
             rows.append(block_states(seen[:, None], q.shape[0], seqlen, block_size))
         states = torch.cat(rows, dim=2)
-        return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2)
+        return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2,
+                   document_runs=document_runs(ids2, causal))  # fmt: skip
+
+
+def document_runs(ids: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    """int32 (B, 2, S): the first key and one past the last key each query sees, when each document of
+    ``ids`` (int32 (B, S)) is one run of tokens; None when one is split (its keys are not an interval).
+
+    A partial tile then tests one interval per query (no id loads per tile, no separate causal test).
+    One host sync, as the block summary already needs.
+    """
+    seqlen = ids.shape[1]
+    pos = torch.arange(seqlen, device=ids.device, dtype=torch.int32).expand_as(ids)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    runs = starts.sum(dim=1)
+    distinct = torch.tensor([row.unique().numel() for row in ids], device=ids.device)
+    if not bool((runs == distinct).all()):
+        return None
+    first = torch.where(starts, pos, 0).cummax(dim=1).values
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    last = torch.where(ends, pos + 1, seqlen).flip(1).cummin(dim=1).values.flip(1)
+    stop = torch.minimum(last, pos + 1) if causal else last
+    return torch.stack((first, stop), dim=1).to(torch.int32).contiguous()
 
 
 def causal_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

@@ -191,14 +191,20 @@ def mask_args(
     if mask_kind == 1 and is_key_padding(spec):
         mask_kind = 4  # one row for every query: the kernels load a vector of keys, not a tile
     documents = block.document_ids if block is not None else None
-    if documents is not None:  # (B|1, S) ids: the same vector is the query's and the key's axis
+    runs_of_docs = block.document_runs if block is not None else None
+    if runs_of_docs is not None:  # (B|1, 2, S): each query's interval of keys, causal folded in
+        mask_kind, mask = 5, runs_of_docs
+        m_str = (_broadcast_strides(runs_of_docs)[0], 0, 1, runs_of_docs.stride(1))
+    elif documents is not None:  # (B|1, S) ids: the same vector is the query's and the key's axis
         mask_kind, mask = 3, documents
         m_str = (_broadcast_strides(documents)[0], 0, 1, 1)
     alibi = masks.alibi_slopes
     a_str = (
         (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
     )
-    mask_mod = spec.mask_mod if spec.mask_mod is not None else (block.mask_mod if block is not None else None)
+    # A document mask's runs already hold its causal bound: its mask_mod would test it a second time.
+    block_mod = block.mask_mod if block is not None and runs_of_docs is None else None
+    mask_mod = spec.mask_mod if spec.mask_mod is not None else block_mod
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
     padding = is_key_padding(spec) and masks.attn_mask is not None
     runs = shared_key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy

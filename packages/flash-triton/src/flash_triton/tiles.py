@@ -308,7 +308,8 @@ def score_tile(
     False) it is ``qk`` itself and the caller folds ``scale_log2`` into its ``exp2`` (one multiply-add).
     ``MASK``: 0 none, 1 boolean (read in masked tiles), 2 additive (read in every tile), 3 document ids
     (a :class:`flash.BlockMask` from document ids: ``mask_ptr`` holds the sequence's ids, compared in masked
-    tiles), 4 a boolean key-padding mask (one row for every query: a vector of keys, read in masked tiles).
+    tiles), 4 a boolean key-padding mask (one row for every query: a vector of keys, read in masked tiles), 5 a
+    document mask whose documents are runs of tokens (one interval of keys per query, :func:`document_run`).
     ``MASKED`` applies the masks (window, boolean mask, ``mask_mod``, sequence ends): ``seen`` is
     True where the query sees the key and ``s`` is -inf elsewhere. With ``GRAD``, ``d_mod`` is
     ``score_mod_grad`` at the score before ``score_mod`` and ``d_cap = 1 - tanh^2`` of softcap
@@ -341,7 +342,12 @@ def score_tile(
             s = SCORE_MOD(natural, b, h, rows, cols).to(tl.float32) * LOG2E
     seen = rows < len_q  # placeholder where MASKED is off: the caller does not use it
     if MASKED:
-        seen = visible(rows, cols, len_q, len_k, offset, win[0], win[1], HAS_LEFT, HAS_RIGHT)
+        if MASK == 5:  # the runs hold the sequence's ends: no bounds test of their own
+            seen = document_run(rows, cols, len_q, mask_ptr, mask_si, mask_sj)
+            if HAS_LEFT or HAS_RIGHT:
+                seen = seen & visible(rows, cols, len_q, len_k, offset, win[0], win[1], HAS_LEFT, HAS_RIGHT)
+        else:
+            seen = visible(rows, cols, len_q, len_k, offset, win[0], win[1], HAS_LEFT, HAS_RIGHT)
         if MASK == 1:
             keep = tl.load(mask_ptr + rows * mask_si + cols * mask_sj, mask=seen, other=0)
             seen = seen & (keep != 0)
@@ -356,6 +362,18 @@ def score_tile(
             seen = seen & MASK_MOD(b, h, rows, cols)
         s = tl.where(seen, s, float("-inf"))
     return s, seen, d_mod, d_cap
+
+
+@triton.jit
+def document_run(rows, cols, len_q, runs, row_stride, stop_offset):
+    """True where query ``rows`` sees key ``cols`` under a document mask whose documents are runs of tokens
+    (``MASK == 5``): ``runs`` holds each query's first visible key, ``stop_offset`` elements later one past
+    its last (:func:`flash.block_mask.document_runs`). One unsigned compare per score tests both ends, the
+    sequence's end (stops never pass it) and, in the stops, causality; a padding row's empty run hides it."""
+    inside = rows < len_q
+    first = tl.load(runs + rows * row_stride, mask=inside, other=0)
+    stop = tl.load(runs + stop_offset + rows * row_stride, mask=inside, other=0)
+    return (cols - first).to(tl.uint32) < (stop - first).to(tl.uint32)
 
 
 @triton.jit

@@ -165,8 +165,9 @@ def _flex_runner(score_mod, mask_mod, seqlen: int, device: str) -> Callable:
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
-def bench_examples(seqlen: int, batch: int, heads: int, device: str, flex: bool) -> list[Result]:
-    cases = examples(seqlen, heads, device)
+def bench_examples(seqlen: int, batch: int, heads: int, device: str, flex: bool, only: set[str]) -> list[Result]:
+    """The example set, or its cases named in ``only`` (all when empty)."""
+    cases = {name: case for name, case in examples(seqlen, heads, device).items() if not only or name in only}
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (batch, heads, seqlen, HEAD_DIM)
     q, k, v = (
@@ -301,8 +302,11 @@ SIZES = {"examples": (8192, 2, 16), "padding": (2048, 8, 16), "sparse": (8192, 2
 SMOKE_SIZES = {"examples": (128, 1, 1), "padding": (64, 2, 1), "sparse": (256, 1, 1)}
 
 
-def measure(parts: list[str], device: str, flex: bool, smoke: bool) -> list[Result]:
-    """The named parts (examples, padding, sparse) at full size, or tiny with ``smoke``."""
+def measure(
+    parts: list[str], device: str, flex: bool, smoke: bool, cases: frozenset[str] = frozenset()
+) -> list[Result]:
+    """The named parts (examples, padding, sparse) at full size, or tiny with ``smoke``; ``cases`` picks
+    examples by name (all when empty)."""
     global PREFIX, WINDOW
     if smoke:  # the examples' constants scaled to the tiny sequences
         PREFIX, WINDOW = 32, 48
@@ -310,7 +314,7 @@ def measure(parts: list[str], device: str, flex: bool, smoke: bool) -> list[Resu
     for part in parts:
         seqlen, batch, heads = (SMOKE_SIZES if smoke else SIZES)[part]
         if part == "examples":
-            results += bench_examples(seqlen, batch, heads, device, flex)
+            results += bench_examples(seqlen, batch, heads, device, flex, set(cases))
         elif part == "padding":
             results += bench_padding(seqlen, batch, heads, device)
         else:
@@ -337,11 +341,15 @@ class Masks:
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--masks-parts", default="examples,padding,sparse", help="which parts (default all three)")
         group.add_argument("--masks-no-flex", action="store_true", help="skip FlexAttention")
+        group.add_argument(
+            "--masks-cases", default="", help="examples to run, comma-separated (e.g. document,prefix_lm; default all)"
+        )
         group.add_argument("--masks-smoke", action="store_true", help="tiny sizes: checks the code paths only")
 
     def run(self, options: argparse.Namespace, device: torch.device) -> Report:
         flex = not options.masks_no_flex and device.type == "cuda"
-        results = measure(options.masks_parts.split(","), device.type, flex, options.masks_smoke)
+        cases = frozenset(c for c in options.masks_cases.split(",") if c)
+        results = measure(options.masks_parts.split(","), device.type, flex, options.masks_smoke, cases)
         rows = [asdict(r) for r in results]
         return Report({"masks": {"rows": rows, "targets": targets(results)}}, summary(results))
 
