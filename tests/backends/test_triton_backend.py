@@ -119,11 +119,11 @@ def test_declares_what_it_does_not_support(monkeypatch: pytest.MonkeyPatch) -> N
     assert any("tensors on cpu" in r for r in reasons(backend, "forward", _spec()))
 
 
-def _kv_spec(cache_dtype=torch.bfloat16, dtype=torch.bfloat16, **options):
+def _kv_spec(cache_dtype=torch.bfloat16, dtype=torch.bfloat16, cache=None, **options):
     from flash.kvspec import build_kv_spec
 
     q = torch.randn(2, 1, 8, 64).to(dtype)
-    cache = torch.randn(2, 100, 2, 64).to(cache_dtype)
+    cache = torch.randn(2, 100, 2, 64).to(cache_dtype) if cache is None else cache
     return build_kv_spec(q, cache, cache, cache_seqlens=5, **options)
 
 
@@ -140,6 +140,10 @@ def test_declares_its_kv_cache_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("sm_89" in r for r in reasons(backend, "decode", fp8))
     huge = dataclasses.replace(_kv_spec(), seqlen_q=600_000)  # 4 x 600k rows in blocks of 16: past the grid
     assert any("grid" in r for r in reasons(backend, "decode", huge))
+    interleaved = torch.empty(100, 2, 2, 64, dtype=torch.bfloat16).transpose(0, 1)  # (slot, batch, ...) storage
+    assert _kv_spec(cache=interleaved).token_stride == 256
+    wide = dataclasses.replace(_kv_spec(), token_stride=2**23)  # a tile's int32 row offsets could overflow
+    assert any("token stride" in r for r in reasons(backend, "decode", wide))
 
 
 def test_explain_names_triton_on_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,8 +268,9 @@ def test_a_paged_tile_costs_about_what_a_contiguous_one_does_on_hopper() -> None
     """The decoding kernel's unmasked tile loop built for sm_90 (PTX and SASS, per thread): with pages
     of a power of two keys, a paged tile keeps the contiguous cache's K/V copies and tiles in flight,
     reads its page numbers through asynchronous copies pipelined ahead of them, and does no integer
-    division: at most 10% more SASS instructions than a contiguous tile (the per-key path, which a
-    page size that is not a power of two keeps, divides and costs much more)."""
+    division (the per-key path, which a page size that is not a power of two keeps, divides and
+    costs much more). A contiguous tile, one base plus loop-invariant row offsets like a page
+    holding the tile, costs at most what that paged tile does, with no per-key 64-bit multiply."""
     scripts = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-triton", "scripts")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import compile_report as c; "
@@ -290,8 +295,9 @@ def test_a_paged_tile_costs_about_what_a_contiguous_one_does_on_hopper() -> None
     for case in ("paged 16", "paged 64"):
         tile = loop[case]
         assert tile["div_rem"] == 0 and tile["ld_global"] == 0 and 1 <= tile["copies_4B"] <= 8, (case, tile)
-        assert tile["sass"] <= 1.1 * base["sass"], (case, tile, base)
+        assert tile["sass"] <= 1.4 * base["sass"], (case, tile, base)
     assert loop["paged 64"]["copies_4B"] == 1  # one table entry per tile
+    assert base["sass"] <= loop["paged 64"]["sass"] and base["mul64"] <= 2, (base, loop["paged 64"])
     assert loop["paged 48"]["div_rem"] > 0 and loop["paged 48"]["sass"] > 1.5 * base["sass"], loop["paged 48"]
 
 
@@ -315,3 +321,16 @@ def test_kv_cache_kernels_compile_for_hopper_without_spills() -> None:
     kernels = {(r["kernel"], r["case"]) for r in rows}
     assert len(kernels) == 12  # append, decode, combine for each of the four
     assert all(r["ldl_stl"] == 0 and r["stack"] == 0 for r in rows), [r for r in rows if r["ldl_stl"]]
+
+
+def test_wave_splits_fill_whole_waves_of_long_splits() -> None:
+    """The measurement switch's split rule (issue 10): on 132 SMs holding 2 decoding programs each,
+    batch 16 x 8 KV heads splits in 2 (256 programs, one wave) where core's heuristic takes 5 (640:
+    2.42 waves, the last 42% full), at 4k and 32k keys alike; batch 1 splits in 33 (264 programs)."""
+    from flash_triton.decode import wave_splits
+
+    assert wave_splits(128, 4096, 64, 264, 3) == 2
+    assert wave_splits(128, 32768, 64, 264, 3) == 2
+    assert wave_splits(8, 131072, 64, 264, 3) == 33
+    assert wave_splits(512, 4096, 64, 264, 3) == 1  # 512 programs already fill two waves
+    assert wave_splits(1, 64, 64, 264, 3) == 1  # one tile: nothing to split

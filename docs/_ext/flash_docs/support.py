@@ -164,6 +164,7 @@ def base_kv_spec():
         descale=False,
         num_splits=4,
         aligned16=True,
+        token_stride=8 * 128,
     )
 
 

@@ -88,6 +88,7 @@ class KVCacheSpec(Scores):
     descale: bool  # fp8 cache with k_descale/v_descale factors
     num_splits: int  # parts the keys are split into (resolved: user's value or the heuristic's)
     aligned16: bool
+    token_stride: int  # the caches' largest stride between a page's slots (elements)
 
     @property
     def is_fp8(self) -> bool:
@@ -125,8 +126,8 @@ class KVCacheSpec(Scores):
         return frozenset(name for name, used in flags.items() if used)
 
     def limit_sizes(self) -> tuple[int, int, int, int]:
-        """(batch, heads, keys per sequence, 0): cache offsets are 64-bit, no token stride limit."""
-        return self.batch, self.heads_q, self.capacity, 0
+        """(batch, heads, keys per sequence, the caches' slot stride) for :class:`~flash.backend.Limits`."""
+        return self.batch, self.heads_q, self.capacity, self.token_stride
 
     def describe(self) -> str:
         """One line naming the call, for messages."""
@@ -373,6 +374,7 @@ def build_kv_spec(
         descale=k_descale is not None,
         num_splits=splits,
         aligned16=is_aligned16(tensors),
+        token_stride=max(k_cache.stride(1), v_cache.stride(1)),
     )
 
 

@@ -31,8 +31,9 @@ FEATURES = frozenset(
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
 #: int32, so a token stride of 2**23 elements or more could overflow them.
 LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
-#: The KV-cache kernels' grid: splits x (KV heads x row blocks) x sequences; cache offsets are 64-bit.
-DECODE_LIMITS = Limits(batch=65535, heads=65535)
+#: The KV-cache kernels' grid: splits x (KV heads x row blocks) x sequences; cache offsets are 64-bit
+#: but a tile's row offsets from its base are int32 (tiles of at most 256 keys).
+DECODE_LIMITS = Limits(batch=65535, heads=65535, token_stride=2**23 - 1)
 #: CUDA's limit on a grid's second and third dimensions.
 GRID_LIMIT = 65535
 #: fp8 conversions in registers and fp8 tensor-core products need Ada or Hopper.

@@ -12,14 +12,15 @@ about memory bandwidth:
   still fills every SM. Each writes its partial output (float32, already normalised) and LSE;
   :func:`kv_combine_kernel` merges them exactly (the math of :func:`flash.merge_states`) and adds
   the sink logits. With one split the decode kernel writes the output itself.
-* **Paged loads.** A contiguous cache is a paged one with one page per sequence. Each key's row is
-  found through the block table (page numbers clamped into the pool), the head dim stays
+* **Paged loads.** A contiguous cache is one page per sequence: a tile's rows are one base address
+  plus row offsets fixed for the whole loop (:func:`tile_rows`). In a paged cache each key's row is
+  found through the block table (page numbers clamped into the pool); the head dim stays
   contiguous, so every row is a 16-byte vector load; ``num_stages`` keeps several tiles of loads in
   flight, the table's entries a stage ahead of the rows they locate. A page size that is a power
   of two is a compile-time constant (:func:`page_rows`): a page holding the whole tile is one
-  table entry and one base address, a smaller page's keys take their entries at a shift of their
-  position and their slots from their place in the tile, so the loop does no division and about a
-  contiguous tile's address arithmetic. Other page sizes divide each key's position (:func:`locate`).
+  table entry and one base address, as in a contiguous cache; a smaller page's keys take their
+  entries at a shift of their position and their slots from their place in the tile, so the loop
+  does no division. Other page sizes divide each key's position (:func:`table_page`).
 * **Masks only where needed.** A tile whose keys every row sees runs without masks; tiles at the
   edges (window, causality among new tokens, the split's and the sequence's ends) and the
   sink-token tiles are masked, and their loads zero every key no row sees, so unused slots
@@ -57,16 +58,39 @@ def locate(
 ):  # fmt: skip
     """(page, slot) of key ``positions`` of sequence ``b`` (``ok``: positions the table may be read at)."""
     if PAGED:
-        entry = tl.load(BlockTable + b.to(tl.int64) * sbtb + (positions // page_size) * sbtp, mask=ok, other=0)
-        page = tl.minimum(tl.maximum(entry, 0), pages - 1)
-        slot = positions % page_size
+        page, slot = table_page(positions, ok, b, BlockTable, sbtb, sbtp, page_size, pages)
     else:
-        if BATCH_IDX:  # noqa: SIM108 - a constexpr branch: no load at all without batch indices
-            page = tl.minimum(tl.maximum(tl.load(BatchIdx + b * sbi), 0), pages - 1)
-        else:
-            page = b
-        slot = positions
-    return page.to(tl.int64), slot.to(tl.int64)
+        page = sequence_page(b, BatchIdx, sbi, pages, BATCH_IDX)
+        slot = positions.to(tl.int64)
+    return page, slot
+
+
+@triton.jit
+def table_page(positions, ok, b, BlockTable, sbtb, sbtp, page_size, pages):
+    """:func:`locate` in a paged cache of any page size: each key divides its position."""
+    entry = tl.load(BlockTable + b.to(tl.int64) * sbtb + (positions // page_size) * sbtp, mask=ok, other=0)
+    page = tl.minimum(tl.maximum(entry, 0), pages - 1)
+    return page.to(tl.int64), (positions % page_size).to(tl.int64)
+
+
+@triton.jit
+def sequence_page(b, BatchIdx, sbi, pages, BATCH_IDX: tl.constexpr):
+    """The row of a contiguous cache (one page per sequence) that sequence ``b`` reads: ``b``, or its
+    batch index clamped into the cache."""
+    if BATCH_IDX:  # noqa: SIM108 - a constexpr branch: no load at all without batch indices
+        page = tl.minimum(tl.maximum(tl.load(BatchIdx + b * sbi), 0), pages - 1)
+    else:
+        page = b
+    return page.to(tl.int64)
+
+
+@triton.jit
+def tile_rows(page_base, first, row_stride, offs_n):
+    """Row pointers of the keys ``first + offs_n`` of one page, ``page_base`` its head's first row: one
+    base per tile, and row offsets that do not change from tile to tile. The offsets are int32 (the
+    backend's ``token_stride`` limit keeps them in range): int64 ones kept across the loop cost an
+    fp8 cache's kernel 128 -> 255 registers on sm_90."""
+    return (page_base + tl.cast(first, tl.int64) * row_stride) + (offs_n * row_stride).to(tl.int64)
 
 
 @triton.jit
@@ -80,7 +104,7 @@ def page_rows(
     its slot from its place in the tile: no division, and the slots' offsets do not change from tile
     to tile. Page numbers are clamped into the pool; a masked tile reads the table only for its
     ``key_ok`` keys (the others may lie past the table's row)."""
-    b, hk, KCache, VCache, BlockTable, _, k_str, v_str, sbtb, sbtp, _, _, pages = cache
+    b, hk, KCache, VCache, BlockTable, _, k_str, v_str, sbtb, sbtp, _, pages = cache
     table_row = BlockTable + b.to(tl.int64) * sbtb
     if PAGE >= BLOCK_N:  # j0 < the sequence's length <= the table's keys: its entry is in the row
         entry = tl.load(table_row + (j0 // PAGE) * sbtp)
@@ -97,8 +121,7 @@ def page_rows(
 def _rows_in_pages(Cache, page, j0, strides, hk, offs_n, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """:func:`page_rows` for one cache (``page``: the tile's page, or each key's)."""
     if PAGE >= BLOCK_N:
-        base = Cache + page * strides[0] + tl.cast(j0 % PAGE, tl.int64) * strides[1] + hk * strides[2]
-        rows = base + offs_n.to(tl.int64) * strides[1]
+        rows = tile_rows(Cache + page * strides[0] + hk * strides[2], j0 % PAGE, strides[1], offs_n)
     else:  # j0 starts a page
         rows = Cache + page * strides[0] + ((offs_n % PAGE).to(tl.int64) * strides[1] + hk * strides[2])
     return rows
@@ -177,21 +200,21 @@ def kv_append_kernel(
 def _decode_tile(
     carry, j0, ctx,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, BATCH_IDX: tl.constexpr, HAS_LEFT: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MULTI_TOKEN: tl.constexpr,
 ):  # fmt: skip
     """Fold the keys ``j0 .. j0 + BLOCK_N - 1`` into the rows' running ``carry = (acc, m, l)``, log2 domain.
     ``PAGE``: :func:`kv_decode_kernel`'s.
 
     The values travel as tuples, ``ctx = (q, cache, rows, bounds, scores, offs)``: ``cache`` (b, hk,
-    KCache, VCache, BlockTable, BatchIdx, the caches' (page, slot, head) strides, the table's and the
-    batch index's strides, page size, pages),
+    KCache, VCache, BlockTable, the sequence's page of a contiguous cache (:func:`sequence_page`), the
+    caches' (page, slot, head) strides, the table's strides, page size, pages),
     ``rows`` (each row's position, row valid), ``bounds`` (lo, hi, len_k, left, right, sink tokens:
     see :func:`kv_decode_kernel`), ``scores`` (scale, softcap scale, softcap log2 factor) and
     ``offs`` (key offsets, head-dim offsets, head-dim valid)."""
     acc, m_i, l_i = carry
     q, cache, rows, bounds, scores, offs = ctx
-    b, hk, KCache, VCache, BlockTable, BatchIdx, k_str, v_str, sbtb, sbtp, sbi, page_size, pages = cache
+    b, hk, KCache, VCache, BlockTable, home, k_str, v_str, sbtb, sbtp, page_size, pages = cache
     pos, row_ok = rows
     lo, hi, len_k, left, right, sink_tokens = bounds
     qk_scale, softcap_scale, softcap_log2 = scores
@@ -203,11 +226,13 @@ def _decode_tile(
             key_ok = key_ok & ((cols >= lo) | (cols < sink_tokens))
     else:
         key_ok = cols >= 0
-    if PAGED and PAGE > 0:
+    if not PAGED:  # one page per sequence: one base per tile, like a page holding the tile
+        k_rows = tile_rows(KCache + home * k_str[0] + hk * k_str[2], j0, k_str[1], offs_n)
+        v_rows = tile_rows(VCache + home * v_str[0] + hk * v_str[2], j0, v_str[1], offs_n)
+    elif PAGE > 0:
         k_rows, v_rows = page_rows(j0, key_ok, cache, offs_n, PAGE, BLOCK_N, MASKED)
     else:
-        page, slot = locate(cols, key_ok, b, BlockTable, BatchIdx, sbtb, sbtp, sbi, page_size, pages, PAGED,
-                            BATCH_IDX)  # fmt: skip
+        page, slot = table_page(cols, key_ok, b, BlockTable, sbtb, sbtp, page_size, pages)
         k_rows = KCache + page * k_str[0] + slot * k_str[1] + hk * k_str[2]
         v_rows = VCache + page * v_str[0] + slot * v_str[1] + hk * v_str[2]
     # full tiles load unmasked: 16-byte vector loads along the head dim
@@ -305,23 +330,27 @@ def kv_decode_kernel(
 
     carry = (tl.zeros([BLOCK_M, D_PAD], tl.float32), tl.full([BLOCK_M], float("-inf"), tl.float32),
              tl.zeros([BLOCK_M], tl.float32))  # fmt: skip
-    cache = (b, hk, KCache, VCache, BlockTable, BatchIdx, (skcp, skct, skch), (svcp, svct, svch), sbtb, sbtp, sbi,
-             page_size, pages)  # fmt: skip
+    if PAGED:  # noqa: SIM108 - a constexpr branch: the block table locates every tile
+        home = b64
+    else:  # read once, not per tile
+        home = sequence_page(b, BatchIdx, sbi, pages, BATCH_IDX)
+    cache = (b, hk, KCache, VCache, BlockTable, home, (skcp, skct, skch), (svcp, svct, svch), sbtb, sbtp, page_size,
+             pages)  # fmt: skip
     ctx = (q, cache, (pos, row_ok), (lo, hi, len_k, left, right, sink_tokens), (qk_scale, soft, softcap_log2),
            (offs_n, offs_d, d_ok))  # fmt: skip
     if HAS_LEFT:  # the sink-token tiles before the window: split 0's
         sink_end = tl.where(split == 0, tl.minimum(tl.cdiv(sink_tokens, BLOCK_N) * BLOCK_N, start), 0)
         for j0 in range(0, sink_end, BLOCK_N):
-            carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+            carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, HAS_LEFT,
                                  HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(first, full_lo, BLOCK_N):  # masked: the window's (or the keys') edge
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, HAS_LEFT,
                              HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(full_lo, full_hi, BLOCK_N):  # every row sees every key: no mask at all
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, False, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, False, PAGED, PAGE, HAS_LEFT,
                              HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     for j0 in range(full_hi, end, BLOCK_N):  # masked: causality among new tokens, the sequence's end
-        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, BATCH_IDX, HAS_LEFT,
+        carry = _decode_tile(carry, j0, ctx, HEAD_DIM, D_PAD, BLOCK_N, True, PAGED, PAGE, HAS_LEFT,
                              HAS_RIGHT, SOFTCAP, MULTI_TOKEN)  # fmt: skip
     acc, m_i, l_i = carry
 
