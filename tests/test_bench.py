@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -138,26 +137,6 @@ def test_decode_counts_the_bytes_a_step_must_move_and_pages_hold_the_same_keys()
             assert torch.equal(pool[table[b, j // 5], j % 5], step.k[b, j])
     out = flash.attention_with_kvcache(step.q, **step.options, backend="reference")
     torch.testing.assert_close(out, flash.attention(step.q, step.k, step.v, backend="reference"))
-
-
-def test_decode_times_the_wave_filling_split_count_beside_the_triton_row(monkeypatch):
-    """``--decode-wave-splits`` (temporary, issue 10's A/B): every case gets a ``triton-wavesN`` row from
-    the same step with the split count of :func:`flash_triton.decode.wave_splits`, right (against
-    SDPA), and the summary compares it with the ``triton`` row."""
-    from flash_bench.sections import decode
-    from tests.conftest import require_usable
-
-    require_usable("triton")
-    monkeypatch.setattr(decode.timing, "measure", lambda fn, **_: (fn(), 1.0)[1])
-    cases = [decode.Case(batch=2, length=40, heads_q=4, heads_kv=2, head_dim=16),
-             decode.Case(batch=2, length=40, page_size=16, heads_q=4, heads_kv=2, head_dim=16)]  # fmt: skip
-    rows = decode.throughput(cases, ["triton"], [], torch.device("cpu"), 1.0, waves=(3,))
-    by = {(r.case, r.provider): r for r in rows}
-    assert set(by) == {(c.label, p) for c in cases for p in ("triton", f"{decode.WAVES}3")}
-    assert all(r.max_error is not None and r.max_error < 0.05 for r in rows), rows
-    result = {"copy_gbps": 1.0, "rows": [dataclasses.asdict(r) for r in rows], "per_call": [], "sweep": []}
-    lines = decode.summary(result).splitlines()
-    assert any(decode.WAVES in line and "1.00x triton" in line for line in lines), lines
 
 
 def test_decode_summary_gives_the_ratios_the_targets_name():

@@ -284,9 +284,10 @@ def test_explain_kvcache_names_the_pass_and_the_splits() -> None:
 @pytest.mark.parametrize(
     "batch, heads_kv, capacity, sms, want",
     [
-        (16, 8, 32768, 132, 5),  # 128 programs: 5 splits make 640, about 4 per SM
-        (16, 8, 4096, 132, 5),
-        (1, 8, 131072, 132, 66),
+        (16, 8, 32768, 132, 2),  # 128 programs: 2 splits fill one wave of 264 (2 per SM)
+        (16, 8, 4096, 132, 2),
+        (1, 8, 131072, 132, 33),
+        (16, 8, 4096, 66, 1),  # half the SMs: one split is one whole wave
         (128, 8, 32768, 132, 1),  # the batch fills the GPU alone
         (1, 8, 1024, 132, 4),  # no split shorter than 256 keys
         (1, 1, 10**7, 132, 128),  # at most 128 splits

@@ -129,16 +129,3 @@ def test_a_decoding_step_replays_as_a_cuda_graph(paged: bool) -> None:
     spec = flash.explain_kvcache(args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"],
                                  cache_seqlens=lengths, block_table=args.get("block_table")).spec  # fmt: skip
     assert spec.num_splits > 1  # the split path and its combine were in the graph
-
-
-def test_wave_splits_switch_gives_the_heuristics_answer_gpu() -> None:
-    """Issue 10's TEMPORARY ``wave_splits`` knob (2 splits instead of core's 5 on an H200 at batch 16,
-    GQA 32/8, 4096 keys) changes only how the keys are cut: the same output, up to rounding."""
-    from flash_bench.sections import decode
-
-    require_usable("triton")
-    step = decode.make_step(decode.Case(16, 4096), torch.device("cuda"), torch.bfloat16)
-    call, _ = decode._triton_direct(step, torch.device("cuda"))
-    usual = call({})().clone()
-    waves = call({"wave_splits": 2})()
-    torch.testing.assert_close(waves, usual, atol=2e-3, rtol=0)

@@ -321,16 +321,3 @@ def test_kv_cache_kernels_compile_for_hopper_without_spills() -> None:
     kernels = {(r["kernel"], r["case"]) for r in rows}
     assert len(kernels) == 12  # append, decode, combine for each of the four
     assert all(r["ldl_stl"] == 0 and r["stack"] == 0 for r in rows), [r for r in rows if r["ldl_stl"]]
-
-
-def test_wave_splits_fill_whole_waves_of_long_splits() -> None:
-    """The measurement switch's split rule (issue 10): on 132 SMs holding 2 decoding programs each,
-    batch 16 x 8 KV heads splits in 2 (256 programs, one wave) where core's heuristic takes 5 (640:
-    2.42 waves, the last 42% full), at 4k and 32k keys alike; batch 1 splits in 33 (264 programs)."""
-    from flash_triton.decode import wave_splits
-
-    assert wave_splits(128, 4096, 64, 264, 3) == 2
-    assert wave_splits(128, 32768, 64, 264, 3) == 2
-    assert wave_splits(8, 131072, 64, 264, 3) == 33
-    assert wave_splits(512, 4096, 64, 264, 3) == 1  # 512 programs already fill two waves
-    assert wave_splits(1, 64, 64, 264, 3) == 1  # one tile: nothing to split

@@ -6,15 +6,13 @@ value, so a decoding step launches without synchronising and can be captured in 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import torch
 
 from flash.backend import DecodeArgs
 from flash.heuristics import KernelConfig
-from flash.heuristics.decode import sm_count
-from flash.kvspec import MAX_SPLITS, KVCacheSpec
+from flash.kvspec import KVCacheSpec
 from flash.spec import UNBOUNDED
 from flash_triton import replay, runtime
 from flash_triton.launch import LOG2E, descale_strides, padded_head_dim, triton_cdiv
@@ -63,34 +61,6 @@ def stages(spec: KVCacheSpec, config: KernelConfig) -> int:
     return config.num_stages
 
 
-def wave_splits(pairs: int, capacity: int, block_n: int, slots: int, fixed_tiles: int) -> int:
-    """The split count that minimises ``waves x (tiles per split + fixed_tiles)``: ``pairs``
-    (sequence, KV head) programs per split, ``slots`` programs resident on the device at once,
-    ``fixed_tiles`` a program's start (its pipeline's first tiles in flight). A memory-bound
-    program streams at about a fixed rate, so a last wave that is partly empty costs nearly a full
-    one; whole waves of long splits beat more, shorter ones."""
-    tiles = max(1, -(-capacity // block_n))
-
-    def cost(splits: int) -> tuple[int, int]:
-        waves = -(-pairs * splits // slots)
-        return waves * (-(-tiles // splits) + fixed_tiles), splits  # ties: fewer splits, fewer parts
-
-    return min(range(1, min(tiles, MAX_SPLITS) + 1), key=cost)
-
-
-def with_splits(spec: KVCacheSpec, config: KernelConfig) -> KVCacheSpec:
-    """``spec``, or with the TEMPORARY measurement switch ``wave_splits`` (programs resident per SM;
-    set by the ``decode`` benchmark section's ``--decode-wave-splits`` for one device A/B of issue
-    10, removed with it) its split count from :func:`wave_splits` instead of core's heuristic."""
-    resident = int(config.option("wave_splits", 0))
-    if not resident or spec.seqlen_q != 1:
-        return spec
-    slots = resident * sm_count(spec.device)
-    pairs = spec.batch * spec.heads_kv
-    splits = wave_splits(pairs, spec.capacity, config.block_n, slots, stages(spec, config) - 1)
-    return dataclasses.replace(spec, num_splits=splits)
-
-
 class Workspace(NamedTuple):
     """Buffers a step allocates besides its outputs (None where unused): the rotated queries, and the
     split parts' outputs and LSEs. Sizes are fixed by the spec: the same every step of a batch
@@ -114,7 +84,6 @@ def workspace(spec: KVCacheSpec, q: torch.Tensor) -> Workspace:
 def decode(spec: KVCacheSpec, args: DecodeArgs, config: KernelConfig) -> None:
     """Append, then fill ``args.out`` and ``args.lse``. After a signature's first step, the step's
     launches replay (:mod:`flash_triton.replay`): a decoding loop's host time is mostly launch code."""
-    spec = with_splits(spec, config)
     work = workspace(spec, args.q)
     tensors: replay.Tensors = (
         args.q, args.k_cache, args.v_cache, args.cache_seqlens, args.out, args.lse, args.k, args.v, args.block_table,

@@ -16,11 +16,7 @@ median time of a step (:func:`flash.timing.measure`, L2 flushed). The same run m
   step appending one token (at a fixed position, so that any number of calls fits).
 
 ``--decode-sweep`` also times kernel configurations of the ``triton`` backend (tile keys, stages,
-warps) on the first case, for its heuristics table. ``--decode-wave-splits N[,M...]`` (TEMPORARY,
-for one device A/B of issue 10, removed with the knob it sets) also times, on each case, the
-``triton`` kernel with its split count from whole waves of ``N`` resident programs per SM
-(:func:`flash_triton.decode.wave_splits`) instead of core's heuristic, as provider
-``triton-wavesN``, compared with the ``triton`` row. Targets (issue 10; reported, never asserted):
+warps) on the first case, for its heuristics table. Targets (issue 10; reported, never asserted):
 batch 16, GQA 32/8, d128, bf16 at 32k keys at least SDPA cuDNN's GB/s and 90% of the copy
 bandwidth; at 4k keys at least cuDNN; batch 1 at 128k keys 80% of the copy bandwidth; paged caches
 (pages of 16 and 64) within 10% of contiguous; a replayed step at most 15 us per call above the kernel time.
@@ -49,8 +45,6 @@ from flash_bench.base import Report, failure
 from flash_bench.providers import compiled_flex_attention, sdpa_context
 
 PEERS = ("sdpa-flash", "sdpa-cudnn", "flex")
-#: TEMPORARY (``--decode-wave-splits``): the triton kernel with the wave-filling split count (+ N).
-WAVES = "triton-waves"
 DTYPE = torch.bfloat16
 #: Bytes of the copy that measures the device's bandwidth.
 COPY_BYTES = 2 * 2**30
@@ -177,11 +171,8 @@ def throughput(
     peers: list[str],
     device: torch.device,
     copy: float,
-    waves: tuple[int, ...] = (),
 ) -> list[Row]:
-    """Every provider on every case (peers on contiguous caches only: they have no paged layout);
-    ``waves``: also the triton kernel with the wave-filling split count for each count of resident
-    programs per SM (TEMPORARY)."""
+    """Every provider on every case (peers on contiguous caches only: they have no paged layout)."""
     rows = []
     for case in cases:
         step = make_step(case, device, DTYPE)
@@ -190,10 +181,6 @@ def throughput(
             reference = _sdpa(step, "sdpa-flash" if device.type == "cuda" else "sdpa")().float()
         for name in backends:
             rows.append(_time(case, name, _flash(step, name), reference, copy))
-        if waves and "triton" in backends:
-            call, _ = _triton_direct(step, device)
-            for n in waves:
-                rows.append(_time(case, f"{WAVES}{n}", call({"wave_splits": n}), reference, copy))
         for peer in [] if case.page_size else peers:
             try:
                 run = _flex(step) if peer == "flex" else _sdpa(step, peer)
@@ -348,8 +335,6 @@ def summary(result: dict[str, Any]) -> str:
             notes = [f"{r['copy_fraction']:.0%} of copy"] if r["copy_fraction"] else []
             if cudnn and cudnn["gbps"]:
                 notes.append(f"{r['gbps'] / cudnn['gbps']:.2f}x cuDNN")
-            if r["provider"].startswith(WAVES) and by.get((case, "triton"), {}).get("gbps"):
-                notes.append(f"{r['gbps'] / by[(case, 'triton')]['gbps']:.2f}x triton")
             if "paged" in case:
                 contiguous = by.get((case.split(" paged")[0] + " contiguous", r["provider"]))
                 if contiguous and contiguous["gbps"]:
@@ -391,7 +376,6 @@ def measure(
     peers: list[str],
     device: torch.device,
     do_sweep: bool,
-    waves: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     copy = copy_gbps(device, COPY_BYTES if device.type == "cuda" else 2**24)
     print(f"copy bandwidth: {copy:.1f} GB/s (bytes read + written)", flush=True)
@@ -399,7 +383,7 @@ def measure(
     explained = [str(flash.explain_kvcache(first.q, **first.options, backend=name)) for name in backends]
     del first
     print("\n".join(explained), flush=True)
-    rows = throughput(cases, backends, peers, device, copy, waves)
+    rows = throughput(cases, backends, peers, device, copy)
     calls = [per_call(cases[0], name, device) for name in backends]
     swept = []
     if do_sweep and "triton" in backends and device.type == "cuda":  # a contiguous and a paged cache
@@ -446,13 +430,6 @@ class Decode:
             "--decode-long", type=int, default=131072, help="keys of the batch-1 case (default 131072; 0: none)"
         )
         group.add_argument("--decode-sweep", action="store_true", help="also sweep the triton kernel's configuration")
-        group.add_argument(
-            "--decode-wave-splits",
-            type=cli.int_list,
-            default=[],
-            metavar="N[,M...]",
-            help="TEMPORARY (issue 10 A/B): also time the triton kernel splitting for whole waves of N programs per SM",
-        )
 
     def run(self, options: argparse.Namespace, device: torch.device) -> Report:
         backends = options.backends or decode_backends(device)
@@ -463,7 +440,6 @@ class Decode:
             peers=list(PEERS),
             device=device,
             do_sweep=options.decode_sweep,
-            waves=tuple(options.decode_wave_splits),
         )
         return Report({"decode": result}, summary(result))
 

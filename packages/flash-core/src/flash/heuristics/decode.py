@@ -21,9 +21,15 @@ if TYPE_CHECKING:
     from flash.backend import Backend
     from flash.kvspec import KVCacheSpec
 
-#: Programs per streaming multiprocessor the splits aim for: a few resident programs per SM keep
-#: enough loads in flight to cover the memory latency, and several waves even out the tail.
-PROGRAMS_PER_SM = 4
+#: Decoding programs resident per streaming multiprocessor: the Triton decode kernel's 102 KB of
+#: shared memory leave room for two on a Hopper SM. Splits fill whole waves of that many programs:
+#: on an H200 (2026-12-02, batch 16, GQA 32/8, d128) two splits of the 4k and 32k caches ran 1.10x
+#: and 1.11x the five that aiming at four programs per SM gave, pages of 16 1.15x, and batch 1 at
+#: 128k 1.06x with 33 splits instead of 66 (PERF_NOTES of flash-triton).
+RESIDENT_PER_SM = 2
+#: Keys per program tile, and the tiles a program's start costs (its pipeline filling up).
+TILE_KEYS = 64
+START_TILES = 2
 #: Fewest keys a split is worth (below it, writing and merging its partial result costs more than it saves).
 MIN_KEYS_PER_SPLIT = 256
 #: Most splits the heuristic proposes.
@@ -43,13 +49,24 @@ def sm_count(device: torch.device) -> int:
 
 
 def num_splits(batch: int, heads_kv: int, capacity: int, device: torch.device) -> int:
-    """Parts to split each sequence's keys into so that ``batch * heads_kv * splits`` programs fill
-    the device, without splits shorter than :data:`MIN_KEYS_PER_SPLIT` keys of the capacity."""
+    """Parts to split each sequence's keys into: the count that minimises ``waves x (tiles per split
+    + START_TILES)`` for ``batch * heads_kv`` programs per split, :data:`RESIDENT_PER_SM` programs
+    per SM at once. A memory-bound program streams at about a fixed rate, so a last wave that is
+    partly empty costs nearly a full one: whole waves of long splits beat more, shorter ones. No
+    split shorter than :data:`MIN_KEYS_PER_SPLIT` keys of the capacity; ties go to fewer splits
+    (fewer partial results to merge); off the GPU, one."""
+    slots = RESIDENT_PER_SM * sm_count(device)
+    if slots <= 1:
+        return 1
     programs = max(1, batch * heads_kv)
-    target = PROGRAMS_PER_SM * sm_count(device)
-    by_fill = -(-target // programs)
-    by_length = max(1, capacity // MIN_KEYS_PER_SPLIT)
-    return max(1, min(by_fill, by_length, MAX_AUTO_SPLITS))
+    tiles = max(1, -(-capacity // TILE_KEYS))
+
+    def cost(splits: int) -> tuple[int, int]:
+        waves = -(-programs * splits // slots)
+        return waves * (-(-tiles // splits) + START_TILES), splits
+
+    most = max(1, min(capacity // MIN_KEYS_PER_SPLIT, MAX_AUTO_SPLITS))
+    return min(range(1, most + 1), key=cost)
 
 
 def config_for(backend: Backend, spec: KVCacheSpec) -> KernelConfig:
