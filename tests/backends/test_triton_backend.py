@@ -264,6 +264,20 @@ def test_tuning_candidates_vary_the_table_entry_and_fit_hopper(monkeypatch: pyte
     assert backend.tuning_candidates(_spec(), pass_) == []  # the interpreter is not worth timing
 
 
+def _compile_report(calls: str) -> list[dict]:
+    """The rows of packages/flash-triton/scripts/compile_report.py after ``calls`` (its functions as
+    ``c.``), run in a process of their own outside the interpreter."""
+    import json
+
+    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-triton", "scripts")
+    code = f"import sys; sys.path.insert(0, sys.argv[1]); import compile_report as c; {calls}; "
+    code += "import json; print(json.dumps(c.RESULTS))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0 and "FAILED" not in done.stdout, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_a_paged_tile_costs_about_what_a_contiguous_one_does_on_hopper() -> None:
     """The decoding kernel's unmasked tile loop built for sm_90 (PTX and SASS, per thread): with pages
     of a power of two keys, a paged tile keeps the contiguous cache's K/V copies and tiles in flight,
@@ -271,19 +285,11 @@ def test_a_paged_tile_costs_about_what_a_contiguous_one_does_on_hopper() -> None
     division (the per-key path, which a page size that is not a power of two keeps, divides and
     costs much more). A contiguous tile, one base plus loop-invariant row offsets like a page
     holding the tile, costs at most what that paged tile does, with no per-key 64-bit multiply."""
-    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-triton", "scripts")
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import compile_report as c; "
+    calls = (
         "c.run_decode(90, 'contiguous'); c.run_decode(90, 'paged 16', page_size=16); "
-        "c.run_decode(90, 'paged 64', page_size=64); c.run_decode(90, 'paged 48', page_size=48); "
-        "import json; print(json.dumps([r for r in c.RESULTS if r['kernel'] == 'kv_decode_kernel']))"
+        "c.run_decode(90, 'paged 64', page_size=64); c.run_decode(90, 'paged 48', page_size=48)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0 and "FAILED" not in done.stdout, done.stdout + done.stderr
-    import json
-
-    rows = {r["case"]: r for r in json.loads(done.stdout.strip().splitlines()[-1])}
+    rows = {r["case"]: r for r in _compile_report(calls) if r["kernel"] == "kv_decode_kernel"}
     loop = {case: dict(r["loops"][1], sass=r["sass_loops"][1]) for case, r in rows.items()}  # the unmasked loop
     base = loop["contiguous"]
     ahead = base["wait_group"] // base["groups"]  # K/V tiles still in flight while one is used
@@ -304,20 +310,11 @@ def test_a_paged_tile_costs_about_what_a_contiguous_one_does_on_hopper() -> None
 def test_kv_cache_kernels_compile_for_hopper_without_spills() -> None:
     """The KV-cache kernels built for sm_90 by Triton's own compiler (no GPU needed) with the table's
     configurations: every variant compiles, and none spills registers."""
-    scripts = os.path.join(os.path.dirname(__file__), "..", "..", "packages", "flash-triton", "scripts")
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import compile_report as c; "
+    rows = _compile_report(
         "c.run_decode(90, 'contiguous'); c.run_decode(90, 'paged', page_size=16); "
         "c.run_decode(90, 'tokens', seqlen_q=8, causal=True, softcap=30.0); "
-        "c.run_decode(90, 'fp8', cache_dtype=__import__('torch').float8_e4m3fn); "
-        "import json; print(json.dumps(c.RESULTS))"
+        "c.run_decode(90, 'fp8', cache_dtype=__import__('torch').float8_e4m3fn)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True, env=env, check=False)
-    assert done.returncode == 0 and "FAILED" not in done.stdout, done.stdout + done.stderr
-    import json
-
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
     kernels = {(r["kernel"], r["case"]) for r in rows}
     assert len(kernels) == 12  # append, decode, combine for each of the four
     assert all(r["ldl_stl"] == 0 and r["stack"] == 0 for r in rows), [r for r in rows if r["ldl_stl"]]

@@ -10,6 +10,7 @@ once inside a profiler range, so ``ncu --profile-from-start off`` sees exactly o
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -49,12 +50,7 @@ def main() -> None:
             run = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
         else:
             run = call
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStart()
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStop()
+        profile_once(run)
         print("profiled", case, flush=True)
 
 
@@ -76,13 +72,18 @@ def profile_decode(length: int, backend: str) -> None:
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
     for run in (ours, cudnn):
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStart()
-        run()
-        torch.cuda.synchronize()
-        torch.cuda.cudart().cudaProfilerStop()
+        profile_once(run)
     print("profiled decode", length, flush=True)
+
+
+def profile_once(run: Callable[[], object]) -> None:
+    """``run`` once to compile and warm up, then once inside the profiler range."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
 
 
 if __name__ == "__main__":
