@@ -170,8 +170,8 @@ struct Block {
   // Where the block's sequence lies (fixed length: batch row `batch`, every length the same).
   __device__ __forceinline__ void locate(const Params& p) {
     if constexpr (S::VARLEN) {
-      const packed::Seq sq = packed::sequence(p.cu_q, batch, p.total_q, p.seqlen_q);
-      const packed::Seq sk = packed::sequence(p.cu_k, batch, p.total_k, p.seqlen_k);
+      const PackedRange sq = packed_range(p.cu_q, batch, p.total_q, p.seqlen_q);
+      const PackedRange sk = packed_range(p.cu_k, batch, p.total_k, p.seqlen_k);
       len_q = sq.len;
       len_k = sk.len;
       q_start = sq.start;

@@ -18,20 +18,6 @@ namespace packed {
 
 constexpr int BLOCK = 64;  // query rows per block (the main kernel's BM)
 
-struct Seq {
-  int start, len;  // first row in the packed tensor, rows
-};
-
-// Sequence b of cu (batch + 1 offsets): its offset clamped into the packed tensor of `total` rows and
-// its length to `max_len` (the declared longest), so that inconsistent cu_seqlens never address
-// outside the tensor (as the forward's make_tile).
-__device__ __forceinline__ Seq sequence(const int* cu, int b, int total, int max_len) {
-  Seq s;
-  s.start = min(max(cu[b], 0), total);
-  s.len = min(min(max(cu[b + 1], s.start), total) - s.start, max_len);
-  return s;
-}
-
 // The first buffer block of the sequence b that starts at packed row `start`.
 __device__ __forceinline__ int first_block(int start, int b) { return start / BLOCK + b; }
 
@@ -50,7 +36,7 @@ __device__ __forceinline__ int packed_row(const int* cu, int batch, int total, i
       hi = mid - 1;
     }
   }
-  const Seq s = sequence(cu, lo, total, max_len);
+  const PackedRange s = packed_range(cu, lo, total, max_len);
   const int r = row - first_block(s.start, lo) * BLOCK;
   return r >= 0 && r < s.len ? s.start + r : -1;
 }

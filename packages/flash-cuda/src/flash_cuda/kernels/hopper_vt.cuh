@@ -1,6 +1,5 @@
 // What the fp8 Hopper forward (hopper_fwd.cuh) and its V^T pre-pass (hopper_fwd_vt.cu) agree on: the
-// order of the keys within a k32 step of P, where each sequence's keys start in V^T, and a packed
-// (varlen) sequence's bounds.
+// order of the keys within a k32 step of P, and where each sequence's keys start in V^T.
 #pragma once
 
 #include "primitives.cuh"
@@ -20,17 +19,6 @@ __device__ __forceinline__ int fp8_key(int k) {
 // sequence past the previous one's start (ceil((a + n) / 32) <= ceil(a / 32) + ceil(n / 32)).
 __device__ __forceinline__ i64 vt_sequence_start(int k_start, int sequence) {
   return 32 * ((i64)(k_start + 31) / 32 + sequence);
-}
-
-// Sequence i of a packed batch: its offsets clamped into the packed tensor (inconsistent cu_seqlens
-// never address outside it), its length capped at the batch's maximum.
-struct PackedRange {
-  int start, len;
-};
-
-__device__ __forceinline__ PackedRange packed_range(const int* cu, int i, int total, int max_len) {
-  const int start = min(max(cu[i], 0), total);
-  return {start, min(min(max(cu[i + 1], start), total) - start, max_len)};
 }
 
 }  // namespace hopper

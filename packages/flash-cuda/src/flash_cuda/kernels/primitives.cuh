@@ -134,4 +134,16 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Sequence i of a packed (varlen) batch of batch + 1 offsets `cu`: its first row clamped into the
+// packed tensor of `total` rows (inconsistent cu_seqlens never address outside it), its length
+// capped at the batch's declared longest. The forward, its V^T pre-pass and the backward share it.
+struct PackedRange {
+  int start, len;
+};
+
+__device__ __forceinline__ PackedRange packed_range(const int* cu, int i, int total, int max_len) {
+  const int start = min(max(cu[i], 0), total);
+  return {start, min(min(max(cu[i + 1], start), total) - start, max_len)};
+}
+
 }  // namespace flash_cuda
