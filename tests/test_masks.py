@@ -128,13 +128,55 @@ def test_document_runs_are_each_querys_visible_keys() -> None:
     ids = torch.tensor([[0, 0, 0, 7, 7, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 1, 1, 1]])
     rows, cols = torch.arange(9)[:, None], torch.arange(9)[None, :]
     for causal in (True, False):
-        runs = BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 16)).document_runs
+        runs = BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 16)).key_intervals
         assert runs is not None and runs.dtype == torch.int32
         dense = (ids[:, :, None] == ids[:, None, :]) & ((cols <= rows) | (not causal))
         inside = (cols >= runs[:, 0, :, None]) & (cols < runs[:, 1, :, None])
         assert torch.equal(inside, dense)
     split = BlockMask.from_document_ids(torch.tensor([0, 0, 1, 1, 0]))
-    assert split.document_runs is None and split.document_ids is not None
+    assert split.key_intervals is None and split.document_ids is not None
+
+
+def _prefix_lm(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    return (kv <= q) | (kv < 37)
+
+
+def _every_other_key(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    return kv % 2 == 0
+
+
+def _per_head(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    return kv <= q + h
+
+
+def _shrinking(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    return kv >= q * 0 + 90 - q  # one interval per query, but its start moves left
+
+
+@pytest.mark.parametrize("build", ["mask_mod", "dense"])
+def test_key_intervals_are_found_exactly_where_every_query_sees_one_run(build: str) -> None:
+    """A prefix-LM mask (causal plus a 37-token prefix) is one interval per query with ends that never
+    move left: its key_intervals reproduce the dense mask and spec features report "key_intervals";
+    holes, a mask that differs per head, and a start that moves left give none ("block_mask")."""
+    sq = sk = 101
+    rows, cols = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+
+    def make(mod: object, heads: int | None = None) -> BlockMask:
+        if build == "dense":
+            dense = mod(None, torch.arange(heads or 1)[:, None, None], rows, cols)  # type: ignore[operator]
+            return BlockMask.from_dense(dense.expand(heads or 1, sq, sk)[None].contiguous(), block_size=(32, 32))
+        return BlockMask.from_mask_mod(mod, batch=None, heads=heads, seqlen_q=sq, seqlen_k=sk,  # type: ignore[arg-type]
+                                       block_size=(32, 32))  # fmt: skip
+
+    found = make(_prefix_lm)
+    runs = found.key_intervals
+    assert runs is not None and runs.shape == (1, 2, sq) and found.info.intervals
+    assert torch.equal((cols >= runs[0, 0, :, None]) & (cols < runs[0, 1, :, None]), _prefix_lm(None, None, rows, cols))
+    q, k, v = _qkv(seqlen=sq)
+    assert "key_intervals" in str(flash.explain(q, k, v, block_mask=found))
+    for mod, heads in ((_every_other_key, None), (_per_head, 2), (_shrinking, None)):
+        other = make(mod, heads)
+        assert other.key_intervals is None and not other.info.intervals, mod
 
 
 @pytest.mark.parametrize(
@@ -177,7 +219,9 @@ def test_explain_shows_block_density_and_mask_mod_cost() -> None:
     assert f"block density {mask.density:.1%} of 16x16 blocks" in text
     assert "mask_mod on every tile" in str(flash.explain(q, k, v, mask_mod=mod_examples.prefix_lm))
     documents = BlockMask.from_document_ids(torch.arange(S) // 10, block_size=(16, 16))
-    assert "partial blocks compare document ids" in str(flash.explain(q, k, v, block_mask=documents))
+    assert "every query sees one interval of keys" in str(flash.explain(q, k, v, block_mask=documents))
+    split = BlockMask.from_document_ids(torch.arange(S) % 3, block_size=(16, 16))  # documents that are no runs
+    assert "partial blocks compare document ids" in str(flash.explain(q, k, v, block_mask=split))
     padding = torch.ones(B, 1, 1, S, dtype=torch.bool)
     assert "key-padding mask" in str(flash.explain(q, k, v, attn_mask=padding))
     assert "key-padding mask" not in str(flash.explain(q, k, v, attn_mask=padding.expand(B, 1, S, S)))

@@ -141,7 +141,7 @@ def test_document_runs_match_the_dense_mask(causal: bool) -> None:
     as with the same mask read from a dense tensor."""
     ids = torch.tensor([[0] * 7 + [1] * 20 + [2] * 18, [4] * 30 + [9] * 15])
     runs_mask = flash.BlockMask.from_document_ids(ids, causal=causal, block_size=(16, 32))
-    assert runs_mask.document_runs is not None
+    assert runs_mask.key_intervals is not None
     rows, cols = torch.arange(45)[:, None], torch.arange(45)[None, :]
     dense = (ids[:, None, :, None] == ids[:, None, None, :]) & ((cols <= rows) | (not causal))
     gen = torch.Generator().manual_seed(3)

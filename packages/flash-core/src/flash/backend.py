@@ -48,10 +48,13 @@ Pass = Literal["forward", "backward", "decode"]
 
 #: Every name :meth:`flash.spec.AttentionSpec.features` can report. "out_dtype": fp8 inputs with an
 #: output dtype other than the default bf16 (``spec.out_dtype``, bf16 or fp16); a forward that declares
-#: it stores ``out`` in whichever of them it is given.
+#: it stores ``out`` in whichever of them it is given. "key_padding": a boolean ``attn_mask`` of shape
+#: (batch|1, 1, 1, Sk) (reported instead of "attn_mask"); "key_intervals": a block mask with
+#: :attr:`flash.BlockMask.key_intervals` (reported instead of "block_mask").
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic", "sinks", "sink_tokens"}
     | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod", "out_dtype"}
+    | {"key_padding", "key_intervals"}
 )
 #: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
 DECODE_FEATURES = frozenset(

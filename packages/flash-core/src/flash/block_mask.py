@@ -105,6 +105,7 @@ class BlockMaskInfo:
     dense: bool
     density: float
     documents: bool = False  # partial blocks compare document ids (see BlockMask.from_document_ids)
+    intervals: bool = False  # every query sees one interval of keys (see BlockMask.key_intervals)
 
 
 class BlockMask:
@@ -126,15 +127,18 @@ class BlockMask:
         mask_mod: MaskMod | None = None,
         dense: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
-        document_runs: torch.Tensor | None = None,
+        key_intervals: torch.Tensor | None = None,
     ) -> None:
         self.block_size = block_size
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
         self.mask_mod, self.dense = mask_mod, dense
         self.document_ids = document_ids  # int32 (B|1, S): query i sees key j only within one document
-        #: int32 (B|1, 2, S) or None: where every document is one run of tokens, query i sees exactly the
-        #: keys [runs[:, 0, i], runs[:, 1, i]) (its document's start; its end, or i + 1 when causal)
-        self.document_runs = document_runs
+        #: int32 (B|1, 2, Sq) or None: where every query sees one run of keys, query i sees exactly the keys
+        #: [key_intervals[:, 0, i], key_intervals[:, 1, i]), and neither end moves left as i grows (see
+        #: :func:`intervals_of`). Kernels then test one interval per score instead of the mask, and a
+        #: kernel that walks a query tile's keys from its first row's start to its last row's end needs
+        #: no block lists.
+        self.key_intervals = key_intervals
         self.states = states
         self.lists = block_lists(states, seqlen_q, block_size[0])
         visited, partial = torch.stack(((states != HIDDEN).sum(), (states == PARTIAL).sum())).tolist()
@@ -151,6 +155,7 @@ class BlockMask:
             dense=dense is not None,
             density=round(self.density, 4),
             documents=document_ids is not None,
+            intervals=key_intervals is not None,
         )
 
     @property
@@ -176,7 +181,12 @@ class BlockMask:
             raise InvalidInputError("mask", "a boolean tensor (Sq, Sk) or (B|1, H|1, Sq, Sk)", got)
         mask4 = mask if mask.dim() == 4 else mask[None, None]
         sq, sk = mask4.shape[2], mask4.shape[3]
-        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4)
+        intervals = None
+        if mask4.shape[1] == 1:  # one block row at a time, as from_mask_mod
+            full = mask4.expand(-1, -1, sq, sk)
+            intervals = intervals_of(torch.cat([row_runs(full[:, :, i0 : i0 + block_size[0]])
+                                                for i0 in range(0, sq, block_size[0])], dim=-1))  # fmt: skip
+        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4, key_intervals=intervals)
 
     @classmethod
     def from_mask_mod(
@@ -208,14 +218,16 @@ class BlockMask:
         h = torch.arange(nh, device=device)[None, :, None, None]
         kv = torch.arange(seqlen_k, device=device)[None, None, None, :]
         bm = block_size[0]
-        rows = []
+        rows, runs = [], []
         for i0 in range(0, seqlen_q, bm):  # one block row at a time bounds the memory to (B, H, bm, Sk)
             q = torch.arange(i0, min(i0 + bm, seqlen_q), device=device)[None, None, :, None]
             seen = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
             seen = seen.expand(nb, nh, q.shape[2], seqlen_k)
             rows.append(block_states(seen, q.shape[2], seqlen_k, block_size))
+            runs.append(row_runs(seen))
         states = torch.cat(rows, dim=2)
-        return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod)
+        intervals = intervals_of(torch.cat(runs, dim=-1)) if nh == 1 else None
+        return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod, key_intervals=intervals)
 
     @classmethod
     def from_document_ids(
@@ -250,15 +262,15 @@ class BlockMask:
             rows.append(block_states(seen[:, None], q.shape[0], seqlen, block_size))
         states = torch.cat(rows, dim=2)
         return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2,
-                   document_runs=document_runs(ids2, causal))  # fmt: skip
+                   key_intervals=document_runs(ids2, causal))  # fmt: skip
 
 
 def document_runs(ids: torch.Tensor, causal: bool) -> torch.Tensor | None:
     """int32 (B, 2, S): the first key and one past the last key each query sees, when each document of
     ``ids`` (int32 (B, S)) is one run of tokens; None when one is split (its keys are not an interval).
 
-    A partial tile then tests one interval per query (no id loads per tile, no separate causal test).
-    One host sync, as the block summary already needs.
+    Both ends never move left as the query grows (documents are runs in order): these are the mask's
+    :attr:`BlockMask.key_intervals`. One host sync, as the block summary already needs.
     """
     seqlen = ids.shape[1]
     pos = torch.arange(seqlen, device=ids.device, dtype=torch.int32).expand_as(ids)
@@ -274,6 +286,32 @@ def document_runs(ids: torch.Tensor, causal: bool) -> torch.Tensor | None:
     last = torch.where(ends, pos + 1, seqlen).flip(1).cummin(dim=1).values.flip(1)
     stop = torch.minimum(last, pos + 1) if causal else last
     return torch.stack((first, stop), dim=1).to(torch.int32).contiguous()
+
+
+def row_runs(seen: torch.Tensor) -> torch.Tensor:
+    """int32 (B, H, 3, rows) of a boolean (B, H, rows, Sk) mask: each row's first visible key, one past
+    its last, and how many it sees (a row that sees none: Sk, 0, 0)."""
+    sk = seen.shape[-1]
+    keys = torch.arange(sk, device=seen.device, dtype=torch.int32)
+    lo = torch.where(seen, keys, sk).amin(dim=-1)
+    hi = torch.where(seen, keys + 1, 0).amax(dim=-1)
+    return torch.stack((lo, hi, seen.sum(dim=-1, dtype=torch.int32)), dim=2).to(torch.int32)
+
+
+def intervals_of(runs: torch.Tensor) -> torch.Tensor | None:
+    """int32 (B, 2, Sq) ``[lo, hi)`` per query from :func:`row_runs` of a mask the same for every head (H =
+    1), when each query sees exactly the keys of its interval and neither end moves left as the query
+    grows (a row that sees nothing counts as ``[0, 0)``); None otherwise. One host sync."""
+    if runs.shape[1] != 1:
+        return None
+    lo, hi, count = runs[:, 0].unbind(dim=1)
+    empty = count == 0
+    lo, hi = torch.where(empty, 0, lo), torch.where(empty, 0, hi)
+    exact = (count == hi - lo).all()
+    monotone = (lo[:, 1:] >= lo[:, :-1]).all() & (hi[:, 1:] >= hi[:, :-1]).all()
+    if not bool(exact & monotone):
+        return None
+    return torch.stack((lo, hi), dim=1).contiguous()
 
 
 def causal_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:

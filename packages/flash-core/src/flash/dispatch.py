@@ -175,9 +175,11 @@ def describe(spec: Spec) -> str:
     if spec.block_mask is not None:
         bm, bn = spec.block_mask.block_size
         parts.append(f"block density {spec.block_mask.density:.1%} of {bm}x{bn} blocks")
-        if spec.block_mask.documents:
+        if spec.block_mask.intervals:
+            parts.append("every query sees one interval of keys")
+        elif spec.block_mask.documents:
             parts.append("partial blocks compare document ids")
-    if spec.mask is not None and spec.mask.kind == "bool" and spec.mask.shape[1:3] == (1, 1):
+    if spec.key_padding:
         parts.append("key-padding mask (one row for every query)")
     if spec.mask_mod is not None and spec.block_mask is None:
         parts.append("mask_mod on every tile (a flash.BlockMask built from it would skip hidden tiles)")

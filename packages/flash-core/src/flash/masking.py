@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.spec import UNBOUNDED
 
@@ -122,3 +123,39 @@ def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, *, fast
     out = torch.where(pos, torch.full_like(out, float("inf")), out)
     out = torch.where(neg, torch.full_like(out, float("-inf")), out)
     return torch.where(nan | (pos & neg), torch.full_like(out, float("nan")), out)
+
+
+#: key_runs of each mask tensor, with the version and length they were made for: the layers of a model
+#: and the backward pass share one padding mask, so its summary is made once, not per launch.
+_runs_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def shared_key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """:func:`key_runs`, made once per mask tensor while it is not changed in place (its version counter
+    says so; an inference tensor has none and is summarised every time)."""
+    try:
+        version = mask._version
+    except RuntimeError:
+        return key_runs(mask, seqlen_k)
+    made = _runs_made.get(mask)
+    if made is not None and made[:2] == (version, seqlen_k):
+        return made[2]
+    runs = key_runs(mask, seqlen_k)
+    _runs_made[mask] = (version, seqlen_k, runs)
+    return runs
+
+
+def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """int32 (batch|1, 4) ``(lo, hi, full_lo, full_hi)`` of a key-padding mask (batch|1, 1, 1, Sk|1).
+
+    Sequence ``b`` sees no key outside ``[lo, hi)`` (``lo = hi = Sk`` when it sees none) and every key
+    of ``[full_lo, full_hi)``: the whole of ``[lo, hi)`` when its visible keys are contiguous (right or
+    left padding), else nothing (each block in ``[lo, hi)`` is then walked masked). A few reductions
+    on the device: the kernels read the numbers, the host never does.
+    """
+    row = mask.expand(mask.shape[0], 1, 1, seqlen_k)[:, 0, 0, :]
+    keys = torch.arange(seqlen_k, device=mask.device, dtype=torch.int32)
+    lo = torch.where(row, keys, seqlen_k).amin(dim=1)
+    hi = torch.maximum(torch.where(row, keys + 1, 0).amax(dim=1), lo)
+    contiguous = row.sum(dim=1, dtype=torch.int32) == hi - lo
+    return torch.stack((lo, hi, lo, torch.where(contiguous, hi, lo)), dim=1).to(torch.int32).contiguous()

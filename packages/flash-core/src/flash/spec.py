@@ -160,6 +160,13 @@ class AttentionSpec(Scores):
             return (self.heads_q, self.total_q)
         return (self.batch, self.heads_q, self.seqlen_q)
 
+    @property
+    def key_padding(self) -> bool:
+        """Whether ``attn_mask`` is a boolean mask shared by every query and head, (batch|1, 1, 1, Sk): a
+        key-padding mask, which kernels read as one interval of keys per sequence
+        (:func:`flash.masking.key_runs`)."""
+        return self.mask is not None and self.mask.kind == "bool" and self.mask.shape[1:3] == (1, 1)
+
     def features(self) -> frozenset[str]:
         """Names of the non-default options this problem uses (for support declarations)."""
         used = set()
@@ -180,13 +187,13 @@ class AttentionSpec(Scores):
         if self.deterministic:
             used.add("deterministic")
         if self.mask is not None:
-            used.add("attn_mask" if self.mask.kind == "bool" else "attn_bias")
+            used.add(("key_padding" if self.key_padding else "attn_mask") if self.mask.kind == "bool" else "attn_bias")
             if self.mask.requires_grad:
                 used.add("attn_bias_grad")
         if self.alibi != "none":
             used.add("alibi")
         if self.block_mask is not None:
-            used.add("block_mask")
+            used.add("key_intervals" if self.block_mask.intervals else "block_mask")
         if self.score_mod is not None:
             used.add("score_mod")
         if self.mask_mod is not None:

@@ -4,7 +4,7 @@ Block lists come from the call's :class:`flash.BlockMask`, or, for a dense boole
 from :func:`flash.block_mask.block_states` run on it per call (one torch reduction over the mask,
 with the launch's own tile as the block).
 A key-padding mask (one row for every query and head, shape (batch|1, 1, 1, seqlen_k)) needs no
-block lists: :func:`key_runs` summarises each sequence's row in four numbers on the device (no host
+block lists: :func:`flash.masking.key_runs` summarises each sequence's row in four numbers on the device (no host
 sync), and the kernels clip their dense walk to them (``KEY_RUNS``): key blocks outside the visible
 keys are never loaded, the blocks inside a run of visible keys are walked unmasked, as the
 variable-length path would, without packing the tensors.
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.backend import MaskTensors
 from flash.block_mask import BlockLists, block_lists, block_states
+from flash.masking import shared_key_runs
 from flash.spec import AttentionSpec
 from flash.support import device_capability
 
@@ -53,11 +53,6 @@ class MaskArgs:
         return self.m_str, self.a_str, self.c_str, self.i_str, self.r_str
 
 
-def is_key_padding(spec: AttentionSpec) -> bool:
-    """Whether the call's ``attn_mask`` is a boolean mask shared by every query and head (batch|1, 1, 1, Sk)."""
-    return spec.mask is not None and spec.mask.kind == "bool" and spec.mask.shape[1:3] == (1, 1)
-
-
 #: A block mask whose visited blocks are at least this much partial has V checked once per forward.
 CHECK_VALUES_PARTIAL_SHARE = 0.1
 
@@ -86,7 +81,7 @@ def checks_values(spec: AttentionSpec, masks: MaskTensors | None) -> bool:
         return False
     if masks is not None and masks.block_mask is not None:
         return masks.block_mask.partial_share >= CHECK_VALUES_PARTIAL_SHARE
-    dense_bool = spec.mask is not None and spec.mask.kind == "bool" and not is_key_padding(spec)
+    dense_bool = spec.mask is not None and spec.mask.kind == "bool" and not spec.key_padding
     return spec.mask_mod is not None or dense_bool
 
 
@@ -94,42 +89,6 @@ def values_finite(v: torch.Tensor) -> torch.Tensor:
     """A uint8 scalar on v's device, 1 iff ``v`` holds no NaN or inf: the sum of a NaN or inf is one (a
     finite sum that overflows only costs the guard). One read of v, no host sync."""
     return torch.isfinite(v.sum(dtype=torch.float32)).view(torch.uint8)
-
-
-#: key_runs of each mask tensor, with the version and length they were made for: the layers of a model
-#: and the backward pass share one padding mask, so its summary is made once, not per launch.
-_runs_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def shared_key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
-    """:func:`key_runs`, made once per mask tensor while it is not changed in place (its version counter
-    says so; an inference tensor has none and is summarised every time)."""
-    try:
-        version = mask._version
-    except RuntimeError:
-        return key_runs(mask, seqlen_k)
-    made = _runs_made.get(mask)
-    if made is not None and made[:2] == (version, seqlen_k):
-        return made[2]
-    runs = key_runs(mask, seqlen_k)
-    _runs_made[mask] = (version, seqlen_k, runs)
-    return runs
-
-
-def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
-    """int32 (batch|1, 4) ``(lo, hi, full_lo, full_hi)`` of a key-padding mask (batch|1, 1, 1, Sk|1).
-
-    Sequence ``b`` sees no key outside ``[lo, hi)`` (``lo = hi = Sk`` when it sees none) and every key
-    of ``[full_lo, full_hi)``: the whole of ``[lo, hi)`` when its visible keys are contiguous (right or
-    left padding), else nothing (each block in ``[lo, hi)`` is then walked masked). A few reductions
-    on the device: the kernels read the numbers, the host never does.
-    """
-    row = mask.expand(mask.shape[0], 1, 1, seqlen_k)[:, 0, 0, :]
-    keys = torch.arange(seqlen_k, device=mask.device, dtype=torch.int32)
-    lo = torch.where(row, keys, seqlen_k).amin(dim=1)
-    hi = torch.maximum(torch.where(row, keys + 1, 0).amax(dim=1), lo)
-    contiguous = row.sum(dim=1, dtype=torch.int32) == hi - lo
-    return torch.stack((lo, hi, lo, torch.where(contiguous, hi, lo)), dim=1).to(torch.int32).contiguous()
 
 
 def sparse_block(spec: AttentionSpec, masks: MaskTensors | None) -> tuple[int, int] | None:
@@ -159,7 +118,7 @@ def _lists(spec: AttentionSpec, masks: MaskTensors, block_m: int, block_n: int) 
     if masks.block_mask is not None:
         rows, cols = masks.block_mask.block_size
         return masks.block_mask.lists, rows, cols
-    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None and not is_key_padding(spec):
+    if spec.mask is not None and spec.mask.kind == "bool" and masks.attn_mask is not None and not spec.key_padding:
         states = block_states(masks.attn_mask, spec.seqlen_q, spec.seqlen_k, (block_m, block_n))
         return block_lists(states, spec.seqlen_q, block_m), block_m, block_n
     return None
@@ -188,13 +147,13 @@ def mask_args(
     mask_kind = 0 if dense is None else (2 if dense.dtype != torch.bool else 1)
     mask = dummy if dense is None else (dense.view(torch.uint8) if dense.dtype == torch.bool else dense)
     m_str: tuple[int, ...] = (0, 0, 0, 0) if dense is None else _broadcast_strides(dense)
-    if mask_kind == 1 and is_key_padding(spec):
+    if mask_kind == 1 and spec.key_padding:
         mask_kind = 4  # one row for every query: the kernels load a vector of keys, not a tile
     documents = block.document_ids if block is not None else None
-    runs_of_docs = block.document_runs if block is not None else None
-    if runs_of_docs is not None:  # (B|1, 2, S): each query's interval of keys, causal folded in
-        mask_kind, mask = 5, runs_of_docs
-        m_str = (_broadcast_strides(runs_of_docs)[0], 0, 1, runs_of_docs.stride(1))
+    intervals = block.key_intervals if block is not None else None
+    if intervals is not None:  # (B|1, 2, Sq): each query's interval of keys, the mask's own bounds folded in
+        mask_kind, mask = 5, intervals
+        m_str = (_broadcast_strides(intervals)[0], 0, 1, intervals.stride(1))
     elif documents is not None:  # (B|1, S) ids: the same vector is the query's and the key's axis
         mask_kind, mask = 3, documents
         m_str = (_broadcast_strides(documents)[0], 0, 1, 1)
@@ -202,11 +161,11 @@ def mask_args(
     a_str = (
         (0, 0) if alibi is None else ((alibi.stride(0), alibi.stride(1)) if alibi.dim() == 2 else (0, alibi.stride(0)))
     )
-    # A document mask's runs already hold its causal bound: its mask_mod would test it a second time.
-    block_mod = block.mask_mod if block is not None and runs_of_docs is None else None
+    # The intervals are the whole mask (a document mask's causal bound too): its mask_mod would test again.
+    block_mod = block.mask_mod if block is not None and intervals is None else None
     mask_mod = spec.mask_mod if spec.mask_mod is not None else block_mod
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
-    padding = is_key_padding(spec) and masks.attn_mask is not None
+    padding = spec.key_padding and masks.attn_mask is not None
     runs = shared_key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
     r_str = runs.stride(0) if padding and runs.shape[0] > 1 else 0
     flags: dict[str, Any] = {
