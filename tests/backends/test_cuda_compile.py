@@ -308,3 +308,53 @@ def test_hopper_kernel_takes_what_tma_can_read(pretend_gpu, monkeypatch):
         assert not be.uses_hopper(ampere) and reasons(be, "forward", ampere) == []
     finally:
         cuda_backend._hopper_reasons.cache_clear()
+
+
+def _interval_specs() -> dict[str, object]:
+    """Specs whose rows see intervals of keys: key padding (right, with holes), a prefix-LM block mask."""
+    q = torch.randn(2, 33, 4, 128).to(torch.bfloat16)
+    k = v = torch.randn(2, 31, 2, 128).to(torch.bfloat16)
+    padding = (torch.arange(31) < torch.tensor([[31], [5]]))[:, None, None, :]
+    holes = padding.clone()
+    holes[1, ..., 2] = False
+    prefix = flash.BlockMask.from_mask_mod(
+        lambda b, h, i, j: (j <= i) | (j < 8), batch=None, heads=None, seqlen_q=33, seqlen_k=31, block_size=(16, 16)
+    )
+    assert prefix.key_intervals is not None
+    return {
+        "padding": flash.build_spec(q, k, v, attn_mask=padding),
+        "padding_causal_holes": flash.build_spec(q, k, v, attn_mask=holes, causal=True),
+        "prefix_lm": flash.build_spec(q, k, v, block_mask=prefix),
+        "fp8_padding": flash.build_spec(
+            q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn), attn_mask=padding
+        ),
+    }
+
+
+def test_hopper_kernel_takes_key_padding_and_key_intervals(pretend_gpu, monkeypatch):
+    """On sm_90 the Hopper forward runs key-padding masks and block masks with key intervals (any window),
+    and flash.explain says cuda is eligible; fp8 with them, the mma.sync kernel (sm_80) and layouts TMA
+    cannot read are declined with their reasons; the backward is not declared (another backend's)."""
+    from flash import dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch.REGISTRY, "unavailable_reasons", lambda name: [])
+    cuda_backend._hopper_reasons.cache_clear()
+    be = cuda_backend.CudaBackend()
+    try:
+        specs = {name: pretend_gpu(spec) for name, spec in _interval_specs().items()}
+        for name in ("padding", "padding_causal_holes", "prefix_lm"):
+            assert be.uses_hopper(specs[name]) and reasons(be, "forward", specs[name]) == [], name
+            forward = str(dispatch.explain(specs[name]).forward)
+            assert re.search(r"cuda\s+priority\s+\d+\s+eligible", forward), forward
+        assert any("fp8 inputs with a key-padding mask" in r for r in reasons(be, "forward", specs["fp8_padding"]))
+        unaligned = dataclasses.replace(specs["padding"], aligned16=False)
+        assert any(
+            "key-padding masks and key intervals: only the Hopper" in r for r in reasons(be, "forward", unaligned)
+        )
+        monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
+        monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
+        cuda_backend._hopper_reasons.cache_clear()
+        assert any("only the Hopper kernel" in r for r in reasons(be, "forward", specs["prefix_lm"]))
+    finally:
+        cuda_backend._hopper_reasons.cache_clear()

@@ -58,6 +58,13 @@ def test_sass_has_wgmma_tma_setmaxnreg_and_the_overlap(compiled):
         assert "UTMALDG" in sass, f"{variant.label()}: no TMA loads"
         assert "USETMAXREG.DEALLOC" in sass and "USETMAXREG.TRY_ALLOC" in sass, f"{variant.label()}: no setmaxnreg"
         assert not re.search(r"\b(LDL|STL)\b", sass), f"{variant.label()}: local memory"
+        # mask kind 3: a padding mask's bytes (holes) are read a key per lane and shared by ballot; the
+        # other kinds read nothing but Q, K and V (TMA) and the scalars
+        byte_loads = re.findall(r"LDG\.E\.U8", sass)
+        if variant.mask == hopper_tiles.MASK_INTERVALS:
+            assert byte_loads and "VOTE.ANY" in sass, f"{variant.label()}: no shared key bytes"
+        else:
+            assert not byte_loads, f"{variant.label()}: byte loads"
         # In the steady-state loop, the softmax (MUFU.EX2 of BN/2 scores per thread) runs between
         # waiting for S (wait_group 1) and waiting for O += P V (wait_group 0).
         ops = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x([01])|(MUFU\.EX2)", sass)
@@ -82,9 +89,9 @@ def test_source_is_header_free_and_one_extern_c_kernel():
 
 
 def test_table_rows_fit_and_say_where_they_come_from():
-    for table, dtypes, head_dims in (
-        (hopper_tiles.TABLE, ("bf16", "fp16"), hopper_tiles.SHIPPED_HEAD_DIMS),
-        (hopper_tiles.FP8_TABLE, hopper_variants.FP8_INPUTS, hopper_tiles.FP8_HEAD_DIMS),
+    for table, dtypes, head_dims, masks in (
+        (hopper_tiles.TABLE, ("bf16", "fp16"), hopper_tiles.SHIPPED_HEAD_DIMS, hopper_tiles.FORWARD_MASK_NAMES),
+        (hopper_tiles.FP8_TABLE, hopper_variants.FP8_INPUTS, hopper_tiles.FP8_HEAD_DIMS, hopper_tiles.MASK_NAMES),
     ):
         classes = set()
         for row in table:
@@ -96,7 +103,7 @@ def test_table_rows_fit_and_say_where_they_come_from():
             if row.max_seqlen_k is None:
                 classes.add((row.head_dim, row.mask))
         # every (head dim, mask) has a row for any length
-        assert classes == {(d, m) for d in head_dims for m in hopper_tiles.MASK_NAMES}
+        assert classes == {(d, m) for d in head_dims for m in masks}
     # no dead knobs: each option of the table takes more than one value in it
     assert {row.config.consumers for row in hopper_tiles.TABLE} == {2, 3}
     assert len({row.config.order for row in hopper_tiles.TABLE}) > 1
@@ -113,6 +120,12 @@ def test_problem_classes():
     assert hopper_tiles.mask_kind((-1, 7)) == hopper_tiles.MASK_RIGHT
     assert hopper_tiles.mask_kind((5, -1)) == hopper_tiles.MASK_BOTH
     assert hopper_tiles.config_for(80, (-1, 0)) == hopper_tiles.table_row(96, hopper_tiles.MASK_RIGHT).config
+    # rows with key intervals take the one interval kind whatever the window (it applies both edges)
+    for window in ((-1, -1), (-1, 0), (5, 3)):
+        assert hopper_tiles.mask_kind(window, intervals=True) == hopper_tiles.MASK_INTERVALS
+        assert hopper_tiles.config_for(128, window, 8192, intervals=True).order == "blocks"
+    with pytest.raises(ValueError, match="intervals: 16-bit"):
+        hopper_variants.make_variant(hopper_tiles.HopperConfig(2, 128), 128, "e4m3", hopper_tiles.MASK_INTERVALS)
     short = [row for row in hopper_tiles.TABLE if row.max_seqlen_k is not None]
     for row in short:  # a bucketed row serves short sequences, the catch-all row long ones
         assert hopper_tiles.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
@@ -128,7 +141,7 @@ def test_launch_parameters_match_the_kernel_signature():
     vt = read_kernel_file(hopper.VT_FILE)
     assert parameter_kinds(vt, hopper.VT_KERNEL) == list(hopper.VT_PARAMETERS.kinds)
     layout = hopper.PARAMETERS
-    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 592
+    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 644
     names = parameter_names(text, hopper_variants.KERNEL_NAME)
     scalars = hopper.scalar_arguments(
         (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,
@@ -332,3 +345,62 @@ def test_fp8_problem_reasons_bound_the_v_transpose():
     reasons = hopper.problem_reasons(dtype=torch.float8_e4m3fn, batch=2**25, **common)
     assert len(reasons) == 1 and "V^T" in reasons[0]
     assert hopper.problem_reasons(dtype=torch.bfloat16, batch=2**25, **common) == []
+
+
+@pytest.mark.parametrize("source", ["key_intervals", "key_padding"])
+def test_forward_passes_the_intervals_of_mask_kind_3(monkeypatch, source):
+    """hopper.forward with a block mask's key_intervals (one interval per row, batch broadcast) or a
+    key-padding mask (key_runs: one per sequence, and the mask's bytes): the interval variant, its table
+    row's tiles, the tensors' addresses and the strides the kernel reads them with (Params::iv...)."""
+    torch = pytest.importorskip("torch")
+    launches, _ = _fake_driver(monkeypatch, torch)
+    b, s, h, d = 2, 300, 4, 128
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(b, h, s)
+    if source == "key_intervals":
+        lo = torch.arange(s, dtype=torch.int32) // 50 * 50  # documents of 50 tokens, causal
+        tensors = {"key_intervals": torch.stack((lo, torch.arange(1, s + 1, dtype=torch.int32)))[None]}
+        expected = (0, 0, 0, 1, s, s)  # iv_sb (broadcast), keys_sb, keys_sk, iv_ss, iv_hi, iv_full
+    else:
+        mask = (torch.arange(s) < torch.tensor([[s], [7]]))[:, None, None, :]
+        mask[0, ..., 3] = False  # a hole
+        tensors = {"key_runs": flash_key_runs(mask, s), "key_mask": mask}
+        expected = (4, s, 1, 0, 1, 3)
+    hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, scale=0.1,
+                   **tensors)  # fmt: skip
+    ((packed, _, _, threads, smem, values),) = launches
+    packed.layout.format.pack(*values)  # every value fits its kind
+    named = dict(zip(parameter_names(hopper_variants.source(hopper_variants.shipped_variants()[0]),
+                                     hopper_variants.KERNEL_NAME), values))  # fmt: skip
+    row = hopper_tiles.table_row(d, hopper_tiles.MASK_INTERVALS)
+    variant = hopper_variants.make_variant(row.config, d, "bf16", hopper_tiles.MASK_INTERVALS)
+    assert (threads, smem) == (variant.threads, variant.launch_smem)
+    assert named["tiles"] == -(-s // variant.block_m) * h * b and named["blocks_outer"] == 1
+    iv = tensors.get("key_intervals", tensors.get("key_runs"))
+    assert (named["iv"], named["keys"]) == (
+        iv.data_ptr(),
+        tensors["key_mask"].data_ptr() if "key_mask" in tensors else 0,
+    )
+    assert tuple(named[n] for n in ("iv_sb", "keys_sb", "keys_sk", "iv_ss", "iv_hi", "iv_full")) == expected
+    assert (named["win_left"], named["win_right"]) == (hopper.UNBOUNDED_REACH,) * 2  # no window: both unbounded
+
+
+def flash_key_runs(mask, seqlen_k):
+    from flash.masking import key_runs
+
+    return key_runs(mask, seqlen_k)
+
+
+def test_interval_reasons():
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(2, 8, 2, 64, dtype=torch.bfloat16)
+    runs, mask = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    assert hopper._interval_reasons(q, None, runs, mask, varlen=False) == []
+    assert "cu_seqlens" in hopper._interval_reasons(q, None, runs, mask, varlen=True)[0]
+    assert "key_runs with key_mask" in hopper._interval_reasons(q, None, runs, None, varlen=False)[0]
+    assert "int32" in hopper._interval_reasons(q, runs.long(), None, None, varlen=False)[0]
+    assert "bool" in hopper._interval_reasons(q, None, runs, mask.int(), varlen=False)[0]
+    common = {"capability": (9, 0), "head_dim": 128, "heads_q": 1, "heads_kv": 1, "seqlen_q": 1, "seqlen_k": 1,
+              "total_q": 1, "total_k": 1, "scale": 0.1, "batch": 1, "intervals": True}  # fmt: skip
+    assert hopper.problem_reasons(dtype=torch.bfloat16, **common) == []
+    assert "fp8 inputs with a key-padding mask" in hopper.problem_reasons(dtype=torch.float8_e5m2, **common)[0]

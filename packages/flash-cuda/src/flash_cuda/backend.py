@@ -24,17 +24,21 @@ import torch
 
 from flash import heuristics
 from flash.backend import Backend, BackwardArgs, ForwardArgs, Limits, Pass, Support
+from flash.masking import shared_key_runs
 from flash.spec import AttentionSpec
 from flash_cuda import hopper, hopper_bwd, launch
 from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
 
-#: Options of the spec this forward handles (dropout is not implemented; softcap and fp8 only by the
-#: Hopper kernel, see CudaBackend.extra_reasons).
+#: Options of the spec this forward handles (dropout is not implemented; softcap, fp8, key-padding masks
+#: and block masks with key intervals only by the Hopper kernel, see CudaBackend.extra_reasons).
 FORWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}),
-    features=frozenset({"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8", "out_dtype"}),
+    features=frozenset(
+        {"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8", "out_dtype"}
+        | {"key_padding", "key_intervals"}
+    ),
     head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
     min_capability=(8, 0),  # cp.async and bf16 mma.sync
     aligned16=True,
@@ -145,7 +149,7 @@ class CudaBackend(Backend):
                 cu_seqlens_k=args.cu_seqlens_k, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k,
                 heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds,
                 softcap=spec.softcap, scale=spec.scale, q_descale=args.q_descale, k_descale=args.k_descale,
-                v_descale=args.v_descale,
+                v_descale=args.v_descale, **_interval_tensors(spec, args),
             )  # fmt: skip
             return
         launch.forward(spec, args, self.variant(spec, config))
@@ -160,6 +164,23 @@ class CudaBackend(Backend):
         )  # fmt: skip
 
 
+def _has_intervals(spec: AttentionSpec) -> bool:
+    """Whether each query row sees an interval of keys: a key-padding mask, a block mask's key_intervals."""
+    return spec.key_padding or (spec.block_mask is not None and spec.block_mask.intervals)
+
+
+def _interval_tensors(spec: AttentionSpec, args: ForwardArgs) -> dict[str, Any]:
+    """The Hopper forward's interval arguments of the call (none without such a mask)."""
+    masks = args.masks
+    if masks is None:
+        return {}
+    if masks.block_mask is not None and masks.block_mask.key_intervals is not None:
+        return {"key_intervals": masks.block_mask.key_intervals}
+    if spec.key_padding and masks.attn_mask is not None:
+        return {"key_runs": shared_key_runs(masks.attn_mask, spec.seqlen_k), "key_mask": masks.attn_mask}
+    return {}
+
+
 @functools.lru_cache(maxsize=1024)
 def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
     """Why the Hopper kernel cannot run ``spec`` (empty: it runs it), from the spec alone (the outputs
@@ -170,7 +191,7 @@ def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
         capability=_capability(_index(spec.device)), dtype=spec.dtype, head_dim=spec.head_dim,
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
         seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, window=spec.mask_bounds,
-        softcap=spec.softcap, scale=spec.scale,
+        softcap=spec.softcap, scale=spec.scale, intervals=_has_intervals(spec),
     )  # fmt: skip
     item = torch.empty((), dtype=spec.dtype).element_size()
     rows = {"q": spec.total_q if spec.varlen else spec.seqlen_q, "k": spec.total_k if spec.varlen else spec.seqlen_k}
@@ -194,7 +215,9 @@ def _forward_reasons(spec: AttentionSpec) -> list[str]:
         return []
     # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
     declines = "; ".join(_hopper_reasons(spec))
-    for needs, what in ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap")):
+    only_hopper = ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap"),
+                   (_has_intervals(spec), "key-padding masks and key intervals"))  # fmt: skip
+    for needs, what in only_hopper:
         if needs:
             return [f"{what}: only the Hopper kernel has them, and it declines: {declines}"]
     if launch.grid_size(spec, 16) > launch.MAX_GRID:

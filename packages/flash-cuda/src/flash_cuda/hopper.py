@@ -122,9 +122,11 @@ def problem_reasons(
     window: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     scale: float,
+    intervals: bool = False,
 ) -> list[str]:
     """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
-    looking at any tensor's layout (:func:`layout_reasons`)."""
+    looking at any tensor's layout (:func:`layout_reasons`). ``intervals``: each query row also has an
+    interval of keys (a key-padding mask, a block mask's key_intervals)."""
     reasons = []
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
@@ -142,6 +144,8 @@ def problem_reasons(
         reasons.append(f"scale {scale}: must be positive and finite (row maxima are taken before scaling)")
     if softcap < 0 or not math.isfinite(softcap):
         reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
+    if intervals and fp8:
+        reasons.append("fp8 inputs with a key-padding mask or key intervals: only 16-bit variants are compiled")
     if total_k == 0:
         reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
@@ -149,7 +153,7 @@ def problem_reasons(
     elif fp8 and vt_columns(seqlen_k, total_k, batch, varlen=True) > MAX_VT_COLUMNS:
         reasons.append(f"fp8: keys plus 32 per sequence past {MAX_VT_COLUMNS} (the V^T pre-pass's columns)")
     elif head_dim <= widest and heads_kv > 0:
-        config = hopper_tiles.config_for(head_dim, window, seqlen_k, fp8)
+        config = hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, intervals and not fp8)
         if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
             reasons.append("more than 2^31 - 1 tiles")
     return reasons
@@ -165,6 +169,24 @@ def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], 
         return [f"{name}: base address or strides not multiples of 16 bytes (TMA); .contiguous() fixes that"]
     if any(s * item >= 1 << 40 for s in strides[:3]):
         return [f"{name}: a stride of 2^40 bytes or more (TMA)"]
+    return []
+
+
+def _interval_reasons(q: Any, intervals: Any, runs: Any, mask: Any, varlen: bool) -> list[str]:
+    """Why the interval tensors of :func:`forward` cannot be read (empty: they can, or there are none)."""
+    import torch
+
+    if intervals is None and runs is None and mask is None:
+        return []
+    if varlen:
+        return ["key intervals or a key-padding mask with cu_seqlens: they index a padded batch"]
+    if (intervals is None) == (runs is None) or (runs is None) != (mask is None):
+        return ["key_intervals alone, or key_runs with key_mask (a key-padding mask)"]
+    index = intervals if intervals is not None else runs
+    if index.dtype != torch.int32 or index.device != q.device:
+        return [f"key intervals: int32 on {q.device}"]
+    if mask is not None and (mask.dtype != torch.bool or mask.device != q.device or mask.dim() != 4):
+        return [f"key_mask: a bool (batch|1, 1, 1, seqlen_k) tensor on {q.device}"]
     return []
 
 
@@ -188,11 +210,15 @@ def unsupported_reasons(
     q_descale: Any = None,
     k_descale: Any = None,
     v_descale: Any = None,
+    key_intervals: Any = None,
+    key_runs: Any = None,
+    key_mask: Any = None,
 ) -> list[str]:
     """Why :func:`forward` cannot take this problem, as readable reasons (empty: it can).
 
     The tensors are canonical ``(batch, seqlen, heads, head_dim)`` views (varlen: batch 1); ``lse``
-    is ``(batch, heads_q, seqlen_q)`` float32. Nothing here launches work on the GPU.
+    is ``(batch, heads_q, seqlen_q)`` float32; the interval tensors as :func:`forward` takes them.
+    Nothing here launches work on the GPU.
     """
     import torch
 
@@ -203,7 +229,9 @@ def unsupported_reasons(
         capability=torch.cuda.get_device_capability(q.device), dtype=q.dtype, head_dim=head_dim, heads_q=heads_q,
         heads_kv=heads_kv, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], window=window, softcap=softcap, scale=scale,
+        intervals=key_intervals is not None or key_runs is not None,
     )  # fmt: skip
+    reasons += _interval_reasons(q, key_intervals, key_runs, key_mask, varlen=cu_seqlens_q is not None)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
     fp8 = q.element_size() == 1
@@ -248,6 +276,9 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("f32",) * 2  # score_log2, softcap_in
     + ("ptr",) * 3  # the descales of q, k, v
     + ("i64",) * 6  # their (batch, head) strides
+    + ("ptr",) * 2  # mask kind 3: the intervals, the key-padding mask's bytes
+    + ("i64",) * 3  # iv_sb, keys_sb, keys_sk
+    + ("i32",) * 3  # iv_ss, iv_hi, iv_full
 )
 #: The fp8 V^T pre-pass's parameters (kernels/hopper_fwd_vt.cu) in order.
 VT_PARAMETERS = tensor_map.ParamLayout(
@@ -290,6 +321,24 @@ def scalar_arguments(
         _reach(window[0]), _reach(window[1]), hopper_tiles.ORDERS.index(order),
         score_log2, softcap_in,
     )  # fmt: skip
+
+
+def _batch_stride(t: Any) -> int:
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def interval_scalars(intervals: Any, runs: Any, mask: Any) -> tuple[int, ...]:
+    """The kernel's ``iv_sb, keys_sb, keys_sk, iv_ss, iv_hi, iv_full`` (zeros without intervals): for a
+    block mask's ``key_intervals`` int32 (B|1, 2, Sq), one interval per row and no holes (the fully
+    visible keys end at hi); for a key-padding mask, its ``key_runs`` int32 (B|1, 4) ``(lo, hi,
+    full_lo, full_hi)`` (one interval per sequence; full_lo is lo) and the bool mask (B|1, 1, 1, Sk|1)
+    whose bytes the sequences with holes read."""
+    if intervals is not None:
+        return (_batch_stride(intervals), 0, 0, intervals.stride(2), intervals.stride(1), intervals.stride(1))
+    if runs is not None:
+        key_stride = mask.stride(3) if mask.shape[3] > 1 else 0
+        return (_batch_stride(runs), _batch_stride(mask), key_stride, 0, runs.stride(1), 3 * runs.stride(1))
+    return (0,) * 6
 
 
 def _descale_strides(d: Any) -> tuple[int, int]:
@@ -399,6 +448,7 @@ class Launch:
     maps: tuple[MapGeometry, MapGeometry, MapGeometry]
     scalars: tuple[int | float, ...]
     descale_strides: tuple[int, ...]
+    interval_scalars: tuple[int, ...]
     prepass: VtPrepass | None
 
 
@@ -410,16 +460,18 @@ MAX_LAUNCHES = 1024
 def _plan_launch(
     q: Any, k: Any, v: Any, out: Any, lse: Any, cu_q: Any, *, seqlen_q: int, seqlen_k: int, heads_q: int,
     heads_kv: int, head_dim: int, window: tuple[int, int], softcap: float, scale: float,
-    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], device: int,
+    config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], intervals: tuple[Any, Any, Any],
+    device: int,
 ) -> Launch | None:  # fmt: skip
     """The :class:`Launch` of a problem (None: no tiles, nothing to launch)."""
     varlen = cu_q is not None
     dtype = input_name(q.dtype)
     assert dtype is not None, q.dtype  # unsupported_reasons said so
     fp8 = dtype in hopper_variants.FP8_INPUTS
-    config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8)
+    has_intervals = intervals[0] is not None or intervals[1] is not None
+    config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, has_intervals)
     out_dtype = (input_name(out.dtype) or "") if fp8 else ""
-    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window), out_dtype)
+    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window, has_intervals), out_dtype)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -449,7 +501,8 @@ def _plan_launch(
     )
     packed = tensor_map.packed_launch(kernel(variant, device), PARAMETERS)
     strides = tuple(s for d in descales for s in _descale_strides(d))
-    return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides, prepass)
+    return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides,
+                  interval_scalars(*intervals), prepass)  # fmt: skip
 
 
 def forward(
@@ -473,6 +526,9 @@ def forward(
     q_descale: Any = None,
     k_descale: Any = None,
     v_descale: Any = None,
+    key_intervals: Any = None,
+    key_runs: Any = None,
+    key_mask: Any = None,
 ) -> None:
     """Fill ``out`` (the inputs' dtype; bf16 or fp16 for fp8 inputs) and ``lse`` (float32) with one
     launch on torch's current stream. fp8 inputs: the values are ``q * q_descale`` and so on (float32
@@ -483,6 +539,10 @@ def forward(
     (:func:`unsupported_reasons`); varlen: batch 1, seqlen = total tokens, int32 ``cu_seqlens_*``
     of the sequences' offsets and ``seqlen_q/k`` their maxima. ``lse``: ``(batch, heads_q, seqlen_q)``
     (varlen ``(1, heads_q, total_q)``). ``window = (left, right)``, -1 unbounded (causal: (-1, 0)).
+    Each query row may also see only an interval of keys (16-bit inputs, any window; not varlen):
+    ``key_intervals``, int32 (batch|1, 2, seqlen_q), row i sees keys [lo_i, hi_i), neither end moving
+    left as i grows (:attr:`flash.BlockMask.key_intervals`); or a key-padding mask ``key_mask``, bool
+    (batch|1, 1, 1, seqlen_k|1), with its ``key_runs`` (:func:`flash.masking.key_runs`).
     No host synchronisation and no allocation but fp8's V^T: CUDA-graph capturable.
 
     The host path is the per-call cost of small problems (decoding): everything but the addresses is
@@ -492,13 +552,14 @@ def forward(
     device = q.get_device()
     window = (window[0], window[1])  # hashable, whatever sequence came in
     descales = (q_descale, k_descale, v_descale)
+    intervals = (key_intervals, key_runs, key_mask)
     cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
     cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
     key = (
         q.dtype, out.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(),
         None if cu_q is None else cu_q.shape, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window,
         softcap, scale, config, device,
-        *[None if d is None else (d.shape, d.stride()) for d in descales],
+        *[None if d is None else (d.shape, d.stride()) for d in (*descales, *intervals)],
     )  # fmt: skip
     try:
         launch = _launches[key]
@@ -508,7 +569,7 @@ def forward(
         launch = _launches[key] = _plan_launch(
             q, k, v, out, lse, cu_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_kv=heads_kv,
             head_dim=head_dim, window=window, softcap=softcap, scale=scale, config=config,
-            descales=descales, device=device,
+            descales=descales, intervals=intervals, device=device,
         )  # fmt: skip
     if launch is None:
         return
@@ -524,6 +585,9 @@ def forward(
         map_bytes(q.data_ptr(), gq), map_bytes(k.data_ptr(), gk), map_bytes(v_address, gv),
         out.data_ptr(), lse.data_ptr(), 0 if cu_q is None else cu_q.data_ptr(), 0 if cu_k is None else cu_k.data_ptr(),
         *launch.scalars, *[0 if d is None else d.data_ptr() for d in descales], *launch.descale_strides,
+        *[0 if t is None else t.data_ptr() for t in (key_intervals if key_intervals is not None else key_runs,
+                                                     key_mask)],
+        *launch.interval_scalars,
     )  # fmt: skip
     on_current_stream(launch.packed, device, launch.grid, launch.threads, launch.smem, values)
 

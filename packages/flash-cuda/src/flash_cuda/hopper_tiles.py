@@ -15,9 +15,13 @@ from dataclasses import dataclass
 SHIPPED_HEAD_DIMS = (64, 96, 128, 192, 256)
 #: fp8 tiles are whole 64-byte swizzle rows.
 FP8_HEAD_DIMS = (64, 128, 192, 256)
-#: Mask kinds, in the kernel's numbering (HOPPER_MASK), and their names.
+#: Mask kinds of a window, in the kernels' numbering (HOPPER_MASK), and their names.
 MASK_NONE, MASK_RIGHT, MASK_BOTH = 0, 1, 2
 MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
+#: The forward's fourth kind: the window's edges and each query row's interval of keys from global
+#: memory (a key-padding mask, a block mask's key_intervals); 16-bit inputs only.
+MASK_INTERVALS = 3
+FORWARD_MASK_NAMES = {**MASK_NAMES, MASK_INTERVALS: "intervals"}
 
 
 #: Tile orders of the kernel (blocks_outer = 0, 1); a table row may also say "auto" (see tile_order).
@@ -55,6 +59,12 @@ class TableRow:
 _H200 = "measured: NVIDIA H200, 2026-12-02, torch 2.11.0+cu130, CUDA 13.0, CuPy 14.2.0, NVRTC 13.0, bf16"
 _AUTO = "order auto (run 2: heads order won where its balance was 0.97, blocks won at 0.83 and 0.65)"
 
+_INTERVALS = (
+    "unmeasured: the window rows' key blocks under two consumer warpgroups (the tile's key range and "
+    "first/last rows' intervals are per tile, like a window's); order blocks, as varlen, since the host "
+    "does not know the intervals"
+)
+
 #: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
 #: serves it. Problems of other head dims use the next shipped one. Runs 1-3: PERF_NOTES.md.
 TABLE: tuple[TableRow, ...] = (
@@ -81,6 +91,10 @@ TABLE: tuple[TableRow, ...] = (
     TableRow(256, MASK_NONE, None, HopperConfig(2, 80), f"{_H200}: best of 2 tiles at 8k (runs 1-2)"),
     TableRow(256, MASK_RIGHT, None, HopperConfig(2, 80, "auto"), f"{_H200}: best of 3 at 8k (run 2); {_AUTO}"),
     TableRow(256, MASK_BOTH, None, HopperConfig(2, 64, "auto"), "unmeasured: as causal, narrower (registers)"),
+    *(
+        TableRow(d, MASK_INTERVALS, None, HopperConfig(2, n, "blocks"), _INTERVALS)
+        for d, n in ((64, 128), (96, 128), (128, 128), (192, 96), (256, 64))
+    ),
 )
 
 
@@ -118,8 +132,11 @@ def compiled_head_dim(head_dim: int, fp8: bool = False) -> int:
     raise ValueError(f"head_dim {head_dim} > {SHIPPED_HEAD_DIMS[-1]}")
 
 
-def mask_kind(window: tuple[int, int]) -> int:
-    """The mask a ``(left, right)`` window needs (-1: unbounded side; causal is (-1, 0))."""
+def mask_kind(window: tuple[int, int], intervals: bool = False) -> int:
+    """The mask a ``(left, right)`` window needs (-1: unbounded side; causal is (-1, 0)); ``intervals``:
+    each query row also has an interval of keys (the forward's MASK_INTERVALS, any window)."""
+    if intervals:
+        return MASK_INTERVALS
     left, right = window
     if left < 0 and right < 0:
         return MASK_NONE
@@ -132,15 +149,19 @@ def table_row(head_dim: int, mask: int, seqlen_k: int | None = None, fp8: bool =
         fits = row.max_seqlen_k is None or (seqlen_k is not None and seqlen_k <= row.max_seqlen_k)
         if row.head_dim == d and row.mask == mask and fits:
             return row
-    raise KeyError(f"no Hopper table row for head dim {d}, mask {MASK_NAMES[mask]}")
+    raise KeyError(f"no Hopper table row for head dim {d}, mask {FORWARD_MASK_NAMES[mask]}")
 
 
 def config_for(
-    head_dim: int, window: tuple[int, int] = (-1, -1), seqlen_k: int | None = None, fp8: bool = False
+    head_dim: int,
+    window: tuple[int, int] = (-1, -1),
+    seqlen_k: int | None = None,
+    fp8: bool = False,
+    intervals: bool = False,
 ) -> HopperConfig:
     """The tiles for a problem class: head dim (before rounding up), ``(left, right)`` window,
-    (longest) key sequence length and whether the inputs are fp8."""
-    return table_row(head_dim, mask_kind(window), seqlen_k, fp8).config
+    (longest) key sequence length, whether the inputs are fp8 and whether rows have key intervals."""
+    return table_row(head_dim, mask_kind(window, intervals), seqlen_k, fp8).config
 
 
 def _block_costs(m_blocks: int, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, window: tuple) -> list[int]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flash_cuda.hopper_tiles import (
+    FORWARD_MASK_NAMES,
     FP8_HEAD_DIMS,
     FP8_TABLE,
-    MASK_NAMES,
+    MASK_INTERVALS,
     SHIPPED_HEAD_DIMS,
     TABLE,
     HopperConfig,
@@ -70,8 +71,8 @@ class HopperVariant:
             problems.append(f"block_n {self.block_n} not a multiple of 16 in [16, 256]")
         if self.q_stages not in (1, 2):
             problems.append(f"q_stages {self.q_stages} not 1 or 2")
-        if self.mask not in MASK_NAMES:
-            problems.append(f"mask {self.mask} not in {sorted(MASK_NAMES)}")
+        if self.mask not in FORWARD_MASK_NAMES or (self.fp8 and self.mask == MASK_INTERVALS):
+            problems.append(f"mask {self.mask} not in {sorted(FORWARD_MASK_NAMES)} (intervals: 16-bit inputs)")
         if self.launch_smem > MAX_SMEM:
             problems.append(f"{self.launch_smem} bytes of shared memory > {MAX_SMEM}")
         if problems:
@@ -132,7 +133,7 @@ class HopperVariant:
     def label(self) -> str:
         out = f"->{self.out_dtype}" if self.fp8 else ""
         return (
-            f"{self.dtype}{out} d{self.head_dim} {MASK_NAMES[self.mask]} "
+            f"{self.dtype}{out} d{self.head_dim} {FORWARD_MASK_NAMES[self.mask]} "
             f"{self.block_m}x{self.block_n} c{self.consumers} q{self.q_stages}"
         )
 

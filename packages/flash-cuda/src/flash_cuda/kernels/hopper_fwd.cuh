@@ -38,7 +38,13 @@
 // tile's score scale, that of V into the output's normalisation.
 //
 // Masking (flash.masking, bottom-right aligned): query row i of a sequence sees key j iff
-// j < len_k and -left <= j - i - (len_k - len_q) <= right.
+// j < len_k and -left <= j - i - (len_k - len_q) <= right. Mask kind 3 also bounds each row by an
+// interval of keys read from global memory, [lo_i, hi_i) with neither end moving left as i grows
+// (a key-padding mask: one interval per sequence; a block mask's key_intervals: one per row). A
+// tile then walks only the key blocks of [lo of its first row, hi of its last), and a block needs
+// the element mask only where it leaves [lo of the last row, hi of the first): the rest cost what
+// they cost unmasked. A padded sequence with holes walks every block masked, its keys tested
+// against the mask's bytes.
 #pragma once
 
 #include "hopper_primitives.cuh"
@@ -69,7 +75,12 @@ struct Shape {
   static constexpr int INPUT = INPUT_;
   static constexpr bool FP8 = INPUT == INPUT_E4M3 || INPUT == INPUT_E5M2;
   static constexpr bool OUT_BF16 = OUT_BF16_;  // the output's type: bf16, else fp16
-  static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (sliding window)
+  // 0 none, 1 right edge (causal), 2 both edges (sliding window), 3 both edges and each row's
+  // interval of keys (key padding, key intervals; the window's reach is "unbounded" where unused)
+  static constexpr int MASK = MASK_;
+  static constexpr bool RIGHT_EDGE = MASK >= 1;
+  static constexpr bool LEFT_EDGE = MASK >= 2;
+  static constexpr bool INTERVALS = MASK == 3;
   static constexpr int BM = 64 * CONSUMERS;
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int ELEM = FP8 ? 1 : 2;                          // bytes per input element
@@ -93,6 +104,7 @@ struct Shape {
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: whole slabs, in [64, 256]");
   static_assert(!FP8 || BN == 64 || BN == 128, "fp8: a V^T row (BN keys) is one 64- or 128-byte swizzle span");
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
+  static_assert(MASK >= 0 && MASK <= 3, "mask kind 0..3");
   static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two Q buffers");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
@@ -334,7 +346,7 @@ __device__ __forceinline__ void softcap(Acc<N>& s, float softcap_in) {
 
 // -inf for the scores the thread's rows must not see. `row`: the thread's row 0 in its sequence;
 // `col0`: the key of its element (0, row, 0).
-template <int MASK, int N>
+template <bool RIGHT_EDGE, bool LEFT_EDGE, int N>
 __device__ __forceinline__ void mask_scores(Acc<N>& s, int row, int col0, int len_k, int off, int left, int right) {
 #pragma unroll
   for (int i = 0; i < Acc<N>::TILES; ++i) {
@@ -345,9 +357,54 @@ __device__ __forceinline__ void mask_scores(Acc<N>& s, int row, int col0, int le
         const int col = col0 + 8 * i + c;
         const int delta = col - (row + 8 * r) - off;
         bool visible = col < len_k;
-        if constexpr (MASK >= 1) visible = visible && delta <= right;
-        if constexpr (MASK == 2) visible = visible && delta >= -left;
+        if constexpr (RIGHT_EDGE) visible = visible && delta <= right;
+        if constexpr (LEFT_EDGE) visible = visible && delta >= -left;
         if (!visible) s.at(i, r, c) = neg_inf();
+      }
+    }
+  }
+}
+
+// -inf for the scores outside the thread's rows' key intervals [lo, hi) (the window and len_k
+// folded in). `col0`: the key of its element (0, row, 0).
+template <int N>
+__device__ __forceinline__ void mask_intervals(Acc<N>& s, int col0, const int (&lo)[2], const int (&hi)[2]) {
+#pragma unroll
+  for (int i = 0; i < Acc<N>::TILES; ++i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = col0 + 8 * i + c;
+        if (col < lo[r] || col >= hi[r]) s.at(i, r, c) = neg_inf();
+      }
+    }
+  }
+}
+
+// -inf for the keys of the block from key0 whose mask byte is 0 (a key-padding mask with holes).
+// The warp reads the block's bytes once, a key per lane, and shares them as ballot bits: one load
+// per 32 keys instead of one per key and thread (those held the registers of every load in flight).
+// Called by whole warps; keys past len_k are not read (the intervals hide them already).
+template <int N>
+__device__ __forceinline__ void mask_key_bytes(Acc<N>& s, int key0, int quad_col, int len_k,
+                                               const unsigned char* keys, i64 key_stride) {
+  const int lane = threadIdx.x % 32;
+  u32 seen[(N + 31) / 32];
+#pragma unroll
+  for (int w = 0; w < (N + 31) / 32; ++w) {
+    const int key = key0 + 32 * w + lane;
+    const bool on = 32 * w + lane < N && key < len_k && __ldg(keys + key * key_stride) != 0;
+    seen[w] = __ballot_sync(0xffffffffu, on);
+  }
+#pragma unroll
+  for (int i = 0; i < Acc<N>::TILES; ++i) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = 8 * i + quad_col + c;  // within the block; 8i .. 8i + 7 share one word
+      if (!((seen[i / 4] >> (col % 32)) & 1u)) {
+        s.at(i, 0, c) = neg_inf();
+        s.at(i, 1, c) = neg_inf();
       }
     }
   }
@@ -373,7 +430,20 @@ struct Params {
   const float* k_descale;
   const float* v_descale;
   i64 qd_sb, qd_sh, kd_sb, kd_sh, vd_sb, vd_sh;
+  // Mask kind 3: row i of sequence b sees keys [lo, hi), lo at iv[b * iv_sb + i * iv_ss] and hi iv_hi
+  // elements after it (key padding: one interval per sequence, iv_ss 0). A sequence whose fully
+  // visible keys end (iv_full elements after lo; key intervals: hi itself) short of hi has holes:
+  // its keys are also tested against their bytes keys[b * keys_sb + j * keys_sk].
+  const int* iv;
+  const unsigned char* keys;
+  i64 iv_sb, keys_sb, keys_sk;
+  int iv_ss, iv_hi, iv_full;
 };
+
+// Where row `row` of sequence `batch` finds its interval of keys (mask kind 3).
+__device__ __forceinline__ const int* row_interval(const Params& p, int batch, int row) {
+  return p.iv + batch * p.iv_sb + (i64)row * p.iv_ss;
+}
 
 // BM query rows of one (sequence, head), and the key blocks they see.
 struct Tile {
@@ -387,13 +457,13 @@ struct Tile {
   __device__ __forceinline__ bool has_keys() const { return n_hi > n_lo; }
 };
 
-// Tile `index` of the list. Query blocks go heaviest first (under a causal mask the last query
+// Where tile `index` of the list lies: its sequence, head and rows (no key blocks yet). Query blocks go heaviest first (under a causal mask the last query
 // block sees the most keys). By default the (sequence, head) pairs are outermost, so that the
 // blocks at work at one time share few heads' K and V in L2; with blocks_outer the query blocks
 // are, so that all pairs' heaviest blocks come first (longest work first, for causal masks and
 // uneven varlen batches).
 template <class S>
-__device__ __forceinline__ Tile make_tile(const Params& p, int index) {
+__device__ __forceinline__ Tile locate_tile(const Params& p, int index) {
   Tile t;
   int m_block, bh;
   if (p.blocks_outer) {
@@ -422,12 +492,23 @@ __device__ __forceinline__ Tile make_tile(const Params& p, int index) {
     t.batch_coord = 0;
   }
   t.n_lo = t.n_hi = 0;
+  return t;
+}
+
+// Tile `index` of the list with the key blocks its rows see.
+template <class S>
+__device__ __forceinline__ Tile make_tile(const Params& p, int index) {
+  Tile t = locate_tile<S>(p, index);
   if (!t.has_rows()) return t;
   const i64 rows = min(S::BM, t.len_q - t.m0);
   const i64 off = (i64)t.len_k - t.len_q;
   i64 key_lo = 0, key_hi = t.len_k;
-  if constexpr (S::MASK >= 1) key_hi = max((i64)0, min((i64)t.m0 + rows - 1 + off + p.win_right + 1, key_hi));
-  if constexpr (S::MASK == 2) key_lo = max((i64)0, min((i64)t.m0 + off - p.win_left, (i64)t.len_k));
+  if constexpr (S::RIGHT_EDGE) key_hi = max((i64)0, min((i64)t.m0 + rows - 1 + off + p.win_right + 1, key_hi));
+  if constexpr (S::LEFT_EDGE) key_lo = max((i64)0, min((i64)t.m0 + off - p.win_left, (i64)t.len_k));
+  if constexpr (S::INTERVALS) {  // both ends move right with the row: the first row's lo, the last row's hi
+    key_lo = max(key_lo, (i64)row_interval(p, t.batch, t.m0)[0]);
+    key_hi = min(key_hi, (i64)row_interval(p, t.batch, t.m0 + (int)rows - 1)[p.iv_hi]);
+  }
   if (key_hi > key_lo) {
     t.n_lo = (int)(key_lo / S::BN);
     t.n_hi = (int)((key_hi + S::BN - 1) / S::BN);
@@ -611,6 +692,11 @@ struct TileRows {
   // the tile's first row) or n * BN < first_free (it starts before the left edge of its last row).
   // Both fit in 32 bits: |m0|, |off| < 2^29 and window reaches <= 2^30.
   int last_free, first_free;
+  // Mask kind 3: the thread's two rows' keys [lo, hi) (window and len_k folded in); the sequence
+  // whose mask bytes are read (it has holes), else -1 (an index, not a pointer: one register less
+  // where both tiles' rows are live).
+  int lo[2], hi[2];
+  int holes_batch;
   // The score scaling of this tile (the descale factors of Q and K folded in for fp8); `flip`: their
   // product is negative, so the scores are negated and the scale made positive (the row maxima are
   // taken before scaling).
@@ -639,14 +725,45 @@ struct TileRows {
     row = t.m0 + 64 * wg + lane_row;
     off = t.len_k - t.len_q;
     i64 free_right = (i64)t.len_k - S::BN;
-    if constexpr (S::MASK >= 1) free_right = min(free_right, (i64)t.m0 + off + p.win_right + 1 - S::BN);
+    if constexpr (S::RIGHT_EDGE) free_right = min(free_right, (i64)t.m0 + off + p.win_right + 1 - S::BN);
+    i64 free_left = S::LEFT_EDGE ? (i64)t.m0 + S::BM - 1 + off - p.win_left : 0;
+    if constexpr (S::INTERVALS) set_intervals(p, t, free_right, free_left);
     last_free = (int)free_right;
-    first_free = S::MASK == 2 ? (int)((i64)t.m0 + S::BM - 1 + off - p.win_left) : 0;
+    first_free = (int)free_left;
+  }
+
+  // Mask kind 3: a block is free of the mask only inside [lo of the tile's last row, hi of its first);
+  // the thread's rows' intervals, clipped to the window and len_k; holes mask every block.
+  __device__ __forceinline__ void set_intervals(const Params& p, const Tile& t, i64& free_right, i64& free_left) {
+    const int* first = row_interval(p, t.batch, t.m0);
+    free_right = min(free_right, (i64)first[p.iv_hi] - S::BN);
+    free_left = max(free_left, (i64)row_interval(p, t.batch, min(t.m0 + S::BM, t.len_q) - 1)[0]);
+    const bool holes = first[p.iv_full] < first[p.iv_hi];
+    holes_batch = holes ? t.batch : -1;
+    if (holes) free_right = -1;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int seq_row = min(row + 8 * r, t.len_q - 1);  // rows past the end are not stored
+      const int* own = row_interval(p, t.batch, seq_row);
+      lo[r] = (int)max((i64)own[0], (i64)seq_row + off - p.win_left);
+      hi[r] = (int)min(min((i64)own[p.iv_hi], (i64)seq_row + off + p.win_right + 1), (i64)len_k);
+    }
   }
 
   __device__ __forceinline__ bool masked(int n) const {
     const int n0 = n * S::BN;
-    return n0 > last_free || (S::MASK == 2 && n0 < first_free);
+    return n0 > last_free || (S::LEFT_EDGE && n0 < first_free);
+  }
+
+  // -inf for the scores of block n that the thread's rows must not see.
+  __device__ __forceinline__ void mask(Acc<S::BN>& s, int n, int quad_col, const Params& p) const {
+    const int col0 = n * S::BN + quad_col;
+    if constexpr (S::INTERVALS) {
+      mask_intervals(s, col0, lo, hi);
+      if (holes_batch >= 0) mask_key_bytes(s, n * S::BN, quad_col, len_k, p.keys + holes_batch * p.keys_sb, p.keys_sk);
+    } else {
+      mask_scores<S::RIGHT_EDGE, S::LEFT_EDGE>(s, row, col0, len_k, off, p.win_left, p.win_right);
+    }
   }
 };
 
@@ -740,7 +857,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
   auto scores_to_p = [&](const TileRows<S>& w, int n) {
     if (S::FP8 && w.flip) negate(s);
     if (softcapped) softcap(s, w.softcap_in);
-    if (w.masked(n)) mask_scores<S::MASK>(s, w.row, n * S::BN + quad_col, w.len_k, w.off, p.win_left, p.win_right);
+    if (w.masked(n)) w.mask(s, n, quad_col, p);
     softmax.update(s, w.score_log2);
   };
 
@@ -756,7 +873,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, int wg) {
 
   // The output of the tile whose row statistics are in `softmax`.
   auto store = [&](const TileRows<S>& w) {
-    const Tile t = make_tile<S>(p, w.index);
+    const Tile t = locate_tile<S>(p, w.index);
     store_output<S>(p, t, w.row, quad_col, o, softmax);
   };
 
