@@ -35,9 +35,10 @@ def compiled() -> dict[hopper_bwd.BwdVariant, Compiled]:
 def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
     with_options = (len(hopper_bwd.OPTIONS) - 1) * len(hopper_bwd.HEAD_DIMS)  # the launched structure only
-    extra = len(hopper_bwd.HEAD_DIMS)  # the launched structure with an extra mask
-    combinations = structures + with_options + extra
-    assert len(compiled) == combinations * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES)
+    combinations = structures + with_options
+    # the launched structure with an extra mask, causal and window only (extra_window)
+    extra = len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.EXTRA_MASK_KINDS)
+    assert len(compiled) == (combinations * len(hopper_tiles.MASK_NAMES) + extra) * len(hopper_bwd.DTYPES)
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
@@ -629,3 +630,5 @@ def test_extra_mask_arguments_are_named_before_any_launch(monkeypatch):
     hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, **base, key_padding=torch.ones(1, 1, 1, 40, dtype=torch.bool))
     (plan,) = hopper_bwd._launches.values()
     assert plan.variant.extra and launches[1][-1][-2:] == (0, 0)  # one mask row for the batch: strides 0
+    # no causal/window: the causal variant with a right reach no key exceeds (extra_window)
+    assert plan.variant.mask == hopper_tiles.MASK_RIGHT and hopper.UNBOUNDED_REACH in plan.sizes

@@ -164,8 +164,21 @@ def shipped_variants() -> list[BwdVariant]:
         BwdVariant(d, dtype, mask, PIPELINED[d], extra=True)
         for d in HEAD_DIMS
         for dtype in DTYPES
-        for mask in sorted(hopper_tiles.MASK_NAMES)
+        for mask in EXTRA_MASK_KINDS
     ]
+
+
+#: Causal/window kinds compiled with an extra mask. Without causal/window an extra mask runs the
+#: causal variant with an unbounded right reach (:func:`extra_window`): the same masking, and the
+#: variant of its own spilled 8 bytes at d128 (ptxas, NVRTC 13).
+EXTRA_MASK_KINDS = (hopper_tiles.MASK_RIGHT, hopper_tiles.MASK_BOTH)
+
+
+def extra_window(window: tuple[int, int]) -> tuple[int, int]:
+    """The window an extra mask's backward runs with: an unbounded one as a causal one whose right
+    reach no key exceeds (the kernel then masks by the extra mask alone), others as they are."""
+    left, right = window
+    return (left, hopper.UNBOUNDED_REACH) if left < 0 and right < 0 else window
 
 
 # ------------------------------------------------------------------ source
@@ -492,6 +505,8 @@ def backward(
     packing = None if cu_q is None and cu_k is None else (_tensor_key(cu_q), _tensor_key(cu_k))
     extra_values = _extra_mask(q, k, cu_q, key_padding, key_intervals)
     extra = extra_values != NO_EXTRA
+    if extra:
+        window = extra_window(window)
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
         window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k, extra,
