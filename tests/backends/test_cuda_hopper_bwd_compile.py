@@ -36,7 +36,9 @@ def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     structures = len(hopper_bwd.HEAD_DIMS) + len(hopper_bwd.PIPELINED_HEAD_DIMS)
     with_options = (len(hopper_bwd.OPTIONS) - 1) * len(hopper_bwd.HEAD_DIMS)  # the launched structure only
     combinations = structures + with_options
-    assert len(compiled) == combinations * len(hopper_bwd.DTYPES) * len(hopper_tiles.MASK_NAMES)
+    # the launched structure with an extra mask, causal and window only (extra_window)
+    extra = len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.EXTRA_MASK_KINDS)
+    assert len(compiled) == (combinations * len(hopper_tiles.MASK_NAMES) + extra) * len(hopper_bwd.DTYPES)
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
@@ -93,7 +95,8 @@ def test_smem_bytes_match_the_shape():
         d = variant.head_dim
         kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
         barriers = 9 + (4 if variant.deterministic else 0)  # the dQ writer's full/empty per consumer
-        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + 8 * barriers
+        keys = 128 * 8 if variant.extra else 0  # each key's query range
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + keys + 8 * barriers
 
 
 def test_problem_reasons():
@@ -349,7 +352,7 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     assert values[9:15] == (*dk.stride()[:3], *dv.stride()[:3])
     assert values[15:23] == (s, 150, s_pad, h, h // hkv, d, hopper.UNBOUNDED_REACH, 0)
     assert values[23:25] == (0.125 * hopper.LOG2E, 0.125)
-    assert values[25:] == (0, 0, 0, 0, 0, 0.0, 0.0)  # fixed length: no cu_seqlens, no turn counters, no softcap
+    assert values[25:] == (0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0)  # no cu_seqlens, turn counters, softcap, mask
     assert grid == 2 * hkv * b and threads == hopper_bwd.THREADS
     dq_values = dq_launch[-1]
     assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
@@ -370,7 +373,7 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
     variant = hopper_bwd._variant(64, "bf16", hopper_tiles.MASK_RIGHT, hopper_bwd.PIPELINED[64], False, True, True)
     assert smem == variant.launch_smem and smem > launches[1][4]
     main.layout.format.pack(*values)
-    assert values[23:25] == (30.0 * hopper.LOG2E, 0.125) and values[30:] == (0.125 / 30.0, values[23] ** -2)
+    assert values[23:25] == (30.0 * hopper.LOG2E, 0.125) and values[30:32] == (0.125 / 30.0, values[23] ** -2)
     assert values[29] == values[6] + b * h * s_pad * 64 * 4
     assert dq_launch[-1][0] == values[6]
 
@@ -410,7 +413,7 @@ def test_varlen_backward_launches_the_packed_variant(monkeypatch):
     assert rows_values[14:19] == (h, 130, s_pad, d, h * s_pad)
     assert rows_values[19:] == (cu_q.data_ptr(), 4, tq)
     assert values[15:21] == (130, 300, s_pad, h, h // hkv, d)
-    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk, 0, 0.0, 0.0)
+    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk, 0, 0.0, 0.0, 0, 0, 0, 0)
     assert dq_values[5:7] == (h, 130) and dq_values[-3:] == (cu_q.data_ptr(), 4, tq)
     assert dq_values[-4] == h * s_pad * 64 // 2  # float pairs of the workspace
 
@@ -540,3 +543,92 @@ def test_the_kernels_score_arithmetic_gives_the_oracles_gradients(softcap):
     got = (scale * dst.T @ k)[:sq], scale * dst @ qp, pt @ dop
     for name, a, b in zip(("dq", "dk", "dv"), got, exact):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), name
+
+
+def _random_intervals(g, sq: int, sk: int):
+    """Monotone key intervals (a prefix of rows that see nothing: [0, 0))."""
+    import torch
+
+    lo = torch.sort(torch.randint(0, sk, (sq,), generator=g)).values
+    hi = torch.minimum(torch.sort(torch.randint(1, sk + 1, (sq,), generator=g)).values + lo // 3, torch.tensor(sk))
+    hi = torch.maximum(hi, lo)
+    empty = torch.arange(sq) < int(torch.randint(0, 3, (1,), generator=g))
+    lo, hi = torch.where(empty | (hi == lo), 0, lo), torch.where(empty | (hi == lo), 0, hi)
+    keep = (hi[1:] >= hi[:-1]).all() and (lo[1:] >= lo[:-1]).all()
+    return torch.stack((lo, hi))[None].to(torch.int32) if keep else None
+
+
+def _check_tables(seen, blocks, keys, sq: int, sk: int) -> None:
+    """The tables against the dense mask ``seen`` (sq, sk): per key block the walked query blocks hold
+    every one with a visible score and nothing past it; the unmasked ones see all; per key the query
+    interval is exactly the visible queries."""
+    for kb in range(-(-sk // 128)):
+        sub = seen[:, kb * 128 : (kb + 1) * 128]
+        m_lo, m_hi, free_lo, free_hi = blocks[kb].tolist()
+        for m in range(-(-sq // 64)):
+            rows = sub[m * 64 : (m + 1) * 64]
+            if rows.any():
+                assert m_lo <= m < m_hi, (kb, m, blocks[kb])
+            free = free_lo <= m < free_hi
+            assert not free or rows.all(), (kb, m, blocks[kb])
+            assert free or not rows.all(), ("a fully visible block walked masked", kb, m, blocks[kb])
+    q = np.arange(sq)[:, None]
+    lo, hi = keys[:, 0].numpy()[None, :], keys[:, 1].numpy()[None, :]
+    assert np.array_equal((q >= lo) & (q < hi), seen.numpy())
+
+
+@pytest.mark.parametrize("sq, sk", [(1, 1), (64, 64), (100, 300), (333, 200), (700, 900), (129, 1000)])
+def test_interval_tables_match_the_dense_mask(sq, sk):
+    import torch
+
+    g = torch.Generator().manual_seed(sq * 7 + sk)
+    done = 0
+    while done < 4:
+        iv = _random_intervals(g, sq, sk)
+        if iv is None:
+            continue
+        blocks, keys = hopper_bwd.make_interval_tables(iv, sq, sk)
+        j = torch.arange(sk)[None, :]
+        seen = (j >= iv[0, 0][:, None]) & (j < iv[0, 1][:, None])
+        _check_tables(seen, blocks[0], keys[0], sq, sk)
+        done += 1
+
+
+@pytest.mark.parametrize("pattern", ["right", "left", "holes", "none", "all"])
+def test_padding_tables_match_the_dense_mask(pattern):
+    import torch
+
+    sq, sk = 200, 333
+    g = torch.Generator().manual_seed(1)
+    row = {
+        "right": torch.arange(sk) < 250, "left": torch.arange(sk) >= 77, "holes": torch.rand(sk, generator=g) < 0.7,
+        "none": torch.zeros(sk, dtype=torch.bool), "all": torch.ones(sk, dtype=torch.bool),
+    }[pattern]  # fmt: skip
+    blocks, keys = hopper_bwd.make_padding_tables(row.view(1, 1, 1, sk), sq, sk)
+    _check_tables(row[None, :].expand(sq, sk), blocks[0], keys[0], sq, sk)
+
+
+def test_extra_mask_arguments_are_named_before_any_launch(monkeypatch):
+    import torch
+
+    launches = _stand_ins(monkeypatch)
+    q = torch.randn(2, 30, 2, 64, dtype=torch.float16)
+    k = torch.randn(2, 40, 2, 64, dtype=torch.float16)
+    lse = torch.randn(2, 2, 30)
+    base = dict(heads_q=2, heads_kv=2, head_dim=64, scale=0.1)
+    for change, words in (
+        ({"key_padding": torch.ones(2, 1, 1, 40)}, "key_padding: bool"),
+        ({"key_padding": torch.ones(3, 1, 1, 40, dtype=torch.bool)}, "key_padding: bool"),
+        ({"key_intervals": torch.zeros(2, 2, 31, dtype=torch.int32)}, "key_intervals: int32"),
+        ({"key_intervals": torch.zeros(1, 2, 30, dtype=torch.int32),
+          "key_padding": torch.ones(1, 1, 1, 40, dtype=torch.bool)}, "one mask"),
+        ({"key_padding": torch.ones(1, 1, 1, 40, dtype=torch.bool), "deterministic": True}, "extra mask"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(words)):
+            hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, **base, **change)
+    assert launches == []
+    hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, **base, key_padding=torch.ones(1, 1, 1, 40, dtype=torch.bool))
+    (plan,) = hopper_bwd._launches.values()
+    assert plan.variant.extra and launches[1][-1][-2:] == (0, 0)  # one mask row for the batch: strides 0
+    # no causal/window: the causal variant with a right reach no key exceeds (extra_window)
+    assert plan.variant.mask == hopper_tiles.MASK_RIGHT and hopper.UNBOUNDED_REACH in plan.sizes

@@ -119,3 +119,99 @@ def test_this_backward_after_each_forward(forward):
         err = (got.double() - ex).abs().nan_to_num(float("inf")).max().item()
         limit = 2 * (nv.double() - ex).abs().max().item() + hc.EPS["bf16"]
         assert err <= limit, (forward, name, err, limit)
+
+
+def _masked_dense(q, k, v, seen, scale):
+    """Dense attention of canonical (b, s, h, d) tensors under a boolean (b|1, sq, sk) mask: out, lse."""
+    group = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    s = s.masked_fill(~seen[:, None], float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    lse = (torch.log(den) + m).squeeze(-1)
+    p = p / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.einsum("bhqk,bkhd->bqhd", p, vv), lse
+
+
+def _padding(kind: str, b: int, sk: int) -> torch.Tensor:
+    keys = torch.arange(sk, device="cuda")
+    rows = {
+        "right": [keys < sk - 37, keys < sk],
+        "left": [keys >= 50, keys >= 1],
+        "holes": [torch.rand(sk, device="cuda", generator=torch.Generator("cuda").manual_seed(5)) < 0.6, keys < 9],
+        "empty": [keys < 0, keys < sk - 200],
+    }[kind]
+    return torch.stack(rows[:b]).view(b, 1, 1, sk)
+
+
+def _intervals(kind: str, sq: int) -> torch.Tensor:
+    i = torch.arange(sq, device="cuda")
+    if kind == "documents":  # causal documents of 100, 33, 250, ... tokens
+        starts = torch.tensor([0, 100, 133, 383, 400], device="cuda")
+        lo = starts[torch.searchsorted(starts, i, right=True) - 1]
+        hi = i + 1
+    else:  # prefix-LM: the first 150 tokens see each other, the rest causally
+        lo, hi = torch.zeros_like(i), torch.maximum(i + 1, torch.full_like(i, 150))
+    return torch.stack((lo, hi))[None].to(torch.int32)
+
+
+MASK_CASES = [
+    (kind, d, hq, hkv, window)
+    for kind in ("right", "left", "holes", "empty", "documents", "prefix")
+    for d, hq, hkv in ((64, 4, 2), (128, 2, 2))
+    for window in ((-1, -1), (-1, 0))
+]
+
+
+@pytest.mark.parametrize("kind, d, hq, hkv, window", MASK_CASES)
+def test_extra_masks_against_the_oracle(kind, d, hq, hkv, window):
+    """A key-padding mask (right, left, holes, a sequence that sees nothing) or key intervals (causal
+    documents, prefix-LM) with and without causal, odd sizes, GQA: gradients against the float64
+    oracle with the 2x-naive rule, into NaN-poisoned outputs inside guard bands."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    b, sq, sk = 2, 457, 457
+    q, do = (torch.randn(b, sq, hq, d, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, sk, hkv, d, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+    j, i = torch.arange(sk, device="cuda")[None, :], torch.arange(sq, device="cuda")[:, None]
+    causal = (j - i - (sk - sq) <= 0) if window[1] == 0 else torch.ones(sq, sk, dtype=torch.bool, device="cuda")
+    padding = intervals = None
+    if kind in ("documents", "prefix"):
+        intervals = _intervals(kind, sq)
+        seen = (j >= intervals[0, 0][:, None]) & (j < intervals[0, 1][:, None])
+        seen = seen[None].expand(b, sq, sk)
+    else:
+        padding = _padding(kind, b, sk)
+        seen = padding[:, 0, 0][:, None, :].expand(b, sq, sk)
+    seen = seen & causal
+    scale = d**-0.5
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o64, lse64 = _masked_dense(q64, k64, v64, seen, scale)
+    exact = torch.autograd.grad(o64, (q64, k64, v64), do.double())
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    naive = torch.autograd.grad(_masked_dense(qn, kn, vn, seen, scale)[0], (qn, kn, vn), do)
+    bufs = [hc.guarded_like(t.contiguous()) for t in (q, k, v)]
+    grads = [view for _, view in bufs]
+    hopper_bwd.backward(q, k, v, o64.detach().to(q.dtype), lse64.detach().float(), do, *grads, heads_q=hq,
+                        heads_kv=hkv, head_dim=d, window=window, scale=scale, key_padding=padding,
+                        key_intervals=intervals)  # fmt: skip
+    torch.cuda.synchronize()
+    entry: dict = {"ok": True}
+    hc.grad_errors(entry, grads, exact, naive, bufs, "bf16")
+    assert entry["ok"], entry
+
+
+@pytest.mark.parametrize("kind", ["padding", "documents"])
+def test_dispatch_runs_this_backward_for_the_extra_masks(kind):
+    import flash
+
+    q, k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if kind == "padding":
+        options = {"attn_mask": (torch.arange(300, device="cuda") < 250).view(1, 1, 1, 300).expand(2, 1, 1, 300)}
+    else:
+        ids = (torch.arange(300, device="cuda") // 70).to(torch.int32)[None]
+        options = {"block_mask": flash.BlockMask.from_document_ids(ids, causal=True)}
+    explanation = str(flash.explain(q, k, v, backend="cuda", **options))
+    assert explanation[explanation.index("backward:") :].startswith("backward: cuda"), explanation

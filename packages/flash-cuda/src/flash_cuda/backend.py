@@ -49,11 +49,13 @@ FORWARD = Support(
 #: What the Hopper backward (flash_cuda.hopper_bwd, sm_90 only: CudaBackend.extra_reasons) runs
 #: (deterministic: dQ's reductions in a fixed order of the key blocks; not with varlen, a reason
 #: from hopper_bwd.problem_reasons). Not declared, so dispatch sends them to another backend's
-#: backward (the LSE contract): dropout, head dims above 128, masks and score terms beyond
-#: causal/window.
+#: backward (the LSE contract): dropout, head dims above 128, masks beyond causal/window other than a
+#: key-padding mask and key intervals, score terms.
 BACKWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
-    features=frozenset({"causal", "window", "gqa", "varlen", "softcap", "deterministic"}),
+    features=frozenset(
+        {"causal", "window", "gqa", "varlen", "softcap", "deterministic", "key_padding", "key_intervals"}
+    ),
     head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
     min_capability=(9, 0),
     aligned16=True,
@@ -161,6 +163,8 @@ class CudaBackend(Backend):
             heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds, scale=spec.scale,
             cu_seqlens_q=args.cu_seqlens_q, cu_seqlens_k=args.cu_seqlens_k, max_seqlen_q=longest[0],
             max_seqlen_k=longest[1], softcap=spec.softcap, deterministic=spec.deterministic,
+            key_padding=args.masks.attn_mask if spec.key_padding and args.masks else None,
+            key_intervals=args.masks.block_mask.key_intervals if args.masks and args.masks.block_mask else None,
         )  # fmt: skip
 
 
@@ -240,6 +244,7 @@ def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
         seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, scale=spec.scale, varlen=spec.varlen,
         softcap=spec.softcap, dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
+        key_padding=spec.key_padding, key_intervals=spec.block_mask is not None and spec.block_mask.intervals,
     )  # fmt: skip
     item = torch.empty((), dtype=spec.dtype).element_size()
     batch = 1 if spec.varlen else spec.batch  # a packed batch: one canonical row of tokens

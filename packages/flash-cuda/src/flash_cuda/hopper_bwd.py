@@ -7,7 +7,9 @@ global reductions. Two memory-bound passes around it (``kernels/hopper_bwd_rows.
 rowsum(dO o O) into padded per-row buffers before, dQ = workspace * scale in the inputs' dtype after.
 Packed (varlen) batches compile as their own variants (``BwdVariant.varlen``): the fixed-length
 kernels do not carry the offsets' code; the buffers keep each sequence on whole query blocks
-(``kernels/hopper_bwd_packed.cuh``, :func:`packed_rows`).
+(``kernels/hopper_bwd_packed.cuh``, :func:`packed_rows`). Masks beyond causal/window compile as
+their own variants too (``BwdVariant.extra``): a key-padding mask or key intervals (one interval of
+keys per query), both read through the tables of :func:`padding_tables` and :func:`interval_tables`.
 
 Kernel-level API (what the backend wires in): :func:`problem_reasons`, :func:`layout_reasons` and
 :func:`backward`. Like :mod:`flash_cuda.hopper` this imports neither flash-core nor CuPy at import.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -58,6 +61,7 @@ class BwdVariant:
     varlen: bool = False  # packed sequences (cu_seqlens); fixed-length batches compile without that code
     deterministic: bool = False  # dQ's reductions in a fixed order of the key blocks (DqTurns in the .cuh)
     softcap: bool = False  # scores cap * tanh(raw * scale / cap)
+    extra: bool = False  # a key-padding mask or key intervals, through the host's tables
 
     def __post_init__(self) -> None:
         problems = []
@@ -69,6 +73,8 @@ class BwdVariant:
             problems.append(f"mask {self.mask} not in {sorted(hopper_tiles.MASK_NAMES)}")
         if self.varlen and self.deterministic:
             problems.append("varlen with deterministic (the dQ turns assume one length per batch)")
+        if self.extra and (self.varlen or self.deterministic or self.softcap):
+            problems.append("extra mask with varlen, deterministic or softcap (not compiled)")
         if self.pipelined and self.head_dim not in PIPELINED_HEAD_DIMS:
             problems.append(f"the pipelined consumer spills at head_dim {self.head_dim} ({PIPELINED_HEAD_DIMS} only)")
         if problems:
@@ -86,12 +92,13 @@ class BwdVariant:
     @property
     def smem_bytes(self) -> int:
         """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
-        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, 9 mbarriers (deterministic:
-        4 more, the dQ writer's)."""
+        fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, an extra mask's query range
+        per key (8 bytes), 9 mbarriers (deterministic: 4 more, the dQ writer's)."""
         d = self.head_dim
         tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
         barriers = 1 + 2 * STAGES + 4 + (4 if self.deterministic else 0)
-        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + 8 * barriers
+        keys = 8 * BLOCK_N if self.extra else 0
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + keys + 8 * barriers
 
     @property
     def launch_smem(self) -> int:
@@ -106,6 +113,7 @@ class BwdVariant:
             "HOPPER_BWD_VARLEN": int(self.varlen),
             "HOPPER_BWD_DETERMINISTIC": int(self.deterministic),
             "HOPPER_BWD_SOFTCAP": int(self.softcap),
+            "HOPPER_BWD_EXTRA": int(self.extra),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -115,7 +123,7 @@ class BwdVariant:
 
     def label(self) -> str:
         options = {"pipelined": self.pipelined, "varlen": self.varlen, "deterministic": self.deterministic,
-                   "softcap": self.softcap}  # fmt: skip
+                   "softcap": self.softcap, "extra mask": self.extra}  # fmt: skip
         flags = [name for name, on in options.items() if on]
         mask = hopper_tiles.MASK_NAMES[self.mask]
         return " ".join([f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}", *flags])
@@ -143,7 +151,8 @@ OPTIONS = (
 def shipped_variants() -> list[BwdVariant]:
     """Every variant: both consumer structures where both compile without spilling (the backend
     launches PIPELINED's; the other stays for A/B timings) without options, and the launched
-    structure for each combination of :data:`OPTIONS`."""
+    structure for each combination of :data:`OPTIONS`, and with an extra mask (every causal/window
+    kind, no option)."""
     return [
         BwdVariant(d, dtype, mask, pipelined, *options)
         for options in OPTIONS
@@ -151,7 +160,25 @@ def shipped_variants() -> list[BwdVariant]:
         for dtype in DTYPES
         for mask in sorted(hopper_tiles.MASK_NAMES)
         for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS and not any(options) else (PIPELINED[d],))
+    ] + [
+        BwdVariant(d, dtype, mask, PIPELINED[d], extra=True)
+        for d in HEAD_DIMS
+        for dtype in DTYPES
+        for mask in EXTRA_MASK_KINDS
     ]
+
+
+#: Causal/window kinds compiled with an extra mask. Without causal/window an extra mask runs the
+#: causal variant with an unbounded right reach (:func:`extra_window`): the same masking, and the
+#: variant of its own spilled 8 bytes at d128 (ptxas, NVRTC 13).
+EXTRA_MASK_KINDS = (hopper_tiles.MASK_RIGHT, hopper_tiles.MASK_BOTH)
+
+
+def extra_window(window: tuple[int, int]) -> tuple[int, int]:
+    """The window an extra mask's backward runs with: an unbounded one as a causal one whose right
+    reach no key exceeds (the kernel then masks by the extra mask alone), others as they are."""
+    left, right = window
+    return (left, hopper.UNBOUNDED_REACH) if left < 0 and right < 0 else window
 
 
 # ------------------------------------------------------------------ source
@@ -226,10 +253,19 @@ def problem_reasons(
     softcap: float = 0.0,
     dropout: bool = False,
     deterministic: bool = False,
+    key_padding: bool = False,
+    key_intervals: bool = False,
 ) -> list[str]:
     """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout.
-    Varlen: ``batch`` sequences, ``seqlen_*`` the longest, ``total_*`` the packed tokens."""
+    Varlen: ``batch`` sequences, ``seqlen_*`` the longest, ``total_*`` the packed tokens.
+    ``key_padding``/``key_intervals``: a key-padding mask, key intervals (a block mask's)."""
     reasons = []
+    masks = " and ".join(name for name, on in (("key padding", key_padding), ("key intervals", key_intervals)) if on)
+    if masks and deterministic:
+        reasons.append(f"deterministic with {masks}: the dQ turns follow the causal/window ranges only")
+    if masks and softcap:
+        reasons.append(f"softcap with {masks}: no such variant is compiled")
+
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper backward needs sm_90 (wgmma, TMA)")
     name = hopper.input_name(dtype)
@@ -289,6 +325,7 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("ptr",) * 2  # cu_q, cu_k (null at fixed length)
     + ("i32",) * 2  # total_q, total_k
     + ("ptr", "f32", "f32")  # dq_turns, softcap_in, softcap_t2
+    + ("ptr", "ptr", "i64", "i64")  # an extra mask's tables and their batch strides (null: none)
 )
 PACKED_ROWS = ("ptr", "i32", "i32")  # the passes' cu_q, batch, total_q
 ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",) + PACKED_ROWS)
@@ -361,7 +398,7 @@ def _check_packed(q: Any, k: Any, cu_q: Any, cu_k: Any, max_seqlen_q: int | None
 
 def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
           scale: float, softcap: float, deterministic: bool, pipelined: bool | None, device: int, cu_q: Any,
-          cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None) -> Launches:  # fmt: skip
+          cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None, extra: bool) -> Launches:  # fmt: skip
     """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
     _check_packed(q, k, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
     varlen = cu_q is not None
@@ -369,7 +406,7 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
     assert dtype in DTYPES, q.dtype
     d = compiled_head_dim(head_dim)
     structure = PIPELINED[d] if pipelined is None else pipelined
-    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), structure, varlen, deterministic, softcap > 0)
+    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), structure, varlen, deterministic, softcap > 0, extra)
     if varlen:
         assert max_seqlen_q is not None and max_seqlen_k is not None  # _check_packed said so
         batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_seqlen_q, max_seqlen_k
@@ -441,6 +478,8 @@ def backward(
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    key_padding: Any = None,
+    key_intervals: Any = None,
 ) -> None:
     """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``softcap``: the forward's, 0 for none;
     ``deterministic``: dQ bit-identical run to run; ``pipelined``: the consumer structure, None:
@@ -450,7 +489,11 @@ def backward(
 
     Varlen: batch 1, seqlen = the packed tokens, int32 ``cu_seqlens_q/k`` (batch + 1 offsets each) and
     ``max_seqlen_q/k`` the longest sequences (longer ones are cut there, as by the forward); ``lse``
-    (1, heads_q, total_q). Tokens outside every sequence get no gradient written."""
+    (1, heads_q, total_q). Tokens outside every sequence get no gradient written.
+
+    A mask beyond causal/window (fixed length only, intersected with causal/window): ``key_padding``, a
+    boolean (batch|1, 1, 1, seqlen_k|1) mask; or ``key_intervals``, int32 (batch|1, 2, seqlen_q): query i
+    sees keys [lo_i, hi_i), neither end moving left as i grows (:attr:`flash.BlockMask.key_intervals`)."""
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
@@ -460,9 +503,13 @@ def backward(
     cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
     cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
     packing = None if cu_q is None and cu_k is None else (_tensor_key(cu_q), _tensor_key(cu_k))
+    extra_values = _extra_mask(q, k, cu_q, key_padding, key_intervals)
+    extra = extra_values != NO_EXTRA
+    if extra:
+        window = extra_window(window)
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
-        window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k,
+        window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k, extra,
     )  # fmt: skip
     try:
         plan = _launches[key]
@@ -471,7 +518,7 @@ def backward(
             _launches.clear()
         plan = _launches[key] = _plan(
             q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, softcap, deterministic, pipelined, device, cu_q,
-            cu_k, max_seqlen_q, max_seqlen_k,
+            cu_k, max_seqlen_q, max_seqlen_k, extra,
         )  # fmt: skip
     batch, s_pad = q.shape[0], plan.s_pad
     queries = Queries(plan.seqlen_q, cu_q, plan.sequences)
@@ -485,7 +532,7 @@ def backward(
         hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
         hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
         delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes, *offsets,
-        0 if turns is None else turns.data_ptr(), *plan.softcap,
+        0 if turns is None else turns.data_ptr(), *plan.softcap, *extra_values,
     )  # fmt: skip
     run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
@@ -494,6 +541,130 @@ def backward(
         head_dim, scale, pairs, *queries.arguments(q.shape[1]),
     )  # fmt: skip
     run(plan.dq, device, -(-pairs // 256), 256, 0, values)
+
+
+#: The main kernel's last parameters (Params::blocks ... keys_sb) without a mask beyond causal/window.
+NO_EXTRA = (0, 0, 0, 0)
+
+
+def _extra_mask(q: Any, k: Any, cu_q: Any, key_padding: Any, key_intervals: Any) -> tuple[int, ...]:
+    """The main kernel's last parameters for the call's mask beyond causal/window (its tables);
+    ValueError naming the argument that does not fit."""
+    import torch
+
+    if key_padding is None and key_intervals is None:
+        return NO_EXTRA
+    if cu_q is not None:
+        raise ValueError("key_padding/key_intervals: None with cu_seqlens (a packed batch has no such mask)")
+    if key_padding is not None and key_intervals is not None:
+        raise ValueError("key_intervals: None with key_padding (one mask beyond causal/window)")
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    if key_intervals is not None:
+        shape = tuple(key_intervals.shape)
+        if key_intervals.dtype != torch.int32 or len(shape) != 3 or shape[0] not in (1, batch) \
+                or shape[1:] != (2, seqlen_q) or key_intervals.device != q.device:  # fmt: skip
+            found = f"{key_intervals.dtype} {shape} on {key_intervals.device}"
+            raise ValueError(f"key_intervals: int32 ({batch}|1, 2, {seqlen_q}) on {q.device}, not {found}")
+        blocks, keys = interval_tables(key_intervals, seqlen_q, seqlen_k)
+    else:
+        shape = tuple(key_padding.shape)
+        if key_padding.dtype != torch.bool or len(shape) != 4 or shape[0] not in (1, batch) or shape[1:3] != (1, 1) \
+                or shape[3] not in (1, seqlen_k) or key_padding.device != q.device:  # fmt: skip
+            found = f"{key_padding.dtype} {shape} on {key_padding.device}"
+            raise ValueError(f"key_padding: bool ({batch}|1, 1, 1, {seqlen_k}|1) on {q.device}, not {found}")
+        blocks, keys = padding_tables(key_padding, seqlen_q, seqlen_k)
+    wide = shape[0] > 1
+    return blocks.data_ptr(), keys.data_ptr(), blocks.stride(0) * wide, keys.stride(0) * wide
+
+
+@functools.cache
+def _tables() -> Any:
+    """Tables by mask tensor, with its version, the function and the sizes they were made for: a padding
+    mask or a block mask serves every layer and step, so its tables are made once."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    return WeakIdKeyDictionary()
+
+
+def shared_tables(make: Callable[[Any, int, int], tuple[Any, Any]], mask: Any, seqlen_q: int,
+                  seqlen_k: int) -> tuple[Any, Any]:  # fmt: skip
+    """``make(mask, seqlen_q, seqlen_k)``, made once per mask tensor while it is not changed in place."""
+    try:
+        made_for = (mask._version, make, seqlen_q, seqlen_k)
+    except RuntimeError:  # an inference tensor has no version counter: made every time
+        return make(mask, seqlen_q, seqlen_k)
+    made = _tables().get(mask)
+    if made is not None and made[0] == made_for:
+        return made[1]
+    tables = make(mask, seqlen_q, seqlen_k)
+    _tables()[mask] = (made_for, tables)
+    return tables
+
+
+def _key_blocks(device: Any, rows: int, seqlen_k: int) -> tuple[Any, Any]:
+    """Each key block's first key and one past its last, int32 (rows, key blocks)."""
+    import torch
+
+    k0 = torch.arange(0, seqlen_k, BLOCK_N, device=device, dtype=torch.int32).expand(rows, -1).contiguous()
+    return k0, (k0 + BLOCK_N).clamp(max=seqlen_k)
+
+
+def padding_tables(mask: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
+    """:func:`make_padding_tables`, made once per mask tensor while it is not changed in place."""
+    return shared_tables(make_padding_tables, mask, seqlen_q, seqlen_k)
+
+
+def make_padding_tables(mask: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
+    """The kernel's tables (Params::blocks, keys) of a key-padding mask, bool (B|1, 1, 1, Sk|1), by a
+    few reductions on the device (no host sync): every query block sees a key block or none does,
+    as one of its keys is visible or none is, and every one sees all of it when all its keys are;
+    every query sees key j or none does."""
+    import torch
+
+    row = mask.expand(mask.shape[0], 1, 1, seqlen_k)[:, 0, 0, :]
+    rows, key_blocks, every = row.shape[0], -(-seqlen_k // BLOCK_N), -(-seqlen_q // BLOCK_M)
+    padded = torch.zeros(rows, key_blocks * BLOCK_N, dtype=torch.int32, device=row.device)
+    padded[:, :seqlen_k] = row
+    visible = padded.view(rows, key_blocks, BLOCK_N).sum(dim=-1, dtype=torch.int32)
+    k0, k1 = _key_blocks(row.device, rows, seqlen_k)
+    seen, full = torch.where(visible > 0, every, 0), torch.where(visible == k1 - k0, every, 0)
+    blocks = torch.stack((torch.zeros_like(seen), seen, torch.zeros_like(full), full), dim=-1)
+    keys = torch.stack((torch.zeros_like(padded[:, :seqlen_k]), torch.where(row, seqlen_q, 0)), dim=-1)
+    return blocks.to(torch.int32).contiguous(), keys.to(torch.int32).contiguous()
+
+
+def interval_tables(intervals: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
+    """:func:`make_interval_tables`, made once per tensor while it is not changed in place."""
+    return shared_tables(make_interval_tables, intervals, seqlen_q, seqlen_k)
+
+
+def make_interval_tables(intervals: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
+    """The kernel's tables (Params::blocks, keys) of key intervals int32 (B|1, 2, Sq) (query i sees keys
+    [lo_i, hi_i), both ends non-decreasing; a query that sees none: [0, 0), only before every other), by
+    binary searches on the device (no host sync):
+
+    * int32 (B|1, key blocks, 4): per key block [k0, k1) of BLOCK_N keys, the query blocks [m_lo, m_hi)
+      with a row that sees one of its keys (rows from the first with hi > k0 to the first with lo >= k1;
+      [0, 0) for none) and [free_lo, free_hi), those whose every row sees all of them (hi_{m0} >= k1 and
+      lo_{m1 - 1} <= k0, rows past Sq aside);
+    * int32 (B|1, Sk, 2): per key j the queries [first with hi > j, first with lo > j) that see it."""
+    import torch
+
+    lo, hi = intervals[:, 0].contiguous(), intervals[:, 1].contiguous()
+    rows = lo.shape[0]
+    k0, k1 = _key_blocks(lo.device, rows, seqlen_k)
+    first, stop = torch.searchsorted(hi, k0, right=True), torch.searchsorted(lo, k1)
+    full_from, full_until = torch.searchsorted(hi, k1), torch.searchsorted(lo, k0, right=True)
+    seen = stop > first
+    q_blocks = -(-seqlen_q // BLOCK_M)
+    m_lo = torch.where(seen, first // BLOCK_M, 0)
+    m_hi = torch.where(seen, -(-stop // BLOCK_M), 0)
+    free_lo = -(-full_from // BLOCK_M)
+    free_hi = torch.where(full_until >= seqlen_q, q_blocks, full_until // BLOCK_M)
+    blocks = torch.stack((m_lo, m_hi, free_lo, free_hi), dim=-1).to(torch.int32).contiguous()
+    keys = torch.arange(seqlen_k, device=lo.device, dtype=torch.int32).expand(rows, -1).contiguous()
+    per_key = torch.stack((torch.searchsorted(hi, keys, right=True), torch.searchsorted(lo, keys, right=True)), -1)
+    return blocks, per_key.to(torch.int32).contiguous()
 
 
 def _tensor_key(t: Any) -> tuple | None:

@@ -41,6 +41,15 @@
 // bound and the causal/window edges are masked here. Masking (flash.masking, bottom-right
 // aligned): query row i sees key j iff j < len_k and -left <= j - i - (len_k - len_q) <= right.
 //
+// A mask beyond causal/window (Shape::EXTRA), intersected with them: a key-padding mask or key
+// intervals (query i sees keys [lo_i, hi_i), neither end moving left as i grows), both read through
+// two tables the host makes (flash_cuda/hopper_bwd.py): per key block, the query blocks that see one
+// of its keys and those that see all of them (Block::narrow intersects the walk with the first,
+// Block::masked the unmasked blocks with the second: key blocks that no query sees walk nothing and
+// write dK = dV = 0, fully visible steps cost two comparisons more); per key, the queries that see
+// it, an interval in both cases (the intervals' ends never move left), tested per score in masked
+// steps only (mask_transposed).
+//
 // Packed (varlen) batches (Shape::VARLEN): q/dO and k/v hold the sequences back to back (batch 1,
 // offsets cu_seqlens); the grid covers the longest sequence's key blocks, and a block past its own
 // sequence's keys exits before the first barrier. TMA reads at the sequence's row offset, so the
@@ -65,13 +74,16 @@ using hopper::SmemTile;
 constexpr int BOTH_BARRIER = 3;
 
 template <int D_, int INPUT_, int MASK_, bool PIPELINED_, bool VARLEN_ = false, bool DETERMINISTIC_ = false,
-          bool SOFTCAP_ = false>
+          bool SOFTCAP_ = false, bool EXTRA_ = false>
 struct Shape {
   static constexpr bool PIPELINED = PIPELINED_;          // consume_pipelined, else consume
   static constexpr bool VARLEN = VARLEN_;                // packed sequences (Params::cu_q, cu_k)
   static constexpr bool DETERMINISTIC = DETERMINISTIC_;  // dQ's reductions in a fixed order (write_dq)
   static constexpr bool SOFTCAP = SOFTCAP_;              // scores cap * tanh(raw * scale / cap)
   static_assert(!(VARLEN && DETERMINISTIC), "the deterministic turns (Block::turn) assume one length per batch");
+  static constexpr bool EXTRA = EXTRA_;  // a mask beyond causal/window (Params::blocks, keys)
+  static_assert(!EXTRA || !(VARLEN || DETERMINISTIC),
+                "masks: a padded batch only, and Block::turn knows only the causal/window ranges");
   static constexpr int D = D_;
   static constexpr int INPUT = INPUT_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
@@ -101,7 +113,9 @@ struct Shape {
   static constexpr int DQ_OFFSET = DS_OFFSET + 2 * CONSUMERS * DS_BYTES;
   static constexpr int LSE_OFFSET = DQ_OFFSET + CONSUMERS * DQ_TILE * 4;
   static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
-  static constexpr int BARRIER_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
+  // EXTRA: per key of the block, the queries [lo, hi) that see it (all masks), staged once (stage_keys)
+  static constexpr int KEYS_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
+  static constexpr int BARRIER_OFFSET = KEYS_OFFSET + (EXTRA ? BN * 8 : 0);
   static constexpr int BARRIERS = 1 + 2 * STAGES + 4;  // kv_full, full/empty per stage, ds_full/ds_empty x 2
   static constexpr int DQ_BARRIERS = DETERMINISTIC ? 2 * CONSUMERS : 0;  // dq_full/dq_empty per consumer
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * (BARRIERS + DQ_BARRIERS);
@@ -140,7 +154,26 @@ struct Params {
   int* dq_turns;            // deterministic: per dQ tile (indexed like dq_acc's), the reductions done; zeroed
   float softcap_in;         // softcap: tanh argument per unit of raw score, scale / cap
   float softcap_t2;         // softcap: 1 / (cap log2 e)^2, t^2 per squared log2 P + LSE_2 (capped_dp_to_ds)
+  // EXTRA: int32 (batch|1, key blocks, 4): per key block, the query blocks [m_lo, m_hi) that see one
+  // of its keys and [free_lo, free_hi) whose every query sees all of them; int32 (batch|1, seqlen_k,
+  // 2): per key, the queries [lo, hi) that see it. Batch strides in ints, 0 for a shared mask.
+  const int* blocks;
+  const int* keys;
+  i64 blocks_sb, keys_sb;
 };
+
+// Two ints (the queries [lo, hi) that see a key, Params::keys).
+struct IntPair {
+  int lo, hi;
+};
+
+// Two ints of one 8-byte load issued here: the walk's steps read a key's pair again rather than keep
+// it (hoisted out of the walk, the loads took four registers and d128 spilled 288 bytes).
+__device__ __forceinline__ IntPair load_pair_once(const int* p) {
+  IntPair v;
+  asm volatile("ld.global.nc.v2.b32 {%0, %1}, [%2];\n" : "=r"(v.lo), "=r"(v.hi) : "l"(p));
+  return v;
+}
 
 // Floor and ceiling of a / b for b > 0 and any sign of a.
 __device__ __forceinline__ i64 floor_div(i64 a, i64 b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -159,6 +192,7 @@ __device__ __forceinline__ int key_block(int position, int key_blocks) {
 // The key block's work: which query blocks see one of its keys, and which of them need the mask.
 template <class S>
 struct Block {
+  // The walk: query blocks [first(p), m_hi); m_lo, its first by causal/window.
   int batch, kv_head, n0, m_lo, m_hi;
   // Query blocks m with free_lo <= m < free_hi need no element mask (every key of the block below
   // len_k and inside both edges for every row); two bounds, so that few values stay live.
@@ -222,9 +256,34 @@ struct Block {
     if (n0 + S::BN > len_k) lo = hi;  // keys past len_k: every block masked
     free_lo = (int)max((i64)-1, min(lo, (i64)1 << 30));
     free_hi = (int)max((i64)-1, min(hi, (i64)1 << 30));
+    if constexpr (S::EXTRA) narrow(p);
   }
 
-  __device__ __forceinline__ bool masked(int m) const { return m < free_lo || m >= free_hi; }
+  // Int k of the extra mask's four for this key block (Params::blocks), read where needed, not kept:
+  // a value loaded, not computed, held across the walk took a register d128's consumers do not have.
+  __device__ __forceinline__ int extra_row(const Params& p, int k) const {
+    return load_once(p.blocks + batch * p.blocks_sb + (n0 / S::BN) * 4 + k);
+  }
+
+  // The walk [m_lo, m_hi) intersected with the extra mask's (both intervals of query blocks); its
+  // first block is read again where needed (first), not kept in m_lo.
+  __device__ __forceinline__ void narrow(const Params& p) {
+    m_hi = min(m_hi, extra_row(p, 1));
+    if (m_hi <= max(m_lo, extra_row(p, 0))) m_lo = m_hi = 0;
+  }
+
+  // The walk's first query block and its number of query blocks.
+  __device__ __forceinline__ int first(const Params& p) const {
+    if constexpr (S::EXTRA) return m_hi > 0 ? max(m_lo, extra_row(p, 0)) : 0;
+    return m_lo;
+  }
+  __device__ __forceinline__ int blocks(const Params& p) const { return m_hi - first(p); }
+
+  __device__ __forceinline__ bool masked(const Params& p, int m) const {
+    if (m < free_lo || m >= free_hi) return true;
+    if constexpr (S::EXTRA) return m < extra_row(p, 2) || m >= extra_row(p, 3);
+    return false;
+  }
 
   // Deterministic mode: how many key blocks add to query block m's dQ before this one, i.e. those
   // after it (key_block) that see a row of m. Those are consecutive (set's q_lo and q_hi do not
@@ -256,6 +315,7 @@ struct Smem {
   __device__ __forceinline__ u32 dq(int wg) const { return base + S::DQ_OFFSET + wg * S::DQ_TILE * 4; }
   __device__ __forceinline__ u32 lse(int st) const { return base + S::LSE_OFFSET + st * S::ROW_BYTES; }
   __device__ __forceinline__ u32 delta(int st) const { return base + S::DELTA_OFFSET + st * S::ROW_BYTES; }
+  __device__ __forceinline__ u32 keys(int wg) const { return base + S::KEYS_OFFSET + wg * 64 * 8; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
   __device__ __forceinline__ u32 kv_full() const { return barrier(0); }
   __device__ __forceinline__ u32 full(int st) const { return barrier(1 + st); }
@@ -302,10 +362,10 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk,
   hopper::tma_load_tile(sm.k(), k_map, sm.kv_full(), blk.kv_head, blk.k_start + blk.n0, blk.batch_coord);
   hopper::tma_load_tile(sm.v(), v_map, sm.kv_full(), blk.kv_head, blk.k_start + blk.n0, blk.batch_coord);
   Ring<S::STAGES> ring;
-  const int blocks = blk.m_hi - blk.m_lo;
+  const int blocks = blk.blocks(p);
   // one loop over (query head of the group, query block): fewer values live across the steps
   for (int it = 0; it < p.group * blocks; ++it) {
-    const int head = blk.kv_head * p.group + it / blocks, m = blk.m_lo + it % blocks;
+    const int head = blk.kv_head * p.group + it / blocks, m = blk.first(p) + it % blocks;
     const i64 rows = blk.buffer_row(p, head);
     const int m0 = m * S::BM;
     mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
@@ -330,20 +390,33 @@ __device__ __forceinline__ u64 n_major_rows(const SmemTile<ROWS, S>& t, int row0
 }
 
 // The -inf of the scores (rows: keys, columns: queries) no query may see. `key`: the thread's row 0
-// key; `q0`: the query of its element (0, row, 0).
-template <int MASK, int N>
-__device__ __forceinline__ void mask_transposed(Acc<N>& s, int key, int q0, int len_k, int off, int left, int right) {
+// key; `q0`: the query of its element (0, row, 0); EXTRA: `keys_row`, its row 0 key's pair in the
+// table of stage_keys (two comparisons per score).
+template <class S, int N>
+__device__ __forceinline__ void mask_transposed(const Params& p, const Block<S>& blk, Acc<N>& s, int key, int q0,
+                                                u32 keys_row) {
+  const int off = blk.len_k - blk.len_q;
 #pragma unroll
-  for (int i = 0; i < Acc<N>::TILES; ++i) {
+  for (int r = 0; r < 2; ++r) {
+    const int j = key + 8 * r;
+    IntPair seen{0, 0};
+    if constexpr (S::EXTRA) {
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(seen.lo), "=r"(seen.hi) : "r"(keys_row + 64 * r));
+    }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int i = 0; i < Acc<N>::TILES; ++i) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int j = key + 8 * r, q = q0 + 8 * i + c;
-        const int delta = j - q - off;
-        bool visible = j < len_k;
-        if constexpr (MASK >= 1) visible = visible && delta <= right;
-        if constexpr (MASK == 2) visible = visible && delta >= -left;
+        const int q = q0 + 8 * i + c;
+        bool visible;
+        if constexpr (S::EXTRA) {
+          visible = q >= seen.lo && q < seen.hi;
+        } else {
+          const int delta = j - q - off;
+          visible = j < blk.len_k;
+          if constexpr (S::MASK >= 1) visible = visible && delta <= p.win_right;
+          if constexpr (S::MASK == 2) visible = visible && delta >= -p.win_left;
+        }
         if (!visible) s.at(i, r, c) = neg_inf();
       }
     }
@@ -420,7 +493,7 @@ struct Step {
   i64 rows;  // the (sequence, head)'s first row in the per-row buffers (Block::buffer_row)
   __device__ __forceinline__ Step(const Params& p, const Block<S>& blk, int it, int blocks) {
     const int head = blk.kv_head * p.group + it / blocks;
-    m = blk.m_lo + it % blocks;
+    m = blk.first(p) + it % blocks;
     rows = blk.buffer_row(p, head);
   }
   // The workspace's 64 x 64 dQ tile of (this query block, head-dim slab).
@@ -445,15 +518,35 @@ __device__ __forceinline__ void issue_s_dp(Acc<S::BM>& s, Acc<S::BM>& dp, const 
   hopper::pin(dp);
 }
 
+// EXTRA: the queries [lo, hi) that see each of the thread's two keys, by every mask (each gives an
+// interval: causal/window j - off - right <= q <= j - off + left), to the warpgroup's shared table
+// once per block; the masked steps read them back (held in registers, d128 spilled). Each of the
+// quad's lanes writes the same pair; its warp alone reads it back.
+template <class S>
+__device__ __forceinline__ void stage_keys(const Params& p, const Block<S>& blk, const Lane<S>& ln, u32 table) {
+  const int off = blk.len_k - blk.len_q;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int j = ln.key + 8 * r;
+    IntPair seen{0, 0};
+    if (j < blk.len_k) seen = load_pair_once(p.keys + blk.batch * p.keys_sb + 2 * j);
+    if constexpr (S::MASK >= 1) seen.lo = (int)max((i64)seen.lo, (i64)j - off - p.win_right);
+    if constexpr (S::MASK == 2) seen.hi = (int)min((i64)seen.hi, (i64)j - off + p.win_left + 1);
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(table + (ln.lane_row + 8 * r) * 8), "r"(seen.lo),
+                 "r"(seen.hi)
+                 : "memory");
+  }
+  __syncwarp();
+}
+
 // P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first). Softcap: the scores are
 // cap * t, t = tanh(raw * scale / cap), and p.score_log2 = cap log2 e; t replaces S^T first.
 template <class S>
 __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
-                                            Acc<S::BM>& s) {
+                                            Acc<S::BM>& s, u32 keys_row) {
   if constexpr (S::SOFTCAP) hopper::softcap(s, p.softcap_in);
-  if (blk.masked(m)) {
-    mask_transposed<S::MASK>(s, ln.key, m * S::BM + ln.quad_col, blk.len_k, blk.len_k - blk.len_q, p.win_left,
-                             p.win_right);
+  if (blk.masked(p, m)) {
+    mask_transposed<S>(p, blk, s, ln.key, m * S::BM + ln.quad_col, keys_row);
   }
 #pragma unroll
   for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
@@ -606,7 +699,7 @@ __device__ __forceinline__ int dq_sends(int t) {
 // turn only for lower ones: the lowest of a (batch, KV head) waits for none.
 template <class S>
 __device__ void write_dq(const Params& p, const Smem<S>& sm, const Block<S>& blk) {
-  const int blocks = blk.m_hi - blk.m_lo;
+  const int blocks = blk.blocks(p);
   for (int t = 0; t < p.group * blocks; ++t) {
     const Step<S> st(p, blk, t, blocks);
     const int turn = blk.turn(p, st.m), k = dq_sends<S>(t);
@@ -688,10 +781,11 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
   Acc<S::BM> s, dp;
   Operand<S::BM, 2> pm, dsm;
 
+  if constexpr (S::EXTRA) stage_keys<S>(p, blk, ln, sm.keys(WG));
   mbarrier_wait(sm.kv_full(), 0);
   const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
   Ring<S::STAGES> ring;
-  const int blocks = blk.m_hi - blk.m_lo;
+  const int blocks = blk.blocks(p);
   // one walk over (query head of the group, query block): fewer values live across the steps
   walk<S, WG, 0>(p.group * blocks, [&](auto has_dq, int it) {
     constexpr bool DQ = decltype(has_dq)::value;
@@ -701,7 +795,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
-    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8);
     wgmma_wait<0>();
     hopper::pin(dp);
     if constexpr (S::SOFTCAP) {
@@ -763,10 +857,11 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
   Acc<S::BM> s, dp;
   Operand<S::BM, 2> pm, dsm;
 
+  if constexpr (S::EXTRA) stage_keys<S>(p, blk, ln, sm.keys(WG));
   mbarrier_wait(sm.kv_full(), 0);
   const SmemTile<S::BN, S> kt = sm.k(), vt = sm.v();
   Ring<S::STAGES> ring;
-  const int blocks = blk.m_hi - blk.m_lo;
+  const int blocks = blk.blocks(p);
   const int steps = p.group * blocks;
   {  // step -1: zeros in buffer 1
     const u32 tile = sm.ds(1, WG) + ln.tid * (S::DS_BYTES / 128);
@@ -783,7 +878,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
-    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8);
     wgmma_wait<0>();
     hopper::pin(dp);
     if constexpr (S::SOFTCAP) {
