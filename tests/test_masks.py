@@ -311,3 +311,29 @@ def test_multihead_attention_masks_match_torch() -> None:
         got, _ = ours(x, x, x, **kwargs)
         want, _ = theirs(x, x, x, need_weights=False, **kwargs)
         torch.testing.assert_close(got, want)
+
+
+def test_block_sparse_is_a_block_mask_without_partial_blocks() -> None:
+    """A block-aligned pattern reports "block_sparse" (info.partial False) at odd sizes too, whose tail blocks
+    are partial only past the sequences' ends; its lists still hold those tails as partial blocks. Blocks
+    coarser than the pattern give partial blocks ("block_mask"); where every query also sees one interval of
+    keys (block-causal), "key_intervals" wins."""
+    from flash.testing.mod_examples import block_pattern
+
+    def make(mod: object, s: int, block_size: tuple[int, int]) -> BlockMask:
+        return BlockMask.from_mask_mod(mod, batch=None, heads=None, seqlen_q=s, seqlen_k=s,  # type: ignore[arg-type]
+                                       block_size=block_size)  # fmt: skip
+
+    for s in (512, 300):
+        for block_size in ((128, 128), (64, 32)):
+            sparse = make(block_pattern, s, block_size)
+            assert not sparse.info.partial and sparse.info.feature == "block_sparse", (s, block_size)
+            assert bool((sparse.lists.kv_counts[..., 0] > 0).any()) == (s % 128 != 0)  # the tails only
+            dense = block_pattern(None, None, torch.arange(s)[:, None], torch.arange(s)[None, :])
+            assert BlockMask.from_dense(dense, block_size=block_size).info.feature == "block_sparse"
+    assert make(block_pattern, 300, (256, 128)).info.feature == "block_mask"
+    block_causal = make(lambda b, h, q, kv: kv // 128 <= q // 128, 300, (128, 128))
+    assert not block_causal.info.partial and block_causal.info.feature == "key_intervals"
+    q, k, v = _qkv(seqlen=300)
+    text = str(flash.explain(q, k, v, block_mask=make(block_pattern, 300, (128, 128))))
+    assert "block_sparse" in text and "no partial blocks" in text

@@ -358,3 +358,54 @@ def test_hopper_kernel_takes_key_padding_and_key_intervals(pretend_gpu, monkeypa
         assert any("only the Hopper kernel" in r for r in reasons(be, "forward", specs["prefix_lm"]))
     finally:
         cuda_backend._hopper_reasons.cache_clear()
+
+
+def _block_sparse_specs() -> dict[str, object]:
+    """Specs with block masks of full blocks only (random 128x128 blocks plus the diagonal, odd sizes: the
+    tail blocks are partial only past the ends), and the ones the Hopper forward declines."""
+    from flash.testing.mod_examples import block_pattern
+
+    q = torch.randn(2, 300, 4, 128).to(torch.bfloat16)
+    k = v = torch.randn(2, 290, 2, 128).to(torch.bfloat16)
+
+    def mask(block_size: tuple[int, int]) -> flash.BlockMask:
+        return flash.BlockMask.from_mask_mod(block_pattern, batch=None, heads=None, seqlen_q=300, seqlen_k=290,
+                                             block_size=block_size)  # fmt: skip
+
+    blocks, small = mask((128, 128)), mask((64, 64))
+    assert blocks.info.feature == small.info.feature == "block_sparse"
+    eight = lambda t: t.to(torch.float8_e4m3fn)  # noqa: E731
+    return {
+        "blocks": flash.build_spec(q, k, v, block_mask=blocks),
+        "small_blocks": flash.build_spec(q, k, v, block_mask=small),
+        "causal": flash.build_spec(q, k, v, block_mask=blocks, causal=True),
+        "fp8": flash.build_spec(eight(q), eight(k), eight(v), block_mask=blocks),
+    }
+
+
+def test_hopper_kernel_takes_block_sparse_masks(pretend_gpu, monkeypatch):
+    """On sm_90 the Hopper forward walks the lists of block masks with full blocks only (128-row blocks whose
+    columns its key blocks divide) and flash.explain says cuda is eligible; other block sizes, a window and
+    fp8 are declined with their reasons, as is the mma.sync kernel (sm_80)."""
+    from flash import dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch.REGISTRY, "unavailable_reasons", lambda name: [])
+    cuda_backend._hopper_reasons.cache_clear()
+    be = cuda_backend.CudaBackend()
+    try:
+        specs = {name: pretend_gpu(spec) for name, spec in _block_sparse_specs().items()}
+        assert "block_sparse" in specs["blocks"].features()
+        assert be.uses_hopper(specs["blocks"]) and reasons(be, "forward", specs["blocks"]) == []
+        forward = str(dispatch.explain(specs["blocks"]).forward)
+        assert re.search(r"cuda\s+priority\s+\d+\s+eligible", forward), forward
+        declined = {"small_blocks": "64x64 blocks", "causal": "causal or a window", "fp8": "fp8 inputs with a block"}
+        for name, why in declined.items():
+            found = reasons(be, "forward", specs[name])
+            assert any("only the Hopper kernel" in r and why in r for r in found), (name, found)
+        monkeypatch.setattr(cuda_backend, "_capability", lambda index: (8, 0))
+        monkeypatch.setattr(support, "_capability", lambda index: (8, 0))
+        cuda_backend._hopper_reasons.cache_clear()
+        assert any("only the Hopper kernel" in r for r in reasons(be, "forward", specs["blocks"]))
+    finally:
+        cuda_backend._hopper_reasons.cache_clear()

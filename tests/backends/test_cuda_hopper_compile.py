@@ -126,6 +126,15 @@ def test_problem_classes():
         assert hopper_tiles.config_for(128, window, 8192, intervals=True).order == "blocks"
     with pytest.raises(ValueError, match="intervals: 16-bit"):
         hopper_variants.make_variant(hopper_tiles.HopperConfig(2, 128), 128, "e4m3", hopper_tiles.MASK_INTERVALS)
+    # block lists: one kind (no window), 16-bit, tiles of one 128-row block row, power-of-two key blocks
+    assert hopper_tiles.mask_kind((-1, -1), lists=True) == hopper_tiles.MASK_LISTS
+    for d in hopper_tiles.SHIPPED_HEAD_DIMS:
+        config = hopper_tiles.config_for(d, lists=True)
+        assert config.block_m == hopper_tiles.BLOCK_SPARSE_ROWS and config.block_n & (config.block_n - 1) == 0
+    for config, dtype in ((hopper_tiles.HopperConfig(2, 128), "e4m3"), (hopper_tiles.HopperConfig(3, 128), "bf16"),
+                          (hopper_tiles.HopperConfig(2, 96), "bf16")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"16-bit|block lists"):
+            hopper_variants.make_variant(config, 128, dtype, hopper_tiles.MASK_LISTS)
     short = [row for row in hopper_tiles.TABLE if row.max_seqlen_k is not None]
     for row in short:  # a bucketed row serves short sequences, the catch-all row long ones
         assert hopper_tiles.table_row(row.head_dim, row.mask, row.max_seqlen_k) == row
@@ -141,7 +150,7 @@ def test_launch_parameters_match_the_kernel_signature():
     vt = read_kernel_file(hopper.VT_FILE)
     assert parameter_kinds(vt, hopper.VT_KERNEL) == list(hopper.VT_PARAMETERS.kinds)
     layout = hopper.PARAMETERS
-    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 644
+    assert layout.offsets[:4] == [0, 128, 256, 384] and layout.size == sum(layout.sizes) == 676
     names = parameter_names(text, hopper_variants.KERNEL_NAME)
     scalars = hopper.scalar_arguments(
         (2 * 100 * 4 * 64, 4 * 64, 64), (4 * 100, 100, 1), varlen=False, seqlen_q=100, seqlen_k=100, total_q=100,
@@ -404,3 +413,103 @@ def test_interval_reasons():
               "total_q": 1, "total_k": 1, "scale": 0.1, "batch": 1, "intervals": True}  # fmt: skip
     assert hopper.problem_reasons(dtype=torch.bfloat16, **common) == []
     assert "fp8 inputs with a key-padding mask" in hopper.problem_reasons(dtype=torch.float8_e5m2, **common)[0]
+
+
+def _block_pattern_lists(torch, batch, heads, s, block_size):
+    """A block-sparse mask's forward lists: block_pattern's blocks (batch, heads None: broadcast), made per
+    sequence and head by shifting the query blocks so that they differ."""
+    from flash import BlockMask
+    from flash.testing.mod_examples import block_pattern
+
+    def mod(b, h, q, kv):
+        return block_pattern(None, None, q + 128 * (b + h), kv)
+
+    mask = BlockMask.from_mask_mod(mod, batch=batch, heads=heads, seqlen_q=s, seqlen_k=s, block_size=block_size)
+    return mask.lists
+
+
+@pytest.mark.parametrize(("batch", "heads", "d"), [(None, None, 128), (2, 4, 256)])
+def test_forward_passes_the_block_lists(monkeypatch, batch, heads, d):
+    """hopper.forward with a block-sparse mask's lists (broadcast, or one per sequence and head): the block-list
+    variant of its table row, the lists' addresses and the strides the kernel reads them with (Params::bl...):
+    list rows per sequence and head, indices per list, kernel blocks per mask block (d256: 64-key blocks, two
+    per 128-key mask block)."""
+    torch = pytest.importorskip("torch")
+    launches, _ = _fake_driver(monkeypatch, torch)
+    b, s, h = 2, 300, 4
+    q, k, v = (torch.randn(b, s, h, d, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = torch.empty_like(q), torch.empty(b, h, s)
+    lists = _block_pattern_lists(torch, batch, heads, s, (128, 128))
+    tensors = {"kv_counts": lists.kv_counts, "kv_indices": lists.kv_indices, "block_size": (128, 128)}
+    hopper.forward(q, k, v, out, lse, seqlen_q=s, seqlen_k=s, heads_q=h, heads_kv=h, head_dim=d, scale=0.1,
+                   **tensors)  # fmt: skip
+    ((packed, _, _, threads, smem, values),) = launches
+    packed.layout.format.pack(*values)
+    named = dict(zip(parameter_names(hopper_variants.source(hopper_variants.shipped_variants()[0]),
+                                     hopper_variants.KERNEL_NAME), values))  # fmt: skip
+    row = hopper_tiles.table_row(d, hopper_tiles.MASK_LISTS)
+    variant = hopper_variants.make_variant(row.config, d, "bf16", hopper_tiles.MASK_LISTS)
+    assert (threads, smem) == (variant.threads, variant.launch_smem) and variant.block_m == 128
+    assert (named["bl_counts"], named["bl_index"]) == (lists.kv_counts.data_ptr(), lists.kv_indices.data_ptr())
+    n_q, n_k = 3, 3
+    strides = (0, 0) if batch is None else (h * n_q, n_q)
+    shift = {128: 0, 256: 1}[d]
+    assert (named["bl_sb"], named["bl_sh"], named["bl_nk"], named["bl_shift"]) == (*strides, n_k, shift)
+    assert named["tiles"] == n_q * h * b and named["iv"] == 0
+
+
+def test_block_list_reasons():
+    """What hopper.forward says of block lists it cannot read and block sizes it cannot tile."""
+    torch = pytest.importorskip("torch")
+    q = torch.zeros(2, 300, 4, 128, dtype=torch.bfloat16)
+    lists = _block_pattern_lists(torch, None, None, 300, (128, 128))
+    shape = (2, 4, 300, 300)
+    good = (lists.kv_counts, lists.kv_indices, (128, 128))
+    assert hopper._list_reasons(q, good, shape, varlen=False) == []
+    assert hopper._list_reasons(q, (None, None, None), shape, varlen=False) == []
+    assert "together" in hopper._list_reasons(q, (*good[:2], None), shape, varlen=False)[0]
+    assert "without cu_seqlens" in hopper._list_reasons(q, good, shape, varlen=True)[0]
+    assert "kv_counts (batch|1" in hopper._list_reasons(q, good, (2, 4, 500, 300), varlen=False)[0]
+    assert "int32" in hopper._list_reasons(q, (good[0].long(), good[1], good[2]), shape, varlen=False)[0]
+    common = {"capability": (9, 0), "heads_q": 1, "heads_kv": 1, "seqlen_q": 1, "seqlen_k": 1, "total_q": 1,
+              "total_k": 1, "scale": 0.1, "batch": 1}  # fmt: skip
+    for d, block_size, why in ((128, (128, 128), None), (256, (128, 64), None), (128, (128, 64), "128x64 blocks"),
+                               (64, (64, 128), "64x128 blocks"), (128, (256, 256), "256x256 blocks")):  # fmt: skip
+        found = hopper.problem_reasons(dtype=torch.bfloat16, head_dim=d, block_size=block_size, **common)
+        assert found == [] if why is None else why in found[0], (d, block_size, found)
+    found = hopper.problem_reasons(dtype=torch.float8_e4m3fn, head_dim=128, block_size=(128, 128), window=(-1, 0),
+                                   **common)  # fmt: skip
+    assert "fp8 inputs with a block-sparse mask" in found[0] and "causal or a window" in found[1]
+
+
+@pytest.mark.parametrize("block_n", [128, 64])
+def test_block_list_walk_replays_the_mask(block_n):
+    """A replay of the kernel's walk (make_tile's counts, key_block's steps) over the lists as list_scalars
+    lays them out: each tile's kernel blocks, partial steps first, cover exactly the key blocks its rows see,
+    once each, and only partial steps reach past seqlen_k (the tail mask)."""
+    torch = pytest.importorskip("torch")
+    b, h, s = 2, 3, 300
+    lists = _block_pattern_lists(torch, b, h, s, (128, 128))
+    counts, index = lists.kv_counts.flatten().tolist(), lists.kv_indices.flatten().tolist()
+    sb, sh, nk, shift = hopper.list_scalars(lists.kv_counts, lists.kv_indices, 128, block_n)
+    from flash.testing.mod_examples import block_pattern
+
+    idx = torch.arange(s)
+    for batch in range(b):
+        for head in range(h):
+            seen = block_pattern(None, None, idx[:, None] + 128 * (batch + head), idx[None, :])
+            for m in range(-(-s // 128)):
+                row = batch * sb + head * sh + m
+                partial_steps = counts[2 * row] << shift
+                steps = partial_steps + (counts[2 * row + 1] << shift)
+                walked = []
+                for j in range(steps):
+                    kind = int(j >= partial_steps)
+                    k = j - (partial_steps if kind else 0)
+                    n = (index[(2 * row + kind) * nk + (k >> shift)] << shift) + (k & ((1 << shift) - 1))
+                    assert kind == 0 or (n + 1) * block_n <= s, "a full step past seqlen_k"
+                    walked.append(n)
+                keys = seen[128 * m : 128 * (m + 1)].any(dim=0)
+                expect = {n for n in range(-(-s // block_n)) if keys[n * block_n : (n + 1) * block_n].any()}
+                past_end = {n for n in walked if n * block_n >= s}  # the second half of a tail mask block
+                assert len(walked) == len(set(walked)) and set(walked) - past_end == expect, (batch, head, m)

@@ -1,5 +1,6 @@
 """Hopper forward (flash_cuda.hopper), GPU tier: key-padding masks and block masks with key intervals
-(mask kind 3) against the float64 oracle, outputs poisoned with NaN so that a row never written fails.
+(mask kind 3), block-sparse masks of full blocks only (mask kind 4: the tiles walk the block lists)
+against the float64 oracle, outputs poisoned with NaN so that a row never written fails.
 
 Skipped without an sm_90 GPU or without CuPy. The conformance suite runs its own mask cases on cuda
 too ("padding", "padding_left", "padding_holes", "documents", block masks from mask_mods); these add
@@ -42,7 +43,8 @@ def _dense(q, k, v, seen, dtype):
 
 
 def _check(name, q, k, v, seen, **options):
-    """The cuda backend's forward (the Hopper kernel, as explain says) within the rule of the oracle."""
+    """The cuda backend's forward (the Hopper kernel, as explain says) within the rule of the oracle.
+    ``seen``: (b|1, h|1, sq, sk)."""
     spec = flash.build_spec(q, k, v, **options)
     assert cuda_backend.CudaBackend().uses_hopper(spec), name
     assert flash.explain(q, k, v, backend="cuda", **options).forward.chosen == "cuda", name
@@ -112,3 +114,36 @@ def test_document_block_mask_with_gqa():
     idx = torch.arange(sq, device="cuda")
     seen = (ids[:, :, None] == ids[:, None, :]) & (idx[None, :] <= idx[:, None])
     _check("documents", q, k, v, seen[:, None], block_mask=block)
+
+
+def _random_blocks(b, h, sq, sk, density, seed):
+    """bool (b|1, h|1, sq, sk): random 128x128 blocks at about ``density`` plus the diagonal (the benchmark's
+    pattern), cut to the sizes: tail blocks partial only past the ends, so the mask is block-sparse."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    nq, nk = -(-sq // 128), -(-sk // 128)
+    blocks = torch.rand(b, h, nq, nk, device="cuda", generator=gen) < density
+    blocks |= torch.eye(nq, nk, dtype=torch.bool, device="cuda")
+    return blocks.repeat_interleave(128, 2).repeat_interleave(128, 3)[..., :sq, :sk].contiguous()
+
+
+@pytest.mark.parametrize(
+    ("d", "b", "sq", "sk", "hq", "hkv", "mb", "mh"),
+    [
+        (128, 2, 1000, 1100, 8, 2, 1, 1),  # tail blocks on both axes, GQA, one mask for all
+        (64, 2, 777, 1500, 4, 4, 2, 4),  # one mask per sequence and head
+        (128, 1, 8192, 8192, 4, 4, 1, 4),  # the benchmark's size, ~10% density
+        (192, 2, 513, 700, 2, 1, 2, 1),  # 64-key kernel blocks: two per mask block
+        (256, 1, 300, 129, 2, 2, 1, 1),
+    ],
+)
+def test_block_sparse_masks_walk_the_block_lists(d, b, sq, sk, hq, hkv, mb, mh):
+    """Random full blocks plus the diagonal (rows of a tile whose list is empty: output 0, LSE -inf where a
+    row sees nothing), through the block lists of the Hopper forward (explain: cuda, mask kind 4)."""
+    seen = _random_blocks(mb, mh, sq, sk, 0.1 if sq > 4096 else 0.3, seed=sq + d)
+    seen[..., :128, :] &= torch.arange(sk, device="cuda") >= 128 * (sk > 256)  # a block row without the diagonal
+    block = flash.BlockMask.from_dense(seen, block_size=(128, 128))
+    assert block.info.feature == "block_sparse"
+    q, k, v = _inputs(b, sq, sk, hq, hkv, d, seed=sk)
+    spec = flash.build_spec(q, k, v, block_mask=block)
+    assert "block_sparse" in spec.features()
+    _check(f"block-sparse d{d} {sq}x{sk}", q, k, v, seen, block_mask=block)

@@ -50,11 +50,13 @@ Pass = Literal["forward", "backward", "decode"]
 #: output dtype other than the default bf16 (``spec.out_dtype``, bf16 or fp16); a forward that declares
 #: it stores ``out`` in whichever of them it is given. "key_padding": a boolean ``attn_mask`` of shape
 #: (batch|1, 1, 1, Sk) (reported instead of "attn_mask"); "key_intervals": a block mask with
-#: :attr:`flash.BlockMask.key_intervals` (reported instead of "block_mask").
+#: :attr:`flash.BlockMask.key_intervals` (reported instead of "block_mask"); "block_sparse": any other block
+#: mask without partial blocks (:attr:`flash.block_mask.BlockMaskInfo.partial`; reported instead of
+#: "block_mask"): a kernel walks its block lists and masks no score but past the sequence's end.
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "fp8", "deterministic", "sinks", "sink_tokens"}
     | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod", "out_dtype"}
-    | {"key_padding", "key_intervals"}
+    | {"key_padding", "key_intervals", "block_sparse"}
 )
 #: Every name :meth:`flash.kvspec.KVCacheSpec.features` can report ("fp8": an fp8 cache).
 DECODE_FEATURES = frozenset(

@@ -51,16 +51,32 @@ def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: t
     Blocks that reach past the end of the sequence on either axis are never FULL: the kernels
     mask their tails (and the backward walks query blocks as the forward walks key blocks).
     """
+    tiles = _blocks(mask, seqlen_q, seqlen_k, block_size, past_ends=0)
+    seen = tiles.amax(dim=(3, 5)) > 0
+    full = tiles.amin(dim=(3, 5)) > 0
+    return torch.where(full, FULL, torch.where(seen, PARTIAL, HIDDEN)).to(torch.int8)
+
+
+def partial_inside(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]) -> torch.Tensor:
+    """bool (0-dim): whether some block of ``mask`` (as :func:`block_states` takes it) is partial inside the
+    sequences, i.e. hides some of its scores within them while showing others. A block that is PARTIAL only
+    because it reaches past an end is not: a kernel masks that tail anyway (:attr:`BlockMaskInfo.partial`)."""
+    seen = _blocks(mask, seqlen_q, seqlen_k, block_size, past_ends=0).amax(dim=(3, 5)) > 0
+    full_inside = _blocks(mask, seqlen_q, seqlen_k, block_size, past_ends=1).amin(dim=(3, 5)) > 0
+    return (seen & ~full_inside).any()
+
+
+def _blocks(
+    mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int], past_ends: int
+) -> torch.Tensor:
+    """uint8 (B, H, nQ, rows, nK, bn): ``mask`` cut into blocks, the scores past the sequences' ends ``past_ends``."""
     bm, bn = block_size
     m = mask.expand(*mask.shape[:3], seqlen_k)
     rows = 1 if m.shape[2] == 1 else seqlen_q
     n_q, n_k = -(-rows // bm) if rows > 1 else 1, -(-seqlen_k // bn)
     pad_q = n_q * bm - rows if rows > 1 else 0
-    padded = torch.nn.functional.pad(m.to(torch.uint8), (0, n_k * bn - seqlen_k, 0, pad_q))
-    tiles = padded.unflatten(3, (n_k, bn)).unflatten(2, (n_q, -1))  # (B, H, nQ, rows, nK, bn)
-    seen = tiles.amax(dim=(3, 5)) > 0
-    full = tiles.amin(dim=(3, 5)) > 0
-    return torch.where(full, FULL, torch.where(seen, PARTIAL, HIDDEN)).to(torch.int8)
+    padded = torch.nn.functional.pad(m.to(torch.uint8), (0, n_k * bn - seqlen_k, 0, pad_q), value=past_ends)
+    return padded.unflatten(3, (n_k, bn)).unflatten(2, (n_q, -1))
 
 
 def _lists(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +122,17 @@ class BlockMaskInfo:
     density: float
     documents: bool = False  # partial blocks compare document ids (see BlockMask.from_document_ids)
     intervals: bool = False  # every query sees one interval of keys (see BlockMask.key_intervals)
+    #: Some visited block is partial inside the sequences (False: every visited block is full but for the
+    #: part past a sequence's end, which kernels mask anyway; they walk the block lists unmasked).
+    partial: bool = True
+
+    @property
+    def feature(self) -> str:
+        """The spec feature this mask is (:data:`flash.backend.FEATURES`): "key_intervals" where every query
+        sees one interval of keys, else "block_sparse" where no visited block is partial, else "block_mask"."""
+        if self.intervals:
+            return "key_intervals"
+        return "block_mask" if self.partial else "block_sparse"
 
 
 class BlockMask:
@@ -128,6 +155,7 @@ class BlockMask:
         dense: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         key_intervals: torch.Tensor | None = None,
+        partial: torch.Tensor | None = None,
     ) -> None:
         self.block_size = block_size
         self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
@@ -141,10 +169,13 @@ class BlockMask:
         self.key_intervals = key_intervals
         self.states = states
         self.lists = block_lists(states, seqlen_q, block_size[0])
-        visited, partial = torch.stack(((states != HIDDEN).sum(), (states == PARTIAL).sum())).tolist()
+        # partial: :func:`partial_inside` of the mask (None: every PARTIAL block counts); one host sync for all
+        counted = (states == PARTIAL).sum()
+        inside = counted > 0 if partial is None else partial.to(states.device)
+        visited, partial_blocks, ragged = torch.stack(((states != HIDDEN).sum(), counted, inside.long())).tolist()
         self.density = float(visited) / max(1, states.numel())
         #: The fraction of visited blocks that are partial (masked element by element).
-        self.partial_share = float(partial) / max(1, visited)
+        self.partial_share = float(partial_blocks) / max(1, visited)
         self.info = BlockMaskInfo(
             batch=states.shape[0],
             heads=states.shape[1],
@@ -156,6 +187,7 @@ class BlockMask:
             density=round(self.density, 4),
             documents=document_ids is not None,
             intervals=key_intervals is not None,
+            partial=bool(ragged),
         )
 
     @property
@@ -186,7 +218,8 @@ class BlockMask:
             full = mask4.expand(-1, -1, sq, sk)
             intervals = intervals_of(torch.cat([row_runs(full[:, :, i0 : i0 + block_size[0]])
                                                 for i0 in range(0, sq, block_size[0])], dim=-1))  # fmt: skip
-        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4, key_intervals=intervals)
+        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4, key_intervals=intervals,
+                   partial=partial_inside(mask4, sq, sk, block_size))  # fmt: skip
 
     @classmethod
     def from_mask_mod(
@@ -218,16 +251,17 @@ class BlockMask:
         h = torch.arange(nh, device=device)[None, :, None, None]
         kv = torch.arange(seqlen_k, device=device)[None, None, None, :]
         bm = block_size[0]
-        rows, runs = [], []
+        rows, runs, partial = [], [], torch.zeros((), dtype=torch.bool, device=device)
         for i0 in range(0, seqlen_q, bm):  # one block row at a time bounds the memory to (B, H, bm, Sk)
             q = torch.arange(i0, min(i0 + bm, seqlen_q), device=device)[None, None, :, None]
             seen = torch.as_tensor(mask_mod(b, h, q, kv), device=device).to(torch.bool)
             seen = seen.expand(nb, nh, q.shape[2], seqlen_k)
             rows.append(block_states(seen, q.shape[2], seqlen_k, block_size))
             runs.append(row_runs(seen))
+            partial |= partial_inside(seen, q.shape[2], seqlen_k, block_size)
         states = torch.cat(rows, dim=2)
         intervals = intervals_of(torch.cat(runs, dim=-1)) if nh == 1 else None
-        return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod, key_intervals=intervals)
+        return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod, key_intervals=intervals, partial=partial)
 
     @classmethod
     def from_document_ids(
@@ -253,16 +287,17 @@ class BlockMask:
         ids2 = (ids if ids.dim() == 2 else ids[None]).to(torch.int32).contiguous()
         seqlen, bm = ids2.shape[1], block_size[0]
         keys = torch.arange(seqlen, device=ids2.device)
-        rows = []
+        rows, partial = [], torch.zeros((), dtype=torch.bool, device=ids2.device)
         for i0 in range(0, seqlen, bm):  # one block row at a time bounds the memory to (B, bm, S)
             q = keys[i0 : i0 + bm]
             seen = ids2[:, q, None] == ids2[:, None, :]
             if causal:
                 seen &= keys[None, None, :] <= q[None, :, None]
             rows.append(block_states(seen[:, None], q.shape[0], seqlen, block_size))
+            partial |= partial_inside(seen[:, None], q.shape[0], seqlen, block_size)
         states = torch.cat(rows, dim=2)
         return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2,
-                   key_intervals=document_runs(ids2, causal))  # fmt: skip
+                   key_intervals=document_runs(ids2, causal), partial=partial)  # fmt: skip
 
 
 def document_runs(ids: torch.Tensor, causal: bool) -> torch.Tensor | None:

@@ -177,6 +177,8 @@ def describe(spec: Spec) -> str:
         parts.append(f"block density {spec.block_mask.density:.1%} of {bm}x{bn} blocks")
         if spec.block_mask.intervals:
             parts.append("every query sees one interval of keys")
+        elif not spec.block_mask.partial:
+            parts.append("no partial blocks")
         elif spec.block_mask.documents:
             parts.append("partial blocks compare document ids")
     if spec.key_padding:

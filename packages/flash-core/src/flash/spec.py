@@ -193,7 +193,7 @@ class AttentionSpec(Scores):
         if self.alibi != "none":
             used.add("alibi")
         if self.block_mask is not None:
-            used.add("key_intervals" if self.block_mask.intervals else "block_mask")
+            used.add(self.block_mask.feature)
         if self.score_mod is not None:
             used.add("score_mod")
         if self.mask_mod is not None:

@@ -31,13 +31,14 @@ from flash_cuda._version import __version__
 from flash_cuda.candidates import CANDIDATES
 from flash_cuda.variants import Variant, make_variant, mask_kind, nvrtc_arch, smem_row
 
-#: Options of the spec this forward handles (dropout is not implemented; softcap, fp8, key-padding masks
-#: and block masks with key intervals only by the Hopper kernel, see CudaBackend.extra_reasons).
+#: Options of the spec this forward handles (dropout is not implemented; softcap, fp8, key-padding masks,
+#: block masks with key intervals and block masks without partial blocks only by the Hopper kernel, see
+#: CudaBackend.extra_reasons).
 FORWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}),
     features=frozenset(
         {"causal", "window", "gqa", "varlen", "deterministic", "softcap", "fp8", "out_dtype"}
-        | {"key_padding", "key_intervals"}
+        | {"key_padding", "key_intervals", "block_sparse"}
     ),
     head_dims=range(8, 257, 8),  # rows move in 16-byte chunks
     min_capability=(8, 0),  # cp.async and bf16 mma.sync
@@ -151,7 +152,7 @@ class CudaBackend(Backend):
                 cu_seqlens_k=args.cu_seqlens_k, seqlen_q=spec.seqlen_q, seqlen_k=spec.seqlen_k,
                 heads_q=spec.heads_q, heads_kv=spec.heads_kv, head_dim=spec.head_dim, window=spec.mask_bounds,
                 softcap=spec.softcap, scale=spec.scale, q_descale=args.q_descale, k_descale=args.k_descale,
-                v_descale=args.v_descale, **_interval_tensors(spec, args),
+                v_descale=args.v_descale, **_interval_tensors(spec, args), **_list_tensors(spec, args),
             )  # fmt: skip
             return
         launch.forward(spec, args, self.variant(spec, config))
@@ -185,6 +186,22 @@ def _interval_tensors(spec: AttentionSpec, args: ForwardArgs) -> dict[str, Any]:
     return {}
 
 
+def _sparse_blocks(spec: AttentionSpec) -> tuple[int, int] | None:
+    """The block size of a block mask whose lists the Hopper forward walks (no partial blocks), else None."""
+    if spec.block_mask is None or spec.block_mask.feature != "block_sparse":
+        return None
+    return spec.block_mask.block_size
+
+
+def _list_tensors(spec: AttentionSpec, args: ForwardArgs) -> dict[str, Any]:
+    """The Hopper forward's block-list arguments of the call (none without a block-sparse mask)."""
+    block_size = _sparse_blocks(spec)
+    if block_size is None or args.masks is None or args.masks.block_mask is None:
+        return {}
+    lists = args.masks.block_mask.lists
+    return {"kv_counts": lists.kv_counts, "kv_indices": lists.kv_indices, "block_size": block_size}
+
+
 @functools.lru_cache(maxsize=1024)
 def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
     """Why the Hopper kernel cannot run ``spec`` (empty: it runs it), from the spec alone (the outputs
@@ -195,7 +212,7 @@ def _hopper_reasons(spec: AttentionSpec) -> tuple[str, ...]:
         capability=_capability(_index(spec.device)), dtype=spec.dtype, head_dim=spec.head_dim,
         heads_q=spec.heads_q, heads_kv=spec.heads_kv, batch=spec.batch, seqlen_q=spec.seqlen_q,
         seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, window=spec.mask_bounds,
-        softcap=spec.softcap, scale=spec.scale, intervals=_has_intervals(spec),
+        softcap=spec.softcap, scale=spec.scale, intervals=_has_intervals(spec), block_size=_sparse_blocks(spec),
     )  # fmt: skip
     item = torch.empty((), dtype=spec.dtype).element_size()
     rows = {"q": spec.total_q if spec.varlen else spec.seqlen_q, "k": spec.total_k if spec.varlen else spec.seqlen_k}
@@ -220,7 +237,8 @@ def _forward_reasons(spec: AttentionSpec) -> list[str]:
     # The mma.sync kernel runs it: what only the Hopper kernel has is out of reach.
     declines = "; ".join(_hopper_reasons(spec))
     only_hopper = ((spec.is_fp8, "fp8 inputs"), (spec.softcap, "softcap"),
-                   (_has_intervals(spec), "key-padding masks and key intervals"))  # fmt: skip
+                   (_has_intervals(spec), "key-padding masks and key intervals"),
+                   (_sparse_blocks(spec) is not None, "block-sparse masks"))  # fmt: skip
     for needs, what in only_hopper:
         if needs:
             return [f"{what}: only the Hopper kernel has them, and it declines: {declines}"]

@@ -123,11 +123,14 @@ def problem_reasons(
     softcap: float = 0.0,
     scale: float,
     intervals: bool = False,
+    block_size: tuple[int, int] | None = None,
 ) -> list[str]:
     """Why the kernel cannot take a problem of these sizes and options (empty: it can), before
     looking at any tensor's layout (:func:`layout_reasons`). ``intervals``: each query row also has an
-    interval of keys (a key-padding mask, a block mask's key_intervals)."""
+    interval of keys (a key-padding mask, a block mask's key_intervals); ``block_size``: the (rows, cols)
+    of a block-sparse mask whose lists the tiles walk (None: none)."""
     reasons = []
+    lists = block_size is not None
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper kernel needs sm_90 (wgmma, TMA)")
     name = input_name(dtype)
@@ -146,6 +149,8 @@ def problem_reasons(
         reasons.append(f"softcap {softcap}: must be >= 0 (0: off)")
     if intervals and fp8:
         reasons.append("fp8 inputs with a key-padding mask or key intervals: only 16-bit variants are compiled")
+    if block_size is not None:
+        reasons += _block_sparse_reasons(block_size, head_dim, window, fp8)
     if total_k == 0:
         reasons.append("no key tokens: a TMA tensor map needs a non-empty tensor (the rows' output is 0, LSE -inf)")
     if max(seqlen_q, seqlen_k, total_q, total_k) > MAX_SEQLEN:
@@ -153,9 +158,29 @@ def problem_reasons(
     elif fp8 and vt_columns(seqlen_k, total_k, batch, varlen=True) > MAX_VT_COLUMNS:
         reasons.append(f"fp8: keys plus 32 per sequence past {MAX_VT_COLUMNS} (the V^T pre-pass's columns)")
     elif head_dim <= widest and heads_kv > 0:
-        config = hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, intervals and not fp8)
+        config = hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, intervals and not fp8, lists and not fp8)
         if -(-seqlen_q // config.block_m) * heads_q * batch > MAX_TILES:
             reasons.append("more than 2^31 - 1 tiles")
+    return reasons
+
+
+def _block_sparse_reasons(block_size: tuple[int, int], head_dim: int, window: tuple[int, int], fp8: bool) -> list[str]:
+    """Why the block-list variants cannot walk a block-sparse mask of ``block_size`` blocks."""
+    reasons = []
+    if fp8:
+        reasons.append("fp8 inputs with a block-sparse mask: only 16-bit variants are compiled")
+    if window[0] >= 0 or window[1] >= 0:
+        reasons.append("a block-sparse mask with causal or a window: the block-list variants apply no window")
+    if head_dim > hopper_tiles.SHIPPED_HEAD_DIMS[-1]:
+        return reasons  # declined already: no tiles to compare with
+    rows, cols = block_size
+    block_n = hopper_tiles.config_for(head_dim, lists=True).block_n
+    if rows != hopper_tiles.BLOCK_SPARSE_ROWS or cols % block_n:
+        reasons.append(
+            f"block-sparse mask of {rows}x{cols} blocks: at head_dim {head_dim} the kernel walks one block row "
+            f"of {hopper_tiles.BLOCK_SPARSE_ROWS} queries per tile and key blocks of {block_n}, which must divide "
+            "the mask's"
+        )
     return reasons
 
 
@@ -190,6 +215,26 @@ def _interval_reasons(q: Any, intervals: Any, runs: Any, mask: Any, varlen: bool
     return []
 
 
+def _list_reasons(q: Any, lists: tuple[Any, Any, Any], shape: tuple[int, ...], varlen: bool) -> list[str]:
+    """Why the block lists ``(kv_counts, kv_indices, block_size)`` of :func:`forward` cannot be read
+    (empty: they can, or there are none). ``shape``: (batch, heads_q, seqlen_q, seqlen_k)."""
+    import torch
+
+    counts, indices, block_size = lists
+    if all(x is None for x in lists):
+        return []
+    if any(x is None for x in lists) or varlen:
+        return ["kv_counts, kv_indices and block_size together (a block-sparse mask's lists), without cu_seqlens"]
+    batch, heads, seqlen_q, seqlen_k = shape
+    rows = -(-seqlen_q // block_size[0])
+    expect = [(b, h, rows, 2) for b in {1, batch} for h in {1, heads}]
+    if tuple(counts.shape) not in expect or tuple(indices.shape) != (*counts.shape, -(-seqlen_k // block_size[1])):
+        return [f"kv_counts (batch|1, heads_q|1, {rows}, 2), kv_indices (..., 2, key blocks): the mask's lists"]
+    if any(t.dtype != torch.int32 or t.device != q.device or not t.is_contiguous() for t in (counts, indices)):
+        return [f"kv_counts, kv_indices: contiguous int32 on {q.device}"]
+    return ["more than 2^29 block rows (32-bit list offsets)"] if counts.numel() >= 1 << 30 else []
+
+
 def unsupported_reasons(
     q: Any,
     k: Any,
@@ -213,6 +258,9 @@ def unsupported_reasons(
     key_intervals: Any = None,
     key_runs: Any = None,
     key_mask: Any = None,
+    kv_counts: Any = None,
+    kv_indices: Any = None,
+    block_size: tuple[int, int] | None = None,
 ) -> list[str]:
     """Why :func:`forward` cannot take this problem, as readable reasons (empty: it can).
 
@@ -229,9 +277,11 @@ def unsupported_reasons(
         capability=torch.cuda.get_device_capability(q.device), dtype=q.dtype, head_dim=head_dim, heads_q=heads_q,
         heads_kv=heads_kv, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, total_q=q.shape[1],
         total_k=k.shape[1], window=window, softcap=softcap, scale=scale,
-        intervals=key_intervals is not None or key_runs is not None,
+        intervals=key_intervals is not None or key_runs is not None, block_size=block_size,
     )  # fmt: skip
     reasons += _interval_reasons(q, key_intervals, key_runs, key_mask, varlen=cu_seqlens_q is not None)
+    reasons += _list_reasons(q, (kv_counts, kv_indices, block_size), (batch, heads_q, seqlen_q, seqlen_k),
+                             varlen=cu_seqlens_q is not None)  # fmt: skip
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: all alike")
     fp8 = q.element_size() == 1
@@ -279,6 +329,8 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("ptr",) * 2  # mask kind 3: the intervals, the key-padding mask's bytes
     + ("i64",) * 3  # iv_sb, keys_sb, keys_sk
     + ("i32",) * 3  # iv_ss, iv_hi, iv_full
+    + ("ptr",) * 2  # mask kind 4: a block-sparse mask's counts and indices
+    + ("i32",) * 4  # bl_sb, bl_sh, bl_nk, bl_shift
 )
 #: The fp8 V^T pre-pass's parameters (kernels/hopper_fwd_vt.cu) in order.
 VT_PARAMETERS = tensor_map.ParamLayout(
@@ -339,6 +391,17 @@ def interval_scalars(intervals: Any, runs: Any, mask: Any) -> tuple[int, ...]:
         key_stride = mask.stride(3) if mask.shape[3] > 1 else 0
         return (_batch_stride(runs), _batch_stride(mask), key_stride, 0, runs.stride(1), 3 * runs.stride(1))
     return (0,) * 6
+
+
+def list_scalars(counts: Any, indices: Any, block_cols: int, block_n: int) -> tuple[int, ...]:
+    """The kernel's ``bl_sb, bl_sh, bl_nk, bl_shift`` (zeros without lists): for a block-sparse mask's
+    contiguous ``kv_counts`` (B|1, H|1, nQ, 2) and ``kv_indices`` (..., 2, nK), the list rows of a
+    sequence and of a head (0 where broadcast), the indices per list and log2 of the kernel blocks per
+    mask block."""
+    if counts is None:
+        return (0,) * 4
+    b, h, n_q, _ = counts.shape
+    return (h * n_q if b > 1 else 0, n_q if h > 1 else 0, indices.shape[-1], (block_cols // block_n).bit_length() - 1)
 
 
 def _descale_strides(d: Any) -> tuple[int, int]:
@@ -449,6 +512,7 @@ class Launch:
     scalars: tuple[int | float, ...]
     descale_strides: tuple[int, ...]
     interval_scalars: tuple[int, ...]
+    list_scalars: tuple[int, ...]
     prepass: VtPrepass | None
 
 
@@ -461,7 +525,7 @@ def _plan_launch(
     q: Any, k: Any, v: Any, out: Any, lse: Any, cu_q: Any, *, seqlen_q: int, seqlen_k: int, heads_q: int,
     heads_kv: int, head_dim: int, window: tuple[int, int], softcap: float, scale: float,
     config: hopper_tiles.HopperConfig | None, descales: tuple[Any, Any, Any], intervals: tuple[Any, Any, Any],
-    device: int,
+    lists: tuple[Any, Any, Any], device: int,
 ) -> Launch | None:  # fmt: skip
     """The :class:`Launch` of a problem (None: no tiles, nothing to launch)."""
     varlen = cu_q is not None
@@ -469,9 +533,10 @@ def _plan_launch(
     assert dtype is not None, q.dtype  # unsupported_reasons said so
     fp8 = dtype in hopper_variants.FP8_INPUTS
     has_intervals = intervals[0] is not None or intervals[1] is not None
-    config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, has_intervals)
+    has_lists = lists[0] is not None
+    config = config or hopper_tiles.config_for(head_dim, window, seqlen_k, fp8, has_intervals, has_lists)
     out_dtype = (input_name(out.dtype) or "") if fp8 else ""
-    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window, has_intervals), out_dtype)
+    variant = _variant(config, head_dim, dtype, hopper_tiles.mask_kind(window, has_intervals, has_lists), out_dtype)
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     m_blocks = -(-seqlen_q // variant.block_m)
     tiles = m_blocks * heads_q * batch
@@ -502,7 +567,8 @@ def _plan_launch(
     packed = tensor_map.packed_launch(kernel(variant, device), PARAMETERS)
     strides = tuple(s for d in descales for s in _descale_strides(d))
     return Launch(packed, grid, variant.threads, variant.launch_smem, maps, scalars, strides,
-                  interval_scalars(*intervals), prepass)  # fmt: skip
+                  interval_scalars(*intervals), list_scalars(*lists[:2], (lists[2] or (0, 0))[1], variant.block_n),
+                  prepass)  # fmt: skip
 
 
 def forward(
@@ -529,6 +595,9 @@ def forward(
     key_intervals: Any = None,
     key_runs: Any = None,
     key_mask: Any = None,
+    kv_counts: Any = None,
+    kv_indices: Any = None,
+    block_size: tuple[int, int] | None = None,
 ) -> None:
     """Fill ``out`` (the inputs' dtype; bf16 or fp16 for fp8 inputs) and ``lse`` (float32) with one
     launch on torch's current stream. fp8 inputs: the values are ``q * q_descale`` and so on (float32
@@ -543,6 +612,11 @@ def forward(
     ``key_intervals``, int32 (batch|1, 2, seqlen_q), row i sees keys [lo_i, hi_i), neither end moving
     left as i grows (:attr:`flash.BlockMask.key_intervals`); or a key-padding mask ``key_mask``, bool
     (batch|1, 1, 1, seqlen_k|1), with its ``key_runs`` (:func:`flash.masking.key_runs`).
+    Or the tiles walk a block-sparse mask's forward lists (16-bit inputs, no window; not varlen):
+    ``kv_counts`` int32 (batch|1, heads_q|1, query blocks, 2) and ``kv_indices`` (..., 2, key blocks)
+    (:attr:`flash.BlockMask.lists`) of ``block_size`` blocks; every listed block is computed unmasked
+    but for the keys past seqlen_k, so the caller passes only masks with no block partial inside the
+    sequences (:attr:`flash.block_mask.BlockMaskInfo.partial`).
     No host synchronisation and no allocation but fp8's V^T: CUDA-graph capturable.
 
     The host path is the per-call cost of small problems (decoding): everything but the addresses is
@@ -553,13 +627,14 @@ def forward(
     window = (window[0], window[1])  # hashable, whatever sequence came in
     descales = (q_descale, k_descale, v_descale)
     intervals = (key_intervals, key_runs, key_mask)
+    lists = (kv_counts, kv_indices, block_size)
     cu_q = None if cu_seqlens_q is None else cu_seqlens_q.contiguous()
     cu_k = None if cu_seqlens_k is None else cu_seqlens_k.contiguous()
     key = (
         q.dtype, out.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.stride(), lse.stride(),
         None if cu_q is None else cu_q.shape, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window,
         softcap, scale, config, device,
-        *[None if d is None else (d.shape, d.stride()) for d in (*descales, *intervals)],
+        *[None if d is None else (d.shape, d.stride()) for d in (*descales, *intervals, *lists[:2])], block_size,
     )  # fmt: skip
     try:
         launch = _launches[key]
@@ -569,7 +644,7 @@ def forward(
         launch = _launches[key] = _plan_launch(
             q, k, v, out, lse, cu_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads_q=heads_q, heads_kv=heads_kv,
             head_dim=head_dim, window=window, softcap=softcap, scale=scale, config=config,
-            descales=descales, intervals=intervals, device=device,
+            descales=descales, intervals=intervals, lists=lists, device=device,
         )  # fmt: skip
     if launch is None:
         return
@@ -587,7 +662,7 @@ def forward(
         *launch.scalars, *[0 if d is None else d.data_ptr() for d in descales], *launch.descale_strides,
         *[0 if t is None else t.data_ptr() for t in (key_intervals if key_intervals is not None else key_runs,
                                                      key_mask)],
-        *launch.interval_scalars,
+        *launch.interval_scalars, *[0 if t is None else t.data_ptr() for t in lists[:2]], *launch.list_scalars,
     )  # fmt: skip
     on_current_stream(launch.packed, device, launch.grid, launch.threads, launch.smem, values)
 

@@ -21,7 +21,12 @@ MASK_NAMES = {MASK_NONE: "full", MASK_RIGHT: "causal", MASK_BOTH: "window"}
 #: The forward's fourth kind: the window's edges and each query row's interval of keys from global
 #: memory (a key-padding mask, a block mask's key_intervals); 16-bit inputs only.
 MASK_INTERVALS = 3
-FORWARD_MASK_NAMES = {**MASK_NAMES, MASK_INTERVALS: "intervals"}
+#: The forward's fifth kind: a block-sparse mask's lists of key blocks (no window; 16-bit inputs only).
+#: Its tiles are one block row of the mask (128 query rows: two consumers) and its key blocks divide
+#: the mask's (BLOCK_SPARSE_ROWS, a power of two >= block_n).
+MASK_LISTS = 4
+BLOCK_SPARSE_ROWS = 128
+FORWARD_MASK_NAMES = {**MASK_NAMES, MASK_INTERVALS: "intervals", MASK_LISTS: "block_sparse"}
 
 
 #: Tile orders of the kernel (blocks_outer = 0, 1); a table row may also say "auto" (see tile_order).
@@ -65,6 +70,12 @@ _INTERVALS = (
     "does not know the intervals"
 )
 
+_LISTS = (
+    "unmeasured: one mask block row per tile (two consumers), the key blocks of the interval rows but 128 "
+    "keys at d96 (a power of two, to divide the mask's blocks); Q double-buffered where it fits (tiles of a "
+    "sparse mask are short: the tile boundary is a larger share), order heads (K and V of a head in L2)"
+)
+
 #: Tiles per (compiled head dim, mask kind, seqlen_k bucket); the first row that fits a problem
 #: serves it. Problems of other head dims use the next shipped one. Runs 1-3: PERF_NOTES.md.
 TABLE: tuple[TableRow, ...] = (
@@ -94,6 +105,10 @@ TABLE: tuple[TableRow, ...] = (
     *(
         TableRow(d, MASK_INTERVALS, None, HopperConfig(2, n, "blocks"), _INTERVALS)
         for d, n in ((64, 128), (96, 128), (128, 128), (192, 96), (256, 64))
+    ),
+    *(
+        TableRow(d, MASK_LISTS, None, HopperConfig(2, n, "heads", q), _LISTS)
+        for d, n, q in ((64, 128, 2), (96, 128, 2), (128, 128, 2), (192, 64, 2), (256, 64, 1))
     ),
 )
 
@@ -132,9 +147,12 @@ def compiled_head_dim(head_dim: int, fp8: bool = False) -> int:
     raise ValueError(f"head_dim {head_dim} > {SHIPPED_HEAD_DIMS[-1]}")
 
 
-def mask_kind(window: tuple[int, int], intervals: bool = False) -> int:
+def mask_kind(window: tuple[int, int], intervals: bool = False, lists: bool = False) -> int:
     """The mask a ``(left, right)`` window needs (-1: unbounded side; causal is (-1, 0)); ``intervals``:
-    each query row also has an interval of keys (the forward's MASK_INTERVALS, any window)."""
+    each query row also has an interval of keys (the forward's MASK_INTERVALS, any window); ``lists``: a
+    block-sparse mask's lists (MASK_LISTS, no window)."""
+    if lists:
+        return MASK_LISTS
     if intervals:
         return MASK_INTERVALS
     left, right = window
@@ -158,10 +176,12 @@ def config_for(
     seqlen_k: int | None = None,
     fp8: bool = False,
     intervals: bool = False,
+    lists: bool = False,
 ) -> HopperConfig:
     """The tiles for a problem class: head dim (before rounding up), ``(left, right)`` window,
-    (longest) key sequence length, whether the inputs are fp8 and whether rows have key intervals."""
-    return table_row(head_dim, mask_kind(window, intervals), seqlen_k, fp8).config
+    (longest) key sequence length, whether the inputs are fp8, whether rows have key intervals and
+    whether tiles walk a block-sparse mask's lists."""
+    return table_row(head_dim, mask_kind(window, intervals, lists), seqlen_k, fp8).config
 
 
 def _block_costs(m_blocks: int, block_m: int, block_n: int, seqlen_q: int, seqlen_k: int, window: tuple) -> list[int]:

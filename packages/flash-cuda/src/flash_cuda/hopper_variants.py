@@ -16,6 +16,7 @@ from flash_cuda.hopper_tiles import (
     FP8_HEAD_DIMS,
     FP8_TABLE,
     MASK_INTERVALS,
+    MASK_LISTS,
     SHIPPED_HEAD_DIMS,
     TABLE,
     HopperConfig,
@@ -71,8 +72,12 @@ class HopperVariant:
             problems.append(f"block_n {self.block_n} not a multiple of 16 in [16, 256]")
         if self.q_stages not in (1, 2):
             problems.append(f"q_stages {self.q_stages} not 1 or 2")
-        if self.mask not in FORWARD_MASK_NAMES or (self.fp8 and self.mask == MASK_INTERVALS):
-            problems.append(f"mask {self.mask} not in {sorted(FORWARD_MASK_NAMES)} (intervals: 16-bit inputs)")
+        if self.mask not in FORWARD_MASK_NAMES or (self.fp8 and self.mask in (MASK_INTERVALS, MASK_LISTS)):
+            problems.append(
+                f"mask {self.mask} not in {sorted(FORWARD_MASK_NAMES)} (intervals: 16-bit inputs, as block lists)"
+            )
+        if self.mask == MASK_LISTS and (self.consumers != 2 or self.block_n & (self.block_n - 1)):
+            problems.append("block lists: two consumers (a 128-row block row) and a power-of-two block_n")
         if self.launch_smem > MAX_SMEM:
             problems.append(f"{self.launch_smem} bytes of shared memory > {MAX_SMEM}")
         if problems:

@@ -27,7 +27,7 @@ FORWARD_DTYPES = DTYPES | {torch.float8_e4m3fn, torch.float8_e5m2}
 FEATURES = frozenset(
     {"causal", "window", "softcap", "varlen", "gqa", "dropout", "deterministic", "sinks", "sink_tokens"}
     | {"attn_mask", "attn_bias", "attn_bias_grad", "alibi", "block_mask", "score_mod", "mask_mod"}
-    | {"key_padding", "key_intervals"}
+    | {"key_padding", "key_intervals", "block_sparse"}
 )
 #: CUDA limits grid dimensions y and z (heads, batch) to 65535; tile offsets inside a kernel are
 #: int32, so a token stride of 2**23 elements or more could overflow them.

@@ -303,6 +303,7 @@ def mask_cases() -> list[Case]:
         replace(base, name="mask_mod_prefix_lm", mod="prefix_lm"),
         replace(base, name="block_mask_local_global", block_mask="local_global", seqlen_q=70, seqlen_k=70, batch=1),
         replace(base, name="block_mask_documents", block_mask="documents", seqlen_q=77, seqlen_k=77, dtype=bf16),
+        replace(base, name="block_sparse", block_mask="block_pattern", seqlen_q=300, seqlen_k=290, batch=1, dtype=bf16),
     ]
 
 
@@ -380,6 +381,15 @@ def gpu_cases() -> list[Case]:
             block_size=(128, 128),
             seqlen_q=2048,
             seqlen_k=2048,
+        ),
+        replace(  # full blocks only, tail blocks on both axes, GQA: the cuda Hopper forward's block lists
+            base,
+            name="bf16_block_sparse_gqa",
+            block_mask="block_pattern",
+            block_size=(128, 128),
+            heads_kv=2,
+            seqlen_q=1000,
+            seqlen_k=1100,
         ),
         replace(
             base,

@@ -16,6 +16,8 @@ SOFTCAP = 20.0
 PREFIX = 8
 WINDOW = 6
 GLOBAL_TOKENS = 4
+#: Tokens per block of block_pattern (a block mask of these blocks, or finer ones, has no partial block).
+PATTERN_BLOCK = 128
 
 
 def softcap(score: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
@@ -55,4 +57,17 @@ SCORE_MODS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Ten
     "softcap_autograd": (softcap, None),
     "relative_bias": (relative_bias, additive_grad),
 }
-MASK_MODS: dict[str, Callable[..., torch.Tensor]] = {"prefix_lm": prefix_lm, "local_global": local_global}
+
+
+def block_pattern(b, h, q_idx, kv_idx) -> torch.Tensor:
+    """A BigBird-like block pattern: a query block sees its own key block, the first one and every third
+    diagonal's (blocks of PATTERN_BLOCK tokens, so a block mask of them is block-sparse: full blocks only)."""
+    qb, kb = q_idx // PATTERN_BLOCK, kv_idx // PATTERN_BLOCK
+    return (qb == kb) | (kb == 0) | ((qb + 2 * kb) % 3 == 0)
+
+
+MASK_MODS: dict[str, Callable[..., torch.Tensor]] = {
+    "prefix_lm": prefix_lm,
+    "local_global": local_global,
+    "block_pattern": block_pattern,
+}

@@ -25,13 +25,14 @@ flash_fwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
                const float* __restrict__ k_descale, const float* __restrict__ v_descale, i64 qd_sb, i64 qd_sh,
                i64 kd_sb, i64 kd_sh, i64 vd_sb, i64 vd_sh, const int* __restrict__ iv,
                const unsigned char* __restrict__ keys, i64 iv_sb, i64 keys_sb, i64 keys_sk, int iv_ss, int iv_hi,
-               int iv_full) {
+               int iv_full, const int* __restrict__ bl_counts, const int* __restrict__ bl_index, int bl_sb,
+               int bl_sh, int bl_nk, int bl_shift) {
   const flash_cuda::hopper::Params params{o,        lse,      cu_q,     cu_k,    o_sb,      o_ss,     o_sh,
                                           l_sb,     l_sh,     l_ss,     seqlen_q, seqlen_k, total_q,  total_k,
                                           heads_q,  group,    head_dim, m_blocks, tiles,    win_left, win_right,
                                           blocks_outer, score_log2, softcap_in, q_descale, k_descale,
                                           v_descale, qd_sb,    qd_sh,    kd_sb,    kd_sh,   vd_sb,     vd_sh,
                                           iv,       keys,     iv_sb,    keys_sb,  keys_sk, iv_ss,     iv_hi,
-                                          iv_full};
+                                          iv_full,  bl_counts, bl_index, bl_sb,    bl_sh,   bl_nk,     bl_shift};
   flash_cuda::hopper::forward<HopperShape>(params, &q_map, &k_map, &v_map);
 }

@@ -44,7 +44,10 @@
 // tile then walks only the key blocks of [lo of its first row, hi of its last), and a block needs
 // the element mask only where it leaves [lo of the last row, hi of the first): the rest cost what
 // they cost unmasked. A padded sequence with holes walks every block masked, its keys tested
-// against the mask's bytes.
+// against the mask's bytes. Mask kind 4 walks a block-sparse mask's lists instead of a range: the
+// tile (BM rows, one block row of the mask) visits the key blocks its partial and full lists name,
+// each mask block split into kernel blocks, and masks no score but past len_k (the host sends only
+// masks whose partial blocks are partial by reaching past a sequence's end).
 #pragma once
 
 #include "hopper_primitives.cuh"
@@ -76,11 +79,13 @@ struct Shape {
   static constexpr bool FP8 = INPUT == INPUT_E4M3 || INPUT == INPUT_E5M2;
   static constexpr bool OUT_BF16 = OUT_BF16_;  // the output's type: bf16, else fp16
   // 0 none, 1 right edge (causal), 2 both edges (sliding window), 3 both edges and each row's
-  // interval of keys (key padding, key intervals; the window's reach is "unbounded" where unused)
+  // interval of keys (key padding, key intervals; the window's reach is "unbounded" where unused),
+  // 4 a block-sparse mask's lists of key blocks (no window)
   static constexpr int MASK = MASK_;
-  static constexpr bool RIGHT_EDGE = MASK >= 1;
-  static constexpr bool LEFT_EDGE = MASK >= 2;
+  static constexpr bool RIGHT_EDGE = MASK >= 1 && MASK <= 3;
+  static constexpr bool LEFT_EDGE = MASK == 2 || MASK == 3;
   static constexpr bool INTERVALS = MASK == 3;
+  static constexpr bool LISTS = MASK == 4;
   static constexpr int BM = 64 * CONSUMERS;
   static constexpr int THREADS = 128 * (CONSUMERS + 1);
   static constexpr int ELEM = FP8 ? 1 : 2;                          // bytes per input element
@@ -104,7 +109,8 @@ struct Shape {
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim: whole slabs, in [64, 256]");
   static_assert(!FP8 || BN == 64 || BN == 128, "fp8: a V^T row (BN keys) is one 64- or 128-byte swizzle span");
   static_assert(CONSUMERS == 2 || CONSUMERS == 3, "2 or 3 consumer warpgroups");
-  static_assert(MASK >= 0 && MASK <= 3, "mask kind 0..3");
+  static_assert(MASK >= 0 && MASK <= 4, "mask kind 0..4");
+  static_assert(!LISTS || (!FP8 && CONSUMERS == 2), "block lists: 16-bit inputs, tiles of one 128-row block row");
   static_assert(Q_STAGES == 1 || Q_STAGES == 2, "one or two Q buffers");
   static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key block: a multiple of 16, at most 256 (wgmma N, TMA box)");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
@@ -438,6 +444,12 @@ struct Params {
   const unsigned char* keys;
   i64 iv_sb, keys_sb, keys_sk;
   int iv_ss, iv_hi, iv_full;
+  // Mask kind 4: list row r = b * bl_sb + h * bl_sh + query block (strides 0 where the mask is
+  // broadcast) has bl_counts[2r], bl_counts[2r + 1] partial and full mask blocks, listed ascending at
+  // bl_index[(2r + kind) * bl_nk ...]; a mask block is 2^bl_shift kernel blocks.
+  const int* bl_counts;
+  const int* bl_index;
+  int bl_sb, bl_sh, bl_nk, bl_shift;
 };
 
 // Where row `row` of sequence `batch` finds its interval of keys (mask kind 3).
@@ -451,7 +463,8 @@ struct Tile {
   int batch_coord;  // TMA coordinate of the batch dimension (0 in a packed varlen batch)
   int m0;           // first query row, within the sequence
   int q_start, k_start, len_q, len_k;
-  int n_lo, n_hi;  // key blocks [n_lo, n_hi) hold every key a row of the tile sees
+  int n_lo, n_hi;  // key blocks [n_lo, n_hi) hold every key a row of the tile sees (mask kind 4: steps)
+  int list_row, partial_steps;  // mask kind 4: the tile's list row; steps [0, partial_steps) walk its partial list
 
   __device__ __forceinline__ bool has_rows() const { return m0 < len_q; }
   __device__ __forceinline__ bool has_keys() const { return n_hi > n_lo; }
@@ -492,6 +505,7 @@ __device__ __forceinline__ Tile locate_tile(const Params& p, int index) {
     t.batch_coord = 0;
   }
   t.n_lo = t.n_hi = 0;
+  t.list_row = t.partial_steps = 0;
   return t;
 }
 
@@ -500,6 +514,12 @@ template <class S>
 __device__ __forceinline__ Tile make_tile(const Params& p, int index) {
   Tile t = locate_tile<S>(p, index);
   if (!t.has_rows()) return t;
+  if constexpr (S::LISTS) {
+    t.list_row = t.batch * p.bl_sb + t.head * p.bl_sh + t.m0 / S::BM;
+    t.partial_steps = p.bl_counts[2 * t.list_row] << p.bl_shift;
+    t.n_hi = t.partial_steps + (p.bl_counts[2 * t.list_row + 1] << p.bl_shift);
+    return t;
+  }
   const i64 rows = min(S::BM, t.len_q - t.m0);
   const i64 off = (i64)t.len_k - t.len_q;
   i64 key_lo = 0, key_hi = t.len_k;
@@ -514,6 +534,17 @@ __device__ __forceinline__ Tile make_tile(const Params& p, int index) {
     t.n_hi = (int)((key_hi + S::BN - 1) / S::BN);
   }
   return t;
+}
+
+// The key block of step j of a tile's walk: j itself, or (mask kind 4) the kernel block of the list's
+// entries: the partial list's blocks at steps [0, partial_steps), then the full list's.
+template <class S>
+__device__ __forceinline__ int key_block(const Params& p, int list_row, int partial_steps, int j) {
+  if constexpr (!S::LISTS) return j;
+  const int kind = j >= partial_steps;
+  const int k = j - (kind ? partial_steps : 0);
+  const int listed = p.bl_index[(2 * (i64)list_row + kind) * p.bl_nk + (k >> p.bl_shift)];
+  return (listed << p.bl_shift) + (k & ((1 << p.bl_shift) - 1));
 }
 
 // The block's tile in round r of the persistent walk. Rounds alternate direction (boustrophedon):
@@ -625,7 +656,8 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const TensorMap* q_m
     const int kv_head = t.head / p.group;
     // fp8: the pre-pass's V^T column of the tile's first key
     const int vt_start = p.cu_q != nullptr ? (int)vt_sequence_start(t.k_start, t.batch) : 0;
-    auto load_kv = [&](int n) {
+    auto load_kv = [&](int j) {
+      const int n = key_block<S>(p, t.list_row, t.partial_steps, j);
       const int row = t.k_start + n * S::BN;
       mbarrier_wait(sm.k_empty(ring.stage), ring.phase ^ 1);
       mbarrier_arrive_expect(sm.k_full(ring.stage), S::KV_BYTES);
@@ -692,6 +724,7 @@ struct TileRows {
   // the tile's first row) or n * BN < first_free (it starts before the left edge of its last row).
   // Both fit in 32 bits: |m0|, |off| < 2^29 and window reaches <= 2^30.
   int last_free, first_free;
+  int list_row, partial_steps;  // mask kind 4: as the Tile's
   // Mask kind 3: the thread's two rows' keys [lo, hi) (window and len_k folded in); the sequence
   // whose mask bytes are read (it has holes), else -1 (an index, not a pointer: one register less
   // where both tiles' rows are live).
@@ -721,6 +754,8 @@ struct TileRows {
     }
     n_lo = t.n_lo;
     n_hi = t.n_hi;
+    list_row = t.list_row;
+    partial_steps = t.partial_steps;
     len_k = t.len_k;
     row = t.m0 + 64 * wg + lane_row;
     off = t.len_k - t.len_q;
@@ -750,15 +785,20 @@ struct TileRows {
     }
   }
 
+  // Whether step n of the walk may need the mask (kind 4: only partial blocks may reach past len_k).
   __device__ __forceinline__ bool masked(int n) const {
+    if constexpr (S::LISTS) return n < partial_steps;
     const int n0 = n * S::BN;
     return n0 > last_free || (S::LEFT_EDGE && n0 < first_free);
   }
 
-  // -inf for the scores of block n that the thread's rows must not see.
+  // -inf for the scores of step n's block that the thread's rows must not see.
   __device__ __forceinline__ void mask(Acc<S::BN>& s, int n, int quad_col, const Params& p) const {
+    if constexpr (S::LISTS) n = key_block<S>(p, list_row, partial_steps, n);
     const int col0 = n * S::BN + quad_col;
-    if constexpr (S::INTERVALS) {
+    if constexpr (S::LISTS) {
+      if ((n + 1) * S::BN > len_k) mask_scores<false, false>(s, row, col0, len_k, off, p.win_left, p.win_right);
+    } else if constexpr (S::INTERVALS) {
       mask_intervals(s, col0, lo, hi);
       if (holes_batch >= 0) mask_key_bytes(s, n * S::BN, quad_col, len_k, p.keys + holes_batch * p.keys_sb, p.keys_sk);
     } else {
