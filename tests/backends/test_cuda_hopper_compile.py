@@ -360,7 +360,8 @@ def test_fp8_problem_reasons_bound_the_v_transpose():
 def test_forward_passes_the_intervals_of_mask_kind_3(monkeypatch, source):
     """hopper.forward with a block mask's key_intervals (one interval per row, batch broadcast) or a
     key-padding mask (key_runs: one per sequence, and the mask's bytes): the interval variant, its table
-    row's tiles, the tensors' addresses and the strides the kernel reads them with (Params::iv...)."""
+    row's tiles, the tile order, the tensors' addresses and the strides the kernel reads them with
+    (Params::iv...)."""
     torch = pytest.importorskip("torch")
     launches, _ = _fake_driver(monkeypatch, torch)
     b, s, h, d = 2, 300, 4, 128
@@ -384,7 +385,9 @@ def test_forward_passes_the_intervals_of_mask_kind_3(monkeypatch, source):
     row = hopper_tiles.table_row(d, hopper_tiles.MASK_INTERVALS)
     variant = hopper_variants.make_variant(row.config, d, "bf16", hopper_tiles.MASK_INTERVALS)
     assert (threads, smem) == (variant.threads, variant.launch_smem)
-    assert named["tiles"] == -(-s // variant.block_m) * h * b and named["blocks_outer"] == 1
+    # block masks' intervals walk longest first (the table's order); a padding mask head by head
+    assert named["tiles"] == -(-s // variant.block_m) * h * b
+    assert named["blocks_outer"] == (1 if source == "key_intervals" else 0)
     iv = tensors.get("key_intervals", tensors.get("key_runs"))
     assert (named["iv"], named["keys"]) == (
         iv.data_ptr(),
