@@ -141,17 +141,17 @@ def test_document_mask_guards_masked_tiles_only_when_v_holds_a_non_finite_value(
 def test_a_padding_mask_is_summarised_once_until_changed_in_place() -> None:
     """The layers of a model (and the backward) share one padding mask: its key runs are made once; an
     in-place change of the mask makes them again, and the results follow the mask."""
-    from flash_triton import mask_args
+    from flash import masking
 
     mask = (torch.arange(64) < 40)[None, None, None, :].clone()
     q, k, v = (torch.randn(1, 64, 2, 32, dtype=torch.float16) for _ in range(3))
     flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    first = mask_args._runs_made[mask][2]
+    first = masking._runs_made[mask][2]
     assert first.tolist() == [[0, 40, 0, 40]]
     flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    assert mask_args._runs_made[mask][2] is first
+    assert masking._runs_made[mask][2] is first
     mask[..., 50:] = True  # keys 0..39 and 50..63: not one run any more
     got = flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    assert mask_args._runs_made[mask][2].tolist() == [[0, 64, 0, 0]]
+    assert masking._runs_made[mask][2].tolist() == [[0, 64, 0, 0]]
     want = flash.attention(q, k, v, attn_mask=mask, backend="reference")
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

@@ -163,7 +163,7 @@ class BlockMask:
         self.document_ids = document_ids  # int32 (B|1, S): query i sees key j only within one document
         #: int32 (B|1, 2, Sq) or None: where every query sees one run of keys, query i sees exactly the keys
         #: [key_intervals[:, 0, i], key_intervals[:, 1, i]), and neither end moves left as i grows (see
-        #: :func:`intervals_of`). Kernels then test one interval per score instead of the mask, and a
+        #: ``intervals_of``). Kernels then test one interval per score instead of the mask, and a
         #: kernel that walks a query tile's keys from its first row's start to its last row's end needs
         #: no block lists.
         self.key_intervals = key_intervals
