@@ -409,3 +409,33 @@ def test_hopper_kernel_takes_block_sparse_masks(pretend_gpu, monkeypatch):
         assert any("only the Hopper kernel" in r for r in reasons(be, "forward", specs["blocks"]))
     finally:
         cuda_backend._hopper_reasons.cache_clear()
+
+
+def test_hopper_backward_takes_alibi_with_a_right_reach_of_0(pretend_gpu, monkeypatch):
+    """The Hopper backward declares ALiBi (slopes per head or per (batch, head)) with causal or a window of
+    right reach 0, and flash.explain says cuda is eligible for the backward of a causal ALiBi problem on
+    sm_90; other reaches and the options no ALiBi variant is compiled with are declined with their reasons."""
+    from flash import dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch.REGISTRY, "unavailable_reasons", lambda name: [])
+    cuda_backend._hopper_bwd_reasons.cache_clear()
+    be = cuda_backend.CudaBackend()
+    per_head, per_batch_head = torch.rand(4), torch.rand(2, 4)
+    try:
+        for options in ({"causal": True, "alibi_slopes": per_head}, {"causal": True, "alibi_slopes": per_batch_head},
+                        {"window": (5, 0), "alibi_slopes": per_head}):  # fmt: skip
+            spec = pretend_gpu(_spec(d=128, **options))
+            assert reasons(be, "backward", spec) == [], options
+        backward = str(dispatch.explain(pretend_gpu(_spec(d=128, causal=True, alibi_slopes=per_head))).backward)
+        assert re.search(r"cuda\s+priority\s+\d+\s+eligible", backward), backward
+        for options, words in (
+            ({}, "alibi with right reach -1"),
+            ({"window": (5, 2)}, "alibi with right reach 2"),
+            ({"causal": True, "softcap": 3.0}, "alibi with softcap"),
+            ({"causal": True, "deterministic": True}, "alibi with deterministic"),
+        ):
+            found = reasons(be, "backward", pretend_gpu(_spec(alibi_slopes=per_head, **options)))
+            assert any(words in r for r in found), (options, found)
+    finally:
+        cuda_backend._hopper_bwd_reasons.cache_clear()

@@ -1,11 +1,12 @@
 """Hopper backward (flash_cuda.hopper_bwd, issue 14), CPU tier: every variant compiles for sm_90a.
 
 Needs only libnvrtc; skipped with the reason when it is missing. For every shipped variant (fixed
-length and packed/varlen, with and without the deterministic dQ order and softcap: hopper_bwd.OPTIONS):
-ptxas reports no spill and no stack frame; with a disassembler at hand the SASS shows the five products
-as HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads, register
-reallocation, dQ staged by 8-byte stores and sent by bulk reductions (deterministic: behind an acquire
-spin, then a released increment), tanh and log2 with softcap, and no local memory. Also the launch
+length and packed/varlen, with and without the deterministic dQ order and softcap: hopper_bwd.OPTIONS;
+extra masks; ALiBi): ptxas reports no spill and no stack frame; with a disassembler at hand the SASS shows
+the five products as HGMMA (64xBM for S^T and dP^T, 64x64 for dQ, 64xD for dV and dK), TMA and bulk loads,
+register reallocation, dQ staged by 8-byte stores and sent by bulk reductions (deterministic: behind an
+acquire spin, then a released increment), tanh and log2 with softcap, one FADD more per score with ALiBi,
+and no local memory. Also the launch
 arguments against the kernel's signature, the declared support, layout replays of the dS^T tile, and
 replays of the deterministic turns.
 """
@@ -38,7 +39,8 @@ def test_every_variant_compiles_without_spilling_or_serialised_wgmma(compiled):
     combinations = structures + with_options
     # the launched structure with an extra mask, causal and window only (extra_window)
     extra = len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.EXTRA_MASK_KINDS)
-    assert len(compiled) == (combinations * len(hopper_tiles.MASK_NAMES) + extra) * len(hopper_bwd.DTYPES)
+    alibi = len(hopper_bwd.HEAD_DIMS) * len(hopper_bwd.ALIBI_MASK_KINDS)  # the launched structure, no option
+    assert len(compiled) == (combinations * len(hopper_tiles.MASK_NAMES) + extra + alibi) * len(hopper_bwd.DTYPES)
     for variant, (res, _, log) in compiled.items():
         assert res.arch == "sm_90a"
         assert res.stack_frame == 0 and not res.spills, f"{variant.label()}: {res}"
@@ -69,6 +71,22 @@ def test_sass_has_the_five_products_tma_and_vector_reductions(compiled):
         assert capped == variant.softcap, f"{variant.label()}: softcap's tanh and log2"
 
 
+def test_alibi_costs_one_fadd_per_score(compiled):
+    """ALiBi's per-key part is one FADD per score (an exponential each, MUFU.EX2), nothing else counted
+    here changes against the same variant without it: no more exponentials, FFMAs or products."""
+    count = lambda pattern, text: len(re.findall(pattern, text))  # noqa: E731
+    alibi = [v for v in compiled if v.alibi]
+    assert alibi
+    for variant in alibi:
+        plain = hopper_bwd.BwdVariant(variant.head_dim, variant.dtype, variant.mask, variant.pipelined)
+        with_bias, without = hopper_sass(compiled[variant][1]), hopper_sass(compiled[plain][1])
+        scores = count(r"MUFU\.EX2", with_bias)
+        assert scores == count(r"MUFU\.EX2", without) > 0, variant.label()
+        assert count(r"\bFADD\b", with_bias) - count(r"\bFADD\b", without) == scores, variant.label()
+        for pattern in (r"\bFFMA\b", r"\bHGMMA\b"):
+            assert count(pattern, with_bias) == count(pattern, without), (variant.label(), pattern)
+
+
 def test_source_is_header_free_and_one_extern_c_kernel():
     source = hopper_bwd.source(hopper_bwd.BwdVariant(128, "bf16", hopper_tiles.MASK_RIGHT))
     assert "#include <" not in source
@@ -96,7 +114,8 @@ def test_smem_bytes_match_the_shape():
         kv, qt, ds, dq, rows = 128 * d * 2, 64 * d * 2, 64 * 64 * 2, 64 * 64 * 4, 64 * 4
         barriers = 9 + (4 if variant.deterministic else 0)  # the dQ writer's full/empty per consumer
         keys = 128 * 8 if variant.extra else 0  # each key's query range
-        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + keys + 8 * barriers
+        slopes = 16 if variant.alibi else 0  # the slope of each stage's step
+        assert variant.smem_bytes == 2 * kv + 4 * qt + 4 * ds + 2 * dq + 4 * rows + keys + slopes + 8 * barriers
 
 
 def test_problem_reasons():
@@ -112,6 +131,8 @@ def test_problem_reasons():
     big = hopper.MAX_SEQLEN - 64 * 5  # the packed rows: one padding block per sequence on top of the tokens
     assert hopper_bwd.problem_reasons(**{**ok, "varlen": True, "batch": 4, "total_q": big}) == []
     assert hopper_bwd.problem_reasons(**{**ok, "softcap": 30.0}) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "alibi": True, "window": (-1, 0)}) == []
+    assert hopper_bwd.problem_reasons(**{**ok, "alibi": True, "window": (100, 0)}) == []
     for change, words in (
         ({"capability": (10, 0)}, "sm_90"),
         ({"capability": (8, 0)}, "sm_90"),
@@ -126,6 +147,12 @@ def test_problem_reasons():
         ({"dropout": True}, "dropout"),
         ({"heads_kv": 3}, "multiple"),
         ({"seqlen_k": 0}, "empty"),
+        ({"alibi": True}, "alibi with right reach -1"),
+        ({"alibi": True, "window": (4, 3)}, "alibi with right reach 3"),
+        ({"alibi": True, "window": (-1, 0), "softcap": 2.0}, "alibi with softcap"),
+        ({"alibi": True, "window": (-1, 0), "deterministic": True}, "alibi with deterministic"),
+        ({"alibi": True, "window": (-1, 0), "varlen": True}, "alibi with varlen"),
+        ({"alibi": True, "window": (-1, 0), "key_padding": True}, "alibi with key padding"),
     ):
         reasons = hopper_bwd.problem_reasons(**{**ok, **change})
         assert any(words in r for r in reasons), (change, reasons)
@@ -345,14 +372,15 @@ def test_backward_launches_what_the_kernels_take(monkeypatch):
         packed.layout.format.pack(*launch_values)  # every value fits its kind
     s_pad = 128
     assert rows_values[:3] == (out.data_ptr(), dout.data_ptr(), lse.data_ptr())
-    assert rows_values[-3:] == (0, 0, 0)  # fixed length: no cu_seqlens_q
+    assert rows_values[-6:] == (0, 0, 0, 0, 0, 0)  # fixed length: no cu_seqlens_q; no ALiBi
     lse2, delta = rows_values[3:5]
     assert rows_grid == b * h * s_pad // 8 and rows_threads == 256
     assert values[4:9] == (dk.data_ptr(), dv.data_ptr(), values[6], lse2, delta)
     assert values[9:15] == (*dk.stride()[:3], *dv.stride()[:3])
     assert values[15:23] == (s, 150, s_pad, h, h // hkv, d, hopper.UNBOUNDED_REACH, 0)
     assert values[23:25] == (0.125 * hopper.LOG2E, 0.125)
-    assert values[25:] == (0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0)  # no cu_seqlens, turn counters, softcap, mask
+    # no cu_seqlens, turn counters, softcap, mask, ALiBi
+    assert values[25:] == (0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0)
     assert grid == 2 * hkv * b and threads == hopper_bwd.THREADS
     dq_values = dq_launch[-1]
     assert dq_values[:2] == (values[6], dq.data_ptr())  # the workspace the main kernel adds to
@@ -411,9 +439,9 @@ def test_varlen_backward_launches_the_packed_variant(monkeypatch):
     assert grid == 3 * hkv * 4  # ceil(300 / 128) key blocks per (sequence, KV head)
     assert rows_grid == h * s_pad // 8
     assert rows_values[14:19] == (h, 130, s_pad, d, h * s_pad)
-    assert rows_values[19:] == (cu_q.data_ptr(), 4, tq)
+    assert rows_values[19:] == (cu_q.data_ptr(), 4, tq, 0, 0, 0)
     assert values[15:21] == (130, 300, s_pad, h, h // hkv, d)
-    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk, 0, 0.0, 0.0, 0, 0, 0, 0)
+    assert values[25:] == (cu_q.data_ptr(), cu_k.data_ptr(), tq, tk, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 0)
     assert dq_values[5:7] == (h, 130) and dq_values[-3:] == (cu_q.data_ptr(), 4, tq)
     assert dq_values[-4] == h * s_pad * 64 // 2  # float pairs of the workspace
 
@@ -629,6 +657,98 @@ def test_extra_mask_arguments_are_named_before_any_launch(monkeypatch):
     assert launches == []
     hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, **base, key_padding=torch.ones(1, 1, 1, 40, dtype=torch.bool))
     (plan,) = hopper_bwd._launches.values()
-    assert plan.variant.extra and launches[1][-1][-2:] == (0, 0)  # one mask row for the batch: strides 0
+    assert plan.variant.extra and launches[1][-1][-5:-3] == (0, 0)  # one mask row for the batch: strides 0
     # no causal/window: the causal variant with a right reach no key exceeds (extra_window)
     assert plan.variant.mask == hopper_tiles.MASK_RIGHT and hopper.UNBOUNDED_REACH in plan.sizes
+
+
+def test_alibi_backward_launches_the_alibi_variant_with_the_slopes(monkeypatch):
+    """ALiBi behind the stand-ins: the alibi variant of the causal/window kind, the slopes and their
+    (batch, head) strides in floats as the last parameters of the rows pass and the main kernel (per
+    head: batch stride 0; a strided per-(batch, head) view: its own strides), the rest as without."""
+    import torch
+
+    launches = _stand_ins(monkeypatch)
+    b, s, h, hkv, d = 2, 100, 4, 2, 128
+    q, out, dout = (torch.randn(b, s, h, d, dtype=torch.float16) for _ in range(3))
+    k, v = (torch.randn(b, 150, hkv, d, dtype=torch.float16) for _ in range(2))
+    lse = torch.randn(b, h, s)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    per_head = torch.rand(h)
+    wide = torch.rand(h, b).T  # (batch, heads) with strides (1, batch)
+    for slopes, window, strides in ((per_head, (-1, 0), (0, 1)), (wide, (7, 0), (1, b))):
+        launches.clear()
+        hopper_bwd.backward(q, k, v, out, lse, dout, *grads, heads_q=h, heads_kv=hkv, head_dim=d, window=window,
+                            scale=0.125, alibi_slopes=slopes)  # fmt: skip
+        (rows, *_, rows_values), (main, *_, smem, values), _ = launches
+        rows.layout.format.pack(*rows_values)
+        main.layout.format.pack(*values)
+        mask = hopper_tiles.mask_kind(window)
+        variant = hopper_bwd._variant(d, "fp16", mask, hopper_bwd.PIPELINED[d], False, False, False, False, True)
+        assert smem == variant.launch_smem
+        assert rows_values[-3:] == values[-3:] == (slopes.data_ptr(), *strides)
+        assert values[25:-3] == (0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0)
+    assert len(hopper_bwd._launches) == 2
+
+
+def test_alibi_arguments_are_named_before_any_launch(monkeypatch):
+    import torch
+
+    launches = _stand_ins(monkeypatch)
+    q = torch.randn(2, 30, 4, 64, dtype=torch.float16)
+    k = torch.randn(2, 40, 2, 64, dtype=torch.float16)
+    lse = torch.randn(2, 4, 30)
+    base = dict(heads_q=4, heads_kv=2, head_dim=64, scale=0.1, window=(-1, 0))
+    for change, words in (
+        ({"alibi_slopes": torch.rand(4, dtype=torch.float64)}, "alibi_slopes: float32"),
+        ({"alibi_slopes": torch.rand(2)}, "alibi_slopes: float32 (4,) or (2, 4)"),
+        ({"alibi_slopes": torch.rand(3, 4)}, "alibi_slopes: float32"),
+        ({"alibi_slopes": torch.rand(4), "window": (-1, -1)}, "alibi_slopes: alibi with right reach -1"),
+        ({"alibi_slopes": torch.rand(4), "window": (3, 1)}, "alibi_slopes: alibi with right reach 1"),
+        ({"alibi_slopes": torch.rand(4), "softcap": 5.0}, "alibi with softcap"),
+        ({"alibi_slopes": torch.rand(4), "deterministic": True}, "alibi with deterministic"),
+        ({"alibi_slopes": torch.rand(4), "key_padding": torch.ones(1, 1, 1, 40, dtype=torch.bool)}, "key padding"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            hopper_bwd.backward(q, k, k, q, lse, q, q, k, k, **{**base, **change})
+    assert launches == []
+
+
+@pytest.mark.parametrize("sq, sk", [(40, 56), (130, 70), (1, 200)])
+def test_the_kernels_alibi_split_gives_the_oracles_gradients(sq, sk):
+    """ALiBi's arithmetic replayed in float64 with the kernels' split (causal): the rows pass adds
+    slope2 (i % 64) to LSE_2, the consumers add slope2 (j - m0 - off) per score (m0 = 64 (i // 64), the
+    query block's first row), P^T = exp2(S^T score_log2 + that - LSE_2); against float64 autograd of
+    attention with core's bias -slope |i + off - j| (flash.terms). Rows past the sequence: LSE_2 = +inf."""
+    import torch
+
+    g = torch.Generator().manual_seed(sq + sk)
+    d, scale, slope = 16, 0.3, 0.37
+    q, k, v, do = (torch.randn(n, d, generator=g, dtype=torch.float64) for n in (sq, sk, sk, sq))
+    off = sk - sq
+    i, j = torch.arange(sq, dtype=torch.float64)[:, None], torch.arange(sk, dtype=torch.float64)[None, :]
+    seen = j - i - off <= 0
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    s = (qa @ ka.T * scale - slope * (i + off - j).abs()).masked_fill(~seen, -math.inf)
+    lse = torch.logsumexp(s, -1).detach()
+    some = seen.any(-1, keepdim=True)  # rows that see no key: P = 0 (no NaN through softmax)
+    out = torch.softmax(torch.where(some, s, 0.0), -1) * some @ va
+    exact = torch.autograd.grad(out, (qa, ka, va), do)
+
+    s_pad = -(-sq // 64) * 64
+    slope2 = slope * hopper.LOG2E
+    rows = torch.arange(s_pad, dtype=torch.float64)
+    lse2 = torch.full((s_pad,), math.inf, dtype=torch.float64)
+    lse2[:sq] = torch.where(lse.isinf(), math.inf, lse * hopper.LOG2E) + slope2 * (rows[:sq] % 64)
+    pad = lambda t: torch.cat([t, torch.zeros(s_pad - sq, d, dtype=t.dtype)])  # noqa: E731
+    qp, dop = pad(q), pad(do)
+    key_bias = slope2 * (j.T - 64 * (rows[None, :] // 64) - off)  # keys x queries
+    visible = (j.T - rows[None, :] - off <= 0) & (rows[None, :] < sq)
+    st = (k @ qp.T).masked_fill(~visible, -math.inf)
+    pt = torch.exp2(st * scale * hopper.LOG2E + key_bias - lse2[None, :])
+    delta = (dop * pad(out.detach())).sum(-1)
+    dst = pt * (v @ dop.T - delta[None, :])
+    assert torch.isfinite(dst).all()
+    got = (scale * dst.T @ k)[:sq], scale * dst @ qp, pt @ dop
+    for name, a, b in zip(("dq", "dk", "dv"), got, exact):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), name

@@ -6,7 +6,8 @@ declines (layouts TMA cannot read), the mma.sync kernel of :mod:`flash_cuda.laun
 from ``heuristics.json``.
 
 Backward (issue 14): on Hopper only, the wgmma/TMA kernel of :mod:`flash_cuda.hopper_bwd` for what
-:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, varlen, softcap, deterministic);
+:data:`BACKWARD` declares (fp16/bf16, head dims up to 128, causal/window, GQA, varlen, softcap, deterministic,
+key-padding masks and key intervals, ALiBi with a right reach of 0);
 everything else is declined with a reason and dispatch pairs the forward with another backend's
 backward (LSE contract).
 
@@ -51,11 +52,13 @@ FORWARD = Support(
 #: (deterministic: dQ's reductions in a fixed order of the key blocks; not with varlen, a reason
 #: from hopper_bwd.problem_reasons). Not declared, so dispatch sends them to another backend's
 #: backward (the LSE contract): dropout, head dims above 128, masks beyond causal/window other than a
-#: key-padding mask and key intervals, score terms.
+#: key-padding mask and key intervals, score terms other than ALiBi. ALiBi only with causal or a window
+#: of right reach 0, and without varlen, softcap, deterministic or another mask (reasons from
+#: hopper_bwd.problem_reasons).
 BACKWARD = Support(
     dtypes=frozenset({torch.float16, torch.bfloat16}),
     features=frozenset(
-        {"causal", "window", "gqa", "varlen", "softcap", "deterministic", "key_padding", "key_intervals"}
+        {"causal", "window", "gqa", "varlen", "softcap", "deterministic", "key_padding", "key_intervals", "alibi"}
     ),
     head_dims=range(8, hopper_bwd.HEAD_DIMS[-1] + 1, 8),
     min_capability=(9, 0),
@@ -166,6 +169,7 @@ class CudaBackend(Backend):
             max_seqlen_k=longest[1], softcap=spec.softcap, deterministic=spec.deterministic,
             key_padding=args.masks.attn_mask if spec.key_padding and args.masks else None,
             key_intervals=args.masks.block_mask.key_intervals if args.masks and args.masks.block_mask else None,
+            alibi_slopes=args.masks.alibi_slopes if args.masks else None,
         )  # fmt: skip
 
 
@@ -263,6 +267,7 @@ def _hopper_bwd_reasons(spec: AttentionSpec) -> tuple[str, ...]:
         seqlen_k=spec.seqlen_k, total_q=spec.total_q, total_k=spec.total_k, scale=spec.scale, varlen=spec.varlen,
         softcap=spec.softcap, dropout=bool(spec.dropout_p), deterministic=spec.deterministic,
         key_padding=spec.key_padding, key_intervals=spec.block_mask is not None and spec.block_mask.intervals,
+        alibi=spec.alibi != "none", window=spec.mask_bounds,
     )  # fmt: skip
     item = torch.empty((), dtype=spec.dtype).element_size()
     batch = 1 if spec.varlen else spec.batch  # a packed batch: one canonical row of tokens

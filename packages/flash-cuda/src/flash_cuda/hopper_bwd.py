@@ -10,6 +10,8 @@ kernels do not carry the offsets' code; the buffers keep each sequence on whole 
 (``kernels/hopper_bwd_packed.cuh``, :func:`packed_rows`). Masks beyond causal/window compile as
 their own variants too (``BwdVariant.extra``): a key-padding mask or key intervals (one interval of
 keys per query), both read through the tables of :func:`padding_tables` and :func:`interval_tables`.
+ALiBi compiles as its own variants (``BwdVariant.alibi``), causal/window with right reach 0 only
+(:data:`ALIBI_MASK_KINDS`): the bias is folded into LSE_2 (per query) and added per score (per key).
 
 Kernel-level API (what the backend wires in): :func:`problem_reasons`, :func:`layout_reasons` and
 :func:`backward`. Like :mod:`flash_cuda.hopper` this imports neither flash-core nor CuPy at import.
@@ -62,6 +64,7 @@ class BwdVariant:
     deterministic: bool = False  # dQ's reductions in a fixed order of the key blocks (DqTurns in the .cuh)
     softcap: bool = False  # scores cap * tanh(raw * scale / cap)
     extra: bool = False  # a key-padding mask or key intervals, through the host's tables
+    alibi: bool = False  # scores - slope |i + off - j| (right reach 0: ALIBI_MASK_KINDS, no other option)
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +78,9 @@ class BwdVariant:
             problems.append("varlen with deterministic (the dQ turns assume one length per batch)")
         if self.extra and (self.varlen or self.deterministic or self.softcap):
             problems.append("extra mask with varlen, deterministic or softcap (not compiled)")
+        if self.alibi and (self.mask not in ALIBI_MASK_KINDS or self.varlen or self.deterministic or self.softcap
+                           or self.extra):  # fmt: skip
+            problems.append("alibi without causal/window, or with another option (not compiled)")
         if self.pipelined and self.head_dim not in PIPELINED_HEAD_DIMS:
             problems.append(f"the pipelined consumer spills at head_dim {self.head_dim} ({PIPELINED_HEAD_DIMS} only)")
         if problems:
@@ -93,12 +99,13 @@ class BwdVariant:
     def smem_bytes(self) -> int:
         """Shape::SMEM_BYTES: K, V, the Q and dO rings, the dS^T tiles (2 buffers x 2 warpgroups), one
         fp32 dQ staging tile (64 x 64) per warpgroup, the LSE/delta rings, an extra mask's query range
-        per key (8 bytes), 9 mbarriers (deterministic: 4 more, the dQ writer's)."""
+        per key (8 bytes), ALiBi's slope per stage (16 bytes), 9 mbarriers (deterministic: 4 more, the dQ writer's)."""
         d = self.head_dim
         tiles = 2 * (2 * BLOCK_N * d + 2 * STAGES * BLOCK_M * d + 4 * 64 * BLOCK_M)
         barriers = 1 + 2 * STAGES + 4 + (4 if self.deterministic else 0)
         keys = 8 * BLOCK_N if self.extra else 0
-        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + keys + 8 * barriers
+        slopes = 16 if self.alibi else 0
+        return tiles + 2 * BLOCK_M * self.slab * 4 + 2 * STAGES * BLOCK_M * 4 + keys + slopes + 8 * barriers
 
     @property
     def launch_smem(self) -> int:
@@ -114,6 +121,7 @@ class BwdVariant:
             "HOPPER_BWD_DETERMINISTIC": int(self.deterministic),
             "HOPPER_BWD_SOFTCAP": int(self.softcap),
             "HOPPER_BWD_EXTRA": int(self.extra),
+            "HOPPER_BWD_ALIBI": int(self.alibi),
             "HOPPER_BWD_SMEM_BYTES": self.smem_bytes,
         }
         return tuple(f"-D{name}={value}" for name, value in values.items())
@@ -123,7 +131,7 @@ class BwdVariant:
 
     def label(self) -> str:
         options = {"pipelined": self.pipelined, "varlen": self.varlen, "deterministic": self.deterministic,
-                   "softcap": self.softcap, "extra mask": self.extra}  # fmt: skip
+                   "softcap": self.softcap, "extra mask": self.extra, "alibi": self.alibi}  # fmt: skip
         flags = [name for name, on in options.items() if on]
         mask = hopper_tiles.MASK_NAMES[self.mask]
         return " ".join([f"bwd {self.dtype} d{self.head_dim} {mask} {BLOCK_N}x{BLOCK_M}", *flags])
@@ -151,27 +159,41 @@ OPTIONS = (
 def shipped_variants() -> list[BwdVariant]:
     """Every variant: both consumer structures where both compile without spilling (the backend
     launches PIPELINED's; the other stays for A/B timings) without options, and the launched
-    structure for each combination of :data:`OPTIONS`, and with an extra mask (every causal/window
-    kind, no option)."""
-    return [
-        BwdVariant(d, dtype, mask, pipelined, *options)
-        for options in OPTIONS
-        for d in HEAD_DIMS
-        for dtype in DTYPES
-        for mask in sorted(hopper_tiles.MASK_NAMES)
-        for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS and not any(options) else (PIPELINED[d],))
-    ] + [
-        BwdVariant(d, dtype, mask, PIPELINED[d], extra=True)
-        for d in HEAD_DIMS
-        for dtype in DTYPES
-        for mask in EXTRA_MASK_KINDS
-    ]
+    structure for each combination of :data:`OPTIONS`, with an extra mask (every causal/window
+    kind, no option), and with ALiBi (:data:`ALIBI_MASK_KINDS`, no option)."""
+    return (
+        [
+            BwdVariant(d, dtype, mask, pipelined, *options)
+            for options in OPTIONS
+            for d in HEAD_DIMS
+            for dtype in DTYPES
+            for mask in sorted(hopper_tiles.MASK_NAMES)
+            for pipelined in ((False, True) if d in PIPELINED_HEAD_DIMS and not any(options) else (PIPELINED[d],))
+        ]
+        + [
+            BwdVariant(d, dtype, mask, PIPELINED[d], extra=True)
+            for d in HEAD_DIMS
+            for dtype in DTYPES
+            for mask in EXTRA_MASK_KINDS
+        ]
+        + [
+            BwdVariant(d, dtype, mask, PIPELINED[d], alibi=True)
+            for d in HEAD_DIMS
+            for dtype in DTYPES
+            for mask in ALIBI_MASK_KINDS
+        ]
+    )
 
 
 #: Causal/window kinds compiled with an extra mask. Without causal/window an extra mask runs the
 #: causal variant with an unbounded right reach (:func:`extra_window`): the same masking, and the
 #: variant of its own spilled 8 bytes at d128 (ptxas, NVRTC 13).
 EXTRA_MASK_KINDS = (hopper_tiles.MASK_RIGHT, hopper_tiles.MASK_BOTH)
+
+
+#: Causal/window kinds compiled with ALiBi. The kernel takes |i + off - j| as i + off - j, true for
+#: every key a right reach of 0 lets a query see (:func:`problem_reasons` declines other reaches).
+ALIBI_MASK_KINDS = (hopper_tiles.MASK_RIGHT, hopper_tiles.MASK_BOTH)
 
 
 def extra_window(window: tuple[int, int]) -> tuple[int, int]:
@@ -255,16 +277,20 @@ def problem_reasons(
     deterministic: bool = False,
     key_padding: bool = False,
     key_intervals: bool = False,
+    alibi: bool = False,
+    window: tuple[int, int] = (-1, -1),
 ) -> list[str]:
     """Why the backward kernel cannot take a problem (empty: it can), before any tensor's layout.
     Varlen: ``batch`` sequences, ``seqlen_*`` the longest, ``total_*`` the packed tokens.
-    ``key_padding``/``key_intervals``: a key-padding mask, key intervals (a block mask's)."""
+    ``key_padding``/``key_intervals``: a key-padding mask, key intervals (a block mask's); ``alibi``:
+    ALiBi slopes, with the (left, right) ``window`` (-1: unbounded; causal's right is 0)."""
     reasons = []
     masks = " and ".join(name for name, on in (("key padding", key_padding), ("key intervals", key_intervals)) if on)
     if masks and deterministic:
         reasons.append(f"deterministic with {masks}: the dQ turns follow the causal/window ranges only")
     if masks and softcap:
         reasons.append(f"softcap with {masks}: no such variant is compiled")
+    reasons += _alibi_reasons(alibi, window, varlen, softcap, deterministic, masks)
 
     if capability != (9, 0):
         reasons.append(f"sm_{capability[0]}{capability[1]}: the Hopper backward needs sm_90 (wgmma, TMA)")
@@ -300,6 +326,24 @@ def problem_reasons(
     return reasons
 
 
+def _alibi_reasons(alibi: bool, window: tuple[int, int], varlen: bool, softcap: float, deterministic: bool,
+                   masks: str) -> list[str]:  # fmt: skip
+    """Why the backward cannot take ALiBi with the call's other options (empty: it can, or no ALiBi)."""
+    if not alibi:
+        return []
+    reasons = []
+    if window[1] != 0:
+        reasons.append(
+            f"alibi with right reach {window[1]} (-1: unbounded): the kernel takes |i + off - j| as i + off - j, "
+            "which needs causal or a window with right reach 0"
+        )
+    others = [name for name, on in (("varlen", varlen), ("softcap", softcap), ("deterministic", deterministic),
+                                    (masks, masks)) if on]  # fmt: skip
+    if others:
+        reasons.append(f"alibi with {', '.join(others)}: no such variant is compiled")
+    return reasons
+
+
 def packed_rows(total_q: int, batch: int) -> int:
     """Rows per head of the per-row buffers (and dQ's workspace) of a packed batch of ``batch``
     sequences and ``total_q`` query tokens: sequence b's blocks start at block cu_q[b] // BLOCK_M + b
@@ -315,6 +359,9 @@ def layout_reasons(name: str, shape: tuple[int, ...], strides: tuple[int, ...], 
 # ------------------------------------------------------------------ launch
 
 
+#: ALiBi's slopes and their batch and head strides in floats (null: no ALiBi), the last parameters of the
+#: main kernel and the rows pass.
+SLOPES = ("ptr", "i64", "i64")
 #: The kernels' parameters in order (kernels/hopper_bwd.cu, hopper_bwd_rows.cu), as tensor_map kinds.
 PARAMETERS = tensor_map.ParamLayout(
     ("map",) * 4  # the tensor maps of q, k, v, dout
@@ -326,9 +373,10 @@ PARAMETERS = tensor_map.ParamLayout(
     + ("i32",) * 2  # total_q, total_k
     + ("ptr", "f32", "f32")  # dq_turns, softcap_in, softcap_t2
     + ("ptr", "ptr", "i64", "i64")  # an extra mask's tables and their batch strides (null: none)
+    + SLOPES
 )
 PACKED_ROWS = ("ptr", "i32", "i32")  # the passes' cu_q, batch, total_q
-ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",) + PACKED_ROWS)
+ROWS_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 5 + ("i64",) * 9 + ("i32",) * 4 + ("i64",) + PACKED_ROWS + SLOPES)
 DQ_PARAMETERS = tensor_map.ParamLayout(("ptr",) * 2 + ("i64",) * 3 + ("i32",) * 5 + ("f32", "i64") + PACKED_ROWS)
 
 
@@ -398,7 +446,8 @@ def _check_packed(q: Any, k: Any, cu_q: Any, cu_k: Any, max_seqlen_q: int | None
 
 def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_dim: int, window: tuple[int, int],
           scale: float, softcap: float, deterministic: bool, pipelined: bool | None, device: int, cu_q: Any,
-          cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None, extra: bool) -> Launches:  # fmt: skip
+          cu_k: Any, max_seqlen_q: int | None, max_seqlen_k: int | None, extra: bool,
+          alibi: bool) -> Launches:  # fmt: skip
     """The :class:`Launches` of a problem (its first call's tensors stand for its shapes and strides)."""
     _check_packed(q, k, cu_q, cu_k, max_seqlen_q, max_seqlen_k)
     varlen = cu_q is not None
@@ -406,7 +455,8 @@ def _plan(q: Any, k: Any, v: Any, dout: Any, heads_q: int, heads_kv: int, head_d
     assert dtype in DTYPES, q.dtype
     d = compiled_head_dim(head_dim)
     structure = PIPELINED[d] if pipelined is None else pipelined
-    variant = _variant(d, dtype, hopper_tiles.mask_kind(window), structure, varlen, deterministic, softcap > 0, extra)
+    mask = hopper_tiles.mask_kind(window)
+    variant = _variant(d, dtype, mask, structure, varlen, deterministic, softcap > 0, extra, alibi)
     if varlen:
         assert max_seqlen_q is not None and max_seqlen_k is not None  # _check_packed said so
         batch, seqlen_q, seqlen_k = cu_q.numel() - 1, max_seqlen_q, max_seqlen_k
@@ -480,6 +530,7 @@ def backward(
     max_seqlen_k: int | None = None,
     key_padding: Any = None,
     key_intervals: Any = None,
+    alibi_slopes: Any = None,
 ) -> None:
     """Fill ``dq``, ``dk``, ``dv`` on torch's current stream (``softcap``: the forward's, 0 for none;
     ``deterministic``: dQ bit-identical run to run; ``pipelined``: the consumer structure, None:
@@ -493,7 +544,10 @@ def backward(
 
     A mask beyond causal/window (fixed length only, intersected with causal/window): ``key_padding``, a
     boolean (batch|1, 1, 1, seqlen_k|1) mask; or ``key_intervals``, int32 (batch|1, 2, seqlen_q): query i
-    sees keys [lo_i, hi_i), neither end moving left as i grows (:attr:`flash.BlockMask.key_intervals`)."""
+    sees keys [lo_i, hi_i), neither end moving left as i grows (:attr:`flash.BlockMask.key_intervals`).
+
+    ALiBi (scores - slope |i + off - j|, flash core's definition): ``alibi_slopes`` float32 (heads_q,) or
+    (batch, heads_q), with a right reach of 0 (causal, or a window with right 0) and no other option."""
     if layout_reasons("dout", tuple(dout.shape), tuple(dout.stride()), dout.element_size(), dout.data_ptr()):
         dout = dout.contiguous()  # e.g. a broadcast gradient: TMA needs real, 16-byte strides
     if layout_reasons("out", tuple(out.shape), tuple(out.stride()), out.element_size(), out.data_ptr()):
@@ -505,11 +559,13 @@ def backward(
     packing = None if cu_q is None and cu_k is None else (_tensor_key(cu_q), _tensor_key(cu_k))
     extra_values = _extra_mask(q, k, cu_q, key_padding, key_intervals)
     extra = extra_values != NO_EXTRA
+    slopes = _slopes(q, alibi_slopes, heads_q, window, cu_q is not None, softcap, deterministic, extra)
+    alibi = slopes != NO_SLOPES
     if extra:
         window = extra_window(window)
     key = (
         q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), heads_q, heads_kv, head_dim,
-        window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k, extra,
+        window, scale, softcap, deterministic, pipelined, device, packing, max_seqlen_q, max_seqlen_k, extra, alibi,
     )  # fmt: skip
     try:
         plan = _launches[key]
@@ -518,11 +574,11 @@ def backward(
             _launches.clear()
         plan = _launches[key] = _plan(
             q, k, v, dout, heads_q, heads_kv, head_dim, window, scale, softcap, deterministic, pipelined, device, cu_q,
-            cu_k, max_seqlen_q, max_seqlen_k, extra,
+            cu_k, max_seqlen_q, max_seqlen_k, extra, alibi,
         )  # fmt: skip
     batch, s_pad = q.shape[0], plan.s_pad
     queries = Queries(plan.seqlen_q, cu_q, plan.sequences)
-    lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device, queries)
+    lse2, delta = _rows(plan.rows, out, dout, lse, s_pad, heads_q, device, queries, slopes)
     dq_acc, turns = workspace(batch, heads_q, s_pad, plan.variant.head_dim, deterministic, q.device)
     gq, gk, gv, gdo = plan.maps
     offsets = (0, 0, 0, 0)  # fixed length: no cu_seqlens, no packed token counts
@@ -532,7 +588,7 @@ def backward(
         hopper.map_bytes(q.data_ptr(), gq), hopper.map_bytes(k.data_ptr(), gk), hopper.map_bytes(v.data_ptr(), gv),
         hopper.map_bytes(dout.data_ptr(), gdo), dk.data_ptr(), dv.data_ptr(), dq_acc.data_ptr(), lse2.data_ptr(),
         delta.data_ptr(), *dk.stride()[:3], *dv.stride()[:3], *plan.sizes, *offsets,
-        0 if turns is None else turns.data_ptr(), *plan.softcap, *extra_values,
+        0 if turns is None else turns.data_ptr(), *plan.softcap, *extra_values, *slopes,
     )  # fmt: skip
     run(plan.main, device, plan.grid, THREADS, plan.variant.launch_smem, values)
     pairs = dq_acc.numel() // 2
@@ -575,6 +631,31 @@ def _extra_mask(q: Any, k: Any, cu_q: Any, key_padding: Any, key_intervals: Any)
         blocks, keys = padding_tables(key_padding, seqlen_q, seqlen_k)
     wide = shape[0] > 1
     return blocks.data_ptr(), keys.data_ptr(), blocks.stride(0) * wide, keys.stride(0) * wide
+
+
+#: The kernels' ALiBi parameters (SLOPES) without ALiBi.
+NO_SLOPES = (0, 0, 0)
+
+
+def _slopes(q: Any, slopes: Any, heads_q: int, window: tuple[int, int], varlen: bool, softcap: float,
+            deterministic: bool, extra: bool) -> tuple[int, int, int]:  # fmt: skip
+    """The kernels' ALiBi parameters (:data:`SLOPES`); ValueError naming ``alibi_slopes`` where they do
+    not fit the call."""
+    import torch
+
+    if slopes is None:
+        return NO_SLOPES
+    batch, shape = q.shape[0], tuple(slopes.shape)
+    if slopes.dtype != torch.float32 or shape not in ((heads_q,), (batch, heads_q)) or slopes.device != q.device:
+        found = f"{slopes.dtype} {shape} on {slopes.device}"
+        raise ValueError(f"alibi_slopes: float32 ({heads_q},) or ({batch}, {heads_q}) on {q.device}, not {found}")
+    masks = "key padding or key intervals" if extra else ""
+    reasons = _alibi_reasons(True, window, varlen, softcap, deterministic, masks)
+    if reasons:
+        raise ValueError("alibi_slopes: " + "; ".join(reasons))
+    if slopes.dim() == 1:
+        return slopes.data_ptr(), 0, slopes.stride(0)
+    return slopes.data_ptr(), slopes.stride(0), slopes.stride(1)
 
 
 @functools.cache
@@ -685,9 +766,9 @@ def workspace(batch: int, heads: int, s_pad: int, d: int, deterministic: bool, d
 
 
 def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad: int, heads: int, device: int,
-          queries: Queries | None = None) -> Any:  # fmt: skip
+          queries: Queries | None = None, slopes: tuple[int, int, int] = (0, 0, 0)) -> Any:  # fmt: skip
     """(LSE_2, delta) as float32 (batch, heads, s_pad) by the rows pass (one launch); ``queries``: None
-    at fixed length (out's rows)."""
+    at fixed length (out's rows); ``slopes``: ALiBi's (:data:`SLOPES`, :data:`NO_SLOPES` for none)."""
     import torch
 
     b, sq, h, d = out.shape
@@ -700,7 +781,7 @@ def _rows(packed: tensor_map.PackedLaunch, out: Any, dout: Any, lse: Any, s_pad:
     values = (
         out.data_ptr(), dout.data_ptr(), lse.data_ptr(), lse2.data_ptr(), delta.data_ptr(),
         *out.stride()[:3], *dout.stride()[:3], *lse.stride(), heads, queries.seqlen, s_pad, d, rows,
-        *queries.arguments(sq),
+        *queries.arguments(sq), *slopes,
     )  # fmt: skip
     run(packed, device, -(-rows // 8), 256, 0, values)
     return lse2, delta

@@ -11,7 +11,7 @@
 using BwdShape =
     flash_cuda::hopper_bwd::Shape<HOPPER_BWD_D, HOPPER_BWD_INPUT, HOPPER_BWD_MASK, (HOPPER_BWD_PIPELINED != 0),
                                   (HOPPER_BWD_VARLEN != 0), (HOPPER_BWD_DETERMINISTIC != 0), (HOPPER_BWD_SOFTCAP != 0),
-                                  (HOPPER_BWD_EXTRA != 0)>;
+                                  (HOPPER_BWD_EXTRA != 0), (HOPPER_BWD_ALIBI != 0)>;
 static_assert(BwdShape::SMEM_BYTES == HOPPER_BWD_SMEM_BYTES, "flash_cuda/hopper_bwd.py and the kernel disagree on smem");
 
 extern "C" __global__ void __launch_bounds__(BwdShape::THREADS, 1)
@@ -25,11 +25,13 @@ flash_bwd_sm90(const __grid_constant__ flash_cuda::sm90::TensorMap q_map,
                int win_right, float score_log2, float scale, const int* __restrict__ cu_q,
                const int* __restrict__ cu_k, int total_q, int total_k, int* __restrict__ dq_turns,
                float softcap_in, float softcap_t2, const int* __restrict__ blocks,
-               const int* __restrict__ keys, i64 blocks_sb, i64 keys_sb) {
+               const int* __restrict__ keys, i64 blocks_sb, i64 keys_sb, const float* __restrict__ slopes,
+               i64 slopes_sb, i64 slopes_sh) {
   const flash_cuda::hopper_bwd::Params params{dk,       dv,       dq_acc,    lse2,     delta,    dk_sb,   dk_ss,
                                               dk_sh,    dv_sb,    dv_ss,     dv_sh,    seqlen_q, seqlen_k, s_pad,
                                               heads_q,  group,    head_dim,  win_left, win_right, score_log2, scale,
                                               cu_q,     cu_k,     total_q,   total_k,  dq_turns, softcap_in,
-                                              softcap_t2, blocks,   keys,     blocks_sb, keys_sb};
+                                              softcap_t2, blocks,   keys,     blocks_sb, keys_sb,
+                                              slopes,     slopes_sb, slopes_sh};
   flash_cuda::hopper_bwd::backward<BwdShape>(params, &q_map, &k_map, &v_map, &do_map);
 }

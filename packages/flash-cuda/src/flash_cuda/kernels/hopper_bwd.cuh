@@ -50,6 +50,10 @@
 // it, an interval in both cases (the intervals' ends never move left), tested per score in masked
 // steps only (mask_transposed).
 //
+// ALiBi (Shape::ALIBI, causal/window with right reach 0 only): the bias -slope |i + off - j| is
+// i + off - j where any key is seen, split into a per-query part folded into LSE_2 by the rows pass
+// and a per-key part added per score (scores_to_p); dS^T is unchanged (the slopes take no gradient).
+//
 // Packed (varlen) batches (Shape::VARLEN): q/dO and k/v hold the sequences back to back (batch 1,
 // offsets cu_seqlens); the grid covers the longest sequence's key blocks, and a block past its own
 // sequence's keys exits before the first barrier. TMA reads at the sequence's row offset, so the
@@ -74,7 +78,7 @@ using hopper::SmemTile;
 constexpr int BOTH_BARRIER = 3;
 
 template <int D_, int INPUT_, int MASK_, bool PIPELINED_, bool VARLEN_ = false, bool DETERMINISTIC_ = false,
-          bool SOFTCAP_ = false, bool EXTRA_ = false>
+          bool SOFTCAP_ = false, bool EXTRA_ = false, bool ALIBI_ = false>
 struct Shape {
   static constexpr bool PIPELINED = PIPELINED_;          // consume_pipelined, else consume
   static constexpr bool VARLEN = VARLEN_;                // packed sequences (Params::cu_q, cu_k)
@@ -87,6 +91,9 @@ struct Shape {
   static constexpr int D = D_;
   static constexpr int INPUT = INPUT_;
   static constexpr int MASK = MASK_;  // 0 none, 1 right edge (causal), 2 both edges (window)
+  static constexpr bool ALIBI = ALIBI_;  // scores - slope |i + off - j|, right reach 0 (scores_to_p)
+  static_assert(!ALIBI || (MASK >= 1 && !(VARLEN || DETERMINISTIC || SOFTCAP || EXTRA)),
+                "ALiBi: causal/window with right reach 0 (the host's), no other option compiled with it");
   static constexpr int BN = 128;      // keys per block: 64 per consumer warpgroup
   static constexpr int BM = 64;       // query rows per step (one 128-byte swizzle row of dS^T)
   static constexpr int CONSUMERS = 2;
@@ -115,7 +122,10 @@ struct Shape {
   static constexpr int DELTA_OFFSET = LSE_OFFSET + STAGES * ROW_BYTES;
   // EXTRA: per key of the block, the queries [lo, hi) that see it (all masks), staged once (stage_keys)
   static constexpr int KEYS_OFFSET = DELTA_OFFSET + STAGES * ROW_BYTES;
-  static constexpr int BARRIER_OFFSET = KEYS_OFFSET + (EXTRA ? BN * 8 : 0);
+  // ALIBI: per stage, the step's slope times log2 e (the producer's; loaded per step by the consumers,
+  // a register kept across the step made d128 spill)
+  static constexpr int SLOPE_OFFSET = KEYS_OFFSET + (EXTRA ? BN * 8 : 0);
+  static constexpr int BARRIER_OFFSET = SLOPE_OFFSET + (ALIBI ? 16 : 0);
   static constexpr int BARRIERS = 1 + 2 * STAGES + 4;  // kv_full, full/empty per stage, ds_full/ds_empty x 2
   static constexpr int DQ_BARRIERS = DETERMINISTIC ? 2 * CONSUMERS : 0;  // dq_full/dq_empty per consumer
   static constexpr int SMEM_BYTES = BARRIER_OFFSET + 8 * (BARRIERS + DQ_BARRIERS);
@@ -128,6 +138,8 @@ struct Shape {
   static_assert(SWIZZLE == 128, "head dims whose rows are whole 128-byte swizzle spans (64, 128, 192, 256)");
   static_assert(D % SLAB == 0 && D >= 64 && D <= 256, "head dim");
   static_assert(BM * ELEM == 128, "a dS^T row is one 128-byte swizzle span");
+  static_assert(STAGES * 4 <= 16, "ALiBi: the stages' slopes");
+  static_assert(BM == packed::BLOCK, "the per-row buffers' blocks (and ALiBi's split of the bias) are query blocks");
   static_assert(SLABS <= CONSUMERS, "dQ: at most one 64-column slab per consumer warpgroup");
   static_assert(PRODUCER_REGISTERS * 128 + CONSUMER_REGISTERS * 128 * CONSUMERS <= 65536, "register file");
   static_assert((CONSUMER_REGISTERS - ENTRY_REGISTERS) * CONSUMERS <= ENTRY_REGISTERS - PRODUCER_REGISTERS,
@@ -160,6 +172,9 @@ struct Params {
   const int* blocks;
   const int* keys;
   i64 blocks_sb, keys_sb;
+  // ALIBI: float32 slopes, slope of (batch, query head) at batch * slopes_sb + head * slopes_sh
+  const float* slopes;
+  i64 slopes_sb, slopes_sh;
 };
 
 // Two ints (the queries [lo, hi) that see a key, Params::keys).
@@ -316,6 +331,7 @@ struct Smem {
   __device__ __forceinline__ u32 lse(int st) const { return base + S::LSE_OFFSET + st * S::ROW_BYTES; }
   __device__ __forceinline__ u32 delta(int st) const { return base + S::DELTA_OFFSET + st * S::ROW_BYTES; }
   __device__ __forceinline__ u32 keys(int wg) const { return base + S::KEYS_OFFSET + wg * 64 * 8; }
+  __device__ __forceinline__ u32 slope(int st) const { return base + S::SLOPE_OFFSET + st * 4; }
   __device__ __forceinline__ u32 barrier(int i) const { return base + S::BARRIER_OFFSET + 8 * i; }
   __device__ __forceinline__ u32 kv_full() const { return barrier(0); }
   __device__ __forceinline__ u32 full(int st) const { return barrier(1 + st); }
@@ -369,6 +385,10 @@ __device__ void produce(const Params& p, const Smem<S>& sm, const Block<S>& blk,
     const i64 rows = blk.buffer_row(p, head);
     const int m0 = m * S::BM;
     mbarrier_wait(sm.empty(ring.stage), ring.phase ^ 1);
+    if constexpr (S::ALIBI) {  // before the arrive below, which releases it to the consumers
+      const float slope = p.slopes[blk.batch * p.slopes_sb + head * p.slopes_sh];
+      st_shared_u32(sm.slope(ring.stage), __float_as_uint(slope * 1.4426950408889634f));
+    }
     const u32 bar = sm.full(ring.stage);
     mbarrier_arrive_expect(bar, S::STEP_BYTES);
     hopper::tma_load_tile(sm.q(ring.stage), q_map, bar, head, blk.q_start + m0, blk.batch_coord);
@@ -541,12 +561,24 @@ __device__ __forceinline__ void stage_keys(const Params& p, const Block<S>& blk,
 
 // P^T = exp2(S^T * scale log2 e - LSE_2), in place (masked scores first). Softcap: the scores are
 // cap * t, t = tanh(raw * scale / cap), and p.score_log2 = cap log2 e; t replaces S^T first.
+// ALIBI (right reach 0: every visible key has j <= i + off, so |i + off - j| = i + off - j): the bias
+// -slope2 (i + off - j) splits around the query block's first row m0 into a per-query part the rows
+// pass added to LSE_2, slope2 (i - m0), and a per-key part, slope2 (j - m0 - off), one FADD per
+// score. Both parts stay small for the scores that matter (j - m0 - off < BM where visible), where
+// folding absolute positions would cancel values of slope * seqlen in fp32.
 template <class S>
 __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk, const Lane<S>& ln, int m, u32 lse_row,
-                                            Acc<S::BM>& s, u32 keys_row) {
+                                            Acc<S::BM>& s, u32 keys_row, u32 slope_at) {
   if constexpr (S::SOFTCAP) hopper::softcap(s, p.softcap_in);
   if (blk.masked(p, m)) {
     mask_transposed<S>(p, blk, s, ln.key, m * S::BM + ln.quad_col, keys_row);
+  }
+  float key_bias[2] = {0.f, 0.f};
+  if constexpr (S::ALIBI) {
+    const float slope2 = ld_shared_f32<S>(slope_at);
+    const int j0 = ln.key - m * S::BM - (blk.len_k - blk.len_q);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) key_bias[r] = __fmul_rn(slope2, (float)(j0 + 8 * r));  // 2 registers, not 3
   }
 #pragma unroll
   for (int i = 0; i < Acc<S::BM>::TILES; ++i) {
@@ -554,7 +586,11 @@ __device__ __forceinline__ void scores_to_p(const Params& p, const Block<S>& blk
     for (int c = 0; c < 2; ++c) {
       const float l = ld_shared_f32<S>(lse_row + 4 * (8 * i + ln.quad_col + c));
 #pragma unroll
-      for (int r = 0; r < 2; ++r) s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, -l));
+      for (int r = 0; r < 2; ++r) {
+        // without ALiBi no FADD: 0 - l is not folded to -l (signed zeros)
+        const float shift = S::ALIBI ? key_bias[r] - l : -l;
+        s.at(i, r, c) = exp2_approx(fmaf(s.at(i, r, c), p.score_log2, shift));
+      }
     }
   }
 }
@@ -795,7 +831,7 @@ __device__ void consume(const Params& p, const Smem<S>& sm, const Block<S>& blk)
     issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
-    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8, sm.slope(ring.stage));
     wgmma_wait<0>();
     hopper::pin(dp);
     if constexpr (S::SOFTCAP) {
@@ -878,7 +914,7 @@ __device__ void consume_pipelined(const Params& p, const Smem<S>& sm, const Bloc
     issue_s_dp<S>(s, dp, kt, vt, qt, dot, WG);
     wgmma_wait<1>();
     hopper::pin(s);
-    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8);
+    scores_to_p<S>(p, blk, ln, st.m, sm.lse(ring.stage), s, sm.keys(WG) + ln.lane_row * 8, sm.slope(ring.stage));
     wgmma_wait<0>();
     hopper::pin(dp);
     if constexpr (S::SOFTCAP) {

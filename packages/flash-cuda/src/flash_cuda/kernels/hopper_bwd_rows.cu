@@ -2,7 +2,9 @@
 //
 //  * flash_bwd_rows: per (batch, head, row) of the padded workspace, LSE_2 = LSE * log2(e) (+inf
 //    where the LSE is -inf: a row that saw no key has P = 0, and past the sequence) and delta =
-//    rowsum(dO o O) in fp32 (0 past the sequence). One warp per row, 16-byte loads.
+//    rowsum(dO o O) in fp32 (0 past the sequence). One warp per row, 16-byte loads. ALiBi (slopes
+//    non-null): LSE_2 also holds the bias's per-query part, slope log2(e) (row % BLOCK) (see
+//    scores_to_p in hopper_bwd.cuh for the per-key part).
 //  * flash_bwd_dq: the fp32 dQ workspace (64 x 64 tiles in the accumulator's fragment order, see
 //    hopper_bwd.cuh) times scale into dQ in the inputs' dtype, any strides.
 //
@@ -46,7 +48,8 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_rows(
     const u16* __restrict__ out, const u16* __restrict__ dout, const float* __restrict__ lse,
     float* __restrict__ lse2, float* __restrict__ delta, i64 o_sb, i64 o_ss, i64 o_sh, i64 do_sb, i64 do_ss,
     i64 do_sh, i64 l_sb, i64 l_sh, i64 l_ss, int heads, int seqlen_q, int s_pad, int head_dim, i64 rows,
-    const int* __restrict__ cu_q, int batch, int total_q) {
+    const int* __restrict__ cu_q, int batch, int total_q, const float* __restrict__ slopes, i64 slopes_sb,
+    i64 slopes_sh) {
   const i64 row_id = (i64)blockIdx.x * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row_id >= rows) return;  // warp-uniform
@@ -72,6 +75,10 @@ extern "C" __global__ void __launch_bounds__(256) flash_bwd_rows(
     if (token >= 0) {
       const float l = lse[b * l_sb + h * l_sh + token * l_ss];
       if (l != neg_inf()) l2 = l * 1.4426950408889634f;
+      if (slopes != nullptr) {
+        const float slope2 = slopes[b * slopes_sb + h * slopes_sh] * 1.4426950408889634f;
+        l2 += slope2 * (float)(row % packed::BLOCK);  // +inf stays +inf
+      }
     }
     lse2[row_id] = l2;
     delta[row_id] = sum;
