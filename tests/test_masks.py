@@ -337,3 +337,26 @@ def test_block_sparse_is_a_block_mask_without_partial_blocks() -> None:
     q, k, v = _qkv(seqlen=300)
     text = str(flash.explain(q, k, v, block_mask=make(block_pattern, 300, (128, 128))))
     assert "block_sparse" in text and "no partial blocks" in text
+
+
+def test_made_once_keeps_each_summary_of_a_mask_until_it_changes() -> None:
+    """flash.masking.made_once: two summaries of one mask (a forward's runs, a backward's tables) are each
+    made once and kept side by side; an in-place change of the mask makes them again."""
+    from flash import masking
+
+    calls: list[str] = []
+
+    def runs(mask: torch.Tensor, n: int) -> torch.Tensor:
+        calls.append("runs")
+        return mask.sum() + n
+
+    def tables(mask: torch.Tensor, n: int) -> torch.Tensor:
+        calls.append("tables")
+        return mask.sum() * n
+
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    for _ in range(3):  # layers alternating forward and backward
+        assert int(masking.made_once(runs, mask, 8)) == 24 and int(masking.made_once(tables, mask, 8)) == 128
+    assert calls == ["runs", "tables"]
+    mask[0, ..., 0] = False
+    assert int(masking.made_once(runs, mask, 8)) == 23 and calls == ["runs", "tables", "runs"]

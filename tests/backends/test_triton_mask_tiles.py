@@ -146,12 +146,12 @@ def test_a_padding_mask_is_summarised_once_until_changed_in_place() -> None:
     mask = (torch.arange(64) < 40)[None, None, None, :].clone()
     q, k, v = (torch.randn(1, 64, 2, 32, dtype=torch.float16) for _ in range(3))
     flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    first = masking._runs_made[mask][2]
+    first = masking._made[mask][masking.key_runs, (64,)][1]
     assert first.tolist() == [[0, 40, 0, 40]]
     flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    assert masking._runs_made[mask][2] is first
+    assert masking._made[mask][masking.key_runs, (64,)][1] is first
     mask[..., 50:] = True  # keys 0..39 and 50..63: not one run any more
     got = flash.attention(q, k, v, attn_mask=mask, backend="triton")
-    assert masking._runs_made[mask][2].tolist() == [[0, 64, 0, 0]]
+    assert masking._made[mask][masking.key_runs, (64,)][1].tolist() == [[0, 64, 0, 0]]
     want = flash.attention(q, k, v, attn_mask=mask, backend="reference")
     torch.testing.assert_close(got, want, atol=2e-3, rtol=0)

@@ -57,13 +57,15 @@ def block_states(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: t
     return torch.where(full, FULL, torch.where(seen, PARTIAL, HIDDEN)).to(torch.int8)
 
 
-def partial_inside(mask: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]) -> torch.Tensor:
-    """bool (0-dim): whether some block of ``mask`` (as :func:`block_states` takes it) is partial inside the
-    sequences, i.e. hides some of its scores within them while showing others. A block that is PARTIAL only
-    because it reaches past an end is not: a kernel masks that tail anyway (:attr:`BlockMaskInfo.partial`)."""
-    seen = _blocks(mask, seqlen_q, seqlen_k, block_size, past_ends=0).amax(dim=(3, 5)) > 0
+def partial_inside(
+    mask: torch.Tensor, states: torch.Tensor, seqlen_q: int, seqlen_k: int, block_size: tuple[int, int]
+) -> torch.Tensor:
+    """bool (0-dim): whether some block of ``mask`` (as :func:`block_states` takes it; ``states``, what it
+    returned) is partial inside the sequences, i.e. hides some of its scores within them while showing
+    others. A block that is PARTIAL only because it reaches past an end is not: a kernel masks that tail
+    anyway (:attr:`BlockMaskInfo.partial`)."""
     full_inside = _blocks(mask, seqlen_q, seqlen_k, block_size, past_ends=1).amin(dim=(3, 5)) > 0
-    return (seen & ~full_inside).any()
+    return ((states != HIDDEN) & ~full_inside).any()
 
 
 def _blocks(
@@ -218,8 +220,9 @@ class BlockMask:
             full = mask4.expand(-1, -1, sq, sk)
             intervals = intervals_of(torch.cat([row_runs(full[:, :, i0 : i0 + block_size[0]])
                                                 for i0 in range(0, sq, block_size[0])], dim=-1))  # fmt: skip
-        return cls(block_states(mask4, sq, sk, block_size), sq, sk, block_size, dense=mask4, key_intervals=intervals,
-                   partial=partial_inside(mask4, sq, sk, block_size))  # fmt: skip
+        states = block_states(mask4, sq, sk, block_size)
+        return cls(states, sq, sk, block_size, dense=mask4, key_intervals=intervals,
+                   partial=partial_inside(mask4, states, sq, sk, block_size))  # fmt: skip
 
     @classmethod
     def from_mask_mod(
@@ -258,7 +261,7 @@ class BlockMask:
             seen = seen.expand(nb, nh, q.shape[2], seqlen_k)
             rows.append(block_states(seen, q.shape[2], seqlen_k, block_size))
             runs.append(row_runs(seen))
-            partial |= partial_inside(seen, q.shape[2], seqlen_k, block_size)
+            partial |= partial_inside(seen, rows[-1], q.shape[2], seqlen_k, block_size)
         states = torch.cat(rows, dim=2)
         intervals = intervals_of(torch.cat(runs, dim=-1)) if nh == 1 else None
         return cls(states, seqlen_q, seqlen_k, block_size, mask_mod=mask_mod, key_intervals=intervals, partial=partial)
@@ -294,7 +297,7 @@ class BlockMask:
             if causal:
                 seen &= keys[None, None, :] <= q[None, :, None]
             rows.append(block_states(seen[:, None], q.shape[0], seqlen, block_size))
-            partial |= partial_inside(seen[:, None], q.shape[0], seqlen, block_size)
+            partial |= partial_inside(seen[:, None], rows[-1], q.shape[0], seqlen, block_size)
         states = torch.cat(rows, dim=2)
         return cls(states, seqlen, seqlen, block_size, mask_mod=causal_mod if causal else None, document_ids=ids2,
                    key_intervals=document_runs(ids2, causal), partial=partial)  # fmt: skip

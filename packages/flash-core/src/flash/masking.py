@@ -15,11 +15,15 @@ relax the window's left edge only: a causal row still never sees a later key.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.spec import UNBOUNDED
+
+T = TypeVar("T")
 
 
 def visible_key_range(i: int, len_q: int, len_k: int, bounds: tuple[int, int]) -> tuple[int, int]:
@@ -125,24 +129,28 @@ def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, *, fast
     return torch.where(nan | (pos & neg), torch.full_like(out, float("nan")), out)
 
 
-#: key_runs of each mask tensor, with the version and length they were made for: the layers of a model
-#: and the backward pass share one padding mask, so its summary is made once, not per launch.
-_runs_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: What :func:`made_once` made, per tensor: {(function, sizes): (the tensor's version, the result)}.
+_made: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def shared_key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:
-    """:func:`key_runs`, made once per mask tensor while it is not changed in place (its version counter
-    says so; an inference tensor has none and is summarised every time)."""
+def made_once(make: Callable[..., T], tensor: torch.Tensor, *sizes: int) -> T:
+    """``make(tensor, *sizes)``, made once per tensor while it is not changed in place (its version counter
+    says so; an inference tensor has none and is summarised every time). The layers of a model and the
+    backward share one mask, so each summary of it (a backend's padding runs, its tables) is made once,
+    not per launch; summaries by different functions are kept side by side."""
     try:
-        version = mask._version
+        version = tensor._version
     except RuntimeError:
-        return key_runs(mask, seqlen_k)
-    made = _runs_made.get(mask)
-    if made is not None and made[:2] == (version, seqlen_k):
-        return made[2]
-    runs = key_runs(mask, seqlen_k)
-    _runs_made[mask] = (version, seqlen_k, runs)
-    return runs
+        return make(tensor, *sizes)
+    entries = _made.get(tensor)
+    if entries is None:
+        entries = _made[tensor] = {}
+    made = entries.get((make, sizes))
+    if made is not None and made[0] == version:
+        return made[1]
+    result = make(tensor, *sizes)
+    entries[(make, sizes)] = (version, result)
+    return result
 
 
 def key_runs(mask: torch.Tensor, seqlen_k: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from flash import heuristics
 from flash.backend import Backend, BackwardArgs, ForwardArgs, Limits, Pass, Support
-from flash.masking import shared_key_runs
+from flash.masking import key_runs, made_once
 from flash.spec import AttentionSpec
 from flash_cuda import hopper, hopper_bwd, launch
 from flash_cuda._version import __version__
@@ -186,7 +186,7 @@ def _interval_tensors(spec: AttentionSpec, args: ForwardArgs) -> dict[str, Any]:
     if masks.block_mask is not None and masks.block_mask.key_intervals is not None:
         return {"key_intervals": masks.block_mask.key_intervals}
     if spec.key_padding and masks.attn_mask is not None:
-        return {"key_runs": shared_key_runs(masks.attn_mask, spec.seqlen_k), "key_mask": masks.attn_mask}
+        return {"key_runs": made_once(key_runs, masks.attn_mask, spec.seqlen_k), "key_mask": masks.attn_mask}
     return {}
 
 

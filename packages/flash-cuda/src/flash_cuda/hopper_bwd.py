@@ -9,7 +9,8 @@ Packed (varlen) batches compile as their own variants (``BwdVariant.varlen``): t
 kernels do not carry the offsets' code; the buffers keep each sequence on whole query blocks
 (``kernels/hopper_bwd_packed.cuh``, :func:`packed_rows`). Masks beyond causal/window compile as
 their own variants too (``BwdVariant.extra``): a key-padding mask or key intervals (one interval of
-keys per query), both read through the tables of :func:`padding_tables` and :func:`interval_tables`.
+keys per query), both read through the tables of :func:`make_padding_tables` and :func:`make_interval_tables` (made
+once per mask tensor, :func:`flash.masking.made_once`).
 ALiBi compiles as its own variants (``BwdVariant.alibi``), causal/window with right reach 0 only
 (:data:`ALIBI_MASK_KINDS`): the bias is folded into LSE_2 (per query) and added per score (per key).
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -608,6 +608,8 @@ def _extra_mask(q: Any, k: Any, cu_q: Any, key_padding: Any, key_intervals: Any)
     ValueError naming the argument that does not fit."""
     import torch
 
+    from flash.masking import made_once  # flash-core at call time only, as torch
+
     if key_padding is None and key_intervals is None:
         return NO_EXTRA
     if cu_q is not None:
@@ -621,14 +623,14 @@ def _extra_mask(q: Any, k: Any, cu_q: Any, key_padding: Any, key_intervals: Any)
                 or shape[1:] != (2, seqlen_q) or key_intervals.device != q.device:  # fmt: skip
             found = f"{key_intervals.dtype} {shape} on {key_intervals.device}"
             raise ValueError(f"key_intervals: int32 ({batch}|1, 2, {seqlen_q}) on {q.device}, not {found}")
-        blocks, keys = interval_tables(key_intervals, seqlen_q, seqlen_k)
+        blocks, keys = made_once(make_interval_tables, key_intervals, seqlen_q, seqlen_k)
     else:
         shape = tuple(key_padding.shape)
         if key_padding.dtype != torch.bool or len(shape) != 4 or shape[0] not in (1, batch) or shape[1:3] != (1, 1) \
                 or shape[3] not in (1, seqlen_k) or key_padding.device != q.device:  # fmt: skip
             found = f"{key_padding.dtype} {shape} on {key_padding.device}"
             raise ValueError(f"key_padding: bool ({batch}|1, 1, 1, {seqlen_k}|1) on {q.device}, not {found}")
-        blocks, keys = padding_tables(key_padding, seqlen_q, seqlen_k)
+        blocks, keys = made_once(make_padding_tables, key_padding, seqlen_q, seqlen_k)
     wide = shape[0] > 1
     return blocks.data_ptr(), keys.data_ptr(), blocks.stride(0) * wide, keys.stride(0) * wide
 
@@ -658,41 +660,12 @@ def _slopes(q: Any, slopes: Any, heads_q: int, window: tuple[int, int], varlen: 
     return slopes.data_ptr(), slopes.stride(0), slopes.stride(1)
 
 
-@functools.cache
-def _tables() -> Any:
-    """Tables by mask tensor, with its version, the function and the sizes they were made for: a padding
-    mask or a block mask serves every layer and step, so its tables are made once."""
-    from torch.utils.weak import WeakIdKeyDictionary
-
-    return WeakIdKeyDictionary()
-
-
-def shared_tables(make: Callable[[Any, int, int], tuple[Any, Any]], mask: Any, seqlen_q: int,
-                  seqlen_k: int) -> tuple[Any, Any]:  # fmt: skip
-    """``make(mask, seqlen_q, seqlen_k)``, made once per mask tensor while it is not changed in place."""
-    try:
-        made_for = (mask._version, make, seqlen_q, seqlen_k)
-    except RuntimeError:  # an inference tensor has no version counter: made every time
-        return make(mask, seqlen_q, seqlen_k)
-    made = _tables().get(mask)
-    if made is not None and made[0] == made_for:
-        return made[1]
-    tables = make(mask, seqlen_q, seqlen_k)
-    _tables()[mask] = (made_for, tables)
-    return tables
-
-
 def _key_blocks(device: Any, rows: int, seqlen_k: int) -> tuple[Any, Any]:
     """Each key block's first key and one past its last, int32 (rows, key blocks)."""
     import torch
 
     k0 = torch.arange(0, seqlen_k, BLOCK_N, device=device, dtype=torch.int32).expand(rows, -1).contiguous()
     return k0, (k0 + BLOCK_N).clamp(max=seqlen_k)
-
-
-def padding_tables(mask: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
-    """:func:`make_padding_tables`, made once per mask tensor while it is not changed in place."""
-    return shared_tables(make_padding_tables, mask, seqlen_q, seqlen_k)
 
 
 def make_padding_tables(mask: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
@@ -712,11 +685,6 @@ def make_padding_tables(mask: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, A
     blocks = torch.stack((torch.zeros_like(seen), seen, torch.zeros_like(full), full), dim=-1)
     keys = torch.stack((torch.zeros_like(padded[:, :seqlen_k]), torch.where(row, seqlen_q, 0)), dim=-1)
     return blocks.to(torch.int32).contiguous(), keys.to(torch.int32).contiguous()
-
-
-def interval_tables(intervals: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:
-    """:func:`make_interval_tables`, made once per tensor while it is not changed in place."""
-    return shared_tables(make_interval_tables, intervals, seqlen_q, seqlen_k)
 
 
 def make_interval_tables(intervals: Any, seqlen_q: int, seqlen_k: int) -> tuple[Any, Any]:

@@ -19,7 +19,7 @@ import torch
 
 from flash.backend import MaskTensors
 from flash.block_mask import BlockLists, block_lists, block_states
-from flash.masking import shared_key_runs
+from flash.masking import key_runs, made_once
 from flash.spec import AttentionSpec
 from flash.support import device_capability
 
@@ -166,7 +166,7 @@ def mask_args(
     mask_mod = spec.mask_mod if spec.mask_mod is not None else block_mod
     lists = _lists(spec, masks, tiling.block_m, tiling.block_n)
     padding = spec.key_padding and masks.attn_mask is not None
-    runs = shared_key_runs(masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
+    runs = made_once(key_runs, masks.attn_mask, spec.seqlen_k) if padding and masks.attn_mask is not None else dummy
     r_str = runs.stride(0) if padding and runs.shape[0] > 1 else 0
     flags: dict[str, Any] = {
         "TERMS": spec.score_terms or spec.softcap > 0,
