@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from flash.spec import UNBOUNDED
-
-T = TypeVar("T")
 
 
 def visible_key_range(i: int, len_q: int, len_k: int, bounds: tuple[int, int]) -> tuple[int, int]:
@@ -133,7 +131,7 @@ def visible_matmul(p: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, *, fast
 _made: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def made_once(make: Callable[..., T], tensor: torch.Tensor, *sizes: int) -> T:
+def made_once(make: Callable[..., Any], tensor: torch.Tensor, *sizes: int) -> Any:
     """``make(tensor, *sizes)``, made once per tensor while it is not changed in place (its version counter
     says so; an inference tensor has none and is summarised every time). The layers of a model and the
     backward share one mask, so each summary of it (a backend's padding runs, its tables) is made once,
